@@ -1,0 +1,252 @@
+"""Settings from the environment: one declared table, one frozen `Settings`.
+
+Every variable is declared once in `VARIABLES` (name, default, accepted values, meaning);
+the configuration reference in docs/ is checked against this table by a test. A bad value
+raises `ConfigError` naming the variable, the value and what is accepted (the CLI turns it
+into exit code 2). An unknown `VRAM_*` name is returned as a warning, since it is most
+likely a typo. Pure: reads only the mapping it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from supervisor.errors import ConfigError
+from supervisor.model import LogFormat, Priority
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+BOOL_ACCEPTED = "true or false (also 1/0, yes/no, on/off)"
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(name, raw, BOOL_ACCEPTED)
+
+
+def _number(
+    lo: float, hi: float | None = None, *, integer: bool = False, lo_open: bool = False
+) -> tuple[Callable[[str, str], Any], str]:
+    kind = "an integer" if integer else "a number"
+    lo_word = "greater than" if lo_open else "at least"
+    accepted = f"{kind} {lo_word} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
+
+    def parse(name: str, raw: str) -> Any:
+        try:
+            value: float = int(raw.strip()) if integer else float(raw.strip())
+        except ValueError:
+            raise ConfigError(name, raw, accepted) from None
+        if value != value or (value <= lo if lo_open else value < lo):
+            raise ConfigError(name, raw, accepted)
+        if hi is not None and value > hi:
+            raise ConfigError(name, raw, accepted)
+        return value
+
+    return parse, accepted
+
+
+def _choice(values: list[str]) -> tuple[Callable[[str, str], Any], str]:
+    accepted = " | ".join(values)
+
+    def parse(name: str, raw: str) -> Any:
+        value = raw.strip().lower()
+        if value not in values:
+            raise ConfigError(name, raw, accepted)
+        return value
+
+    return parse, accepted
+
+
+def _url() -> tuple[Callable[[str, str], Any], str]:
+    accepted = "an http:// or https:// URL, e.g. http://127.0.0.1:11434"
+
+    def parse(name: str, raw: str) -> Any:
+        value = raw.strip().rstrip("/")
+        if not value:
+            return None
+        parts = urlsplit(value if "://" in value else f"http://{value}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, raw, accepted)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(name, raw, accepted) from None
+        return parts.geturl()
+
+    return parse, accepted
+
+
+def _port(optional: bool) -> tuple[Callable[[str, str], Any], str]:
+    accepted = "a TCP port 1-65535" + (", or 0 / empty to disable" if optional else "")
+
+    def parse(name: str, raw: str) -> Any:
+        value = raw.strip()
+        if optional and value in ("", "0"):
+            return None
+        try:
+            port = int(value)
+        except ValueError:
+            raise ConfigError(name, raw, accepted) from None
+        if not 1 <= port <= 65535:
+            raise ConfigError(name, raw, accepted)
+        return port
+
+    return parse, accepted
+
+
+def _bool() -> tuple[Callable[[str, str], Any], str]:
+    return parse_bool, BOOL_ACCEPTED
+
+
+def _host() -> tuple[Callable[[str, str], Any], str]:
+    accepted = "an IP address or host name to bind, e.g. 0.0.0.0 or 127.0.0.1"
+
+    def parse(name: str, raw: str) -> Any:
+        value = raw.strip()
+        if not value or any(c.isspace() or c in "/:@" for c in value.strip("[]")):
+            if ":" in value.strip("[]") and value.strip("[]").replace(":", "").isalnum():
+                return value.strip("[]")  # an IPv6 address
+            raise ConfigError(name, raw, accepted)
+        return value
+
+    return parse, accepted
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    field: str
+    default: str  # as a user would write it; "" means unset
+    parse: Callable[[str, str], Any]
+    accepted: str
+    help: str
+
+
+def _var(
+    name: str, field: str, default: str, parser: tuple[Callable[[str, str], Any], str], help: str
+) -> Variable:
+    return Variable(name, field, default, parser[0], parser[1], help)
+
+
+VARIABLES: tuple[Variable, ...] = (
+    _var("VRAM_CHECK_INTERVAL", "check_interval_s", "5", _number(0, 3600, lo_open=True),
+         "Longest gap between two observations, in seconds. The loop polls faster while "
+         "something is in motion (a load, a free being verified, a queued prompt)."),
+    _var("VRAM_THRESHOLD", "threshold_percent", "75", _number(1, 100),
+         "Free ComfyUI when GPU memory use reaches this percentage."),
+    _var("VRAM_AGGRESSIVE_THRESHOLD", "aggressive_threshold_percent", "85", _number(1, 100),
+         "Escalate to the hard free when use is still at or above this percentage."),
+    _var("VRAM_MIN_FREE_INTERVAL", "min_free_interval_s", "30", _number(0),
+         "At most one free episode per this many seconds (escalations within an episode "
+         "are not limited by it)."),
+    _var("VRAM_DEBUG", "debug", "false", _bool(), "Log at DEBUG level."),
+    _var("VRAM_LOG_FORMAT", "log_format", "text", _choice(["text", "json"]),
+         "Log lines as text or as one JSON object per line."),
+    _var("VRAM_OLLAMA_URL", "ollama_url", "", _url(),
+         "Fixed Ollama endpoint; when set, no Docker discovery is needed for Ollama."),
+    _var("VRAM_COMFYUI_URL", "comfyui_url", "", _url(),
+         "Fixed ComfyUI endpoint; when set, no Docker discovery is needed for ComfyUI."),
+    _var("VRAM_PRIORITY", "priority", "balanced", _choice(["balanced", "ollama", "comfyui"]),
+         "Who yields when both need the GPU: balanced frees ComfyUI only while it is idle "
+         "and unloads idle Ollama models when ComfyUI has work; ollama never unloads Ollama "
+         "for ComfyUI; comfyui never frees ComfyUI while it has work."),
+    _var("VRAM_HEAL", "heal", "true", _bool(),
+         "Repair Ollama models that spilled to the CPU (unload, make room, reload)."),
+    _var("VRAM_HEAL_COOLDOWN", "heal_cooldown_s", "600", _number(0),
+         "Never heal the same model again within this many seconds."),
+    _var("VRAM_RESTART_FALLBACK", "restart_fallback", "false", _bool(),
+         "Allow restarting a ComfyUI container that keeps its VRAM after a hard free "
+         "(the label vram-supervisor.restart overrides it per container)."),
+    _var("VRAM_RESTART_COOLDOWN", "restart_cooldown_s", "600", _number(0),
+         "At most one restart of the same ComfyUI container per this many seconds."),
+    _var("VRAM_VERIFY_TIMEOUT", "verify_timeout_s", "10", _number(0, lo_open=True),
+         "How long a free is watched for the VRAM to come back before it is judged."),
+    _var("VRAM_REQUEST_TIMEOUT", "request_timeout_s", "5", _number(0, lo_open=True),
+         "Timeout for one request to Ollama, ComfyUI or Docker (model loads get longer)."),
+    _var("VRAM_DRY_RUN", "dry_run", "false", _bool(),
+         "Decide and log (\"DRY RUN: would ...\") but send nothing."),
+    _var("VRAM_HTTP_PORT", "http_port", "9105", _port(optional=True),
+         "Port of /healthz and /metrics; 0 disables the endpoint."),
+    _var("VRAM_HTTP_HOST", "http_host", "0.0.0.0", _host(),
+         "Address the /healthz and /metrics endpoint binds to."),
+    _var("VRAM_GATE_PORT", "gate_port", "", _port(optional=True),
+         "Enable the Ollama gate (a reverse proxy that makes room before a load) on this "
+         "port; unset disables it."),
+    _var("VRAM_GATE_HOST", "gate_host", "0.0.0.0", _host(),
+         "Address the Ollama gate binds to."),
+    _var("VRAM_GATE_WAIT", "gate_wait_s", "30", _number(0),
+         "Longest time the gate holds a request while making room, then forwards anyway."),
+)
+
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+# Variables of the earlier single script that mean nothing here; accepted silently.
+_LEGACY_IGNORED = frozenset({"VRAM_OLLAMA_HOST", "VRAM_COMFYUI_HOST"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    check_interval_s: float = 5.0
+    threshold_percent: float = 75.0
+    aggressive_threshold_percent: float = 85.0
+    min_free_interval_s: float = 30.0
+    debug: bool = False
+    log_format: LogFormat = LogFormat.TEXT
+    ollama_url: str | None = None
+    comfyui_url: str | None = None
+    priority: Priority = Priority.BALANCED
+    heal: bool = True
+    heal_cooldown_s: float = 600.0
+    restart_fallback: bool = False
+    restart_cooldown_s: float = 600.0
+    verify_timeout_s: float = 10.0
+    request_timeout_s: float = 5.0
+    dry_run: bool = False
+    http_port: int | None = 9105
+    http_host: str = "0.0.0.0"
+    gate_port: int | None = None
+    gate_host: str = "0.0.0.0"
+    gate_wait_s: float = 30.0
+
+    @property
+    def needs_docker(self) -> bool:
+        """Docker is needed unless both services have fixed URLs."""
+        return self.ollama_url is None or self.comfyui_url is None
+
+
+def load_settings(env: Mapping[str, str]) -> tuple[Settings, list[str]]:
+    """Parse the environment. Returns the settings and warnings (unknown VRAM_* names).
+
+    Raises ConfigError on the first bad value; an empty value means "use the default".
+    """
+    values: dict[str, Any] = {}
+    for var in VARIABLES:
+        raw = env.get(var.name, "")
+        if raw.strip() == "":
+            raw = var.default
+            if raw == "":
+                values[var.field] = None
+                continue
+        values[var.field] = var.parse(var.name, raw)
+    if values["aggressive_threshold_percent"] < values["threshold_percent"]:
+        raise ConfigError(
+            "VRAM_AGGRESSIVE_THRESHOLD",
+            env.get("VRAM_AGGRESSIVE_THRESHOLD", "85"),
+            f"a percentage at or above VRAM_THRESHOLD ({values['threshold_percent']:g})",
+        )
+    values["log_format"] = LogFormat(values["log_format"])
+    values["priority"] = Priority(values["priority"])
+    warnings = [
+        f"Unknown variable {name} is ignored (a typo?); known: "
+        + ", ".join(sorted(_BY_NAME))
+        for name in sorted(env)
+        if name.startswith("VRAM_") and name not in _BY_NAME and name not in _LEGACY_IGNORED
+    ]
+    return Settings(**values), warnings

@@ -1,0 +1,316 @@
+"""Plain data shared by every layer: enums and frozen dataclasses.
+
+This module imports nothing from the package and no I/O library. Adapters build these
+objects from what Docker, NVML, Ollama and ComfyUI report; `policy` reads them and returns
+`Decision`s; `actions` carries those out and reports `Outcome`s.
+
+Units are in the names (`*_bytes`, `*_s`). Times called `at`/`now` are seconds on the
+monotonic clock of the running process unless a name says `wall`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    OLLAMA = "ollama"
+    COMFYUI = "comfyui"
+
+
+class Priority(StrEnum):
+    """Who yields when both services need the GPU (`VRAM_PRIORITY`)."""
+
+    BALANCED = "balanced"
+    OLLAMA = "ollama"
+    COMFYUI = "comfyui"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class VramSource(StrEnum):
+    """Where GPU memory figures come from."""
+
+    NVML = "nvml"  # libnvidia-ml through pynvml: per GPU, per process
+    API = "api"  # ComfyUI /system_stats and Ollama /api/ps
+    NONE = "none"  # nothing could be read this pass
+
+
+class FreeStage(StrEnum):
+    """The staged ways of taking VRAM back from ComfyUI, gentlest first."""
+
+    SOFT = "soft"  # POST /free {"unload_models": true}
+    HARD = "hard"  # POST /free {"unload_models": true, "free_memory": true}
+    RESTART = "restart"  # restart the ComfyUI container through Docker
+
+
+class FreeResult(StrEnum):
+    """What a verified free achieved."""
+
+    FREED = "freed"  # VRAM came back within the deadline
+    PENDING = "pending"  # a prompt is running; ComfyUI acts on the flags after it: wait
+    PINNED = "pinned"  # idle, yet nothing was released: escalate
+    FAILED = "failed"  # the API or Docker call failed
+
+
+class ServiceHealth(StrEnum):
+    """Docker's health status for a container; NONE when it has no healthcheck."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    STARTING = "starting"
+    NONE = "none"
+
+
+# --------------------------------------------------------------------------- services
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service the supervisor may talk to, as discovered or configured.
+
+    `key` is stable across container re-creation (role + container name, or role + "url"
+    for a fixed endpoint), so cooldowns survive a recreate with a new container id.
+    """
+
+    role: Role
+    name: str  # container name without the slash, or the role name for a fixed URL
+    url: str  # base URL, no trailing slash
+    container_id: str | None = None  # None: a fixed URL with no container behind it
+    restart_allowed: bool | None = None  # `vram-supervisor.restart`; None: use the env default
+    gpu_uuids: tuple[str, ...] = ()  # GPUs granted by Docker (DeviceRequests); () = unknown/all
+
+    @property
+    def key(self) -> str:
+        return f"{self.role.value}/{self.name}"
+
+    @property
+    def is_container(self) -> bool:
+        return self.container_id is not None
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """Liveness of one service at one observation."""
+
+    spec: ServiceSpec
+    is_running: bool  # Docker State.Status == "running" (always True for a fixed URL)
+    health: ServiceHealth = ServiceHealth.NONE
+    is_reachable: bool = False  # its API answered during this pass
+    failed_checks: int = 0  # consecutive passes in which the API did not answer
+    error: str | None = None  # why the API did not answer, for logs and `status`
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """A labelled container as Docker reports it (discovery output)."""
+
+    spec: ServiceSpec
+    status: str  # Docker State.Status: created, running, paused, restarting, exited, dead
+    health: ServiceHealth = ServiceHealth.NONE
+    pid: int = 0  # State.Pid, a host PID; 0 when not running
+
+    @property
+    def is_running(self) -> bool:
+        return self.status == "running"
+
+
+# --------------------------------------------------------------------------- readings
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Device-wide memory of one GPU. `uuid` is the identity (NVML index is not stable)."""
+
+    uuid: str
+    index: int
+    name: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+
+    @property
+    def used_percent(self) -> float:
+        return 100.0 * self.used_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class OllamaModel:
+    """One entry of Ollama's GET /api/ps."""
+
+    name: str  # always name:tag, as Ollama reports it
+    size_bytes: int  # RAM + VRAM used by the runner
+    size_vram_bytes: int  # the part on GPUs
+    digest: str = ""
+    context_length: int | None = None
+    expires_at: str | None = None  # RFC 3339 as sent; not an activity signal
+
+    @property
+    def gpu_fraction(self) -> float:
+        return self.size_vram_bytes / self.size_bytes if self.size_bytes else 1.0
+
+    @property
+    def is_spilled(self) -> bool:
+        """Partly or wholly on the CPU; sticky until the model is unloaded."""
+        return self.size_vram_bytes < self.size_bytes
+
+
+@dataclass(frozen=True)
+class ComfyQueue:
+    running: int
+    pending: int
+
+    @property
+    def is_busy(self) -> bool:
+        return self.running > 0 or self.pending > 0
+
+
+@dataclass(frozen=True)
+class ComfyStats:
+    """The device entry of ComfyUI's GET /system_stats (bytes).
+
+    `vram_free_bytes` counts torch's cache as free; `torch_reserved_bytes` is what the
+    caching allocator holds (the API's misnamed `torch_vram_total`).
+    """
+
+    device_name: str
+    device_type: str  # "cuda", "cpu", ...
+    vram_total_bytes: int
+    vram_free_bytes: int
+    torch_reserved_bytes: int
+    torch_cached_bytes: int  # reserved but not active (the API's `torch_vram_free`)
+
+
+@dataclass(frozen=True)
+class OllamaObservation:
+    status: ServiceStatus
+    models: tuple[OllamaModel, ...] | None = None  # None: /api/ps could not be read
+    vram_bytes: int | None = None  # attributed by NVML PIDs, or the sum of size_vram
+    gpu_uuids: tuple[str, ...] = ()  # GPUs where it holds memory; () = unknown/all
+
+
+@dataclass(frozen=True)
+class ComfyObservation:
+    status: ServiceStatus
+    queue: ComfyQueue | None = None  # None: /queue could not be read
+    stats: ComfyStats | None = None
+    vram_bytes: int | None = None  # attributed by NVML PIDs, or torch reserved bytes
+    gpu_uuids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one pass of the loop read. Built by the daemon, read by the policy."""
+
+    at: float
+    source: VramSource
+    gpus: tuple[GpuMemory, ...] = ()
+    ollamas: tuple[OllamaObservation, ...] = ()
+    comfyuis: tuple[ComfyObservation, ...] = ()
+    docker_ok: bool | None = None  # None: Docker not in use (fixed URLs only)
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class FreeComfy:
+    """Take VRAM back from one ComfyUI at one stage (soft/hard; restart is RestartComfy)."""
+
+    target: str  # ServiceSpec.key of a ComfyUI
+    stage: FreeStage
+    reason: str
+    gpu_uuid: str | None = None  # the GPU that needs room, when known
+
+
+@dataclass(frozen=True)
+class RestartComfy:
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UnloadOllama:
+    """Unload one Ollama model with keep_alive 0 so ComfyUI gets the room."""
+
+    target: str  # ServiceSpec.key of an Ollama
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class HealOllama:
+    """Free the listed ComfyUIs, unload `model`, wait until it is gone, preload it."""
+
+    target: str
+    model: str
+    reason: str
+    free_first: tuple[str, ...] = ()  # ComfyUI keys to free (hard stage) before the reload
+    before_fraction: float = 0.0
+
+
+Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What carrying out one Action did, measured after the fact."""
+
+    action: Action
+    at: float
+    ok: bool
+    result: FreeResult | None = None  # for FreeComfy / RestartComfy
+    before_bytes: int | None = None  # the verified reading before ...
+    after_bytes: int | None = None  # ... and after (GPU used bytes or the service's bytes)
+    detail: str = ""
+    dry_run: bool = False
+    after_fraction: float | None = None  # HealOllama: the model's GPU share after reload
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A free in progress on one ComfyUI: which stage ran last and what it achieved."""
+
+    target: str
+    stage: FreeStage
+    started_at: float
+    reason: str
+    gpu_uuid: str | None = None
+    last_result: FreeResult | None = None
+    last_at: float | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy remembers between passes. Replaced, never mutated."""
+
+    is_initialised: bool = False  # first pass seen (models present then are not "new")
+    known_models: frozenset[tuple[str, str]] = frozenset()  # (ollama key, model name)
+    last_episode_at: float | None = None  # start of the latest free episode (rate limit)
+    last_unload_at: float | None = None  # latest Ollama unload episode (rate limit)
+    episodes: tuple[Episode, ...] = ()  # open free episodes, one per ComfyUI at most
+    last_restart_at: tuple[tuple[str, float], ...] = ()  # (comfy key, when)
+    last_heal_at: tuple[tuple[str, float], ...] = ()  # (ollama key + "|" + model, when)
+
+    def restart_at(self, key: str) -> float | None:
+        return dict(self.last_restart_at).get(key)
+
+    def heal_at(self, key: str) -> float | None:
+        return dict(self.last_heal_at).get(key)
+
+    def episode_for(self, target: str) -> Episode | None:
+        return next((e for e in self.episodes if e.target == target), None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...]
+    state: PolicyState
+    notes: tuple[str, ...] = ()  # sentences to log at INFO (e.g. new models detected)
+    wake_in_s: float = 5.0  # when the next pass should run at the latest
+    reasons_skipped: tuple[str, ...] = field(default=())  # why a trigger did not act (DEBUG)

@@ -1,0 +1,118 @@
+"""The seams between the daemon and the outside world, as Protocols.
+
+Real adapters (`clients/`, `vram/`, `docker/`) and the hand-written fakes in tests implement
+the same Protocols. Every method raises only the package's own errors (`errors.py`):
+`ServiceError` for Ollama/ComfyUI, `DockerUnavailable` for Docker, `NvmlUnavailable` for NVML.
+Adapters own their retries; callers treat an error as "this reading is missing this pass".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from supervisor.model import (
+    ComfyQueue,
+    ComfyStats,
+    ContainerState,
+    GpuMemory,
+    OllamaModel,
+)
+
+
+@dataclass(frozen=True)
+class TaggedModel:
+    """One installed model from Ollama's GET /api/tags (size is on-disk bytes)."""
+
+    name: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What POST /api/show says that matters for a VRAM estimate (None: not reported)."""
+
+    name: str
+    context_length: int | None = None  # <arch>.context_length (trained context)
+    block_count: int | None = None
+    embedding_length: int | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    num_ctx: int | None = None  # a Modelfile PARAMETER num_ctx override
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One NVML compute process: a host PID holding memory on a GPU."""
+
+    pid: int
+    gpu_uuid: str
+    used_bytes: int | None  # NVML may report "not available"
+
+
+class OllamaApi(Protocol):
+    """One Ollama server (`clients/ollama.py`)."""
+
+    base_url: str
+
+    def version(self) -> str: ...
+    def ps(self) -> tuple[OllamaModel, ...]: ...
+    def tags(self) -> tuple[TaggedModel, ...]: ...
+    def show(self, model: str) -> ModelFacts: ...
+    def unload(self, model: str) -> None:
+        """keep_alive 0; returns at once, the VRAM comes back later (asynchronous)."""
+        ...
+
+    def preload(self, model: str, timeout_s: float) -> None:
+        """Load with an empty prompt; blocks until loaded. Long timeout: a load dies with
+        its client."""
+        ...
+
+
+class ComfyApi(Protocol):
+    """One ComfyUI server (`clients/comfyui.py`)."""
+
+    base_url: str
+
+    def system_stats(self) -> ComfyStats: ...
+    def queue(self) -> ComfyQueue: ...
+    def free(self, *, unload_models: bool, free_memory: bool) -> None:
+        """Sets flags only; ComfyUI acts between prompts. Verify by reading VRAM."""
+        ...
+
+
+class GpuReader(Protocol):
+    """Device and process memory (`vram/nvml.py`)."""
+
+    def gpus(self) -> tuple[GpuMemory, ...]: ...
+    def processes(self) -> tuple[GpuProcess, ...]: ...
+    def close(self) -> None: ...
+
+
+class DockerApi(Protocol):
+    """The Docker calls the supervisor makes (`docker/`)."""
+
+    def ping(self) -> None: ...
+    def list_services(self) -> tuple[ContainerState, ...]:
+        """Every container carrying `vram-supervisor.role`, running or not. Containers with
+        a bad label are left out (and logged once by the adapter)."""
+        ...
+
+    def container_pids(self, container_id: str) -> tuple[int, ...]:
+        """Host PIDs of the container's processes (`docker top`)."""
+        ...
+
+    def restart(self, container_id: str, timeout_s: float) -> None: ...
+
+
+class EventSource(Protocol):
+    """Follows the Docker events stream in the background and calls `on_event` for each
+    relevant container event (and after every reconnect, with "resync")."""
+
+    reconnects: int
+
+    def start(self, on_event: Callable[[str], None]) -> None: ...
+    def stop(self) -> None: ...
