@@ -116,3 +116,18 @@ class EventSource(Protocol):
 
     def start(self, on_event: Callable[[str], None]) -> None: ...
     def stop(self) -> None: ...
+
+
+class RoomMaker(Protocol):
+    """Makes room on the GPU before an Ollama load (used by the gate; implemented by the
+    daemon on top of the same staged, verified free path as the loop, honouring
+    VRAM_PRIORITY and VRAM_DRY_RUN). Thread-safe: the gate calls it from its own threads."""
+
+    def free_bytes(self) -> int | None:
+        """Free VRAM now on the GPU Ollama uses (None: unknown)."""
+        ...
+
+    def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
+        """Free ComfyUI (soft, then hard) until free VRAM covers `need_bytes` or
+        `deadline_s` seconds pass. True when the room is there."""
+        ...
