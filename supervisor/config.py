@@ -53,7 +53,7 @@ def _number(
 
 
 def _choice(values: list[str]) -> tuple[Callable[[str, str], Any], str]:
-    accepted = " | ".join(values)
+    accepted = "one of: " + ", ".join(values)
 
     def parse(name: str, raw: str) -> Any:
         value = raw.strip().lower()
@@ -65,7 +65,7 @@ def _choice(values: list[str]) -> tuple[Callable[[str, str], Any], str]:
 
 
 def _url() -> tuple[Callable[[str, str], Any], str]:
-    accepted = "an http:// or https:// URL, e.g. http://127.0.0.1:11434"
+    accepted = "an http:// or https:// URL (a bare host:port gets http://)"
 
     def parse(name: str, raw: str) -> Any:
         value = raw.strip().rstrip("/")
@@ -84,7 +84,7 @@ def _url() -> tuple[Callable[[str, str], Any], str]:
 
 
 def _port(optional: bool) -> tuple[Callable[[str, str], Any], str]:
-    accepted = "a TCP port 1-65535" + (", or 0 / empty to disable" if optional else "")
+    accepted = "a TCP port 1-65535" + (", or 0 to disable" if optional else "")
 
     def parse(name: str, raw: str) -> Any:
         value = raw.strip()
@@ -109,10 +109,8 @@ def _host() -> tuple[Callable[[str, str], Any], str]:
     accepted = "an IP address or host name to bind, e.g. 0.0.0.0 or 127.0.0.1"
 
     def parse(name: str, raw: str) -> Any:
-        value = raw.strip()
-        if not value or any(c.isspace() or c in "/:@" for c in value.strip("[]")):
-            if ":" in value.strip("[]") and value.strip("[]").replace(":", "").isalnum():
-                return value.strip("[]")  # an IPv6 address
+        value = raw.strip().strip("[]")
+        if not value or any(c.isspace() or c in "/@" for c in value):
             raise ConfigError(name, raw, accepted)
         return value
 
