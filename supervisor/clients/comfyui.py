@@ -1,0 +1,123 @@
+"""Client for one ComfyUI server: memory stats, queue state, /free and /interrupt.
+
+Follows api-facts §2. Policy:
+- Every failure (connect error, timeout, HTTP 4xx/5xx, a body that is not JSON, JSON of
+  the wrong shape) raises `ServiceError("comfyui at <url>", ...)` from its cause.
+- Reads (GET /system_stats, GET /queue) are retried on connect errors and timeouts
+  (`attempts` in all, tenacity wait injectable). `free` only sets flags, so sending it
+  twice has the same effect as once: retried the same way. `interrupt` is retried only
+  when the connection was never made, so a delivered interrupt is never repeated.
+- `free` returns when ComfyUI has stored the flags (HTTP 200, empty body). ComfyUI acts on
+  them between prompts, never during one (gotcha 8): callers verify by reading VRAM.
+- This client never interrupts on its own; `free` and `interrupt` are separate calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from tenacity.wait import WaitBaseT
+
+from supervisor.clients._http import (
+    JsonHttp,
+    Retry,
+    ShapeError,
+    error_text,
+    field,
+    integer,
+    items,
+    obj,
+    text,
+)
+from supervisor.model import ComfyQueue, ComfyStats
+
+
+class ComfyClient:
+    """One ComfyUI server at `base_url` (implements `ports.ComfyApi`). Thread-safe."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 5.0,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        retry_wait: WaitBaseT | None = None,
+        attempts: int = 2,
+    ) -> None:
+        self._http = JsonHttp(
+            "comfyui",
+            base_url,
+            timeout_s,
+            transport=transport,
+            retry_wait=retry_wait,
+            attempts=attempts,
+            # aiohttp error bodies are text ("500 Internal Server Error ..."), sometimes JSON
+            error_text=lambda response: error_text(response, json_key="error"),
+        )
+        self.base_url = self._http.base_url
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ComfyClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def system_stats(self) -> ComfyStats:
+        """GET /system_stats: the one torch device ComfyUI uses (bytes)."""
+        return self._http.json("GET", "/system_stats", _parse_stats, retry=Retry.TRANSIENT)
+
+    def queue(self) -> ComfyQueue:
+        """GET /queue: how many prompts run and wait (the reliable busy signal, 2.6)."""
+        return self._http.json("GET", "/queue", _parse_queue, retry=Retry.TRANSIENT)
+
+    def free(self, *, unload_models: bool, free_memory: bool) -> None:
+        """POST /free with exactly these flags. Success is HTTP 200 (the body is empty)."""
+        self._http.request(
+            "POST",
+            "/free",
+            body={"unload_models": unload_models, "free_memory": free_memory},
+            retry=Retry.TRANSIENT,
+        )
+
+    def interrupt(self) -> None:
+        """POST /interrupt (global): stops the running prompt at its next check."""
+        # The handler reads a JSON body when there is one; `{}` means "whatever runs".
+        self._http.request("POST", "/interrupt", body={}, retry=Retry.CONNECT)
+
+
+def _parse_stats(data: Any) -> ComfyStats:
+    body = obj(data, "the body")
+    devices = items(field(body, "devices", "the body"), "devices")
+    if not devices:
+        raise ShapeError("devices is an empty list")
+    # ComfyUI lists exactly one device, the one torch uses (api-facts 2.2).
+    device = obj(devices[0], "devices[0]")
+
+    def number(key: str) -> int:
+        value = field(device, key, "devices[0]")
+        # torch and psutil report ints; a float from a fork or a non-CUDA backend is
+        # still a byte count, so accept it rather than lose the whole reading.
+        if isinstance(value, float) and value == value and value >= 0:
+            return int(value)
+        return integer(value, f"devices[0].{key}")
+
+    name = device.get("name")
+    return ComfyStats(
+        device_name=name if isinstance(name, str) else "",
+        device_type=text(field(device, "type", "devices[0]"), "devices[0].type"),
+        vram_total_bytes=number("vram_total"),
+        vram_free_bytes=number("vram_free"),
+        torch_reserved_bytes=number("torch_vram_total"),
+        torch_cached_bytes=number("torch_vram_free"),
+    )
+
+
+def _parse_queue(data: Any) -> ComfyQueue:
+    body = obj(data, "the body")
+    running = items(field(body, "queue_running", "the body"), "queue_running")
+    pending = items(field(body, "queue_pending", "the body"), "queue_pending")
+    return ComfyQueue(running=len(running), pending=len(pending))
