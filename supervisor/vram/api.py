@@ -1,0 +1,71 @@
+"""VRAM figures from the services' own APIs, for hosts where NVML cannot be used.
+
+Pure. Used when `NvmlReader` raises `NvmlUnavailable` (no libnvidia-ml in the supervisor's
+container, for example). What the APIs can and cannot tell (api-facts 2.2, gotcha 10):
+
+- ComfyUI's /system_stats device entry comes from `torch.cuda.mem_get_info`: device-wide
+  figures for the one GPU ComfyUI uses, including every other process on it (Ollama too).
+  Its `vram_free` counts memory held in PyTorch's caching allocator as free. For our
+  decisions that memory is held by ComfyUI (another process cannot use it until ComfyUI
+  empties its cache, which is what /free does), so the driver's free memory is
+  `vram_free - torch_vram_free` and `used = total - driver free`.
+- The result is one pseudo GPU with uuid `API_GPU_UUID` ("api-0"), index 0: the API does
+  not say which physical GPU it is (its `index` is a process-local CUDA ordinal).
+- Without a CUDA ComfyUI reading there is no device-wide figure at all: the result is
+  empty, meaning "unknown" (Ollama's /api/ps says what Ollama holds, not what is free).
+- Ollama's `size_vram` is part of the device-wide reading already. It is used only as a
+  floor for `used`: the two readings are taken at different moments, and a model loaded in
+  between must not make the GPU look freer than it is. (This assumes both services share
+  the GPU, which is the deployment this fallback exists for.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from supervisor.model import ComfyStats, GpuMemory, OllamaModel
+
+API_GPU_UUID = "api-0"
+
+
+def gpus_from_api(
+    stats: Sequence[ComfyStats], ollama_models: Sequence[OllamaModel]
+) -> tuple[GpuMemory, ...]:
+    """One pseudo GPU from the first CUDA ComfyUI reading; () when there is none."""
+    first = next((s for s in stats if s.device_type == "cuda"), None)
+    if first is None or first.vram_total_bytes <= 0:
+        return ()
+    total = first.vram_total_bytes
+    driver_free = _clamp(first.vram_free_bytes - first.torch_cached_bytes, 0, total)
+    used = total - driver_free
+    floor = _clamp(ollama_vram_bytes(ollama_models) + comfy_vram_bytes(first), 0, total)
+    used = max(used, floor)
+    return (
+        GpuMemory(
+            uuid=API_GPU_UUID,
+            index=0,
+            name=first.device_name,
+            total_bytes=total,
+            used_bytes=used,
+            free_bytes=total - used,
+        ),
+    )
+
+
+def comfy_vram_bytes(stats: ComfyStats) -> int:
+    """What ComfyUI holds on its GPU and a free can give back: torch's reserved bytes.
+
+    0 for a non-CUDA device: under `--cpu` the "vram" fields report system RAM.
+    """
+    if stats.device_type != "cuda":
+        return 0
+    return max(0, stats.torch_reserved_bytes)
+
+
+def ollama_vram_bytes(models: Sequence[OllamaModel]) -> int:
+    """What Ollama's loaded models hold on GPUs: the sum of `size_vram`."""
+    return sum(max(0, m.size_vram_bytes) for m in models)
+
+
+def _clamp(value: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, value))
