@@ -1,0 +1,194 @@
+"""ComfyClient against a fake ComfyUI that answers as api-facts §2 says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from supervisor.clients.comfyui import ComfyClient
+from supervisor.errors import ServiceError
+from supervisor.model import ComfyQueue, ComfyStats
+
+URL = "http://comfy.test:8188"
+GIB = 1024**3
+
+
+def test_system_stats_reads_the_device_in_bytes(fake_comfy: Any, comfy_client: Any) -> None:
+    stats = comfy_client(fake_comfy).system_stats()
+    assert stats == ComfyStats(
+        device_name="cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync",
+        device_type="cuda",
+        vram_total_bytes=25393692672,
+        vram_free_bytes=17 * GIB + 512 * 1024**2,
+        torch_reserved_bytes=3 * GIB,
+        torch_cached_bytes=512 * 1024**2,
+    )
+
+
+def test_system_stats_under_cpu_mode(comfy_client: Any) -> None:
+    body = {
+        "system": {"os": "posix"},
+        "devices": [
+            {
+                "name": "cpu",
+                "type": "cpu",
+                "index": None,
+                "vram_total": 67108864000,
+                "vram_free": 50000000000,
+                "torch_vram_total": 67108864000,
+                "torch_vram_free": 50000000000.0,
+            }
+        ],
+    }
+    stats = comfy_client(lambda r: httpx.Response(200, json=body)).system_stats()
+    assert stats.device_type == "cpu"
+    assert stats.torch_cached_bytes == 50000000000
+
+
+def test_queue_counts_running_and_pending(fake_comfy: Any, comfy_client: Any) -> None:
+    client = comfy_client(fake_comfy)
+    assert client.queue() == ComfyQueue(running=0, pending=0)
+    assert not client.queue().is_busy
+    fake_comfy.running = ["p1"]
+    fake_comfy.pending = ["p2", "p3"]
+    assert client.queue() == ComfyQueue(running=1, pending=2)
+    assert client.queue().is_busy
+
+
+@pytest.mark.parametrize("unload_models", [True, False])
+@pytest.mark.parametrize("free_memory", [True, False])
+def test_free_sends_exactly_the_flags_given(
+    fake_comfy: Any, comfy_client: Any, unload_models: bool, free_memory: bool
+) -> None:
+    comfy_client(fake_comfy).free(unload_models=unload_models, free_memory=free_memory)
+    assert fake_comfy.flags == [{"unload_models": unload_models, "free_memory": free_memory}]
+
+
+def test_free_with_an_empty_200_is_success(comfy_client: Any) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200, content=b"", headers={"Content-Type": "application/octet-stream"}
+        )
+
+    comfy_client(handler).free(unload_models=True, free_memory=True)
+    assert seen[0].headers["content-type"] == "application/json"
+
+
+def test_interrupt_posts_to_interrupt(fake_comfy: Any, comfy_client: Any) -> None:
+    comfy_client(fake_comfy).interrupt()
+    assert fake_comfy.interrupts == 1
+    assert fake_comfy.requests == [("POST", "/interrupt")]
+
+
+def _raise(exc_type: type[httpx.TransportError]) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc_type("simulated", request=request)
+
+    return handler
+
+
+def _stats_with(**device: Any) -> Any:
+    base = {
+        "name": "cuda:0",
+        "type": "cuda",
+        "index": 0,
+        "vram_total": 10,
+        "vram_free": 5,
+        "torch_vram_total": 2,
+        "torch_vram_free": 1,
+    }
+    base.update(device)
+    return lambda r: httpx.Response(200, json={"system": {}, "devices": [base]})
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"),
+    [
+        (
+            lambda r: httpx.Response(
+                500, text="500 Internal Server Error\n\nServer got itself in trouble"
+            ),
+            r"GET /system_stats returned HTTP 500: 500 Internal Server Error Server got itself",
+        ),
+        (lambda r: httpx.Response(404, text="404: Not Found"), r"HTTP 404: 404: Not Found"),
+        (lambda r: httpx.Response(200, text="<!DOCTYPE html>"), r"not JSON: '<!DOCTYPE html>'"),
+        (lambda r: httpx.Response(200, json={"system": {}}), r"the body has no 'devices'"),
+        (
+            lambda r: httpx.Response(200, json={"system": {}, "devices": []}),
+            r"devices is an empty list",
+        ),
+        (_stats_with(vram_total=None), r"devices\[0\].vram_total is null, expected an integer"),
+        (_stats_with(torch_vram_free="1"), r"devices\[0\].torch_vram_free is a string"),
+        (_stats_with(type=None), r"devices\[0\].type is null, expected a string"),
+        (_raise(httpx.ReadTimeout), r"GET /system_stats timed out after 5 s"),
+        (_raise(httpx.ConnectError), r"GET /system_stats: cannot connect"),
+    ],
+)
+def test_stats_failures_are_service_errors(comfy_client: Any, handler: Any, message: str) -> None:
+    with pytest.raises(ServiceError, match=message) as caught:
+        comfy_client(handler).system_stats()
+    assert caught.value.service == f"comfyui at {URL}"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"queue_running": []}, "the body has no 'queue_pending'"),
+        ({"queue_running": 1, "queue_pending": []}, "queue_running is an integer, expected a list"),
+        ([], "the body is a list"),
+    ],
+)
+def test_queue_wrong_shape(comfy_client: Any, body: Any, message: str) -> None:
+    with pytest.raises(ServiceError, match=message):
+        comfy_client(lambda r: httpx.Response(200, json=body)).queue()
+
+
+def test_free_failures(comfy_client: Any) -> None:
+    with pytest.raises(ServiceError, match=r"POST /free returned HTTP 500"):
+        comfy_client(lambda r: httpx.Response(500, text="boom")).free(
+            unload_models=True, free_memory=False
+        )
+    with pytest.raises(ServiceError, match=r"POST /free: cannot connect"):
+        comfy_client(_raise(httpx.ConnectError)).free(unload_models=True, free_memory=False)
+
+
+def test_reads_and_free_are_retried(fake_comfy: Any, comfy_client: Any, flaky: Any) -> None:
+    handler = flaky(fake_comfy, httpx.ReadTimeout)
+    client = comfy_client(handler)
+    client.queue()
+    assert handler.calls == 2
+    handler.errors.append(httpx.ReadTimeout)
+    client.free(unload_models=True, free_memory=True)
+    assert handler.calls == 4
+    assert fake_comfy.flags == [{"unload_models": True, "free_memory": True}]
+
+
+def test_a_delivered_interrupt_is_not_repeated(
+    fake_comfy: Any, comfy_client: Any, flaky: Any
+) -> None:
+    handler = flaky(fake_comfy, httpx.ReadTimeout)
+    with pytest.raises(ServiceError, match="POST /interrupt timed out"):
+        comfy_client(handler).interrupt()
+    assert handler.calls == 1
+    handler = flaky(fake_comfy, httpx.ConnectError)
+    comfy_client(handler).interrupt()
+    assert handler.calls == 2
+    assert fake_comfy.interrupts == 1
+
+
+def test_api_prefixed_base_url_works(fake_comfy: Any, comfy_client: Any) -> None:
+    # Every route is also served under /api (api-facts 2.1).
+    client = comfy_client(fake_comfy, base_url=URL + "/api/")
+    assert client.base_url == URL + "/api"
+    assert client.queue() == ComfyQueue(0, 0)
+
+
+def test_close_is_safe_to_repeat() -> None:
+    client = ComfyClient(URL)
+    client.close()
+    client.close()
