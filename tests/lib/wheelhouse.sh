@@ -18,14 +18,18 @@ arch="$(uname -m)"
 
 mkdir -p "$DIR"
 cd "$REPO"
+# pip is chatty (build backend warnings); keep its output in a log, show it on failure.
+LOG="$DIR.log"
+: >"$LOG"
+trap 'rc=$?; if ((rc)); then echo "[wheelhouse] failed; last lines of $LOG:" >&2; tail -n 40 "$LOG" >&2; fi' EXIT
 # The project wheel, rebuilt every time (stale copies removed first).
 rm -f "$DIR"/vram_supervisor-*.whl
-"$PYTHON" -m pip wheel --quiet --no-deps --disable-pip-version-check . -w "$DIR"
+"$PYTHON" -m pip wheel --quiet --no-deps --disable-pip-version-check . -w "$DIR" >>"$LOG" 2>&1
 # Dependencies for the image's interpreter, not the host's: binary wheels only.
 "$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$DIR" \
     --only-binary=:all: --implementation cp --python-version "$PY_VERSION" \
     --platform "manylinux_2_36_$arch" --platform "manylinux_2_28_$arch" \
     --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
     --platform "linux_$arch" \
-    "$DIR"/vram_supervisor-*.whl 'setuptools>=68' wheel
+    "$DIR"/vram_supervisor-*.whl 'setuptools>=68' wheel >>"$LOG" 2>&1
 echo "[wheelhouse] $(find "$DIR" -name '*.whl' | wc -l) wheels in $DIR" >&2
