@@ -296,6 +296,10 @@ class PolicyState:
     episodes: tuple[Episode, ...] = ()  # open free episodes, one per ComfyUI at most
     last_restart_at: tuple[tuple[str, float], ...] = ()  # (comfy key, when)
     last_heal_at: tuple[tuple[str, float], ...] = ()  # (ollama key + "|" + model, when)
+    # Ollama keys whose /api/ps was read at least once: the first read is a baseline.
+    seen_ollamas: frozenset[str] = frozenset()
+    # Keys of INFO notes already given (said once until the condition clears).
+    noted: frozenset[str] = frozenset()
 
     def restart_at(self, key: str) -> float | None:
         return dict(self.last_restart_at).get(key)
