@@ -63,7 +63,7 @@ def _why(nvml: Any, exc: BaseException) -> str:
             f" (a function is missing): {exc}"
         )
     if is_a("NVMLError_GpuIsLost"):
-        return f"a GPU fell off the bus (GPU is lost): {exc}"
+        return f"a GPU fell off the bus or stopped answering ({exc})"
     return f"{type(exc).__name__}: {exc}"
 
 
