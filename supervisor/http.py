@@ -1,0 +1,118 @@
+"""The supervisor's own small HTTP endpoint: /healthz, /status and /metrics.
+
+A stdlib threaded server (one thread per request, daemon threads) so a slow scraper can
+never block the loop. It only reads: health and status come from callables the daemon
+provides, metrics from the registry passed in. Binding fails loudly (OSError) at
+construction, so the CLI can exit 3 when the port is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+Health = Callable[[], tuple[bool, dict[str, Any]]]
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        health: Health,
+        snapshot: Snapshot,
+        registry: CollectorRegistry,
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.health = health
+        self.snapshot = snapshot
+        self.registry = registry
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "vram-supervisor"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if path == "/healthz":
+                ok, body = self.server.health()
+                self._send(200 if ok else 503, _json(body), "application/json")
+            elif path == "/status":
+                self._send(200, _json(self.server.snapshot()), "application/json")
+            elif path == "/metrics":
+                self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            else:
+                self._send(404, _json({"error": "not found", "paths": PATHS}), "application/json")
+        except Exception as exc:  # a bug here must not kill the server thread silently
+            logger.opt(exception=exc).error(f"HTTP {path} failed: {exc}")
+            self._send(500, _json({"error": str(exc)}), "application/json")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug(f"HTTP {self.address_string()} {format % args}")
+
+
+PATHS = ["/healthz", "/status", "/metrics"]
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, default=str, indent=None) + "\n").encode()
+
+
+class StatusServer:
+    """Serves /healthz, /status and /metrics on host:port (port 0: an ephemeral one)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        health: Health,
+        snapshot: Snapshot,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._server = _Server((host, port), health, snapshot, registry)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="http",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=2)
+        self._server.server_close()

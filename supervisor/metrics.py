@@ -1,0 +1,170 @@
+"""Prometheus metrics, registered on a registry the caller passes in (never the global one).
+
+Counters count what was sent (dry-run outcomes are not counted: nothing was sent). Gauges
+that describe the world (GPU memory, per-container VRAM, model GPU share, queue lengths)
+are produced at scrape time from the latest observation by a custom collector, so a
+container that went away disappears from /metrics instead of keeping a stale value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from supervisor.model import (
+    FreeComfy,
+    FreeResult,
+    HealOllama,
+    Observation,
+    Outcome,
+    RestartComfy,
+    UnloadOllama,
+)
+
+FREE_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Every metric of the supervisor. Thread-safe (prometheus-client is)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.frees = Counter(
+            "vram_supervisor_frees",
+            "ComfyUI frees sent, by stage (soft/hard) and verified result "
+            "(freed/pending/pinned/failed).",
+            ["stage", "result"],
+            registry=registry,
+        )
+        self.restarts = Counter(
+            "vram_supervisor_restarts", "ComfyUI containers restarted.", registry=registry
+        )
+        self.heals = Counter(
+            "vram_supervisor_heals",
+            "Ollama models healed (unloaded and reloaded), by result (ok/failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.unloads = Counter(
+            "vram_supervisor_ollama_unloads",
+            "Ollama models unloaded to make room for ComfyUI.",
+            registry=registry,
+        )
+        self.docker_events = Counter(
+            "vram_supervisor_docker_events",
+            "Docker container events received.",
+            registry=registry,
+        )
+        self.docker_reconnects = Counter(
+            "vram_supervisor_docker_reconnects",
+            "Reconnections of the Docker events stream.",
+            registry=registry,
+        )
+        self.free_duration = Histogram(
+            "vram_supervisor_free_duration_seconds",
+            "Seconds from the observation that triggered a free to the verified free.",
+            buckets=FREE_BUCKETS_S,
+            registry=registry,
+        )
+        self.last_pass = Gauge(
+            "vram_supervisor_last_pass_timestamp_seconds",
+            "Unix time at which the loop last completed a pass.",
+            registry=registry,
+        )
+        self._lock = threading.Lock()
+        self._observation: Observation | None = None
+        self._reconnects_seen = 0
+        registry.register(_ObservationCollector(self))
+
+    def record_outcome(self, outcome: Outcome, trigger_at: float | None = None) -> None:
+        if outcome.dry_run:
+            return
+        action = outcome.action
+        if isinstance(action, FreeComfy):
+            result = outcome.result or FreeResult.FAILED
+            self.frees.labels(stage=action.stage.value, result=result.value).inc()
+            if result is FreeResult.FREED and trigger_at is not None:
+                end = outcome.at + outcome.duration_s
+                self.free_duration.observe(max(0.0, end - trigger_at))
+        elif isinstance(action, RestartComfy):
+            if outcome.ok:
+                self.restarts.inc()
+        elif isinstance(action, HealOllama):
+            self.heals.labels(result="ok" if outcome.ok else "failed").inc()
+        elif isinstance(action, UnloadOllama) and outcome.ok:
+            self.unloads.inc()
+
+    def docker_event(self) -> None:
+        self.docker_events.inc()
+
+    def set_docker_reconnects(self, total: int) -> None:
+        """Counters only go up: add what the event source counted since the last call."""
+        with self._lock:
+            delta = total - self._reconnects_seen
+            self._reconnects_seen = max(total, self._reconnects_seen)
+        if delta > 0:
+            self.docker_reconnects.inc(delta)
+
+    def observed(self, observation: Observation, wall_time: float) -> None:
+        with self._lock:
+            self._observation = observation
+        self.last_pass.set(wall_time)
+
+    def latest(self) -> Observation | None:
+        with self._lock:
+            return self._observation
+
+
+class _ObservationCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        obs = self._metrics.latest()
+        used = GaugeMetricFamily(
+            "vram_supervisor_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"]
+        )
+        total = GaugeMetricFamily(
+            "vram_supervisor_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"]
+        )
+        container = GaugeMetricFamily(
+            "vram_supervisor_container_vram_bytes",
+            "VRAM held by each supervised service (NVML PIDs, or the service's API).",
+            labels=["role", "name"],
+        )
+        ratio = GaugeMetricFamily(
+            "vram_supervisor_ollama_model_gpu_ratio",
+            "Share of each loaded Ollama model that is on the GPU (1 = fully).",
+            labels=["model"],
+        )
+        queue = GaugeMetricFamily(
+            "vram_supervisor_comfyui_queue_length",
+            "ComfyUI prompts running plus pending.",
+            labels=["name"],
+        )
+        if obs is not None:
+            for gpu in obs.gpus:
+                used.add_metric([gpu.uuid], gpu.used_bytes)
+                total.add_metric([gpu.uuid], gpu.total_bytes)
+            ratios: dict[str, float] = {}
+            for o in obs.ollamas:
+                if o.vram_bytes is not None:
+                    container.add_metric(
+                        [o.status.spec.role.value, o.status.spec.name], o.vram_bytes
+                    )
+                for m in o.models or ():
+                    ratios[m.name] = m.gpu_fraction  # one series per name, even with 2 Ollamas
+            for name, value in ratios.items():
+                ratio.add_metric([name], value)
+            for c in obs.comfyuis:
+                if c.vram_bytes is not None:
+                    container.add_metric(
+                        [c.status.spec.role.value, c.status.spec.name], c.vram_bytes
+                    )
+                if c.queue is not None:
+                    queue.add_metric([c.status.spec.name], c.queue.running + c.queue.pending)
+        yield from (used, total, container, ratio, queue)
