@@ -1,0 +1,250 @@
+"""A fake ComfyUI server: the HTTP API of api-facts 2.1-2.4 over `ComfyEngine`.
+
+Every route is also served under `/api` (`/api/system_stats` equals `/system_stats`).
+Errors look like aiohttp's: an unknown path answers 404 "404: Not Found", a known path with
+the wrong method 405, and a handler that fails on a bad body (for example `/free` with a body
+that is not a JSON object) 500, as ComfyUI itself would.
+
+`/sim/...` routes belong to the simulator (stats, the pinned switch, the GPU view).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from typing import Any
+
+from supervisor.sim.catalog import Catalog
+from supervisor.sim.comfyui_worker import ComfyConfig, ComfyEngine
+from supervisor.sim.gpu import GIB, SimGpu
+from supervisor.sim.httpbase import Exchange, Route, SimServer
+
+
+class _ServerError(Exception):
+    """What an uncaught exception inside an aiohttp handler becomes: a plain 500."""
+
+
+def _no_outputs_error(kind: str, message: str) -> dict[str, Any]:
+    return {
+        "error": {"type": kind, "message": message, "details": "", "extra_info": {}},
+        "node_errors": [],
+    }
+
+
+class FakeComfyUI:
+    def __init__(self, gpu: SimGpu, catalog: Catalog, config: ComfyConfig) -> None:
+        self.gpu = gpu
+        self.config = config
+        self.engine = ComfyEngine(gpu, catalog, config)
+        self._routes: dict[str, dict[str, Route]] = {
+            "/": {"GET": self.index},
+            "/system_stats": {"GET": self.system_stats},
+            "/queue": {"GET": self.get_queue, "POST": self.post_queue},
+            "/prompt": {"GET": self.get_prompt, "POST": self.post_prompt},
+            "/interrupt": {"POST": self.post_interrupt},
+            "/free": {"POST": self.post_free},
+            "/history": {"GET": self.get_history, "POST": self.post_history},
+            "/sim/stats": {"GET": self.sim_stats},
+            "/sim/reset": {"POST": self.sim_reset},
+            "/sim/pinned": {"GET": self.sim_pinned, "POST": self.sim_pinned},
+            "/sim/gpu": {"GET": self.sim_gpu},
+        }
+
+    def route(self, method: str, path: str) -> Route | None:
+        if path.startswith("/api/"):
+            path = path[4:]
+        methods = self._routes.get(path)
+        if methods is None and path.startswith("/history/"):
+            methods = {"GET": self.get_history_item}
+        if methods is None:
+            return None
+        if method == "HEAD" and "GET" in methods:
+            method = "GET"
+        return methods.get(method, _method_not_allowed)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> SimServer:
+        server = SimServer(
+            host, port, self.route, server_name="comfyui", not_found=_not_found, verbose=verbose
+        )
+        server.start()
+        return server
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _json(self, ex: Exchange, *, optional: bool = False) -> dict[str, Any]:
+        """`await request.json()`: a bad body is an uncaught error (500) in ComfyUI."""
+        if optional and not ex.body.strip():
+            return {}
+        try:
+            data = json.loads(ex.body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if optional:
+                return {}
+            raise _ServerError("body is not JSON") from None
+        if not isinstance(data, dict):
+            raise _ServerError("body is not a JSON object")
+        return data
+
+    def _guard(self, ex: Exchange, fn: Any) -> None:
+        try:
+            fn()
+        except _ServerError:
+            ex.send_text(500, "500 Internal Server Error\n\nServer got itself in trouble")
+
+    # ------------------------------------------------------------------ routes
+
+    def index(self, ex: Exchange) -> None:
+        ex.send(200, b"<!DOCTYPE html><title>ComfyUI (simulated)</title>", "text/html")
+
+    def system_stats(self, ex: Exchange) -> None:
+        mem = self.engine.memory()
+        torch_free = mem["reserved"] - mem["active"]
+        system = {
+            "os": "posix",
+            "ram_total": 64 * GIB,
+            "ram_free": 48 * GIB,
+            "comfyui_version": self.config.version,
+            "required_frontend_version": "1.27.10",
+            "installed_templates_version": "0.1.94",
+            "required_templates_version": "0.1.94",
+            "python_version": platform.python_version(),
+            "pytorch_version": "2.8.0+cu128",
+            "embedded_python": False,
+            "argv": ["main.py", "--listen", "0.0.0.0"]
+            + (["--highvram"] if self.config.highvram else []),
+        }
+        device = {
+            "name": f"cuda:0 {self.gpu.name} : cudaMallocAsync",
+            "type": "cuda",
+            "index": 0,
+            "vram_total": mem["total"],
+            "vram_free": mem["free"] + torch_free,
+            "torch_vram_total": mem["reserved"],
+            "torch_vram_free": torch_free,
+        }
+        ex.send_json(200, {"system": system, "devices": [device]})
+
+    def get_queue(self, ex: Exchange) -> None:
+        running, pending = self.engine.queue()
+        ex.send_json(
+            200,
+            {
+                "queue_running": [j.item() for j in running],
+                "queue_pending": [j.item() for j in pending],
+            },
+        )
+
+    def post_queue(self, ex: Exchange) -> None:
+        def run() -> None:
+            body = self._json(ex)
+            self.engine.edit_queue(
+                bool(body.get("clear")), [str(d) for d in body.get("delete", [])]
+            )
+            ex.send_empty(200)
+
+        self._guard(ex, run)
+
+    def get_prompt(self, ex: Exchange) -> None:
+        ex.send_json(200, {"exec_info": {"queue_remaining": self.engine.remaining()}})
+
+    def post_prompt(self, ex: Exchange) -> None:
+        def run() -> None:
+            body = self._json(ex)
+            prompt = body.get("prompt")
+            if not isinstance(prompt, dict):
+                ex.send_json(400, _no_outputs_error("no_prompt", "No prompt provided"))
+                return
+            checkpoint, seconds, steps, outputs = self.engine.parse(prompt)
+            if not outputs:
+                ex.send_json(400, _no_outputs_error("prompt_no_outputs", "Prompt has no outputs"))
+                return
+            extra = dict(body.get("extra_data") or {})
+            if "client_id" in body:
+                extra["client_id"] = body["client_id"]
+            for secret in ("auth_token_comfy_org", "api_key_comfy_org"):
+                extra.pop(secret, None)
+            fields: dict[str, Any] = {
+                "prompt_id": str(body.get("prompt_id") or self.engine.new_prompt_id()),
+                "prompt": prompt,
+                "extra_data": extra,
+                "outputs": outputs,
+                "checkpoint": checkpoint,
+                "seconds": seconds,
+                "steps": steps,
+            }
+            if isinstance(body.get("number"), int | float):
+                fields["number"] = float(body["number"])
+            job = self.engine.submit(fields, front=bool(body.get("front")))
+            ex.send_json(200, {"prompt_id": job.prompt_id, "number": job.number, "node_errors": {}})
+
+        self._guard(ex, run)
+
+    def post_interrupt(self, ex: Exchange) -> None:
+        body = self._json(ex, optional=True)
+        prompt_id = body.get("prompt_id")
+        self.engine.interrupt(str(prompt_id) if prompt_id else None)
+        ex.send_empty(200)
+
+    def post_free(self, ex: Exchange) -> None:
+        def run() -> None:
+            self.engine.set_flags(self._json(ex))
+            ex.send_empty(200)
+
+        self._guard(ex, run)
+
+    def get_history(self, ex: Exchange) -> None:
+        history = list(self.engine.history().items())
+        max_items = int(ex.query["max_items"]) if "max_items" in ex.query else None
+        offset = int(ex.query.get("offset", -1))
+        if offset < 0 and max_items is not None:
+            offset = len(history) - max_items
+        offset = max(0, offset)
+        end = offset + max_items if max_items is not None else None
+        ex.send_json(200, dict(history[offset:end]))
+
+    def get_history_item(self, ex: Exchange) -> None:
+        prompt_id = ex.path.rsplit("/", 1)[-1]
+        ex.send_json(200, self.engine.history(prompt_id))
+
+    def post_history(self, ex: Exchange) -> None:
+        def run() -> None:
+            body = self._json(ex)
+            self.engine.edit_history(
+                bool(body.get("clear")), [str(d) for d in body.get("delete", [])]
+            )
+            ex.send_empty(200)
+
+        self._guard(ex, run)
+
+    # ------------------------------------------------------------------ /sim
+
+    def sim_stats(self, ex: Exchange) -> None:
+        data = self.engine.stats_json()
+        data["time_scale"] = self.config.time_scale
+        data["pinned"] = self.config.pinned
+        data["highvram"] = self.config.highvram
+        ex.send_json(200, data)
+
+    def sim_reset(self, ex: Exchange) -> None:
+        self.engine.reset_stats()
+        ex.send_json(200, {"reset": True})
+
+    def sim_pinned(self, ex: Exchange) -> None:
+        if ex.method == "POST":
+            body = self._json(ex, optional=True)
+            self.config.pinned = bool(body.get("pinned", True))
+        ex.send_json(200, {"pinned": self.config.pinned})
+
+    def sim_gpu(self, ex: Exchange) -> None:
+        ex.send_json(200, self.gpu.snapshot().to_json())
+
+
+def _not_found(ex: Exchange) -> None:
+    ex.send_text(404, "404: Not Found")
+
+
+def _method_not_allowed(ex: Exchange) -> None:
+    ex.send_text(405, "405: Method Not Allowed")
