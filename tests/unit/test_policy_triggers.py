@@ -19,7 +19,15 @@ from test_policy_builders import (
     summary,
 )
 
-from supervisor.model import FreeComfy, Observation, PolicyState, Priority, UnloadOllama
+from supervisor.model import (
+    FreeComfy,
+    FreeStage,
+    Observation,
+    OllamaModel,
+    PolicyState,
+    Priority,
+    UnloadOllama,
+)
 
 LLAMA = model("llama3:8b", 5)
 QWEN = model("qwen2.5:14b", 9)
@@ -196,9 +204,7 @@ def test_two_ollamas_are_named_in_their_notes() -> None:
 
 def test_a_free_names_its_gpu_and_reason() -> None:
     d = run(obs(OLD, comfy(), gpus=(gpu(20),)), baseline(OLD))
-    assert d.actions == (
-        FreeComfy(COMFY, d.actions[0].stage, "GPU 0 at 83% (threshold 75%)", "GPU-0"),
-    )
+    assert d.actions == (FreeComfy(COMFY, FreeStage.SOFT, "GPU 0 at 83% (threshold 75%)", "GPU-0"),)
 
 
 def test_one_trigger_blocked_says_why() -> None:
@@ -295,7 +301,7 @@ UNLOAD_CASES = [
 
 
 @pytest.mark.parametrize(("models", "used", "expected"), UNLOAD_CASES)
-def test_unload_order(models: list, used: float, expected: list[str]) -> None:
+def test_unload_order(models: list[OllamaModel], used: float, expected: list[str]) -> None:
     o = ollama(*models)
     d = run(obs(o, comfy(running=1), gpus=(gpu(used),)), baseline(o))
     assert summary(d) == expected
