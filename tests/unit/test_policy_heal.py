@@ -43,8 +43,10 @@ def _p(
     expected: list[str],
     state: PolicyState | None = None,
     s: Settings | None = None,
+    why: str = "",
 ) -> object:
-    return pytest.param(o, state or baseline(OL), s or settings(), expected, id=id)
+    """One row; `why` must appear in reasons_skipped when given."""
+    return pytest.param(o, state or baseline(OL), s or settings(), expected, why, id=id)
 
 
 CASES = [
@@ -62,12 +64,14 @@ CASES = [
         obs(OL, comfy(), gpus=(QUIET,)),
         ["free:soft:comfyui"],
         s=settings(heal=False),
+        why="healing is off (VRAM_HEAL=false)",
     ),
     _p(
         "heal-cooldown-frees-meanwhile",
         obs(OL, comfy(), gpus=(QUIET,)),
         ["free:soft:comfyui"],
         state=baseline(OL, last_heal_at=((HEAL_KEY, NOW - 100),)),
+        why="heal cooldown, 500 s left",
     ),
     _p(
         "heal-cooldown-over",
@@ -86,13 +90,20 @@ CASES = [
         obs(ollama(model("big:12b", 12, vram=2)), comfy(held=1), gpus=(gpu(23),)),
         [],
         s=settings(threshold_percent=99, aggressive_threshold_percent=99),
+        why="4.0 GiB could be made free, 12.5 GiB needed",
     ),
-    _p("busy-comfy-needed-balanced-waits", obs(OL, comfy(running=1), gpus=(QUIET,)), []),
+    _p(
+        "busy-comfy-needed-balanced-waits",
+        obs(OL, comfy(running=1), gpus=(QUIET,)),
+        [],
+        why="comfyui/comfyui has work (priority balanced)",
+    ),
     _p(
         "busy-comfy-needed-comfyui-first-waits",
         obs(OL, comfy(pending=1), gpus=(QUIET,)),
         [],
         s=settings(priority=Priority.COMFYUI),
+        why="comfyui/comfyui has work (priority comfyui)",
     ),
     _p(
         "busy-comfy-needed-ollama-first-frees",
@@ -108,8 +119,9 @@ CASES = [
         obs(OL, comfy(), gpus=(QUIET,)),
         [],
         state=baseline(OL, episodes=(episode(result=None),)),
+        why="waiting for the free of comfyui/comfyui",
     ),
-    _p("no-gpu-reading", obs(OL, comfy(), gpus=()), []),
+    _p("no-gpu-reading", obs(OL, comfy(), gpus=()), [], why="no GPU reading says where"),
     _p("ollama-unreachable", obs(ollama(reachable=False), comfy(), gpus=(QUIET,)), []),
     _p(
         "spilled-and-new-heals-once",
@@ -122,6 +134,7 @@ CASES = [
         obs(ollama(SPILLED, model("mid:7b", 6, vram=5)), comfy(), gpus=(gpu(4),)),
         ["heal:big:12b[comfyui]"],
         state=baseline(ollama(SPILLED, model("mid:7b", 6, vram=5))),
+        why="another heal on GPU 0 goes first",
     ),
     _p(
         "comfy-stopped-not-in-free-first",
@@ -131,11 +144,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("o", "state", "s", "expected"), CASES)
+@pytest.mark.parametrize(("o", "state", "s", "expected", "why"), CASES)
 def test_spilled_models(
-    o: Observation, state: PolicyState, s: Settings, expected: list[str]
+    o: Observation, state: PolicyState, s: Settings, expected: list[str], why: str
 ) -> None:
-    assert summary(run(o, state, s)) == expected
+    d = run(o, state, s)
+    assert summary(d) == expected
+    assert why in skipped(d)
 
 
 def test_heal_action_carries_what_actions_need_and_stamps_the_state() -> None:
