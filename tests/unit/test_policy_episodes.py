@@ -485,3 +485,17 @@ def test_pending_free_waits_for_the_prompt_then_escalates() -> None:
     ]
     seen = _loop(passes, {"free:soft": (True, PENDING, False)}, settings(priority=Priority.OLLAMA))
     assert seen == [["free:soft:comfyui"], [], ["free:hard:comfyui"], []]
+
+
+def test_a_flapping_comfyui_cannot_cause_an_action_storm() -> None:
+    """90 one-second passes; the API answers every other pass and keeps refilling its VRAM.
+    Frees stay bounded by the rate limit: one episode (soft, maybe hard) per 30 s."""
+    passes = [
+        (NOW + t, comfy() if t % 2 == 0 else comfy(reachable=False, failed=1), HOT)
+        for t in range(90)
+    ]
+    seen = _loop(passes, {}, settings())
+    flat = [word for words in seen for word in words]
+    assert flat.count("free:soft:comfyui") == 3
+    assert flat.count("free:hard:comfyui") <= 3
+    assert not any(word.startswith("restart") for word in flat)

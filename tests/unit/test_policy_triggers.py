@@ -297,6 +297,7 @@ UNLOAD_CASES = [
     ),
     pytest.param([model("a:1", 2, vram=0)], 23, [], id="cpu-only-model-not-unloaded"),
     pytest.param([model("a:1", 3)], 20, ["unload:a:1"], id="no-expiry-still-candidate"),
+    pytest.param([model("z:1", 0), model("n:1", 2, vram=-1)], 23, [], id="garbage-model-sizes"),
 ]
 
 
