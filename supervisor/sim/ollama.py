@@ -407,8 +407,7 @@ class FakeOllama:
             # Embedding is prompt processing only: about 20x faster per token than decoding.
             if tokens:
                 with runner.slots:
-                    per = runner.gpu_fraction + (1 - runner.gpu_fraction) * self.config.cpu_slowdown
-                    self.sched.sleep(tokens * per / spec.tokens_per_s_on_gpu / 20)
+                    self.sched.sleep(tokens * self.sched.seconds_per_token(runner) / 20)
             vectors = [_vector(t, spec.embedding_length) for t in texts]
             timing = self._timing(started, loaded, tokens, 0)
             return vectors, {

@@ -199,11 +199,15 @@ class Scheduler:
             if runner.refcount == 0:
                 self._begin_unload(runner)
 
+    def seconds_per_token(self, runner: Runner) -> float:
+        """Simulated decode time per token: the GPU share at GPU speed, the rest on CPU."""
+        gpu_s = 1.0 / runner.spec.tokens_per_s_on_gpu
+        cpu_share = 1 - runner.gpu_fraction
+        return gpu_s * (runner.gpu_fraction + cpu_share * self.config.cpu_slowdown)
+
     def tokens(self, runner: Runner, count: int) -> Iterator[int]:
         """Yield token indexes at the speed the runner's GPU share allows."""
-        cfg = self.config
-        gpu_s = 1.0 / runner.spec.tokens_per_s_on_gpu
-        per_token = gpu_s * (runner.gpu_fraction + (1 - runner.gpu_fraction) * cfg.cpu_slowdown)
+        per_token = self.seconds_per_token(runner)
         st = self.stats(runner.name)
         full = not runner.is_spilled
         with runner.slots:
