@@ -161,9 +161,12 @@ class Actor:
 
     # ------------------------------------------------------------------ ComfyUI free
 
-    def free_comfy(self, action: FreeComfy, *, wait_pending_s: float = 0.0) -> Outcome:
+    def free_comfy(
+        self, action: FreeComfy, *, wait_pending_s: float = 0.0, verify_s: float | None = None
+    ) -> Outcome:
         """One verified free. `wait_pending_s` > 0 keeps watching while a prompt runs (the
-        gate waits for the flags to act); 0 reports PENDING as soon as a prompt is seen."""
+        gate waits for the flags to act); 0 reports PENDING as soon as a prompt is seen.
+        `verify_s` caps the whole watch (default VRAM_VERIFY_TIMEOUT)."""
         start = self._clock()
         target = self.targets().comfyuis.get(action.target)
         if target is None:
@@ -197,7 +200,8 @@ class Actor:
                 duration_s=self._clock() - start,
             )
 
-        deadline = start + max(self.settings.verify_timeout_s, wait_pending_s)
+        watch_s = max(self.settings.verify_timeout_s, wait_pending_s)
+        deadline = start + (watch_s if verify_s is None else verify_s)
         after: Reading | None = None
         running = False
         while True:
@@ -527,9 +531,17 @@ class ComfyRoomMaker:
     A busy ComfyUI is freed only under VRAM_PRIORITY=ollama (the flags then wait for its
     prompt); under balanced and comfyui a running generation's models are left alone."""
 
-    def __init__(self, actor: Actor, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        actor: Actor,
+        clock: Callable[[], float] = time.monotonic,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
         self._actor = actor
         self._clock = clock
+        # The daemon folds these into the policy state, so the loop does not repeat a free
+        # the gate just did, and can escalate it.
+        self._on_outcome = on_outcome or (lambda outcome: None)
 
     def free_bytes(self) -> int | None:
         gpus = self._actor.targets().ollama_gpus
@@ -564,8 +576,11 @@ class ComfyRoomMaker:
                     if left <= 0:
                         return False
                     outcome = self._actor.free_comfy(
-                        FreeComfy(key, stage, reason), wait_pending_s=left if busy else 0.0
+                        FreeComfy(key, stage, reason),
+                        wait_pending_s=left if busy else 0.0,
+                        verify_s=left,
                     )
+                    self._on_outcome(outcome)
                     if outcome.dry_run:
                         return False
                     free = self.free_bytes()

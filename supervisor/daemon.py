@@ -154,7 +154,8 @@ class Daemon:
             stop=self._stop,
             poll_s=poll_s,
         )
-        self.room_maker = ComfyRoomMaker(self.actor, clock)
+        self._external: list[Outcome] = []  # the gate's outcomes, folded in by the loop
+        self.room_maker = ComfyRoomMaker(self.actor, clock, on_outcome=self._gate_outcome)
         self._fixed = {
             role: url
             for role, url in (
@@ -178,7 +179,7 @@ class Daemon:
     def wake(self) -> None:
         self._wake.set()
 
-    def _on_event(self, kind: str) -> None:
+    def on_docker_event(self, kind: str) -> None:
         if self.metrics is not None:
             self.metrics.docker_event()
         logger.debug(f"Docker event: {kind}")
@@ -189,7 +190,7 @@ class Daemon:
         """Pass after pass until stop(); a failing pass is logged and the loop goes on."""
         if self._events is not None:
             try:
-                self._events.start(self._on_event)
+                self._events.start(self.on_docker_event)
             except Exception as exc:
                 logger.warning(f"Docker events are not followed ({exc}); polling only")
         try:
@@ -219,7 +220,19 @@ class Daemon:
 
     # ------------------------------------------------------------------ one pass
 
+    def _gate_outcome(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._external.append(outcome)
+        self._wake.set()
+
     def run_once(self) -> Decision:
+        with self._lock:
+            external, self._external = self._external, []
+        for outcome in external:
+            self._state = self._record(self._state, outcome, self._clock())
+            self._remember(outcome)
+            if self.metrics is not None:
+                self.metrics.record_outcome(outcome, trigger_at=outcome.at)
         obs = self.observe()
         decision = self._decide(obs, self._state, self.settings, self._clock())
         self._state = decision.state
@@ -454,7 +467,12 @@ class Daemon:
     def _count_failures(self, running: list[_Service], reads: Mapping[str, _Read]) -> None:
         for service in running:
             read = reads[service.spec.key]
-            what = f"{service.spec.role} {service.spec.name} at {service.spec.url}"
+            spec = service.spec
+            what = (
+                f"{spec.role} container {spec.name}"
+                if spec.is_container
+                else (f"{spec.role} (fixed URL)")
+            )
             if read.error is None:
                 if service.failures:
                     logger.info(f"{what} answers again after {service.failures} failed checks")

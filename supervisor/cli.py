@@ -1,0 +1,542 @@
+"""Command line: `vram-supervisor [run|status|free|doctor|healthcheck|demo]` (also
+`python -m supervisor`).
+
+Exit codes: 0 fine; 1 a command's check failed (doctor, healthcheck, free); 2 bad
+configuration (the message names the variable, its value and what is accepted); 3 a
+startup failure that cannot heal by waiting (the HTTP port is taken). Docker being down is
+not a startup failure: the loop keeps retrying it.
+
+Heavy imports (docker, httpx, pynvml, loguru) happen inside the commands, so `healthcheck`
+(run by Docker every few seconds) starts fast, and a supervisor with two fixed URLs never
+imports the Docker SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from supervisor import __version__
+from supervisor.config import Settings, load_settings
+from supervisor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+    from supervisor.metrics import Metrics
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
+SHUTDOWN_GRACE_S = 1.5
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vram-supervisor",
+        description="Keeps Ollama and ComfyUI sharing one GPU. Configured by VRAM_* "
+        "environment variables (see docs/configuration.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the supervisor (the default)")
+    status = sub.add_parser(
+        "status",
+        help="show GPUs, services, models and recent actions (asks the running "
+        "supervisor, else observes once)",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    free = sub.add_parser("free", help="free ComfyUI's VRAM now and verify it")
+    free.add_argument(
+        "--hard", action="store_true", help='also drop caches ({"free_memory": true})'
+    )
+    sub.add_parser("doctor", help="check Docker, each service API and NVML; print fixes")
+    sub.add_parser("healthcheck", help="exit 0 if the running supervisor is healthy")
+    sub.add_parser("demo", help="run the supervisor against a simulated GPU host")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        settings, warnings = load_settings(os.environ)
+    except ConfigError as exc:
+        print(f"vram-supervisor: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "healthcheck":
+        return healthcheck(settings)
+    if command == "demo":
+        return demo()
+    from loguru import logger
+
+    from supervisor.logs import configure_logging
+
+    quiet = command in ("status", "doctor")  # their output is the table, not the log
+    configure_logging(debug=settings.debug and not quiet, log_format=settings.log_format)
+    if quiet:
+        logger.remove()
+        logger.add(sys.stderr, level="ERROR", format="{message}")
+    for warning in warnings:
+        logger.warning(warning)
+    if command == "status":
+        return status(settings, as_json=args.json)
+    if command == "free":
+        return free(settings, hard=args.hard)
+    if command == "doctor":
+        return doctor(settings, warnings)
+    return run(settings)
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def build_daemon(settings: Settings, metrics: Metrics | None = None) -> Daemon:
+    """The real adapters behind the daemon. Docker is neither imported nor built when both
+    services have fixed URLs."""
+    from loguru import logger
+
+    from supervisor.clients.comfyui import ComfyClient
+    from supervisor.clients.ollama import OllamaClient
+    from supervisor.daemon import Daemon
+    from supervisor.errors import NvmlUnavailable
+    from supervisor.ports import DockerApi, EventSource, GpuReader
+
+    gpu: GpuReader | None = None
+    try:
+        from supervisor.vram.nvml import NvmlReader
+
+        gpu = NvmlReader()
+    except NvmlUnavailable as exc:
+        logger.info(f"NVML is not available ({exc}); VRAM figures come from the services' APIs")
+    docker: DockerApi | None = None
+    events: EventSource | None = None
+    if settings.needs_docker:
+        from supervisor.docker.discovery import DockerAdapter
+        from supervisor.docker.events import DockerEvents
+
+        docker = DockerAdapter(timeout_s=settings.request_timeout_s)
+        events = DockerEvents(timeout_s=settings.request_timeout_s)
+    timeout = settings.request_timeout_s
+    adapter = docker
+    return Daemon(
+        settings,
+        ollama_client=lambda url: OllamaClient(url, timeout),
+        comfy_client=lambda url: ComfyClient(url, timeout),
+        docker=(lambda: adapter) if adapter is not None else None,
+        events=events,
+        gpu=gpu,
+        metrics=metrics,
+    )
+
+
+def _local_url(settings: Settings, path: str) -> str | None:
+    if settings.http_port is None:
+        return None
+    host = settings.http_host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http_port}{path}"
+
+
+def _get_json(url: str, timeout_s: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(settings: Settings) -> int:
+    from loguru import logger
+    from prometheus_client import CollectorRegistry
+
+    from supervisor.http import StatusServer
+    from supervisor.metrics import Metrics
+
+    logger.info(
+        f"vram-supervisor {__version__} starting: check every {settings.check_interval_s:g} s, "
+        f"threshold {settings.threshold_percent:g}%/{settings.aggressive_threshold_percent:g}%,"
+        f" priority {settings.priority}, heal {'on' if settings.heal else 'off'}, "
+        f"restart fallback {'on' if settings.restart_fallback else 'off'}"
+        + (", DRY RUN (nothing is sent)" if settings.dry_run else "")
+    )
+    registry = CollectorRegistry()
+    daemon = build_daemon(settings, Metrics(registry))
+    server: StatusServer | None = None
+    gate: Any = None
+    try:
+        if settings.http_port is not None:
+            server = StatusServer(
+                settings.http_host,
+                settings.http_port,
+                health=daemon.health,
+                snapshot=daemon.snapshot,
+                registry=registry,
+            )
+            server.start()
+            logger.info(
+                f"Serving /healthz, /status and /metrics on {settings.http_host}:{server.port}"
+            )
+        if settings.gate_port is not None:
+            gate = _start_gate(settings, daemon)
+    except OSError as exc:
+        logger.error(
+            f"Cannot start: {exc}. Is another supervisor running? Choose another port with "
+            "VRAM_HTTP_PORT / VRAM_GATE_PORT."
+        )
+        if server is not None:
+            server.close()
+        daemon.close()
+        return EXIT_STARTUP
+
+    should_exit = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Flags only: the main loop below does the work (uvicorn's habit).
+        should_exit.set()
+        daemon.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    loop = threading.Thread(target=daemon.run, name="loop", daemon=True)
+    loop.start()
+    try:
+        while not should_exit.wait(0.5):
+            if not loop.is_alive():
+                logger.error("The loop ended unexpectedly; exiting")
+                break
+    finally:
+        logger.info("Stopping")
+        daemon.stop()
+        loop.join(SHUTDOWN_GRACE_S)  # an in-flight request may still be waiting: don't
+        if gate is not None and hasattr(gate, "close"):
+            gate.close()
+        if server is not None:
+            server.close()
+        daemon.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+def _start_gate(settings: Settings, daemon: Daemon) -> Any:
+    from loguru import logger
+
+    if importlib.util.find_spec("supervisor.gate") is None:
+        logger.warning("VRAM_GATE_PORT is set but this build has no gate; ignoring it")
+        return None
+    gate_module = importlib.import_module("supervisor.gate")  # optional, written separately
+    start = getattr(gate_module, "start_gate", None)
+    if start is None:
+        logger.warning("The gate module has no start_gate(); VRAM_GATE_PORT is ignored")
+        return None
+    return start(settings, daemon.room_maker)
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def status(settings: Settings, *, as_json: bool) -> int:
+    url = _local_url(settings, "/status")
+    snapshot: dict[str, Any] | None = None
+    origin = f"the running supervisor at {url}"
+    if url is not None:
+        try:
+            snapshot = _get_json(url)
+        except (OSError, ValueError):
+            snapshot = None
+    if snapshot is None:
+        origin = "a one-shot observation (no running supervisor answered)"
+        daemon = build_daemon(settings)
+        try:
+            daemon.observe()
+            snapshot = daemon.snapshot()
+        finally:
+            daemon.close()
+    if as_json:
+        print(json.dumps(snapshot, indent=2, default=str))
+    else:
+        print(f"From {origin}:")
+        print(render_status(snapshot))
+    return EXIT_OK
+
+
+def render_status(snap: dict[str, Any]) -> str:
+    """The human table of `status`."""
+    from supervisor.actions import format_bytes as fb
+
+    lines: list[str] = []
+    docker = snap.get("docker", {})
+    lines.append(
+        f"Docker: {docker.get('state')}   VRAM source: {snap.get('vram_source')}   "
+        f"priority: {snap.get('priority')}" + ("   DRY RUN" if snap.get("dry_run") else "")
+    )
+    lines.append("")
+    lines.append("GPUs:")
+    for g in snap.get("gpus", []):
+        lines.append(
+            f"  [{g['index']}] {g['name']}: {fb(g['used_bytes'])} used of "
+            f"{fb(g['total_bytes'])} ({g['used_percent']}%), {fb(g['free_bytes'])} free"
+        )
+    if not snap.get("gpus"):
+        lines.append("  (unknown: no NVML and no ComfyUI reading)")
+    lines.append("")
+    lines.append("Services:")
+    for s in [*snap.get("ollama", []), *snap.get("comfyui", [])]:
+        state = "running" if s["running"] else "stopped"
+        reach = "answers" if s["reachable"] else f"no answer ({s.get('error')})"
+        health = "" if s["health"] == "none" else f", {s['health']}"
+        lines.append(f"  {s['key']:<28} {state}{health}, {reach}   {s['url']}")
+    lines.append("")
+    lines.append("Ollama models:")
+    any_model = False
+    for o in snap.get("ollama", []):
+        for m in o.get("models") or []:
+            any_model = True
+            spill = "" if m["gpu_percent"] >= 100 else "   <- spilled to CPU"
+            lines.append(
+                f"  {m['name']:<32} size {fb(m['size_bytes']):>9}  on GPU "
+                f"{fb(m['size_vram_bytes']):>9}  {m['gpu_percent']:>5}%{spill}"
+            )
+    if not any_model:
+        lines.append("  (none loaded)")
+    lines.append("")
+    lines.append("ComfyUI:")
+    for c in snap.get("comfyui", []):
+        q = c.get("queue")
+        queue = f"{q['running']} running, {q['pending']} pending" if q else "queue unknown"
+        lines.append(f"  {c['name']:<28} VRAM {fb(c.get('vram_bytes')):>9}   {queue}")
+    if not snap.get("comfyui"):
+        lines.append("  (none)")
+    lines.append("")
+    lines.append("Recent actions:")
+    for a in snap.get("recent_actions", [])[-10:]:
+        what = a["action"] + (f" {a['stage']}" if "stage" in a else "")
+        what += f" {a['model']}" if "model" in a else ""
+        result = "dry run" if a["dry_run"] else a["result"] or ("ok" if a["ok"] else "failed")
+        lines.append(
+            f"  {what} {a['target']}: {result}, {fb(a['before_bytes'])} -> "
+            f"{fb(a['after_bytes'])} in {a['duration_s']} s ({a['reason']})"
+        )
+    if not snap.get("recent_actions"):
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- free
+
+
+def free(settings: Settings, *, hard: bool) -> int:
+    from supervisor.actions import format_bytes
+    from supervisor.model import FreeComfy, FreeResult, FreeStage
+
+    daemon = build_daemon(settings)
+    try:
+        daemon.observe()
+        comfyuis = daemon.actor.targets().comfyuis
+        if not comfyuis:
+            print(
+                "No running ComfyUI found (set VRAM_COMFYUI_URL or label its container "
+                "vram-supervisor.role=comfyui).",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        stage = FreeStage.HARD if hard else FreeStage.SOFT
+        failed = False
+        for key, (spec, _) in comfyuis.items():
+            outcome = daemon.actor.execute(FreeComfy(key, stage, "requested by hand"))
+            took = f"{outcome.duration_s:.1f} s"
+            if outcome.dry_run:
+                print(f"ComfyUI {spec.name}: dry run, nothing sent ({outcome.detail})")
+            elif outcome.result is FreeResult.FREED:
+                print(
+                    f"ComfyUI {spec.name}: freed ({stage}) "
+                    f"{format_bytes(outcome.before_bytes)} -> "
+                    f"{format_bytes(outcome.after_bytes)} in {took}"
+                    + (f" ({outcome.detail})" if outcome.detail else "")
+                )
+            elif outcome.result is FreeResult.PENDING:
+                print(
+                    f"ComfyUI {spec.name}: a prompt is running; it frees its memory when "
+                    "the prompt ends"
+                )
+            else:
+                failed = True
+                result = outcome.result.value if outcome.result else "failed"
+                hint = " (try --hard)" if outcome.result is FreeResult.PINNED and not hard else ""
+                print(f"ComfyUI {spec.name}: {result}: {outcome.detail}{hint}")
+        return EXIT_FAILED if failed else EXIT_OK
+    finally:
+        daemon.close()
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def doctor(settings: Settings, warnings: Sequence[str]) -> int:
+    """One line per check, OK/WARN/FAIL, each failure with a concrete fix. Exit 1 when
+    something essential (Docker when needed, a service API) fails."""
+    from supervisor.errors import NvmlUnavailable, ServiceError
+    from supervisor.model import Role
+
+    essential_failed = False
+
+    def line(state: str, text: str, fix: str = "") -> None:
+        print(f"{state:<4} {text}" + (f"\n       fix: {fix}" if fix else ""))
+
+    line("OK", f"settings parsed (vram-supervisor {__version__})")
+    for warning in warnings:
+        line("WARN", warning)
+    urls: dict[Role, list[tuple[str, str]]] = {Role.OLLAMA: [], Role.COMFYUI: []}
+    for role, url in ((Role.OLLAMA, settings.ollama_url), (Role.COMFYUI, settings.comfyui_url)):
+        if url:
+            urls[role].append((f"{role} (VRAM_{role.name}_URL)", url))
+    if not settings.needs_docker:
+        line("OK", "Docker not needed: VRAM_OLLAMA_URL and VRAM_COMFYUI_URL are both set")
+    else:
+        from supervisor.docker.discovery import DockerAdapter
+        from supervisor.errors import DockerUnavailable
+
+        adapter = DockerAdapter(timeout_s=settings.request_timeout_s)
+        try:
+            adapter.ping()
+            containers = adapter.list_services()
+            line(
+                "OK",
+                f"Docker reachable ({os.environ.get('DOCKER_HOST') or 'default socket'})"
+                f", {len(containers)} labelled container(s)",
+            )
+            for role in (Role.OLLAMA, Role.COMFYUI):
+                if urls[role]:
+                    continue
+                found = [c for c in containers if c.spec.role is role]
+                for c in found:
+                    if c.is_running:
+                        urls[role].append((f"{role} container {c.spec.name}", c.spec.url))
+                    else:
+                        line("WARN", f"{role} container {c.spec.name} is {c.status}")
+                if not found:
+                    essential_failed = True
+                    line(
+                        "FAIL",
+                        f"no container labelled vram-supervisor.role={role}",
+                        f"add label vram-supervisor.role={role} to the {role} container, "
+                        f"or set VRAM_{role.name}_URL",
+                    )
+        except DockerUnavailable as exc:
+            essential_failed = True
+            line(
+                "FAIL",
+                f"Docker is not reachable: {exc}",
+                "mount /var/run/docker.sock (-v /var/run/docker.sock:/var/run/docker.sock:ro)"
+                " or set DOCKER_HOST; or set both VRAM_OLLAMA_URL and VRAM_COMFYUI_URL",
+            )
+        finally:
+            adapter.close()
+    timeout = settings.request_timeout_s
+    for what, url in urls[Role.OLLAMA]:
+        from supervisor.clients.ollama import OllamaClient
+
+        with OllamaClient(url, timeout) as ollama:
+            try:
+                line(
+                    "OK",
+                    f"{what} at {url} answers (Ollama {ollama.version()}, "
+                    f"{len(ollama.ps())} model(s) loaded)",
+                )
+            except ServiceError as exc:
+                essential_failed = True
+                line(
+                    "FAIL",
+                    f"{what} at {url}: {exc}",
+                    "check that this address is reachable from the supervisor (same Docker "
+                    "network?); set VRAM_OLLAMA_URL or the label vram-supervisor.url",
+                )
+    for what, url in urls[Role.COMFYUI]:
+        from supervisor.actions import format_bytes
+        from supervisor.clients.comfyui import ComfyClient
+
+        with ComfyClient(url, timeout) as comfy:
+            try:
+                stats = comfy.system_stats()
+                line(
+                    "OK",
+                    f"{what} at {url} answers ({stats.device_name}, "
+                    f"{format_bytes(stats.vram_total_bytes)})",
+                )
+            except ServiceError as exc:
+                essential_failed = True
+                line(
+                    "FAIL",
+                    f"{what} at {url}: {exc}",
+                    "check that this address is reachable from the supervisor (same Docker "
+                    "network?); set VRAM_COMFYUI_URL or the label vram-supervisor.url",
+                )
+    try:
+        from supervisor.vram.nvml import NvmlReader
+
+        with NvmlReader() as reader:
+            gpus = reader.gpus()
+        names = ", ".join(g.name for g in gpus) or "no GPU"
+        line("OK", f"NVML works: {len(gpus)} GPU(s): {names}")
+    except NvmlUnavailable as exc:
+        line(
+            "WARN",
+            f"NVML missing: {exc}",
+            "run with the NVIDIA runtime (--gpus all, capability utility) or rely on the "
+            "API source (ComfyUI /system_stats and Ollama /api/ps)",
+        )
+    health = _local_url(settings, "/healthz")
+    if health is not None:
+        try:
+            _get_json(health)
+            line("OK", f"a supervisor is running and healthy at {health}")
+        except urllib.error.HTTPError as exc:
+            line("WARN", f"a supervisor answers at {health} but is unhealthy ({exc.code})")
+        except (OSError, ValueError):
+            line("OK", f"no supervisor is running; port {settings.http_port} is free to use")
+    print("\nResult: " + ("something essential failed" if essential_failed else "all good"))
+    return EXIT_FAILED if essential_failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- small ones
+
+
+def healthcheck(settings: Settings) -> int:
+    """For Docker's HEALTHCHECK: GET /healthz, exit 0 on 200. Stdlib only."""
+    url = _local_url(settings, "/healthz")
+    if url is None:
+        print("healthcheck skipped: VRAM_HTTP_PORT=0 disables the endpoint")
+        return EXIT_OK
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            print(response.read().decode(errors="replace").strip())
+            return EXIT_OK if response.status == 200 else EXIT_FAILED
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy ({exc.code}): {exc.read().decode(errors='replace').strip()}")
+    except OSError as exc:
+        print(f"no answer from {url}: {exc}")
+    return EXIT_FAILED
+
+
+def demo() -> int:
+    """The simulated-host demo lives in supervisor/demo.py (written separately)."""
+    if importlib.util.find_spec("supervisor.demo") is None:
+        print(
+            "The demo is not part of this build (supervisor/demo.py is missing).", file=sys.stderr
+        )
+        return EXIT_FAILED
+    demo_module = importlib.import_module("supervisor.demo")
+    result = demo_module.main()
+    return int(result) if isinstance(result, int) else EXIT_OK

@@ -1,0 +1,348 @@
+"""Hand-written fakes of the daemon's Protocols, following api-facts.md.
+
+One `FakeGpu` holds what each process has on the device; the fakes move bytes on it:
+- FakeComfy: `/free` only sets flags and answers at once (api-facts 2.3). The flags act
+  immediately when the worker is idle, otherwise when the running prompt ends (on the fake
+  clock). `unload_models` releases the models unless `highvram` (the models are offloaded
+  to the GPU itself, gotcha 9); `free_memory` also drops the cache. The CUDA context stays.
+- FakeOllama: `unload` answers at once; the model leaves /api/ps at once but its VRAM comes
+  back `release_delay_s` later (api-facts 1.3, gotcha 2). `preload` places as many bytes
+  on the GPU as fit (partial offload, gotcha 3).
+- FakeGpuReader: NVML-like device and per-process figures (host PIDs).
+- FakeDocker: labelled containers, `docker top` PIDs and restarts.
+Every fake can be told to fail (`fail = ServiceError(...)` etc.) or to return garbage.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from supervisor.errors import DockerUnavailable, NvmlUnavailable, ServiceError
+from supervisor.model import (
+    ComfyQueue,
+    ComfyStats,
+    ContainerState,
+    GpuMemory,
+    OllamaModel,
+    Role,
+    ServiceSpec,
+)
+from supervisor.ports import GpuProcess, ModelFacts, TaggedModel
+
+MIB = 1024**2
+GIB = 1024**3
+GPU_UUID = "GPU-fake-0"
+
+
+class FakeClock:
+    """Monotonic time that moves only when someone sleeps; sleeping runs the tickers."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.tickers: list[Callable[[float], None]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.now += max(seconds, 0.0)
+            now = self.now
+        for tick in list(self.tickers):
+            tick(now)
+
+
+@dataclass
+class FakeGpu:
+    total_bytes: int = 24 * GIB
+    held: dict[int, int] = field(default_factory=dict)  # pid -> bytes
+    uuid: str = GPU_UUID
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.held.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.used_bytes
+
+    def memory(self) -> GpuMemory:
+        return GpuMemory(
+            self.uuid, 0, "Fake RTX", self.total_bytes, self.used_bytes, self.free_bytes
+        )
+
+
+class FakeComfy:
+    CONTEXT_BYTES = 300 * MIB
+
+    def __init__(
+        self,
+        gpu: FakeGpu,
+        clock: FakeClock,
+        *,
+        pid: int = 4242,
+        models_bytes: int = 10 * GIB,
+        cache_bytes: int = 1 * GIB,
+        highvram: bool = False,
+        base_url: str = "http://comfyui:8188",
+    ) -> None:
+        self.gpu, self.clock, self.pid = gpu, clock, pid
+        self.models_bytes, self.cache_bytes = models_bytes, cache_bytes
+        self.highvram = highvram
+        self.stuck = False  # a leak: /free releases nothing at all
+        self.base_url = base_url
+        self.running_until: float | None = None
+        self.pending = 0
+        self.flags: set[str] = set()
+        self.free_calls: list[tuple[bool, bool]] = []
+        self.queue_calls = 0
+        self.fail: Exception | None = None
+        self.fail_free: Exception | None = None
+        clock.tickers.append(self._tick)
+        self._sync()
+
+    # test helpers
+    def start_prompt(self, seconds: float) -> None:
+        self.running_until = self.clock.now + seconds
+
+    def _sync(self) -> None:
+        self.gpu.held[self.pid] = self.CONTEXT_BYTES + self.models_bytes + self.cache_bytes
+
+    def _tick(self, now: float) -> None:
+        if self.running_until is not None and now >= self.running_until:
+            self.running_until = None
+            self._apply_flags()
+
+    def _apply_flags(self) -> None:
+        # api-facts 2.3: unload_models defaults to free_memory; both act between prompts.
+        if self.flags & {"unload_models", "free_memory"} and not self.stuck:
+            if "free_memory" in self.flags or not self.highvram:
+                self.models_bytes = 0
+            self.cache_bytes = 0
+        self.flags.clear()
+        self._sync()
+
+    # ComfyApi
+    def system_stats(self) -> ComfyStats:
+        if self.fail:
+            raise self.fail
+        reserved = self.models_bytes + self.cache_bytes
+        return ComfyStats(
+            "cuda:0 Fake RTX : cudaMallocAsync",
+            "cuda",
+            self.gpu.total_bytes,
+            self.gpu.free_bytes + self.cache_bytes,
+            reserved,
+            self.cache_bytes,
+        )
+
+    def queue(self) -> ComfyQueue:
+        self.queue_calls += 1
+        if self.fail:
+            raise self.fail
+        return ComfyQueue(running=1 if self.running_until is not None else 0, pending=self.pending)
+
+    def free(self, *, unload_models: bool, free_memory: bool) -> None:
+        if self.fail or self.fail_free:
+            raise (self.fail or self.fail_free)  # type: ignore[misc]
+        self.free_calls.append((unload_models, free_memory))
+        self.flags |= {
+            name
+            for name, on in (("unload_models", unload_models), ("free_memory", free_memory))
+            if on
+        }
+        if self.running_until is None:
+            self._apply_flags()  # idle worker: processed within milliseconds
+
+    def close(self) -> None:
+        pass
+
+
+class FakeOllama:
+    def __init__(
+        self,
+        gpu: FakeGpu,
+        clock: FakeClock,
+        *,
+        runner_pid_base: int = 7000,
+        release_delay_s: float = 1.0,
+        base_url: str = "http://ollama:11434",
+        installed: dict[str, int] | None = None,
+    ) -> None:
+        self.gpu, self.clock = gpu, clock
+        self.base_url = base_url
+        self.release_delay_s = release_delay_s
+        self.installed = installed or {"llama3.2:latest": 4 * GIB}
+        self.models: dict[str, OllamaModel] = {}
+        self.pids: dict[str, int] = {}
+        self._next_pid = runner_pid_base
+        self._releasing: list[tuple[float, int]] = []
+        self.unload_calls: list[str] = []
+        self.preload_calls: list[str] = []
+        self.fail: Exception | None = None
+        self.garbage = False
+        self.busy_until: dict[str, float] = {}  # a request in flight defers the unload
+        clock.tickers.append(self._tick)
+
+    def load(self, name: str, size_bytes: int | None = None, margin: int = 512 * MIB) -> None:
+        """What Ollama does on a request: place what fits now, the rest on the CPU."""
+        size = size_bytes or self.installed[name]
+        on_gpu = max(0, min(size, self.gpu.free_bytes - margin))
+        pid = self._next_pid
+        self._next_pid += 1
+        self.pids[name] = pid
+        self.gpu.held[pid] = on_gpu
+        self.models[name] = OllamaModel(name, size, on_gpu, digest="d" * 64)
+
+    def _tick(self, now: float) -> None:
+        for name, until in list(self.busy_until.items()):
+            if now >= until:
+                del self.busy_until[name]
+        for due, pid in list(self._releasing):
+            if now >= due:
+                self.gpu.held.pop(pid, None)
+                self._releasing.remove((due, pid))
+
+    # OllamaApi
+    def version(self) -> str:
+        if self.fail:
+            raise self.fail
+        return "0.12.5"
+
+    def ps(self) -> tuple[OllamaModel, ...]:
+        if self.fail:
+            raise self.fail
+        if self.garbage:
+            raise ServiceError("ollama", "GET /api/ps: expected an object, got a list")
+        return tuple(self.models.values())
+
+    def tags(self) -> tuple[TaggedModel, ...]:
+        return tuple(TaggedModel(n, s) for n, s in self.installed.items())
+
+    def show(self, model: str) -> ModelFacts:
+        return ModelFacts(model)
+
+    def unload(self, model: str) -> None:
+        if self.fail:
+            raise self.fail
+        self.unload_calls.append(model)
+        if model in self.busy_until:
+            return  # deferred until the in-flight request ends (api-facts 1.6)
+        if model in self.models:
+            del self.models[model]
+            pid = self.pids.pop(model)
+            self._releasing.append((self.clock.now + self.release_delay_s, pid))
+
+    def preload(self, model: str, timeout_s: float) -> None:
+        if self.fail:
+            raise self.fail
+        self.preload_calls.append(model)
+        if model not in self.models:
+            self.load(model)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeGpuReader:
+    def __init__(self, gpu: FakeGpu) -> None:
+        self.gpu = gpu
+        self.fail: Exception | None = None
+
+    def gpus(self) -> tuple[GpuMemory, ...]:
+        if self.fail:
+            raise self.fail
+        return (self.gpu.memory(),)
+
+    def processes(self) -> tuple[GpuProcess, ...]:
+        if self.fail:
+            raise self.fail
+        return tuple(GpuProcess(pid, self.gpu.uuid, b) for pid, b in self.gpu.held.items())
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeContainer:
+    spec: ServiceSpec
+    status: str = "running"
+    pids: tuple[int, ...] = ()
+    pids_fn: Callable[[], tuple[int, ...]] | None = None
+
+
+class FakeDocker:
+    def __init__(self) -> None:
+        self.containers: dict[str, FakeContainer] = {}
+        self.fail: Exception | None = None
+        self.restarts: list[str] = []
+        self.on_restart: Callable[[str], None] | None = None
+        self.list_calls = 0
+
+    def add(
+        self,
+        role: Role,
+        name: str,
+        url: str,
+        *,
+        pids: tuple[int, ...] = (),
+        pids_fn: Callable[[], tuple[int, ...]] | None = None,
+        restart_allowed: bool | None = None,
+    ) -> FakeContainer:
+        spec = ServiceSpec(
+            role, name, url, container_id=f"id-{name}", restart_allowed=restart_allowed
+        )
+        container = FakeContainer(spec, pids=pids, pids_fn=pids_fn)
+        self.containers[name] = container
+        return container
+
+    def ping(self) -> None:
+        if self.fail:
+            raise self.fail
+
+    def list_services(self) -> tuple[ContainerState, ...]:
+        self.list_calls += 1
+        if self.fail:
+            raise self.fail
+        return tuple(
+            ContainerState(c.spec, c.status, pid=c.pids[0] if c.pids else 0)
+            for c in self.containers.values()
+        )
+
+    def container_pids(self, container_id: str) -> tuple[int, ...]:
+        if self.fail:
+            raise self.fail
+        for c in self.containers.values():
+            if c.spec.container_id == container_id:
+                return c.pids_fn() if c.pids_fn else c.pids
+        raise DockerUnavailable(f"no such container {container_id}")
+
+    def restart(self, container_id: str, timeout_s: float) -> None:
+        if self.fail:
+            raise self.fail
+        self.restarts.append(container_id)
+        if self.on_restart:
+            self.on_restart(container_id)
+
+
+class FakeEvents:
+    def __init__(self) -> None:
+        self.reconnects = 0
+        self.on_event: Callable[[str], None] | None = None
+        self.stopped = False
+
+    def start(self, on_event: Callable[[str], None]) -> None:
+        self.on_event = on_event
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def emit(self, kind: str) -> None:
+        assert self.on_event is not None
+        self.on_event(kind)
+
+
+NVML_DOWN = NvmlUnavailable("NVML call failed: GPU is lost")

@@ -1,0 +1,317 @@
+"""The Actor: every action verified by reading VRAM afterwards, classified, never raising."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+from supervisor.actions import Actor, ComfyRoomMaker, Reading, Targets, format_bytes
+from supervisor.config import Settings
+from supervisor.errors import DockerUnavailable, ServiceError
+from supervisor.model import (
+    FreeComfy,
+    FreeResult,
+    FreeStage,
+    HealOllama,
+    Priority,
+    RestartComfy,
+    Role,
+    ServiceSpec,
+    UnloadOllama,
+)
+from tests.daemon.conftest import World, has
+from tests.daemon.fakes import GIB, FakeClock, FakeComfy, FakeDocker, FakeGpu, FakeOllama
+
+COMFY = "comfyui/comfyui"
+OLLAMA = "ollama/ollama"
+
+
+class GpuProbe:
+    """Reads the fake GPU the way the daemon's probe does with NVML attribution."""
+
+    def __init__(self, gpu: FakeGpu, comfy: FakeComfy) -> None:
+        self.gpu, self.comfy = gpu, comfy
+        self.broken = False
+
+    def comfy_reading(self, key: str) -> Reading | None:
+        if self.broken:
+            return None
+        return Reading(self.gpu.held.get(self.comfy.pid, 0))
+
+    def free_bytes(self, gpu_uuid: str | None) -> int | None:
+        return self.gpu.free_bytes
+
+
+def make_actor(
+    w: World,
+    *,
+    settings: Settings | None = None,
+    docker: FakeDocker | None = None,
+    container: bool = True,
+) -> tuple[Actor, GpuProbe]:
+    probe = GpuProbe(w.gpu, w.comfy)
+    cid = "id-comfyui" if container else None
+    targets = Targets(
+        comfyuis={COMFY: (ServiceSpec(Role.COMFYUI, "comfyui", w.comfy.base_url, cid), w.comfy)},
+        ollamas={OLLAMA: (ServiceSpec(Role.OLLAMA, "ollama", w.ollama.base_url, "id-o"), w.ollama)},
+    )
+    actor = Actor(
+        settings or Settings(),
+        probe=probe,
+        targets=lambda: targets,
+        docker=lambda: docker,
+        clock=w.clock,
+        sleep=w.clock.sleep,
+    )
+    return actor, probe
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(int(12.3 * GIB)) == "12.3 GiB"
+    assert format_bytes(512 * 1024**2) == "512 MiB"
+    assert format_bytes(None) == "unknown"
+
+
+def test_soft_free_of_an_idle_comfyui_is_verified_and_logged(world: World, logs: list[str]) -> None:
+    actor, _ = make_actor(world)
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "new model"))
+    assert world.comfy.free_calls == [(True, False)]  # the gentle call: unload_models only
+    assert outcome.result is FreeResult.FREED and outcome.ok
+    assert outcome.before_bytes == FakeComfy.CONTEXT_BYTES + 11 * GIB
+    assert outcome.after_bytes == FakeComfy.CONTEXT_BYTES
+    assert has(logs, "Freed ComfyUI memory (soft): 11.3 GiB -> 300 MiB")
+
+
+def test_hard_free_sends_both_flags(world: World) -> None:
+    actor, _ = make_actor(world)
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.HARD, "still high"))
+    assert world.comfy.free_calls == [(True, True)]
+    assert outcome.result is FreeResult.FREED
+
+
+def test_free_while_a_prompt_runs_is_pending_and_does_not_wait_out_the_timeout(
+    world: World,
+) -> None:
+    world.comfy.start_prompt(seconds=60)
+    actor, _ = make_actor(world)
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "new model"))
+    assert outcome.result is FreeResult.PENDING
+    assert outcome.duration_s < actor.settings.verify_timeout_s
+    # ComfyUI kept the flags: the VRAM comes back when the prompt ends.
+    world.clock.sleep(61)
+    assert world.gpu.held[world.comfy.pid] == FakeComfy.CONTEXT_BYTES
+
+
+def test_idle_comfyui_that_keeps_its_vram_is_pinned_then_hard_frees_it(world: World) -> None:
+    world.comfy.highvram = True  # --highvram: unload_models alone offloads to the GPU itself
+    actor, _ = make_actor(world)
+    soft = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "new model"))
+    assert soft.result is FreeResult.PINNED and not soft.ok
+    assert soft.duration_s >= actor.settings.verify_timeout_s  # watched the whole window
+    hard = actor.execute(FreeComfy(COMFY, FreeStage.HARD, "pinned"))
+    assert hard.result is FreeResult.FREED
+
+
+def test_api_error_is_failed_not_raised(world: World) -> None:
+    world.comfy.fail_free = ServiceError("comfyui", "POST /free: HTTP 500")
+    actor, _ = make_actor(world)
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "x"))
+    assert outcome.result is FreeResult.FAILED and "500" in outcome.detail
+
+
+def test_unreadable_vram_is_failed_not_freed(world: World) -> None:
+    actor, probe = make_actor(world)
+    probe.broken = True
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "x"))
+    assert outcome.result is FreeResult.FAILED
+
+
+def test_comfyui_holding_nothing_is_freed_without_escalation(world: World) -> None:
+    world.comfy.models_bytes = world.comfy.cache_bytes = 0
+    world.comfy._sync()
+    actor, _ = make_actor(world)
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "x"))
+    assert outcome.result is FreeResult.FREED and outcome.detail == "nothing held"
+
+
+def test_dry_run_sends_nothing(world: World, logs: list[str]) -> None:
+    docker = FakeDocker()
+    actor, _ = make_actor(world, settings=Settings(dry_run=True), docker=docker)
+    world.ollama.load("llama3.2:latest")
+    outcomes = [
+        actor.execute(FreeComfy(COMFY, FreeStage.HARD, "x")),
+        actor.execute(RestartComfy(COMFY, "pinned")),
+        actor.execute(UnloadOllama(OLLAMA, "llama3.2:latest", "comfy needs room")),
+        actor.execute(HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,))),
+    ]
+    assert all(o.dry_run and o.ok for o in outcomes)
+    assert world.comfy.free_calls == [] and docker.restarts == []
+    assert world.ollama.unload_calls == [] and world.ollama.preload_calls == []
+    assert sum("DRY RUN: would" in line for line in logs) == 4
+
+
+def test_restart_is_refused_while_a_prompt_runs_or_waits(world: World, logs: list[str]) -> None:
+    docker = FakeDocker()
+    actor, _ = make_actor(world, docker=docker)
+    world.comfy.start_prompt(seconds=30)
+    refused = actor.execute(RestartComfy(COMFY, "pinned after hard"))
+    assert not refused.ok and refused.result is FreeResult.PENDING
+    world.clock.sleep(31)
+    world.comfy.pending = 2
+    assert not actor.execute(RestartComfy(COMFY, "pinned after hard")).ok
+    assert docker.restarts == []
+    assert has(logs, "Not restarting ComfyUI comfyui/comfyui: a generation is running")
+
+
+def test_restart_of_an_idle_comfyui(world: World, logs: list[str]) -> None:
+    docker = FakeDocker()
+    actor, _ = make_actor(world, docker=docker)
+    outcome = actor.execute(RestartComfy(COMFY, "VRAM pinned after a hard free"))
+    assert outcome.ok and docker.restarts == ["id-comfyui"]
+    assert has(logs, "Restarted ComfyUI container comfyui: VRAM pinned after a hard free")
+
+
+def test_restart_needs_a_readable_queue_unless_the_api_is_dead(world: World) -> None:
+    docker = FakeDocker()
+    actor, _ = make_actor(world, docker=docker)
+    world.comfy.fail = ServiceError("comfyui", "GET /queue: timed out")
+    assert not actor.execute(RestartComfy(COMFY, "x")).ok
+    base = actor.targets()
+    actor.targets = lambda: replace(base, dead_comfyuis=frozenset({COMFY}))
+    assert actor.execute(RestartComfy(COMFY, "hung")).ok
+    assert docker.restarts == ["id-comfyui"]
+
+
+def test_restart_without_a_container_or_docker_is_refused(world: World) -> None:
+    fixed, _ = make_actor(world, docker=FakeDocker(), container=False)
+    assert "fixed URL" in fixed.execute(RestartComfy(COMFY, "x")).detail
+    no_docker, _ = make_actor(world, docker=None)
+    assert "Docker" in no_docker.execute(RestartComfy(COMFY, "x")).detail
+
+
+def test_restart_failure_from_docker_is_reported(world: World) -> None:
+    docker = FakeDocker()
+    docker.fail = DockerUnavailable("Docker restart failed: connection refused")
+    actor, _ = make_actor(world, docker=docker)
+    outcome = actor.execute(RestartComfy(COMFY, "x"))
+    assert outcome.result is FreeResult.FAILED
+
+
+def test_unload_waits_until_the_model_leaves_ps(world: World) -> None:
+    world.ollama.load("llama3.2:latest")
+    actor, _ = make_actor(world)
+    outcome = actor.execute(UnloadOllama(OLLAMA, "llama3.2:latest", "comfy needs room"))
+    assert outcome.ok and world.ollama.unload_calls == ["llama3.2:latest"]
+    assert outcome.before_bytes == 4 * GIB
+
+
+def test_unload_of_a_model_in_use_is_reported_not_pretended(world: World) -> None:
+    world.ollama.load("llama3.2:latest")
+    world.ollama.busy_until["llama3.2:latest"] = world.clock.now + 3600
+    actor, _ = make_actor(world)
+    outcome = actor.execute(UnloadOllama(OLLAMA, "llama3.2:latest", "x"))
+    assert not outcome.ok and outcome.detail == "still loaded"
+
+
+def test_heal_frees_comfyui_unloads_and_reloads_fully(world: World, logs: list[str]) -> None:
+    world.gpu.total_bytes = 14 * GIB
+    world.ollama.load("llama3.2:latest")  # ComfyUI holds 11.3 GiB: the model spills
+    spilled = world.ollama.models["llama3.2:latest"]
+    assert spilled.is_spilled
+    actor, _ = make_actor(world)
+    outcome = actor.execute(
+        HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
+    )
+    assert outcome.ok and outcome.after_fraction == 1.0
+    assert world.comfy.free_calls == [(True, True)]
+    assert world.ollama.unload_calls == ["llama3.2:latest"]
+    assert world.ollama.preload_calls == ["llama3.2:latest"]
+    before = round(spilled.gpu_fraction * 100)
+    assert has(logs, f"Healed Ollama model llama3.2:latest: {before}% -> 100% on GPU")
+
+
+def test_heal_is_refused_when_the_model_cannot_fit(world: World) -> None:
+    world.gpu.total_bytes = 16 * GIB
+    world.ollama.load("big:latest", size_bytes=40 * GIB)
+    actor, _ = make_actor(world)
+    outcome = actor.execute(HealOllama(OLLAMA, "big:latest", "spilled", ()))
+    assert not outcome.ok and "not enough room" in outcome.detail
+    assert world.ollama.unload_calls == []  # nothing was torn down for nothing
+
+
+def test_room_maker_frees_until_the_need_is_covered(world: World) -> None:
+    actor, _ = make_actor(world)
+    seen: list[FreeResult | None] = []
+    maker = ComfyRoomMaker(actor, world.clock, on_outcome=lambda o: seen.append(o.result))
+    need = world.gpu.free_bytes + 8 * GIB
+    assert maker.make_room(need, reason="gate: load of llama3.2", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]  # soft was enough
+    assert seen == [FreeResult.FREED]
+
+
+def test_room_maker_leaves_a_busy_comfyui_alone_unless_priority_ollama(world: World) -> None:
+    world.comfy.start_prompt(seconds=5)
+    need = world.gpu.free_bytes + 8 * GIB
+    actor, _ = make_actor(world, settings=Settings(priority=Priority.COMFYUI))
+    assert not ComfyRoomMaker(actor, world.clock).make_room(need, reason="gate", deadline_s=3)
+    assert world.comfy.free_calls == []
+    actor, _ = make_actor(world, settings=Settings(priority=Priority.OLLAMA))
+    # Under ollama priority the flags are set and the gate waits for the prompt to end.
+    assert ComfyRoomMaker(actor, world.clock).make_room(need, reason="gate", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]
+
+
+def test_room_maker_shares_the_loop_lock(world: World) -> None:
+    actor, _ = make_actor(world)
+    maker = ComfyRoomMaker(actor, FakeClock())
+    holding = threading.Event()
+    release = threading.Event()
+
+    def loop_action() -> None:
+        with actor.lock:
+            holding.set()
+            release.wait(5)
+
+    t = threading.Thread(target=loop_action)
+    t.start()
+    holding.wait(5)
+    try:
+        # The loop is acting: the gate gets no room within its deadline and sends nothing.
+        assert not maker.make_room(world.gpu.total_bytes, reason="gate", deadline_s=0.2)
+        assert world.comfy.free_calls == []
+    finally:
+        release.set()
+        t.join()
+
+
+def test_an_adapter_breaking_its_contract_becomes_a_failed_outcome(world: World) -> None:
+    world.comfy.fail_free = RuntimeError("not a ServiceError")  # type: ignore[assignment]
+    actor, _ = make_actor(world)
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "x"))
+    assert outcome.result is FreeResult.FAILED and "internal error" in outcome.detail
+
+
+def test_unknown_target_is_failed(world: World) -> None:
+    actor, _ = make_actor(world)
+    assert actor.execute(FreeComfy("comfyui/gone", FreeStage.SOFT, "x")).result is (
+        FreeResult.FAILED
+    )
+    assert not actor.execute(UnloadOllama("ollama/gone", "m", "x")).ok
+
+
+def test_fakes_follow_api_facts() -> None:
+    """The fakes themselves: /free acts only between prompts, unload is asynchronous."""
+    clock, gpu = FakeClock(), FakeGpu()
+    comfy = FakeComfy(gpu, clock)
+    comfy.start_prompt(10)
+    comfy.free(unload_models=True, free_memory=False)
+    assert gpu.held[comfy.pid] > FakeComfy.CONTEXT_BYTES
+    clock.sleep(10)
+    assert gpu.held[comfy.pid] == FakeComfy.CONTEXT_BYTES
+    ollama = FakeOllama(gpu, clock, release_delay_s=2)
+    ollama.load("llama3.2:latest")
+    pid = ollama.pids["llama3.2:latest"]
+    ollama.unload("llama3.2:latest")
+    assert ollama.ps() == () and pid in gpu.held  # gone from ps, VRAM not yet back
+    clock.sleep(2)
+    assert pid not in gpu.held
