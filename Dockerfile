@@ -59,8 +59,12 @@ LABEL org.opencontainers.image.title="vram-supervisor" \
 
 # A fixed non-root uid, so `group_add: [${DOCKER_GID}]` is all it takes to reach the socket.
 # /etc/passwd is written directly: the minimal offline base has no useradd.
+# /var/lib/vram-sim holds the simulated GPU's state file when the image runs the simulator;
+# owned by 10001 so that a named volume mounted there starts out writable.
 RUN echo 'vram:x:10001:10001:vram-supervisor:/nonexistent:/usr/sbin/nologin' >>/etc/passwd \
-    && echo 'vram:x:10001:' >>/etc/group
+    && echo 'vram:x:10001:' >>/etc/group \
+    && mkdir -p /var/lib/vram-sim \
+    && chown 10001:10001 /var/lib/vram-sim
 
 COPY --from=builder /opt/venv /opt/venv
 
