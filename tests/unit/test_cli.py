@@ -1,0 +1,261 @@
+"""The CLI as a user runs it: a subprocess of `python -m supervisor`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor import __version__
+from supervisor.cli import render_status
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VRAM_")}
+    base["PYTHONPATH"] = str(ROOT)
+    # Never a real Docker engine: a socket that does not exist.
+    base["DOCKER_HOST"] = "unix:///nonexistent/vram-supervisor-test.sock"
+    base.update(extra)
+    return base
+
+
+def cli(*args: str, timeout: float = 30, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        cwd=ROOT,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"vram-supervisor {__version__}"
+
+
+@pytest.mark.parametrize("command", ["run", "status", "healthcheck", "doctor"])
+def test_bad_setting_exits_2_naming_the_variable(command: str) -> None:
+    result = cli(command, VRAM_THRESHOLD="lots")
+    assert result.returncode == 2
+    assert "VRAM_THRESHOLD" in result.stderr and "'lots'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_healthcheck_fails_when_nothing_answers() -> None:
+    result = cli("healthcheck", VRAM_HTTP_PORT=str(free_port()))
+    assert result.returncode == 1 and "no answer" in result.stdout
+
+
+def fixed_urls(port: int) -> dict[str, str]:
+    # Ports with nothing listening: the services are "down", the supervisor must cope.
+    return {
+        "VRAM_OLLAMA_URL": f"http://127.0.0.1:{free_port()}",
+        "VRAM_COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
+        "VRAM_HTTP_PORT": str(port),
+        "VRAM_HTTP_HOST": "127.0.0.1",
+        "VRAM_CHECK_INTERVAL": "0.5",
+        "VRAM_REQUEST_TIMEOUT": "1",
+    }
+
+
+def start(settings: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run"],
+        cwd=ROOT,
+        env=env(**settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_healthy(port: int, extra: dict[str, str], deadline_s: float = 20) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if cli("healthcheck", VRAM_HTTP_PORT=str(port), **extra).returncode == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_without_docker_is_healthy_and_exits_0_quickly_on_signal(sig: int) -> None:
+    port = free_port()
+    settings = fixed_urls(port)
+    proc = start(settings)
+    try:
+        assert wait_healthy(port, {"VRAM_HTTP_HOST": "127.0.0.1"})
+        status = cli("status", "--json", VRAM_HTTP_PORT=str(port), VRAM_HTTP_HOST="127.0.0.1")
+        snapshot = json.loads(status.stdout)
+        assert snapshot["docker"]["state"] == "not used"
+        assert {c["key"] for c in snapshot["comfyui"]} == {"comfyui/comfyui"}
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(timeout=10)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    assert code == 0, stderr
+    assert took < 2.0, f"took {took:.2f} s to exit"
+    assert "Using comfyui at" in stderr and "Cannot read ollama" in stderr
+    assert "docker" not in stderr.lower().replace("docker: not used", "")
+
+
+def test_port_in_use_exits_3() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        settings = fixed_urls(holder.getsockname()[1])
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor", "run"],
+            cwd=ROOT,
+            env=env(**settings),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        holder.close()
+    assert result.returncode == 3 and "VRAM_HTTP_PORT" in result.stderr
+
+
+def test_docker_unreachable_is_not_fatal() -> None:
+    """Discovery needed but no Docker: it logs, keeps running and stays healthy."""
+    port = free_port()
+    proc = start(
+        {"VRAM_HTTP_PORT": str(port), "VRAM_HTTP_HOST": "127.0.0.1", "VRAM_CHECK_INTERVAL": "0.5"}
+    )
+    try:
+        assert wait_healthy(port, {"VRAM_HTTP_HOST": "127.0.0.1"})
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    assert code == 0
+    assert "Docker is unreachable" in stderr
+
+
+def test_status_one_shot_when_no_supervisor_runs() -> None:
+    result = cli("status", **fixed_urls(free_port()))
+    assert result.returncode == 0
+    assert "one-shot observation" in result.stdout
+    assert "Services:" in result.stdout and "no answer" in result.stdout
+
+
+def test_doctor_reports_each_failure_with_a_fix() -> None:
+    result = cli(
+        "doctor",
+        VRAM_REQUEST_TIMEOUT="1",
+        VRAM_HTTP_PORT=str(free_port()),
+        VRAM_HTTP_HOST="127.0.0.1",
+    )
+    assert result.returncode == 1
+    assert "FAIL Docker is not reachable" in result.stdout
+    assert "mount /var/run/docker.sock" in result.stdout
+    assert "NVML missing" in result.stdout or "NVML works" in result.stdout
+    fixed = cli("doctor", **fixed_urls(free_port()))
+    assert fixed.returncode == 1
+    assert "Docker not needed" in fixed.stdout
+    assert "FAIL ollama (VRAM_OLLAMA_URL)" in fixed.stdout
+    assert "set VRAM_COMFYUI_URL" in fixed.stdout
+
+
+def test_free_with_nothing_to_free_fails_clearly() -> None:
+    result = cli("free", **fixed_urls(free_port()))
+    assert result.returncode == 1
+    assert "ComfyUI comfyui: failed" in result.stdout
+
+
+def test_unknown_variable_is_a_warning_not_an_error() -> None:
+    result = cli("status", VRAM_TRESHOLD="80", **fixed_urls(free_port()))
+    assert result.returncode == 0
+
+
+def test_render_status_table() -> None:
+    snapshot = {
+        "docker": {"state": "ok"},
+        "vram_source": "nvml",
+        "priority": "balanced",
+        "dry_run": False,
+        "gpus": [
+            {
+                "index": 0,
+                "name": "RTX 4090",
+                "used_bytes": 20 * 1024**3,
+                "total_bytes": 24 * 1024**3,
+                "used_percent": 83.3,
+                "free_bytes": 4 * 1024**3,
+            }
+        ],
+        "ollama": [
+            {
+                "key": "ollama/ollama",
+                "running": True,
+                "reachable": True,
+                "health": "healthy",
+                "url": "http://o:11434",
+                "error": None,
+                "models": [
+                    {
+                        "name": "llama3.2:latest",
+                        "size_bytes": 4 * 1024**3,
+                        "size_vram_bytes": 3 * 1024**3,
+                        "gpu_percent": 75.0,
+                    }
+                ],
+            }
+        ],
+        "comfyui": [
+            {
+                "key": "comfyui/comfyui",
+                "name": "comfyui",
+                "running": True,
+                "reachable": True,
+                "health": "none",
+                "url": "http://c:8188",
+                "error": None,
+                "vram_bytes": 11 * 1024**3,
+                "queue": {"running": 1, "pending": 0},
+            }
+        ],
+        "recent_actions": [
+            {
+                "action": "FreeComfy",
+                "stage": "soft",
+                "target": "comfyui/comfyui",
+                "dry_run": False,
+                "result": "freed",
+                "ok": True,
+                "before_bytes": 11 * 1024**3,
+                "after_bytes": 300 * 1024**2,
+                "duration_s": 1.2,
+                "reason": "new model",
+            }
+        ],
+    }
+    text = render_status(snapshot)
+    assert "[0] RTX 4090: 20.0 GiB used of 24.0 GiB (83.3%)" in text
+    assert "llama3.2:latest" in text and "75.0%" in text and "spilled to CPU" in text
+    assert "1 running, 0 pending" in text
+    assert "FreeComfy soft comfyui/comfyui: freed, 11.0 GiB -> 300 MiB" in text

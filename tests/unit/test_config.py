@@ -1,0 +1,106 @@
+"""Every VRAM_* variable: its default, a valid value, and an invalid one whose error names
+the variable, the value and what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.config import VARIABLES, Settings, load_settings
+from supervisor.errors import ConfigError
+from supervisor.model import LogFormat, Priority
+
+# name -> (valid raw value, parsed value, invalid raw value)
+CASES: dict[str, tuple[str, object, str]] = {
+    "VRAM_CHECK_INTERVAL": ("2.5", 2.5, "0"),
+    "VRAM_THRESHOLD": ("70", 70.0, "101"),
+    "VRAM_AGGRESSIVE_THRESHOLD": ("90", 90.0, "abc"),
+    "VRAM_MIN_FREE_INTERVAL": ("0", 0.0, "-1"),
+    "VRAM_DEBUG": ("yes", True, "maybe"),
+    "VRAM_LOG_FORMAT": ("JSON", LogFormat.JSON, "xml"),
+    "VRAM_OLLAMA_URL": ("ollama:11434", "http://ollama:11434", "ftp://ollama"),
+    "VRAM_COMFYUI_URL": ("http://127.0.0.1:8188/", "http://127.0.0.1:8188", "http://:99999"),
+    "VRAM_PRIORITY": ("comfyui", Priority.COMFYUI, "gpu"),
+    "VRAM_HEAL": ("off", False, "2"),
+    "VRAM_HEAL_COOLDOWN": ("60", 60.0, "soon"),
+    "VRAM_RESTART_FALLBACK": ("true", True, "sure"),
+    "VRAM_RESTART_COOLDOWN": ("120", 120.0, "-5"),
+    "VRAM_VERIFY_TIMEOUT": ("3", 3.0, "0"),
+    "VRAM_REQUEST_TIMEOUT": ("1.5", 1.5, "-1"),
+    "VRAM_DRY_RUN": ("1", True, "dry"),
+    "VRAM_HTTP_PORT": ("0", None, "70000"),
+    "VRAM_HTTP_HOST": ("127.0.0.1", "127.0.0.1", "a b"),
+    "VRAM_GATE_PORT": ("11435", 11435, "port"),
+    "VRAM_GATE_HOST": ("::", "::", "x/y"),
+    "VRAM_GATE_WAIT": ("10", 10.0, "-1"),
+}
+
+DEFAULTS = Settings()
+
+
+def test_every_variable_has_a_case() -> None:
+    assert {v.name for v in VARIABLES} == set(CASES)
+
+
+def test_defaults() -> None:
+    settings, warnings = load_settings({})
+    assert settings == DEFAULTS and warnings == []
+    assert settings.check_interval_s == 5.0 and settings.threshold_percent == 75.0
+    assert settings.aggressive_threshold_percent == 85.0 and settings.min_free_interval_s == 30
+    assert settings.http_port == 9105 and settings.gate_port is None
+    assert settings.priority is Priority.BALANCED and settings.log_format is LogFormat.TEXT
+    assert settings.heal and not settings.dry_run and not settings.restart_fallback
+    assert settings.needs_docker
+
+
+@pytest.mark.parametrize("var", VARIABLES, ids=lambda v: v.name)
+def test_declared_default_parses_to_the_settings_default(var: object) -> None:
+    name, field = var.name, var.field  # type: ignore[attr-defined]
+    settings, _ = load_settings({name: var.default} if var.default else {})  # type: ignore[attr-defined]
+    assert getattr(settings, field) == getattr(DEFAULTS, field)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_valid_value(name: str) -> None:
+    raw, parsed, _ = CASES[name]
+    env = {name: raw}
+    if name == "VRAM_THRESHOLD":
+        env["VRAM_AGGRESSIVE_THRESHOLD"] = "80"
+    field = next(v.field for v in VARIABLES if v.name == name)
+    settings, warnings = load_settings(env)
+    assert getattr(settings, field) == parsed and warnings == []
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_invalid_value_names_variable_value_and_accepted(name: str) -> None:
+    bad = CASES[name][2]
+    with pytest.raises(ConfigError) as info:
+        load_settings({name: bad})
+    message = str(info.value)
+    accepted = next(v.accepted for v in VARIABLES if v.name == name)
+    assert name in message and repr(bad) in message and accepted in message
+    assert info.value.name == name and info.value.value == bad
+
+
+def test_empty_value_means_default() -> None:
+    settings, _ = load_settings({"VRAM_THRESHOLD": "  ", "VRAM_OLLAMA_URL": ""})
+    assert settings.threshold_percent == 75.0 and settings.ollama_url is None
+
+
+def test_aggressive_below_threshold_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="VRAM_AGGRESSIVE_THRESHOLD"):
+        load_settings({"VRAM_THRESHOLD": "80", "VRAM_AGGRESSIVE_THRESHOLD": "70"})
+
+
+def test_unknown_vram_variable_warns_and_legacy_ones_are_silent() -> None:
+    _, warnings = load_settings(
+        {"VRAM_TRESHOLD": "80", "VRAM_OLLAMA_HOST": "x", "HOME": "/root", "OTHER_X": "1"}
+    )
+    assert len(warnings) == 1
+    assert "VRAM_TRESHOLD" in warnings[0] and "VRAM_THRESHOLD" in warnings[0]
+
+
+def test_fixed_urls_for_both_services_need_no_docker() -> None:
+    settings, _ = load_settings({"VRAM_OLLAMA_URL": "http://o:1", "VRAM_COMFYUI_URL": "c:2"})
+    assert not settings.needs_docker
+    only_one, _ = load_settings({"VRAM_OLLAMA_URL": "http://o:1"})
+    assert only_one.needs_docker

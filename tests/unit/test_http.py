@@ -1,0 +1,182 @@
+"""/healthz, /status and /metrics on a real socket (127.0.0.1, ephemeral port)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.http import StatusServer
+from supervisor.metrics import Metrics
+from supervisor.model import (
+    ComfyObservation,
+    ComfyQueue,
+    FreeComfy,
+    FreeResult,
+    FreeStage,
+    GpuMemory,
+    HealOllama,
+    Observation,
+    OllamaModel,
+    OllamaObservation,
+    Outcome,
+    RestartComfy,
+    Role,
+    ServiceSpec,
+    ServiceStatus,
+    UnloadOllama,
+    VramSource,
+)
+
+GIB = 1024**3
+
+
+class Switch:
+    def __init__(self) -> None:
+        self.ok = True
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        return self.ok, {"ok": self.ok, "docker": "ok", "vram_source": "nvml"}
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[StatusServer, Switch, Metrics]]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    switch = Switch()
+    server = StatusServer(
+        "127.0.0.1",
+        0,
+        health=switch.health,
+        snapshot=lambda: {"gpus": [], "recent_actions": []},
+        registry=registry,
+    )
+    server.start()
+    yield server, switch, metrics
+    server.close()
+
+
+def get(server: StatusServer, path: str) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{server.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_healthz_is_200_when_healthy_and_503_when_not(served: Any) -> None:
+    server, switch, _ = served
+    code, body = get(server, "/healthz")
+    assert code == 200 and json.loads(body)["ok"] is True
+    switch.ok = False
+    code, body = get(server, "/healthz")
+    assert code == 503 and json.loads(body)["docker"] == "ok"
+
+
+def test_status_is_the_snapshot(served: Any) -> None:
+    server, _, _ = served
+    code, body = get(server, "/status")
+    assert code == 200 and json.loads(body) == {"gpus": [], "recent_actions": []}
+
+
+def test_unknown_path_is_404(served: Any) -> None:
+    code, body = get(served[0], "/nope")
+    assert code == 404 and "/metrics" in body
+
+
+def observation() -> Observation:
+    comfy = ServiceSpec(Role.COMFYUI, "comfyui", "http://c:8188", "id-c")
+    ollama = ServiceSpec(Role.OLLAMA, "ollama", "http://o:11434", "id-o")
+    return Observation(
+        at=1.0,
+        source=VramSource.NVML,
+        gpus=(GpuMemory("GPU-1", 0, "RTX", 24 * GIB, 20 * GIB, 4 * GIB),),
+        ollamas=(
+            OllamaObservation(
+                ServiceStatus(ollama, True, is_reachable=True),
+                (OllamaModel("llama3.2:latest", 4 * GIB, 3 * GIB),),
+                3 * GIB,
+            ),
+        ),
+        comfyuis=(
+            ComfyObservation(
+                ServiceStatus(comfy, True, is_reachable=True), ComfyQueue(1, 2), None, 11 * GIB
+            ),
+        ),
+    )
+
+
+def test_metrics_names_and_values(served: Any) -> None:
+    server, _, metrics = served
+    free = FreeComfy("comfyui/comfyui", FreeStage.SOFT, "x")
+    metrics.record_outcome(
+        Outcome(free, at=10.0, ok=True, result=FreeResult.FREED, duration_s=1.5), trigger_at=9.0
+    )
+    metrics.record_outcome(Outcome(free, 10.0, ok=True, dry_run=True))  # nothing sent
+    metrics.record_outcome(Outcome(RestartComfy("comfyui/comfyui", "x"), 1.0, ok=True))
+    metrics.record_outcome(Outcome(HealOllama("ollama/ollama", "m", "x"), 1.0, ok=False))
+    metrics.record_outcome(Outcome(UnloadOllama("ollama/ollama", "m", "x"), 1.0, ok=True))
+    metrics.docker_event()
+    metrics.set_docker_reconnects(2)
+    metrics.set_docker_reconnects(3)
+    metrics.observed(observation(), wall_time=1700000000.0)
+    code, text = get(server, "/metrics")
+    assert code == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(metric: str, /, **labels: str) -> float:
+        return samples[(metric, tuple(sorted(labels.items())))]
+
+    assert value("vram_supervisor_frees_total", stage="soft", result="freed") == 1
+    assert value("vram_supervisor_restarts_total") == 1
+    assert value("vram_supervisor_heals_total", result="failed") == 1
+    assert value("vram_supervisor_ollama_unloads_total") == 1
+    assert value("vram_supervisor_gpu_memory_used_bytes", gpu="GPU-1") == 20 * GIB
+    assert value("vram_supervisor_gpu_memory_total_bytes", gpu="GPU-1") == 24 * GIB
+    assert value("vram_supervisor_container_vram_bytes", role="comfyui", name="comfyui") == (
+        11 * GIB
+    )
+    assert value("vram_supervisor_container_vram_bytes", role="ollama", name="ollama") == 3 * GIB
+    assert value("vram_supervisor_ollama_model_gpu_ratio", model="llama3.2:latest") == 0.75
+    assert value("vram_supervisor_comfyui_queue_length", name="comfyui") == 3
+    assert value("vram_supervisor_docker_events_total") == 1
+    assert value("vram_supervisor_docker_reconnects_total") == 3
+    # From the triggering observation (t=9) to the verified free (t=10+1.5): 2.5 s.
+    assert value("vram_supervisor_free_duration_seconds_bucket", le="2.0") == 0
+    assert value("vram_supervisor_free_duration_seconds_bucket", le="3.0") == 1
+    assert value("vram_supervisor_free_duration_seconds_sum") == 2.5
+    assert value("vram_supervisor_last_pass_timestamp_seconds") == 1.7e9
+
+
+def test_each_server_uses_its_own_registry() -> None:
+    Metrics(CollectorRegistry())
+    Metrics(CollectorRegistry())  # a second one would clash on the global registry
+
+
+def test_port_in_use_fails_at_construction() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        with pytest.raises(OSError):
+            StatusServer(
+                "127.0.0.1",
+                holder.getsockname()[1],
+                health=Switch().health,
+                snapshot=dict,
+                registry=CollectorRegistry(),
+            )
+    finally:
+        holder.close()
