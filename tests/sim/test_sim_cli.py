@@ -1,0 +1,116 @@
+"""`python -m supervisor.sim` as a container would run it: separate processes, one GPU file."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from supervisor.sim.__main__ import healthcheck
+
+REPO = Path(__file__).parents[2]
+WaitUntil = Callable[..., None]
+
+
+class SimProcess:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.sim", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.urls: dict[str, str] = {}
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if found := re.search(r"fake (Ollama|ComfyUI) listening on (\S+)", line):
+                self.urls[found.group(1)] = found.group(2)
+            if line.startswith("sim: GPU "):
+                return
+        raise AssertionError(f"sim exited early with {self.proc.wait()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., SimProcess]]:
+    procs: list[SimProcess] = []
+
+    def start(*args: str) -> SimProcess:
+        procs.append(SimProcess(*args))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.proc.poll() is None:
+            p.kill()
+
+
+def test_all_mode_serves_both_on_loopback_and_stops_on_sigterm(
+    spawn: Callable[..., SimProcess],
+) -> None:
+    sim = spawn("all", "--ollama-port", "0", "--comfyui-port", "0", "--time-scale", "0.01")
+    ollama, comfy = sim.urls["Ollama"], sim.urls["ComfyUI"]
+    assert ollama.startswith("http://127.0.0.1:") and comfy.startswith("http://127.0.0.1:")
+    assert healthcheck(ollama, 3) == 0
+    assert healthcheck(f"{comfy}/system_stats", 3) == 0
+    assert sim.stop() == 0  # docker stop sends SIGTERM; the sim must not need a SIGKILL
+    assert healthcheck(ollama, 1) == 1
+
+
+def test_healthcheck_subcommand_exit_codes(spawn: Callable[..., SimProcess]) -> None:
+    sim = spawn("ollama", "--port", "0")
+    url = sim.urls["Ollama"]
+    check = [sys.executable, "-m", "supervisor.sim", "healthcheck"]
+    assert subprocess.run([*check, url], cwd=REPO).returncode == 0
+    missing = subprocess.run([*check, f"{url}/nope"], cwd=REPO, capture_output=True)
+    assert missing.returncode == 1
+
+
+def test_two_processes_sharing_a_gpu_file_see_each_other(
+    spawn: Callable[..., SimProcess], tmp_path: Path, wait_until: WaitUntil
+) -> None:
+    state = str(tmp_path / "gpu.json")
+    common = ("--gpu-state", state, "--gpu-total-gib", "16", "--time-scale", "0.01")
+    comfy_proc = spawn("comfyui", "--port", "0", *common)
+    ollama_proc = spawn("ollama", "--port", "0", *common)
+    comfy, ollama = comfy_proc.urls["ComfyUI"], ollama_proc.urls["Ollama"]
+    with httpx.Client(timeout=30) as client:
+        graph = {
+            "1": {
+                "class_type": "CheckpointLoaderSimple",
+                "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"},
+            },
+            "2": {"class_type": "SaveImage", "inputs": {}},
+        }
+        assert client.post(f"{comfy}/prompt", json={"prompt": graph}).status_code == 200
+        wait_until(
+            lambda: client.get(f"{comfy}/prompt").json()["exec_info"]["queue_remaining"] == 0
+        )
+        # The Ollama process sees ComfyUI's memory and spills a model that no longer fits.
+        pids = {p["pid"] for p in client.get(f"{ollama}/sim/gpu").json()["processes"]}
+        assert pids == {comfy_proc.proc.pid}
+        client.post(f"{ollama}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": -1})
+        [model] = client.get(f"{ollama}/api/ps").json()["models"]
+        assert 0 < model["size_vram"] < model["size"]
+        pids = {p["pid"] for p in client.get(f"{comfy}/sim/gpu").json()["processes"]}
+        assert pids == {comfy_proc.proc.pid, ollama_proc.proc.pid}
+
+        # Killing ComfyUI's process gives its VRAM back, as the driver would.
+        comfy_proc.kill()
+        gpu = client.get(f"{ollama}/sim/gpu").json()
+        assert [p["pid"] for p in gpu["processes"]] == [ollama_proc.proc.pid]
+        assert gpu["used_bytes"] == model["size_vram"]
