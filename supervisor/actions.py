@@ -204,8 +204,11 @@ class Actor:
         deadline = start + (watch_s if verify_s is None else verify_s)
         after: Reading | None = None
         running = False
+        polls = 0
         while True:
-            if not self._wait(self._poll_s):
+            # An idle ComfyUI acts within milliseconds: look early, then every poll_s.
+            polls += 1
+            if not self._wait(min(self._poll_s, 0.05 * 2**polls)):
                 break
             after = self.probe.comfy_reading(action.target)
             if before is not None and after is not None and _dropped(before, after):
@@ -296,7 +299,7 @@ class Actor:
     def _settle(self, key: str, after: Reading, deadline: float) -> Reading:
         """Torch releases in steps; watch briefly so "after" is the settled figure."""
         until = min(deadline, self._clock() + SETTLE_S)
-        while self._clock() < until and self._wait(self._poll_s):
+        while self._clock() < until and self._wait(min(self._poll_s, 0.1)):
             again = self.probe.comfy_reading(key)
             if again is None or again.bytes >= after.bytes:
                 break

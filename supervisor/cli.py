@@ -220,8 +220,8 @@ def run(settings: Settings) -> int:
         logger.info("Stopping")
         daemon.stop()
         loop.join(SHUTDOWN_GRACE_S)  # an in-flight request may still be waiting: don't
-        if gate is not None and hasattr(gate, "close"):
-            gate.close()
+        if gate is not None:
+            gate.stop(timeout_s=0.5)
         if server is not None:
             server.close()
         daemon.close()
@@ -231,17 +231,11 @@ def run(settings: Settings) -> int:
 
 
 def _start_gate(settings: Settings, daemon: Daemon) -> Any:
-    from loguru import logger
+    """The Ollama gate (VRAM_GATE_PORT): makes room through the daemon's RoomMaker and
+    forwards to whichever Ollama the daemon currently knows."""
+    from supervisor.gate import start_gate
 
-    if importlib.util.find_spec("supervisor.gate") is None:
-        logger.warning("VRAM_GATE_PORT is set but this build has no gate; ignoring it")
-        return None
-    gate_module = importlib.import_module("supervisor.gate")  # optional, written separately
-    start = getattr(gate_module, "start_gate", None)
-    if start is None:
-        logger.warning("The gate module has no start_gate(); VRAM_GATE_PORT is ignored")
-        return None
-    return start(settings, daemon.room_maker)
+    return start_gate(settings, daemon.room_maker, daemon.current_ollama)
 
 
 # ----------------------------------------------------------------------------- status

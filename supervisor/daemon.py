@@ -220,6 +220,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ one pass
 
+    def current_ollama(self) -> OllamaApi | None:
+        """The Ollama the gate forwards to: the first running one (fixed URL or container)."""
+        ollamas = self._targets.ollamas
+        return next(iter(ollamas.values()))[1] if ollamas else None
+
     def _gate_outcome(self, outcome: Outcome) -> None:
         with self._lock:
             self._external.append(outcome)

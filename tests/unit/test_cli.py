@@ -259,3 +259,46 @@ def test_render_status_table() -> None:
     assert "llama3.2:latest" in text and "75.0%" in text and "spilled to CPU" in text
     assert "1 running, 0 pending" in text
     assert "FreeComfy soft comfyui/comfyui: freed, 11.0 GiB -> 300 MiB" in text
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    port = free_port()
+    settings = {**fixed_urls(port), "VRAM_LOG_FORMAT": "json", "VRAM_DEBUG": "true"}
+    proc = start(settings)
+    try:
+        assert wait_healthy(port, {"VRAM_HTTP_HOST": "127.0.0.1"})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    assert records and all({"time", "level", "message"} <= set(r) for r in records)
+    assert any(r["level"] == "DEBUG" for r in records)  # VRAM_DEBUG
+    assert any(r["message"].startswith("Using comfyui at") for r in records)
+
+
+def test_json_log_lines_carry_bound_fields_and_exceptions() -> None:
+    import io
+
+    from loguru import logger
+
+    from supervisor.logs import configure_logging
+    from supervisor.model import LogFormat
+
+    stream = io.StringIO()
+    configure_logging(log_format=LogFormat.JSON, stream=stream)
+    try:
+        logger.bind(target="comfyui/comfyui", stage="soft").info("Freed ComfyUI memory")
+        logger.debug("not at INFO")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("A pass of the loop failed")
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "Freed ComfyUI memory" and first["level"] == "INFO"
+    assert first["target"] == "comfyui/comfyui" and first["stage"] == "soft"
+    assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
