@@ -131,6 +131,7 @@ class Daemon:
         self._state = PolicyState()
         self._targets = Targets()
         self._pids: dict[str, tuple[int, ...]] = {}
+        self._foreign_pids: set[int] = set()
         self._source: VramSource | None = None
         self._docker_ok: bool | None = None
         self._docker_failures = 0
@@ -200,6 +201,8 @@ class Daemon:
                 try:
                     wake_in = self.run_once().wake_in_s
                 except Exception as exc:
+                    if self._stop.is_set():
+                        break  # adapters are being closed under us: not worth an error
                     logger.opt(exception=exc).error(f"A pass of the loop failed: {exc}")
                 wake_in = min(max(wake_in, 0.05), self.settings.check_interval_s)
                 self._wake.wait(wake_in)
@@ -520,7 +523,10 @@ class Daemon:
         containers = [s for s in running if s.spec.container_id and self._docker is not None]
         if not containers:
             return {}
-        known = {pid for pids in self._pids.values() for pid in pids}
+        # docker top only when the picture changed: a new GPU process (an Ollama runner
+        # starts per model) or another set of containers. PIDs of processes outside every
+        # container are remembered so they do not cause a re-read on every pass.
+        known = {pid for pids in self._pids.values() for pid in pids} | self._foreign_pids
         stale = {s.spec.key for s in containers} != set(self._pids)
         if stale or any(p.pid not in known for p in processes):
             pids: dict[str, tuple[int, ...]] = {}
@@ -531,6 +537,8 @@ class Daemon:
                 except Exception as exc:  # DockerUnavailable; a gone container
                     logger.debug(f"docker top {s.spec.name} failed: {exc}")
             self._pids = pids
+            owned = {pid for pids_ in pids.values() for pid in pids_}
+            self._foreign_pids = {p.pid for p in processes if p.pid not in owned}
         return attribute(processes, self._pids) if self._pids else {}
 
     # ------------------------------------------------------------------ status

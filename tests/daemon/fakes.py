@@ -281,6 +281,7 @@ class FakeDocker:
         self.restarts: list[str] = []
         self.on_restart: Callable[[str], None] | None = None
         self.list_calls = 0
+        self.top_calls = 0
 
     def add(
         self,
@@ -313,6 +314,7 @@ class FakeDocker:
         )
 
     def container_pids(self, container_id: str) -> tuple[int, ...]:
+        self.top_calls += 1
         if self.fail:
             raise self.fail
         for c in self.containers.values():

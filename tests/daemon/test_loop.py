@@ -371,3 +371,19 @@ def test_unload_for_a_busy_comfyui(world: World, logs: list[str]) -> None:
     assert world.ollama.unload_calls, logs
     assert world.comfy.free_calls == []  # a busy ComfyUI is not freed under balanced
     assert Role.OLLAMA  # (keeps the import meaningful for readers of the scenario)
+
+
+def test_docker_top_is_read_again_only_when_a_new_gpu_process_appears(world: World) -> None:
+    daemon = world.daemon()
+    daemon.observe()
+    assert world.docker.top_calls == 2  # one per container
+    daemon.observe()
+    assert world.docker.top_calls == 2
+    world.gpu.held[99999] = GIB  # a CUDA process outside every container
+    daemon.observe()
+    daemon.observe()
+    assert world.docker.top_calls == 4  # looked once, then remembered as foreign
+    world.ollama.load("llama3.2:latest")  # Ollama starts a runner: a new PID
+    obs = daemon.observe()
+    assert world.docker.top_calls == 6
+    assert obs.ollamas[0].vram_bytes == 4 * GIB

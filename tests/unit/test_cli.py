@@ -302,3 +302,24 @@ def test_json_log_lines_carry_bound_fields_and_exceptions() -> None:
     assert first["message"] == "Freed ComfyUI memory" and first["level"] == "INFO"
     assert first["target"] == "comfyui/comfyui" and first["stage"] == "soft"
     assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
+
+
+def test_fixed_urls_never_import_the_docker_sdk() -> None:
+    code = (
+        "import sys\n"
+        "from supervisor.cli import build_daemon\n"
+        "from supervisor.config import Settings\n"
+        "d = build_daemon(Settings(ollama_url='http://127.0.0.1:1', comfyui_url='http://127.0.0.1:2'))\n"
+        "d.observe(); d.close()\n"
+        "assert 'docker' not in sys.modules, 'docker imported'\n"
+        "assert 'supervisor.docker.discovery' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
