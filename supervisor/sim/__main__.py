@@ -4,6 +4,10 @@
     python -m supervisor.sim comfyui [--host 127.0.0.1] [--port 8188] [--highvram] [--pinned]
     python -m supervisor.sim all     [--ollama-port 11434] [--comfyui-port 8188]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
+    python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
+
+The fake NVML library reads the file named by SIM_GPU_STATE (default
+/var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
 
 Shared options: --gpu-state FILE (file-backed GPU shared with other processes),
 --gpu-total-gib, --time-scale, --catalog JSON-or-path, --verbose. Ollama reads
@@ -29,6 +33,7 @@ from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
 from supervisor.sim.gpu import GIB, open_gpu
 from supervisor.sim.httpbase import SimServer
+from supervisor.sim.nvml_build import BuildError, build_fake_nvml
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig
 
@@ -39,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("mode", choices=["ollama", "comfyui", "all", "healthcheck"])
-    parser.add_argument("url", nargs="?", help="healthcheck only: the URL to GET")
+    parser.add_argument("mode", choices=["ollama", "comfyui", "all", "healthcheck", "build-nvml"])
+    parser.add_argument("target", nargs="?", help="healthcheck: URL to GET; build-nvml: a dir")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="port of a single service")
     parser.add_argument("--ollama-port", type=int, default=11434)
@@ -137,11 +142,21 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.mode in ("healthcheck", "build-nvml") and not args.target:
+        print(
+            f"{args.mode} needs a {'URL' if args.mode == 'healthcheck' else 'directory'}",
+            file=sys.stderr,
+        )
+        return 2
     if args.mode == "healthcheck":
-        if not args.url:
-            print("healthcheck needs a URL", file=sys.stderr)
-            return 2
-        return healthcheck(args.url, args.timeout)
+        return healthcheck(args.target, args.timeout)
+    if args.mode == "build-nvml":
+        try:
+            print(build_fake_nvml(args.target))
+        except BuildError as exc:
+            print(f"build-nvml: {exc}", file=sys.stderr)
+            return 1
+        return 0
     return run(args)
 
 
