@@ -296,8 +296,8 @@ class ComfyEngine:
         messages: list[list[Any]] = [
             ["execution_start", {"prompt_id": job.prompt_id, "timestamp": _ms()}]
         ]
-        fraction, load_s = self._load(job.checkpoint)
-        with self._cond:
+        with self._cond:  # the HTTP threads read `models` for /system_stats
+            fraction, load_s = self._load(job.checkpoint)
             self.workspace_active = True
         completed = self._sleep(load_s)
         per_step = (
@@ -359,20 +359,20 @@ class ComfyEngine:
             return
         freed = 0
         free_memory = flags.get("free_memory", False)
-        if flags.get("unload_models", free_memory):
-            for name, model in self.models.items():
-                if self.config.highvram:
-                    model.on_gpu_offload = True  # the offload device is the GPU: nothing moves
-                else:
+        with self._cond:  # the HTTP threads read `models` for /system_stats
+            if flags.get("unload_models", free_memory):
+                for name, model in self.models.items():
+                    if self.config.highvram:
+                        model.on_gpu_offload = True  # the offload device is the GPU itself
+                    else:
+                        freed += self._unload_model(name)
+            if free_memory:
+                # Dropping the executor's caches drops the model objects, wherever they sit.
+                for name in list(self.models):
                     freed += self._unload_model(name)
-        if free_memory:
-            # Dropping the executor's caches drops the model objects, wherever they sit.
-            for name in list(self.models):
-                freed += self._unload_model(name)
-            self.models.clear()
-        # gc.collect() + torch.cuda.empty_cache(): the allocator's cache goes back.
-        freed += self.gpu.release("comfyui:workspace")
-        with self._cond:
+                self.models.clear()
+            # gc.collect() + torch.cuda.empty_cache(): the allocator's cache goes back.
+            freed += self.gpu.release("comfyui:workspace")
             self.workspace_bytes = 0
             self.stats.frees_handled += 1
             self.stats.freed_bytes += freed

@@ -402,3 +402,21 @@ def test_empty_embed_input_just_loads(host: SimHost, client: httpx.Client) -> No
     r = client.post(f"{host.ollama_url}/api/embed", json={"model": "nomic-embed-text"})
     assert r.json()["embeddings"] == []
     assert [m["name"] for m in ps(client, host)] == ["nomic-embed-text:latest"]
+
+
+def test_older_builds_list_a_model_while_it_loads(
+    make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
+) -> None:
+    """`list_while_loading` mimics 2025 releases (api-facts 1.3)."""
+    host = make_host(ollama=OllamaConfig(load_base_s=60, list_while_loading=True))
+    loader = threading.Thread(
+        target=client.post,
+        args=(f"{host.ollama_url}/api/generate",),
+        kwargs={"json": {"model": "llama3.2"}},
+    )
+    loader.start()
+    wait_until(lambda: ollama_bytes(host) > 0, what="the load to start")
+    [loading] = ps(client, host)
+    assert loading["name"] == "llama3.2:latest"
+    assert loading["size_vram"] == ollama_bytes(host)  # placement is already decided
+    loader.join()
