@@ -209,6 +209,10 @@ class FakeOllama:
             loaded = time.monotonic()
             count, explicit = limit
             for i in self.sched.tokens(runner, count):
+                # Ollama cancels a generation whose client left; a non-streaming client is
+                # only noticed by looking.
+                if i % 8 == 7 and ex.client_gone():
+                    raise ClientGone("client closed the connection during generation")
                 emit(" " + _WORDS[i % len(_WORDS)] if i else _WORDS[0].capitalize(), None)
             final = self._timing(started, loaded, prompt_tokens, count)
             final["done_reason"] = "length" if explicit else "stop"  # type: ignore[assignment]

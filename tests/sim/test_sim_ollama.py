@@ -420,3 +420,28 @@ def test_older_builds_list_a_model_while_it_loads(
     assert loading["name"] == "llama3.2:latest"
     assert loading["size_vram"] == ollama_bytes(host)  # placement is already decided
     loader.join()
+
+
+def test_a_generation_stops_when_its_client_leaves(
+    make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
+) -> None:
+    catalog = Catalog(models=(ModelSpec("slow:latest", GIB, gpu_tokens_per_s=10),))
+    host = make_host(time_scale=1.0, catalog=catalog)
+    port = int(host.ollama_url.rsplit(":", 1)[1])
+    body = json.dumps(
+        {"model": "slow", "prompt": "go", "stream": False, "options": {"num_predict": 1000}}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    stats = f"{host.ollama_url}/sim/stats"
+    wait_until(lambda: client.get(stats).json()["totals"]["tokens"] > 0, what="tokens")
+    sock.close()
+    # The runner is released (refcount 0) long before 1000 tokens (100 s) would be done.
+    wait_until(
+        lambda: client.get(stats).json()["loaded"][0]["refcount"] == 0,
+        what="the generation to stop",
+    )
+    assert client.get(stats).json()["totals"]["tokens"] < 1000
