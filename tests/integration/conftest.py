@@ -302,8 +302,11 @@ class ComposeProject:
         files = [arg for f in self.files for arg in ("-f", str(f))]
         return [*self.command, *files, "-p", self.name, *args]
 
-    def run(self, *args: str, timeout_s: float = 300, check: bool = True) -> str:
-        """Run a compose subcommand; returns stdout+stderr; fails the test on non-zero exit."""
+    def run(
+        self, *args: str, timeout_s: float = 300, check: bool = True, stderr: bool = True
+    ) -> str:
+        """Run a compose subcommand; returns stdout (+ stderr unless `stderr=False`); fails
+        the test on a non-zero exit when `check`."""
         done = subprocess.run(
             self.argv(*args),
             env={**os.environ, **self.env},
@@ -315,7 +318,7 @@ class ComposeProject:
         output = done.stdout + done.stderr
         if check and done.returncode != 0:
             _fail(f"`{shlex.join(self.argv(*args))}` exited {done.returncode}:\n{_tail(output)}")
-        return output
+        return output if stderr else done.stdout
 
     def up(self, *args: str, timeout_s: float = 300) -> str:
         self.was_up = True
@@ -471,7 +474,8 @@ class DemoStack:
         return found[0]
 
     def logs(self, service: str) -> str:
-        return self.container(service).logs().decode(errors="replace")
+        raw: bytes = self.container(service).logs()
+        return raw.decode(errors="replace")
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,11 @@ def merged(stack: Callable[..., Any]) -> Config:
     """The merged model of a stack, as Compose resolves it with .env.example."""
 
     def config(name: str) -> dict[str, Any]:
-        output = stack(name).run("--env-file", str(ENV_EXAMPLE), "config", "--format", "json")
-        return json.loads(output[output.index("{") :])
+        output = stack(name).run(
+            "--env-file", str(ENV_EXAMPLE), "config", "--format", "json", stderr=False
+        )
+        model: dict[str, Any] = json.loads(output)
+        return model
 
     return config
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
 FREED = re.compile(r"Freed ComfyUI memory \((soft|hard)\): \S+ \S+ -> \S+ \S+")
 
 
-def test_supervisor_is_healthy_and_discovers_both_services(demo_stack) -> None:  # type: ignore[no-untyped-def]
+# demo_stack is conftest.DemoStack (conftest modules are not importable by name).
+def test_supervisor_is_healthy_and_discovers_both_services(demo_stack: Any) -> None:
     supervisor = demo_stack.container("vram-supervisor")
     supervisor.reload()
     assert supervisor.attrs["State"]["Health"]["Status"] == "healthy"
@@ -30,8 +32,8 @@ def test_supervisor_is_healthy_and_discovers_both_services(demo_stack) -> None: 
     assert f"Discovered comfyui container {comfyui} at {demo_stack.comfyui_url}" in logs, logs
 
 
-def test_supervisor_frees_comfyui_when_ollama_needs_room(  # type: ignore[no-untyped-def]
-    demo_stack, poll: Callable[..., bool]
+def test_supervisor_frees_comfyui_when_ollama_needs_room(
+    demo_stack: Any, poll: Callable[..., bool]
 ) -> None:
     freed = poll(lambda: FREED.search(demo_stack.logs("vram-supervisor")) is not None, 120)
     logs = demo_stack.logs("vram-supervisor")

@@ -43,6 +43,15 @@ our_pid() {
     [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && printf '%s\n' "$pid"
 }
 
+dockerd_pids() {
+    # Every dockerd on the machine (from /proc: procps may be missing on a fresh machine).
+    local p
+    for p in /proc/[0-9]*; do
+        [[ "$(cat "$p/comm" 2>/dev/null)" == dockerd ]] && printf '%s\n' "${p#/proc/}"
+    done
+    return 0
+}
+
 unmount_leftovers() {
     # dockerd leaves exec/netns/default mounted on every shutdown, and after a SIGKILL the
     # data-root (overlay) mounts too. Deepest first.
@@ -67,7 +76,7 @@ cmd_start() {
     fi
     local others mine=""
     mine="$(our_pid || true)"
-    others="$(pgrep -x dockerd | grep -vx "${mine:-none}" || true)"
+    others="$(dockerd_pids | grep -vx "${mine:-none}" || true)"
     if [[ -n "$others" ]]; then
         say "another dockerd runs on this machine (pid $(echo "$others" | tr '\n' ' '))."
         say "Reuse it (export DOCKER_HOST to its socket) instead of starting a second one:"
