@@ -15,6 +15,7 @@ import platform
 from typing import Any
 
 from supervisor.sim.catalog import Catalog
+from supervisor.sim.comfyui_prompt import parse_prompt
 from supervisor.sim.comfyui_worker import ComfyConfig, ComfyEngine
 from supervisor.sim.gpu import GIB, SimGpu
 from supervisor.sim.httpbase import Exchange, Route, SimServer
@@ -157,7 +158,7 @@ class FakeComfyUI:
             if not isinstance(prompt, dict):
                 ex.send_json(400, _no_outputs_error("no_prompt", "No prompt provided"))
                 return
-            checkpoint, seconds, steps, outputs = self.engine.parse(prompt)
+            checkpoint, seconds, steps, outputs = parse_prompt(self.engine.catalog, prompt)
             if not outputs:
                 ex.send_json(400, _no_outputs_error("prompt_no_outputs", "Prompt has no outputs"))
                 return

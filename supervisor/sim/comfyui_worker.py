@@ -34,12 +34,6 @@ from supervisor.sim.catalog import Catalog, CheckpointSpec
 from supervisor.sim.gpu import GIB, MIB, SimGpu
 
 HISTORY_CAP = 10000
-_LOADERS = {
-    "CheckpointLoaderSimple": "ckpt_name",
-    "CheckpointLoader": "ckpt_name",
-    "UNETLoader": "unet_name",
-}
-_SAMPLERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"}
 
 
 @dataclass
@@ -376,55 +370,6 @@ class ComfyEngine:
             self.workspace_bytes = 0
             self.stats.frees_handled += 1
             self.stats.freed_bytes += freed
-
-    # ------------------------------------------------------------------ job parsing
-
-    def parse(self, prompt: dict[str, Any]) -> tuple[CheckpointSpec, float, int, list[str]]:
-        """Checkpoint, simulated seconds, steps and output nodes of a prompt graph."""
-        ckpt = self.catalog.default_checkpoint
-        steps: int | None = None
-        seconds: float | None = None
-        outputs: list[str] = []
-        for node_id, node in prompt.items():
-            if not isinstance(node, dict):
-                continue
-            kind = str(node.get("class_type", ""))
-            inputs = node.get("inputs") or {}
-            if kind in _LOADERS:
-                name = str(inputs.get(_LOADERS[kind], ""))
-                ckpt = self.catalog.checkpoint(name) or CheckpointSpec(name, ckpt.size_bytes)
-            elif kind in _SAMPLERS and isinstance(inputs.get("steps"), int):
-                steps = inputs["steps"]
-            if kind == "SimJob":
-                ckpt = self._sim_job_checkpoint(inputs, ckpt)
-                seconds = float(inputs.get("seconds", ckpt.seconds))
-                steps = int(inputs.get("steps", steps or ckpt.steps))
-            if kind in ("SaveImage", "PreviewImage", "SimJob") or kind.startswith("Save"):
-                outputs.append(str(node_id))
-        steps = steps or ckpt.steps
-        if seconds is None:
-            seconds = ckpt.seconds * steps / ckpt.steps
-        return ckpt, seconds, steps, outputs
-
-    def _sim_job_checkpoint(self, inputs: dict[str, Any], ckpt: CheckpointSpec) -> CheckpointSpec:
-        if "ckpt_name" in inputs:
-            ckpt = self.catalog.checkpoint(str(inputs["ckpt_name"])) or ckpt
-        size = inputs.get("model_bytes")
-        if size is None and "model_gib" in inputs:
-            size = int(float(inputs["model_gib"]) * GIB)
-        work = inputs.get("workspace_bytes")
-        if work is None and "workspace_gib" in inputs:
-            work = int(float(inputs["workspace_gib"]) * GIB)
-        if size is None and work is None:
-            return ckpt
-        name = str(inputs.get("ckpt_name", f"sim-{size or ckpt.size_bytes}.safetensors"))
-        return CheckpointSpec(
-            name,
-            int(size if size is not None else ckpt.size_bytes),
-            int(work if work is not None else ckpt.workspace_bytes),
-            ckpt.seconds,
-            ckpt.steps,
-        )
 
     def new_prompt_id(self) -> str:
         return str(uuid.uuid4())
