@@ -22,13 +22,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
 
-from supervisor.actions import Actor, ComfyRoomMaker, Reading, Targets, format_bytes
+from supervisor.actions import (
+    PRELOAD_TIMEOUT_S,
+    Actor,
+    ComfyRoomMaker,
+    Reading,
+    Targets,
+    format_bytes,
+)
 from supervisor.config import Settings
 from supervisor.errors import ServiceError
 from supervisor.metrics import Metrics
@@ -59,6 +65,8 @@ Record = Callable[[PolicyState, Outcome, float], PolicyState]
 
 MAX_ACTIONS_PER_SERVICE_PER_MIN = 6
 RECENT_ACTIONS = 50
+# Reads one pass may wait on, each up to VRAM_REQUEST_TIMEOUT (a client retries once).
+READS_PER_PASS = 4
 # Passes without an answer after which a ComfyUI counts as hung (as in the policy).
 DEAD_API_CHECKS = 3
 
@@ -126,7 +134,6 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # guards what snapshot() reads
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="read")
         self._services: dict[str, _Service] = {}
         self._state = PolicyState()
         self._targets = Targets()
@@ -145,6 +152,7 @@ class Daemon:
         self.last_pass_at: float | None = None  # monotonic
         self.last_pass_wall: float | None = None
         self.busy_since: float | None = None  # monotonic start of the running action
+        self.pass_started_at: float | None = None  # monotonic start of the pass under way
         self.actor = Actor(
             settings,
             probe=_LiveProbe(self),
@@ -201,6 +209,7 @@ class Daemon:
                 try:
                     wake_in = self.run_once().wake_in_s
                 except Exception as exc:
+                    self.pass_started_at = None  # a failed pass is no sign of life
                     if self._stop.is_set():
                         break  # adapters are being closed under us: not worth an error
                     logger.opt(exception=exc).error(f"A pass of the loop failed: {exc}")
@@ -215,7 +224,6 @@ class Daemon:
 
     def close(self) -> None:
         self.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         for service in self._services.values():
             _close(service.client)
         if self._gpu is not None:
@@ -235,6 +243,7 @@ class Daemon:
 
     def run_once(self) -> Decision:
         with self._lock:
+            self.pass_started_at = self._clock()
             external, self._external = self._external, []
         for outcome in external:
             self._state = self._record(self._state, outcome, self._clock())
@@ -265,6 +274,7 @@ class Daemon:
         with self._lock:
             self.last_pass_at = self._clock()
             self.last_pass_wall = self._wall()
+            self.pass_started_at = None
         if self.metrics is not None:
             self.metrics.observed(obs, self.last_pass_wall)
             if self._events is not None:
@@ -313,7 +323,7 @@ class Daemon:
         self._refresh_services(at)
         running = [s for s in self._services.values() if s.is_running]
         reads = dict(
-            zip([s.spec.key for s in running], self._pool.map(self._read, running), strict=True)
+            zip([s.spec.key for s in running], _in_parallel(self._read, running), strict=True)
         )
         self._count_failures(running, reads)
         stats = [r.stats for r in reads.values() if r.stats is not None]
@@ -544,18 +554,25 @@ class Daemon:
     # ------------------------------------------------------------------ status
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Healthy while a pass completed within 3 x VRAM_CHECK_INTERVAL (or an action,
-        such as a model reload, is in progress)."""
+        """Alive while a pass completed within 3 x VRAM_CHECK_INTERVAL, or the pass under
+        way started recently enough for what it may legitimately wait on: service reads
+        stuck in their timeouts, or an action (a model reload takes minutes). A hung
+        service must not make the supervisor look dead; a stuck loop still shows."""
         now = self._clock()
         limit = 3 * self.settings.check_interval_s
         with self._lock:
-            last = self.last_pass_at
+            last, started = self.last_pass_at, self.pass_started_at
             obs = self._last_obs
         fresh = last is not None and now - last <= limit
-        busy = self.busy_since is not None
+        grace = limit + READS_PER_PASS * self.settings.request_timeout_s
+        if self.busy_since is not None:
+            grace += PRELOAD_TIMEOUT_S + 3 * self.settings.verify_timeout_s
+        in_pass = started is not None and now - started <= grace
+        ok = fresh or in_pass
         body: dict[str, Any] = {
-            "ok": fresh or busy,
+            "ok": ok,
             "last_pass_age_s": None if last is None else round(now - last, 3),
+            "in_pass_for_s": None if started is None else round(now - started, 3),
             "docker": _docker_word(self._docker_ok),
             "vram_source": obs.source.value if obs else None,
             "services": {
@@ -563,7 +580,7 @@ class Daemon:
                 for s in list(self._services.values())
             },
         }
-        return fresh or busy, body
+        return ok, body
 
     def snapshot(self) -> dict[str, Any]:
         """Everything `status` shows, as JSON-able data."""
@@ -640,6 +657,25 @@ class _LiveProbe:
                 # Driver free = ComfyUI's vram_free minus torch's cache (api-facts 2.2).
                 return max(0, stats.vram_free_bytes - stats.torch_cached_bytes)
         return None
+
+
+def _in_parallel(fn: Callable[[_Service], _Read], services: list[_Service]) -> list[_Read]:
+    """Read every service at once, so one slow service does not delay the others. Daemon
+    threads (not a pool): a read stuck in a timeout never holds up the process's exit."""
+    results: list[_Read] = [_Read(error="not read")] * len(services)
+
+    def one(i: int) -> None:
+        results[i] = fn(services[i])
+
+    threads = [
+        threading.Thread(target=one, args=(i,), name=f"read-{s.spec.key}", daemon=True)
+        for i, s in enumerate(services)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def _close(thing: object) -> None:

@@ -387,3 +387,21 @@ def test_docker_top_is_read_again_only_when_a_new_gpu_process_appears(world: Wor
     obs = daemon.observe()
     assert world.docker.top_calls == 6
     assert obs.ollamas[0].vram_bytes == 4 * GIB
+
+
+def test_a_pass_waiting_on_a_hung_service_still_counts_as_alive(world: World) -> None:
+    """/healthz must not call the supervisor dead because ComfyUI hangs, yet a pass that
+    never ends is caught."""
+    seen: list[bool] = []
+    daemon: Daemon
+
+    def slow(obs: Observation, state: PolicyState, settings: Settings, now: float) -> Decision:
+        for waited in (20, 20):  # 20 s: past 3 x 5 s, within the reads' grace; 40 s: not
+            world.clock.sleep(waited)
+            seen.append(daemon.health()[0])
+        return Decision((), state)
+
+    daemon = world.daemon(decide=slow, record=lambda s, o, n: s)
+    daemon.run_once()
+    assert seen == [True, False]
+    assert daemon.health()[0]  # the pass ended: fresh again

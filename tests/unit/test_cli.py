@@ -86,10 +86,16 @@ def start(settings: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-def wait_healthy(port: int, extra: dict[str, str], deadline_s: float = 20) -> bool:
+def wait_healthy(
+    port: int, extra: dict[str, str], deadline_s: float = 20, first_pass: bool = True
+) -> bool:
+    """Healthy, and (unless first_pass=False) the first pass has completed."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        if cli("healthcheck", VRAM_HTTP_PORT=str(port), **extra).returncode == 0:
+        result = cli("healthcheck", VRAM_HTTP_PORT=str(port), **extra)
+        if result.returncode == 0 and (
+            not first_pass or json.loads(result.stdout)["last_pass_age_s"] is not None
+        ):
             return True
         time.sleep(0.2)
     return False
@@ -323,3 +329,31 @@ def test_fixed_urls_never_import_the_docker_sdk() -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_exit_is_quick_even_while_a_service_hangs() -> None:
+    """A service that accepts connections and never answers: the pass is stuck in a read
+    with a 5 s timeout when SIGTERM comes; the process still exits within 2 s."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # never accept()ed: requests wait for their read timeout
+    port = free_port()
+    settings = {
+        **fixed_urls(port),
+        "VRAM_COMFYUI_URL": f"http://127.0.0.1:{hung.getsockname()[1]}",
+        "VRAM_REQUEST_TIMEOUT": "5",
+    }
+    proc = start(settings)
+    try:
+        # Healthy although the first pass is stuck on the hung ComfyUI (it is in its grace).
+        assert wait_healthy(port, {"VRAM_HTTP_HOST": "127.0.0.1"}, first_pass=False)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.communicate()
+        hung.close()
+    assert code == 0 and took < 2.0, f"exit {code} after {took:.2f} s"
