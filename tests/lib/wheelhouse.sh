@@ -31,5 +31,5 @@ rm -f "$DIR"/vram_supervisor-*.whl
     --platform "manylinux_2_36_$arch" --platform "manylinux_2_28_$arch" \
     --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
     --platform "linux_$arch" \
-    "$DIR"/vram_supervisor-*.whl 'setuptools>=68' wheel >>"$LOG" 2>&1
+    "$DIR"/vram_supervisor-*.whl 'setuptools>=77' wheel >>"$LOG" 2>&1
 echo "[wheelhouse] $(find "$DIR" -name '*.whl' | wc -l) wheels in $DIR" >&2
