@@ -1,0 +1,301 @@
+"""The gate makes room before a load, and only then: resident models, unloads, CPU-only
+requests and everything else go straight through; slow room never blocks forever."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from loguru import logger
+
+from supervisor.estimate import EstimateParams, estimate_need
+from supervisor.gate import core
+from tests.gate.fakes import GIB, MIB, Env, FakeOllamaApi, Timeline, Upstream, make_env
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
+    yield lines
+    logger.remove(sink)
+
+
+def _generate(env: Env, model: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "prompt": "hi", "stream": False, **extra}
+    return httpx.post(f"{env.url}/api/generate", json=body, timeout=20)
+
+
+def test_resident_model_is_forwarded_without_making_room(env: Env) -> None:
+    env.upstream.resident.add("llama3.2:latest")
+
+    r = _generate(env, "llama3.2")
+
+    assert r.status_code == 200 and r.json()["response"] == "hi"
+    assert env.room.calls == []
+    assert env.gate.stats().gated_total == 0
+
+
+def test_missing_model_gets_room_before_ollama_sees_the_request(env: Env) -> None:
+    r = _generate(env, "llama3.2")
+
+    assert r.status_code == 200
+    [call] = env.room.calls
+    assert call.reason == "gate: load of llama3.2:latest"
+    assert call.deadline_s == 5.0
+    # tags 2 GiB + KV at the default 4k context + overhead (llama3.2's shape in conftest).
+    facts = FakeOllamaApi(env.upstream).show("llama3.2")
+    expected = estimate_need(weights_bytes=2 * GIB, facts=facts, request_num_ctx=None, seen=None)
+    assert expected is not None and call.need_bytes == expected.need_bytes
+    assert 2 * GIB < call.need_bytes < 4 * GIB
+    tl = env.timeline
+    assert tl.index("room_made") < tl.index("upstream", "POST /api/generate")
+    stats = env.gate.stats()
+    assert (stats.gated_total, stats.waits_total, stats.forwarded_anyway_total) == (1, 1, 0)
+
+
+def test_enough_free_vram_means_no_make_room(env: Env) -> None:
+    env.room.free = 10 * GIB
+
+    assert _generate(env, "llama3.2").status_code == 200
+
+    assert env.room.calls == []
+    assert "llama3.2:latest" in env.upstream.resident
+    assert env.gate.stats().gated_total == 1 and env.gate.stats().waits_total == 0
+
+
+def test_requested_num_ctx_grows_the_need(timeline: Timeline, upstream: Upstream) -> None:
+    env = make_env(timeline, upstream, ps_ttl_s=0.0, ps_max_stale_s=0.0)
+    env.gate.start()
+    try:
+        _generate(env, "qwen3:8b", options={"num_ctx": 4096})
+        upstream.resident.clear()
+        env.room.free = 0
+
+        _generate(env, "qwen3:8b", options={"num_ctx": 32768})
+    finally:
+        env.gate.stop()
+
+    small, big = (c.need_bytes for c in env.room.calls)
+    # 28 layers x 8 KV heads x 256 x 2 bytes per token: 28672 more tokens is 3.06 GiB
+    # of KV cache, plus the 10 % overhead margin on it.
+    assert big - small == pytest.approx(1.1 * 28 * 8 * 256 * 2 * (32768 - 4096), abs=2)
+
+
+def test_a_model_seen_in_ps_is_sized_by_what_ollama_reported(
+    timeline: Timeline, upstream: Upstream
+) -> None:
+    env = make_env(timeline, upstream, ps_ttl_s=0.0, ps_max_stale_s=0.0)
+    env.gate.start()
+    try:
+        upstream.resident.add("qwen3:8b")  # ps says 6 GiB at 8k for it
+        assert _generate(env, "qwen3:8b").status_code == 200
+        upstream.resident.clear()  # unloaded (keep-alive expired)
+
+        assert _generate(env, "qwen3:8b").status_code == 200
+
+        [call] = env.room.calls
+        assert call.need_bytes == 6 * GIB
+    finally:
+        env.gate.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+        ),
+        ("/v1/completions", {"model": "llama3.2:latest", "prompt": "x"}),
+        ("/v1/embeddings", {"model": "llama3.2", "input": "x"}),
+        ("/v1/responses", {"model": "llama3.2", "input": "x"}),
+        ("/v1/messages", {"model": "llama3.2", "max_tokens": 5, "messages": []}),
+        ("/api/chat", {"model": "llama3.2", "messages": [], "stream": False}),
+        ("/api/embed", {"model": "llama3.2", "input": []}),
+        ("/api/embeddings", {"model": "llama3.2", "prompt": ""}),
+    ],
+)
+def test_every_load_endpoint_is_gated_by_its_model_field(
+    env: Env, path: str, body: dict[str, object]
+) -> None:
+    r = httpx.post(f"{env.url}{path}", json=body, timeout=20)
+
+    assert r.status_code == 200
+    assert [c.reason for c in env.room.calls] == ["gate: load of llama3.2:latest"]
+    assert env.timeline.index("room_made") < env.timeline.index("upstream", f"POST {path}")
+
+
+def test_audio_transcription_model_comes_from_the_form(env: Env) -> None:
+    r = httpx.post(
+        f"{env.url}/v1/audio/transcriptions",
+        data={"model": "llama3.2"},
+        files={"file": ("a.wav", b"RIFF....WAVE", "audio/wav")},
+        timeout=20,
+    )
+
+    assert r.status_code == 200
+    assert [c.reason for c in env.room.calls] == ["gate: load of llama3.2:latest"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param("/api/generate", {"model": "llama3.2", "keep_alive": 0}, id="unload generate"),
+        pytest.param(
+            "/api/chat", {"model": "llama3.2", "messages": [], "keep_alive": "0s"}, id="unload chat"
+        ),
+        pytest.param(
+            "/api/generate",
+            {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_gpu": 0}},
+            id="cpu only",
+        ),
+        pytest.param("/api/generate", {"prompt": "x"}, id="no model"),
+        pytest.param("/api/generate", "not json", id="not json"),
+    ],
+)
+def test_requests_that_load_nothing_on_the_gpu_are_not_gated(
+    env: Env, path: str, body: object
+) -> None:
+    if isinstance(body, str):
+        r = httpx.post(f"{env.url}{path}", content=body, timeout=20)
+    else:
+        r = httpx.post(f"{env.url}{path}", json=body, timeout=20)
+
+    assert r.status_code in (200, 400, 404)  # as Ollama: bad JSON 400, no model 404
+    assert env.room.calls == []
+    assert path in env.upstream.paths()
+
+
+def test_model_not_installed_is_forwarded_and_ollama_answers_404(env: Env, logs: list[str]) -> None:
+    r = _generate(env, "nonexistent")
+
+    assert r.status_code == 404
+    assert r.json() == {"error": "model 'nonexistent:latest' not found"}
+    assert env.room.calls == []
+    assert any("no VRAM estimate for nonexistent:latest" in line for line in logs)
+
+
+def test_deadline_passes_then_the_request_is_forwarded_anyway(
+    timeline: Timeline, upstream: Upstream, logs: list[str]
+) -> None:
+    env = make_env(timeline, upstream, wait_s=0.3)
+    env.room.result = False
+    env.room.sleep_to_deadline = True
+    env.gate.start()
+    try:
+        started = time.monotonic()
+        r = _generate(env, "llama3.2")
+        elapsed = time.monotonic() - started
+    finally:
+        env.gate.stop()
+
+    assert r.status_code == 200 and "llama3.2:latest" in upstream.resident
+    assert env.room.calls[0].deadline_s == 0.3
+    assert elapsed < 5
+    assert any(
+        line.startswith("Gate: forwarding llama3.2:latest without enough free VRAM after 0.")
+        for line in logs
+    ), logs
+    stats = env.gate.stats()
+    assert stats.forwarded_anyway_total == 1 and stats.waits_total == 1
+    assert 0.25 < stats.wait_seconds_total < 5
+
+
+def test_a_room_maker_that_overruns_its_deadline_is_not_waited_for(
+    timeline: Timeline, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "MAKE_ROOM_GRACE_S", 0.1)
+    env = make_env(timeline, upstream, wait_s=0.2)
+    env.room.block = threading.Event()  # never set by the room itself
+    env.gate.start()
+    try:
+        r = _generate(env, "llama3.2")
+        assert r.status_code == 200
+        assert env.gate.stats().forwarded_anyway_total == 1
+    finally:
+        env.room.block.set()
+        env.gate.stop()
+
+
+def test_a_room_maker_that_raises_does_not_fail_the_request(env: Env) -> None:
+    def boom(need_bytes: int, *, reason: str, deadline_s: float) -> bool:
+        raise RuntimeError("comfy exploded")
+
+    env.room.make_room = boom  # type: ignore[method-assign]
+
+    assert _generate(env, "llama3.2").status_code == 200
+    assert env.gate.stats().forwarded_anyway_total == 1
+
+
+def test_resident_requests_do_not_wait_behind_a_gated_load(env: Env) -> None:
+    env.upstream.resident.add("qwen3:8b")
+    env.room.block = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        gated = pool.submit(_generate, env, "llama3.2")
+        deadline = time.monotonic() + 10
+        while not env.room.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert env.room.calls, "the gated load never reached make_room"
+
+        r = _generate(env, "qwen3:8b")  # the room maker is still blocked
+
+        assert r.status_code == 200
+        assert not gated.done()
+        env.room.block.set()
+        assert gated.result(timeout=10).status_code == 200
+
+
+def test_loads_of_missing_models_are_serialised(env: Env) -> None:
+    env.upstream.load_s = 0.3
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_generate, env, "llama3.2")
+        second = pool.submit(_generate, env, "qwen3:8b")
+        assert first.result(timeout=20).status_code == 200
+        assert second.result(timeout=20).status_code == 200
+
+    assert env.room.max_active == 1
+    whats = env.timeline.entries
+    makes = [i for i, (w, _) in enumerate(whats) if w == "make_room"]
+    loaded = [i for i, (w, _) in enumerate(whats) if w == "loaded"]
+    assert len(makes) == 2 and len(loaded) == 2
+    # The second model's room is made only once the first model is in.
+    assert loaded[0] < makes[1]
+
+
+def test_a_second_request_for_a_loading_model_does_not_make_room_again(env: Env) -> None:
+    env.upstream.load_s = 0.3
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(_generate, env, "llama3.2") for _ in range(2)]
+        assert [r.result(timeout=20).status_code for r in runs] == [200, 200]
+
+    assert len(env.room.calls) == 1
+
+
+def test_unreadable_ps_means_no_gating(env: Env) -> None:
+    env.api.fail = True
+
+    assert _generate(env, "llama3.2").status_code == 200
+    assert env.room.calls == []
+
+
+def test_num_ctx_read_from_options_reaches_the_estimate(
+    timeline: Timeline, upstream: Upstream
+) -> None:
+    env = make_env(
+        timeline,
+        upstream,
+        estimate_params=EstimateParams(overhead_fixed_bytes=0, overhead_fraction=0.0),
+    )
+    env.gate.start()
+    try:
+        _generate(env, "nomic-embed-text", options={"num_ctx": 2048})
+    finally:
+        env.gate.stop()
+
+    # 300 MiB weights + 28 layers x 2048 x 8 KV heads x 256 x 2 bytes.
+    assert env.room.calls[0].need_bytes == 300 * MIB + 28 * 2048 * 8 * 256 * 2
