@@ -1,0 +1,173 @@
+"""The supervisor finds its services through Docker labels and follows their lifecycle.
+
+Real engine, real supervisor process (`python -m supervisor run` on the host), simulated
+Ollama / ComfyUI in host-network containers on 127.0.0.1 (see harness.py). What a user
+would check: the "Discovered ..." and "Lost ..." lines in the log, and /status.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.harness import (
+    Sims,
+    Supervisor,
+    comfy_hold_vram,
+    comfy_reserved,
+    ollama_load,
+    unique_name,
+    wait_until,
+)
+
+pytest_plugins = ["tests.integration.harness"]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("isolated_engine")]
+
+StartSupervisor = Callable[..., Supervisor]
+# What the supervisor asks a ComfyUI (clients/comfyui.py); the harness never uses these.
+SUPERVISOR_COMFY_PATHS = ("/system_stats", "/queue", "/free", "/interrupt")
+
+
+def discovered(role: str, name: str, url: str) -> str:
+    return f"Discovered {role} container {name} at {url}"
+
+
+def freed_on(name: str) -> re.Pattern[str]:
+    return re.compile(rf"^Freed ComfyUI memory \((soft|hard)\): .* on {re.escape(name)} ")
+
+
+def wait_for_passes(sup: Supervisor, passes: int) -> None:
+    """Let the loop run `passes` more times (VRAM_CHECK_INTERVAL is 1 s)."""
+    since = sup.status()["last_pass_wall_time"]
+    wait_until(
+        lambda: sup.status()["last_pass_wall_time"] >= since + passes,
+        5 + 2 * passes,
+        f"{passes} more passes of the loop",
+    )
+
+
+def test_labelled_services_are_discovered_and_an_unlabelled_twin_is_never_contacted(
+    sims: Sims, start_supervisor: StartSupervisor
+) -> None:
+    ollama = sims.ollama()
+    comfy = sims.comfyui()
+    twin = sims.comfyui(labelled=False)  # the same ComfyUI, without vram-supervisor.role
+    comfy_hold_vram(comfy, 8)
+    twin_held = comfy_hold_vram(twin, 4)
+
+    sup = start_supervisor()
+    sup.wait_for(discovered("ollama", ollama.name, ollama.url))
+    sup.wait_for(discovered("comfyui", comfy.name, comfy.url))
+
+    # Something to act on: a model load makes the supervisor free the labelled ComfyUI.
+    ollama_load(ollama, "llama3.1:8b")
+    sup.wait_for(freed_on(comfy.name))
+    wait_for_passes(sup, 2)
+
+    status = sup.status()
+    assert [c["name"] for c in status["comfyui"] if c["name"] in (comfy.name, twin.name)] == [
+        comfy.name
+    ]
+    # The twin answered only the harness: no request the supervisor makes reached it.
+    contacted = [
+        line for line in twin.access_log() if any(p in line for p in SUPERVISOR_COMFY_PATHS)
+    ]
+    assert contacted == [], f"the unlabelled twin was contacted:\n{contacted}\n{sup.log()}"
+    assert twin.get("/sim/stats")["frees_requested"] == 0
+    assert comfy_reserved(twin) == twin_held  # nobody freed it
+    assert str(twin.port) not in "\n".join(r.message for r in sup.snapshot())
+    # The labelled one, on the other hand, was read and freed (the check above can fail).
+    asked = comfy.access_log()
+    assert any("/system_stats" in line for line in asked)
+    assert any("POST /free" in line for line in asked)
+    assert comfy.get("/sim/stats")["frees_requested"] >= 1
+
+
+def test_stop_and_start_are_followed(sims: Sims, start_supervisor: StartSupervisor) -> None:
+    comfy = sims.comfyui()
+    sup = start_supervisor()
+    sup.wait_for(discovered("comfyui", comfy.name, comfy.url))
+
+    mark = sup.mark()
+    comfy.container.stop(timeout=5)
+    sup.wait_for(f"Lost comfyui container {comfy.name} (not running)", since=mark)
+    entry = sup.service("comfyui", comfy.name)
+    assert entry is not None and entry["running"] is False and entry["reachable"] is False
+
+    mark = sup.mark()
+    comfy.container.start()
+    comfy.wait_ready()
+    sup.wait_for(discovered("comfyui", comfy.name, comfy.url), since=mark)
+    wait_until(
+        lambda: (sup.service("comfyui", comfy.name) or {}).get("reachable") is True,
+        10,
+        f"{comfy.name} reachable in /status",
+    )
+
+
+def test_a_recreated_container_is_discovered_again_with_its_new_id(
+    sims: Sims, start_supervisor: StartSupervisor
+) -> None:
+    name = unique_name("comfyui")
+    old = sims.comfyui(name=name)
+    sup = start_supervisor()
+    sup.wait_for(discovered("comfyui", name, old.url))
+    assert (sup.service("comfyui", name) or {}).get("container_id") == old.container.id
+
+    # What `docker compose up --force-recreate` does: stop, rename the old container out
+    # of the way, create the new one under the name, remove the old one.
+    mark = sup.mark()
+    old.container.stop(timeout=5)
+    old.container.rename(f"{name}-old")
+    new = sims.comfyui(name=name, port=old.port)
+    old.container.remove(force=True)
+    assert new.container.id != old.container.id
+
+    sup.wait_for(discovered("comfyui", name, new.url), since=mark)
+    wait_until(
+        lambda: (sup.service("comfyui", name) or {}).get("container_id") == new.container.id,
+        10,
+        "/status to show the new container id",
+    )
+    wait_until(
+        lambda: sup.service("comfyui", f"{name}-old") is None,
+        10,
+        "the old container to leave /status",
+    )
+    entry = sup.service("comfyui", name)
+    assert entry is not None and entry["running"] is True
+
+
+def test_a_rename_is_followed(sims: Sims, start_supervisor: StartSupervisor) -> None:
+    comfy = sims.comfyui()
+    sup = start_supervisor()
+    sup.wait_for(discovered("comfyui", comfy.name, comfy.url))
+
+    renamed = f"{comfy.name}-renamed"
+    mark = sup.mark()
+    comfy.container.rename(renamed)
+    sup.wait_for(discovered("comfyui", renamed, comfy.url), since=mark)
+    sup.wait_for(f"Lost comfyui container {comfy.name}", since=mark)
+    names = [c["name"] for c in sup.status()["comfyui"]]
+    assert renamed in names and comfy.name not in names
+
+
+def test_health_changes_show_in_status(sims: Sims, start_supervisor: StartSupervisor) -> None:
+    flag = f"sick-{unique_name('flag')}"
+    comfy = sims.comfyui(health_flag=flag)
+    sup = start_supervisor()
+    sup.wait_for(discovered("comfyui", comfy.name, comfy.url))
+
+    def health() -> str | None:
+        entry = sup.service("comfyui", comfy.name)
+        return entry["health"] if entry else None
+
+    wait_until(lambda: health() == "healthy", 15, "health 'healthy' in /status")
+    (sims.state_dir / flag).touch()
+    wait_until(lambda: health() == "unhealthy", 15, "health 'unhealthy' in /status")
+    assert comfy.reload().attrs["State"]["Health"]["Status"] == "unhealthy"
+    (sims.state_dir / flag).unlink()
+    wait_until(lambda: health() == "healthy", 15, "health 'healthy' again in /status")
+    assert sup.is_alive()
