@@ -13,7 +13,7 @@ import pytest
 from loguru import logger
 
 from supervisor.estimate import EstimateParams, estimate_need
-from supervisor.gate import core
+from supervisor.gate import admission
 from tests.gate.fakes import GIB, MIB, Env, FakeOllamaApi, Timeline, Upstream, make_env
 
 
@@ -209,7 +209,7 @@ def test_deadline_passes_then_the_request_is_forwarded_anyway(
 def test_a_room_maker_that_overruns_its_deadline_is_not_waited_for(
     timeline: Timeline, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(core, "MAKE_ROOM_GRACE_S", 0.1)
+    monkeypatch.setattr(admission, "MAKE_ROOM_GRACE_S", 0.1)
     env = make_env(timeline, upstream, wait_s=0.2)
     env.room.block = threading.Event()  # never set by the room itself
     env.gate.start()

@@ -1,5 +1,5 @@
-"""The gate's pure parts: which requests load what (load_request.py) and the HTTP/1.1
-framing it relays (http11.py), table by table."""
+"""The gate's pure parts: which requests load what (load_request.py), the HTTP/1.1
+framing it relays (http11.py) and upstream URLs (relay.Origin), table by table."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ import json
 
 import pytest
 
-from supervisor.gate.http11 import (
-    ChunkScanner,
-    Framing,
-    Origin,
-    parse_response_head,
-)
+from supervisor.gate.http11 import ChunkScanner, Framing, parse_response_head
 from supervisor.gate.load_request import LoadRequest, parse_load_request
+from supervisor.gate.relay import Origin
 
 
 def _json(**body: object) -> bytes:

@@ -1,0 +1,289 @@
+"""Admission of load requests: make room for a model before Ollama loads it.
+
+Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at that moment
+(api-facts §1.8), so freeing ComfyUI after the load is too late. Policy:
+- A load request for a model not in Ollama's /api/ps is held: estimate the VRAM it needs
+  (estimate.py), ask the RoomMaker for it unless the free VRAM already covers it, then
+  forward. The RoomMaker gets `wait_s` seconds; after that the request goes on anyway,
+  with the log line "Gate: forwarding <model> without enough free VRAM after <s> s".
+  Nothing is ever refused or changed; without an estimate (model not installed, Ollama
+  silent) the request goes on at once and Ollama answers it.
+- Held loads go one at a time (Ollama loads one at a time anyway), and the next one waits
+  until the previous model is in (its answer's head arrived, or it shows in /api/ps), so
+  it measures free VRAM with that model in place. Requests for resident models never
+  wait behind a held load.
+- /api/ps is cached for `ps_ttl_s`; a request that finds the cache older refreshes it in
+  the background and uses the old answer, unless that is older than `ps_max_stale_s`
+  (after an idle spell a model may have expired) or does not list the model (it may have
+  loaded since), in which case it waits for a fresh one (at most PS_WAIT_S). If /api/ps
+  cannot be read, nothing is held.
+- Every size /api/ps shows is remembered: the next load of that model asks for it.
+- Ollama and RoomMaker calls block; they run on the gate's thread pool. Everything else
+  runs on the gate's event loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from supervisor.clients.ollama import normalise_model_name
+from supervisor.estimate import Estimate, EstimateParams, SeenSize, estimate_need, uses_seen_as_is
+from supervisor.gate.load_request import LoadRequest
+from supervisor.gate.stats import Counters
+from supervisor.model import OllamaModel
+from supervisor.ports import OllamaApi, RoomMaker
+
+log = logger.bind(component="gate")
+
+T = TypeVar("T")
+# Forwards the request; its argument (if not None) is called when the answer's head arrives.
+Forward = Callable[[Callable[[], None] | None], Awaitable[bool]]
+
+PS_WAIT_S = 3.0  # longest a request waits for a fresh /api/ps before going on without
+LOAD_POLL_S = 0.5  # how often a held load checks /api/ps for its model
+MAKE_ROOM_GRACE_S = 2.0  # beyond wait_s, in case a RoomMaker overruns its deadline
+
+
+class Admission:
+    """Decides when a load request may go to Ollama (event loop thread only)."""
+
+    def __init__(
+        self,
+        *,
+        ollama: OllamaApi,
+        room: RoomMaker,
+        executor: Executor,
+        stats: Counters,
+        wait_s: float,
+        params: EstimateParams,
+        ps_ttl_s: float,
+        ps_max_stale_s: float,
+        load_hold_max_s: float,
+    ) -> None:
+        self._ollama = ollama
+        self._room = room
+        self._executor = executor
+        self._stats = stats
+        self._wait_s = wait_s
+        self._params = params
+        self._ps_ttl_s = ps_ttl_s
+        self._ps_max_stale_s = max(ps_max_stale_s, ps_ttl_s)
+        self._load_hold_max_s = load_hold_max_s
+        self._ps_models: dict[str, OllamaModel] | None = None
+        self._ps_at = -math.inf
+        self._ps_task: asyncio.Task[None] | None = None
+        self._seen: dict[str, SeenSize] = {}
+        self._load_lock = asyncio.Lock()
+
+    def close(self) -> None:
+        if self._ps_task is not None:
+            self._ps_task.cancel()
+
+    async def admit(self, load: LoadRequest, forward: Forward) -> bool:
+        """Forward `load` once there is room for its model (at once when it is resident);
+        returns what `forward` returns. `forward` gets a callback for the answer's head."""
+        key = load.model.casefold()
+        if await self.is_resident(key) is not False:
+            return await forward(None)
+        await self._load_lock.acquire()
+        release = _once(self._load_lock.release)
+        holder: asyncio.Task[None] | None = None
+        try:
+            if await self.is_resident(key, is_fresh=True) is not False:
+                release()  # a load queued before this one brought it in
+                return await forward(None)
+            self._stats.gated_total += 1
+            await self._make_room_for(load, key)
+            head_seen = asyncio.Event()
+            holder = asyncio.get_running_loop().create_task(
+                self._hold_until_loaded(key, head_seen, release)
+            )
+            return await forward(head_seen.set)
+        finally:
+            release()
+            if holder is not None:
+                holder.cancel()
+
+    async def _hold_until_loaded(
+        self, key: str, head_seen: asyncio.Event, release: Callable[[], None]
+    ) -> None:
+        """Keep the next gated load waiting until this model is in: its answer's head came
+        (a streamed answer starts after the load), or /api/ps lists it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._load_hold_max_s
+        try:
+            while loop.time() < deadline:
+                try:
+                    async with asyncio.timeout(LOAD_POLL_S):
+                        await head_seen.wait()
+                    return
+                except TimeoutError:
+                    pass
+                await self._refresh_ps()
+                if self._ps_models is not None and key in self._ps_models:
+                    return
+        finally:
+            release()
+
+    async def _make_room_for(self, load: LoadRequest, key: str) -> None:
+        model = load.model
+        estimate = await self._estimate(load, key)
+        if estimate is None:
+            log.info(
+                f"Gate: no VRAM estimate for {model} (not installed, or Ollama did not say);"
+                " forwarding it as is"
+            )
+            return
+        free = await self._call_or_none(self._room.free_bytes)
+        if free is not None and free >= estimate.need_bytes:
+            log.debug(f"Gate: {model} needs about {_gib(estimate.need_bytes)}; {_gib(free)} free")
+            return
+        log.info(
+            f"Gate: making room for {model}: needs about {_gib(estimate.need_bytes)}"
+            f" ({_basis(estimate)}), {_gib(free) if free is not None else 'unknown'} free"
+        )
+        self._stats.waits_total += 1
+        started = time.monotonic()
+        make_room = functools.partial(
+            self._room.make_room,
+            estimate.need_bytes,
+            reason=f"gate: load of {model}",
+            deadline_s=self._wait_s,
+        )
+        try:
+            async with asyncio.timeout(self._wait_s + MAKE_ROOM_GRACE_S):
+                is_room = await self._call(make_room)
+        except TimeoutError:
+            is_room = False
+        except Exception as exc:
+            log.warning(f"Gate: making room for {model} failed: {exc}")
+            is_room = False
+        waited_s = time.monotonic() - started
+        self._stats.wait_seconds_total += waited_s
+        if not is_room:
+            self._stats.forwarded_anyway_total += 1
+            log.warning(f"Gate: forwarding {model} without enough free VRAM after {waited_s:.1f} s")
+
+    async def _estimate(self, load: LoadRequest, key: str) -> Estimate | None:
+        seen = self._seen.get(key)
+        if uses_seen_as_is(seen, load.num_ctx):
+            return estimate_need(
+                weights_bytes=None,
+                facts=None,
+                request_num_ctx=load.num_ctx,
+                seen=seen,
+                params=self._params,
+            )
+        show = self._call_or_none(self._ollama.show, load.model)
+        tags = self._call_or_none(self._ollama.tags) if seen is None else _none()
+        facts, tagged = await asyncio.gather(show, tags)
+        weights = None
+        for entry in tagged or ():
+            if normalise_model_name(entry.name).casefold() == key:
+                weights = entry.size_bytes
+                break
+        return estimate_need(
+            weights_bytes=weights,
+            facts=facts,
+            request_num_ctx=load.num_ctx,
+            seen=seen,
+            params=self._params,
+        )
+
+    # ------------------------------------------------------------------ /api/ps cache
+
+    async def is_resident(self, key: str, *, is_fresh: bool = False) -> bool | None:
+        """Whether Ollama has the model loaded; None when /api/ps cannot be read."""
+        age_s = time.monotonic() - self._ps_at
+        if is_fresh or age_s > self._ps_max_stale_s:
+            await self._refresh_ps()
+        elif age_s > self._ps_ttl_s:
+            self._refresh_soon()
+            if self._ps_models is not None and key in self._ps_models:
+                return True  # stale but recent: never make a resident request wait
+            await self._refresh_ps()
+        models = self._ps_models
+        return None if models is None else key in models
+
+    def _refresh_soon(self) -> asyncio.Task[None]:
+        if self._ps_task is None or self._ps_task.done():
+            self._ps_task = asyncio.get_running_loop().create_task(self._read_ps())
+        return self._ps_task
+
+    async def _refresh_ps(self) -> None:
+        try:
+            async with asyncio.timeout(PS_WAIT_S):
+                # Shielded: a waiter that gives up must not cancel the shared read.
+                await asyncio.shield(self._refresh_soon())
+        except TimeoutError:
+            pass
+
+    async def _read_ps(self) -> None:
+        try:
+            models = await self._call(self._ollama.ps)
+        except Exception as exc:
+            if self._ps_models is not None:
+                log.debug(f"Gate: cannot read Ollama's /api/ps, not gating for now: {exc}")
+            self._ps_models = None
+        else:
+            resident: dict[str, OllamaModel] = {}
+            for entry in models:
+                key = normalise_model_name(entry.name).casefold()
+                resident[key] = entry
+                if entry.size_bytes > 0:
+                    self._seen[key] = SeenSize(entry.size_bytes, entry.context_length)
+            self._ps_models = resident
+        finally:
+            self._ps_at = time.monotonic()
+
+    # ------------------------------------------------------------------ blocking calls
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _call_or_none(self, fn: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return await self._call(fn, *args)
+        except Exception as exc:
+            log.debug(f"Gate: {getattr(fn, '__name__', fn)} failed: {exc}")
+            return None
+
+
+async def _none() -> None:
+    return None
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn`, callable many times, effective once (the load slot has several releasers)."""
+    is_done = False
+
+    def call() -> None:
+        nonlocal is_done
+        if not is_done:
+            is_done = True
+            fn()
+
+    return call
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def _basis(estimate: Estimate) -> str:
+    if estimate.basis == "formula":
+        return (
+            f"weights {_gib(estimate.weights_bytes or 0)} + KV {_gib(estimate.kv_bytes or 0)}"
+            f" at {estimate.num_ctx} ctx + overhead {_gib(estimate.overhead_bytes)}"
+        )
+    if estimate.basis == "seen+kv":
+        return f"its last /api/ps size with the KV cache rescaled to {estimate.num_ctx} ctx"
+    return "its last /api/ps size"
