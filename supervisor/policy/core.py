@@ -1,0 +1,116 @@
+"""The policy's two entry points: `decide()` runs the rules of one pass, `record()` folds
+an action's measured outcome back into the state (pure; see `supervisor.policy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from supervisor.config import Settings
+from supervisor.model import (
+    Decision,
+    Episode,
+    FreeComfy,
+    FreeResult,
+    Observation,
+    Outcome,
+    PolicyState,
+    RestartComfy,
+    UnloadOllama,
+)
+from supervisor.policy.episodes import advance_episodes, open_episodes
+from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead
+from supervisor.policy.heal import heal_spilled
+from supervisor.policy.scratch import start_pass, usable_ollama
+from supervisor.policy.triggers import (
+    free_for_new_models,
+    free_over_threshold,
+    track_models,
+    unload_for_comfy,
+)
+
+FAST_WAKE_S = 0.5
+
+
+def decide(obs: Observation, state: PolicyState, settings: Settings, now: float) -> Decision:
+    """One pass: the actions to take now, the next state, notes and the next wake-up."""
+    p = start_pass(obs, state, settings, now)
+    known, seen = track_models(p)
+    advance_episodes(p)
+    heal_spilled(p)
+    free_for_new_models(p)
+    free_over_threshold(p)
+    unload_for_comfy(p)
+    open_episodes(p)
+
+    # Keep "said once" notes only while their condition holds.
+    for key in p.noted - p.keep_noted:
+        if key.startswith("dead|") and key[5:] in p.comfys and not is_api_dead(p.comfys[key[5:]]):
+            p.noted.discard(key)
+        elif key.startswith("nofit|"):
+            okey = key.split("|")[1]
+            if okey not in p.ollamas or usable_ollama(p.ollamas[okey]):
+                p.noted.discard(key)
+
+    if p.episodes or p.new_models:
+        p.soon()
+    if any(has_work(c) for c in p.comfys.values()):
+        p.soon()
+    fast = min(settings.check_interval_s, FAST_WAKE_S)
+    wake = settings.check_interval_s
+    for seconds in p.wake:
+        wake = min(wake, max(seconds, fast))
+
+    restart_at = {k: t for k, t in p.restart_at.items() if now - t < settings.restart_cooldown_s}
+    heal_at = {k: t for k, t in p.heal_at.items() if now - t < settings.heal_cooldown_s}
+    next_state = PolicyState(
+        is_initialised=True,
+        known_models=known,
+        last_episode_at=p.last_episode_at,
+        last_unload_at=p.last_unload_at,
+        episodes=tuple(p.episodes.values()),
+        last_restart_at=tuple(sorted(restart_at.items())),
+        last_heal_at=tuple(sorted(heal_at.items())),
+        seen_ollamas=seen,
+        noted=frozenset(p.noted),
+    )
+    return Decision(tuple(p.actions), next_state, tuple(p.notes), wake, tuple(p.skipped))
+
+
+def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
+    """Fold one action's measured outcome into the state (see the module doc for stages).
+
+    A free the policy did not start (the gate's) opens an episode and counts for the rate
+    limit, so it can escalate and is not repeated at once. `now` drops stale episodes."""
+    action, at = outcome.action, outcome.at
+    episodes = {e.target: e for e in state.episodes if now - e.started_at <= EPISODE_STALE_S}
+    last_episode_at, last_unload_at = state.last_episode_at, state.last_unload_at
+    restarts, heals = dict(state.last_restart_at), dict(state.last_heal_at)
+    if isinstance(action, FreeComfy):
+        ep = episodes.get(action.target)
+        if ep is None:
+            ep = Episode(action.target, action.stage, at, action.reason, action.gpu_uuid)
+            last_episode_at = max(at, last_episode_at if last_episode_at is not None else at)
+        result = outcome.result or (FreeResult.FREED if outcome.ok else FreeResult.FAILED)
+        if outcome.dry_run or result is FreeResult.FAILED:
+            episodes.pop(action.target, None)
+        else:
+            episodes[action.target] = replace(
+                ep, stage=action.stage, last_result=result, last_at=at
+            )
+    elif isinstance(action, RestartComfy):
+        episodes.pop(action.target, None)
+        restarts[action.target] = max(at, restarts.get(action.target, at))
+    elif isinstance(action, UnloadOllama):
+        last_unload_at = max(at, last_unload_at if last_unload_at is not None else at)
+    else:
+        key = f"{action.target}|{action.model}"
+        heals[key] = max(at, heals.get(key, at))
+    return replace(
+        state,
+        episodes=tuple(episodes.values()),
+        last_episode_at=last_episode_at,
+        last_unload_at=last_unload_at,
+        last_restart_at=tuple(sorted(restarts.items())),
+        last_heal_at=tuple(sorted(heals.items())),
+    )

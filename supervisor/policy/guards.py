@@ -1,0 +1,176 @@
+"""What the policy may judge from one service or one GPU reading alone (pure).
+
+The thresholds, how much a /free could give back, which GPUs a service uses, whether a
+ComfyUI may be freed now and which restart guards it fails. The rule modules (triggers,
+heal, episodes) ask these questions; none of them changes state.
+
+Restart (RestartComfy) only when every guard holds: allowed (label, else
+VRAM_RESTART_FALLBACK), a container, running, cooldown passed, and either its queue is
+known and empty or its API has been dead for DEAD_API_CHECKS passes (and Docker's health
+is not "starting": slow starters are not restarted). A failed guard is named as a
+sentence; a transient one (busy, queue unknown) is marked so an episode can keep waiting.
+
+Garbage readings: a GPU with impossible figures (`gpu_ok`) or a model with no size
+(`model_ok`) is left out, so a trigger never acts on it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from supervisor.config import Settings
+from supervisor.model import (
+    ComfyObservation,
+    GpuMemory,
+    OllamaModel,
+    OllamaObservation,
+    PolicyState,
+    Priority,
+    ServiceHealth,
+)
+from supervisor.units import MIB
+
+# Below this a free gives back nothing worth a ComfyUI reload (mGPUmanager's cushion).
+MIN_RECLAIMABLE_BYTES = 256 * MIB
+# What a CUDA process keeps after /free (its context), when only an NVML figure is known.
+CUDA_CONTEXT_BYTES = 384 * MIB
+# Head room kept on top of a model's size when judging fit and room.
+SAFETY_MARGIN_BYTES = 512 * MIB
+DEAD_API_CHECKS = 3
+EPISODE_STALE_S = 300.0
+
+
+def estimate_reclaimable(comfy: ComfyObservation) -> int:
+    """Bytes a /free could give back: torch's reserved memory from /system_stats (models
+    plus allocator cache; the CUDA context is not in it). Without stats, the attributed
+    VRAM less a CUDA context. 0 for a CPU device or when nothing is known."""
+    stats = comfy.stats
+    if stats is not None:
+        if stats.device_type == "cpu":  # the vram fields then report system RAM
+            return 0
+        return max(0, stats.torch_reserved_bytes)
+    if comfy.vram_bytes is not None:
+        return max(0, comfy.vram_bytes - CUDA_CONTEXT_BYTES)
+    return 0
+
+
+def service_gpus(svc: ComfyObservation | OllamaObservation) -> tuple[str, ...]:
+    """GPUs the service uses: where it holds memory, else what Docker granted; () = all."""
+    return svc.gpu_uuids or svc.status.spec.gpu_uuids
+
+
+def shares_gpu(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """True when two GPU lists overlap; an empty list (unknown) overlaps everything."""
+    return not a or not b or bool(set(a) & set(b))
+
+
+def room_needed(need_bytes: int, gpu: GpuMemory, margin_bytes: int = SAFETY_MARGIN_BYTES) -> int:
+    """Bytes that must be freed on `gpu` before a load of `need_bytes` fits with the margin."""
+    return max(0, need_bytes + margin_bytes - gpu.free_bytes)
+
+
+def fits_gpu(size_bytes: int, gpu: GpuMemory, margin_bytes: int = SAFETY_MARGIN_BYTES) -> bool:
+    """Could a model of `size_bytes` sit wholly on `gpu` if nothing else were there?"""
+    return size_bytes <= gpu.total_bytes - margin_bytes
+
+
+def is_api_dead(comfy: ComfyObservation) -> bool:
+    """Its container runs but its API has not answered for DEAD_API_CHECKS passes."""
+    st = comfy.status
+    return st.is_running and not st.is_reachable and st.failed_checks >= DEAD_API_CHECKS
+
+
+def has_work(comfy: ComfyObservation) -> bool:
+    """It runs, answered this pass and its queue has a prompt running or waiting."""
+    st, queue = comfy.status, comfy.queue
+    return st.is_running and st.is_reachable and queue is not None and queue.is_busy
+
+
+def free_blocker(comfy: ComfyObservation, priority: Priority) -> str | None:
+    """Why this ComfyUI may not be sent a /free now (None: it may)."""
+    st, key = comfy.status, comfy.status.spec.key
+    if not st.is_running:
+        return f"{key} is not running"
+    if not st.is_reachable:
+        return f"{key} did not answer ({st.failed_checks} failed checks)"
+    if comfy.queue is None:
+        return f"the queue of {key} is unknown"
+    if comfy.queue.is_busy and priority is not Priority.OLLAMA:
+        return (
+            f"{key} has work ({comfy.queue.running} running, {comfy.queue.pending} "
+            f"pending) and priority {priority.value} frees it only when idle"
+        )
+    return None
+
+
+def restart_guards(
+    comfy: ComfyObservation, state: PolicyState, settings: Settings, now: float
+) -> list[tuple[bool, str]]:
+    """Failed guards as (is_transient, sentence)."""
+    st, spec = comfy.status, comfy.status.spec
+    failed: list[tuple[bool, str]] = []
+    if spec.restart_allowed is False:
+        failed.append((False, "restart is not allowed (label vram-supervisor.restart=false)"))
+    elif spec.restart_allowed is None and not settings.restart_fallback:
+        failed.append(
+            (
+                False,
+                "restart is not allowed (VRAM_RESTART_FALLBACK=false and no "
+                "vram-supervisor.restart label)",
+            )
+        )
+    if not spec.is_container:
+        failed.append((False, "it is not a container (fixed URL)"))
+    if not st.is_running:
+        failed.append((False, "its container is not running"))
+    last = state.restart_at(spec.key)
+    if last is not None and now - last < settings.restart_cooldown_s:
+        left = settings.restart_cooldown_s - (now - last)
+        failed.append((False, f"restart cooldown, {left:.0f} s left"))
+    if is_api_dead(comfy):
+        if st.health is ServiceHealth.STARTING:
+            failed.append((True, "its container is still starting (health: starting)"))
+    elif not st.is_reachable:
+        failed.append(
+            (True, f"its API did not answer ({st.failed_checks} of {DEAD_API_CHECKS} checks)")
+        )
+    elif comfy.queue is None:
+        failed.append((True, "its queue is unknown, a generation may be running"))
+    elif comfy.queue.is_busy:
+        failed.append(
+            (
+                True,
+                f"a generation is running or queued ({comfy.queue.running} "
+                f"running, {comfy.queue.pending} pending)",
+            )
+        )
+    return failed
+
+
+def restart_blockers(
+    comfy: ComfyObservation, state: PolicyState, settings: Settings, now: float
+) -> tuple[str, ...]:
+    """Every restart guard this ComfyUI fails now (empty: a restart may go ahead)."""
+    return tuple(msg for _, msg in restart_guards(comfy, state, settings, now))
+
+
+def gpu_ok(g: GpuMemory) -> bool:
+    return (
+        g.total_bytes > 0
+        and 0 <= g.used_bytes <= g.total_bytes
+        and (0 <= g.free_bytes <= g.total_bytes)
+    )
+
+
+def model_ok(m: OllamaModel) -> bool:
+    return m.size_bytes > 0 and m.size_vram_bytes >= 0
+
+
+def expiry_key(m: OllamaModel) -> tuple[float, str]:
+    """Soonest expiry first; unknown/unparseable last (it may be in use or pinned)."""
+    if m.expires_at:
+        try:
+            return datetime.fromisoformat(m.expires_at).timestamp(), m.name
+        except ValueError:
+            pass
+    return float("inf"), m.name

@@ -1,0 +1,125 @@
+"""Trigger 3: Ollama models that spilled to the CPU (size_vram < size) (pure).
+
+A model that could not fit the GPU anyway is noted once and left alone. Otherwise, with
+VRAM_HEAL, its cooldown passed, no free episode open on that GPU and room that can be made
+(GPU free + the model's own VRAM + what idle ComfyUIs could give back >= size +
+SAFETY_MARGIN_BYTES), it is healed: HealOllama frees those idle ComfyUIs itself (one heal
+per GPU per pass). While the heal must wait (healing off, cooldown, a busy ComfyUI) its
+ComfyUIs are freed so the room exists for the heal or the next load. When even freeing
+everything cannot make the room, nothing is done.
+"""
+
+from __future__ import annotations
+
+from supervisor.model import (
+    ComfyObservation,
+    GpuMemory,
+    HealOllama,
+    OllamaModel,
+    OllamaObservation,
+    Priority,
+)
+from supervisor.policy.episodes import want_free
+from supervisor.policy.guards import (
+    MIN_RECLAIMABLE_BYTES,
+    SAFETY_MARGIN_BYTES,
+    estimate_reclaimable,
+    fits_gpu,
+    free_blocker,
+    has_work,
+    model_ok,
+    service_gpus,
+)
+from supervisor.policy.scratch import Pass, usable_ollama
+from supervisor.units import format_bytes
+
+
+def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
+    okey = o.status.spec.key
+    hkey = f"{okey}|{m.name}"
+    gpus = p.gpus_of(service_gpus(o))
+    if not gpus:
+        p.skip(f"Ollama model {m.name} spilled to the CPU but no GPU reading says where")
+        return
+    fitting = [g for g in gpus if fits_gpu(m.size_bytes, g)]
+    if not fitting:
+        biggest = max(g.total_bytes for g in gpus)
+        p.note_once(
+            f"nofit|{hkey}",
+            f"Ollama model {m.name} ({format_bytes(m.size_bytes)}) cannot "
+            f"fit on the GPU ({format_bytes(biggest)} less a {format_bytes(SAFETY_MARGIN_BYTES)} "
+            "margin); it is not healed",
+        )
+        return
+    prio = p.settings.priority
+
+    def idle_held(g: GpuMemory) -> list[ComfyObservation]:
+        return [
+            c
+            for c in p.comfys_on(g)
+            if free_blocker(c, Priority.BALANCED) is None
+            and c.status.spec.key not in p.claimed
+            and estimate_reclaimable(c) > MIN_RECLAIMABLE_BYTES
+        ]
+
+    g = max(fitting, key=lambda g: g.free_bytes + sum(map(estimate_reclaimable, idle_held(g))))
+    reason = f"Ollama model {m.name} spilled to the CPU ({m.gpu_fraction:.0%} on GPU {g.index})"
+    on_g = p.comfys_on(g)
+
+    def free_for_room(why: str) -> None:
+        p.skip(f"Not healing {m.name}: {why}")
+        for c in on_g:
+            want_free(p, c, reason, g.uuid)
+
+    if not p.settings.heal:
+        free_for_room("healing is off (VRAM_HEAL=false)")
+        return
+    last = p.heal_at.get(hkey)
+    if last is not None and p.now - last < p.settings.heal_cooldown_s:
+        left = p.settings.heal_cooldown_s - (p.now - last)
+        free_for_room(f"heal cooldown, {left:.0f} s left")
+        p.soon(left)
+        return
+    if g.uuid in p.heal_gpus:
+        p.skip(f"Not healing {m.name} yet: another heal on GPU {g.index} goes first")
+        p.soon()
+        return
+    open_eps = sorted(c.status.spec.key for c in on_g if c.status.spec.key in p.episodes)
+    if open_eps:
+        p.skip(f"Not healing {m.name} yet: waiting for the free of {', '.join(open_eps)}")
+        p.soon()
+        return
+    idle = idle_held(g)
+    room = g.free_bytes + m.size_vram_bytes + sum(map(estimate_reclaimable, idle))
+    need = m.size_bytes + SAFETY_MARGIN_BYTES
+    if room < need:
+        busy = [c for c in on_g if has_work(c)]
+        if busy:
+            names = ", ".join(c.status.spec.key for c in busy)
+            p.skip(f"Not healing {m.name} yet: {names} has work (priority {prio.value})")
+            p.soon()
+            for c in busy:
+                want_free(p, c, reason, g.uuid)
+        else:
+            p.skip(
+                f"Not healing {m.name}: {format_bytes(room)} could be made free, "
+                f"{format_bytes(need)} needed"
+            )
+        return
+    free_first = tuple(c.status.spec.key for c in idle)
+    p.emit(HealOllama(okey, m.name, reason, free_first, m.gpu_fraction))
+    p.claimed.update(free_first)
+    p.healed.add((okey, m.name))
+    p.heal_gpus.add(g.uuid)
+    p.heal_at[hkey] = p.now
+    if free_first:  # the heal's free is a free episode for the rate limit
+        p.last_episode_at = p.now
+
+
+def heal_spilled(p: Pass) -> None:
+    for o in p.ollamas.values():
+        if not usable_ollama(o) or o.models is None:
+            continue
+        for m in o.models:
+            if model_ok(m) and m.is_spilled:
+                _heal_or_wait(p, o, m)
