@@ -469,6 +469,11 @@ def ollama_model(ollama: SimApi, model: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- supervisor
 
 
+def freed_on(name: str) -> re.Pattern[str]:
+    """The stable line of a verified free of the ComfyUI called `name`."""
+    return re.compile(rf"^Freed ComfyUI memory \((soft|hard)\): .* on {re.escape(name)} ")
+
+
 @dataclass(frozen=True)
 class Record:
     at: float  # monotonic time the line was read
@@ -566,6 +571,16 @@ class Supervisor:
             return self.get("/healthz").status_code
         except httpx.HTTPError:
             return 0
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP the supervisor for the block: what happens meanwhile happens while it is
+        busy (as during a long verify or a model reload), then SIGCONT."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def is_alive(self) -> bool:
         return self.proc.poll() is None

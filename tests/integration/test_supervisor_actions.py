@@ -25,6 +25,7 @@ from tests.integration.harness import (
     comfy_idle,
     comfy_reserved,
     comfy_submit,
+    freed_on,
     ollama_load,
     ollama_model,
     wait_until,
@@ -37,10 +38,6 @@ StartSupervisor = Callable[..., Supervisor]
 # ~10 GB with its KV cache: it cannot fit beside a ComfyUI holding 16 GiB of a 24 GiB GPU.
 BIG_MODEL = "qwen2.5:14b"
 SMALL_MODEL = "llama3.2:latest"
-
-
-def freed_on(name: str) -> re.Pattern[str]:
-    return re.compile(rf"^Freed ComfyUI memory \((soft|hard)\): .* on {re.escape(name)} ")
 
 
 def healed(model: str) -> re.Pattern[str]:
