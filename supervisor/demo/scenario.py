@@ -135,7 +135,7 @@ class Scenario:
                 f"Without the supervisor: Ollama decides the GPU/CPU split once, when it loads, "
                 f"from the VRAM free at that moment. About {cpu_share}% of the model would "
                 "land on the CPU and stay there as long as the model is loaded, and every "
-                "answer would be several times slower. (Step 3 shows exactly that.)"
+                "answer would be several times slower. (Step 3 shows it happening.)"
             )
         self.c.say(
             "With the supervisor: the chat app talks to the supervisor's Ollama gate "
@@ -192,10 +192,15 @@ class Scenario:
         slow = _tokens_per_s(answer)
         if slow is not None and not _loaded_fresh(answer):
             self.story.speeds["spilled"] = slow
+            full = self.story.speeds.get("full")
             self.c.say(
-                f"A chat to it ran at {slow:.1f} tokens/s (simulated), against "
-                f"{self.story.speeds.get('full', 0):.1f} fully on the GPU in step 2. Ollama "
-                "never moves those layers back by itself."
+                f"A chat to it ran at {slow:.1f} tokens/s (simulated)"
+                + (
+                    f", {full / slow:.1f}x slower than fully on the GPU in step 2"
+                    if full and slow
+                    else ""
+                )
+                + ". Ollama never moves those layers back by itself."
             )
         self.c.say(
             f"The supervisor looks every {CHECK_INTERVAL_S:g} s. It should notice the spill, "
@@ -235,7 +240,7 @@ class Scenario:
         c = self.c
         c.heading("Summary")
         for i, (what, result, ok) in enumerate(self.story.results, 1):
-            c.line(f"  {i}. {what:<64} {c.green(result) if ok else c.red(result)}")
+            c.line(f"  {i}. {what:<68} {c.green(result) if ok else c.red(result)}")
         if failure is not None:
             c.line(f"  {len(self.story.results) + 1}. " + c.red(f"FAILED: {failure}"))
         c.line()
