@@ -14,6 +14,9 @@ Policy:
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   `make_room`), so two frees never overlap. Adapter errors never escape: they become a
   FAILED outcome.
+
+ComfyUI's free and restart live here; Ollama's unload and heal in `ollama_actions`; the
+gate's room maker in `room`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Protocol
 
 from loguru import logger
 
+from supervisor import ollama_actions
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
@@ -35,37 +39,34 @@ from supervisor.model import (
     FreeResult,
     FreeStage,
     HealOllama,
-    OllamaModel,
     Outcome,
-    Priority,
     RestartComfy,
     ServiceSpec,
     UnloadOllama,
 )
 from supervisor.ports import ComfyApi, DockerApi, OllamaApi
+from supervisor.units import GIB, MIB, format_bytes
 
-MIB = 1024**2
-GIB = 1024**3
+__all__ = [
+    "GIB",
+    "MIB",
+    "PRELOAD_TIMEOUT_S",
+    "Actor",
+    "Probe",
+    "Reading",
+    "Targets",
+    "format_bytes",
+]
+
 # A drop smaller than this is noise (allocator jitter), not a free.
 MIN_DROP_BYTES = 256 * MIB
 # A ComfyUI whose own reading is below this holds only its CUDA context: nothing to free.
 NOTHING_HELD_BYTES = 512 * MIB
 # How long a verified drop is watched for further release before "after" is reported.
 SETTLE_S = 1.0
-# Ollama waits up to 5 s for VRAM to recover after an unload; we wait as long.
-RECOVERY_WAIT_S = 5.0
 # A preload dies with its client; give it the time OLLAMA_LOAD_TIMEOUT gives a stall.
 PRELOAD_TIMEOUT_S = 300.0
 RESTART_STOP_TIMEOUT_S = 10.0
-
-
-def format_bytes(value: int | None) -> str:
-    """12.3 GiB / 512 MiB / unknown: the sizes users see in logs and `status`."""
-    if value is None:
-        return "unknown"
-    if abs(value) >= GIB:
-        return f"{value / GIB:.1f} GiB"
-    return f"{value / MIB:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class Targets:
     # be restarted although its queue cannot be read (the policy's dead-API rule).
     dead_comfyuis: frozenset[str] = frozenset()
 
+    @property
+    def ollama_gpu(self) -> str | None:
+        """The one GPU Ollama uses; None when unknown or several (then any GPU counts)."""
+        return self.ollama_gpus[0] if len(self.ollama_gpus) == 1 else None
+
 
 def _dropped(before: Reading, after: Reading) -> bool:
     return before.bytes - after.bytes >= max(MIN_DROP_BYTES, before.bytes // 10)
@@ -121,12 +127,12 @@ class Actor:
         self.probe = probe
         self.targets = targets
         self._docker = docker or (lambda: None)
-        self._clock = clock
+        self.clock = clock
         self._stop = stop or threading.Event()
         # Sleeping on the stop event makes a verify loop end at once on SIGTERM.
         self._sleep = sleep or self._stop.wait
-        self._poll_s = poll_s
-        self._preload_timeout_s = preload_timeout_s
+        self.poll_s = poll_s
+        self.preload_timeout_s = preload_timeout_s
 
     # ------------------------------------------------------------------ entry point
 
@@ -144,17 +150,22 @@ class Actor:
                 logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
                 return Outcome(
                     action,
-                    self._clock(),
+                    self.clock(),
                     ok=False,
                     result=FreeResult.FAILED,
                     detail=f"internal error: {exc}",
                 )
 
-    def _dry(self, action: Action, what: str) -> Outcome:
-        logger.bind(target=action.target).info(f"DRY RUN: would {what} ({action.reason})")
-        return Outcome(action, self._clock(), ok=True, dry_run=True, detail=f"would {what}")
+    @property
+    def is_stopping(self) -> bool:
+        return self._stop.is_set()
 
-    def _wait(self, seconds: float) -> bool:
+    def dry(self, action: Action, what: str) -> Outcome:
+        """Dry run: log what would be done and report it, sending nothing."""
+        logger.bind(target=action.target).info(f"DRY RUN: would {what} ({action.reason})")
+        return Outcome(action, self.clock(), ok=True, dry_run=True, detail=f"would {what}")
+
+    def wait(self, seconds: float) -> bool:
         """Sleep; False when the supervisor is stopping."""
         self._sleep(seconds)
         return not self._stop.is_set()
@@ -167,7 +178,7 @@ class Actor:
         """One verified free. `wait_pending_s` > 0 keeps watching while a prompt runs (the
         gate waits for the flags to act); 0 reports PENDING as soon as a prompt is seen.
         `verify_s` caps the whole watch (default VRAM_VERIFY_TIMEOUT)."""
-        start = self._clock()
+        start = self.clock()
         target = self.targets().comfyuis.get(action.target)
         if target is None:
             return Outcome(
@@ -183,22 +194,27 @@ class Actor:
             '{"unload_models": true, "free_memory": true}' if hard else ('{"unload_models": true}')
         )
         if self.settings.dry_run:
-            return self._dry(action, f"free ComfyUI {spec.name} ({action.stage}: {body})")
+            return self.dry(action, f"free ComfyUI {spec.name} ({action.stage}: {body})")
         log = logger.bind(target=action.target, stage=action.stage.value)
         before = self.probe.comfy_reading(action.target)
+
+        def report(result: FreeResult, detail: str = "", after: Reading | None = None) -> Outcome:
+            return Outcome(
+                action,
+                start,
+                ok=result in (FreeResult.FREED, FreeResult.PENDING),
+                result=result,
+                before_bytes=before.bytes if before else None,
+                after_bytes=after.bytes if after else None,
+                detail=detail,
+                duration_s=self.clock() - start,
+            )
+
         try:
             comfy.free(unload_models=True, free_memory=hard)
         except ServiceError as exc:
             log.warning(f"Could not free ComfyUI {spec.name} ({action.stage}): {exc}")
-            return Outcome(
-                action,
-                start,
-                ok=False,
-                result=FreeResult.FAILED,
-                before_bytes=before.bytes if before else None,
-                detail=str(exc),
-                duration_s=self._clock() - start,
-            )
+            return report(FreeResult.FAILED, str(exc))
 
         watch_s = max(self.settings.verify_timeout_s, wait_pending_s)
         deadline = start + (watch_s if verify_s is None else verify_s)
@@ -208,98 +224,51 @@ class Actor:
         while True:
             # An idle ComfyUI acts within milliseconds: look early, then every poll_s.
             polls += 1
-            if not self._wait(min(self._poll_s, 0.05 * 2**polls)):
+            if not self.wait(min(self.poll_s, 0.05 * 2**polls)):
                 break
             after = self.probe.comfy_reading(action.target)
             if before is not None and after is not None and _dropped(before, after):
                 after = self._settle(action.target, after, deadline)
-                took = self._clock() - start
+                took = self.clock() - start
                 log.info(
                     f"Freed ComfyUI memory ({action.stage}): {format_bytes(before.bytes)}"
                     f" -> {format_bytes(after.bytes)} in {took:.1f} s on {spec.name}"
                     f" ({action.reason})"
                 )
-                return Outcome(
-                    action,
-                    start,
-                    ok=True,
-                    result=FreeResult.FREED,
-                    before_bytes=before.bytes,
-                    after_bytes=after.bytes,
-                    duration_s=took,
-                )
+                return report(FreeResult.FREED, after=after)
             running = self._is_running(comfy)
             if running and wait_pending_s <= 0:
                 break  # the flags act after the prompt; the next passes re-check
-            if self._clock() >= deadline:
+            if self.clock() >= deadline:
                 break
 
-        took = self._clock() - start
-        b = before.bytes if before else None
-        a = after.bytes if after else None
         if running:
             log.info(
                 f"ComfyUI {spec.name} is running a prompt: the {action.stage} free "
                 "takes effect when it ends"
             )
-            return Outcome(
-                action,
-                start,
-                ok=True,
-                result=FreeResult.PENDING,
-                before_bytes=b,
-                after_bytes=a,
-                detail="a prompt is running",
-                duration_s=took,
-            )
+            return report(FreeResult.PENDING, "a prompt is running", after)
         if before is None or after is None:
             log.warning(
                 f"Sent the {action.stage} free to ComfyUI {spec.name} but could not "
                 "read its VRAM to verify it"
             )
-            return Outcome(
-                action,
-                start,
-                ok=False,
-                result=FreeResult.FAILED,
-                before_bytes=b,
-                after_bytes=a,
-                detail="VRAM could not be read",
-                duration_s=took,
-            )
+            return report(FreeResult.FAILED, "VRAM could not be read", after)
         if not before.is_device_wide and before.bytes < NOTHING_HELD_BYTES:
             log.info(
                 f"ComfyUI {spec.name} holds only {format_bytes(before.bytes)}: nothing to free"
             )
-            return Outcome(
-                action,
-                start,
-                ok=True,
-                result=FreeResult.FREED,
-                before_bytes=b,
-                after_bytes=a,
-                detail="nothing held",
-                duration_s=took,
-            )
+            return report(FreeResult.FREED, "nothing held", after)
         log.warning(
             f"ComfyUI {spec.name} is idle but kept its VRAM after the "
-            f"{action.stage} free: {format_bytes(b)} -> {format_bytes(a)}"
+            f"{action.stage} free: {format_bytes(before.bytes)} -> {format_bytes(after.bytes)}"
         )
-        return Outcome(
-            action,
-            start,
-            ok=False,
-            result=FreeResult.PINNED,
-            before_bytes=b,
-            after_bytes=a,
-            detail="idle, nothing released",
-            duration_s=took,
-        )
+        return report(FreeResult.PINNED, "idle, nothing released", after)
 
     def _settle(self, key: str, after: Reading, deadline: float) -> Reading:
         """Torch releases in steps; watch briefly so "after" is the settled figure."""
-        until = min(deadline, self._clock() + SETTLE_S)
-        while self._clock() < until and self._wait(min(self._poll_s, 0.1)):
+        until = min(deadline, self.clock() + SETTLE_S)
+        while self.clock() < until and self.wait(min(self.poll_s, 0.1)):
             again = self.probe.comfy_reading(key)
             if again is None or again.bytes >= after.bytes:
                 break
@@ -316,7 +285,7 @@ class Actor:
     # ------------------------------------------------------------------ ComfyUI restart
 
     def restart_comfy(self, action: RestartComfy) -> Outcome:
-        start = self._clock()
+        start = self.clock()
 
         def refuse(why: str, result: FreeResult = FreeResult.FAILED) -> Outcome:
             logger.bind(target=action.target).warning(
@@ -328,7 +297,7 @@ class Actor:
                 ok=False,
                 result=result,
                 detail=why,
-                duration_s=self._clock() - start,
+                duration_s=self.clock() - start,
             )
 
         target = self.targets().comfyuis.get(action.target)
@@ -357,7 +326,7 @@ class Actor:
                 FreeResult.PENDING,
             )
         if self.settings.dry_run:
-            return self._dry(action, f"restart ComfyUI container {spec.name}")
+            return self.dry(action, f"restart ComfyUI container {spec.name}")
         before = self.probe.comfy_reading(action.target)
         try:
             docker.restart(spec.container_id, RESTART_STOP_TIMEOUT_S)
@@ -371,7 +340,7 @@ class Actor:
                 ok=False,
                 result=FreeResult.FAILED,
                 detail=str(exc),
-                duration_s=self._clock() - start,
+                duration_s=self.clock() - start,
             )
         logger.bind(target=action.target).warning(
             f"Restarted ComfyUI container {spec.name}: {action.reason}"
@@ -382,215 +351,13 @@ class Actor:
             ok=True,
             result=FreeResult.FREED,
             before_bytes=before.bytes if before else None,
-            duration_s=self._clock() - start,
+            duration_s=self.clock() - start,
         )
 
     # ------------------------------------------------------------------ Ollama
 
-    def _find(self, ollama: OllamaApi, model: str) -> OllamaModel | None:
-        return next((m for m in ollama.ps() if m.name == model), None)
-
-    def _wait_gone(self, ollama: OllamaApi, model: str, deadline: float) -> bool:
-        """The unload is asynchronous: the model leaves /api/ps when its runner stops."""
-        while True:
-            try:
-                if self._find(ollama, model) is None:
-                    return True
-            except ServiceError:
-                pass
-            if self._clock() >= deadline or not self._wait(self._poll_s):
-                return False
-
     def unload_ollama(self, action: UnloadOllama) -> Outcome:
-        start = self._clock()
-        target = self.targets().ollamas.get(action.target)
-        if target is None:
-            return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
-        spec, ollama = target
-        if self.settings.dry_run:
-            return self._dry(action, f"unload Ollama model {action.model} on {spec.name}")
-        log = logger.bind(target=action.target, model=action.model)
-        try:
-            found = self._find(ollama, action.model)
-            ollama.unload(action.model)
-        except ServiceError as exc:
-            log.warning(f"Could not unload Ollama model {action.model}: {exc}")
-            return Outcome(
-                action, start, ok=False, detail=str(exc), duration_s=self._clock() - start
-            )
-        before = found.size_vram_bytes if found else None
-        gone = self._wait_gone(ollama, action.model, start + self.settings.verify_timeout_s)
-        took = self._clock() - start
-        if gone:
-            log.info(
-                f"Unloaded Ollama model {action.model} ({format_bytes(before)} of VRAM) "
-                f"in {took:.1f} s: {action.reason}"
-            )
-        else:
-            log.warning(
-                f"Ollama model {action.model} is still loaded {took:.1f} s after the "
-                "unload (a request is still using it)"
-            )
-        return Outcome(
-            action,
-            start,
-            ok=gone,
-            before_bytes=before,
-            after_bytes=0 if gone else before,
-            detail="" if gone else "still loaded",
-            duration_s=took,
-        )
+        return ollama_actions.unload(self, action)
 
     def heal_ollama(self, action: HealOllama) -> Outcome:
-        """Free the room, unload the spilled model, wait until VRAM is back, load it again."""
-        start = self._clock()
-        targets = self.targets()
-        target = targets.ollamas.get(action.target)
-        if target is None:
-            return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
-        spec, ollama = target
-        if self.settings.dry_run:
-            return self._dry(
-                action,
-                f"heal Ollama model {action.model} on {spec.name} "
-                f"(free {', '.join(action.free_first) or 'nothing'}, unload, "
-                "preload)",
-            )
-        log = logger.bind(target=action.target, model=action.model)
-
-        def fail(detail: str) -> Outcome:
-            log.warning(f"Could not heal Ollama model {action.model}: {detail}")
-            return Outcome(action, start, ok=False, detail=detail, duration_s=self._clock() - start)
-
-        try:
-            model = self._find(ollama, action.model)
-        except ServiceError as exc:
-            return fail(str(exc))
-        if model is None:
-            return fail("it is no longer loaded")
-        for key in action.free_first:
-            if key in targets.comfyuis:
-                self.free_comfy(FreeComfy(key, FreeStage.HARD, f"heal {action.model}"))
-        gpu = targets.ollama_gpus[0] if len(targets.ollama_gpus) == 1 else None
-        free = self.probe.free_bytes(gpu)
-        if free is not None and free + model.size_vram_bytes < model.size_bytes:
-            return fail(
-                f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
-                f"be free, {format_bytes(model.size_bytes)} needed; it would spill again"
-            )
-        try:
-            ollama.unload(action.model)
-        except ServiceError as exc:
-            return fail(f"unload failed: {exc}")
-        if not self._wait_gone(
-            ollama, action.model, self._clock() + self.settings.verify_timeout_s
-        ):
-            return fail("it is still in use, the unload waits for its requests")
-        if free is not None:
-            self._wait_recovered(gpu, free + model.size_vram_bytes * 3 // 4)
-        if self._stop.is_set():
-            return fail("the supervisor is stopping")
-        try:
-            ollama.preload(action.model, self._preload_timeout_s)
-            healed = self._find(ollama, action.model)
-        except ServiceError as exc:
-            return fail(f"reload failed: {exc}")
-        after = healed.gpu_fraction if healed else 0.0
-        took = self._clock() - start
-        before_pct, after_pct = round(model.gpu_fraction * 100), round(after * 100)
-        ok = healed is not None and after > model.gpu_fraction
-        if ok:
-            log.info(
-                f"Healed Ollama model {action.model}: {before_pct}% -> {after_pct}% "
-                f"on GPU in {took:.1f} s ({action.reason})"
-            )
-        else:
-            log.warning(
-                f"Heal of Ollama model {action.model} did not help: {before_pct}% -> "
-                f"{after_pct}% on GPU"
-            )
-        return Outcome(
-            action,
-            start,
-            ok=ok,
-            before_bytes=model.size_vram_bytes,
-            after_bytes=healed.size_vram_bytes if healed else None,
-            after_fraction=after,
-            duration_s=took,
-        )
-
-    def _wait_recovered(self, gpu: str | None, target_free: int) -> None:
-        deadline = self._clock() + RECOVERY_WAIT_S
-        while self._clock() < deadline and self._wait(self._poll_s):
-            free = self.probe.free_bytes(gpu)
-            if free is not None and free >= target_free:
-                return
-
-
-class ComfyRoomMaker:
-    """`ports.RoomMaker` for the gate: frees the ComfyUI(s) on Ollama's GPU, soft then
-    hard, until free VRAM covers the need. Shares the Actor's lock with the loop.
-
-    A busy ComfyUI is freed only under VRAM_PRIORITY=ollama (the flags then wait for its
-    prompt); under balanced and comfyui a running generation's models are left alone."""
-
-    def __init__(
-        self,
-        actor: Actor,
-        clock: Callable[[], float] = time.monotonic,
-        on_outcome: Callable[[Outcome], None] | None = None,
-    ) -> None:
-        self._actor = actor
-        self._clock = clock
-        # The daemon folds these into the policy state, so the loop does not repeat a free
-        # the gate just did, and can escalate it.
-        self._on_outcome = on_outcome or (lambda outcome: None)
-
-    def free_bytes(self) -> int | None:
-        gpus = self._actor.targets().ollama_gpus
-        return self._actor.probe.free_bytes(gpus[0] if len(gpus) == 1 else None)
-
-    def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
-        end = self._clock() + deadline_s
-        if not self._actor.lock.acquire(timeout=max(deadline_s, 0.0)):
-            return False
-        try:
-            free = self.free_bytes()
-            if free is not None and free >= need_bytes:
-                return True
-            targets = self._actor.targets()
-            gpus = set(targets.ollama_gpus)
-            settings = self._actor.settings
-            for key, (spec, comfy) in targets.comfyuis.items():
-                if gpus and spec.gpu_uuids and not gpus & set(spec.gpu_uuids):
-                    continue  # another GPU: freeing it gives Ollama nothing
-                try:
-                    busy = comfy.queue().is_busy
-                except ServiceError:
-                    busy = False
-                if busy and settings.priority is not Priority.OLLAMA:
-                    logger.info(
-                        f"Not freeing ComfyUI {spec.name} for the gate: it has work "
-                        f"and VRAM_PRIORITY={settings.priority}"
-                    )
-                    continue
-                for stage in (FreeStage.SOFT, FreeStage.HARD):
-                    left = end - self._clock()
-                    if left <= 0:
-                        return False
-                    outcome = self._actor.free_comfy(
-                        FreeComfy(key, stage, reason),
-                        wait_pending_s=left if busy else 0.0,
-                        verify_s=left,
-                    )
-                    self._on_outcome(outcome)
-                    if outcome.dry_run:
-                        return False
-                    free = self.free_bytes()
-                    if free is not None and free >= need_bytes:
-                        return True
-                    if free is None and outcome.result is FreeResult.FREED:
-                        return True  # cannot measure the room; the free did its part
-            return False
-        finally:
-            self._actor.lock.release()
+        return ollama_actions.heal(self, action)

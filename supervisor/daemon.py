@@ -27,14 +27,7 @@ from typing import Any
 
 from loguru import logger
 
-from supervisor.actions import (
-    PRELOAD_TIMEOUT_S,
-    Actor,
-    ComfyRoomMaker,
-    Reading,
-    Targets,
-    format_bytes,
-)
+from supervisor.actions import PRELOAD_TIMEOUT_S, Actor, Reading, Targets, format_bytes
 from supervisor.config import Settings
 from supervisor.errors import ServiceError
 from supervisor.metrics import Metrics
@@ -57,6 +50,7 @@ from supervisor.model import (
     VramSource,
 )
 from supervisor.ports import ComfyApi, DockerApi, EventSource, GpuProcess, GpuReader, OllamaApi
+from supervisor.room import ComfyRoomMaker
 from supervisor.vram.api import comfy_vram_bytes, gpus_from_api, ollama_vram_bytes
 from supervisor.vram.attribution import Attribution, attribute
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
-from supervisor.actions import Actor, ComfyRoomMaker, Reading, Targets, format_bytes
+from supervisor.actions import Actor, Reading, Targets, format_bytes
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
@@ -19,6 +19,7 @@ from supervisor.model import (
     ServiceSpec,
     UnloadOllama,
 )
+from supervisor.room import ComfyRoomMaker
 from tests.daemon.conftest import World, has
 from tests.daemon.fakes import GIB, FakeClock, FakeComfy, FakeDocker, FakeGpu, FakeOllama
 

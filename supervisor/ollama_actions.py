@@ -1,0 +1,167 @@
+"""Ollama actions for the Actor: unload a model, heal a model that spilled to the CPU.
+
+Policy (the Actor's, see `supervisor.actions`): nothing is trusted on the word of the API.
+Ollama's unload returns before the runner is gone, so both actions watch /api/ps until the
+model leaves it (VRAM_VERIFY_TIMEOUT); a heal also waits up to RECOVERY_WAIT_S for the VRAM
+to come back before it loads the model again, and gives up rather than reload into a GPU
+where the model would spill again. Both run under the Actor's lock (it calls them) and
+return an Outcome; adapter errors become a failed Outcome, never an exception.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from supervisor.errors import ServiceError
+from supervisor.model import FreeComfy, FreeStage, HealOllama, OllamaModel, Outcome, UnloadOllama
+from supervisor.ports import OllamaApi
+from supervisor.units import format_bytes
+
+if TYPE_CHECKING:
+    from supervisor.actions import Actor
+
+# Ollama waits up to 5 s for VRAM to recover after an unload; we wait as long.
+RECOVERY_WAIT_S = 5.0
+
+
+def _find(ollama: OllamaApi, model: str) -> OllamaModel | None:
+    return next((m for m in ollama.ps() if m.name == model), None)
+
+
+def _wait_gone(actor: Actor, ollama: OllamaApi, model: str, deadline: float) -> bool:
+    """The unload is asynchronous: the model leaves /api/ps when its runner stops."""
+    while True:
+        try:
+            if _find(ollama, model) is None:
+                return True
+        except ServiceError:
+            pass
+        if actor.clock() >= deadline or not actor.wait(actor.poll_s):
+            return False
+
+
+def _wait_recovered(actor: Actor, gpu: str | None, target_free: int) -> None:
+    deadline = actor.clock() + RECOVERY_WAIT_S
+    while actor.clock() < deadline and actor.wait(actor.poll_s):
+        free = actor.probe.free_bytes(gpu)
+        if free is not None and free >= target_free:
+            return
+
+
+def unload(actor: Actor, action: UnloadOllama) -> Outcome:
+    """Unload one model and watch /api/ps until it is gone."""
+    start = actor.clock()
+    target = actor.targets().ollamas.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
+    spec, ollama = target
+    if actor.settings.dry_run:
+        return actor.dry(action, f"unload Ollama model {action.model} on {spec.name}")
+    log = logger.bind(target=action.target, model=action.model)
+    try:
+        found = _find(ollama, action.model)
+        ollama.unload(action.model)
+    except ServiceError as exc:
+        log.warning(f"Could not unload Ollama model {action.model}: {exc}")
+        return Outcome(action, start, ok=False, detail=str(exc), duration_s=actor.clock() - start)
+    before = found.size_vram_bytes if found else None
+    gone = _wait_gone(actor, ollama, action.model, start + actor.settings.verify_timeout_s)
+    took = actor.clock() - start
+    if gone:
+        log.info(
+            f"Unloaded Ollama model {action.model} ({format_bytes(before)} of VRAM) "
+            f"in {took:.1f} s: {action.reason}"
+        )
+    else:
+        log.warning(
+            f"Ollama model {action.model} is still loaded {took:.1f} s after the "
+            "unload (a request is still using it)"
+        )
+    return Outcome(
+        action,
+        start,
+        ok=gone,
+        before_bytes=before,
+        after_bytes=0 if gone else before,
+        detail="" if gone else "still loaded",
+        duration_s=took,
+    )
+
+
+def heal(actor: Actor, action: HealOllama) -> Outcome:
+    """Free the room, unload the spilled model, wait until VRAM is back, load it again."""
+    start = actor.clock()
+    targets = actor.targets()
+    target = targets.ollamas.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
+    spec, ollama = target
+    if actor.settings.dry_run:
+        return actor.dry(
+            action,
+            f"heal Ollama model {action.model} on {spec.name} "
+            f"(free {', '.join(action.free_first) or 'nothing'}, unload, "
+            "preload)",
+        )
+    log = logger.bind(target=action.target, model=action.model)
+
+    def fail(detail: str) -> Outcome:
+        log.warning(f"Could not heal Ollama model {action.model}: {detail}")
+        return Outcome(action, start, ok=False, detail=detail, duration_s=actor.clock() - start)
+
+    try:
+        model = _find(ollama, action.model)
+    except ServiceError as exc:
+        return fail(str(exc))
+    if model is None:
+        return fail("it is no longer loaded")
+    for key in action.free_first:
+        if key in targets.comfyuis:
+            actor.free_comfy(FreeComfy(key, FreeStage.HARD, f"heal {action.model}"))
+    gpu = targets.ollama_gpu
+    free = actor.probe.free_bytes(gpu)
+    if free is not None and free + model.size_vram_bytes < model.size_bytes:
+        return fail(
+            f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
+            f"be free, {format_bytes(model.size_bytes)} needed; it would spill again"
+        )
+    try:
+        ollama.unload(action.model)
+    except ServiceError as exc:
+        return fail(f"unload failed: {exc}")
+    if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
+        return fail("it is still in use, the unload waits for its requests")
+    if free is not None:
+        _wait_recovered(actor, gpu, free + model.size_vram_bytes * 3 // 4)
+    if actor.is_stopping:
+        return fail("the supervisor is stopping")
+    try:
+        ollama.preload(action.model, actor.preload_timeout_s)
+        healed = _find(ollama, action.model)
+    except ServiceError as exc:
+        return fail(f"reload failed: {exc}")
+    after = healed.gpu_fraction if healed else 0.0
+    took = actor.clock() - start
+    before_pct, after_pct = round(model.gpu_fraction * 100), round(after * 100)
+    ok = healed is not None and after > model.gpu_fraction
+    if ok:
+        log.info(
+            f"Healed Ollama model {action.model}: {before_pct}% -> {after_pct}% "
+            f"on GPU in {took:.1f} s ({action.reason})"
+        )
+    else:
+        log.warning(
+            f"Heal of Ollama model {action.model} did not help: {before_pct}% -> "
+            f"{after_pct}% on GPU"
+        )
+    return Outcome(
+        action,
+        start,
+        ok=ok,
+        before_bytes=model.size_vram_bytes,
+        after_bytes=healed.size_vram_bytes if healed else None,
+        after_fraction=after,
+        duration_s=took,
+    )
