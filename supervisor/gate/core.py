@@ -274,8 +274,10 @@ class Gate:
         origin = self._origin()
         if origin is None:
             self._stats.upstream_errors_total += 1
-            _reply_error(writer, 502, "vram-supervisor gate: no Ollama server is known now")
-            return body is not None and req.keep_alive
+            keep_alive = body is not None and req.keep_alive  # an unread body: close
+            message = "vram-supervisor gate: no Ollama server is known now"
+            _reply_error(writer, 502, message, keep_alive=keep_alive)
+            return keep_alive
         client.in_exchange = True
         try:
             if is_load:
