@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 from loguru import logger
@@ -67,7 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink = logger.add(log, level="INFO", format="{message}", backtrace=False, diagnose=False)
     failure: str | None = None
     code = EXIT_OK
-    scenario: Scenario | None = None
     try:
         with World() as world:
             world.start_host()
@@ -81,8 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failure, code = str(exc), EXIT_FAILED
             except KeyboardInterrupt:
                 failure, code = "interrupted", EXIT_INTERRUPTED
+            except Exception as exc:  # a bug: say so in the summary, keep the traceback
+                traceback.print_exc()
+                failure, code = f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED
             scenario.summary(time.monotonic() - started, failure)
-    except DemoFailure as exc:  # the world itself could not start
+    except (DemoFailure, OSError) as exc:  # the world itself could not start
         console.line(console.red(f"Demo FAILED before the first step: {exc}"))
         code = EXIT_FAILED
     except KeyboardInterrupt:
