@@ -9,10 +9,11 @@ container that went away disappears from /metrics instead of keeping a stale val
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from supervisor.model import (
@@ -117,6 +118,49 @@ class Metrics:
     def latest(self) -> Observation | None:
         with self._lock:
             return self._observation
+
+    def watch_gate(self, stats: Callable[[], Any]) -> None:
+        """Export the gate's counters (`Gate.stats`, read at scrape time)."""
+        self.registry.register(_GateCollector(stats))
+
+
+# (attribute of GateStats, metric name without _total, help)
+_GATE_COUNTERS = (
+    ("requests_total", "vram_supervisor_gate_requests", "Requests the Ollama gate received."),
+    (
+        "gated_total",
+        "vram_supervisor_gate_gated_requests",
+        "Load requests for a model that was not resident (room checked first).",
+    ),
+    ("waits_total", "vram_supervisor_gate_waits", "Times the gate held a request to make room."),
+    (
+        "wait_seconds_total",
+        "vram_supervisor_gate_wait_seconds",
+        "Seconds requests were held while room was made.",
+    ),
+    (
+        "forwarded_anyway_total",
+        "vram_supervisor_gate_forwarded_anyway",
+        "Requests forwarded without enough free VRAM after VRAM_GATE_WAIT.",
+    ),
+    (
+        "upstream_errors_total",
+        "vram_supervisor_gate_upstream_errors",
+        "Requests answered 502 because Ollama could not be reached.",
+    ),
+)
+
+
+class _GateCollector(Collector):
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._stats()
+        for attribute, name, help_text in _GATE_COUNTERS:
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], float(getattr(snapshot, attribute)))
+            yield family
 
 
 class _ObservationCollector(Collector):

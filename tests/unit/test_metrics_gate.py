@@ -1,0 +1,44 @@
+"""The gate's counters reach /metrics as Prometheus counters, read at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.gate.stats import GateStats
+from supervisor.metrics import Metrics
+
+
+def _samples(registry: CollectorRegistry) -> dict[str, float]:
+    text = generate_latest(registry).decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("vram_supervisor_gate_")
+    }
+
+
+def test_gate_counters_follow_the_gate_at_each_scrape() -> None:
+    registry = CollectorRegistry()
+    current = {"stats": GateStats()}
+    Metrics(registry).watch_gate(lambda: current["stats"])
+    assert _samples(registry)["vram_supervisor_gate_requests_total"] == 0
+
+    current["stats"] = GateStats(
+        requests_total=12,
+        gated_total=3,
+        waits_total=2,
+        wait_seconds_total=4.5,
+        forwarded_anyway_total=1,
+        upstream_errors_total=1,
+    )
+    samples = _samples(registry)
+    assert samples == {
+        "vram_supervisor_gate_requests_total": 12,
+        "vram_supervisor_gate_gated_requests_total": 3,
+        "vram_supervisor_gate_waits_total": 2,
+        "vram_supervisor_gate_wait_seconds_total": 4.5,
+        "vram_supervisor_gate_forwarded_anyway_total": 1,
+        "vram_supervisor_gate_upstream_errors_total": 1,
+    }
