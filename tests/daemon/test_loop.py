@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from supervisor.config import Settings
-from supervisor.daemon import MAX_ACTIONS_PER_SERVICE_PER_MIN, Daemon, noisy
+from supervisor.daemon import MAX_ACTIONS_PER_SERVICE_PER_MIN, Daemon
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
     Decision,
@@ -22,6 +22,7 @@ from supervisor.model import (
     Role,
     VramSource,
 )
+from supervisor.reads import noisy
 from tests.daemon.conftest import World, has
 from tests.daemon.fakes import GIB, NVML_DOWN, FakeComfy
 

@@ -1,0 +1,337 @@
+"""Observe: read Docker, every running service's API and NVML into one `Observation`.
+
+Policy:
+- Each call re-reads everything it needs, so a lost or duplicated Docker event cannot
+  corrupt state; an event only marks the Docker listing stale (`mark_docker_stale`).
+- Docker is listed when an event said something changed, and at least once per
+  VRAM_CHECK_INTERVAL. When Docker cannot be reached the last known services are kept and
+  Docker is retried every call; observing never fails for it.
+- No request goes to a stopped container. Each running service is read in parallel, with
+  its own count of consecutive failures. Every failure is logged, with the log noise backed
+  off (1st, 2nd, 4th, 8th ... failure in a row).
+- VRAM figures come from NVML when it works, else from the services' APIs; the source is
+  logged once and whenever it changes. `docker top` runs only when a new GPU process or
+  another set of containers appears.
+- It also keeps `targets`: the running services the Actor may act on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from loguru import logger
+
+from supervisor.actions import Targets
+from supervisor.config import Settings
+from supervisor.model import (
+    ComfyObservation,
+    ComfyStats,
+    GpuMemory,
+    Observation,
+    OllamaModel,
+    OllamaObservation,
+    Role,
+    ServiceHealth,
+    ServiceSpec,
+    ServiceStatus,
+    VramSource,
+)
+from supervisor.policy import DEAD_API_CHECKS
+from supervisor.ports import ComfyApi, DockerApi, GpuProcess, GpuReader, OllamaApi
+from supervisor.reads import Read, Service, close_quietly, noisy, read_all
+from supervisor.vram.api import comfy_vram_bytes, gpus_from_api, ollama_vram_bytes
+from supervisor.vram.attribution import Attribution, attribute
+
+
+class Observer:
+    """Builds one `Observation` per `observe()` from the adapters it owns. `close()`
+    closes every client it built and the GPU reader."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ollama_client: Callable[[str], OllamaApi],
+        comfy_client: Callable[[str], ComfyApi],
+        docker: Callable[[], DockerApi] | None = None,
+        gpu: GpuReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._docker_factory = docker if settings.needs_docker else None
+        self._docker: DockerApi | None = None
+        self._gpu = gpu
+        self._make_ollama = ollama_client
+        self._make_comfy = comfy_client
+        self._clock = clock
+        self._services: dict[str, Service] = {}
+        self._targets = Targets()
+        self._pids: dict[str, tuple[int, ...]] = {}
+        self._foreign_pids: set[int] = set()
+        self._source: VramSource | None = None
+        self._docker_ok: bool | None = None
+        self._docker_failures = 0
+        self._docker_dirty = True
+        self._docker_listed_at: float | None = None
+        self._nvml_failures = 0
+        self._listed: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
+        self._fixed = {
+            role: url
+            for role, url in (
+                (Role.OLLAMA, settings.ollama_url),
+                (Role.COMFYUI, settings.comfyui_url),
+            )
+            if url
+        }
+
+    @property
+    def uses_docker(self) -> bool:
+        """False when both services have fixed URLs: Docker is then never touched."""
+        return self._docker_factory is not None
+
+    @property
+    def docker(self) -> DockerApi | None:
+        """The Docker adapter once built (after the first listing), else None."""
+        return self._docker
+
+    @property
+    def docker_ok(self) -> bool | None:
+        """None: Docker is not used; else whether the last listing worked."""
+        return self._docker_ok
+
+    @property
+    def gpu(self) -> GpuReader | None:
+        return self._gpu
+
+    def pids(self, key: str) -> tuple[int, ...]:
+        """The PIDs in the service's container at the last `docker top` (() if unknown)."""
+        return self._pids.get(key, ())
+
+    @property
+    def targets(self) -> Targets:
+        """The running services of the last observation, for the Actor."""
+        return self._targets
+
+    def mark_docker_stale(self) -> None:
+        """A Docker event: list containers again on the next observe()."""
+        self._docker_dirty = True
+
+    def service_states(self) -> dict[str, str]:
+        """Each known service: "down", "ok" or "failing" (safe from another thread)."""
+        return {
+            s.spec.key: ("down" if not s.is_running else "ok" if not s.failures else "failing")
+            for s in list(self._services.values())
+        }
+
+    def close(self) -> None:
+        for service in self._services.values():
+            close_quietly(service.client)
+        if self._gpu is not None:
+            close_quietly(self._gpu)
+
+    # ------------------------------------------------------------------ observe
+
+    def observe(self) -> Observation:
+        at = self._clock()
+        self._refresh_services(at)
+        running = [s for s in self._services.values() if s.is_running]
+        reads = dict(zip([s.spec.key for s in running], read_all(running), strict=True))
+        self._count_failures(running, reads)
+        stats = [r.stats for r in reads.values() if r.stats is not None]
+        models = [m for r in reads.values() for m in r.models or ()]
+        source, gpus, processes = self._read_vram(stats, models)
+        attributed = self._attribute(processes, running) if processes is not None else {}
+
+        ollamas: list[OllamaObservation] = []
+        comfyuis: list[ComfyObservation] = []
+        for service in self._services.values():
+            read = reads.get(service.spec.key, Read())
+            status = ServiceStatus(
+                spec=service.spec,
+                is_running=service.is_running,
+                health=service.health,
+                is_reachable=service.is_running and read.error is None,
+                failed_checks=service.failures,
+                error=service.error if service.is_running else "not running",
+            )
+            attribution = attributed.get(service.spec.key)
+            gpu_uuids = attribution.gpu_uuids if attribution else ()
+            if service.spec.role is Role.OLLAMA:
+                vram = (
+                    attribution.vram_bytes
+                    if attribution
+                    else (ollama_vram_bytes(read.models) if read.models is not None else None)
+                )
+                ollamas.append(OllamaObservation(status, read.models, vram, gpu_uuids))
+            else:
+                vram = (
+                    attribution.vram_bytes
+                    if attribution
+                    else (comfy_vram_bytes(read.stats) if read.stats is not None else None)
+                )
+                comfyuis.append(ComfyObservation(status, read.queue, read.stats, vram, gpu_uuids))
+
+        obs = Observation(
+            at=at,
+            source=source,
+            gpus=gpus,
+            ollamas=tuple(ollamas),
+            comfyuis=tuple(comfyuis),
+            docker_ok=self._docker_ok,
+        )
+        self._targets = Targets(
+            comfyuis={
+                s.spec.key: (s.spec, s.client) for s in running if s.spec.role is Role.COMFYUI
+            },
+            ollamas={s.spec.key: (s.spec, s.client) for s in running if s.spec.role is Role.OLLAMA},
+            ollama_gpus=tuple(sorted({u for o in ollamas for u in o.gpu_uuids})),
+            dead_comfyuis=frozenset(
+                s.spec.key
+                for s in running
+                if s.spec.role is Role.COMFYUI and s.failures >= DEAD_API_CHECKS
+            ),
+        )
+        return obs
+
+    def _refresh_services(self, now: float) -> None:
+        wanted: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
+        for role, url in self._fixed.items():
+            spec = ServiceSpec(role=role, name=role.value, url=url)
+            wanted[spec.key] = (spec, True, ServiceHealth.NONE)
+        if self._docker_factory is not None:
+            listed_at = self._docker_listed_at
+            due = listed_at is None or now - listed_at >= self.settings.check_interval_s
+            if self._docker_dirty or due or not self._docker_ok:
+                self._list_docker(now)
+            # While Docker is unreachable this is the last listing that worked.
+            wanted.update(self._listed)
+        for key in [k for k in self._services if k not in wanted]:
+            service = self._services.pop(key)
+            if service.is_running and service.spec.is_container:
+                logger.warning(f"Lost {service.spec.role} container {service.spec.name} (removed)")
+            close_quietly(service.client)
+        for key, (spec, is_running, health) in wanted.items():
+            self._update_service(key, spec, is_running, health)
+
+    def _list_docker(self, now: float) -> None:
+        try:
+            if self._docker is None:
+                assert self._docker_factory is not None
+                self._docker = self._docker_factory()
+            containers = self._docker.list_services()
+        except Exception as exc:  # DockerUnavailable, or a factory that cannot connect
+            self._docker_failures += 1
+            if noisy(self._docker_failures):
+                logger.warning(
+                    f"Docker is unreachable: {exc} (failure {self._docker_failures} in a row; "
+                    "keeping the last known services and retrying every pass)"
+                )
+            self._docker_ok = False
+            return
+        if self._docker_failures:
+            logger.info(f"Docker is reachable again after {self._docker_failures} failures")
+        self._docker_failures = 0
+        self._docker_ok = True
+        self._docker_dirty = False
+        self._docker_listed_at = now
+        self._listed = {
+            c.spec.key: (c.spec, c.is_running, c.health)
+            for c in containers
+            if c.spec.role not in self._fixed
+        }
+
+    def _update_service(
+        self, key: str, spec: ServiceSpec, is_running: bool, health: ServiceHealth
+    ) -> None:
+        service = self._services.get(key)
+        if service is None:
+            service = Service(spec, is_running=False)
+            self._services[key] = service
+        was_running = service.is_running
+        if service.spec.url != spec.url:
+            close_quietly(service.client)
+            service.client = None
+            was_running = False
+        service.spec, service.is_running, service.health = spec, is_running, health
+        if is_running and service.client is None:
+            service.client = (self._make_ollama if spec.role is Role.OLLAMA else self._make_comfy)(
+                spec.url
+            )
+        if is_running and not was_running:
+            service.failures, service.error = 0, None
+            if spec.is_container:
+                logger.info(f"Discovered {spec.role} container {spec.name} at {spec.url}")
+            else:
+                logger.info(f"Using {spec.role} at {spec.url} (fixed URL)")
+        elif was_running and not is_running:
+            logger.warning(f"Lost {spec.role} container {spec.name} (not running)")
+
+    def _count_failures(self, running: list[Service], reads: Mapping[str, Read]) -> None:
+        for service in running:
+            read = reads[service.spec.key]
+            spec = service.spec
+            what = (
+                f"{spec.role} container {spec.name}"
+                if spec.is_container
+                else (f"{spec.role} (fixed URL)")
+            )
+            if read.error is None:
+                if service.failures:
+                    logger.info(f"{what} answers again after {service.failures} failed checks")
+                service.failures, service.error = 0, None
+                continue
+            service.failures += 1
+            service.error = read.error
+            if noisy(service.failures):
+                logger.warning(
+                    f"Cannot read {what}: {read.error} ({service.failures} failed checks in a row)"
+                )
+
+    def _read_vram(
+        self, stats: list[ComfyStats], models: list[OllamaModel]
+    ) -> tuple[VramSource, tuple[GpuMemory, ...], tuple[GpuProcess, ...] | None]:
+        gpus: tuple[GpuMemory, ...] = ()
+        processes: tuple[GpuProcess, ...] | None = None
+        source = VramSource.NONE
+        if self._gpu is not None:
+            try:
+                gpus, processes = self._gpu.gpus(), self._gpu.processes()
+                source = VramSource.NVML
+                self._nvml_failures = 0
+            except Exception as exc:  # NvmlUnavailable, or a reader breaking its contract
+                self._nvml_failures += 1
+                if noisy(self._nvml_failures):
+                    logger.warning(f"NVML reading failed: {exc}; using the services' APIs")
+                gpus, processes = (), None
+        if source is not VramSource.NVML:
+            gpus = gpus_from_api(stats, models)
+            source = VramSource.API if gpus else VramSource.NONE
+        if source is not self._source:
+            logger.info(f"VRAM source: {source}")
+            self._source = source
+        return source, gpus, processes
+
+    def _attribute(
+        self, processes: tuple[GpuProcess, ...], running: list[Service]
+    ) -> dict[str, Attribution]:
+        containers = [s for s in running if s.spec.container_id and self._docker is not None]
+        if not containers:
+            return {}
+        # docker top only when the picture changed: a new GPU process (an Ollama runner
+        # starts per model) or another set of containers. PIDs of processes outside every
+        # container are remembered so they do not cause a re-read on every pass.
+        known = {pid for pids in self._pids.values() for pid in pids} | self._foreign_pids
+        stale = {s.spec.key for s in containers} != set(self._pids)
+        if stale or any(p.pid not in known for p in processes):
+            pids: dict[str, tuple[int, ...]] = {}
+            for s in containers:
+                try:
+                    assert self._docker is not None and s.spec.container_id is not None
+                    pids[s.spec.key] = self._docker.container_pids(s.spec.container_id)
+                except Exception as exc:  # DockerUnavailable; a gone container
+                    logger.debug(f"docker top {s.spec.name} failed: {exc}")
+            self._pids = pids
+            owned = {pid for pids_ in pids.values() for pid in pids_}
+            self._foreign_pids = {p.pid for p in processes if p.pid not in owned}
+        return attribute(processes, self._pids) if self._pids else {}

@@ -1,0 +1,73 @@
+"""Fresh VRAM readings for the Actor's verification (`actions.Probe`).
+
+Policy: the narrowest reading that works. For a ComfyUI: the NVML memory of its
+container's processes, else torch's reserved bytes from its /system_stats (CUDA only), else
+the GPU's used bytes (`is_device_wide`, other processes included). Free VRAM: NVML for the
+GPU asked about (any GPU's best when unknown), else ComfyUI's vram_free less torch's cache.
+A failed reading is logged at DEBUG and the next source is tried; None when none works.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from supervisor.actions import Reading
+from supervisor.errors import ServiceError
+from supervisor.vram.api import comfy_vram_bytes
+
+if TYPE_CHECKING:
+    from supervisor.observe import Observer
+
+
+class LiveProbe:
+    """Reads through the Observer's adapters: its GPU reader, its container PIDs, and the
+    ComfyUI clients of its last observation."""
+
+    def __init__(self, observer: Observer) -> None:
+        self._observer = observer
+
+    def comfy_reading(self, key: str) -> Reading | None:
+        gpu, pids = self._observer.gpu, self._observer.pids(key)
+        if gpu is not None and pids:
+            try:
+                wanted = set(pids)
+                return Reading(sum(p.used_bytes or 0 for p in gpu.processes() if p.pid in wanted))
+            except Exception as exc:
+                logger.debug(f"NVML process reading failed: {exc}")
+        target = self._observer.targets.comfyuis.get(key)
+        if target is not None:
+            try:
+                stats = target[1].system_stats()
+                if stats.device_type == "cuda":
+                    return Reading(comfy_vram_bytes(stats))
+            except ServiceError as exc:
+                logger.debug(f"ComfyUI stats reading failed: {exc}")
+        if gpu is not None:
+            try:
+                return Reading(sum(g.used_bytes for g in gpu.gpus()), is_device_wide=True)
+            except Exception as exc:
+                logger.debug(f"NVML device reading failed: {exc}")
+        return None
+
+    def free_bytes(self, gpu_uuid: str | None) -> int | None:
+        gpu = self._observer.gpu
+        if gpu is not None:
+            try:
+                gpus = gpu.gpus()
+                chosen = [g for g in gpus if g.uuid == gpu_uuid] or list(gpus)
+                if chosen:
+                    # Unknown GPU: Ollama places a model where it fits best.
+                    return max(g.free_bytes for g in chosen)
+            except Exception as exc:
+                logger.debug(f"NVML device reading failed: {exc}")
+        for _, comfy in self._observer.targets.comfyuis.values():
+            try:
+                stats = comfy.system_stats()
+            except ServiceError:
+                continue
+            if stats.device_type == "cuda":
+                # Driver free = ComfyUI's vram_free minus torch's cache (api-facts 2.2).
+                return max(0, stats.vram_free_bytes - stats.torch_cached_bytes)
+        return None

@@ -1,0 +1,102 @@
+"""Reading the services' APIs: one service's read, all of them in parallel.
+
+Policy: an Ollama is read with /api/ps; a ComfyUI with /queue and /system_stats, and it
+counts as answering when either answered (one bad endpoint is a partial reading, logged
+at DEBUG). A read never raises: errors, including an adapter breaking its contract,
+become `Read.error`. Every running service is read at once on daemon threads, so one slow
+service delays no other and a read stuck in a timeout never holds up the process's exit.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from supervisor.errors import ServiceError
+from supervisor.model import ComfyQueue, ComfyStats, OllamaModel, Role, ServiceHealth, ServiceSpec
+
+
+def noisy(count: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th ... occurrence of a repeated failure."""
+    return count > 0 and count & (count - 1) == 0
+
+
+@dataclass
+class Service:
+    """One known service: its spec, what Docker says, its API client and failure count."""
+
+    spec: ServiceSpec
+    is_running: bool
+    health: ServiceHealth = ServiceHealth.NONE
+    failures: int = 0
+    error: str | None = None
+    client: Any = None  # OllamaApi | ComfyApi, built for spec.url
+
+
+@dataclass(frozen=True)
+class Read:
+    """One read of a service's API; `error` set when nothing answered."""
+
+    models: tuple[OllamaModel, ...] | None = None
+    queue: ComfyQueue | None = None
+    stats: ComfyStats | None = None
+    error: str | None = None
+
+
+def read_service(service: Service) -> Read:
+    """One service's API read; never raises (see the module doc)."""
+    try:
+        if service.spec.role is Role.OLLAMA:
+            return Read(models=service.client.ps())
+        queue: ComfyQueue | None = None
+        stats: ComfyStats | None = None
+        errors: list[str] = []
+        try:
+            queue = service.client.queue()
+        except ServiceError as exc:
+            errors.append(str(exc))
+        try:
+            stats = service.client.system_stats()
+        except ServiceError as exc:
+            errors.append(str(exc))
+        # Dead only when nothing answered; one bad endpoint is a partial reading.
+        error = "; ".join(errors) if queue is None and stats is None else None
+        if errors and error is None:
+            logger.debug(f"Partial reading of {service.spec.key}: {'; '.join(errors)}")
+        return Read(queue=queue, stats=stats, error=error)
+    except ServiceError as exc:
+        return Read(error=str(exc))
+    except Exception as exc:  # an adapter breaking its contract must not stop the loop
+        return Read(error=f"unexpected {type(exc).__name__}: {exc}")
+
+
+def read_all(services: list[Service]) -> list[Read]:
+    """Read every service at once, so one slow service does not delay the others. Daemon
+    threads (not a pool): a read stuck in a timeout never holds up the process's exit."""
+    results: list[Read] = [Read(error="not read")] * len(services)
+
+    def one(i: int) -> None:
+        results[i] = read_service(services[i])
+
+    threads = [
+        threading.Thread(target=one, args=(i,), name=f"read-{s.spec.key}", daemon=True)
+        for i, s in enumerate(services)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def close_quietly(thing: object) -> None:
+    """Close an adapter if it can be closed; a failure is only worth a DEBUG line."""
+    close = getattr(thing, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as exc:
+            logger.debug(f"Closing {thing!r}: {exc}")

@@ -1,0 +1,112 @@
+"""The JSON shapes of `/status`, `/healthz` and `vram-supervisor status --json`.
+
+Pure functions from model objects to JSON-able dicts; the field names are an interface
+(the `status` table, scripts and the e2e tests read them), so change them only additively.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supervisor.model import (
+    ComfyObservation,
+    GpuMemory,
+    Observation,
+    OllamaObservation,
+    Outcome,
+    ServiceStatus,
+)
+from supervisor.units import format_bytes
+
+
+def docker_word(ok: bool | None) -> str:
+    return "not used" if ok is None else "ok" if ok else "unreachable"
+
+
+def observation_json(obs: Observation | None) -> dict[str, Any]:
+    """VRAM source, GPUs and services of one observation (empty before the first)."""
+    return {
+        "vram_source": obs.source.value if obs else None,
+        "gpus": [gpu_json(g) for g in obs.gpus] if obs else [],
+        "ollama": [ollama_json(o) for o in obs.ollamas] if obs else [],
+        "comfyui": [comfy_json(c) for c in obs.comfyuis] if obs else [],
+    }
+
+
+def outcome_json(outcome: Outcome, wall_time: float) -> dict[str, Any]:
+    """One entry of `recent_actions`."""
+    action = outcome.action
+    entry: dict[str, Any] = {
+        "wall_time": wall_time,
+        "action": type(action).__name__,
+        "target": action.target,
+        "reason": action.reason,
+        "ok": outcome.ok,
+        "result": outcome.result.value if outcome.result else None,
+        "before_bytes": outcome.before_bytes,
+        "after_bytes": outcome.after_bytes,
+        "duration_s": round(outcome.duration_s, 3),
+        "dry_run": outcome.dry_run,
+        "detail": outcome.detail,
+    }
+    for attr in ("stage", "model"):
+        if hasattr(action, attr):
+            entry[attr] = str(getattr(action, attr))
+    return entry
+
+
+def gpu_json(g: GpuMemory) -> dict[str, Any]:
+    return {
+        "uuid": g.uuid,
+        "index": g.index,
+        "name": g.name,
+        "total_bytes": g.total_bytes,
+        "used_bytes": g.used_bytes,
+        "free_bytes": g.free_bytes,
+        "used_percent": round(g.used_percent, 1),
+    }
+
+
+def status_json(s: ServiceStatus) -> dict[str, Any]:
+    return {
+        "key": s.spec.key,
+        "name": s.spec.name,
+        "url": s.spec.url,
+        "container_id": s.spec.container_id,
+        "running": s.is_running,
+        "health": s.health.value,
+        "reachable": s.is_reachable,
+        "failed_checks": s.failed_checks,
+        "error": s.error,
+    }
+
+
+def ollama_json(o: OllamaObservation) -> dict[str, Any]:
+    models = [
+        {
+            "name": m.name,
+            "size_bytes": m.size_bytes,
+            "size_vram_bytes": m.size_vram_bytes,
+            "gpu_percent": round(100 * m.gpu_fraction, 1),
+            "expires_at": m.expires_at,
+        }
+        for m in o.models or ()
+    ]
+    return {
+        **status_json(o.status),
+        "vram_bytes": o.vram_bytes,
+        "gpu_uuids": list(o.gpu_uuids),
+        "models": models if o.models is not None else None,
+        "vram": format_bytes(o.vram_bytes),
+    }
+
+
+def comfy_json(c: ComfyObservation) -> dict[str, Any]:
+    queue = {"running": c.queue.running, "pending": c.queue.pending} if c.queue else None
+    return {
+        **status_json(c.status),
+        "vram_bytes": c.vram_bytes,
+        "gpu_uuids": list(c.gpu_uuids),
+        "queue": queue,
+        "vram": format_bytes(c.vram_bytes),
+    }
