@@ -566,6 +566,42 @@ class Supervisor:
         """This service's entry in /status (None when the supervisor does not list it)."""
         return next((s for s in self.status()[role] if s["name"] == name), None)
 
+    def wait_pass(self, timeout_s: float = 15.0) -> None:
+        """Until a pass of the loop has completed after this call (so it saw the present)."""
+        now = time.time()
+        wait_until(
+            lambda: (self.status()["last_pass_wall_time"] or 0) > now,
+            timeout_s,
+            f"a pass of the supervisor's loop; log:\n{self.log(40)}",
+        )
+
+    def wait_passes(self, passes: int) -> None:
+        """Let the loop run `passes` more times (at least one VRAM_CHECK_INTERVAL apart,
+        unless something wakes it early)."""
+        for _ in range(passes):
+            self.wait_pass()
+
+    def wait_service(
+        self, role: str, name: str, timeout_s: float = 10.0, **expected: Any
+    ) -> dict[str, Any]:
+        """This service's /status entry once it exists and has the `expected` fields.
+
+        /status shows the last completed pass, so right after a log line (logged during a
+        pass) it may still show the pass before: poll instead of reading once."""
+
+        def check() -> dict[str, Any] | None:
+            entry = self.service(role, name)
+            if entry is None or any(entry.get(k) != v for k, v in expected.items()):
+                return None
+            return entry
+
+        found: dict[str, Any] = wait_until(
+            check,
+            timeout_s,
+            f"/status to list {role} {name} with {expected}; last: {self.service(role, name)}",
+        )
+        return found
+
     def healthz(self) -> int:
         try:
             return self.get("/healthz").status_code

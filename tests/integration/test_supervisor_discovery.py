@@ -35,16 +35,6 @@ def discovered(role: str, name: str, url: str) -> str:
     return f"Discovered {role} container {name} at {url}"
 
 
-def wait_for_passes(sup: Supervisor, passes: int) -> None:
-    """Let the loop run `passes` more times (VRAM_CHECK_INTERVAL is 1 s)."""
-    since = sup.status()["last_pass_wall_time"]
-    wait_until(
-        lambda: sup.status()["last_pass_wall_time"] >= since + passes,
-        5 + 2 * passes,
-        f"{passes} more passes of the loop",
-    )
-
-
 def test_labelled_services_are_discovered_and_an_unlabelled_twin_is_never_contacted(
     sims: Sims, start_supervisor: StartSupervisor
 ) -> None:
@@ -61,7 +51,7 @@ def test_labelled_services_are_discovered_and_an_unlabelled_twin_is_never_contac
     # Something to act on: a model load makes the supervisor free the labelled ComfyUI.
     ollama_load(ollama, "llama3.1:8b")
     sup.wait_for(freed_on(comfy.name))
-    wait_for_passes(sup, 2)
+    sup.wait_passes(3)
 
     status = sup.status()
     assert [c["name"] for c in status["comfyui"] if c["name"] in (comfy.name, twin.name)] == [
@@ -92,18 +82,13 @@ def test_stop_and_start_are_followed(sims: Sims, start_supervisor: StartSupervis
     mark = sup.mark()
     comfy.container.stop(timeout=5)
     sup.wait_for(f"Lost comfyui container {comfy.name} (not running)", since=mark)
-    entry = sup.service("comfyui", comfy.name)
-    assert entry is not None and entry["running"] is False and entry["reachable"] is False
+    sup.wait_service("comfyui", comfy.name, running=False, reachable=False)
 
     mark = sup.mark()
     comfy.container.start()
     comfy.wait_ready()
     sup.wait_for(discovered("comfyui", comfy.name, comfy.url), since=mark)
-    wait_until(
-        lambda: (sup.service("comfyui", comfy.name) or {}).get("reachable") is True,
-        10,
-        f"{comfy.name} reachable in /status",
-    )
+    sup.wait_service("comfyui", comfy.name, running=True, reachable=True)
 
 
 def recreate(sims: Sims, old: Sim) -> Sim:
@@ -123,19 +108,10 @@ def test_a_recreated_container_is_followed_to_its_new_id(
     old = sims.comfyui()
     sup = start_supervisor()
     sup.wait_for(discovered("comfyui", old.name, old.url))
-    assert (sup.service("comfyui", old.name) or {}).get("container_id") == old.container.id
+    sup.wait_service("comfyui", old.name, container_id=old.container.id)
 
     new = recreate(sims, old)
-    wait_until(
-        lambda: (sup.service("comfyui", new.name) or {}).get("container_id") == new.container.id,
-        10,
-        "/status to show the new container id",
-    )
-    wait_until(
-        lambda: (sup.service("comfyui", new.name) or {}).get("reachable") is True,
-        10,
-        "the new container reachable in /status",
-    )
+    sup.wait_service("comfyui", new.name, container_id=new.container.id, reachable=True)
     wait_until(
         lambda: sup.service("comfyui", f"{old.name}-old") is None,
         10,
@@ -157,8 +133,7 @@ def test_a_container_recreated_while_the_supervisor_is_busy_is_discovered_again(
     with sup.frozen():
         new = recreate(sims, old)
     sup.wait_for(discovered("comfyui", new.name, new.url), since=mark, timeout_s=10)
-    entry = sup.service("comfyui", new.name)
-    assert entry is not None and entry["container_id"] == new.container.id
+    sup.wait_service("comfyui", new.name, container_id=new.container.id)
 
 
 def test_a_rename_is_followed(sims: Sims, start_supervisor: StartSupervisor) -> None:
@@ -171,8 +146,10 @@ def test_a_rename_is_followed(sims: Sims, start_supervisor: StartSupervisor) -> 
     comfy.container.rename(renamed)
     sup.wait_for(discovered("comfyui", renamed, comfy.url), since=mark)
     sup.wait_for(f"Lost comfyui container {comfy.name}", since=mark)
-    names = [c["name"] for c in sup.status()["comfyui"]]
-    assert renamed in names and comfy.name not in names
+    sup.wait_service("comfyui", renamed, container_id=comfy.container.id, running=True)
+    wait_until(
+        lambda: sup.service("comfyui", comfy.name) is None, 10, "the old name to leave /status"
+    )
 
 
 def test_health_changes_show_in_status(sims: Sims, start_supervisor: StartSupervisor) -> None:
