@@ -8,7 +8,8 @@ not a startup failure: the loop keeps retrying it.
 
 Heavy imports (docker, httpx, pynvml, loguru) happen inside the commands, so `healthcheck`
 (run by Docker every few seconds) starts fast, and a supervisor with two fixed URLs never
-imports the Docker SDK.
+imports the Docker SDK. The `status` data and table are in `status`, the `doctor` checks in
+`doctor`; this module parses argv, sets up logging and wires the daemon.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from supervisor import __version__
 from supervisor.config import Settings, load_settings
 from supervisor.errors import ConfigError
+from supervisor.status import fetch_snapshot, local_url, render_status
+from supervisor.units import format_bytes
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -137,24 +140,6 @@ def build_daemon(settings: Settings, metrics: Metrics | None = None) -> Daemon:
     )
 
 
-def _local_url(settings: Settings, path: str) -> str | None:
-    if settings.http_port is None:
-        return None
-    host = settings.http_host
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.http_port}{path}"
-
-
-def _get_json(url: str, timeout_s: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        return json.loads(response.read())
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -242,22 +227,15 @@ def _start_gate(settings: Settings, daemon: Daemon) -> Any:
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
-    url = _local_url(settings, "/status")
-    snapshot: dict[str, Any] | None = None
-    origin = f"the running supervisor at {url}"
-    if url is not None:
-        try:
-            snapshot = _get_json(url)
-        except (OSError, ValueError):
-            snapshot = None
-    if snapshot is None:
-        origin = "a one-shot observation (no running supervisor answered)"
+    def observe_once() -> dict[str, Any]:
         daemon = build_daemon(settings)
         try:
             daemon.observe()
-            snapshot = daemon.snapshot()
+            return daemon.snapshot()
         finally:
             daemon.close()
+
+    origin, snapshot = fetch_snapshot(settings, observe_once)
     if as_json:
         print(json.dumps(snapshot, indent=2, default=str))
     else:
@@ -266,73 +244,10 @@ def status(settings: Settings, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def render_status(snap: dict[str, Any]) -> str:
-    """The human table of `status`."""
-    from supervisor.actions import format_bytes as fb
-
-    lines: list[str] = []
-    docker = snap.get("docker", {})
-    lines.append(
-        f"Docker: {docker.get('state')}   VRAM source: {snap.get('vram_source')}   "
-        f"priority: {snap.get('priority')}" + ("   DRY RUN" if snap.get("dry_run") else "")
-    )
-    lines.append("")
-    lines.append("GPUs:")
-    for g in snap.get("gpus", []):
-        lines.append(
-            f"  [{g['index']}] {g['name']}: {fb(g['used_bytes'])} used of "
-            f"{fb(g['total_bytes'])} ({g['used_percent']}%), {fb(g['free_bytes'])} free"
-        )
-    if not snap.get("gpus"):
-        lines.append("  (unknown: no NVML and no ComfyUI reading)")
-    lines.append("")
-    lines.append("Services:")
-    for s in [*snap.get("ollama", []), *snap.get("comfyui", [])]:
-        state = "running" if s["running"] else "stopped"
-        reach = "answers" if s["reachable"] else f"no answer ({s.get('error')})"
-        health = "" if s["health"] == "none" else f", {s['health']}"
-        lines.append(f"  {s['key']:<28} {state}{health}, {reach}   {s['url']}")
-    lines.append("")
-    lines.append("Ollama models:")
-    any_model = False
-    for o in snap.get("ollama", []):
-        for m in o.get("models") or []:
-            any_model = True
-            spill = "" if m["gpu_percent"] >= 100 else "   <- spilled to CPU"
-            lines.append(
-                f"  {m['name']:<32} size {fb(m['size_bytes']):>9}  on GPU "
-                f"{fb(m['size_vram_bytes']):>9}  {m['gpu_percent']:>5}%{spill}"
-            )
-    if not any_model:
-        lines.append("  (none loaded)")
-    lines.append("")
-    lines.append("ComfyUI:")
-    for c in snap.get("comfyui", []):
-        q = c.get("queue")
-        queue = f"{q['running']} running, {q['pending']} pending" if q else "queue unknown"
-        lines.append(f"  {c['name']:<28} VRAM {fb(c.get('vram_bytes')):>9}   {queue}")
-    if not snap.get("comfyui"):
-        lines.append("  (none)")
-    lines.append("")
-    lines.append("Recent actions:")
-    for a in snap.get("recent_actions", [])[-10:]:
-        what = a["action"] + (f" {a['stage']}" if "stage" in a else "")
-        what += f" {a['model']}" if "model" in a else ""
-        result = "dry run" if a["dry_run"] else a["result"] or ("ok" if a["ok"] else "failed")
-        lines.append(
-            f"  {what} {a['target']}: {result}, {fb(a['before_bytes'])} -> "
-            f"{fb(a['after_bytes'])} in {a['duration_s']} s ({a['reason']})"
-        )
-    if not snap.get("recent_actions"):
-        lines.append("  (none)")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- free
 
 
 def free(settings: Settings, *, hard: bool) -> int:
-    from supervisor.actions import format_bytes
     from supervisor.model import FreeComfy, FreeResult, FreeStage
 
     daemon = build_daemon(settings)
@@ -379,129 +294,10 @@ def free(settings: Settings, *, hard: bool) -> int:
 
 
 def doctor(settings: Settings, warnings: Sequence[str]) -> int:
-    """One line per check, OK/WARN/FAIL, each failure with a concrete fix. Exit 1 when
-    something essential (Docker when needed, a service API) fails."""
-    from supervisor.errors import NvmlUnavailable, ServiceError
-    from supervisor.model import Role
+    """Exit 1 when something essential (Docker when needed, a service API) fails."""
+    from supervisor.doctor import run_doctor
 
-    essential_failed = False
-
-    def line(state: str, text: str, fix: str = "") -> None:
-        print(f"{state:<4} {text}" + (f"\n       fix: {fix}" if fix else ""))
-
-    line("OK", f"settings parsed (vram-supervisor {__version__})")
-    for warning in warnings:
-        line("WARN", warning)
-    urls: dict[Role, list[tuple[str, str]]] = {Role.OLLAMA: [], Role.COMFYUI: []}
-    for role, url in ((Role.OLLAMA, settings.ollama_url), (Role.COMFYUI, settings.comfyui_url)):
-        if url:
-            urls[role].append((f"{role} (VRAM_{role.name}_URL)", url))
-    if not settings.needs_docker:
-        line("OK", "Docker not needed: VRAM_OLLAMA_URL and VRAM_COMFYUI_URL are both set")
-    else:
-        from supervisor.docker.discovery import DockerAdapter
-        from supervisor.errors import DockerUnavailable
-
-        adapter = DockerAdapter(timeout_s=settings.request_timeout_s)
-        try:
-            adapter.ping()
-            containers = adapter.list_services()
-            line(
-                "OK",
-                f"Docker reachable ({os.environ.get('DOCKER_HOST') or 'default socket'})"
-                f", {len(containers)} labelled container(s)",
-            )
-            for role in (Role.OLLAMA, Role.COMFYUI):
-                if urls[role]:
-                    continue
-                found = [c for c in containers if c.spec.role is role]
-                for c in found:
-                    if c.is_running:
-                        urls[role].append((f"{role} container {c.spec.name}", c.spec.url))
-                    else:
-                        line("WARN", f"{role} container {c.spec.name} is {c.status}")
-                if not found:
-                    essential_failed = True
-                    line(
-                        "FAIL",
-                        f"no container labelled vram-supervisor.role={role}",
-                        f"add label vram-supervisor.role={role} to the {role} container, "
-                        f"or set VRAM_{role.name}_URL",
-                    )
-        except DockerUnavailable as exc:
-            essential_failed = True
-            line(
-                "FAIL",
-                f"Docker is not reachable: {exc}",
-                "mount /var/run/docker.sock (-v /var/run/docker.sock:/var/run/docker.sock:ro)"
-                " or set DOCKER_HOST; or set both VRAM_OLLAMA_URL and VRAM_COMFYUI_URL",
-            )
-        finally:
-            adapter.close()
-    timeout = settings.request_timeout_s
-    for what, url in urls[Role.OLLAMA]:
-        from supervisor.clients.ollama import OllamaClient
-
-        with OllamaClient(url, timeout) as ollama:
-            try:
-                line(
-                    "OK",
-                    f"{what} at {url} answers (Ollama {ollama.version()}, "
-                    f"{len(ollama.ps())} model(s) loaded)",
-                )
-            except ServiceError as exc:
-                essential_failed = True
-                line(
-                    "FAIL",
-                    f"{what} at {url}: {exc}",
-                    "check that this address is reachable from the supervisor (same Docker "
-                    "network?); set VRAM_OLLAMA_URL or the label vram-supervisor.url",
-                )
-    for what, url in urls[Role.COMFYUI]:
-        from supervisor.actions import format_bytes
-        from supervisor.clients.comfyui import ComfyClient
-
-        with ComfyClient(url, timeout) as comfy:
-            try:
-                stats = comfy.system_stats()
-                line(
-                    "OK",
-                    f"{what} at {url} answers ({stats.device_name}, "
-                    f"{format_bytes(stats.vram_total_bytes)})",
-                )
-            except ServiceError as exc:
-                essential_failed = True
-                line(
-                    "FAIL",
-                    f"{what} at {url}: {exc}",
-                    "check that this address is reachable from the supervisor (same Docker "
-                    "network?); set VRAM_COMFYUI_URL or the label vram-supervisor.url",
-                )
-    try:
-        from supervisor.vram.nvml import NvmlReader
-
-        with NvmlReader() as reader:
-            gpus = reader.gpus()
-        names = ", ".join(g.name for g in gpus) or "no GPU"
-        line("OK", f"NVML works: {len(gpus)} GPU(s): {names}")
-    except NvmlUnavailable as exc:
-        line(
-            "WARN",
-            f"NVML missing: {exc}",
-            "run with the NVIDIA runtime (--gpus all, capability utility) or rely on the "
-            "API source (ComfyUI /system_stats and Ollama /api/ps)",
-        )
-    health = _local_url(settings, "/healthz")
-    if health is not None:
-        try:
-            _get_json(health)
-            line("OK", f"a supervisor is running and healthy at {health}")
-        except urllib.error.HTTPError as exc:
-            line("WARN", f"a supervisor answers at {health} but is unhealthy ({exc.code})")
-        except (OSError, ValueError):
-            line("OK", f"no supervisor is running; port {settings.http_port} is free to use")
-    print("\nResult: " + ("something essential failed" if essential_failed else "all good"))
-    return EXIT_FAILED if essential_failed else EXIT_OK
+    return EXIT_OK if run_doctor(settings, warnings) else EXIT_FAILED
 
 
 # ----------------------------------------------------------------------------- small ones
@@ -509,7 +305,7 @@ def doctor(settings: Settings, warnings: Sequence[str]) -> int:
 
 def healthcheck(settings: Settings) -> int:
     """For Docker's HEALTHCHECK: GET /healthz, exit 0 on 200. Stdlib only."""
-    url = _local_url(settings, "/healthz")
+    url = local_url(settings, "/healthz")
     if url is None:
         print("healthcheck skipped: VRAM_HTTP_PORT=0 disables the endpoint")
         return EXIT_OK

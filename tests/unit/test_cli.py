@@ -357,3 +357,27 @@ def test_exit_is_quick_even_while_a_service_hangs() -> None:
         proc.communicate()
         hung.close()
     assert code == 0 and took < 2.0, f"exit {code} after {took:.2f} s"
+
+
+def test_doctor_all_good_against_answering_services() -> None:
+    from supervisor.sim import SimHost
+
+    with SimHost(time_scale=0.01) as host:
+        result = cli(
+            "doctor",
+            VRAM_OLLAMA_URL=host.ollama_url,
+            VRAM_COMFYUI_URL=host.comfyui_url,
+            VRAM_HTTP_HOST="127.0.0.1",
+            VRAM_HTTP_PORT=str(free_port()),
+        )
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert any(
+        line.startswith("OK   ollama (VRAM_OLLAMA_URL)") and "model(s) loaded" in line
+        for line in lines
+    )
+    assert any(
+        line.startswith("OK   comfyui (VRAM_COMFYUI_URL)") and "GiB)" in line for line in lines
+    )
+    assert "no supervisor is running" in result.stdout
+    assert result.stdout.rstrip().endswith("Result: all good")

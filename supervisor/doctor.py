@@ -1,0 +1,159 @@
+"""The `doctor` command: check Docker, each service API, NVML and the local endpoint.
+
+One line per check, OK/WARN/FAIL, each failure with a concrete fix. Essential (a FAIL):
+Docker when it is needed, a labelled container per role, every service API answering.
+Not essential (a WARN): NVML (the API source works without it), a stopped container, an
+unhealthy running supervisor. It only reads: it never frees, restarts or loads anything.
+Heavy imports (docker, httpx, pynvml) happen inside, as in `cli`.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from collections.abc import Callable, Sequence
+
+from supervisor import __version__
+from supervisor.config import Settings
+from supervisor.errors import ServiceError
+from supervisor.model import Role
+from supervisor.status import get_json, local_url
+from supervisor.units import format_bytes
+
+
+def _line(state: str, text: str, fix: str = "") -> None:
+    print(f"{state:<4} {text}" + (f"\n       fix: {fix}" if fix else ""))
+
+
+def _api_answers(what: str, url: str, describe: Callable[[], str], variable: str) -> bool:
+    """One service API check; `describe()` reads the API and says what answered."""
+    try:
+        _line("OK", f"{what} at {url} answers ({describe()})")
+        return True
+    except ServiceError as exc:
+        _line(
+            "FAIL",
+            f"{what} at {url}: {exc}",
+            "check that this address is reachable from the supervisor (same Docker "
+            f"network?); set {variable} or the label vram-supervisor.url",
+        )
+        return False
+
+
+def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bool:
+    """Docker reachable, and a running container per role without a fixed URL (added to
+    `urls`). False when something essential failed."""
+    from supervisor.docker.discovery import DockerAdapter
+    from supervisor.errors import DockerUnavailable
+
+    ok = True
+    adapter = DockerAdapter(timeout_s=settings.request_timeout_s)
+    try:
+        adapter.ping()
+        containers = adapter.list_services()
+        _line(
+            "OK",
+            f"Docker reachable ({os.environ.get('DOCKER_HOST') or 'default socket'})"
+            f", {len(containers)} labelled container(s)",
+        )
+        for role in (Role.OLLAMA, Role.COMFYUI):
+            if urls[role]:
+                continue
+            found = [c for c in containers if c.spec.role is role]
+            for c in found:
+                if c.is_running:
+                    urls[role].append((f"{role} container {c.spec.name}", c.spec.url))
+                else:
+                    _line("WARN", f"{role} container {c.spec.name} is {c.status}")
+            if not found:
+                ok = False
+                _line(
+                    "FAIL",
+                    f"no container labelled vram-supervisor.role={role}",
+                    f"add label vram-supervisor.role={role} to the {role} container, "
+                    f"or set VRAM_{role.name}_URL",
+                )
+    except DockerUnavailable as exc:
+        ok = False
+        _line(
+            "FAIL",
+            f"Docker is not reachable: {exc}",
+            "mount /var/run/docker.sock (-v /var/run/docker.sock:/var/run/docker.sock:ro)"
+            " or set DOCKER_HOST; or set both VRAM_OLLAMA_URL and VRAM_COMFYUI_URL",
+        )
+    finally:
+        adapter.close()
+    return ok
+
+
+def _check_nvml() -> None:
+    from supervisor.errors import NvmlUnavailable
+
+    try:
+        from supervisor.vram.nvml import NvmlReader
+
+        with NvmlReader() as reader:
+            gpus = reader.gpus()
+        names = ", ".join(g.name for g in gpus) or "no GPU"
+        _line("OK", f"NVML works: {len(gpus)} GPU(s): {names}")
+    except NvmlUnavailable as exc:
+        _line(
+            "WARN",
+            f"NVML missing: {exc}",
+            "run with the NVIDIA runtime (--gpus all, capability utility) or rely on the "
+            "API source (ComfyUI /system_stats and Ollama /api/ps)",
+        )
+
+
+def _check_running_supervisor(settings: Settings) -> None:
+    health = local_url(settings, "/healthz")
+    if health is None:
+        return
+    try:
+        get_json(health)
+        _line("OK", f"a supervisor is running and healthy at {health}")
+    except urllib.error.HTTPError as exc:
+        _line("WARN", f"a supervisor answers at {health} but is unhealthy ({exc.code})")
+    except (OSError, ValueError):
+        _line("OK", f"no supervisor is running; port {settings.http_port} is free to use")
+
+
+def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
+    """Print every check; True when nothing essential failed."""
+    _line("OK", f"settings parsed (vram-supervisor {__version__})")
+    for warning in warnings:
+        _line("WARN", warning)
+    urls: dict[Role, list[tuple[str, str]]] = {Role.OLLAMA: [], Role.COMFYUI: []}
+    for role, url in ((Role.OLLAMA, settings.ollama_url), (Role.COMFYUI, settings.comfyui_url)):
+        if url:
+            urls[role].append((f"{role} (VRAM_{role.name}_URL)", url))
+    ok = True
+    if not settings.needs_docker:
+        _line("OK", "Docker not needed: VRAM_OLLAMA_URL and VRAM_COMFYUI_URL are both set")
+    else:
+        ok = _discover(settings, urls)
+    timeout = settings.request_timeout_s
+    for what, url in urls[Role.OLLAMA]:
+        from supervisor.clients.ollama import OllamaClient
+
+        with OllamaClient(url, timeout) as ollama:
+            ok &= _api_answers(
+                what,
+                url,
+                lambda: f"Ollama {ollama.version()}, {len(ollama.ps())} model(s) loaded",
+                "VRAM_OLLAMA_URL",
+            )
+    for what, url in urls[Role.COMFYUI]:
+        from supervisor.clients.comfyui import ComfyClient
+
+        with ComfyClient(url, timeout) as comfy:
+
+            def describe() -> str:
+                stats = comfy.system_stats()
+                return f"{stats.device_name}, {format_bytes(stats.vram_total_bytes)}"
+
+            ok &= _api_answers(what, url, describe, "VRAM_COMFYUI_URL")
+    _check_nvml()
+    _check_running_supervisor(settings)
+    print("\nResult: " + ("all good" if ok else "something essential failed"))
+    return ok

@@ -1,0 +1,114 @@
+"""The `status` command's data and table: ask the running supervisor for its snapshot
+(GET /status on VRAM_HTTP_PORT), else observe once, and render it for a human.
+
+Stdlib only at import (it is imported by `cli`, which must start fast); the one-shot
+observation builds the real adapters only when no supervisor answered.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from supervisor.config import Settings
+from supervisor.units import format_bytes
+
+
+def local_url(settings: Settings, path: str) -> str | None:
+    """The URL of this host's supervisor endpoint (VRAM_HTTP_HOST/PORT); None when off.
+    A wildcard bind address is reached over loopback."""
+    if settings.http_port is None:
+        return None
+    host = settings.http_host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http_port}{path}"
+
+
+def get_json(url: str, timeout_s: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def fetch_snapshot(
+    settings: Settings, observe_once: Callable[[], dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
+    """(where it came from, the snapshot): the running supervisor's, else `observe_once()`."""
+    url = local_url(settings, "/status")
+    if url is not None:
+        snapshot: dict[str, Any] | None
+        try:
+            snapshot = get_json(url)
+        except (OSError, ValueError):
+            snapshot = None
+        if snapshot is not None:
+            return f"the running supervisor at {url}", snapshot
+    return "a one-shot observation (no running supervisor answered)", observe_once()
+
+
+def render_status(snap: dict[str, Any]) -> str:
+    """The human table of `status`."""
+    fb = format_bytes
+
+    lines: list[str] = []
+    docker = snap.get("docker", {})
+    lines.append(
+        f"Docker: {docker.get('state')}   VRAM source: {snap.get('vram_source')}   "
+        f"priority: {snap.get('priority')}" + ("   DRY RUN" if snap.get("dry_run") else "")
+    )
+    lines.append("")
+    lines.append("GPUs:")
+    for g in snap.get("gpus", []):
+        lines.append(
+            f"  [{g['index']}] {g['name']}: {fb(g['used_bytes'])} used of "
+            f"{fb(g['total_bytes'])} ({g['used_percent']}%), {fb(g['free_bytes'])} free"
+        )
+    if not snap.get("gpus"):
+        lines.append("  (unknown: no NVML and no ComfyUI reading)")
+    lines.append("")
+    lines.append("Services:")
+    for s in [*snap.get("ollama", []), *snap.get("comfyui", [])]:
+        state = "running" if s["running"] else "stopped"
+        reach = "answers" if s["reachable"] else f"no answer ({s.get('error')})"
+        health = "" if s["health"] == "none" else f", {s['health']}"
+        lines.append(f"  {s['key']:<28} {state}{health}, {reach}   {s['url']}")
+    lines.append("")
+    lines.append("Ollama models:")
+    any_model = False
+    for o in snap.get("ollama", []):
+        for m in o.get("models") or []:
+            any_model = True
+            spill = "" if m["gpu_percent"] >= 100 else "   <- spilled to CPU"
+            lines.append(
+                f"  {m['name']:<32} size {fb(m['size_bytes']):>9}  on GPU "
+                f"{fb(m['size_vram_bytes']):>9}  {m['gpu_percent']:>5}%{spill}"
+            )
+    if not any_model:
+        lines.append("  (none loaded)")
+    lines.append("")
+    lines.append("ComfyUI:")
+    for c in snap.get("comfyui", []):
+        q = c.get("queue")
+        queue = f"{q['running']} running, {q['pending']} pending" if q else "queue unknown"
+        lines.append(f"  {c['name']:<28} VRAM {fb(c.get('vram_bytes')):>9}   {queue}")
+    if not snap.get("comfyui"):
+        lines.append("  (none)")
+    lines.append("")
+    lines.append("Recent actions:")
+    for a in snap.get("recent_actions", [])[-10:]:
+        what = a["action"] + (f" {a['stage']}" if "stage" in a else "")
+        what += f" {a['model']}" if "model" in a else ""
+        result = "dry run" if a["dry_run"] else a["result"] or ("ok" if a["ok"] else "failed")
+        lines.append(
+            f"  {what} {a['target']}: {result}, {fb(a['before_bytes'])} -> "
+            f"{fb(a['after_bytes'])} in {a['duration_s']} s ({a['reason']})"
+        )
+    if not snap.get("recent_actions"):
+        lines.append("  (none)")
+    return "\n".join(lines)
