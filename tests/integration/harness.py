@@ -11,6 +11,7 @@ What it gives a test:
   all sims of one test share a simulated GPU through a state file in a bind-mounted
   temporary directory. They are started with conftest's `run_container` (host network
   enforced, force-removed at teardown) and carry HARNESS_LABEL as well.
+- `host_sims`: the same sims as host processes (fixed-URL mode needs no Docker at all).
 - `start_supervisor`: the real supervisor as a host process (`python -m supervisor run`)
   with DOCKER_HOST to the test engine, /healthz on a free 127.0.0.1 port, short intervals
   and JSON logs, read line by line so a test can wait for a log line with a deadline.
@@ -318,7 +319,6 @@ class Sims:
                 # A model stays loaded until someone unloads it: no expiry mid-test.
                 "OLLAMA_KEEP_ALIVE": "-1",
             },
-            "stop_signal": "SIGTERM",
         }
         if health_flag is not None:
             kwargs["healthcheck"] = health_check_file(port, health_flag)
@@ -353,10 +353,18 @@ class Sims:
         return self.start("comfyui", **options)
 
     def describe(self) -> str:
-        return "\n".join(
-            f"--- {sim.name} ({sim.role}, {sim.state()}):\n{tail(sim.logs(), 30)}"
-            for sim in self.started
-        )
+        """State and log of each sim; of the access log only the last few requests."""
+        parts = []
+        for sim in self.started:
+            lines = sim.logs().splitlines()
+            access = set(sim.access_log())
+            other = [line for line in lines if line not in access]
+            recent = [line for line in lines if line in access][-5:]
+            parts.append(
+                f"--- {sim.name} ({sim.role} on {sim.url}, {sim.state()}):\n"
+                + "\n".join([*other[-20:], *recent])
+            )
+        return "\n".join(parts)
 
 
 def start_host_sim(role: str, port: int, state_dir: Path, extra: tuple[str, ...] = ()) -> HostSim:
@@ -685,7 +693,8 @@ def sims(
     state.mkdir()
     factory = Sims(run_container, base_image, state)
     yield factory
-    # Removal happens in run_container's teardown; nothing else to undo here.
+    # pytest shows this only when the test failed. Removal is run_container's teardown.
+    print(f"sim containers of this test:\n{factory.describe()}")
 
 
 @pytest.fixture
@@ -720,7 +729,9 @@ def start_supervisor(
 
     yield start
     for sup in started:
-        sup.stop()
+        code = sup.stop()
+        # pytest shows this only when the test failed.
+        print(f"supervisor (exit {code}), full log in {sup.log_path}:\n{sup.log(60)}")
 
 
 def _is_foreign_actor(container: Container) -> bool:
