@@ -6,7 +6,9 @@ Policy:
   loop early. Docker being unreachable never stops the loop (see `observe`).
 - A safety limit caps actions per service per minute on top of the policy's own rate
   limits, so a flapping or lying service cannot cause an action storm.
-- Every outcome, the gate's included, is folded into the policy state with `record()`.
+- Every outcome, the gate's included, is folded into the policy state with `record()`; an
+  action not carried out (safety limit, stopping) is recorded as a FAILED outcome with a
+  "skipped: ..." detail, so the policy does not wait on it.
 - `stop()` (signals) sets a flag and wakes the loop; verify waits sleep on the same flag.
 """
 
@@ -24,7 +26,7 @@ from supervisor import policy
 from supervisor.actions import PRELOAD_TIMEOUT_S, Actor
 from supervisor.config import Settings
 from supervisor.metrics import Metrics
-from supervisor.model import Action, Decision, Observation, Outcome, PolicyState
+from supervisor.model import Action, Decision, FreeResult, Observation, Outcome, PolicyState
 from supervisor.observe import Observer
 from supervisor.ports import ComfyApi, DockerApi, EventSource, GpuReader, OllamaApi
 from supervisor.probe import LiveProbe
@@ -182,9 +184,10 @@ class Daemon:
         for why in decision.reasons_skipped:
             logger.debug(why)
         for action in decision.actions:
-            if self._stop.is_set():
-                break
-            if not self._allowed(action):
+            refusal = "the supervisor is stopping" if self._stop.is_set() else None
+            refusal = refusal or self._over_limit(action)
+            if refusal is not None:
+                self._skip(action, refusal)
                 continue
             self.busy_since = self._clock()
             try:
@@ -205,19 +208,26 @@ class Daemon:
                 self.metrics.set_docker_reconnects(self._events.reconnects)
         return decision
 
-    def _allowed(self, action: Action) -> bool:
+    def _over_limit(self, action: Action) -> str | None:
+        """Why the safety limit refuses this action (None: it may run, and it is counted)."""
         now = self._clock()
         times = self._action_times.setdefault(action.target, deque())
         while times and now - times[0] > 60.0:
             times.popleft()
         if len(times) >= MAX_ACTIONS_PER_SERVICE_PER_MIN:
-            logger.warning(
-                f"Skipping {type(action).__name__} on {action.target}: already "
-                f"{len(times)} actions on it in the last minute (safety limit)"
-            )
-            return False
+            why = f"already {len(times)} actions on it in the last minute (safety limit)"
+            logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
+            return why
         times.append(now)
-        return True
+        return None
+
+    def _skip(self, action: Action, why: str) -> None:
+        """Tell the policy an action it decided was not carried out, so the episode it
+        opened closes now instead of waiting EPISODE_STALE_S for an outcome."""
+        outcome = Outcome(
+            action, self._clock(), ok=False, result=FreeResult.FAILED, detail=f"skipped: {why}"
+        )
+        self._state = self._record(self._state, outcome, self._clock())
 
     def _remember(self, outcome: Outcome) -> None:
         entry = outcome_json(outcome, self._wall())

@@ -9,17 +9,20 @@ from dataclasses import replace
 
 import pytest
 
+from supervisor import policy
 from supervisor.config import Settings
 from supervisor.daemon import MAX_ACTIONS_PER_SERVICE_PER_MIN, Daemon
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
     Decision,
     FreeComfy,
+    FreeResult,
     FreeStage,
     Observation,
     Outcome,
     PolicyState,
     Role,
+    UnloadOllama,
     VramSource,
 )
 from supervisor.reads import noisy
@@ -201,6 +204,63 @@ def test_the_safety_limit_caps_actions_per_service(world: World, logs: list[str]
         daemon.run_once()
     assert len(world.comfy.free_calls) == MAX_ACTIONS_PER_SERVICE_PER_MIN
     assert has(logs, "safety limit")
+
+
+def test_an_action_skipped_by_the_safety_limit_closes_its_episode(world: World) -> None:
+    """The policy hears about a refused action at once (a FAILED "skipped" outcome), so
+    the free episode it opened does not stay open until it goes stale (300 s)."""
+    states: list[PolicyState] = []
+    outcomes: list[Outcome] = []
+
+    def decide_always(
+        obs: Observation, state: PolicyState, settings: Settings, now: float
+    ) -> Decision:
+        states.append(state)
+        return Decision((FreeComfy("comfyui/comfyui", FreeStage.SOFT, "buggy policy"),), state)
+
+    def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
+        outcomes.append(outcome)
+        return policy.record(state, outcome, now)
+
+    daemon = world.daemon(decide=decide_always, record=record)
+    for _ in range(MAX_ACTIONS_PER_SERVICE_PER_MIN + 2):
+        world.clock.sleep(1)
+        daemon.run_once()
+    done, skipped = outcomes[:-2], outcomes[-2:]
+    assert len(done) == MAX_ACTIONS_PER_SERVICE_PER_MIN
+    assert all(o.result is not FreeResult.FAILED for o in done)
+    for o in skipped:
+        assert not o.ok and o.result is FreeResult.FAILED
+        assert o.detail == (
+            f"skipped: already {MAX_ACTIONS_PER_SERVICE_PER_MIN} actions on it in the last "
+            "minute (safety limit)"
+        )
+    # Open after the executed frees, closed right after the first skipped one.
+    assert [e.target for e in states[MAX_ACTIONS_PER_SERVICE_PER_MIN].episodes] == [
+        "comfyui/comfyui"
+    ]
+    assert states[MAX_ACTIONS_PER_SERVICE_PER_MIN + 1].episodes == ()
+
+
+def test_actions_left_when_stopping_are_recorded_as_skipped(world: World) -> None:
+    outcomes: list[Outcome] = []
+    actions = (
+        FreeComfy("comfyui/comfyui", FreeStage.SOFT, "test"),
+        UnloadOllama("ollama/ollama", "llama3.2:latest", "test"),
+    )
+    world.ollama.load("llama3.2:latest")
+
+    def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
+        outcomes.append(outcome)
+        daemon.stop()  # a SIGTERM while the first action ran
+        return policy.record(state, outcome, now)
+
+    daemon = world.daemon(decide=lambda o, s, st, n: Decision(actions, s), record=record)
+    daemon.run_once()
+    assert world.comfy.free_calls and world.ollama.unload_calls == []
+    assert [o.action for o in outcomes] == list(actions)
+    assert outcomes[1].detail == "skipped: the supervisor is stopping"
+    assert outcomes[1].result is FreeResult.FAILED and not outcomes[1].ok
 
 
 def test_dry_run_sends_nothing(world: World, logs: list[str]) -> None:
