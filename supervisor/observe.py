@@ -12,6 +12,7 @@ Policy:
 - VRAM figures come from NVML when it works, else from the services' APIs; the source is
   logged once and whenever it changes. `docker top` runs only when a new GPU process or
   another set of containers appears.
+- GPUs Docker granted by index are turned into NVML UUIDs (`resolve_gpu_ids`).
 - It also keeps `targets`: the running services the Actor may act on.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from loguru import logger
 
@@ -42,6 +44,21 @@ from supervisor.ports import ComfyApi, DockerApi, GpuProcess, GpuReader, OllamaA
 from supervisor.reads import Read, Service, close_quietly, noisy, read_all
 from supervisor.vram.api import comfy_vram_bytes, gpus_from_api, ollama_vram_bytes
 from supervisor.vram.attribution import Attribution, attribute
+
+
+def resolve_gpu_ids(
+    ids: tuple[str, ...], gpus: tuple[GpuMemory, ...], source: VramSource
+) -> tuple[str, ...]:
+    """The GPUs Docker granted (DeviceIDs: NVML indices like "0" or "GPU-<uuid>") as the
+    UUIDs the policy and the room maker compare. With NVML an index becomes the UUID of the
+    GPU with that index (the supervisor sees every GPU, as the compose files grant it,
+    so its indices are the host's) and anything else stays as given. Without NVML the GPUs
+    are not known by UUID (the API source has one pseudo GPU): () = all, so that a service
+    is not hidden from the only GPU there is."""
+    if source is not VramSource.NVML:
+        return ()
+    by_index = {str(g.index): g.uuid for g in gpus}
+    return tuple(dict.fromkeys(by_index.get(i, i) for i in ids))
 
 
 class Observer:
@@ -142,13 +159,17 @@ class Observer:
         models = [m for r in reads.values() for m in r.models or ()]
         source, gpus, processes = self._read_vram(stats, models)
         attributed = self._attribute(processes, running) if processes is not None else {}
+        specs = {
+            key: replace(s.spec, gpu_uuids=resolve_gpu_ids(s.spec.gpu_uuids, gpus, source))
+            for key, s in self._services.items()
+        }
 
         ollamas: list[OllamaObservation] = []
         comfyuis: list[ComfyObservation] = []
         for service in self._services.values():
             read = reads.get(service.spec.key, Read())
             status = ServiceStatus(
-                spec=service.spec,
+                spec=specs[service.spec.key],
                 is_running=service.is_running,
                 health=service.health,
                 is_reachable=service.is_running and read.error is None,
@@ -182,9 +203,15 @@ class Observer:
         )
         self._targets = Targets(
             comfyuis={
-                s.spec.key: (s.spec, s.client) for s in running if s.spec.role is Role.COMFYUI
+                s.spec.key: (specs[s.spec.key], s.client)
+                for s in running
+                if s.spec.role is Role.COMFYUI
             },
-            ollamas={s.spec.key: (s.spec, s.client) for s in running if s.spec.role is Role.OLLAMA},
+            ollamas={
+                s.spec.key: (specs[s.spec.key], s.client)
+                for s in running
+                if s.spec.role is Role.OLLAMA
+            },
             ollama_gpus=tuple(sorted({u for o in ollamas for u in o.gpu_uuids})),
             dead_comfyuis=frozenset(
                 s.spec.key

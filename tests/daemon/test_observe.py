@@ -1,0 +1,62 @@
+"""Observation details the loop tests do not cover: GPUs Docker granted by index."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from supervisor.model import GpuMemory, VramSource
+from supervisor.observe import resolve_gpu_ids
+from tests.daemon.conftest import World
+from tests.daemon.fakes import GIB
+
+GPUS = (
+    GpuMemory("GPU-aaaa", 0, "A", 24 * GIB, 0, 24 * GIB),
+    GpuMemory("GPU-bbbb", 1, "B", 24 * GIB, 0, 24 * GIB),
+)
+
+
+@pytest.mark.parametrize(
+    ("ids", "source", "expected"),
+    [
+        ((), VramSource.NVML, ()),  # no grant: all GPUs
+        (("0",), VramSource.NVML, ("GPU-aaaa",)),
+        (("1", "0"), VramSource.NVML, ("GPU-bbbb", "GPU-aaaa")),
+        (("GPU-bbbb",), VramSource.NVML, ("GPU-bbbb",)),  # a UUID stays
+        (("0", "GPU-aaaa"), VramSource.NVML, ("GPU-aaaa",)),  # no duplicate
+        (("7",), VramSource.NVML, ("7",)),  # a GPU NVML does not show: on none of ours
+        (("0",), VramSource.API, ()),  # API source: one pseudo GPU, so all
+        (("GPU-aaaa",), VramSource.API, ()),
+        (("0",), VramSource.NONE, ()),
+    ],
+)
+def test_resolve_gpu_ids(
+    ids: tuple[str, ...], source: VramSource, expected: tuple[str, ...]
+) -> None:
+    assert resolve_gpu_ids(ids, GPUS, source) == expected
+
+
+def grant_comfyui_gpu(world: World, *ids: str) -> None:
+    container = world.docker.containers["comfyui"]
+    container.spec = replace(container.spec, gpu_uuids=ids)
+
+
+def test_a_comfyui_granted_gpu_0_by_index_is_freed_by_the_gate(world: World) -> None:
+    """`device_ids: ["0"]` in compose: the gate still finds the ComfyUI on Ollama's GPU
+    (before, "0" never matched a UUID and the gate freed nothing)."""
+    grant_comfyui_gpu(world, "0")
+    world.ollama.load("llama3.2:latest")
+    daemon = world.daemon()
+    obs = daemon.observe()
+    assert obs.comfyuis[0].status.spec.gpu_uuids == (world.gpu.uuid,)
+    need = world.gpu.free_bytes + 8 * GIB
+    assert daemon.room_maker.make_room(need, reason="gate: load", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]
+
+
+def test_without_nvml_a_gpu_index_means_every_gpu(world: World) -> None:
+    grant_comfyui_gpu(world, "0")
+    obs = world.daemon(nvml=False).observe()
+    assert obs.source is VramSource.API
+    assert obs.comfyuis[0].status.spec.gpu_uuids == ()
