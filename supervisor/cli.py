@@ -158,7 +158,8 @@ def run(settings: Settings) -> int:
         + (", DRY RUN (nothing is sent)" if settings.dry_run else "")
     )
     registry = CollectorRegistry()
-    daemon = build_daemon(settings, Metrics(registry))
+    metrics = Metrics(registry)
+    daemon = build_daemon(settings, metrics)
     server: StatusServer | None = None
     gate: Any = None
     try:
@@ -176,6 +177,8 @@ def run(settings: Settings) -> int:
             )
         if settings.gate_port is not None:
             gate = _start_gate(settings, daemon)
+            if gate is not None:
+                metrics.watch_gate(gate.stats)
     except OSError as exc:
         logger.error(
             f"Cannot start: {exc}. Is another supervisor running? Choose another port with "

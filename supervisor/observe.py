@@ -276,7 +276,10 @@ class Observer:
             service = Service(spec, is_running=False)
             self._services[key] = service
         was_running = service.is_running
-        if service.spec.url != spec.url:
+        # A recreated container (new id, same name) may be replaced between two listings
+        # without ever being seen stopped: treat it as new all the same, with a fresh
+        # client and failure count, so it is announced and judged on its own.
+        if service.spec.url != spec.url or service.spec.container_id != spec.container_id:
             close_quietly(service.client)
             service.client = None
             was_running = False

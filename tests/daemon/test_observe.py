@@ -60,3 +60,23 @@ def test_without_nvml_a_gpu_index_means_every_gpu(world: World) -> None:
     obs = world.daemon(nvml=False).observe()
     assert obs.source is VramSource.API
     assert obs.comfyuis[0].status.spec.gpu_uuids == ()
+
+
+def test_a_container_recreated_between_two_listings_is_announced_again(
+    world: World, logs: list[str]
+) -> None:
+    """`docker compose up` recreates a container (new id, same name) faster than one pass:
+    no listing ever sees it stopped. It is still a new container: announced again, and
+    judged with a fresh failure count rather than its predecessor's."""
+    daemon = world.daemon()
+    daemon.observe()
+    announced = "Discovered comfyui container comfyui at http://comfyui:8188"
+    assert sum(announced in line for line in logs) == 1
+    container = world.docker.containers["comfyui"]
+    container.spec = replace(container.spec, container_id="id-comfyui-recreated")
+    daemon.on_docker_event("start comfyui")  # the new container's start event
+    obs = daemon.observe()
+    assert sum(announced in line for line in logs) == 2
+    assert obs.comfyuis[0].status.spec.container_id == "id-comfyui-recreated"
+    daemon.observe()
+    assert sum(announced in line for line in logs) == 2  # announced once, not every pass
