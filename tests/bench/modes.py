@@ -1,0 +1,243 @@
+"""One benchmark run per mode: the same seeded workload on a fresh simulated host.
+
+Modes:
+- `none`:       no supervisor at all;
+- `seed`:       the starting design (seed_design.py), in this process;
+- `supervisor`: `python -m supervisor run` with default settings (heal on, no gate), its
+                time settings scaled by the simulator's time scale (supervisor_proc.py,
+                scaled_supervisor.py);
+- `gate`:       the same plus VRAM_GATE_PORT, and the chat clients talk to the gate.
+
+`run_mode` returns a `ModeResult`: what the clients saw, the simulator's counters
+(/sim/stats) and the supervisor's (its log and /metrics). Spill time is read when the
+schedule ends, so every mode is measured over the same simulated window; every other
+figure after the drain, when the last answers are in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.sim import SimHost
+from tests.bench.seed_design import SeedDesign
+from tests.bench.supervisor_proc import Supervisor, scaled_settings, start_supervisor
+from tests.bench.workload import (
+    GIB,
+    GPU_TOTAL_GIB,
+    ChatEvent,
+    ClientSide,
+    Driver,
+    Event,
+    ImageEvent,
+    answer_without_nagle,
+    catalog,
+    median,
+    percentile,
+    sim_stats,
+)
+
+MODES: dict[str, str] = {
+    "none": "no supervisor",
+    "seed": "starting design",
+    "supervisor": "vram-supervisor (heal)",
+    "gate": "vram-supervisor + gate",
+}
+
+_HEALED = re.compile(r"^Healed Ollama model \S+: (\d+)% -> (\d+)% on GPU")
+_HEAL_NO_HELP = re.compile(r"^Heal of Ollama model \S+ did not help")
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    label: str
+    chats_sent: int = 0
+    chats_ok: int = 0
+    chats_failed: int = 0
+    chats_unfinished: int = 0
+    loads: int = 0
+    loads_full: int = 0
+    heal_reloads: int = 0
+    heal_reloads_full: int = 0
+    tokens: int = 0
+    tokens_full: int = 0
+    tok_per_s: float | None = None
+    chat_p50_s: float | None = None
+    chat_p95_s: float | None = None
+    images_sent: int = 0
+    images_done: int = 0
+    images_lowvram: int = 0
+    image_p50_s: float | None = None
+    image_p95_s: float | None = None
+    comfy_frees: int = 0  # /free requests ComfyUI received
+    comfy_freed_gib: float = 0.0
+    spilled_s: float = 0.0  # simulated seconds with a spilled model loaded, in the window
+    restarts: int = 0
+    heals_ok: int = 0
+    heals_failed: int = 0
+    ollama_unloads: int = 0
+    safety_skips: int = 0
+    gate_waits: int = 0
+    gate_forwarded_anyway: int = 0
+    seed_rate_limited: int = 0
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def client_loads(self) -> int:
+        return self.loads - self.heal_reloads
+
+    @property
+    def client_loads_full(self) -> int:
+        return self.loads_full - self.heal_reloads_full
+
+    def share(self, part: int, whole: int) -> float | None:
+        return 100.0 * part / whole if whole else None
+
+    @property
+    def loads_full_pct(self) -> float | None:
+        return self.share(self.loads_full, self.loads)
+
+    @property
+    def client_loads_full_pct(self) -> float | None:
+        return self.share(self.client_loads_full, self.client_loads)
+
+    @property
+    def tokens_full_pct(self) -> float | None:
+        return self.share(self.tokens_full, self.tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("client_loads", "client_loads_full", "loads_full_pct"):
+            data[name] = getattr(self, name)
+        data["client_loads_full_pct"] = self.client_loads_full_pct
+        data["tokens_full_pct"] = self.tokens_full_pct
+        return data
+
+
+def run_mode(
+    mode: str,
+    events: list[Event],
+    duration_s: float,
+    time_scale: float,
+    *,
+    drain_s: float = 240.0,
+    log_path: Path | None = None,
+) -> ModeResult:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    result = ModeResult(mode, MODES[mode])
+    answer_without_nagle()
+    with SimHost(gpu_total_gib=GPU_TOTAL_GIB, time_scale=time_scale, catalog=catalog()) as host:
+        seed: SeedDesign | None = None
+        sup: Supervisor | None = None
+        client_url = host.ollama_url
+        if mode == "seed":
+            seed = SeedDesign(host.ollama_url, host.comfyui_url, time_scale=time_scale).start()
+        elif mode in ("supervisor", "gate"):
+            sup = start_supervisor(
+                ollama_url=host.ollama_url,
+                comfyui_url=host.comfyui_url,
+                settings=scaled_settings(time_scale),
+                gate=mode == "gate",
+                time_scale=time_scale,
+            )
+            if mode == "gate":
+                client_url = sup.gate_url
+        window: dict[str, Any] = {}
+
+        def end_of_schedule() -> None:
+            window.update(sim_stats(host.ollama_url, host.comfyui_url)[0]["totals"])
+
+        driver = Driver(
+            client_url,
+            host.comfyui_url,
+            time_scale,
+            drain_s=drain_s,
+            on_end_of_schedule=end_of_schedule,
+        )
+        try:
+            side = driver.run(events, duration_s)
+            ollama, comfy = sim_stats(host.ollama_url, host.comfyui_url)
+            metrics = sup.metrics() if sup is not None else {}
+        finally:
+            driver.close()
+            if seed is not None:
+                seed.stop()
+            if sup is not None:
+                sup.stop()
+        _fill_clients(result, events, side)
+        _fill_sim(result, ollama, comfy, window)
+        if seed is not None:
+            result.seed_rate_limited = seed.stats.rate_limited
+        if sup is not None:
+            _fill_supervisor(result, sup, metrics)
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log_path.write_text("\n".join(sup.messages()) + "\n")
+    return result
+
+
+def _fill_clients(result: ModeResult, events: list[Event], side: ClientSide) -> None:
+    chats = [r for r in side.chats if r.ok]
+    result.chats_sent = sum(1 for e in events if isinstance(e, ChatEvent))
+    result.chats_ok = len(chats)
+    result.chats_failed = len(side.chats) - len(chats)
+    result.chats_unfinished = side.unfinished_chats
+    result.errors = sorted({r.error for r in side.chats if not r.ok})[:5]
+    eval_s = sum(r.eval_s for r in chats)
+    result.tok_per_s = sum(r.eval_count for r in chats) / eval_s if eval_s > 0 else None
+    latencies = [r.latency_s for r in chats]
+    result.chat_p50_s = median(latencies)
+    result.chat_p95_s = percentile(latencies, 95)
+    result.images_sent = sum(1 for e in events if isinstance(e, ImageEvent))
+    result.wall_s = side.wall_s
+
+
+def _fill_sim(
+    result: ModeResult, ollama: dict[str, Any], comfy: dict[str, Any], window: dict[str, Any]
+) -> None:
+    totals = ollama["totals"]
+    result.loads = int(totals["loads"])
+    result.loads_full = int(totals["loads_full_gpu"])
+    result.tokens = int(totals["tokens"])
+    result.tokens_full = int(totals["tokens_full_gpu"])
+    result.spilled_s = float(window.get("spilled_s", totals["spilled_s"]))
+    result.images_done = int(comfy["jobs_done"])
+    result.images_lowvram = int(comfy["jobs_lowvram"])
+    latencies = [float(x) for x in comfy["latencies_s"]]
+    result.image_p50_s = median(latencies)
+    result.image_p95_s = percentile(latencies, 95)
+    result.comfy_frees = int(comfy["frees_requested"])
+    result.comfy_freed_gib = round(int(comfy["freed_bytes"]) / GIB, 1)
+
+
+def _fill_supervisor(result: ModeResult, sup: Supervisor, metrics: dict[str, float]) -> None:
+    for message in sup.messages():
+        healed = _HEALED.match(message)
+        if healed:
+            result.heal_reloads += 1
+            result.heal_reloads_full += int(healed.group(2) == "100")
+        elif _HEAL_NO_HELP.match(message):
+            result.heal_reloads += 1
+    result.restarts = sup.count("Restarted ComfyUI container")
+    result.safety_skips = sup.count("(safety limit)")
+    result.gate_waits = sup.count("Gate: making room for")
+    result.gate_forwarded_anyway = sup.count("without enough free VRAM after")
+
+    def total(prefix: str, **labels: str) -> int:
+        return int(
+            sum(
+                v
+                for k, v in metrics.items()
+                if k.split("{")[0] == prefix and all(f"{a}={b}" in k for a, b in labels.items())
+            )
+        )
+
+    result.heals_ok = total("vram_supervisor_heals_total", result="ok")
+    result.heals_failed = total("vram_supervisor_heals_total", result="failed")
+    result.ollama_unloads = total("vram_supervisor_ollama_unloads_total")
+    result.restarts = max(result.restarts, total("vram_supervisor_restarts_total"))

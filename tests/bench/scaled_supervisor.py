@@ -1,0 +1,35 @@
+"""`python -m supervisor run`, with the one built-in limit that compressed time breaks scaled.
+
+Run as `python -m tests.bench.scaled_supervisor` with BENCH_TIME_SCALE set (the simulator's
+time scale). The daemon's safety limit allows MAX_ACTIONS_PER_SERVICE_PER_MIN actions per
+service per *real* minute; at a time scale of 0.05 a real minute is 20 simulated minutes,
+so the limit would be 20 times tighter in the benchmark than on a real host and would
+decide the result. Its count is divided by the time scale here, which keeps it at 6 per
+simulated minute. Nothing else is changed: the user-settable times come scaled through the
+environment (supervisor_proc.scaled_settings); the other built-in real-time constants
+(verification poll, settle, the gate's /api/ps cache) only make the supervisor slower in
+simulated time and stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from supervisor import cli, daemon
+
+
+def main() -> int:
+    scale = float(os.environ.get("BENCH_TIME_SCALE", "1"))
+    if not 0 < scale <= 1:
+        print(f"BENCH_TIME_SCALE must be in (0, 1], not {scale}", file=sys.stderr)
+        return 2
+    daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN = math.ceil(
+        daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN / scale
+    )
+    return cli.main(["run"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
