@@ -212,6 +212,7 @@ class Observation:
     ollamas: tuple[OllamaObservation, ...] = ()
     comfyuis: tuple[ComfyObservation, ...] = ()
     docker_ok: bool | None = None  # None: Docker not in use (fixed URLs only)
+    wall_at: float | None = None  # Unix time of the pass (to judge Ollama's expires_at)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -251,6 +252,7 @@ class HealOllama:
     reason: str
     free_first: tuple[str, ...] = ()  # ComfyUI keys to free (hard stage) before the reload
     before_fraction: float = 0.0
+    gpu_uuid: str | None = None  # the GPU the model should land on, when known
 
 
 Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama
