@@ -9,6 +9,7 @@ likely a typo. Pure: reads only the mapping it is given.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,7 @@ def _number(
             value: float = int(raw.strip()) if integer else float(raw.strip())
         except ValueError:
             raise ConfigError(name, raw, accepted) from None
-        if value != value or (value <= lo if lo_open else value < lo):
+        if not math.isfinite(value) or (value <= lo if lo_open else value < lo):
             raise ConfigError(name, raw, accepted)
         if hi is not None and value > hi:
             raise ConfigError(name, raw, accepted)

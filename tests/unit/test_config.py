@@ -104,3 +104,16 @@ def test_fixed_urls_for_both_services_need_no_docker() -> None:
     assert not settings.needs_docker
     only_one, _ = load_settings({"VRAM_OLLAMA_URL": "http://o:1"})
     assert only_one.needs_docker
+
+
+NUMERIC = [v.name for v in VARIABLES if v.accepted.startswith(("a number", "an integer"))]
+
+
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e999", "Infinity"])
+@pytest.mark.parametrize("name", NUMERIC)
+def test_non_finite_numbers_are_rejected(name: str, raw: str) -> None:
+    """`inf` would make a timeout or a wait endless (or overflow a lock's timeout)."""
+    with pytest.raises(ConfigError) as info:
+        load_settings({name: raw})
+    assert info.value.name == name
+    assert raw in str(info.value)
