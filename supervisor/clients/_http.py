@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 from loguru import logger
@@ -194,6 +194,44 @@ class JsonHttp:
 
 
 # ---------------------------------------------------------------------- shape helpers
+
+
+class ServiceClient:
+    """What both service clients share: one pooled `JsonHttp`, closing, `with` support.
+
+    Subclasses set `SERVICE` ("ollama", "comfyui"); error bodies are read as text, or as the
+    `error` field when they are JSON (both services answer errors that way)."""
+
+    SERVICE = ""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 5.0,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        retry_wait: WaitBaseT | None = None,
+        attempts: int = 2,
+    ) -> None:
+        self._http = JsonHttp(
+            self.SERVICE,
+            base_url,
+            timeout_s,
+            transport=transport,
+            retry_wait=retry_wait,
+            attempts=attempts,
+            error_text=lambda response: error_text(response, json_key="error"),
+        )
+        self.base_url = self._http.base_url
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def obj(value: Any, where: str) -> dict[str, Any]:

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-from tenacity.wait import WaitBaseT
-
 from supervisor.clients._http import (
-    JsonHttp,
     Retry,
+    ServiceClient,
     ShapeError,
-    error_text,
     field,
     integer,
     items,
@@ -33,38 +29,10 @@ from supervisor.clients._http import (
 from supervisor.model import ComfyQueue, ComfyStats
 
 
-class ComfyClient:
+class ComfyClient(ServiceClient):
     """One ComfyUI server at `base_url` (implements `ports.ComfyApi`). Thread-safe."""
 
-    def __init__(
-        self,
-        base_url: str,
-        timeout_s: float = 5.0,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        retry_wait: WaitBaseT | None = None,
-        attempts: int = 2,
-    ) -> None:
-        self._http = JsonHttp(
-            "comfyui",
-            base_url,
-            timeout_s,
-            transport=transport,
-            retry_wait=retry_wait,
-            attempts=attempts,
-            # aiohttp error bodies are text ("500 Internal Server Error ..."), sometimes JSON
-            error_text=lambda response: error_text(response, json_key="error"),
-        )
-        self.base_url = self._http.base_url
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> ComfyClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    SERVICE = "comfyui"
 
     def system_stats(self) -> ComfyStats:
         """GET /system_stats: the one torch device ComfyUI uses (bytes)."""

@@ -24,11 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from tenacity.wait import WaitBaseT
 
 from supervisor.clients._http import (
-    JsonHttp,
     Retry,
+    ServiceClient,
     ShapeError,
     error_text,
     field,
@@ -78,37 +77,10 @@ def normalise_model_name(name: str) -> str:
     return f"{prefix}{model}:{tag}"
 
 
-class OllamaClient:
+class OllamaClient(ServiceClient):
     """One Ollama server at `base_url` (implements `ports.OllamaApi`). Thread-safe."""
 
-    def __init__(
-        self,
-        base_url: str,
-        timeout_s: float = 5.0,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        retry_wait: WaitBaseT | None = None,
-        attempts: int = 2,
-    ) -> None:
-        self._http = JsonHttp(
-            "ollama",
-            base_url,
-            timeout_s,
-            transport=transport,
-            retry_wait=retry_wait,
-            attempts=attempts,
-            error_text=lambda response: error_text(response, json_key="error"),
-        )
-        self.base_url = self._http.base_url
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> OllamaClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    SERVICE = "ollama"
 
     # ------------------------------------------------------------------ reads
 
