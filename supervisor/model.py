@@ -288,6 +288,21 @@ class Episode:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """The policy holds back from one target after an action that did not help.
+
+    `key` is "free|<ComfyUI key>" (it kept its memory after a hard free and may not be
+    restarted) or "heal|<Ollama key>|<model>" (a heal that left the model spilled).
+    """
+
+    key: str
+    at: float  # when the action that did not help was decided
+    bytes_then: int = 0  # the reading then: what the ComfyUI held, or the room for the heal
+    strikes: int = 0  # actions in a row that did not help
+    container_id: str | None = None  # the ComfyUI's container then; another one ends it
+
+
+@dataclass(frozen=True)
 class PolicyState:
     """What the policy remembers between passes. Replaced, never mutated."""
 
@@ -302,6 +317,7 @@ class PolicyState:
     seen_ollamas: frozenset[str] = frozenset()
     # Keys of INFO notes already given (said once until the condition clears).
     noted: frozenset[str] = frozenset()
+    backoffs: tuple[Backoff, ...] = ()  # targets held back after actions that did not help
 
     def restart_at(self, key: str) -> float | None:
         return dict(self.last_restart_at).get(key)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from supervisor.config import Settings
 from supervisor.model import (
+    Backoff,
     Decision,
     Episode,
     FreeComfy,
@@ -21,7 +22,7 @@ from supervisor.model import (
 from supervisor.policy.episodes import advance_episodes, open_episodes
 from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead
 from supervisor.policy.heal import heal_spilled
-from supervisor.policy.scratch import start_pass, usable_ollama
+from supervisor.policy.scratch import Pass, start_pass, usable_ollama
 from supervisor.policy.triggers import (
     free_for_new_models,
     free_over_threshold,
@@ -63,6 +64,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
 
     restart_at = {k: t for k, t in p.restart_at.items() if now - t < settings.restart_cooldown_s}
     heal_at = {k: t for k, t in p.heal_at.items() if now - t < settings.heal_cooldown_s}
+    backoffs = tuple(b for b in p.backoffs.values() if _backoff_holds(p, b))
     next_state = PolicyState(
         is_initialised=True,
         known_models=known,
@@ -73,8 +75,20 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
         last_heal_at=tuple(sorted(heal_at.items())),
         seen_ollamas=seen,
         noted=frozenset(p.noted),
+        backoffs=backoffs,
     )
     return Decision(tuple(p.actions), next_state, tuple(p.notes), wake, tuple(p.skipped))
+
+
+def _backoff_holds(p: Pass, b: Backoff) -> bool:
+    """Keep a back-off while its target is still there (or unknown: Docker failed)."""
+    kind, _, key = b.key.partition("|")
+    if kind == "free":
+        c = p.comfys.get(key)
+        if c is None:
+            return p.obs.docker_ok is False and p.now - b.at < p.settings.restart_cooldown_s
+        return c.status.is_running and p.now - b.at < p.settings.restart_cooldown_s
+    return True
 
 
 def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:

@@ -20,6 +20,14 @@ when a trigger wants room from that ComfyUI (a VRAM supervisor does not restart 
 that nobody needs room from). A failed guard is named in `reasons_skipped`; a transient one
 (busy, queue unknown) keeps the episode waiting, a lasting one closes it. A restart
 attempt counts for the cooldown even if refused when acted on: no restart loops.
+
+Pinned hold: a ComfyUI that kept its memory after a hard free (PINNED) and may not be
+restarted (a lasting refusal: not allowed, not a container, restart cooldown) would
+otherwise get a soft and a hard free every VRAM_MIN_FREE_INTERVAL, each hard free dropping
+its execution cache. It is held back instead (a `Backoff` "free|<key>", said once as a
+note): no new episode for it until what it holds changes by more than
+MIN_RECLAIMABLE_BYTES, its container changes or stops, a restart becomes possible, or
+VRAM_RESTART_COOLDOWN passes. A heal does not count on its memory meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from supervisor.model import (
+    Backoff,
     ComfyObservation,
     Episode,
     FreeComfy,
@@ -84,8 +93,10 @@ def advance_episodes(p: Pass) -> None:
         elif ep.last_result is FreeResult.PINNED:
             if ep.stage is FreeStage.SOFT:
                 _escalate(p, c, ep, "the soft free released nothing", keep_if_blocked=True)
-            else:
-                try_restart(p, c, ep, "the hard free released nothing")
+            elif not try_restart(p, c, ep, "the hard free released nothing") and (
+                key not in p.episodes  # closed: the refusal lasts
+            ):
+                _hold_pinned(p, c)
         else:
             close_episode(p, key, "the free failed")
 
@@ -153,6 +164,48 @@ def try_restart(p: Pass, c: ComfyObservation, ep: Episode | None, why: str) -> b
     return True
 
 
+def _hold_pinned(p: Pass, c: ComfyObservation) -> None:
+    key, held = c.status.spec.key, estimate_reclaimable(c)
+    bkey = f"free|{key}"
+    p.backoffs[bkey] = Backoff(bkey, p.now, held, container_id=c.status.spec.container_id)
+    p.notes.append(
+        f"ComfyUI {key} keeps {format_bytes(held)} after a hard free and may not be "
+        f"restarted; not freeing it again until what it holds changes by more than "
+        f"{format_bytes(MIN_RECLAIMABLE_BYTES)}, its container restarts, a restart becomes "
+        f"possible or {p.settings.restart_cooldown_s:.0f} s pass"
+    )
+
+
+def pinned_hold(p: Pass, c: ComfyObservation) -> str | None:
+    """Why this ComfyUI is held back after a hard free that released nothing (None: it is
+    not, or no longer; an ended hold is dropped). Judge it only on a reading that answered."""
+    key = c.status.spec.key
+    bo = p.backoffs.get(f"free|{key}")
+    if bo is None:
+        return None
+    held = estimate_reclaimable(c)
+    state = replace(p.state, last_restart_at=tuple(p.restart_at.items()))
+    lasting = [m for t, m in restart_guards(c, state, p.settings, p.now) if not t]
+    left = p.settings.restart_cooldown_s - (p.now - bo.at)
+    ended = None
+    if c.status.spec.container_id != bo.container_id:
+        ended = "its container changed"
+    elif abs(held - bo.bytes_then) > MIN_RECLAIMABLE_BYTES:
+        ended = f"it held {format_bytes(bo.bytes_then)}, now {format_bytes(held)}"
+    elif left <= 0:
+        ended = f"{p.settings.restart_cooldown_s:.0f} s passed"
+    elif not lasting:
+        ended = "a restart is possible now"
+    if ended is not None:
+        del p.backoffs[bo.key]
+        p.skip(f"{key} is no longer held back after its hard free: {ended}")
+        return None
+    return (
+        f"it kept {format_bytes(bo.bytes_then)} after a hard free and may not be restarted "
+        f"({'; '.join(lasting)}); held back {left:.0f} s more unless that changes"
+    )
+
+
 def want_free(p: Pass, c: ComfyObservation, reason: str, gpu_uuid: str | None) -> None:
     key = c.status.spec.key
     if key in p.claimed or key in p.wants or key in p.episodes:
@@ -163,6 +216,10 @@ def want_free(p: Pass, c: ComfyObservation, reason: str, gpu_uuid: str | None) -
     blocker = free_blocker(c, p.settings.priority)
     if blocker is not None:
         p.skip(f"Not freeing {key} ({reason}): {blocker}")
+        return
+    hold = pinned_hold(p, c)
+    if hold is not None:
+        p.skip(f"Not freeing {key} ({reason}): {hold}")
         return
     held = estimate_reclaimable(c)
     if held <= MIN_RECLAIMABLE_BYTES:

@@ -19,7 +19,7 @@ from supervisor.model import (
     OllamaObservation,
     Priority,
 )
-from supervisor.policy.episodes import want_free
+from supervisor.policy.episodes import pinned_hold, want_free
 from supervisor.policy.guards import (
     MIN_RECLAIMABLE_BYTES,
     SAFETY_MARGIN_BYTES,
@@ -60,6 +60,7 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
             if free_blocker(c, Priority.BALANCED) is None
             and c.status.spec.key not in p.claimed
             and estimate_reclaimable(c) > MIN_RECLAIMABLE_BYTES
+            and pinned_hold(p, c) is None  # its memory did not come back last time
         ]
 
     g = max(fitting, key=lambda g: g.free_bytes + sum(map(estimate_reclaimable, idle_held(g))))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from supervisor.config import Settings
 from supervisor.model import (
     Action,
+    Backoff,
     ComfyObservation,
     Episode,
     GpuMemory,
@@ -48,6 +49,7 @@ class Pass:
     last_unload_at: float | None
     restart_at: dict[str, float]
     heal_at: dict[str, float]
+    backoffs: dict[str, Backoff]
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -113,6 +115,7 @@ def start_pass(obs: Observation, state: PolicyState, settings: Settings, now: fl
         last_unload_at=state.last_unload_at,
         restart_at=dict(state.last_restart_at),
         heal_at=dict(state.last_heal_at),
+        backoffs={b.key: b for b in state.backoffs},
         noted=set(state.noted),
     )
     if len(gpus) < len(obs.gpus):

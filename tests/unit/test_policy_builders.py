@@ -86,13 +86,15 @@ def comfy(
     stats: bool = True,
     device: str = "cuda",
     vram: float | None = None,
+    cid: str | None = None,
 ) -> ComfyObservation:
-    """A ComfyUI; `held` GiB is torch's reserved memory (what a /free could return)."""
+    """A ComfyUI; `held` GiB is torch's reserved memory (what a /free could return);
+    `cid` replaces its container id (default "id-<name>", a recreated container differs)."""
     spec = ServiceSpec(
         Role.COMFYUI,
         name,
         f"http://{name}:8188",
-        f"id-{name}" if container else None,
+        (cid or f"id-{name}") if container else None,
         restart_allowed=restart,
         gpu_uuids=gpus,
     )

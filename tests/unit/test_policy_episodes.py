@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from test_policy_builders import (
 
 from supervisor.config import Settings
 from supervisor.model import (
+    Backoff,
     ComfyObservation,
     Episode,
     FreeComfy,
@@ -499,3 +501,112 @@ def test_a_flapping_comfyui_cannot_cause_an_action_storm() -> None:
     assert flat.count("free:soft:comfyui") == 3
     assert flat.count("free:hard:comfyui") <= 3
     assert not any(word.startswith("restart") for word in flat)
+
+
+# --------------------------------------------------------------------------- pinned hold
+# A ComfyUI that kept its memory after a hard free and may not be restarted is not freed
+# again (soft + hard every 30 s would drop its execution cache every time) until its
+# reading changes, its container changes, a restart becomes possible or the restart
+# cooldown (600 s) passes.
+
+
+def test_pinned_comfyui_that_may_not_be_restarted_is_not_freed_every_interval() -> None:
+    times = (0, 1, 2, 31, 61, 300, 601, 602, 603, 604)
+    passes = [(NOW + t, comfy(), HOT) for t in times]
+    state, seen, notes = baseline(OL), list[list[str]](), list[str]()
+    for now, c, g in passes:
+        d = decide(obs(OL, c, gpus=(g,)), state, settings(), now)
+        state, words = d.state, summary(d)
+        seen.append(words)
+        notes += [n for n in d.notes if "hard free" in n]
+        for action in d.actions:
+            state = record(state, Outcome(action, now, False, PINNED), now)
+    assert seen == [
+        ["free:soft:comfyui"],
+        ["free:hard:comfyui"],
+        [],  # the restart is not allowed: held back from here on
+        [],
+        [],
+        [],
+        [],
+        ["free:soft:comfyui"],  # 600 s after the hold began (at +2): one more try
+        ["free:hard:comfyui"],
+        [],
+    ]
+    assert (
+        notes
+        == [
+            "ComfyUI comfyui/comfyui keeps 8.0 GiB after a hard free and may not be restarted; "
+            "not freeing it again until what it holds changes by more than 256 MiB, its "
+            "container restarts, a restart becomes possible or 600 s pass",
+        ]
+        * 2
+    )
+
+
+def _held(at: float = NOW - 40, held: float = 8, cid: str = "id-comfyui") -> PolicyState:
+    hold = Backoff(f"free|{COMFY}", at, int(held * 1024**3), container_id=cid)
+    return baseline(OL, backoffs=(hold,), last_episode_at=NOW - 40)
+
+
+HOLD_CASES = [
+    # (ComfyUI now, state, settings) -> actions, still held?
+    pytest.param(comfy(), _held(), settings(), [], True, id="same-reading-held"),
+    pytest.param(comfy(held=8.2), _held(), settings(), [], True, id="small-change-held"),
+    pytest.param(comfy(held=9), _held(), settings(), ["free:soft:comfyui"], False, id="grew"),
+    pytest.param(comfy(held=6), _held(), settings(), ["free:soft:comfyui"], False, id="shrank"),
+    pytest.param(
+        comfy(cid="id-new"), _held(), settings(), ["free:soft:comfyui"], False, id="recreated"
+    ),
+    pytest.param(
+        comfy(), _held(at=NOW - 600), settings(), ["free:soft:comfyui"], False, id="cooldown-over"
+    ),
+    pytest.param(
+        comfy(restart=True), _held(), settings(), ["free:soft:comfyui"], False, id="now-allowed"
+    ),
+    pytest.param(
+        comfy(),
+        _held(at=NOW - 40),
+        ALLOW,
+        ["free:soft:comfyui"],
+        False,
+        id="restart-possible-now",
+    ),
+    pytest.param(
+        comfy(running=1), _held(), settings(), ["unload:llama3:8b"], True, id="busy-keeps-hold"
+    ),
+    pytest.param(comfy(reachable=False, failed=1), _held(), settings(), [], True, id="no-answer"),
+    pytest.param(comfy(is_running=False), _held(), settings(), [], False, id="stopped-drops"),
+]
+
+
+@pytest.mark.parametrize(("c", "state", "s", "expected", "held"), HOLD_CASES)
+def test_pinned_hold_ends_when_something_changes(
+    c: ComfyObservation, state: PolicyState, s: Settings, expected: list[str], held: bool
+) -> None:
+    d = run(obs(OL, c, gpus=(HOT,)), state, s)
+    assert summary(d) == expected
+    assert bool(d.state.backoffs) is held
+    if held and c.status.is_reachable and c.queue and not c.queue.is_busy:
+        assert "kept 8.0 GiB after a hard free and may not be restarted" in skipped(d)
+
+
+def test_pinned_hold_waits_for_a_restart_cooldown_then_restart_follows() -> None:
+    """Refused only by the restart cooldown: held until the cooldown ends, then escalated."""
+    state = replace(_held(), last_restart_at=((COMFY, NOW - 100),))
+    assert summary(run(obs(OL, comfy(), gpus=(HOT,)), state, ALLOW)) == []
+    state = replace(_held(), last_restart_at=((COMFY, NOW - 600),))
+    assert summary(run(obs(OL, comfy(), gpus=(HOT,)), state, ALLOW)) == ["free:soft:comfyui"]
+
+
+def test_pinned_hold_survives_a_docker_outage_and_ends_when_the_comfyui_is_gone() -> None:
+    assert run(obs(OL, gpus=(HOT,), docker_ok=False), _held()).state.backoffs != ()
+    assert run(obs(OL, gpus=(HOT,)), _held()).state.backoffs == ()
+
+
+def test_a_heal_does_not_count_on_the_memory_of_a_held_comfyui() -> None:
+    spilled = ollama(model("big:12b", 12, vram=4))
+    state = replace(_held(), known_models=frozenset({(OLLAMA, "big:12b")}))
+    d = run(obs(spilled, comfy(), gpus=(gpu(17),)), state)
+    assert summary(d) == []
+    assert "could be made free" in skipped(d)
