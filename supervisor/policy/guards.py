@@ -16,7 +16,7 @@ Garbage readings: a GPU with impossible figures (`gpu_ok`) or a model with no si
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from supervisor.config import Settings
 from supervisor.model import (
@@ -37,6 +37,8 @@ CUDA_CONTEXT_BYTES = 384 * MIB
 # Head room kept on top of a model's size when judging fit and room.
 SAFETY_MARGIN_BYTES = 512 * MIB
 DEAD_API_CHECKS = 3
+# keep_alive -1 is stored as MaxInt64 ns: expires_at lies about 292 years ahead (2318).
+FOREVER_AFTER = datetime(2200, 1, 1, tzinfo=UTC).timestamp()
 EPISODE_STALE_S = 300.0
 
 
@@ -166,11 +168,33 @@ def model_ok(m: OllamaModel) -> bool:
     return m.size_bytes > 0 and m.size_vram_bytes >= 0
 
 
-def expiry_key(m: OllamaModel) -> tuple[float, str]:
-    """Soonest expiry first; unknown/unparseable last (it may be in use or pinned)."""
-    if m.expires_at:
-        try:
-            return datetime.fromisoformat(m.expires_at).timestamp(), m.name
-        except ValueError:
-            pass
-    return float("inf"), m.name
+def expires_at(m: OllamaModel) -> float | None:
+    """Its expires_at as Unix time (an offset-less value is read as UTC); None if unknown."""
+    if not m.expires_at:
+        return None
+    try:
+        at = datetime.fromisoformat(m.expires_at)
+    except ValueError:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def seems_busy(m: OllamaModel, wall_at: float | None) -> bool:
+    """Still listed after its expires_at: a request is running (api-facts gotcha 6)."""
+    at = expires_at(m)
+    return wall_at is not None and at is not None and at < wall_at
+
+
+def expiry_key(m: OllamaModel, wall_at: float | None = None) -> tuple[int, float, str]:
+    """Unload order: soonest expiry first, then unknown/unparseable (it may be in use or
+    pinned), then keep_alive forever (the user asked to keep it), then, with the time of
+    the pass known, models whose expires_at passed while still listed: in use, and an
+    unload only takes effect once their requests end."""
+    at = expires_at(m)
+    if at is None:
+        return 1, 0.0, m.name
+    if seems_busy(m, wall_at):
+        return 3, at, m.name
+    if at >= FOREVER_AFTER:
+        return 2, at, m.name
+    return 0, at, m.name

@@ -7,8 +7,11 @@ Evaluated per GPU (a service with no GPU list shares every GPU):
 2. A GPU at or above VRAM_THRESHOLD -> free (soft) the ComfyUIs on it.
 4. A ComfyUI with work on a GPU at or above the threshold while Ollama models hold VRAM
    there -> unload Ollama models, soonest `expires_at` first (the least recently used when
-   keep_alive is uniform; Ollama has no busy flag, and it defers an unload until in-flight
-   requests finish), until the estimate is below the threshold. At most one unload round
+   keep_alive is uniform), until the estimate is below the threshold. Ollama has no busy
+   flag, and it defers an unload until in-flight requests finish: a model still listed
+   after its `expires_at` (judged with `Observation.wall_at`) is in a long request, so it
+   goes last, after unknown expiries and keep_alive forever (about year 2318); it is
+   unloaded only when nothing else frees enough. At most one unload round
    per VRAM_MIN_FREE_INTERVAL (`last_unload_at`). Never under priority `ollama`.
 
 (Trigger 3, spilled models, is `heal.py`.) Frees go through `episodes.want_free`.
@@ -18,7 +21,14 @@ from __future__ import annotations
 
 from supervisor.model import Priority, UnloadOllama
 from supervisor.policy.episodes import want_free
-from supervisor.policy.guards import expiry_key, has_work, model_ok, service_gpus, shares_gpu
+from supervisor.policy.guards import (
+    expiry_key,
+    has_work,
+    model_ok,
+    seems_busy,
+    service_gpus,
+    shares_gpu,
+)
 from supervisor.policy.scratch import Pass, usable_ollama
 
 
@@ -112,13 +122,15 @@ def unload_for_comfy(p: Pass) -> None:
             continue
         target = g.total_bytes * s.threshold_percent / 100.0
         estimate = g.used_bytes
-        for okey, m in sorted(cands, key=lambda km: expiry_key(km[1])):
+        wall = p.obs.wall_at
+        for okey, m in sorted(cands, key=lambda km: expiry_key(km[1], wall)):
             if estimate < target:
                 break
             if (okey, m.name) not in p.unloaded:
                 p.unloaded.add((okey, m.name))
-                p.emit(
-                    UnloadOllama(okey, m.name, f"{situation} (threshold {s.threshold_percent:g}%)")
-                )
+                why = f"{situation} (threshold {s.threshold_percent:g}%)"
+                if seems_busy(m, wall):
+                    why += "; it seems in use (expires_at passed), nothing else frees enough"
+                p.emit(UnloadOllama(okey, m.name, why))
                 p.last_unload_at = p.now
             estimate -= m.size_vram_bytes

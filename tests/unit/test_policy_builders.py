@@ -114,6 +114,7 @@ def obs(
     *services: OllamaObservation | ComfyObservation,
     gpus: tuple[GpuMemory, ...] | None = None,
     docker_ok: bool | None = True,
+    wall_at: float | None = None,
 ) -> Observation:
     return Observation(
         at=NOW,
@@ -122,6 +123,7 @@ def obs(
         ollamas=tuple(s for s in services if isinstance(s, OllamaObservation)),
         comfyuis=tuple(s for s in services if isinstance(s, ComfyObservation)),
         docker_ok=docker_ok,
+        wall_at=wall_at,
     )
 
 

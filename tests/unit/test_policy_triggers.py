@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from test_policy_builders import (
     COMFY,
@@ -271,17 +273,23 @@ def test_a_free_on_two_gpus_records_each_gpu() -> None:
 
 # --------------------------------------------------------------------------- unloads
 
+# The time of the pass (Observation.wall_at), between EARLY and LATE: a model still listed
+# after its expires_at is in a long request (api-facts gotcha 6).
+WALL = datetime(2026, 8, 21, 18, 10, tzinfo=UTC).timestamp()
+
 UNLOAD_CASES = [
     # 20 GiB used of 24; 18 GiB is the threshold. Each model's VRAM counts once.
     pytest.param(
         [model("a:1", 3, expires=LATE), model("b:1", 3, expires=EARLY)],
         20,
+        None,
         ["unload:b:1"],
         id="soonest-expiry-first",
     ),
     pytest.param(
         [model("a:1", 1, expires=EARLY), model("b:1", 1.5, expires=LATE)],
         20,
+        None,
         ["unload:a:1", "unload:b:1"],
         id="until-below-threshold",
     ),
@@ -292,23 +300,77 @@ UNLOAD_CASES = [
             model("c:1", 1, expires="garbage"),
         ],
         23,
-        ["unload:b:1", "unload:a:1", "unload:c:1"],
-        id="unknown-expiry-last",
+        None,
+        ["unload:b:1", "unload:c:1", "unload:a:1"],
+        id="unknown-expiry-then-keep-alive-forever-last",
     ),
-    pytest.param([model("a:1", 2, vram=0)], 23, [], id="cpu-only-model-not-unloaded"),
-    pytest.param([model("a:1", 3)], 20, ["unload:a:1"], id="no-expiry-still-candidate"),
-    pytest.param([model("z:1", 0), model("n:1", 2, vram=-1)], 23, [], id="garbage-model-sizes"),
+    pytest.param([model("a:1", 2, vram=0)], 23, None, [], id="cpu-only-model-not-unloaded"),
+    pytest.param([model("a:1", 3)], 20, None, ["unload:a:1"], id="no-expiry-still-candidate"),
+    pytest.param(
+        [model("z:1", 0), model("n:1", 2, vram=-1)], 23, None, [], id="garbage-model-sizes"
+    ),
+    # --- with the time of the pass known: a past expires_at means "in use"
+    pytest.param(
+        [model("chat:1", 8, expires=EARLY), model("embed:1", 6, expires=LATE)],
+        22,
+        WALL,
+        ["unload:embed:1"],
+        id="expiry-passed-means-in-use-goes-last",
+    ),
+    pytest.param(
+        [model("chat:1", 3, expires=EARLY), model("embed:1", 1, expires=LATE)],
+        20,
+        WALL,
+        ["unload:embed:1", "unload:chat:1"],
+        id="in-use-unloaded-only-when-nothing-else-frees-enough",
+    ),
+    pytest.param(
+        [
+            model("a:1", 1, expires=FOREVER),
+            model("b:1", 1, expires=EARLY),
+            model("c:1", 1, expires=LATE),
+            model("d:1", 1, expires="garbage"),
+        ],
+        23,
+        WALL,
+        ["unload:c:1", "unload:d:1", "unload:a:1", "unload:b:1"],
+        id="order-expiring-unknown-forever-in-use",
+    ),
+    pytest.param(
+        [model("a:1", 3, expires="2026-08-21T18:00:00"), model("b:1", 3, expires=LATE)],
+        20,
+        WALL,
+        ["unload:b:1"],
+        id="offset-less-expiry-read-as-utc",
+    ),
+    pytest.param(
+        [model("chat:1", 8, expires=EARLY), model("embed:1", 6, expires=LATE)],
+        22,
+        None,
+        ["unload:chat:1"],
+        id="without-wall-time-a-past-expiry-cannot-be-told",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("models", "used", "expected"), UNLOAD_CASES)
-def test_unload_order(models: list[OllamaModel], used: float, expected: list[str]) -> None:
+@pytest.mark.parametrize(("models", "used", "wall", "expected"), UNLOAD_CASES)
+def test_unload_order(
+    models: list[OllamaModel], used: float, wall: float | None, expected: list[str]
+) -> None:
     o = ollama(*models)
-    d = run(obs(o, comfy(running=1), gpus=(gpu(used),)), baseline(o))
+    d = run(obs(o, comfy(running=1), gpus=(gpu(used),), wall_at=wall), baseline(o))
     assert summary(d) == expected
     if expected:
         assert d.state.last_unload_at == NOW
         assert all(isinstance(a, UnloadOllama) and a.target == OLLAMA for a in d.actions)
+
+
+def test_an_in_use_model_unloaded_as_a_last_resort_says_so() -> None:
+    o = ollama(model("chat:1", 3, expires=EARLY), model("embed:1", 1, expires=LATE))
+    d = run(obs(o, comfy(running=1), gpus=(gpu(20),), wall_at=WALL), baseline(o))
+    reasons = {a.model: a.reason for a in d.actions if isinstance(a, UnloadOllama)}
+    assert "seems in use (expires_at passed)" in reasons["chat:1"]
+    assert "in use" not in reasons["embed:1"]
 
 
 def test_ollama_priority_never_unloads_and_says_so() -> None:
