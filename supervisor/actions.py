@@ -102,6 +102,12 @@ class Targets:
         return self.ollama_gpus[0] if len(self.ollama_gpus) == 1 else None
 
 
+def holds_nothing(reading: Reading | None) -> bool:
+    """A ComfyUI's own reading says it holds only its CUDA context: nothing to free. A
+    device-wide reading says nothing about ComfyUI, so it never counts as nothing."""
+    return reading is not None and not reading.is_device_wide and reading.bytes < NOTHING_HELD_BYTES
+
+
 def _dropped(before: Reading, after: Reading) -> bool:
     return before.bytes - after.bytes >= max(MIN_DROP_BYTES, before.bytes // 10)
 
@@ -227,6 +233,8 @@ class Actor:
             if not self.wait(min(self.poll_s, 0.05 * 2**polls)):
                 break
             after = self.probe.comfy_reading(action.target)
+            if polls == 1 and holds_nothing(before) and after is not None:
+                break  # only its CUDA context: no use waiting out the window
             if before is not None and after is not None and _dropped(before, after):
                 after = self._settle(action.target, after, deadline)
                 took = self.clock() - start
@@ -254,7 +262,7 @@ class Actor:
                 "read its VRAM to verify it"
             )
             return report(FreeResult.FAILED, "VRAM could not be read", after)
-        if not before.is_device_wide and before.bytes < NOTHING_HELD_BYTES:
+        if holds_nothing(before):
             log.info(
                 f"ComfyUI {spec.name} holds only {format_bytes(before.bytes)}: nothing to free"
             )

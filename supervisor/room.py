@@ -1,10 +1,11 @@
 """The gate's `ports.RoomMaker`: free ComfyUI's VRAM before Ollama loads a model.
 
-Policy: only the ComfyUI(s) on Ollama's GPU(s) are freed, soft then hard, until free
-VRAM covers the need or the deadline passes. It shares the Actor's lock with the loop, so
-a gate free never overlaps a loop action, and gives up (False) when it cannot take the lock
-in time. Every free it does is reported through `on_outcome` so the policy can escalate it
-and does not repeat it. In dry run it stops after the first "would free".
+Policy: only the ComfyUI(s) on Ollama's GPU(s) that hold more than their CUDA context
+are freed, soft then hard, until free VRAM covers the need or the deadline passes. It
+shares the Actor's lock with the loop, so a gate free never overlaps a loop action, and
+gives up (False) when it cannot take the lock in time. Every free it does is reported
+through `on_outcome` so the policy can escalate it and does not repeat it. In dry run it
+stops after the first "would free".
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from supervisor.actions import Actor
+from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Priority
 
@@ -55,6 +56,11 @@ class ComfyRoomMaker:
             for key, (spec, comfy) in targets.comfyuis.items():
                 if gpus and spec.gpu_uuids and not gpus & set(spec.gpu_uuids):
                     continue  # another GPU: freeing it gives Ollama nothing
+                if holds_nothing(self._actor.probe.comfy_reading(key)):
+                    # Only its CUDA context (Ollama's own models fill the GPU): freeing
+                    # it gives nothing, and verifying that would hold the request.
+                    logger.debug(f"Not freeing ComfyUI {spec.name} for the gate: it holds nothing")
+                    continue
                 try:
                     busy = comfy.queue().is_busy
                 except ServiceError:

@@ -133,6 +133,24 @@ def test_comfyui_holding_nothing_is_freed_without_escalation(world: World) -> No
     actor, _ = make_actor(world)
     outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "x"))
     assert outcome.result is FreeResult.FREED and outcome.detail == "nothing held"
+    # Known after the first look: the verify window is not waited out for nothing.
+    assert outcome.duration_s < 1.0
+
+
+def test_gate_does_not_hold_a_load_when_comfyui_holds_only_its_context(world: World) -> None:
+    """Ollama's own models fill the GPU, ComfyUI holds only its CUDA context: freeing it
+    cannot make room, and the gate must say so at once instead of holding the request
+    (and the Actor's lock) for its whole deadline."""
+    world.comfy.models_bytes = world.comfy.cache_bytes = 0
+    world.comfy._sync()
+    world.ollama.installed["big:latest"] = 18 * GIB
+    world.ollama.load("big:latest")
+    daemon = world.daemon()
+    daemon.observe()
+    start = world.clock.now
+    assert not daemon.room_maker.make_room(8 * GIB, reason="gate: load", deadline_s=30)
+    assert world.clock.now - start < 1.0  # fake clock: the time the request was held
+    assert world.comfy.free_calls == []  # nothing to free, nothing sent
 
 
 def test_dry_run_sends_nothing(world: World, logs: list[str]) -> None:
