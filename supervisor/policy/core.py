@@ -20,7 +20,7 @@ from supervisor.model import (
     UnloadOllama,
 )
 from supervisor.policy.episodes import advance_episodes, open_episodes
-from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead
+from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead, model_ok
 from supervisor.policy.heal import heal_spilled
 from supervisor.policy.scratch import Pass, start_pass, usable_ollama
 from supervisor.policy.triggers import (
@@ -88,18 +88,29 @@ def _backoff_holds(p: Pass, b: Backoff) -> bool:
         if c is None:
             return p.obs.docker_ok is False and p.now - b.at < p.settings.restart_cooldown_s
         return c.status.is_running and p.now - b.at < p.settings.restart_cooldown_s
-    return True
+    okey, _, name = key.partition("|")
+    o = p.ollamas.get(okey)
+    if o is None:
+        return p.obs.docker_ok is False
+    if not o.status.is_running:
+        return False
+    if not usable_ollama(o) or o.models is None:
+        return True  # unread: keep what is known
+    return any(m.name == name and model_ok(m) and m.is_spilled for m in o.models)
 
 
 def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     """Fold one action's measured outcome into the state (see the module doc for stages).
 
     A free the policy did not start (the gate's) opens an episode and counts for the rate
-    limit, so it can escalate and is not repeated at once. `now` drops stale episodes."""
+    limit, so it can escalate and is not repeated at once. A heal that left its model below
+    100 % on the GPU adds a strike to its back-off (see `heal`); one that reached 100 %
+    clears it; a dry run does neither. `now` drops stale episodes."""
     action, at = outcome.action, outcome.at
     episodes = {e.target: e for e in state.episodes if now - e.started_at <= EPISODE_STALE_S}
     last_episode_at, last_unload_at = state.last_episode_at, state.last_unload_at
     restarts, heals = dict(state.last_restart_at), dict(state.last_heal_at)
+    backoffs = {b.key: b for b in state.backoffs}
     if isinstance(action, FreeComfy):
         ep = episodes.get(action.target)
         if ep is None:
@@ -120,6 +131,13 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     else:
         key = f"{action.target}|{action.model}"
         heals[key] = max(at, heals.get(key, at))
+        if not outcome.dry_run:
+            bkey = f"heal|{key}"
+            if outcome.after_fraction is not None and outcome.after_fraction >= 1.0:
+                backoffs.pop(bkey, None)  # healed: the plain cooldown again
+            else:  # it stayed spilled (or the heal failed): back off further
+                old = backoffs.get(bkey) or Backoff(bkey, at)
+                backoffs[bkey] = replace(old, strikes=old.strikes + 1)
     return replace(
         state,
         episodes=tuple(episodes.values()),
@@ -127,4 +145,5 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         last_unload_at=last_unload_at,
         last_restart_at=tuple(sorted(restarts.items())),
         last_heal_at=tuple(sorted(heals.items())),
+        backoffs=tuple(backoffs.values()),
     )

@@ -7,11 +7,20 @@ SAFETY_MARGIN_BYTES), it is healed: HealOllama frees those idle ComfyUIs itself 
 per GPU per pass). While the heal must wait (healing off, cooldown, a busy ComfyUI) its
 ComfyUIs are freed so the room exists for the heal or the next load. When even freeing
 everything cannot make the room, nothing is done.
+
+Back-off: a heal that left the model spilled (its outcome's `after_fraction` below 100 %,
+or none) is a strike in `Backoff` "heal|<Ollama key>|<model>" (`record()` counts them; a
+heal that reached 100 % or the model no longer spilled clears it). After n strikes the
+next heal waits VRAM_HEAL_COOLDOWN x 2^n (at most x HEAL_BACKOFF_MAX) and its ComfyUIs are
+not freed for it meanwhile, unless the room that could be made (GPU free + the model's VRAM
++ what idle ComfyUIs could give back) grew by more than HEAL_ROOM_GROWTH_BYTES since the
+last heal: then only the plain cooldown applies.
 """
 
 from __future__ import annotations
 
 from supervisor.model import (
+    Backoff,
     ComfyObservation,
     GpuMemory,
     HealOllama,
@@ -31,7 +40,12 @@ from supervisor.policy.guards import (
     service_gpus,
 )
 from supervisor.policy.scratch import Pass, usable_ollama
-from supervisor.units import format_bytes
+from supervisor.units import GIB, format_bytes
+
+# A heal that left the model spilled doubles the wait for the next one, up to this factor.
+HEAL_BACKOFF_MAX = 8
+# ... unless this much more room could be made than at the last heal.
+HEAL_ROOM_GROWTH_BYTES = GIB
 
 
 def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
@@ -75,9 +89,27 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
     if not p.settings.heal:
         free_for_room("healing is off (VRAM_HEAL=false)")
         return
+    idle = idle_held(g)
+    room = g.free_bytes + m.size_vram_bytes + sum(map(estimate_reclaimable, idle))
+    cooldown = p.settings.heal_cooldown_s
     last = p.heal_at.get(hkey)
-    if last is not None and p.now - last < p.settings.heal_cooldown_s:
-        left = p.settings.heal_cooldown_s - (p.now - last)
+    bo = p.backoffs.get(f"heal|{hkey}")
+    if bo is not None and bo.strikes:  # heals that left it spilled: wait longer
+        last = bo.at if last is None else max(last, bo.at)
+        wait = cooldown * min(2**bo.strikes, HEAL_BACKOFF_MAX)
+        grown = room - bo.bytes_then > HEAL_ROOM_GROWTH_BYTES
+        if not grown and p.now - last < wait:
+            left = wait - (p.now - last)
+            p.skip(
+                f"Not healing {m.name}: {bo.strikes} heal(s) in a row left it spilled; "
+                f"backing off {wait:.0f} s ({left:.0f} s left) unless more than "
+                f"{format_bytes(HEAL_ROOM_GROWTH_BYTES)} above the "
+                f"{format_bytes(bo.bytes_then)} of room then can be made"
+            )
+            p.soon(left)
+            return
+    if last is not None and p.now - last < cooldown:
+        left = cooldown - (p.now - last)
         free_for_room(f"heal cooldown, {left:.0f} s left")
         p.soon(left)
         return
@@ -90,8 +122,6 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
         p.skip(f"Not healing {m.name} yet: waiting for the free of {', '.join(open_eps)}")
         p.soon()
         return
-    idle = idle_held(g)
-    room = g.free_bytes + m.size_vram_bytes + sum(map(estimate_reclaimable, idle))
     need = m.size_bytes + SAFETY_MARGIN_BYTES
     if room < need:
         busy = [c for c in on_g if has_work(c)]
@@ -113,6 +143,9 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
     p.healed.add((okey, m.name))
     p.heal_gpus.add(g.uuid)
     p.heal_at[hkey] = p.now
+    bkey = f"heal|{hkey}"
+    strikes = bo.strikes if bo is not None else 0
+    p.backoffs[bkey] = Backoff(bkey, p.now, room, strikes)  # record() judges the outcome
     if free_first:  # the heal's free is a free episode for the rate limit
         p.last_episode_at = p.now
 

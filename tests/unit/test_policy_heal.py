@@ -22,12 +22,15 @@ from test_policy_builders import (
 
 from supervisor.config import Settings
 from supervisor.model import (
+    Backoff,
     HealOllama,
     Observation,
+    OllamaObservation,
+    Outcome,
     PolicyState,
     Priority,
 )
-from supervisor.policy import SAFETY_MARGIN_BYTES, fits_gpu, room_needed
+from supervisor.policy import SAFETY_MARGIN_BYTES, decide, fits_gpu, record, room_needed
 
 # 12 GiB model with 4 GiB on the GPU (33 %); GPU 17 of 24 GiB used (below the 75 % mark).
 SPILLED = model("big:12b", 12, vram=4)
@@ -233,3 +236,98 @@ def test_fits_gpu_keeps_the_margin(size: float, total: float, fits: bool) -> Non
 def test_room_needed(used: float, need: float, expected: float) -> None:
     assert room_needed(int(need * GIB), gpu(used)) == int(expected * GIB)
     assert SAFETY_MARGIN_BYTES == GIB // 2
+
+
+# --------------------------------------------------------------------------- heal back-off
+# A heal that left the model spilled is not repeated every VRAM_HEAL_COOLDOWN (600 s):
+# after n such heals the wait is 600 x 2^n s, at most x 8, unless the room that could be
+# made (GPU free + the model's VRAM + idle ComfyUIs' memory) grew by more than 1 GiB.
+# With QUIET and comfy() that room is 7 + 4 + 8 = 19 GiB.
+BACKOFF_KEY = f"heal|{HEAL_KEY}"
+
+
+def _backoff(strikes: int, ago: float, room_then: float = 19) -> PolicyState:
+    return baseline(OL, backoffs=(Backoff(BACKOFF_KEY, NOW - ago, int(room_then * GIB), strikes),))
+
+
+HEAL = ["heal:big:12b[comfyui]"]
+BACKOFF_CASES = [
+    # (strikes, seconds since that heal, room then in GiB) -> actions now
+    pytest.param(0, 600, 19, HEAL, id="outcome-not-judged-plain-cooldown"),
+    pytest.param(1, 600, 19, [], id="one-miss-waits-2x"),
+    pytest.param(1, 1200, 19, HEAL, id="one-miss-2x-over"),
+    pytest.param(2, 1200, 19, [], id="two-misses-wait-4x"),
+    pytest.param(2, 2400, 19, HEAL, id="two-misses-4x-over"),
+    pytest.param(5, 4799, 19, [], id="capped-at-8x-still-waiting"),
+    pytest.param(5, 4800, 19, HEAL, id="capped-at-8x-over"),
+    pytest.param(3, 600, 18.5, [], id="room-grew-half-a-gib-still-waits"),
+    pytest.param(3, 600, 17.9, HEAL, id="room-grew-over-a-gib-plain-cooldown"),
+    pytest.param(3, 100, 10, ["free:soft:comfyui"], id="room-grew-plain-cooldown-frees-meanwhile"),
+]
+
+
+@pytest.mark.parametrize(("strikes", "ago", "room_then", "expected"), BACKOFF_CASES)
+def test_heal_backs_off_after_heals_that_did_not_help(
+    strikes: int, ago: float, room_then: float, expected: list[str]
+) -> None:
+    d = run(obs(OL, comfy(), gpus=(QUIET,)), _backoff(strikes, ago, room_then))
+    assert summary(d) == expected
+    if not expected:
+        assert f"{strikes} heal(s) in a row left it spilled; backing off" in skipped(d)
+    if expected == HEAL:  # the room now is remembered, the strikes kept for the outcome
+        assert d.state.backoffs == (Backoff(BACKOFF_KEY, NOW, 19 * GIB, strikes),)
+
+
+RECORD_HEAL_CASES = [
+    # (strikes before, outcome ok, after_fraction, dry run) -> strikes after (None: cleared)
+    pytest.param(0, True, 1.0, False, None, id="reached-100-clears"),
+    pytest.param(3, True, 1.0, False, None, id="success-resets"),
+    pytest.param(0, True, 0.8, False, 1, id="improved-but-still-spilled-is-a-strike"),
+    pytest.param(2, False, 0.33, False, 3, id="no-better-adds-a-strike"),
+    pytest.param(1, False, None, False, 2, id="failed-before-the-reload-is-a-strike"),
+    pytest.param(1, True, None, True, 1, id="dry-run-changes-nothing"),
+    pytest.param(None, False, None, False, 1, id="heal-not-decided-here-starts-at-one"),
+]
+
+
+@pytest.mark.parametrize(("before", "ok", "fraction", "dry", "after"), RECORD_HEAL_CASES)
+def test_record_counts_heals_that_left_the_model_spilled(
+    before: int | None, ok: bool, fraction: float | None, dry: bool, after: int | None
+) -> None:
+    state = baseline(OL) if before is None else _backoff(before, 5)
+    heal = HealOllama(OLLAMA, "big:12b", "r", ("comfyui/comfyui",), 0.33)
+    done = record(state, Outcome(heal, NOW, ok, dry_run=dry, after_fraction=fraction), NOW + 9)
+    strikes = [b.strikes for b in done.backoffs if b.key == BACKOFF_KEY]
+    assert strikes == ([] if after is None else [after])
+
+
+def test_a_heal_that_never_helps_backs_off_exponentially() -> None:
+    """Passes every 100 s for about 4 hours; every heal reloads the model at 33 %."""
+    state, heals_at = baseline(OL), list[float]()
+    for t in range(0, 14_000, 100):
+        now = NOW + t
+        d = decide(obs(OL, comfy(), gpus=(QUIET,)), state, settings(), now)
+        state = d.state
+        for action in d.actions:
+            if isinstance(action, HealOllama):
+                heals_at.append(t)
+            state = record(state, Outcome(action, now, False, after_fraction=0.33), now)
+    assert heals_at == [0, 1200, 3600, 8400, 13200]
+
+
+@pytest.mark.parametrize(
+    ("now_seen", "kept"),
+    [
+        (ollama(model("big:12b", 12)), False),
+        (ollama(), False),
+        (ollama(running=False), False),
+        (ollama(unreadable=True), True),
+        (OL, True),
+    ],
+    ids=["no-longer-spilled", "unloaded", "ollama-stopped", "ps-unreadable", "still-spilled"],
+)
+def test_heal_backoff_is_forgotten_once_the_model_is_not_spilled(
+    now_seen: OllamaObservation, kept: bool
+) -> None:
+    d = run(obs(now_seen, comfy(), gpus=(QUIET,)), _backoff(2, 100))
+    assert (d.state.backoffs != ()) is kept
