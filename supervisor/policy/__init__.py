@@ -15,7 +15,8 @@ The package, in the order one pass runs it (`core.decide`):
 - `episodes`  per-ComfyUI free episodes (soft -> hard -> restart), rate limit, restarts.
 - `guards`    judgements of one reading: what a free returns, may it be freed or
               restarted now, is a reading garbage.
-- `core`      decide() and record().
+- `core`      decide() and record(); when to wake next (0.5 s while an episode or a
+              heal is in motion, min(check interval, 2 s) for a busy ComfyUI alone).
 
 Never: an action on a stopped or unreachable service (other than the dead-API restart),
 an action from a missing or garbage reading (models/queue None, a GPU with impossible
@@ -24,7 +25,7 @@ figures: that trigger does nothing this pass), or the same action twice in one d
 
 from __future__ import annotations
 
-from supervisor.policy.core import FAST_WAKE_S, decide, record
+from supervisor.policy.core import BUSY_WAKE_S, FAST_WAKE_S, decide, record
 from supervisor.policy.guards import (
     CUDA_CONTEXT_BYTES,
     DEAD_API_CHECKS,
@@ -43,6 +44,7 @@ from supervisor.policy.guards import (
 from supervisor.units import GIB, MIB
 
 __all__ = [
+    "BUSY_WAKE_S",
     "CUDA_CONTEXT_BYTES",
     "DEAD_API_CHECKS",
     "EPISODE_STALE_S",

@@ -1,5 +1,13 @@
 """The policy's two entry points: `decide()` runs the rules of one pass, `record()` folds
 an action's measured outcome back into the state (pure; see `supervisor.policy`).
+
+Wake-up (`Decision.wake_in_s`): VRAM_CHECK_INTERVAL, shorter while something is in motion.
+FAST_WAKE_S (0.5 s) while a free episode is open, a heal waits, or the model list just
+changed: their next step depends on the next reading. A ComfyUI with work and nothing else
+pending wakes at min(VRAM_CHECK_INTERVAL, BUSY_WAKE_S): a generation lasts minutes, and
+0.5 s passes for all of it would be waste, yet its end (when room may be taken back or
+an unload judged) should not wait a long check interval. A rate limit or cooldown wakes
+when it ends. Never faster than min(VRAM_CHECK_INTERVAL, FAST_WAKE_S).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from supervisor.policy.triggers import (
 )
 
 FAST_WAKE_S = 0.5
+BUSY_WAKE_S = 2.0
 
 
 def decide(obs: Observation, state: PolicyState, settings: Settings, now: float) -> Decision:
@@ -56,7 +65,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
     if p.episodes or p.new_models:
         p.soon()
     if any(has_work(c) for c in p.comfys.values()):
-        p.soon()
+        p.soon(BUSY_WAKE_S)
     fast = min(settings.check_interval_s, FAST_WAKE_S)
     wake = settings.check_interval_s
     for seconds in p.wake:

@@ -11,6 +11,7 @@ from test_policy_builders import (
     OLLAMA,
     baseline,
     comfy,
+    episode,
     gpu,
     model,
     obs,
@@ -427,7 +428,18 @@ def test_rate_limit_is_per_pass_not_per_comfyui() -> None:
 
 WAKE_CASES = [
     pytest.param(obs(OLD, comfy()), baseline(OLD), 5.0, 5.0, id="quiet"),
-    pytest.param(obs(OLD, comfy(running=1)), baseline(OLD), 5.0, 0.5, id="comfy-busy"),
+    # A busy ComfyUI alone: min(interval, 2 s), not 0.5 s for a whole generation.
+    pytest.param(obs(OLD, comfy(running=1)), baseline(OLD), 5.0, 2.0, id="comfy-busy"),
+    pytest.param(obs(OLD, comfy(running=1)), baseline(OLD), 30.0, 2.0, id="comfy-busy-long"),
+    pytest.param(obs(OLD, comfy(pending=2)), baseline(OLD), 30.0, 2.0, id="comfy-queued"),
+    pytest.param(obs(OLD, comfy(running=1)), baseline(OLD), 1.0, 1.0, id="comfy-busy-short"),
+    pytest.param(
+        obs(OLD, comfy(running=1)),
+        baseline(OLD, episodes=(episode(result=None),)),
+        30.0,
+        0.5,
+        id="comfy-busy-with-open-episode",
+    ),
     pytest.param(
         obs(ollama(LLAMA, QWEN), comfy(held=0.1)), baseline(OLD), 5.0, 0.5, id="models-changed"
     ),
