@@ -6,7 +6,9 @@ Modes:
 - `supervisor`: `python -m supervisor run` with default settings (heal on, no gate), its
                 time settings scaled by the simulator's time scale (supervisor_proc.py,
                 scaled_supervisor.py);
-- `gate`:       the same plus VRAM_GATE_PORT, and the chat clients talk to the gate.
+- `gate`:       the same plus VRAM_GATE_PORT, and the chat clients talk to the gate;
+- `gate-ollama`: the gate again, with VRAM_PRIORITY=ollama (a busy ComfyUI may be freed
+                too: the flags wait for its prompt), to show what the priority changes.
 
 `run_mode` returns a `ModeResult`: what the clients saw, the simulator's counters
 (/sim/stats) and the supervisor's (its log and /metrics). Spill time is read when the
@@ -17,7 +19,7 @@ figure after the drain, when the last answers are in.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,10 @@ MODES: dict[str, str] = {
     "seed": "starting design",
     "supervisor": "vram-supervisor (heal)",
     "gate": "vram-supervisor + gate",
+    # A fifth, for the reading: the gate may then free a ComfyUI that has work.
+    "gate-ollama": "(extra) gate + VRAM_PRIORITY=ollama",
 }
+_GATED = ("gate", "gate-ollama")
 
 _HEALED = re.compile(r"^Healed Ollama model \S+: (\d+)% -> (\d+)% on GPU")
 _HEAL_NO_HELP = re.compile(r"^Heal of Ollama model \S+ did not help")
@@ -52,26 +57,30 @@ _HEAL_NO_HELP = re.compile(r"^Heal of Ollama model \S+ did not help")
 
 @dataclass
 class ModeResult:
+    """One mode's figures: of one run, or of several pooled by `pool()` (`runs` > 1), where
+    counts are totals over the runs and latencies are pooled before taking percentiles."""
+
     mode: str
     label: str
+    runs: int = 1
     chats_sent: int = 0
     chats_ok: int = 0
     chats_failed: int = 0
     chats_unfinished: int = 0
+    sim_requests: int = 0  # requests the fake Ollama served (chats, heal preloads)
     loads: int = 0
     loads_full: int = 0
     heal_reloads: int = 0
     heal_reloads_full: int = 0
     tokens: int = 0
     tokens_full: int = 0
-    tok_per_s: float | None = None
-    chat_p50_s: float | None = None
-    chat_p95_s: float | None = None
+    eval_tokens: int = 0  # what the answers say they generated
+    eval_s: float = 0.0  # and in how long (simulated decode time)
+    chat_latencies_s: list[float] = field(default_factory=list)
     images_sent: int = 0
     images_done: int = 0
     images_lowvram: int = 0
-    image_p50_s: float | None = None
-    image_p95_s: float | None = None
+    image_latencies_s: list[float] = field(default_factory=list)
     comfy_frees: int = 0  # /free requests ComfyUI received
     comfy_freed_gib: float = 0.0
     spilled_s: float = 0.0  # simulated seconds with a spilled model loaded, in the window
@@ -94,7 +103,8 @@ class ModeResult:
     def client_loads_full(self) -> int:
         return self.loads_full - self.heal_reloads_full
 
-    def share(self, part: int, whole: int) -> float | None:
+    @staticmethod
+    def share(part: int, whole: int) -> float | None:
         return 100.0 * part / whole if whole else None
 
     @property
@@ -109,13 +119,65 @@ class ModeResult:
     def tokens_full_pct(self) -> float | None:
         return self.share(self.tokens_full, self.tokens)
 
+    @property
+    def tok_per_s(self) -> float | None:
+        return self.eval_tokens / self.eval_s if self.eval_s > 0 else None
+
+    @property
+    def chat_p50_s(self) -> float | None:
+        return median(self.chat_latencies_s)
+
+    @property
+    def chat_p95_s(self) -> float | None:
+        return percentile(self.chat_latencies_s, 95)
+
+    @property
+    def image_p50_s(self) -> float | None:
+        return median(self.image_latencies_s)
+
+    @property
+    def image_p95_s(self) -> float | None:
+        return percentile(self.image_latencies_s, 95)
+
+    def per_run(self, value: float) -> float:
+        return value / self.runs
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("client_loads", "client_loads_full", "loads_full_pct"):
+        for name in _DERIVED:
             data[name] = getattr(self, name)
-        data["client_loads_full_pct"] = self.client_loads_full_pct
-        data["tokens_full_pct"] = self.tokens_full_pct
         return data
+
+
+_DERIVED = (
+    "client_loads",
+    "client_loads_full",
+    "loads_full_pct",
+    "client_loads_full_pct",
+    "tokens_full_pct",
+    "tok_per_s",
+    "chat_p50_s",
+    "chat_p95_s",
+    "image_p50_s",
+    "image_p95_s",
+)
+
+
+def pool(results: list[ModeResult]) -> ModeResult:
+    """Several runs of one mode as one: counts and times added, lists joined."""
+    if not results or len({r.mode for r in results}) != 1:
+        raise ValueError("pool() takes one or more results of the same mode")
+    out = ModeResult(results[0].mode, results[0].label, runs=0)
+    for r in results:
+        for f in fields(ModeResult):
+            if f.name in ("mode", "label"):
+                continue
+            mine, theirs = getattr(out, f.name), getattr(r, f.name)
+            if f.name == "errors":
+                setattr(out, f.name, sorted(set(mine) | set(theirs)))
+            else:
+                setattr(out, f.name, mine + theirs)
+    return out
 
 
 def run_mode(
@@ -137,15 +199,18 @@ def run_mode(
         client_url = host.ollama_url
         if mode == "seed":
             seed = SeedDesign(host.ollama_url, host.comfyui_url, time_scale=time_scale).start()
-        elif mode in ("supervisor", "gate"):
+        elif mode == "supervisor" or mode in _GATED:
+            settings = scaled_settings(time_scale)
+            if mode == "gate-ollama":
+                settings["VRAM_PRIORITY"] = "ollama"
             sup = start_supervisor(
                 ollama_url=host.ollama_url,
                 comfyui_url=host.comfyui_url,
-                settings=scaled_settings(time_scale),
-                gate=mode == "gate",
+                settings=settings,
+                gate=mode in _GATED,
                 time_scale=time_scale,
             )
-            if mode == "gate":
+            if mode in _GATED:
                 client_url = sup.gate_url
         window: dict[str, Any] = {}
 
@@ -188,11 +253,9 @@ def _fill_clients(result: ModeResult, events: list[Event], side: ClientSide) -> 
     result.chats_failed = len(side.chats) - len(chats)
     result.chats_unfinished = side.unfinished_chats
     result.errors = sorted({r.error for r in side.chats if not r.ok})[:5]
-    eval_s = sum(r.eval_s for r in chats)
-    result.tok_per_s = sum(r.eval_count for r in chats) / eval_s if eval_s > 0 else None
-    latencies = [r.latency_s for r in chats]
-    result.chat_p50_s = median(latencies)
-    result.chat_p95_s = percentile(latencies, 95)
+    result.eval_s = sum(r.eval_s for r in chats)
+    result.eval_tokens = sum(r.eval_count for r in chats)
+    result.chat_latencies_s = [round(r.latency_s, 3) for r in chats]
     result.images_sent = sum(1 for e in events if isinstance(e, ImageEvent))
     result.wall_s = side.wall_s
 
@@ -201,6 +264,7 @@ def _fill_sim(
     result: ModeResult, ollama: dict[str, Any], comfy: dict[str, Any], window: dict[str, Any]
 ) -> None:
     totals = ollama["totals"]
+    result.sim_requests = int(totals["requests"])
     result.loads = int(totals["loads"])
     result.loads_full = int(totals["loads_full_gpu"])
     result.tokens = int(totals["tokens"])
@@ -208,9 +272,7 @@ def _fill_sim(
     result.spilled_s = float(window.get("spilled_s", totals["spilled_s"]))
     result.images_done = int(comfy["jobs_done"])
     result.images_lowvram = int(comfy["jobs_lowvram"])
-    latencies = [float(x) for x in comfy["latencies_s"]]
-    result.image_p50_s = median(latencies)
-    result.image_p95_s = percentile(latencies, 95)
+    result.image_latencies_s = [float(x) for x in comfy["latencies_s"]]
     result.comfy_frees = int(comfy["frees_requested"])
     result.comfy_freed_gib = round(int(comfy["freed_bytes"]) / GIB, 1)
 

@@ -2,7 +2,8 @@
 
 Runs one seeded mixed workload (chat requests over three Ollama models, ComfyUI image jobs)
 on a simulated 24 GiB GPU in four modes, side by side: no supervisor, the starting design,
-vram-supervisor with default settings (heal), and vram-supervisor with the gate. Then the
+vram-supervisor with default settings (heal), and vram-supervisor with the gate; plus a
+fifth for comparison, the gate with VRAM_PRIORITY=ollama. Then the
 micro-benchmarks (gate overhead, idle CPU and memory, Docker event reaction). Prints the
 tables, writes docs/benchmarks.svg and the generated part of docs/benchmarks.md, and keeps
 the raw results and the supervisors' logs under .cache/bench/.
@@ -22,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from tests.bench.workload import (
 DEFAULT_SEED = 1
 DEFAULT_MINUTES = 10.0
 DEFAULT_TIME_SCALE = 0.05
+DEFAULT_REPEAT = 3
 COMMAND = ".venv/bin/python -m tests.bench.run"
 
 
@@ -57,9 +60,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{os.cpu_count()} CPU cores (`nproc`), {cpu}, Python {platform.python_version()}, "
-        f"Linux {platform.release()}"
+        f"Linux {platform.release()}; load average at the start {load}"
     )
 
 
@@ -99,7 +103,7 @@ def scaling_note(time_scale: float) -> str:
 
 
 def generated_markdown(
-    results: Sequence[ModeResult],
+    groups: Sequence[Sequence[ModeResult]],
     micro: MicroResult | None,
     *,
     events: Sequence[Event],
@@ -121,11 +125,18 @@ def generated_markdown(
         "",
         scaling_note(time_scale),
     ]
-    if results:
+    if groups:
+        runs = len(groups[0])
         parts += [
             "",
-            "### Mixed workload, four modes side by side",
-            results_table(results),
+            "### Mixed workload, the modes side by side",
+            f"Each mode ran {runs} times on the same seed; in each round all modes ran at the "
+            "same time, each on its own simulated host with its own supervisor process. "
+            "Counts are totals over the runs, latencies are pooled before taking "
+            'percentiles, and the rows marked "in each run" show how much a run can differ '
+            "from the next (the supervisor reacts to timing, so it does not repeat exactly).",
+            "",
+            results_table(groups),
             "",
             "![Benchmark chart](benchmarks.svg)",
         ]
@@ -134,12 +145,55 @@ def generated_markdown(
     return "\n".join(parts)
 
 
+def run_modes(
+    modes: Sequence[str],
+    events: list[Event],
+    duration_s: float,
+    time_scale: float,
+    repeat: int,
+    results_dir: Path,
+) -> list[list[ModeResult]]:
+    """`repeat` rounds; in each, every mode runs at once (own simulated host, own
+    supervisor process), so background load on the machine hits all modes alike."""
+    groups: dict[str, list[ModeResult]] = {m: [] for m in modes}
+    for round_no in range(1, repeat + 1):
+        print(f"\n== round {round_no}/{repeat}: {', '.join(modes)} at once ...", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, len(modes))) as pool:
+            futures = {
+                m: pool.submit(
+                    run_mode,
+                    m,
+                    events,
+                    duration_s,
+                    time_scale,
+                    log_path=results_dir / f"supervisor-{m}-{round_no}.log",
+                )
+                for m in modes
+            }
+            for m, future in futures.items():
+                result = future.result()
+                groups[m].append(result)
+                print(
+                    f"   {m}: loads full {_short(result.loads_full_pct)} %, tokens full "
+                    f"{_short(result.tokens_full_pct)} %, {result.wall_s:.0f} s",
+                    flush=True,
+                )
+    return [groups[m] for m in modes]
+
+
+def _short(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="simulated")
     parser.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE)
+    parser.add_argument(
+        "--repeat", type=int, default=DEFAULT_REPEAT, help="runs of each mode (pooled)"
+    )
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}"
     )
@@ -166,20 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Machine: {machine()}")
     print(describe_workload(events, args.minutes, args.seed))
     print(scaling_note(args.time_scale), flush=True)
-    results: list[ModeResult] = []
-    for mode in modes:
-        print(f"\n== mode {mode}: {MODES[mode]} ...", flush=True)
-        result = run_mode(
-            mode,
-            events,
-            duration_s,
-            args.time_scale,
-            log_path=args.results / f"supervisor-{mode}.log",
-        )
-        results.append(result)
-        print(f"   done in {result.wall_s:.0f} s", flush=True)
-    if results:
-        print("\n" + results_table(results))
+    groups = run_modes(modes, events, duration_s, args.time_scale, args.repeat, args.results)
+    if groups:
+        print("\n" + results_table(groups))
     micro: MicroResult | None = None
     if not args.no_micro:
         print("\n== micro-benchmarks ...", flush=True)
@@ -195,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "minutes": args.minutes,
         "time_scale": args.time_scale,
         "runtime_s": runtime_s,
-        "modes": [r.to_json() for r in results],
+        "modes": {g[0].mode: [r.to_json() for r in g] for g in groups},
         "micro": micro.to_json() if micro else None,
     }
     (args.results / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -206,13 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.docs = args.docs or ROOT / "docs"
     args.docs.mkdir(parents=True, exist_ok=True)
-    if results:
+    if groups:
         title = f"Mixed workload, seed {args.seed}, {args.minutes:g} simulated minutes"
-        (args.docs / "benchmarks.svg").write_text(svg_chart(results, title))
+        (args.docs / "benchmarks.svg").write_text(svg_chart(groups, title))
     update_markdown(
         args.docs / "benchmarks.md",
         generated_markdown(
-            results,
+            groups,
             micro,
             events=events,
             minutes=args.minutes,

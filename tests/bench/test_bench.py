@@ -1,0 +1,55 @@
+"""The benchmark's own tests.
+
+By default only a smoke test runs: a tiny seeded workload in the no-supervisor mode, checking
+that the accounting adds up (every request answered and counted once, tokens as asked,
+every image job done) and that the report renders. It asserts no timing.
+
+`pytest tests/bench -m bench -s` runs the whole benchmark (the same as
+`python -m tests.bench.run`, writing its documents to a temporary folder) and prints it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.bench import run
+from tests.bench.modes import run_mode
+from tests.bench.report import ROWS, results_table, svg_chart
+from tests.bench.workload import ChatEvent, ImageEvent, make_workload
+
+
+def test_a_tiny_seeded_workload_is_accounted_for_exactly() -> None:
+    events = make_workload(3, 60.0, chat_gap_s=8.0, image_gap_s=25.0)
+    chats = [e for e in events if isinstance(e, ChatEvent)]
+    images = [e for e in events if isinstance(e, ImageEvent)]
+    assert chats and images, "the seed should give both kinds of work"
+    assert make_workload(3, 60.0, chat_gap_s=8.0, image_gap_s=25.0) == events
+
+    result = run_mode("none", events, 60.0, time_scale=0.02, drain_s=300.0)
+
+    assert result.errors == []
+    assert result.chats_ok == result.chats_sent == len(chats)
+    assert result.sim_requests == len(chats)  # no supervisor: nobody else asks Ollama
+    assert result.tokens == sum(e.num_predict for e in chats)
+    assert 0 <= result.tokens_full <= result.tokens
+    assert len({e.model for e in chats}) <= result.loads <= len(chats)
+    assert 0 <= result.loads_full <= result.loads
+    assert result.client_loads == result.loads  # no heal reloads without a supervisor
+    assert result.images_done == result.images_sent == len(images)
+    assert result.comfy_frees == 0 and result.restarts == 0
+
+    table = results_table([[result]]).splitlines()
+    assert len(table) == len(ROWS) + 2
+    svg = ET.fromstring(svg_chart([[result]], "smoke"))
+    assert svg.tag.endswith("svg")
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(1200)
+def test_full_benchmark(tmp_path: Path) -> None:
+    code = run.main(["--docs", str(tmp_path), "--results", str(tmp_path / "raw")])
+    assert code == 0
+    print((tmp_path / "benchmarks.md").read_text())
