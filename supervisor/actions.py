@@ -82,7 +82,9 @@ class Probe(Protocol):
     """Fresh VRAM readings for verification (implemented by the daemon over NVML/APIs)."""
 
     def comfy_reading(self, key: str) -> Reading | None: ...
-    def free_bytes(self, gpu_uuid: str | None) -> int | None: ...
+    def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
+        """Free VRAM on the best of these GPUs (where a model would land); () = any GPU."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -91,15 +93,11 @@ class Targets:
 
     comfyuis: Mapping[str, tuple[ServiceSpec, ComfyApi]] = field(default_factory=dict)
     ollamas: Mapping[str, tuple[ServiceSpec, OllamaApi]] = field(default_factory=dict)
-    ollama_gpus: tuple[str, ...] = ()  # GPUs Ollama uses (for the gate); () = unknown
+    # GPUs Ollama can load onto (granted, else where it holds memory); () = unknown/all.
+    ollama_gpus: tuple[str, ...] = ()
     # ComfyUIs whose API has not answered for several passes in a row: a hung ComfyUI may
     # be restarted although its queue cannot be read (the policy's dead-API rule).
     dead_comfyuis: frozenset[str] = frozenset()
-
-    @property
-    def ollama_gpu(self) -> str | None:
-        """The one GPU Ollama uses; None when unknown or several (then any GPU counts)."""
-        return self.ollama_gpus[0] if len(self.ollama_gpus) == 1 else None
 
 
 def holds_nothing(reading: Reading | None) -> bool:

@@ -61,6 +61,16 @@ def resolve_gpu_ids(
     return tuple(dict.fromkeys(by_index.get(i, i) for i in ids))
 
 
+def _ollama_gpus(ollamas: list[OllamaObservation]) -> tuple[str, ...]:
+    """The GPUs Ollama can load onto: the ones Docker granted it (resolved to UUIDs), so
+    they are known before its first load, when the gate needs them most; else the GPUs
+    where it holds memory; () when neither is known (any GPU)."""
+    running = [o for o in ollamas if o.status.is_running]
+    if running and all(o.status.spec.gpu_uuids for o in running):
+        return tuple(sorted({u for o in running for u in o.status.spec.gpu_uuids}))
+    return tuple(sorted({u for o in running for u in o.gpu_uuids}))
+
+
 class Observer:
     """Builds one `Observation` per `observe()` from the adapters it owns. `close()`
     closes every client it built and the GPU reader."""
@@ -212,7 +222,7 @@ class Observer:
                 for s in running
                 if s.spec.role is Role.OLLAMA
             },
-            ollama_gpus=tuple(sorted({u for o in ollamas for u in o.gpu_uuids})),
+            ollama_gpus=_ollama_gpus(ollamas),
             dead_comfyuis=frozenset(
                 s.spec.key
                 for s in running

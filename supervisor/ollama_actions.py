@@ -42,10 +42,10 @@ def _wait_gone(actor: Actor, ollama: OllamaApi, model: str, deadline: float) -> 
             return False
 
 
-def _wait_recovered(actor: Actor, gpu: str | None, target_free: int) -> None:
+def _wait_recovered(actor: Actor, gpus: tuple[str, ...], target_free: int) -> None:
     deadline = actor.clock() + RECOVERY_WAIT_S
     while actor.clock() < deadline and actor.wait(actor.poll_s):
-        free = actor.probe.free_bytes(gpu)
+        free = actor.probe.free_bytes(gpus)
         if free is not None and free >= target_free:
             return
 
@@ -120,8 +120,9 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     for key in action.free_first:
         if key in targets.comfyuis:
             actor.free_comfy(FreeComfy(key, FreeStage.HARD, f"heal {action.model}"))
-    gpu = targets.ollama_gpu
-    free = actor.probe.free_bytes(gpu)
+    # The GPU the policy wants the model on; else the best of Ollama's GPUs.
+    gpus = (action.gpu_uuid,) if action.gpu_uuid else targets.ollama_gpus
+    free = actor.probe.free_bytes(gpus)
     if free is not None and free + model.size_vram_bytes < model.size_bytes:
         return fail(
             f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
@@ -134,7 +135,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
         return fail("it is still in use, the unload waits for its requests")
     if free is not None:
-        _wait_recovered(actor, gpu, free + model.size_vram_bytes * 3 // 4)
+        _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
     if actor.is_stopping:
         return fail("the supervisor is stopping")
     try:

@@ -2,8 +2,9 @@
 
 Policy: the narrowest reading that works. For a ComfyUI: the NVML memory of its
 container's processes, else torch's reserved bytes from its /system_stats (CUDA only), else
-the GPU's used bytes (`is_device_wide`, other processes included). Free VRAM: NVML for the
-GPU asked about (any GPU's best when unknown), else ComfyUI's vram_free less torch's cache.
+the GPU's used bytes (`is_device_wide`, other processes included). Free VRAM: NVML, the best
+of the GPUs asked about (of any GPU when none is known), else ComfyUI's vram_free less
+torch's cache.
 A failed reading is logged at DEBUG and the next source is tried; None when none works.
 """
 
@@ -51,14 +52,15 @@ class LiveProbe:
                 logger.debug(f"NVML device reading failed: {exc}")
         return None
 
-    def free_bytes(self, gpu_uuid: str | None) -> int | None:
+    def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
         gpu = self._observer.gpu
         if gpu is not None:
             try:
                 gpus = gpu.gpus()
-                chosen = [g for g in gpus if g.uuid == gpu_uuid] or list(gpus)
+                # Unknown (or unseen) GPUs: any GPU, as Ollama places a model where it fits.
+                chosen = [g for g in gpus if g.uuid in gpu_uuids] or list(gpus)
                 if chosen:
-                    # Unknown GPU: Ollama places a model where it fits best.
+                    # Of several, the model lands on the one with the most free memory.
                     return max(g.free_bytes for g in chosen)
             except Exception as exc:
                 logger.debug(f"NVML device reading failed: {exc}")

@@ -40,7 +40,9 @@ class ComfyRoomMaker:
         self._on_outcome = on_outcome or (lambda outcome: None)
 
     def free_bytes(self) -> int | None:
-        return self._actor.probe.free_bytes(self._actor.targets().ollama_gpu)
+        # The model lands on one of Ollama's GPUs (the one with the most free memory
+        # among them); another GPU's free memory is no room for it.
+        return self._actor.probe.free_bytes(self._actor.targets().ollama_gpus)
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         end = self._clock() + deadline_s

@@ -60,6 +60,7 @@ class FakeGpu:
     total_bytes: int = 24 * GIB
     held: dict[int, int] = field(default_factory=dict)  # pid -> bytes
     uuid: str = GPU_UUID
+    index: int = 0  # NVML index
 
     @property
     def used_bytes(self) -> int:
@@ -71,7 +72,7 @@ class FakeGpu:
 
     def memory(self) -> GpuMemory:
         return GpuMemory(
-            self.uuid, 0, "Fake RTX", self.total_bytes, self.used_bytes, self.free_bytes
+            self.uuid, self.index, "Fake RTX", self.total_bytes, self.used_bytes, self.free_bytes
         )
 
 
@@ -248,19 +249,22 @@ class FakeOllama:
 
 
 class FakeGpuReader:
-    def __init__(self, gpu: FakeGpu) -> None:
+    """NVML over one or more fake GPUs (each process listed on the GPU it holds)."""
+
+    def __init__(self, gpu: FakeGpu, *more: FakeGpu) -> None:
         self.gpu = gpu
+        self.all = (gpu, *more)
         self.fail: Exception | None = None
 
     def gpus(self) -> tuple[GpuMemory, ...]:
         if self.fail:
             raise self.fail
-        return (self.gpu.memory(),)
+        return tuple(g.memory() for g in self.all)
 
     def processes(self) -> tuple[GpuProcess, ...]:
         if self.fail:
             raise self.fail
-        return tuple(GpuProcess(pid, self.gpu.uuid, b) for pid, b in self.gpu.held.items())
+        return tuple(GpuProcess(pid, g.uuid, b) for g in self.all for pid, b in g.held.items())
 
     def close(self) -> None:
         pass

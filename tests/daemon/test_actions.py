@@ -39,7 +39,7 @@ class GpuProbe:
             return None
         return Reading(self.gpu.held.get(self.comfy.pid, 0))
 
-    def free_bytes(self, gpu_uuid: str | None) -> int | None:
+    def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
         return self.gpu.free_bytes
 
 
