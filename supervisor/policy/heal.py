@@ -4,9 +4,11 @@ A model that could not fit the GPU anyway is noted once and left alone. Otherwis
 VRAM_HEAL, its cooldown passed, no free episode open on that GPU and room that can be made
 (GPU free + the model's own VRAM + what idle ComfyUIs could give back >= size +
 SAFETY_MARGIN_BYTES), it is healed: HealOllama frees those idle ComfyUIs itself (one heal
-per GPU per pass). While the heal must wait (healing off, cooldown, a busy ComfyUI) its
-ComfyUIs are freed so the room exists for the heal or the next load. When even freeing
-everything cannot make the room, nothing is done.
+per GPU per pass) and names the GPU it should land on (`gpu_uuid`: the Ollama's GPU, the
+only GPU, or the GPU of the ComfyUIs it frees; None when unknown, as with the API source).
+While the heal must wait (healing off, cooldown, a busy ComfyUI) its ComfyUIs are freed
+so the room exists for the heal or the next load. When even freeing everything cannot make
+the room, nothing is done.
 
 Back-off: a heal that left the model spilled (its outcome's `after_fraction` below 100 %,
 or none) is a strike in `Backoff` "heal|<Ollama key>|<model>" (`record()` counts them; a
@@ -27,6 +29,7 @@ from supervisor.model import (
     OllamaModel,
     OllamaObservation,
     Priority,
+    VramSource,
 )
 from supervisor.policy.episodes import pinned_hold, want_free
 from supervisor.policy.guards import (
@@ -46,6 +49,21 @@ from supervisor.units import GIB, format_bytes
 HEAL_BACKOFF_MAX = 8
 # ... unless this much more room could be made than at the last heal.
 HEAL_ROOM_GROWTH_BYTES = GIB
+
+
+def _landing_gpu(
+    p: Pass, o: OllamaObservation, g: GpuMemory, free_first: list[ComfyObservation]
+) -> str | None:
+    """The GPU the healed model should land on, when the readings say: where the Ollama
+    holds memory or was granted, the only GPU read, or where its ComfyUIs are freed. None
+    with the API source (its one GPU is a stand-in) or when the Ollama may use any GPU."""
+    if p.obs.source is VramSource.API:
+        return None
+    if service_gpus(o) or len(p.gpus) == 1:
+        return g.uuid
+    if any(g.uuid in service_gpus(c) for c in free_first):
+        return g.uuid
+    return None
 
 
 def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
@@ -138,7 +156,8 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
             )
         return
     free_first = tuple(c.status.spec.key for c in idle)
-    p.emit(HealOllama(okey, m.name, reason, free_first, m.gpu_fraction))
+    landing = _landing_gpu(p, o, g, idle)
+    p.emit(HealOllama(okey, m.name, reason, free_first, m.gpu_fraction, landing))
     p.claimed.update(free_first)
     p.healed.add((okey, m.name))
     p.heal_gpus.add(g.uuid)

@@ -62,11 +62,13 @@ def ollama(
     reachable: bool = True,
     unreadable: bool = False,
     gpus: tuple[str, ...] = (),
+    on: tuple[str, ...] = (),
 ) -> OllamaObservation:
+    """An Ollama; `gpus`: what Docker granted it, `on`: where NVML saw it hold memory."""
     spec = ServiceSpec(Role.OLLAMA, name, f"http://{name}:11434", f"id-{name}", gpu_uuids=gpus)
     status = ServiceStatus(spec, is_running=running, is_reachable=running and reachable)
     readable = running and reachable and not unreadable
-    return OllamaObservation(status, models=tuple(models) if readable else None)
+    return OllamaObservation(status, models=tuple(models) if readable else None, gpu_uuids=on)
 
 
 def comfy(
@@ -115,10 +117,11 @@ def obs(
     gpus: tuple[GpuMemory, ...] | None = None,
     docker_ok: bool | None = True,
     wall_at: float | None = None,
+    source: VramSource = VramSource.NVML,
 ) -> Observation:
     return Observation(
         at=NOW,
-        source=VramSource.NVML,
+        source=source,
         gpus=(gpu(),) if gpus is None else gpus,
         ollamas=tuple(s for s in services if isinstance(s, OllamaObservation)),
         comfyuis=tuple(s for s in services if isinstance(s, ComfyObservation)),

@@ -29,6 +29,7 @@ from supervisor.model import (
     Outcome,
     PolicyState,
     Priority,
+    VramSource,
 )
 from supervisor.policy import SAFETY_MARGIN_BYTES, decide, fits_gpu, record, room_needed
 
@@ -331,3 +332,34 @@ def test_heal_backoff_is_forgotten_once_the_model_is_not_spilled(
 ) -> None:
     d = run(obs(now_seen, comfy(), gpus=(QUIET,)), _backoff(2, 100))
     assert (d.state.backoffs != ()) is kept
+
+
+# --------------------------------------------------------------------------- per-GPU heals
+# HealOllama.gpu_uuid: the GPU the model should land on, None when the readings cannot say.
+TWO = (gpu(17, uuid="GPU-0", index=0), gpu(10, uuid="GPU-1", index=1))  # GPU-1 has more room
+ON_0, ON_1 = comfy("comfy-a", gpus=("GPU-0",)), comfy("comfy-b", gpus=("GPU-1",))
+
+LANDING_CASES = [
+    # (Observation) -> HealOllama.gpu_uuid
+    pytest.param(obs(OL, comfy(), gpus=(QUIET,)), "GPU-0", id="one-gpu"),
+    pytest.param(
+        obs(OL, comfy(), gpus=(gpu(17, uuid="api-0"),), source=VramSource.API),
+        None,
+        id="api-source-pseudo-gpu",
+    ),
+    pytest.param(obs(ollama(SPILLED, on=("GPU-0",)), ON_0, ON_1, gpus=TWO), "GPU-0", id="holds-on"),
+    pytest.param(
+        obs(ollama(SPILLED, gpus=("GPU-0",)), ON_0, ON_1, gpus=TWO), "GPU-0", id="docker-granted"
+    ),
+    pytest.param(obs(OL, ON_0, ON_1, gpus=TWO), "GPU-1", id="gpu-of-the-freed-comfyui"),
+    pytest.param(obs(OL, comfy(held=0.1), gpus=TWO), None, id="any-gpu-nothing-freed"),
+    pytest.param(obs(OL, comfy(), gpus=TWO), None, id="any-gpu-comfyui-gpus-unknown"),
+]
+
+
+@pytest.mark.parametrize(("o", "landing"), LANDING_CASES)
+def test_heal_names_the_gpu_the_model_should_land_on(o: Observation, landing: str | None) -> None:
+    d = run(o, baseline(OL))
+    heals = [a for a in d.actions if isinstance(a, HealOllama)]
+    assert len(heals) == 1, summary(d)
+    assert heals[0].gpu_uuid == landing
