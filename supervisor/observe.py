@@ -10,8 +10,9 @@ Policy:
   its own count of consecutive failures. Every failure is logged, with the log noise backed
   off (1st, 2nd, 4th, 8th ... failure in a row).
 - VRAM figures come from NVML when it works, else from the services' APIs; the source is
-  logged once and whenever it changes. `docker top` runs only when a new GPU process or
-  another set of containers appears.
+  logged once and whenever it changes. A service whose processes NVML does not list, or
+  lists without a memory figure (WSL2, WDDM), is read from its API even under NVML.
+  `docker top` runs only when a new GPU process or another set of containers appears.
 - GPUs Docker granted by index are turned into NVML UUIDs (`resolve_gpu_ids`).
 - It also keeps `targets`: the running services the Actor may act on.
 """
@@ -169,6 +170,7 @@ class Observer:
         models = [m for r in reads.values() for m in r.models or ()]
         source, gpus, processes = self._read_vram(stats, models)
         attributed = self._attribute(processes, running) if processes is not None else {}
+        measured = self._measured(processes or ())
         specs = {
             key: replace(s.spec, gpu_uuids=resolve_gpu_ids(s.spec.gpu_uuids, gpus, source))
             for key, s in self._services.items()
@@ -188,17 +190,23 @@ class Observer:
             )
             attribution = attributed.get(service.spec.key)
             gpu_uuids = attribution.gpu_uuids if attribution else ()
+            # NVML's figure only where it measured something; else the service's own API.
+            nvml_bytes = (
+                attribution.vram_bytes
+                if attribution is not None and service.spec.key in measured
+                else None
+            )
             if service.spec.role is Role.OLLAMA:
                 vram = (
-                    attribution.vram_bytes
-                    if attribution
+                    nvml_bytes
+                    if nvml_bytes is not None
                     else (ollama_vram_bytes(read.models) if read.models is not None else None)
                 )
                 ollamas.append(OllamaObservation(status, read.models, vram, gpu_uuids))
             else:
                 vram = (
-                    attribution.vram_bytes
-                    if attribution
+                    nvml_bytes
+                    if nvml_bytes is not None
                     else (comfy_vram_bytes(read.stats) if read.stats is not None else None)
                 )
                 comfyuis.append(ComfyObservation(status, read.queue, read.stats, vram, gpu_uuids))
@@ -351,6 +359,17 @@ class Observer:
             logger.info(f"VRAM source: {source}")
             self._source = source
         return source, gpus, processes
+
+    def _measured(self, processes: tuple[GpuProcess, ...]) -> set[str]:
+        """The services NVML measured: at least one of their PIDs is listed with a memory
+        figure. On WSL2 / Docker Desktop NVML lists no processes, and under WDDM it lists
+        them with usedGpuMemory None (api-facts 4, gotcha 20); summing those would say
+        0 bytes for a ComfyUI holding 11 GiB, so such a service is read from its API."""
+        return {
+            key
+            for key, pids in self._pids.items()
+            if any(p.used_bytes is not None for p in processes if p.pid in set(pids))
+        }
 
     def _attribute(
         self, processes: tuple[GpuProcess, ...], running: list[Service]

@@ -1,10 +1,10 @@
 """Fresh VRAM readings for the Actor's verification (`actions.Probe`).
 
 Policy: the narrowest reading that works. For a ComfyUI: the NVML memory of its
-container's processes, else torch's reserved bytes from its /system_stats (CUDA only), else
-the GPU's used bytes (`is_device_wide`, other processes included). Free VRAM: NVML, the best
-of the GPUs asked about (of any GPU when none is known), else ComfyUI's vram_free less
-torch's cache.
+container's processes (when NVML lists them with a figure: not on WSL2 or under WDDM),
+else torch's reserved bytes from its /system_stats (CUDA only), else the GPU's used bytes
+(`is_device_wide`, other processes included). Free VRAM: NVML, the best of the GPUs asked
+about (of any GPU when none is known), else ComfyUI's vram_free less torch's cache.
 A failed reading is logged at DEBUG and the next source is tried; None when none works.
 """
 
@@ -34,7 +34,15 @@ class LiveProbe:
         if gpu is not None and pids:
             try:
                 wanted = set(pids)
-                return Reading(sum(p.used_bytes or 0 for p in gpu.processes() if p.pid in wanted))
+                known = [
+                    p.used_bytes
+                    for p in gpu.processes()
+                    if p.pid in wanted and p.used_bytes is not None
+                ]
+                if known:
+                    return Reading(sum(known))
+                # No process listed (WSL2, Docker Desktop) or none with a memory figure
+                # (WDDM): that is no reading, not 0 bytes. Ask ComfyUI instead.
             except Exception as exc:
                 logger.debug(f"NVML process reading failed: {exc}")
         target = self._observer.targets.comfyuis.get(key)

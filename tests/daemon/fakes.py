@@ -255,6 +255,10 @@ class FakeGpuReader:
         self.gpu = gpu
         self.all = (gpu, *more)
         self.fail: Exception | None = None
+        # WSL2 / Docker Desktop: NVML lists no processes. WDDM: it lists them, but
+        # usedGpuMemory is None (api-facts 4, gotcha 20). Device memory works in both.
+        self.lists_processes = True
+        self.process_memory = True
 
     def gpus(self) -> tuple[GpuMemory, ...]:
         if self.fail:
@@ -264,7 +268,13 @@ class FakeGpuReader:
     def processes(self) -> tuple[GpuProcess, ...]:
         if self.fail:
             raise self.fail
-        return tuple(GpuProcess(pid, g.uuid, b) for g in self.all for pid, b in g.held.items())
+        if not self.lists_processes:
+            return ()
+        return tuple(
+            GpuProcess(pid, g.uuid, b if self.process_memory else None)
+            for g in self.all
+            for pid, b in g.held.items()
+        )
 
     def close(self) -> None:
         pass

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.model import GpuMemory, VramSource
+from supervisor.model import FreeComfy, FreeResult, FreeStage, GpuMemory, VramSource
 from supervisor.observe import resolve_gpu_ids
 from tests.daemon.conftest import World
 from tests.daemon.fakes import GIB
@@ -80,3 +80,35 @@ def test_a_container_recreated_between_two_listings_is_announced_again(
     assert obs.comfyuis[0].status.spec.container_id == "id-comfyui-recreated"
     daemon.observe()
     assert sum(announced in line for line in logs) == 2  # announced once, not every pass
+
+
+@pytest.mark.parametrize("host", ["wsl2: no processes", "wddm: no memory figure"])
+def test_without_per_process_memory_a_stuck_comfyui_is_pinned_not_nothing_held(
+    world: World, host: str
+) -> None:
+    """NVML works for the device but says nothing per process: ComfyUI's own figure
+    (torch reserved) is used, so a ComfyUI that keeps 11 GiB is PINNED and escalated,
+    not classed "nothing held" from a sum of no figures."""
+    if host.startswith("wsl2"):
+        world.reader.lists_processes = False
+    else:
+        world.reader.process_memory = False
+    world.comfy.stuck = True  # a leak: /free releases nothing
+    world.ollama.load("llama3.2:latest")
+    daemon = world.daemon()
+    obs = daemon.observe()
+    assert obs.source is VramSource.NVML
+    assert obs.comfyuis[0].vram_bytes == 11 * GIB  # torch reserved, not 0
+    assert obs.ollamas[0].vram_bytes == 4 * GIB  # the sum of /api/ps size_vram, not 0
+    outcome = daemon.actor.execute(FreeComfy("comfyui/comfyui", FreeStage.SOFT, "test"))
+    assert outcome.result is FreeResult.PINNED
+    assert outcome.before_bytes == outcome.after_bytes == 11 * GIB
+
+
+def test_without_per_process_memory_a_free_is_still_verified(world: World) -> None:
+    world.reader.process_memory = False
+    daemon = world.daemon()
+    daemon.observe()
+    outcome = daemon.actor.execute(FreeComfy("comfyui/comfyui", FreeStage.SOFT, "test"))
+    assert outcome.result is FreeResult.FREED
+    assert (outcome.before_bytes, outcome.after_bytes) == (11 * GIB, 0)
