@@ -74,6 +74,7 @@ class Daemon:
             docker=docker,
             gpu=gpu,
             clock=clock,
+            wall_clock=wall_clock,
         )
         self._events = events if self._observer.uses_docker else None
         self.metrics = metrics

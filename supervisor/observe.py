@@ -85,6 +85,7 @@ class Observer:
         docker: Callable[[], DockerApi] | None = None,
         gpu: GpuReader | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._docker_factory = docker if settings.needs_docker else None
@@ -93,6 +94,7 @@ class Observer:
         self._make_ollama = ollama_client
         self._make_comfy = comfy_client
         self._clock = clock
+        self._wall = wall_clock
         self._services: dict[str, Service] = {}
         self._targets = Targets()
         self._pids: dict[str, tuple[int, ...]] = {}
@@ -161,7 +163,7 @@ class Observer:
     # ------------------------------------------------------------------ observe
 
     def observe(self) -> Observation:
-        at = self._clock()
+        at, wall_at = self._clock(), self._wall()
         self._refresh_services(at)
         running = [s for s in self._services.values() if s.is_running]
         reads = dict(zip([s.spec.key for s in running], read_all(running), strict=True))
@@ -218,6 +220,7 @@ class Observer:
             ollamas=tuple(ollamas),
             comfyuis=tuple(comfyuis),
             docker_ok=self._docker_ok,
+            wall_at=wall_at,
         )
         self._targets = Targets(
             comfyuis={

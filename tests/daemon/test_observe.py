@@ -112,3 +112,9 @@ def test_without_per_process_memory_a_free_is_still_verified(world: World) -> No
     outcome = daemon.actor.execute(FreeComfy("comfyui/comfyui", FreeStage.SOFT, "test"))
     assert outcome.result is FreeResult.FREED
     assert (outcome.before_bytes, outcome.after_bytes) == (11 * GIB, 0)
+
+
+def test_an_observation_carries_the_wall_clock_time_of_its_pass(world: World) -> None:
+    """The policy judges Ollama's expires_at (wall-clock RFC 3339) against it."""
+    daemon = world.daemon(wall_clock=lambda: 1_767_225_600.0)
+    assert daemon.observe().wall_at == 1_767_225_600.0
