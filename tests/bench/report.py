@@ -8,6 +8,7 @@ hand-written text around the numbers survives a rerun.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -168,6 +169,15 @@ PANELS: tuple[tuple[str, Callable[[ModeResult], float | None], float | None], ..
 )
 
 
+def _nice_ceiling(value: float) -> float:
+    """The next of 1, 2, 2.5, 5 x 10^k at or above `value` (axis tops people can read)."""
+    scale = 10.0 ** math.floor(math.log10(value))
+    for step in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if step * scale >= value:
+            return step * scale
+    return 10 * scale
+
+
 def svg_chart(groups: Sequence[Sequence[ModeResult]], title: str) -> str:
     """Bars: all runs of a mode pooled; dots: each run on its own."""
     results = [pool(list(g)) for g in groups]
@@ -187,8 +197,8 @@ def svg_chart(groups: Sequence[Sequence[ModeResult]], title: str) -> str:
         values = [get(r) for r in results]
         dots = [[get(r) for r in g] for g in groups]
         seen = [v for v in values + [d for ds in dots for d in ds] if v is not None]
-        top = fixed_max or max([*seen, 1e-9]) * 1.15
-        plot_x, plot_y, plot_w, plot_h = x0 + 40, y0 + 26, pw - 60, ph - 60
+        top = fixed_max or _nice_ceiling(max([*seen, 1e-9]) * 1.1)
+        plot_x, plot_y, plot_w, plot_h = x0 + 40, y0 + 34, pw - 60, ph - 66
         out.append(
             f'<text x="{x0 + pw / 2}" y="{y0 + 14}" text-anchor="middle" '
             f'font-weight="bold">{escape(name)}</text>'
@@ -217,8 +227,10 @@ def svg_chart(groups: Sequence[Sequence[ModeResult]], title: str) -> str:
                 f'<rect x="{bx:.1f}" y="{plot_y + plot_h - h:.1f}" width="{bar_w * 0.7:.1f}" '
                 f'height="{h:.1f}" fill="{COLOURS[j % len(COLOURS)]}"/>'
             )
+            highest = max([value, *(d for d in dots[j] if d is not None)])
+            label_y = plot_y + plot_h * (1 - min(highest, top) / top) - 5
             out.append(
-                f'<text x="{bx + bar_w * 0.35:.1f}" y="{plot_y + plot_h - h - 3:.1f}" '
+                f'<text x="{bx + bar_w * 0.35:.1f}" y="{label_y:.1f}" '
                 f'text-anchor="middle">{value:.0f}</text>'
             )
             if len(dots[j]) > 1:
