@@ -121,6 +121,7 @@ class Actor:
         targets: Callable[[], Targets],
         docker: Callable[[], DockerApi | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], object] | None = None,
         stop: threading.Event | None = None,
         poll_s: float = 0.25,
@@ -132,6 +133,7 @@ class Actor:
         self.targets = targets
         self._docker = docker or (lambda: None)
         self.clock = clock
+        self.wall_clock = wall_clock  # Unix time, to judge Ollama's expires_at
         self._stop = stop or threading.Event()
         # Sleeping on the stop event makes a verify loop end at once on SIGTERM.
         self._sleep = sleep or self._stop.wait

@@ -97,6 +97,7 @@ class Daemon:
             targets=lambda: self._observer.targets,
             docker=lambda: self._observer.docker,
             clock=clock,
+            wall_clock=wall_clock,
             sleep=actor_sleep,
             stop=self._stop,
             poll_s=poll_s,

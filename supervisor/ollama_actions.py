@@ -6,10 +6,23 @@ model leaves it (VRAM_VERIFY_TIMEOUT); a heal also waits up to RECOVERY_WAIT_S f
 to come back before it loads the model again, and gives up rather than reload into a GPU
 where the model would spill again. Both run under the Actor's lock (it calls them) and
 return an Outcome; adapter errors become a failed Outcome, never an exception.
+
+A heal leaves the model as it found it, keep-alive included:
+- The reload keeps a model loaded forever (expires_at about year 2318, gotcha 6) loaded
+  forever (keep_alive -1). Any other keep-alive cannot be told from expires_at (stale
+  during generations), so none is sent and the load gets OLLAMA_KEEP_ALIVE.
+- If a request keeps the model busy past VRAM_VERIFY_TIMEOUT, the keep_alive 0 unload
+  stays armed inside Ollama and would unload the model when the request ends, with
+  nothing to load it again. The heal withdraws it with a load request carrying a
+  keep-alive (which replaces the runner's, api-facts 1.6/1.7): -1 for a forever model,
+  else what was left of its expiry, at least Ollama's default 5 minutes.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -24,6 +37,48 @@ if TYPE_CHECKING:
 
 # Ollama waits up to 5 s for VRAM to recover after an unload; we wait as long.
 RECOVERY_WAIT_S = 5.0
+# keep_alive -1 shows as now + Go's longest duration (~292 years): about year 2318.
+FOREVER_FROM_YEAR = 2200
+# OLLAMA_KEEP_ALIVE's default (api-facts 1.9): what a withdrawn unload leaves at least.
+DEFAULT_KEEP_ALIVE_S = 300
+
+KeepAlive = int | str | None
+
+
+def _expiry(model: OllamaModel) -> datetime | None:
+    if not model.expires_at:
+        return None
+    try:
+        return datetime.fromisoformat(model.expires_at)
+    except ValueError:
+        return None
+
+
+def reload_keep_alive(model: OllamaModel) -> KeepAlive:
+    """The keep_alive that reloads `model` as it was: -1 when it was kept forever; None
+    (send none: OLLAMA_KEEP_ALIVE) otherwise, as expires_at does not tell the rest."""
+    expiry = _expiry(model)
+    return -1 if expiry is not None and expiry.year >= FOREVER_FROM_YEAR else None
+
+
+def restore_keep_alive(model: OllamaModel, wall_now: float) -> int:
+    """The keep_alive that withdraws our armed unload of a busy `model`: -1 for a forever
+    model, else the seconds left until its expiry, at least Ollama's default."""
+    if reload_keep_alive(model) == -1:
+        return -1
+    expiry = _expiry(model)
+    left = math.ceil(expiry.timestamp() - wall_now) if expiry is not None else 0
+    return max(left, DEFAULT_KEEP_ALIVE_S)
+
+
+def _preload(ollama: OllamaApi, model: str, timeout_s: float, keep_alive: KeepAlive) -> None:
+    if keep_alive is None:
+        ollama.preload(model, timeout_s)
+        return
+    # OllamaClient.preload takes keep_alive; the shared OllamaApi Protocol does not declare
+    # it yet (the gate's forwarding adapter implements the Protocol as it is).
+    preload: Callable[..., None] = ollama.preload
+    preload(model, timeout_s, keep_alive=keep_alive)
 
 
 def _find(ollama: OllamaApi, model: str) -> OllamaModel | None:
@@ -133,13 +188,13 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     except ServiceError as exc:
         return fail(f"unload failed: {exc}")
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
-        return fail("it is still in use, the unload waits for its requests")
+        return _withdraw_unload(actor, ollama, model, fail)
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
     if actor.is_stopping:
         return fail("the supervisor is stopping")
     try:
-        ollama.preload(action.model, actor.preload_timeout_s)
+        _preload(ollama, action.model, actor.preload_timeout_s, reload_keep_alive(model))
         healed = _find(ollama, action.model)
     except ServiceError as exc:
         return fail(f"reload failed: {exc}")
@@ -165,4 +220,22 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         after_bytes=healed.size_vram_bytes if healed else None,
         after_fraction=after,
         duration_s=took,
+    )
+
+
+def _withdraw_unload(
+    actor: Actor, ollama: OllamaApi, model: OllamaModel, fail: Callable[[str], Outcome]
+) -> Outcome:
+    """A request kept the model busy: cancel the armed unload, report the heal failed."""
+    keep_alive = restore_keep_alive(model, actor.wall_clock())
+    try:
+        _preload(ollama, model.name, actor.preload_timeout_s, keep_alive)
+    except ServiceError as exc:
+        return fail(
+            "it is still in use by a request, and withdrawing the unload failed "
+            f"({exc}): Ollama unloads it when the request ends"
+        )
+    return fail(
+        "it is still in use by a request; the unload was withdrawn "
+        f"(keep_alive {keep_alive}) and it stays loaded as it was, partly on the CPU"
     )

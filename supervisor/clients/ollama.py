@@ -122,17 +122,24 @@ class OllamaClient(ServiceClient):
             on_status=self._not_installed(name),
         )
 
-    def preload(self, model: str, timeout_s: float) -> None:
+    def preload(self, model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
         """POST /api/generate with an empty prompt; blocks until the model is loaded.
 
         `timeout_s` is the read timeout: closing the request aborts the load (gotcha 4).
+        `keep_alive` (seconds, negative = forever, or a Go duration such as "5m") is sent
+        only when given: without it a new load gets OLLAMA_KEEP_ALIVE and a loaded model
+        keeps its own; with it a loaded model's keep-alive is replaced, which also
+        withdraws a pending keep_alive-0 unload (api-facts 1.6, 1.7).
         """
         name = normalise_model_name(model)
+        body: dict[str, object] = {"model": name, "stream": False}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
         self._http.json(
             "POST",
             "/api/generate",
             self._generate_answer,
-            body={"model": name, "stream": False},
+            body=body,
             retry=Retry.CONNECT,
             timeout=httpx.Timeout(self._http.timeout_s, read=timeout_s),
             on_status=self._not_installed(name),

@@ -219,6 +219,24 @@ def test_preload_loads_the_model_with_stream_false(fake_ollama: Any, ollama_clie
     assert [m.name for m in client.ps()] == ["qwen3:8b"]
 
 
+@pytest.mark.parametrize("keep_alive", [-1, "30m", 300])
+def test_preload_sends_keep_alive_only_when_given(
+    fake_ollama: Any, ollama_client: Any, keep_alive: int | str
+) -> None:
+    """With keep_alive the load keeps the model's keep-alive (a model loaded with -1 stays
+    forever) and replaces a loaded model's, which withdraws a pending unload (api-facts
+    1.6/1.7); without it the server's default applies, as before."""
+    client = ollama_client(fake_ollama)
+    client.preload("qwen3:8b", timeout_s=300, keep_alive=keep_alive)
+    assert fake_ollama.requests[-1] == (
+        "POST",
+        "/api/generate",
+        {"model": "qwen3:8b", "stream": False, "keep_alive": keep_alive},
+    )
+    client.preload("qwen3:8b", 300)  # positional, as before: no keep_alive field
+    assert "keep_alive" not in fake_ollama.requests[-1][2]
+
+
 def test_preload_uses_the_long_read_timeout(ollama_client: Any) -> None:
     seen: list[dict[str, float | None]] = []
 

@@ -6,8 +6,11 @@ One `FakeGpu` holds what each process has on the device; the fakes move bytes on
   clock). `unload_models` releases the models unless `highvram` (the models are offloaded
   to the GPU itself, gotcha 9); `free_memory` also drops the cache. The CUDA context stays.
 - FakeOllama: `unload` answers at once; the model leaves /api/ps at once but its VRAM comes
-  back `release_delay_s` later (api-facts 1.3, gotcha 2). `preload` places as many bytes
-  on the GPU as fit (partial offload, gotcha 3).
+  back `release_delay_s` later (api-facts 1.3, gotcha 2). While a request is in flight
+  (`busy_until`) the unload is only armed (keep-alive 0) and happens when the request ends,
+  unless a request with a keep_alive replaces it first (api-facts 1.6/1.7). `preload`
+  places as many bytes on the GPU as fit (partial offload, gotcha 3), with the keep-alive
+  given or OLLAMA_KEEP_ALIVE's default 5m; `expires_at` is about year 2318 for forever.
 - FakeGpuReader: NVML-like device and per-process figures (host PIDs).
 - FakeDocker: labelled containers, `docker top` PIDs and restarts.
 Every fake can be told to fail (`fail = ServiceError(...)` etc.) or to return garbage.
@@ -15,9 +18,11 @@ Every fake can be told to fail (`fail = ServiceError(...)` etc.) or to return ga
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 from supervisor.errors import DockerUnavailable, NvmlUnavailable, ServiceError
 from supervisor.model import (
@@ -34,6 +39,7 @@ from supervisor.ports import GpuProcess, ModelFacts, TaggedModel
 MIB = 1024**2
 GIB = 1024**3
 GPU_UUID = "GPU-fake-0"
+WALL_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the wall time at FakeClock 0
 
 
 class FakeClock:
@@ -46,6 +52,10 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+    def wall(self) -> float:
+        """Unix time that moves with the fake clock."""
+        return WALL_EPOCH + self.now
 
     def sleep(self, seconds: float) -> None:
         with self._lock:
@@ -186,9 +196,18 @@ class FakeOllama:
         self.fail: Exception | None = None
         self.garbage = False
         self.busy_until: dict[str, float] = {}  # a request in flight defers the unload
+        self.default_keep_alive_s = 300.0  # OLLAMA_KEEP_ALIVE's default, 5m
+        self.keep_alive_s: dict[str, float] = {}  # each runner's session; <0 forever, 0 armed
+        self.preload_keep_alives: list[int | str | None] = []
         clock.tickers.append(self._tick)
 
-    def load(self, name: str, size_bytes: int | None = None, margin: int = 512 * MIB) -> None:
+    def load(
+        self,
+        name: str,
+        size_bytes: int | None = None,
+        margin: int = 512 * MIB,
+        keep_alive_s: float | None = None,
+    ) -> None:
         """What Ollama does on a request: place what fits now, the rest on the CPU."""
         size = size_bytes or self.installed[name]
         on_gpu = max(0, min(size, self.gpu.free_bytes - margin))
@@ -197,11 +216,34 @@ class FakeOllama:
         self.pids[name] = pid
         self.gpu.held[pid] = on_gpu
         self.models[name] = OllamaModel(name, size, on_gpu, digest="d" * 64)
+        self._set_keep_alive(
+            name, self.default_keep_alive_s if keep_alive_s is None else keep_alive_s
+        )
+
+    def _set_keep_alive(self, name: str, seconds: float) -> None:
+        self.keep_alive_s[name] = seconds
+        now = datetime.fromtimestamp(self.clock.wall(), UTC)
+        # A negative keep-alive is Go's longest duration, 2^63-1 ns (~292 years, gotcha 6).
+        forever = timedelta(microseconds=(2**63 - 1) // 1000)
+        expires = now + (forever if seconds < 0 else timedelta(seconds=seconds))
+        text = expires.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        self.models[name] = replace(self.models[name], expires_at=text)
+
+    def _unload_now(self, model: str) -> None:
+        del self.models[model]
+        self.keep_alive_s.pop(model, None)
+        pid = self.pids.pop(model)
+        self._releasing.append((self.clock.now + self.release_delay_s, pid))
 
     def _tick(self, now: float) -> None:
         for name, until in list(self.busy_until.items()):
             if now >= until:
                 del self.busy_until[name]
+                # The request ended: an armed unload happens now, else the timer restarts.
+                if name in self.models and self.keep_alive_s.get(name) == 0:
+                    self._unload_now(name)
+                elif name in self.models:
+                    self._set_keep_alive(name, self.keep_alive_s[name])
         for due, pid in list(self._releasing):
             if now >= due:
                 self.gpu.held.pop(pid, None)
@@ -230,22 +272,40 @@ class FakeOllama:
         if self.fail:
             raise self.fail
         self.unload_calls.append(model)
-        if model in self.busy_until:
-            return  # deferred until the in-flight request ends (api-facts 1.6)
+        if model in self.busy_until and model in self.models:
+            self._set_keep_alive(model, 0)  # armed: unloads when the request ends (1.6)
+            return
         if model in self.models:
-            del self.models[model]
-            pid = self.pids.pop(model)
-            self._releasing.append((self.clock.now + self.release_delay_s, pid))
+            self._unload_now(model)
 
-    def preload(self, model: str, timeout_s: float) -> None:
+    def preload(self, model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
         if self.fail:
             raise self.fail
         self.preload_calls.append(model)
+        self.preload_keep_alives.append(keep_alive)
+        seconds = None if keep_alive is None else go_seconds(keep_alive)
         if model not in self.models:
-            self.load(model)
+            self.load(model, keep_alive_s=seconds)
+        elif seconds is not None:
+            # A request with keep_alive replaces the runner's session (api-facts 1.7),
+            # which also withdraws an armed unload.
+            self._set_keep_alive(model, seconds)
 
     def close(self) -> None:
         pass
+
+
+def go_seconds(keep_alive: int | str) -> float:
+    """Ollama's keep_alive: a number is seconds, a string a Go duration ("5m", "-1")."""
+    if isinstance(keep_alive, int):
+        return float(keep_alive)
+    total, found = 0.0, False
+    for number, unit in re.findall(r"(-?\d+(?:\.\d+)?)(h|m|s)?", keep_alive):
+        total += float(number) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit]
+        found = True
+    if not found:
+        raise ValueError(f"not a Go duration: {keep_alive!r}")
+    return total
 
 
 class FakeGpuReader:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
+import pytest
+
 from supervisor.actions import Actor, Reading, Targets, format_bytes
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
@@ -13,15 +15,25 @@ from supervisor.model import (
     FreeResult,
     FreeStage,
     HealOllama,
+    OllamaModel,
     Priority,
     RestartComfy,
     Role,
     ServiceSpec,
     UnloadOllama,
 )
+from supervisor.ollama_actions import reload_keep_alive, restore_keep_alive
 from supervisor.room import ComfyRoomMaker
 from tests.daemon.conftest import World, has
-from tests.daemon.fakes import GIB, FakeClock, FakeComfy, FakeDocker, FakeGpu, FakeOllama
+from tests.daemon.fakes import (
+    GIB,
+    WALL_EPOCH,
+    FakeClock,
+    FakeComfy,
+    FakeDocker,
+    FakeGpu,
+    FakeOllama,
+)
 
 COMFY = "comfyui/comfyui"
 OLLAMA = "ollama/ollama"
@@ -62,6 +74,7 @@ def make_actor(
         targets=lambda: targets,
         docker=lambda: docker,
         clock=w.clock,
+        wall_clock=w.clock.wall,
         sleep=w.clock.sleep,
     )
     return actor, probe
@@ -245,8 +258,76 @@ def test_heal_frees_comfyui_unloads_and_reloads_fully(world: World, logs: list[s
     assert world.comfy.free_calls == [(True, True)]
     assert world.ollama.unload_calls == ["llama3.2:latest"]
     assert world.ollama.preload_calls == ["llama3.2:latest"]
+    # Its keep-alive cannot be told from expires_at: none is sent, the server's applies.
+    assert world.ollama.preload_keep_alives == [None]
     before = round(spilled.gpu_fraction * 100)
     assert has(logs, f"Healed Ollama model llama3.2:latest: {before}% -> 100% on GPU")
+
+
+def test_heal_reloads_a_model_kept_forever_with_keep_alive_forever(world: World) -> None:
+    """Before, the reload sent no keep_alive: a model a client had pinned with -1 came
+    back with OLLAMA_KEEP_ALIVE (5 min) and was unloaded behind the user's back."""
+    world.gpu.total_bytes = 14 * GIB
+    world.ollama.load("llama3.2:latest", keep_alive_s=-1)
+    spilled = world.ollama.models["llama3.2:latest"]
+    assert spilled.is_spilled and (spilled.expires_at or "").startswith("2318-")
+    actor, _ = make_actor(world)
+    outcome = actor.execute(
+        HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
+    )
+    assert outcome.ok and world.ollama.preload_keep_alives == [-1]
+    assert world.ollama.keep_alive_s["llama3.2:latest"] < 0  # still kept forever
+    world.clock.sleep(3600)
+    assert "llama3.2:latest" in world.ollama.models
+
+
+@pytest.mark.parametrize(("keep_alive_s", "restored"), [(None, 300), (-1, -1), (3600, 3600)])
+def test_heal_of_a_model_in_use_withdraws_its_unload(
+    world: World, logs: list[str], keep_alive_s: float | None, restored: int
+) -> None:
+    """A request keeps the model busy past the verify timeout: the keep_alive 0 unload
+    is armed inside Ollama. Before, the heal just failed and Ollama unloaded the model
+    when the request ended, with nothing to load it again."""
+    world.gpu.total_bytes = 14 * GIB
+    world.ollama.load("llama3.2:latest", keep_alive_s=keep_alive_s)
+    spilled = world.ollama.models["llama3.2:latest"]
+    world.ollama.busy_until["llama3.2:latest"] = world.clock.now + 60
+    actor, _ = make_actor(world)
+    outcome = actor.execute(
+        HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
+    )
+    assert not outcome.ok and "still in use" in outcome.detail
+    assert "withdrawn" in outcome.detail
+    assert has(logs, "Could not heal Ollama model llama3.2:latest: it is still in use")
+    # One load request with the model's keep-alive (what was left of it, at least 5 min).
+    sent = world.ollama.preload_keep_alives
+    assert len(sent) == 1 and isinstance(sent[0], int)
+    if restored < 0:
+        assert sent[0] == -1
+    else:  # the verify window (10 s) has passed since the reading
+        assert restored - 15 <= sent[0] <= restored
+    world.clock.sleep(61)  # the request ends
+    assert "llama3.2:latest" in world.ollama.models  # not unloaded behind everyone's back
+    assert world.ollama.keep_alive_s["llama3.2:latest"] == sent[0]
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "reload", "restore"),
+    [
+        ("2318-06-12T03:15:42.123456789Z", -1, -1),  # keep_alive -1 (Go's longest time)
+        ("2026-01-01T02:00:00+01:00", None, 3600),  # an hour left (offset honoured)
+        ("2026-01-01T00:00:10Z", None, 300),  # 10 s left: at least Ollama's default
+        ("2025-12-31T00:00:00Z", None, 300),  # stale: a long generation (gotcha 6)
+        (None, None, 300),
+        ("not a time", None, 300),
+    ],
+)
+def test_keep_alive_read_from_expires_at(
+    expires_at: str | None, reload: int | None, restore: int
+) -> None:
+    model = OllamaModel("m:latest", GIB, GIB, expires_at=expires_at)
+    assert reload_keep_alive(model) == reload
+    assert restore_keep_alive(model, wall_now=WALL_EPOCH) == restore
 
 
 def test_heal_is_refused_when_the_model_cannot_fit(world: World) -> None:
