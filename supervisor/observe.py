@@ -13,7 +13,8 @@ Policy:
   logged once and whenever it changes. A service whose processes NVML does not list, or
   lists without a memory figure (WSL2, WDDM), is read from its API even under NVML.
   `docker top` runs only when a new GPU process or another set of containers appears.
-- GPUs Docker granted by index are turned into NVML UUIDs (`resolve_gpu_ids`).
+- GPUs Docker granted by index are turned into NVML UUIDs (`resolve_gpu_ids`); one that
+  cannot be resolved means every GPU, with a warning once per container and id.
 - It also keeps `targets`: the running services the Actor may act on.
 """
 
@@ -47,16 +48,31 @@ from supervisor.vram.api import comfy_vram_bytes, gpus_from_api, ollama_vram_byt
 from supervisor.vram.attribution import Attribution, attribute
 
 
+def unresolved_gpu_ids(
+    ids: tuple[str, ...], gpus: tuple[GpuMemory, ...], source: VramSource
+) -> tuple[str, ...]:
+    """The granted ids `resolve_gpu_ids` cannot turn into a GPU: under NVML, anything that
+    is neither a "GPU-<uuid>" nor the index of a GPU NVML shows (an index beyond them, a
+    MIG id)."""
+    if source is not VramSource.NVML:
+        return ()
+    indices = {str(g.index) for g in gpus}
+    return tuple(i for i in ids if i not in indices and not i.startswith("GPU-"))
+
+
 def resolve_gpu_ids(
     ids: tuple[str, ...], gpus: tuple[GpuMemory, ...], source: VramSource
 ) -> tuple[str, ...]:
     """The GPUs Docker granted (DeviceIDs: NVML indices like "0" or "GPU-<uuid>") as the
     UUIDs the policy and the room maker compare. With NVML an index becomes the UUID of the
     GPU with that index (the supervisor sees every GPU, as the compose files grant it,
-    so its indices are the host's) and anything else stays as given. Without NVML the GPUs
-    are not known by UUID (the API source has one pseudo GPU): () = all, so that a service
-    is not hidden from the only GPU there is."""
-    if source is not VramSource.NVML:
+    so its indices are the host's); a UUID stays as given (one NVML does not show is a GPU
+    none of ours share). An id that cannot be resolved (`unresolved_gpu_ids`) makes it ()
+    = all GPUs: a service on a GPU we cannot name is still freed when room is needed,
+    rather than silently never. Without NVML the GPUs are not known by UUID (the API
+    source has one pseudo GPU): () = all, so that a service is not hidden from the only
+    GPU there is."""
+    if source is not VramSource.NVML or unresolved_gpu_ids(ids, gpus, source):
         return ()
     by_index = {str(g.index): g.uuid for g in gpus}
     return tuple(dict.fromkeys(by_index.get(i, i) for i in ids))
@@ -105,6 +121,7 @@ class Observer:
         self._docker_dirty = True
         self._docker_listed_at: float | None = None
         self._nvml_failures = 0
+        self._unresolved_warned: set[tuple[str, str]] = set()  # (service key, GPU id)
         self._listed: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
         self._fixed = {
             role: url
@@ -174,7 +191,7 @@ class Observer:
         attributed = self._attribute(processes, running) if processes is not None else {}
         measured = self._measured(processes or ())
         specs = {
-            key: replace(s.spec, gpu_uuids=resolve_gpu_ids(s.spec.gpu_uuids, gpus, source))
+            key: replace(s.spec, gpu_uuids=self._resolve_gpus(s.spec, gpus, source))
             for key, s in self._services.items()
         }
 
@@ -241,6 +258,21 @@ class Observer:
             ),
         )
         return obs
+
+    def _resolve_gpus(
+        self, spec: ServiceSpec, gpus: tuple[GpuMemory, ...], source: VramSource
+    ) -> tuple[str, ...]:
+        """`resolve_gpu_ids`, warning once per service and id that cannot be resolved."""
+        for gpu_id in unresolved_gpu_ids(spec.gpu_uuids, gpus, source):
+            if (spec.key, gpu_id) not in self._unresolved_warned:
+                self._unresolved_warned.add((spec.key, gpu_id))
+                seen = ", ".join(str(g.index) for g in gpus) or "none"
+                logger.warning(
+                    f"Docker granted {spec.role} container {spec.name} GPU {gpu_id!r}, which "
+                    f"NVML does not show (it sees GPU indices {seen}); treating it as on "
+                    "every GPU"
+                )
+        return resolve_gpu_ids(spec.gpu_uuids, gpus, source)
 
     def _refresh_services(self, now: float) -> None:
         wanted: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}

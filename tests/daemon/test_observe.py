@@ -25,7 +25,10 @@ GPUS = (
         (("1", "0"), VramSource.NVML, ("GPU-bbbb", "GPU-aaaa")),
         (("GPU-bbbb",), VramSource.NVML, ("GPU-bbbb",)),  # a UUID stays
         (("0", "GPU-aaaa"), VramSource.NVML, ("GPU-aaaa",)),  # no duplicate
-        (("7",), VramSource.NVML, ("7",)),  # a GPU NVML does not show: on none of ours
+        (("GPU-cccc",), VramSource.NVML, ("GPU-cccc",)),  # a UUID NVML does not show: not ours
+        (("7",), VramSource.NVML, ()),  # an index NVML does not show: cannot tell, so all
+        (("0", "7"), VramSource.NVML, ()),
+        (("MIG-1234",), VramSource.NVML, ()),
         (("0",), VramSource.API, ()),  # API source: one pseudo GPU, so all
         (("GPU-aaaa",), VramSource.API, ()),
         (("0",), VramSource.NONE, ()),
@@ -50,6 +53,25 @@ def test_a_comfyui_granted_gpu_0_by_index_is_freed_by_the_gate(world: World) -> 
     daemon = world.daemon()
     obs = daemon.observe()
     assert obs.comfyuis[0].status.spec.gpu_uuids == (world.gpu.uuid,)
+    need = world.gpu.free_bytes + 8 * GIB
+    assert daemon.room_maker.make_room(need, reason="gate: load", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]
+
+
+def test_a_gpu_index_nvml_cannot_resolve_means_every_gpu_with_one_warning(
+    world: World, logs: list[str]
+) -> None:
+    """The supervisor sees fewer GPUs than the host (granted a subset): ComfyUI's index
+    "1" matches none. Before, it stayed "1", matched no GPU, and the ComfyUI was silently
+    never freed for Ollama."""
+    grant_comfyui_gpu(world, "1")
+    world.ollama.load("llama3.2:latest")
+    daemon = world.daemon()
+    obs = daemon.observe()
+    daemon.observe()
+    assert obs.comfyuis[0].status.spec.gpu_uuids == ()
+    warning = "Docker granted comfyui container comfyui GPU '1', which NVML does not show"
+    assert sum(warning in line for line in logs) == 1
     need = world.gpu.free_bytes + 8 * GIB
     assert daemon.room_maker.make_room(need, reason="gate: load", deadline_s=30)
     assert world.comfy.free_calls == [(True, False)]
