@@ -295,6 +295,9 @@ class Observer:
             self._update_service(key, spec, is_running, health)
 
     def _list_docker(self, now: float) -> None:
+        # Cleared before listing: an event that arrives while the listing is under way
+        # marks it stale again, so the change it announces is listed next pass, not lost.
+        self._docker_dirty = False
         try:
             if self._docker is None:
                 assert self._docker_factory is not None
@@ -308,12 +311,12 @@ class Observer:
                     "keeping the last known services and retrying every pass)"
                 )
             self._docker_ok = False
+            self._docker_dirty = True
             return
         if self._docker_failures:
             logger.info(f"Docker is reachable again after {self._docker_failures} failures")
         self._docker_failures = 0
         self._docker_ok = True
-        self._docker_dirty = False
         self._docker_listed_at = now
         self._listed = {
             c.spec.key: (c.spec, c.is_running, c.health)

@@ -354,6 +354,7 @@ class FakeDocker:
         self.fail: Exception | None = None
         self.restarts: list[str] = []
         self.on_restart: Callable[[str], None] | None = None
+        self.on_list: Callable[[], None] | None = None  # runs while a listing is under way
         self.list_calls = 0
         self.top_calls = 0
 
@@ -382,6 +383,8 @@ class FakeDocker:
         self.list_calls += 1
         if self.fail:
             raise self.fail
+        if self.on_list:
+            self.on_list()
         return tuple(
             ContainerState(c.spec, c.status, pid=c.pids[0] if c.pids else 0)
             for c in self.containers.values()

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from supervisor.errors import DockerUnavailable
 from supervisor.model import FreeComfy, FreeResult, FreeStage, GpuMemory, VramSource
 from supervisor.observe import resolve_gpu_ids
 from tests.daemon.conftest import World
@@ -140,3 +141,31 @@ def test_an_observation_carries_the_wall_clock_time_of_its_pass(world: World) ->
     """The policy judges Ollama's expires_at (wall-clock RFC 3339) against it."""
     daemon = world.daemon(wall_clock=lambda: 1_767_225_600.0)
     assert daemon.observe().wall_at == 1_767_225_600.0
+
+
+def test_a_docker_event_during_a_listing_is_not_lost(world: World) -> None:
+    """The event may describe a change the listing under way did not see yet: the next
+    pass lists again, without waiting for VRAM_CHECK_INTERVAL."""
+    daemon = world.daemon()
+    daemon.observe()
+    world.docker.on_list = lambda: daemon.on_docker_event("start comfyui")
+    daemon.on_docker_event("die comfyui")
+    daemon.observe()  # lists; the "start" event arrives meanwhile
+    world.docker.on_list = None
+    listed = world.docker.list_calls
+    daemon.observe()  # same instant: only the event can make it list
+    assert world.docker.list_calls == listed + 1
+    daemon.observe()
+    assert world.docker.list_calls == listed + 1  # and only once
+
+
+def test_a_failed_docker_listing_is_retried_next_pass(world: World) -> None:
+    daemon = world.daemon()
+    daemon.observe()
+    world.docker.fail = DockerUnavailable("connection refused")
+    daemon.on_docker_event("start comfyui")
+    assert daemon.observe().docker_ok is False
+    world.docker.fail = None
+    listed = world.docker.list_calls
+    assert daemon.observe().docker_ok is True
+    assert world.docker.list_calls == listed + 1
