@@ -8,8 +8,10 @@ Policy:
 - A free is classified FREED (VRAM came back), PENDING (a prompt is running: ComfyUI
   applies the flags after it; never escalate over it), PINNED (idle, nothing released:
   escalate) or FAILED (the API call failed, or VRAM could not be read to verify).
-- A restart re-reads ComfyUI's queue at the moment of acting and refuses if anything runs
-  or waits: a running generation is never killed.
+- A restart re-reads ComfyUI's queue and Docker's container list at the moment of acting,
+  and refuses if anything runs or waits (a running generation is never killed) or the
+  container is no longer running (one the user stopped is never started). Afterwards it
+  reads the VRAM like a free: FREED only if it dropped, else PINNED.
 - `VRAM_DRY_RUN`: log "DRY RUN: would ..." and send nothing.
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   `make_room`), so two frees never overlap. Adapter errors never escape: they become a
@@ -81,7 +83,11 @@ class Reading:
 class Probe(Protocol):
     """Fresh VRAM readings for verification (implemented by the daemon over NVML/APIs)."""
 
-    def comfy_reading(self, key: str) -> Reading | None: ...
+    def comfy_reading(self, key: str, *, fresh_pids: bool = False) -> Reading | None:
+        """What one ComfyUI holds. `fresh_pids`: list its container's PIDs again first
+        (after a restart its processes are new)."""
+        ...
+
     def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
         """Free VRAM on the best of these GPUs (where a model would land); () = any GPU."""
         ...
@@ -104,6 +110,20 @@ def holds_nothing(reading: Reading | None) -> bool:
     """A ComfyUI's own reading says it holds only its CUDA context: nothing to free. A
     device-wide reading says nothing about ComfyUI, so it never counts as nothing."""
     return reading is not None and not reading.is_device_wide and reading.bytes < NOTHING_HELD_BYTES
+
+
+def _restart_freed(before: Reading | None, after: Reading | None) -> bool:
+    """After a restart: ComfyUI's own reading says it holds nothing, or the reading
+    dropped compared with a "before" of the same kind."""
+    if after is None:
+        return False
+    if holds_nothing(after):
+        return True
+    return (
+        before is not None
+        and before.is_device_wide == after.is_device_wide
+        and _dropped(before, after)
+    )
 
 
 def _dropped(before: Reading, after: Reading) -> bool:
@@ -294,19 +314,28 @@ class Actor:
 
     def restart_comfy(self, action: RestartComfy) -> Outcome:
         start = self.clock()
+        log = logger.bind(target=action.target)
 
-        def refuse(why: str, result: FreeResult = FreeResult.FAILED) -> Outcome:
-            logger.bind(target=action.target).warning(
-                f"Not restarting ComfyUI {action.target}: {why}"
-            )
+        def done(
+            result: FreeResult,
+            detail: str,
+            before: Reading | None = None,
+            after: Reading | None = None,
+        ) -> Outcome:
             return Outcome(
                 action,
                 start,
-                ok=False,
+                ok=result is FreeResult.FREED,
                 result=result,
-                detail=why,
+                before_bytes=before.bytes if before else None,
+                after_bytes=after.bytes if after else None,
+                detail=detail,
                 duration_s=self.clock() - start,
             )
+
+        def refuse(why: str, result: FreeResult = FreeResult.FAILED) -> Outcome:
+            log.warning(f"Not restarting ComfyUI {action.target}: {why}")
+            return done(result, why)
 
         target = self.targets().comfyuis.get(action.target)
         if target is None:
@@ -335,32 +364,60 @@ class Actor:
             )
         if self.settings.dry_run:
             return self.dry(action, f"restart ComfyUI container {spec.name}")
+        # Docker's word now, not the pass's: a container stopped since is never started.
+        try:
+            listed = docker.list_services()
+        except DockerUnavailable as exc:
+            return refuse(f"its container's state cannot be checked ({exc})")
+        same = next((c for c in listed if c.spec.container_id == spec.container_id), None)
+        if same is None:
+            renamed = any(c.spec.key == spec.key for c in listed)
+            return refuse("it was recreated since" if renamed else "its container is gone")
+        if not same.is_running:
+            return refuse(f"its container is {same.status} now; a stopped one is never started")
         before = self.probe.comfy_reading(action.target)
         try:
             docker.restart(spec.container_id, RESTART_STOP_TIMEOUT_S)
         except DockerUnavailable as exc:
-            logger.bind(target=action.target).error(
-                f"Restarting ComfyUI container {spec.name} failed: {exc}"
+            log.error(f"Restarting ComfyUI container {spec.name} failed: {exc}")
+            return done(FreeResult.FAILED, str(exc), before)
+        log.warning(f"Restarted ComfyUI container {spec.name}: {action.reason}")
+        after = self._after_restart(action.target, before)
+        took = self.clock() - start
+        was = format_bytes(before.bytes if before else None)
+        if _restart_freed(before, after):
+            assert after is not None
+            log.info(
+                f"ComfyUI {spec.name} after the restart: {was} -> "
+                f"{format_bytes(after.bytes)} in {took:.1f} s"
             )
-            return Outcome(
-                action,
-                start,
-                ok=False,
-                result=FreeResult.FAILED,
-                detail=str(exc),
-                duration_s=self.clock() - start,
-            )
-        logger.bind(target=action.target).warning(
-            f"Restarted ComfyUI container {spec.name}: {action.reason}"
+            return done(FreeResult.FREED, "", before, after)
+        detail = (
+            f"restarted, but its VRAM could not be read within {took:.0f} s"
+            if after is None
+            else f"restarted, but it still holds {format_bytes(after.bytes)} (before: {was})"
         )
-        return Outcome(
-            action,
-            start,
-            ok=True,
-            result=FreeResult.FREED,
-            before_bytes=before.bytes if before else None,
-            duration_s=self.clock() - start,
-        )
+        log.warning(f"ComfyUI {spec.name} {detail}")
+        return done(FreeResult.PINNED, detail, before, after)
+
+    def _after_restart(self, key: str, before: Reading | None) -> Reading | None:
+        """ComfyUI's reading after its restart, watched until it freed or
+        VRAM_VERIFY_TIMEOUT passes: its new processes' NVML memory (PIDs read afresh), or
+        torch's reserved bytes once its API answers. A device-wide reading counts only
+        to compare with a device-wide "before"."""
+        deadline = self.clock() + self.settings.verify_timeout_s
+        after: Reading | None = None
+        while self.wait(self.poll_s):
+            reading = self.probe.comfy_reading(key, fresh_pids=True)
+            if reading is not None and (
+                not reading.is_device_wide or (before is not None and before.is_device_wide)
+            ):
+                after = reading
+                if _restart_freed(before, after):
+                    break
+            if self.clock() >= deadline:
+                break
+        return after
 
     # ------------------------------------------------------------------ Ollama
 

@@ -155,6 +155,18 @@ class Observer:
         """The PIDs in the service's container at the last `docker top` (() if unknown)."""
         return self._pids.get(key, ())
 
+    def refresh_pids(self, key: str) -> None:
+        """`docker top` one service's container again (its processes changed: a restart).
+        On failure the PIDs are left as they were."""
+        service = self._services.get(key)
+        container_id = service.spec.container_id if service else None
+        if self._docker is None or container_id is None:
+            return
+        try:
+            self._pids[key] = self._docker.container_pids(container_id)
+        except Exception as exc:  # DockerUnavailable; a container still restarting
+            logger.debug(f"docker top {key} failed: {exc}")
+
     @property
     def targets(self) -> Targets:
         """The running services of the last observation, for the Actor."""

@@ -29,7 +29,9 @@ class LiveProbe:
     def __init__(self, observer: Observer) -> None:
         self._observer = observer
 
-    def comfy_reading(self, key: str) -> Reading | None:
+    def comfy_reading(self, key: str, *, fresh_pids: bool = False) -> Reading | None:
+        if fresh_pids:
+            self._observer.refresh_pids(key)
         gpu, pids = self._observer.gpu, self._observer.pids(key)
         if gpu is not None and pids:
             try:

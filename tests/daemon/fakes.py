@@ -119,6 +119,16 @@ class FakeComfy:
     def start_prompt(self, seconds: float) -> None:
         self.running_until = self.clock.now + seconds
 
+    def restart(self, new_pid: int) -> None:
+        """A container restart: a new process with nothing loaded, only its CUDA context
+        (the old process's memory goes with it), its queue empty, its API answering."""
+        self.gpu.held.pop(self.pid, None)
+        self.pid = new_pid
+        self.models_bytes = self.cache_bytes = 0
+        self.running_until, self.pending, self.fail, self.stuck = None, 0, None, False
+        self.flags.clear()
+        self._sync()
+
     def _sync(self) -> None:
         self.gpu.held[self.pid] = self.CONTEXT_BYTES + self.models_bytes + self.cache_bytes
 

@@ -46,7 +46,7 @@ class GpuProbe:
         self.gpu, self.comfy = gpu, comfy
         self.broken = False
 
-    def comfy_reading(self, key: str) -> Reading | None:
+    def comfy_reading(self, key: str, *, fresh_pids: bool = False) -> Reading | None:
         if self.broken:
             return None
         return Reading(self.gpu.held.get(self.comfy.pid, 0))
@@ -64,6 +64,8 @@ def make_actor(
 ) -> tuple[Actor, GpuProbe]:
     probe = GpuProbe(w.gpu, w.comfy)
     cid = "id-comfyui" if container else None
+    if docker is not None and "comfyui" not in docker.containers:
+        docker.add(Role.COMFYUI, "comfyui", w.comfy.base_url, pids=(w.comfy.pid,))
     targets = Targets(
         comfyuis={COMFY: (ServiceSpec(Role.COMFYUI, "comfyui", w.comfy.base_url, cid), w.comfy)},
         ollamas={OLLAMA: (ServiceSpec(Role.OLLAMA, "ollama", w.ollama.base_url, "id-o"), w.ollama)},
@@ -195,9 +197,20 @@ def test_restart_is_refused_while_a_prompt_runs_or_waits(world: World, logs: lis
     assert has(logs, "Not restarting ComfyUI comfyui/comfyui: a generation is running")
 
 
+def restart_releases(world: World, docker: FakeDocker, new_pid: int = 4343) -> None:
+    """Restarting the container starts a new ComfyUI process that holds nothing yet."""
+
+    def on_restart(container_id: str) -> None:
+        world.comfy.restart(new_pid)
+        docker.containers["comfyui"].pids = (new_pid,)
+
+    docker.on_restart = on_restart
+
+
 def test_restart_of_an_idle_comfyui(world: World, logs: list[str]) -> None:
     docker = FakeDocker()
     actor, _ = make_actor(world, docker=docker)
+    restart_releases(world, docker)
     outcome = actor.execute(RestartComfy(COMFY, "VRAM pinned after a hard free"))
     assert outcome.ok and docker.restarts == ["id-comfyui"]
     assert has(logs, "Restarted ComfyUI container comfyui: VRAM pinned after a hard free")
@@ -206,6 +219,7 @@ def test_restart_of_an_idle_comfyui(world: World, logs: list[str]) -> None:
 def test_restart_needs_a_readable_queue_unless_the_api_is_dead(world: World) -> None:
     docker = FakeDocker()
     actor, _ = make_actor(world, docker=docker)
+    restart_releases(world, docker)
     world.comfy.fail = ServiceError("comfyui", "GET /queue: timed out")
     assert not actor.execute(RestartComfy(COMFY, "x")).ok
     base = actor.targets()
