@@ -67,6 +67,7 @@ class Daemon:
         # Stand-ins let the loop be tested without the real policy.
         self._decide: Decide = decide or policy.decide
         self._record: Record = record or policy.record
+        self._stop = threading.Event()
         self._observer = Observer(
             settings,
             ollama_client=ollama_client,
@@ -75,12 +76,12 @@ class Daemon:
             gpu=gpu,
             clock=clock,
             wall_clock=wall_clock,
+            stop=self._stop,
         )
         self._events = events if self._observer.uses_docker else None
         self.metrics = metrics
         self._clock = clock
         self._wall = wall_clock
-        self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # guards what snapshot() reads
         self._state = PolicyState()

@@ -20,6 +20,7 @@ Policy:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -102,8 +103,10 @@ class Observer:
         gpu: GpuReader | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
+        self._stop = stop  # set: observe() stops waiting for hung reads (`Interrupted`)
         self._docker_factory = docker if settings.needs_docker else None
         self._docker: DockerApi | None = None
         self._gpu = gpu
@@ -195,7 +198,7 @@ class Observer:
         at, wall_at = self._clock(), self._wall()
         self._refresh_services(at)
         running = [s for s in self._services.values() if s.is_running]
-        reads = dict(zip([s.spec.key for s in running], read_all(running), strict=True))
+        reads = dict(zip([s.spec.key for s in running], read_all(running, self._stop), strict=True))
         self._count_failures(running, reads)
         stats = [r.stats for r in reads.values() if r.stats is not None]
         models = [m for r in reads.values() for m in r.models or ()]

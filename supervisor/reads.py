@@ -4,7 +4,8 @@ Policy: an Ollama is read with /api/ps; a ComfyUI with /queue and /system_stats,
 counts as answering when either answered (one bad endpoint is a partial reading, logged
 at DEBUG). A read never raises: errors, including an adapter breaking its contract,
 become `Read.error`. Every running service is read at once on daemon threads, so one slow
-service delays no other and a read stuck in a timeout never holds up the process's exit.
+service delays no other and a read stuck in a timeout never holds up the process's exit:
+when the supervisor stops, the wait for them ends at once (`Interrupted`).
 """
 
 from __future__ import annotations
@@ -73,23 +74,38 @@ def read_service(service: Service) -> Read:
         return Read(error=f"unexpected {type(exc).__name__}: {exc}")
 
 
-def read_all(services: list[Service]) -> list[Read]:
+class Interrupted(Exception):
+    """`stop` was set while reads were still waiting: the pass is abandoned."""
+
+
+# How often a wait for the reads looks at `stop` (a SIGTERM must exit within ~1 s).
+STOP_POLL_S = 0.02
+
+
+def read_all(services: list[Service], stop: threading.Event | None = None) -> list[Read]:
     """Read every service at once, so one slow service does not delay the others. Daemon
-    threads (not a pool): a read stuck in a timeout never holds up the process's exit."""
+    threads (not a pool): a read stuck in a timeout never holds up the process's exit.
+    When `stop` is set meanwhile, `Interrupted` is raised at once instead of waiting out
+    a hung service's request timeout; the reads left running end on their own."""
     results: list[Read] = [Read(error="not read")] * len(services)
+    left = [len(services)]
+    lock, done = threading.Lock(), threading.Event()
 
     def one(i: int) -> None:
         results[i] = read_service(services[i])
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
 
-    threads = [
-        threading.Thread(target=one, args=(i,), name=f"read-{s.spec.key}", daemon=True)
-        for i, s in enumerate(services)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    if not services:
+        return []
+    for i, s in enumerate(services):
+        threading.Thread(target=one, args=(i,), name=f"read-{s.spec.key}", daemon=True).start()
+    while not done.wait(STOP_POLL_S if stop is not None else None):
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopping")
+    return list(results)
 
 
 def close_quietly(thing: object) -> None:

@@ -43,8 +43,8 @@ class World:
             )
         return Daemon(
             settings,
-            ollama_client=lambda url: self.ollama,
-            comfy_client=lambda url: self.comfy,
+            ollama_client=kw.pop("ollama_client", lambda url: self.ollama),
+            comfy_client=kw.pop("comfy_client", lambda url: self.comfy),
             docker=(lambda: self.docker) if with_docker else None,
             events=self.events if with_docker else None,
             gpu=self.reader if nvml else None,

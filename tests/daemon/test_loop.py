@@ -14,6 +14,7 @@ from supervisor.config import Settings
 from supervisor.daemon import MAX_ACTIONS_PER_SERVICE_PER_MIN, Daemon
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
+    ComfyQueue,
     Decision,
     FreeComfy,
     FreeResult,
@@ -359,6 +360,31 @@ def test_stop_interrupts_a_verify_wait(world: World) -> None:
     daemon.stop()
     t.join(2)
     assert not t.is_alive() and time.monotonic() - start < 2
+
+
+def test_stop_does_not_wait_for_a_hung_service_read(world: World) -> None:
+    """A ComfyUI that accepts and never answers holds a read for VRAM_REQUEST_TIMEOUT (a
+    client retries once, too): the loop must not wait it out on SIGTERM (2 s contract)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class HungComfy(FakeComfy):
+        def queue(self) -> ComfyQueue:
+            entered.set()
+            release.wait(30)
+            return super().queue()
+
+    hung = HungComfy(world.gpu, world.clock)
+    daemon = world.daemon(comfy_client=lambda url: hung)
+    t = threading.Thread(target=daemon.run)
+    t.start()
+    try:
+        assert entered.wait(5)
+        daemon.stop()
+        t.join(2)
+        assert not t.is_alive(), "the loop still waits for the hung read"
+    finally:
+        release.set()
+        t.join(5)
 
 
 def test_docker_event_wakes_the_loop_at_once(world: World) -> None:
