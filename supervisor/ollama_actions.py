@@ -72,13 +72,7 @@ def restore_keep_alive(model: OllamaModel, wall_now: float) -> int:
 
 
 def _preload(ollama: OllamaApi, model: str, timeout_s: float, keep_alive: KeepAlive) -> None:
-    if keep_alive is None:
-        ollama.preload(model, timeout_s)
-        return
-    # OllamaClient.preload takes keep_alive; the shared OllamaApi Protocol does not declare
-    # it yet (the gate's forwarding adapter implements the Protocol as it is).
-    preload: Callable[..., None] = ollama.preload
-    preload(model, timeout_s, keep_alive=keep_alive)
+    ollama.preload(model, timeout_s, keep_alive=keep_alive)
 
 
 def _find(ollama: OllamaApi, model: str) -> OllamaModel | None:

@@ -66,9 +66,10 @@ class OllamaApi(Protocol):
         """keep_alive 0; returns at once, the VRAM comes back later (asynchronous)."""
         ...
 
-    def preload(self, model: str, timeout_s: float) -> None:
+    def preload(self, model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
         """Load with an empty prompt; blocks until loaded. Long timeout: a load dies with
-        its client."""
+        its client. `keep_alive` is sent only when given (it also withdraws a pending
+        keep_alive-0 unload)."""
         ...
 
 

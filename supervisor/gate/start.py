@@ -52,8 +52,8 @@ class CurrentOllama:
     def unload(self, model: str) -> None:
         self._api().unload(model)
 
-    def preload(self, model: str, timeout_s: float) -> None:
-        self._api().preload(model, timeout_s)
+    def preload(self, model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
+        self._api().preload(model, timeout_s, keep_alive)
 
 
 def start_gate(

@@ -164,7 +164,7 @@ class FakeOllamaApi:
         with self.up.lock:
             self.up.resident.discard(normalise_model_name(model))
 
-    def preload(self, model: str, timeout_s: float) -> None:
+    def preload(self, model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
         raise NotImplementedError
 
 
