@@ -20,6 +20,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +172,7 @@ class Driver:
         time_scale: float,
         *,
         drain_s: float = 240.0,
-        on_end_of_schedule: Any = None,
+        on_end_of_schedule: Callable[[], None] | None = None,
     ) -> None:
         self.ollama_url = ollama_url
         self.comfyui_url = comfyui_url
