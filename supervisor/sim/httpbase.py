@@ -115,6 +115,9 @@ class Exchange:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Ollama (Go net/http) and ComfyUI (aiohttp) send with TCP_NODELAY; without it every
+    # answer (headers, then body) waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: SimServer
 
     def read_body(self) -> bytes:

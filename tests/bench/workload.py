@@ -56,16 +56,10 @@ def catalog() -> Catalog:
 
 
 def answer_without_nagle() -> None:
-    """Make the in-process fake services send with TCP_NODELAY, as the real ones do.
-
-    Ollama (Go net/http) and ComfyUI (aiohttp) disable Nagle's algorithm on every
-    connection. The simulator's `http.server` handler does not, so each answer (headers,
-    then body: two writes) waits for the client's delayed ACK, about 40 ms on Linux. At a
-    time scale of 0.05 that would add almost a simulated second to every request, and more
-    to a supervisor that makes several in a row. `disable_nagle_algorithm` is the
-    standard library's own switch (socketserver.StreamRequestHandler); idempotent.
-    """
-    httpbase._Handler.disable_nagle_algorithm = True
+    """Kept for callers: the simulator's handler now sends with TCP_NODELAY itself, as
+    Ollama (Go net/http) and ComfyUI (aiohttp) do. Without it each answer waited ~40 ms
+    for the client's delayed ACK, almost a simulated second at a time scale of 0.05."""
+    assert httpbase._Handler.disable_nagle_algorithm
 
 
 @dataclass(frozen=True)
