@@ -22,7 +22,10 @@ Ports on 127.0.0.1 (host network). Take a block and record it here:
                18111 fake Ollama, 18112 fake ComfyUI, 18105 supervisor /healthz, 18106 gate
   18200-18219  image tests (test_image.py)
   18300-18399  Docker adapter tests against real containers
-  18400-18999  free
+  18400-18499  supervisor behaviour tests (tests/integration/harness.py)
+  18500-18899  free
+  18900        the benchmark's Docker event-to-reaction micro-benchmark (tests/bench/micro.py)
+  18901-18999  free
 
 Fixtures (names other test authors can use)
   docker_host     str, session: the DOCKER_HOST in use (also exported to os.environ)
