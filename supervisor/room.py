@@ -1,11 +1,16 @@
 """The gate's `ports.RoomMaker`: free ComfyUI's VRAM before Ollama loads a model.
 
 Policy: only the ComfyUI(s) on Ollama's GPU(s) that hold more than their CUDA context
-are freed, soft then hard, until free VRAM covers the need or the deadline passes. It
-shares the Actor's lock with the loop, so a gate free never overlaps a loop action, and
-gives up (False) when it cannot take the lock in time. Every free it does is reported
-through `on_outcome` so the policy can escalate it and does not repeat it. In dry run it
-stops after the first "would free".
+are freed, soft then hard, until free VRAM covers the need or the deadline passes.
+- A running generation is never interrupted. Under VRAM_PRIORITY=balanced and comfyui, a
+  ComfyUI with a running or pending prompt is waited for (its /queue polled every
+  IDLE_POLL_S, within the deadline) and freed once idle; under ollama it is freed at once
+  with flags that act when its prompt ends.
+- The frees share the Actor's lock with the loop, so a gate free never overlaps a loop
+  action; merely waiting for ComfyUI to become idle does not hold it. It gives up (False)
+  when it cannot take the lock in time.
+- Every free it does is reported through `on_outcome` so the policy can escalate it and
+  does not repeat it. In dry run it stops after the first "would free".
 """
 
 from __future__ import annotations
@@ -18,14 +23,21 @@ from loguru import logger
 from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Priority
+from supervisor.ports import ComfyApi
+
+# How often a busy ComfyUI's /queue is read while the gate waits for it to become idle.
+IDLE_POLL_S = 0.25
+# What the gate's admission puts before the model name in `reason`.
+GATE_REASON_PREFIX = "gate: load of "
 
 
 class ComfyRoomMaker:
     """`ports.RoomMaker` for the gate: frees the ComfyUI(s) on Ollama's GPU, soft then
     hard, until free VRAM covers the need. Shares the Actor's lock with the loop.
 
-    A busy ComfyUI is freed only under VRAM_PRIORITY=ollama (the flags then wait for its
-    prompt); under balanced and comfyui a running generation's models are left alone."""
+    A busy ComfyUI is freed at once only under VRAM_PRIORITY=ollama (the flags then wait
+    for its prompt); under balanced and comfyui the gate waits until it is idle, then
+    frees it. A running generation is never interrupted."""
 
     def __init__(
         self,
@@ -44,52 +56,88 @@ class ComfyRoomMaker:
         # among them); another GPU's free memory is no room for it.
         return self._actor.probe.free_bytes(self._actor.targets().ollama_gpus)
 
+    def _covers(self, need_bytes: int) -> bool:
+        free = self.free_bytes()
+        return free is not None and free >= need_bytes
+
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         end = self._clock() + deadline_s
-        if not self._actor.lock.acquire(timeout=max(deadline_s, 0.0)):
+        if self._covers(need_bytes):
+            return True
+        targets = self._actor.targets()
+        gpus = set(targets.ollama_gpus)
+        priority = self._actor.settings.priority
+        for key, (spec, comfy) in targets.comfyuis.items():
+            if gpus and spec.gpu_uuids and not gpus & set(spec.gpu_uuids):
+                continue  # another GPU: freeing it gives Ollama nothing
+            if holds_nothing(self._actor.probe.comfy_reading(key)):
+                # Only its CUDA context (Ollama's own models fill the GPU): freeing
+                # it gives nothing, and verifying that would hold the request.
+                logger.debug(f"Not freeing ComfyUI {spec.name} for the gate: it holds nothing")
+                continue
+            busy = _is_busy(comfy)
+            if busy and priority is not Priority.OLLAMA:
+                model = reason.removeprefix(GATE_REASON_PREFIX)
+                logger.info(
+                    f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
+                    f"making room for {model}"
+                )
+                if not self._wait_idle(comfy, end):
+                    logger.info(
+                        f"Gate: ComfyUI {spec.name} still has work at the deadline; "
+                        f"not freeing it (VRAM_PRIORITY={priority})"
+                    )
+                    return False
+                busy = False
+            result = self._free(key, reason, need_bytes, end, wait_for_prompt=busy)
+            if result is not None:
+                return result
+        return False
+
+    def _wait_idle(self, comfy: ComfyApi, end: float) -> bool:
+        """Poll ComfyUI's queue until nothing runs or waits (True), or until `end` or the
+        supervisor stops (False). Holds no lock: the loop goes on meanwhile."""
+        while self._clock() < end:
+            if not _is_busy(comfy):
+                return True
+            if not self._actor.wait(min(IDLE_POLL_S, max(end - self._clock(), 0.0))):
+                return False
+        return not _is_busy(comfy)
+
+    def _free(
+        self, key: str, reason: str, need_bytes: int, end: float, *, wait_for_prompt: bool
+    ) -> bool | None:
+        """Free one ComfyUI under the Actor's lock, soft then hard. True: the room is
+        there; False: give up (deadline, lock, dry run); None: try the next ComfyUI."""
+        if not self._actor.lock.acquire(timeout=max(end - self._clock(), 0.0)):
             return False
         try:
-            free = self.free_bytes()
-            if free is not None and free >= need_bytes:
-                return True
-            targets = self._actor.targets()
-            gpus = set(targets.ollama_gpus)
-            settings = self._actor.settings
-            for key, (spec, comfy) in targets.comfyuis.items():
-                if gpus and spec.gpu_uuids and not gpus & set(spec.gpu_uuids):
-                    continue  # another GPU: freeing it gives Ollama nothing
-                if holds_nothing(self._actor.probe.comfy_reading(key)):
-                    # Only its CUDA context (Ollama's own models fill the GPU): freeing
-                    # it gives nothing, and verifying that would hold the request.
-                    logger.debug(f"Not freeing ComfyUI {spec.name} for the gate: it holds nothing")
-                    continue
-                try:
-                    busy = comfy.queue().is_busy
-                except ServiceError:
-                    busy = False
-                if busy and settings.priority is not Priority.OLLAMA:
-                    logger.info(
-                        f"Not freeing ComfyUI {spec.name} for the gate: it has work "
-                        f"and VRAM_PRIORITY={settings.priority}"
-                    )
-                    continue
-                for stage in (FreeStage.SOFT, FreeStage.HARD):
-                    left = end - self._clock()
-                    if left <= 0:
-                        return False
-                    outcome = self._actor.free_comfy(
-                        FreeComfy(key, stage, reason),
-                        wait_pending_s=left if busy else 0.0,
-                        verify_s=left,
-                    )
-                    self._on_outcome(outcome)
-                    if outcome.dry_run:
-                        return False
-                    free = self.free_bytes()
-                    if free is not None and free >= need_bytes:
-                        return True
-                    if free is None and outcome.result is FreeResult.FREED:
-                        return True  # cannot measure the room; the free did its part
-            return False
+            if self._covers(need_bytes):
+                return True  # made meanwhile (the loop, or Ollama's own unloads)
+            for stage in (FreeStage.SOFT, FreeStage.HARD):
+                left = end - self._clock()
+                if left <= 0:
+                    return False
+                outcome = self._actor.free_comfy(
+                    FreeComfy(key, stage, reason),
+                    wait_pending_s=left if wait_for_prompt else 0.0,
+                    verify_s=left,
+                )
+                self._on_outcome(outcome)
+                if outcome.dry_run:
+                    return False
+                free = self.free_bytes()
+                if free is not None and free >= need_bytes:
+                    return True
+                if free is None and outcome.result is FreeResult.FREED:
+                    return True  # cannot measure the room; the free did its part
+            return None
         finally:
             self._actor.lock.release()
+
+
+def _is_busy(comfy: ComfyApi) -> bool:
+    try:
+        return comfy.queue().is_busy
+    except ServiceError:
+        return False  # unreadable: judged by its VRAM like an idle one, as before

@@ -375,6 +375,49 @@ def test_room_maker_leaves_a_busy_comfyui_alone_unless_priority_ollama(world: Wo
     assert world.comfy.free_calls == [(True, False)]
 
 
+@pytest.mark.parametrize("priority", [Priority.BALANCED, Priority.COMFYUI])
+def test_room_maker_waits_for_a_busy_comfyui_to_finish_then_frees_it(
+    world: World, logs: list[str], priority: Priority
+) -> None:
+    """Before, under balanced and comfyui the gate forwarded at once when ComfyUI had
+    work, and the load spilled. Now it waits (within its deadline) until the prompt ends,
+    never interrupting it, then frees ComfyUI; it does not hold the Actor's lock while
+    merely waiting, so the loop can act meanwhile."""
+    world.comfy.start_prompt(seconds=5)
+    prompt_ends = world.clock.now + 5
+    need = world.gpu.free_bytes + 8 * GIB
+    actor, _ = make_actor(world, settings=Settings(priority=priority))
+    lock_free_while_busy: list[bool] = []
+
+    def try_lock_from_another_thread(now: float) -> None:
+        if world.comfy.running_until is None:
+            return
+        got: list[bool] = []
+
+        def grab() -> None:
+            ok = actor.lock.acquire(timeout=1)
+            got.append(ok)
+            if ok:
+                actor.lock.release()
+
+        t = threading.Thread(target=grab)
+        t.start()
+        t.join()
+        lock_free_while_busy.extend(got)
+
+    world.clock.tickers.append(try_lock_from_another_thread)
+    maker = ComfyRoomMaker(actor, world.clock)
+    assert maker.make_room(need, reason="gate: load of llama3.2:latest", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]  # sent once the prompt had ended
+    assert world.clock.now >= prompt_ends
+    assert lock_free_while_busy and all(lock_free_while_busy)
+    waiting = (
+        "Gate: waiting for ComfyUI comfyui to finish its work before making room for "
+        "llama3.2:latest"
+    )
+    assert sum(waiting in line for line in logs) == 1
+
+
 def test_room_maker_shares_the_loop_lock(world: World) -> None:
     actor, _ = make_actor(world)
     maker = ComfyRoomMaker(actor, FakeClock())
