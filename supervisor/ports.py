@@ -125,7 +125,9 @@ class RoomMaker(Protocol):
     VRAM_PRIORITY and VRAM_DRY_RUN). Thread-safe: the gate calls it from its own threads."""
 
     def free_bytes(self) -> int | None:
-        """Free VRAM now on the GPU Ollama uses (None: unknown)."""
+        """Free VRAM now on the GPU Ollama uses (None: unknown), plus the VRAM of
+        Ollama's resident models when it has any: for a further model Ollama evicts
+        those itself (api-facts 1.8), so that is room too."""
         ...
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:

@@ -1,7 +1,13 @@
 """The gate's `ports.RoomMaker`: free ComfyUI's VRAM before Ollama loads a model.
 
 Policy: only the ComfyUI(s) on Ollama's GPU(s) that hold more than their CUDA context
-are freed, soft then hard, until free VRAM covers the need or the deadline passes.
+are freed, soft then hard, until the room covers the need or the deadline passes.
+- The room for a new model: with nothing of Ollama's loaded, the free VRAM alone (that
+  first load may be partly offloaded). With models loaded, Ollama loads the new one only
+  fully and evicts its own runners to make it fit (api-facts 1.8), so their VRAM counts
+  as room too; only ComfyUI's memory is ours to free, and only when free VRAM plus
+  Ollama's resident VRAM falls short. Free VRAM is read on Ollama's GPU(s) only; the
+  resident VRAM is what the gate's Ollama (the first running one) lists in /api/ps.
 - A running generation is never interrupted. Under VRAM_PRIORITY=balanced and comfyui, a
   ComfyUI with a running or pending prompt is waited for (its /queue polled every
   IDLE_POLL_S, within the deadline) and freed once idle; under ollama it is freed at once
@@ -20,7 +26,7 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from supervisor.actions import Actor, holds_nothing
+from supervisor.actions import Actor, Targets, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Priority
 from supervisor.ports import ComfyApi
@@ -33,7 +39,8 @@ GATE_REASON_PREFIX = "gate: load of "
 
 class ComfyRoomMaker:
     """`ports.RoomMaker` for the gate: frees the ComfyUI(s) on Ollama's GPU, soft then
-    hard, until free VRAM covers the need. Shares the Actor's lock with the loop.
+    hard, until the room (free VRAM, plus Ollama's resident models) covers the need.
+    Shares the Actor's lock with the loop.
 
     A busy ComfyUI is freed at once only under VRAM_PRIORITY=ollama (the flags then wait
     for its prompt); under balanced and comfyui the gate waits until it is idle, then
@@ -52,9 +59,15 @@ class ComfyRoomMaker:
         self._on_outcome = on_outcome or (lambda outcome: None)
 
     def free_bytes(self) -> int | None:
+        """The room for a new model (see the module's policy): free VRAM on Ollama's GPU,
+        plus the VRAM of Ollama's resident models when it has any. None: unknown."""
+        targets = self._actor.targets()
         # The model lands on one of Ollama's GPUs (the one with the most free memory
         # among them); another GPU's free memory is no room for it.
-        return self._actor.probe.free_bytes(self._actor.targets().ollama_gpus)
+        free = self._actor.probe.free_bytes(targets.ollama_gpus)
+        if free is None:
+            return None
+        return free + _resident_bytes(targets)
 
     def _covers(self, need_bytes: int) -> bool:
         free = self.free_bytes()
@@ -126,14 +139,28 @@ class ComfyRoomMaker:
                 self._on_outcome(outcome)
                 if outcome.dry_run:
                     return False
-                free = self.free_bytes()
-                if free is not None and free >= need_bytes:
+                room = self.free_bytes()
+                if room is not None and room >= need_bytes:
                     return True
-                if free is None and outcome.result is FreeResult.FREED:
+                if room is None and outcome.result is FreeResult.FREED:
                     return True  # cannot measure the room; the free did its part
             return None
         finally:
             self._actor.lock.release()
+
+
+def _resident_bytes(targets: Targets) -> int:
+    """VRAM of the models the gate's Ollama has loaded: it evicts them itself for a new
+    load (requireFull, api-facts 1.8). 0 when it has none, or /api/ps cannot be read
+    (then only free VRAM counts, which may free ComfyUI needlessly but never spills)."""
+    if not targets.ollamas:
+        return 0
+    _, ollama = next(iter(targets.ollamas.values()))  # the one the gate forwards to
+    try:
+        return sum(m.size_vram_bytes for m in ollama.ps())
+    except ServiceError as exc:
+        logger.debug(f"Gate: cannot read Ollama's /api/ps to judge the room: {exc}")
+        return 0
 
 
 def _is_busy(comfy: ComfyApi) -> bool:

@@ -3,8 +3,10 @@
 Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at that moment
 (api-facts §1.8), so freeing ComfyUI after the load is too late. Policy:
 - A load request for a model not in Ollama's /api/ps is held: estimate the VRAM it needs
-  (estimate.py), ask the RoomMaker for it unless the free VRAM already covers it, then
-  forward. The RoomMaker gets `wait_s` seconds; after that the request goes on anyway,
+  (estimate.py), ask the RoomMaker for it unless the room already covers it (free VRAM,
+  plus what Ollama's resident models hold when it has any: it evicts those itself for a
+  further model, api-facts 1.8; `RoomMaker.free_bytes` says which), then forward. The
+  RoomMaker gets `wait_s` seconds; after that the request goes on anyway,
   with the log line "Gate: forwarding <model> without enough free VRAM after <s> s".
   Nothing is ever refused or changed; without an estimate (model not installed, Ollama
   silent) the request goes on at once and Ollama answers it.
@@ -142,20 +144,22 @@ class Admission:
                 " forwarding it as is"
             )
             return
-        free = await self._call_or_none(self._room.free_bytes)
-        if free is not None and free >= estimate.need_bytes:
-            log.debug(f"Gate: {model} needs about {_gib(estimate.need_bytes)}; {_gib(free)} free")
+        # Free VRAM, plus Ollama's resident models when it has any (it evicts them itself).
+        room = await self._call_or_none(self._room.free_bytes)
+        if room is not None and room >= estimate.need_bytes:
+            log.debug(f"Gate: {model} needs about {_gib(estimate.need_bytes)}; room {_gib(room)}")
             return
         log.info(
             f"Gate: making room for {model}: needs about {_gib(estimate.need_bytes)}"
-            f" ({_basis(estimate)}), {_gib(free) if free is not None else 'unknown'} free"
+            f" ({_basis(estimate)}), room {_gib(room) if room is not None else 'unknown'}"
+            " (free VRAM plus Ollama's own models)"
         )
         self._stats.waits_total += 1
         started = time.monotonic()
         make_room = functools.partial(
             self._room.make_room,
             estimate.need_bytes,
-            reason=f"gate: load of {model}",
+            reason=f"gate: load of {model}",  # room.py reads the model name back from it
             deadline_s=self._wait_s,
         )
         try:

@@ -153,13 +153,12 @@ def test_comfyui_holding_nothing_is_freed_without_escalation(world: World) -> No
 
 
 def test_gate_does_not_hold_a_load_when_comfyui_holds_only_its_context(world: World) -> None:
-    """Ollama's own models fill the GPU, ComfyUI holds only its CUDA context: freeing it
+    """Another process fills the GPU, ComfyUI holds only its CUDA context: freeing it
     cannot make room, and the gate must say so at once instead of holding the request
     (and the Actor's lock) for its whole deadline."""
     world.comfy.models_bytes = world.comfy.cache_bytes = 0
     world.comfy._sync()
-    world.ollama.installed["big:latest"] = 18 * GIB
-    world.ollama.load("big:latest")
+    world.gpu.held[9999] = 18 * GIB  # another process fills the GPU
     daemon = world.daemon()
     daemon.observe()
     start = world.clock.now
@@ -373,6 +372,32 @@ def test_room_maker_leaves_a_busy_comfyui_alone_unless_priority_ollama(world: Wo
     # Under ollama priority the flags are set and the gate waits for the prompt to end.
     assert ComfyRoomMaker(actor, world.clock).make_room(need, reason="gate", deadline_s=30)
     assert world.comfy.free_calls == [(True, False)]
+
+
+@pytest.mark.parametrize(
+    ("loaded", "short_by", "freed"),
+    [
+        # Ollama has a 4 GiB model loaded and would evict it itself: ComfyUI is left alone.
+        (True, 3 * GIB, []),
+        # More than free + Ollama's own VRAM: ComfyUI is freed (soft is enough).
+        (True, 6 * GIB, [(True, False)]),
+        # Nothing of Ollama's loaded: its first load may spill, free VRAM alone counts.
+        (False, 3 * GIB, [(True, False)]),
+    ],
+)
+def test_room_counts_ollamas_resident_models_when_it_has_any(
+    world: World, loaded: bool, short_by: int, freed: list[tuple[bool, bool]]
+) -> None:
+    """Before, the room was the free VRAM alone: with Ollama's own models loaded (which
+    Ollama evicts itself for a new load, api-facts 1.8) ComfyUI was freed needlessly."""
+    if loaded:
+        world.ollama.load("llama3.2:latest")  # 4 GiB on the GPU
+    free = world.gpu.free_bytes
+    actor, _ = make_actor(world)
+    maker = ComfyRoomMaker(actor, world.clock)
+    assert maker.free_bytes() == free + (4 * GIB if loaded else 0)
+    assert maker.make_room(free + short_by, reason="gate: load of m:latest", deadline_s=30)
+    assert world.comfy.free_calls == freed
 
 
 @pytest.mark.parametrize("priority", [Priority.BALANCED, Priority.COMFYUI])
