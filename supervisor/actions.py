@@ -14,8 +14,9 @@ Policy:
   reads the VRAM like a free: FREED only if it dropped, else PINNED.
 - `VRAM_DRY_RUN`: log "DRY RUN: would ..." and send nothing.
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
-  `make_room`), so two frees never overlap. Adapter errors never escape: they become a
-  FAILED outcome.
+  frees), so two frees never overlap. A heal holds it only for its free and its unload,
+  not while Ollama unloads and reloads the model (see `ollama_actions`). Adapter errors
+  never escape: they become a FAILED outcome.
 
 ComfyUI's free and restart live here; Ollama's unload and heal in `ollama_actions`; the
 gate's room maker in `room`.
@@ -163,24 +164,26 @@ class Actor:
     # ------------------------------------------------------------------ entry point
 
     def execute(self, action: Action) -> Outcome:
-        with self.lock:
-            try:
+        try:
+            if isinstance(action, HealOllama):
+                # A heal takes the lock itself, only while it acts on the GPU: its reload
+                # (up to minutes) must not keep the gate from making room meanwhile.
+                return self.heal_ollama(action)
+            with self.lock:
                 if isinstance(action, FreeComfy):
                     return self.free_comfy(action)
                 if isinstance(action, RestartComfy):
                     return self.restart_comfy(action)
-                if isinstance(action, UnloadOllama):
-                    return self.unload_ollama(action)
-                return self.heal_ollama(action)
-            except Exception as exc:  # a bug or an adapter breaking its contract
-                logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
-                return Outcome(
-                    action,
-                    self.clock(),
-                    ok=False,
-                    result=FreeResult.FAILED,
-                    detail=f"internal error: {exc}",
-                )
+                return self.unload_ollama(action)
+        except Exception as exc:  # a bug or an adapter breaking its contract
+            logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
+            return Outcome(
+                action,
+                self.clock(),
+                ok=False,
+                result=FreeResult.FAILED,
+                detail=f"internal error: {exc}",
+            )
 
     @property
     def is_stopping(self) -> bool:

@@ -4,8 +4,14 @@ Policy (the Actor's, see `supervisor.actions`): nothing is trusted on the word o
 Ollama's unload returns before the runner is gone, so both actions watch /api/ps until the
 model leaves it (VRAM_VERIFY_TIMEOUT); a heal also waits up to RECOVERY_WAIT_S for the VRAM
 to come back before it loads the model again, and gives up rather than reload into a GPU
-where the model would spill again. Both run under the Actor's lock (it calls them) and
-return an Outcome; adapter errors become a failed Outcome, never an exception.
+where the model would spill again. Both return an Outcome; adapter errors become a failed
+Outcome, never an exception.
+
+Locking: an unload runs under the Actor's lock (the Actor calls it so). A heal takes the
+lock itself, only while it acts on the GPU: the ComfyUI free, the room check and the
+unload. It releases it while it waits for the model to leave /api/ps and while the reload
+runs (Ollama's own load, up to minutes), so the gate can make room meanwhile (a gate free
+then only helps), and takes it again only if it must free ComfyUI again before reloading.
 
 A heal leaves the model as it found it, keep-alive included:
 - The reload keeps a model loaded forever (expires_at about year 2318, gotcha 6) loaded
@@ -160,31 +166,37 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         log.warning(f"Could not heal Ollama model {action.model}: {detail}")
         return Outcome(action, start, ok=False, detail=detail, duration_s=actor.clock() - start)
 
-    try:
-        model = _find(ollama, action.model)
-    except ServiceError as exc:
-        return fail(str(exc))
-    if model is None:
-        return fail("it is no longer loaded")
-    for key in action.free_first:
-        if key in targets.comfyuis:
-            actor.free_comfy(FreeComfy(key, FreeStage.HARD, f"heal {action.model}"))
     # The GPU the policy wants the model on; else the best of Ollama's GPUs.
     gpus = (action.gpu_uuid,) if action.gpu_uuid else targets.ollama_gpus
-    free = actor.probe.free_bytes(gpus)
-    if free is not None and free + model.size_vram_bytes < model.size_bytes:
-        return fail(
-            f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
-            f"be free, {format_bytes(model.size_bytes)} needed; it would spill again"
-        )
-    try:
-        ollama.unload(action.model)
-    except ServiceError as exc:
-        return fail(f"unload failed: {exc}")
+    # Under the lock: what acts on the GPU (the free, the room check, the unload).
+    with actor.lock:
+        try:
+            model = _find(ollama, action.model)
+        except ServiceError as exc:
+            return fail(str(exc))
+        if model is None:
+            return fail("it is no longer loaded")
+        _free_first(actor, action)
+        free = actor.probe.free_bytes(gpus)
+        if free is not None and free + model.size_vram_bytes < model.size_bytes:
+            return fail(
+                f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
+                f"be free, {format_bytes(model.size_bytes)} needed; it would spill again"
+            )
+        try:
+            ollama.unload(action.model)
+        except ServiceError as exc:
+            return fail(f"unload failed: {exc}")
+    # Without the lock: waiting for Ollama and its reload block nothing of ours.
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
         return _withdraw_unload(actor, ollama, model, fail)
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
+        now_free = actor.probe.free_bytes(gpus)
+        if action.free_first and now_free is not None and now_free < model.size_bytes:
+            # ComfyUI took memory back meanwhile (a new job): free it again first.
+            with actor.lock:
+                _free_first(actor, action)
     if actor.is_stopping:
         return fail("the supervisor is stopping")
     try:
@@ -215,6 +227,14 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         after_fraction=after,
         duration_s=took,
     )
+
+
+def _free_first(actor: Actor, action: HealOllama) -> None:
+    """Hard-free the ComfyUIs the policy named for this heal (caller holds the lock)."""
+    comfyuis = actor.targets().comfyuis
+    for key in action.free_first:
+        if key in comfyuis:
+            actor.free_comfy(FreeComfy(key, FreeStage.HARD, f"heal {action.model}"))
 
 
 def _withdraw_unload(

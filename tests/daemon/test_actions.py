@@ -277,6 +277,53 @@ def test_heal_frees_comfyui_unloads_and_reloads_fully(world: World, logs: list[s
     assert has(logs, f"Healed Ollama model llama3.2:latest: {before}% -> 100% on GPU")
 
 
+def lock_is_free_for_another_thread(actor: Actor) -> bool:
+    got: list[bool] = []
+
+    def grab() -> None:
+        ok = actor.lock.acquire(timeout=1)
+        got.append(ok)
+        if ok:
+            actor.lock.release()
+
+    t = threading.Thread(target=grab)
+    t.start()
+    t.join()
+    return got == [True]
+
+
+def test_heal_does_not_hold_the_lock_while_ollama_unloads_and_reloads(
+    world: World, logs: list[str]
+) -> None:
+    """Before, a heal held the Actor's lock for its whole reload (up to ~18 s wall in the
+    benchmark), so the gate could not make room and forwarded loads that spilled. Now the
+    lock is held for the free and the unload only."""
+    world.gpu.total_bytes = 14 * GIB
+    world.ollama.load("llama3.2:latest")
+    spilled = world.ollama.models["llama3.2:latest"]
+    actor, _ = make_actor(world)
+    lock_free_at: dict[str, bool] = {}
+    real_preload, real_ps = world.ollama.preload, world.ollama.ps
+
+    def preload(model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
+        lock_free_at["reload"] = lock_is_free_for_another_thread(actor)
+        real_preload(model, timeout_s, keep_alive)
+
+    def ps() -> tuple[OllamaModel, ...]:
+        if world.ollama.unload_calls and "wait" not in lock_free_at:
+            lock_free_at["wait"] = lock_is_free_for_another_thread(actor)
+        return real_ps()
+
+    world.ollama.preload = preload  # type: ignore[method-assign]
+    world.ollama.ps = ps  # type: ignore[method-assign]
+    outcome = actor.execute(
+        HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
+    )
+    assert outcome.ok and outcome.after_fraction == 1.0
+    assert lock_free_at == {"wait": True, "reload": True}
+    assert has(logs, "Healed Ollama model llama3.2:latest:")
+
+
 def test_heal_reloads_a_model_kept_forever_with_keep_alive_forever(world: World) -> None:
     """Before, the reload sent no keep_alive: a model a client had pinned with -1 came
     back with OLLAMA_KEEP_ALIVE (5 min) and was unloaded behind the user's back."""
