@@ -162,8 +162,10 @@ def run(settings: Settings) -> int:
     daemon = build_daemon(settings, metrics)
     server: StatusServer | None = None
     gate: Any = None
+    binding = ""
     try:
         if settings.http_port is not None:
+            binding = f"VRAM_HTTP_PORT={settings.http_port} (on {settings.http_host})"
             server = StatusServer(
                 settings.http_host,
                 settings.http_port,
@@ -176,13 +178,14 @@ def run(settings: Settings) -> int:
                 f"Serving /healthz, /status and /metrics on {settings.http_host}:{server.port}"
             )
         if settings.gate_port is not None:
+            binding = f"VRAM_GATE_PORT={settings.gate_port} (on {settings.gate_host})"
             gate = _start_gate(settings, daemon)
             if gate is not None:
                 metrics.watch_gate(gate.stats)
     except OSError as exc:
         logger.error(
-            f"Cannot start: {exc}. Is another supervisor running? Choose another port with "
-            "VRAM_HTTP_PORT / VRAM_GATE_PORT."
+            f"Cannot start: {binding}: {exc}. Is another supervisor (or another program) "
+            "using that port? Choose another one."
         )
         if server is not None:
             server.close()

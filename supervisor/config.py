@@ -9,6 +9,7 @@ likely a typo. Pure: reads only the mapping it is given.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -135,53 +136,147 @@ def _var(
 
 
 VARIABLES: tuple[Variable, ...] = (
-    _var("VRAM_CHECK_INTERVAL", "check_interval_s", "5", _number(0, 3600, lo_open=True),
-         "Longest gap between two observations, in seconds. The loop polls faster while "
-         "something is in motion (a load, a free being verified, a queued prompt)."),
-    _var("VRAM_THRESHOLD", "threshold_percent", "75", _number(1, 100),
-         "Free ComfyUI when GPU memory use reaches this percentage."),
-    _var("VRAM_AGGRESSIVE_THRESHOLD", "aggressive_threshold_percent", "85", _number(1, 100),
-         "Escalate to the hard free when use is still at or above this percentage."),
-    _var("VRAM_MIN_FREE_INTERVAL", "min_free_interval_s", "30", _number(0),
-         "At most one free episode per this many seconds (escalations within an episode "
-         "are not limited by it)."),
+    _var(
+        "VRAM_CHECK_INTERVAL",
+        "check_interval_s",
+        "5",
+        _number(0, 3600, lo_open=True),
+        "Longest gap between two observations, in seconds. The loop polls faster while "
+        "something is in motion (a load, a free being verified, a queued prompt).",
+    ),
+    _var(
+        "VRAM_THRESHOLD",
+        "threshold_percent",
+        "75",
+        _number(1, 100),
+        "Free ComfyUI when GPU memory use reaches this percentage.",
+    ),
+    _var(
+        "VRAM_AGGRESSIVE_THRESHOLD",
+        "aggressive_threshold_percent",
+        "85",
+        _number(1, 100),
+        "Escalate to the hard free when use is still at or above this percentage.",
+    ),
+    _var(
+        "VRAM_MIN_FREE_INTERVAL",
+        "min_free_interval_s",
+        "30",
+        _number(0),
+        "At most one free episode per this many seconds (escalations within an episode "
+        "are not limited by it).",
+    ),
     _var("VRAM_DEBUG", "debug", "false", _bool(), "Log at DEBUG level."),
-    _var("VRAM_LOG_FORMAT", "log_format", "text", _choice(["text", "json"]),
-         "Log lines as text or as one JSON object per line."),
-    _var("VRAM_OLLAMA_URL", "ollama_url", "", _url(),
-         "Fixed Ollama endpoint; when set, no Docker discovery is needed for Ollama."),
-    _var("VRAM_COMFYUI_URL", "comfyui_url", "", _url(),
-         "Fixed ComfyUI endpoint; when set, no Docker discovery is needed for ComfyUI."),
-    _var("VRAM_PRIORITY", "priority", "balanced", _choice(["balanced", "ollama", "comfyui"]),
-         "Who yields when both need the GPU: balanced frees ComfyUI only while it is idle "
-         "and unloads idle Ollama models when ComfyUI has work; ollama never unloads Ollama "
-         "for ComfyUI; comfyui never frees ComfyUI while it has work."),
-    _var("VRAM_HEAL", "heal", "true", _bool(),
-         "Repair Ollama models that spilled to the CPU (unload, make room, reload)."),
-    _var("VRAM_HEAL_COOLDOWN", "heal_cooldown_s", "600", _number(0),
-         "Never heal the same model again within this many seconds."),
-    _var("VRAM_RESTART_FALLBACK", "restart_fallback", "false", _bool(),
-         "Allow restarting a ComfyUI container that keeps its VRAM after a hard free "
-         "(the label vram-supervisor.restart overrides it per container)."),
-    _var("VRAM_RESTART_COOLDOWN", "restart_cooldown_s", "600", _number(0),
-         "At most one restart of the same ComfyUI container per this many seconds."),
-    _var("VRAM_VERIFY_TIMEOUT", "verify_timeout_s", "10", _number(0, lo_open=True),
-         "How long a free is watched for the VRAM to come back before it is judged."),
-    _var("VRAM_REQUEST_TIMEOUT", "request_timeout_s", "5", _number(0, lo_open=True),
-         "Timeout for one request to Ollama, ComfyUI or Docker (model loads get longer)."),
-    _var("VRAM_DRY_RUN", "dry_run", "false", _bool(),
-         "Decide and log (\"DRY RUN: would ...\") but send nothing."),
-    _var("VRAM_HTTP_PORT", "http_port", "9105", _port(optional=True),
-         "Port of /healthz and /metrics; 0 disables the endpoint."),
-    _var("VRAM_HTTP_HOST", "http_host", "0.0.0.0", _host(),
-         "Address the /healthz and /metrics endpoint binds to."),
-    _var("VRAM_GATE_PORT", "gate_port", "", _port(optional=True),
-         "Enable the Ollama gate (a reverse proxy that makes room before a load) on this "
-         "port; unset disables it."),
-    _var("VRAM_GATE_HOST", "gate_host", "0.0.0.0", _host(),
-         "Address the Ollama gate binds to."),
-    _var("VRAM_GATE_WAIT", "gate_wait_s", "30", _number(0),
-         "Longest time the gate holds a request while making room, then forwards anyway."),
+    _var(
+        "VRAM_LOG_FORMAT",
+        "log_format",
+        "text",
+        _choice(["text", "json"]),
+        "Log lines as text or as one JSON object per line.",
+    ),
+    _var(
+        "VRAM_OLLAMA_URL",
+        "ollama_url",
+        "",
+        _url(),
+        "Fixed Ollama endpoint; when set, no Docker discovery is needed for Ollama.",
+    ),
+    _var(
+        "VRAM_COMFYUI_URL",
+        "comfyui_url",
+        "",
+        _url(),
+        "Fixed ComfyUI endpoint; when set, no Docker discovery is needed for ComfyUI.",
+    ),
+    _var(
+        "VRAM_PRIORITY",
+        "priority",
+        "balanced",
+        _choice(["balanced", "ollama", "comfyui"]),
+        "Who yields when both need the GPU: balanced frees ComfyUI only while it is idle "
+        "and unloads idle Ollama models when ComfyUI has work; ollama never unloads Ollama "
+        "for ComfyUI; comfyui never frees ComfyUI while it has work.",
+    ),
+    _var(
+        "VRAM_HEAL",
+        "heal",
+        "true",
+        _bool(),
+        "Repair Ollama models that spilled to the CPU (unload, make room, reload).",
+    ),
+    _var(
+        "VRAM_HEAL_COOLDOWN",
+        "heal_cooldown_s",
+        "600",
+        _number(0),
+        "Never heal the same model again within this many seconds.",
+    ),
+    _var(
+        "VRAM_RESTART_FALLBACK",
+        "restart_fallback",
+        "false",
+        _bool(),
+        "Allow restarting a ComfyUI container that keeps its VRAM after a hard free "
+        "(the label vram-supervisor.restart overrides it per container).",
+    ),
+    _var(
+        "VRAM_RESTART_COOLDOWN",
+        "restart_cooldown_s",
+        "600",
+        _number(0),
+        "At most one restart of the same ComfyUI container per this many seconds.",
+    ),
+    _var(
+        "VRAM_VERIFY_TIMEOUT",
+        "verify_timeout_s",
+        "10",
+        _number(0, lo_open=True),
+        "How long a free is watched for the VRAM to come back before it is judged.",
+    ),
+    _var(
+        "VRAM_REQUEST_TIMEOUT",
+        "request_timeout_s",
+        "5",
+        _number(0, lo_open=True),
+        "Timeout for one request to Ollama, ComfyUI or Docker (model loads get longer).",
+    ),
+    _var(
+        "VRAM_DRY_RUN",
+        "dry_run",
+        "false",
+        _bool(),
+        'Decide and log ("DRY RUN: would ...") but send nothing.',
+    ),
+    _var(
+        "VRAM_HTTP_PORT",
+        "http_port",
+        "9105",
+        _port(optional=True),
+        "Port of /healthz and /metrics; 0 disables the endpoint.",
+    ),
+    _var(
+        "VRAM_HTTP_HOST",
+        "http_host",
+        "0.0.0.0",
+        _host(),
+        "Address the /healthz and /metrics endpoint binds to.",
+    ),
+    _var(
+        "VRAM_GATE_PORT",
+        "gate_port",
+        "",
+        _port(optional=True),
+        "Enable the Ollama gate (a reverse proxy that makes room before a load) on this "
+        "port; unset disables it.",
+    ),
+    _var("VRAM_GATE_HOST", "gate_host", "0.0.0.0", _host(), "Address the Ollama gate binds to."),
+    _var(
+        "VRAM_GATE_WAIT",
+        "gate_wait_s",
+        "30",
+        _number(0),
+        "Longest time the gate holds a request while making room, then forwards anyway.",
+    ),
 )
 
 
@@ -220,6 +315,11 @@ class Settings:
         return self.ollama_url is None or self.comfyui_url is None
 
 
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_BY_NAME), n=1, cutoff=0.75)
+    return f"did you mean {close[0]}?" if close else "a typo?"
+
+
 def load_settings(env: Mapping[str, str]) -> tuple[Settings, list[str]]:
     """Parse the environment. Returns the settings and warnings (unknown VRAM_* names).
 
@@ -243,7 +343,7 @@ def load_settings(env: Mapping[str, str]) -> tuple[Settings, list[str]]:
     values["log_format"] = LogFormat(values["log_format"])
     values["priority"] = Priority(values["priority"])
     warnings = [
-        f"Unknown variable {name} is ignored (a typo?); known: "
+        f"Unknown variable {name} is ignored ({_did_you_mean(name)}); known: "
         + ", ".join(sorted(_BY_NAME))
         for name in sorted(env)
         if name.startswith("VRAM_") and name not in _BY_NAME and name not in _LEGACY_IGNORED

@@ -49,7 +49,12 @@ def fetch_snapshot(
             snapshot = None
         if snapshot is not None:
             return f"the running supervisor at {url}", snapshot
-    return "a one-shot observation (no running supervisor answered)", observe_once()
+    where = (
+        f"no running supervisor answered at {url}"
+        if url is not None
+        else "VRAM_HTTP_PORT=0: no running supervisor to ask"
+    )
+    return f"a one-shot observation ({where})", observe_once()
 
 
 def render_status(snap: dict[str, Any]) -> str:

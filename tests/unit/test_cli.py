@@ -130,7 +130,8 @@ def test_port_in_use_exits_3() -> None:
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     try:
-        settings = fixed_urls(holder.getsockname()[1])
+        taken = holder.getsockname()[1]
+        settings = fixed_urls(taken)
         result = subprocess.run(
             [sys.executable, "-m", "supervisor", "run"],
             cwd=ROOT,
@@ -141,7 +142,7 @@ def test_port_in_use_exits_3() -> None:
         )
     finally:
         holder.close()
-    assert result.returncode == 3 and "VRAM_HTTP_PORT" in result.stderr
+    assert result.returncode == 3 and f"VRAM_HTTP_PORT={taken}" in result.stderr
 
 
 def test_docker_unreachable_is_not_fatal() -> None:
@@ -163,9 +164,13 @@ def test_docker_unreachable_is_not_fatal() -> None:
 
 
 def test_status_one_shot_when_no_supervisor_runs() -> None:
-    result = cli("status", **fixed_urls(free_port()))
+    port = free_port()
+    result = cli("status", **fixed_urls(port))
     assert result.returncode == 0
-    assert "one-shot observation" in result.stdout
+    assert (
+        f"one-shot observation (no running supervisor answered at http://127.0.0.1:{port}/status)"
+        in result.stdout
+    )
     assert "Services:" in result.stdout and "no answer" in result.stdout
 
 

@@ -96,7 +96,9 @@ def test_unknown_vram_variable_warns_and_legacy_ones_are_silent() -> None:
         {"VRAM_TRESHOLD": "80", "VRAM_OLLAMA_HOST": "x", "HOME": "/root", "OTHER_X": "1"}
     )
     assert len(warnings) == 1
-    assert "VRAM_TRESHOLD" in warnings[0] and "VRAM_THRESHOLD" in warnings[0]
+    assert "VRAM_TRESHOLD" in warnings[0] and "did you mean VRAM_THRESHOLD?" in warnings[0]
+    _, warnings = load_settings({"VRAM_COLOUR": "red"})
+    assert "a typo?" in warnings[0] and "did you mean" not in warnings[0]
 
 
 def test_fixed_urls_for_both_services_need_no_docker() -> None:
