@@ -107,7 +107,7 @@ def micro_table(m: MicroResult) -> str:
         if a is None or b is None:
             return "n/a"
         ratio = f", x{b / a:.2f}" if a > 0 else ""
-        return f"+{b - a:.2f} ms{ratio}"
+        return f"{b - a:+.2f} ms{ratio}"  # negative when noise made the direct path slower
 
     rows = [
         ("| measure | direct to Ollama | through the gate | added |"),

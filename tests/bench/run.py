@@ -116,7 +116,8 @@ def scaling_note(time_scale: float) -> str:
         f"simulated minute (tests/bench/scaled_supervisor.py); unscaled, it would be "
         f"{1 / time_scale:g}x tighter than on a real host and decide the result. The others "
         f"stay real seconds (verification polls every 0.25 s after two quicker looks, a "
-        f"re-check 0.5 s after a change, the gate's 0.5 s /api/ps cache and hold poll), so "
+        f"re-check 0.5 s after a change, the gate's 0.5 s /api/ps cache and hold poll, its "
+        f"0.25 s poll of a busy ComfyUI's queue), so "
         f"in simulated time the supervisor reacts {1 / time_scale:g}x slower than it would "
         f"on a real host: this handicaps it, never helps it."
     )
