@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from loguru import logger
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeStage, HealOllama, OllamaModel, Outcome, UnloadOllama
 from supervisor.ports import OllamaApi
-from supervisor.units import format_bytes
+from supervisor.units import MIB, format_bytes
 
 if TYPE_CHECKING:
     from supervisor.actions import Actor
@@ -177,6 +178,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         if model is None:
             return fail("it is no longer loaded")
         _free_first(actor, action)
+        held = _comfy_held(actor, action)
         free = actor.probe.free_bytes(gpus)
         if free is not None and free + model.size_vram_bytes < model.size_bytes:
             return fail(
@@ -193,10 +195,14 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
         now_free = actor.probe.free_bytes(gpus)
-        if action.free_first and now_free is not None and now_free < model.size_bytes:
-            # ComfyUI took memory back meanwhile (a new job): free it again first.
-            with actor.lock:
-                _free_first(actor, action)
+        if now_free is not None and now_free < model.size_bytes:
+            # Free again only a ComfyUI that took memory back meanwhile (a new job); one
+            # that still holds what it held after the first free has nothing more to give
+            # (another process took the room), and freeing it would only cost a verify.
+            grown = _grown_since(actor, held)
+            if grown:
+                with actor.lock:
+                    _free_first(actor, replace(action, free_first=grown))
     if actor.is_stopping:
         return fail("the supervisor is stopping")
     try:
@@ -207,11 +213,19 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     after = healed.gpu_fraction if healed else 0.0
     took = actor.clock() - start
     before_pct, after_pct = round(model.gpu_fraction * 100), round(after * 100)
-    ok = healed is not None and after > model.gpu_fraction
+    # A heal is a success only when the model is whole on the GPU again; a partial gain is
+    # reported as such (and counted as failed), so the policy backs off instead of calling
+    # it done.
+    ok = healed is not None and not healed.is_spilled
     if ok:
         log.info(
             f"Healed Ollama model {action.model}: {before_pct}% -> {after_pct}% "
             f"on GPU in {took:.1f} s ({action.reason})"
+        )
+    elif healed is not None and after > model.gpu_fraction:
+        log.warning(
+            f"Partly healed Ollama model {action.model}: {before_pct}% -> {after_pct}% on "
+            "GPU; the rest is still on the CPU (another process took part of the room)"
         )
     else:
         log.warning(
@@ -227,6 +241,28 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         after_fraction=after,
         duration_s=took,
     )
+
+
+GROWN_BYTES = 256 * MIB  # a ComfyUI that grew by more than this took memory back
+
+
+def _comfy_held(actor: Actor, action: HealOllama) -> dict[str, int]:
+    """What each ComfyUI of the heal holds right after its free (unknown ones left out)."""
+    held = {}
+    for key in action.free_first:
+        reading = actor.probe.comfy_reading(key)
+        if reading is not None:
+            held[key] = reading.bytes
+    return held
+
+
+def _grown_since(actor: Actor, held: dict[str, int]) -> tuple[str, ...]:
+    grown = []
+    for key, then in held.items():
+        reading = actor.probe.comfy_reading(key)
+        if reading is not None and reading.bytes > then + GROWN_BYTES:
+            grown.append(key)
+    return tuple(grown)
 
 
 def _free_first(actor: Actor, action: HealOllama) -> None:
