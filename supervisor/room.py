@@ -96,10 +96,13 @@ class ComfyRoomMaker:
                     f"making room for {model}"
                 )
                 if not self._wait_idle(comfy, end):
-                    logger.info(
-                        f"Gate: ComfyUI {spec.name} still has work at the deadline; "
-                        f"not freeing it (VRAM_PRIORITY={priority})"
-                    )
+                    if self._actor.is_stopping:
+                        logger.info(f"Gate: stopped waiting for ComfyUI {spec.name}: shutting down")
+                    else:
+                        logger.info(
+                            f"Gate: ComfyUI {spec.name} still has work at the deadline; "
+                            f"not freeing it (VRAM_PRIORITY={priority})"
+                        )
                     return False
                 busy = False
             result = self._free(key, reason, need_bytes, end, wait_for_prompt=busy)

@@ -544,3 +544,32 @@ def test_fakes_follow_api_facts() -> None:
     assert ollama.ps() == () and pid in gpu.held  # gone from ps, VRAM not yet back
     clock.sleep(2)
     assert pid not in gpu.held
+
+
+def test_room_maker_stops_waiting_for_a_busy_comfyui_on_shutdown(
+    world: World, logs: list[str]
+) -> None:
+    """SIGTERM while the gate waits for an image job: it gives up at once and says why,
+    instead of blaming a deadline that has not passed."""
+    world.comfy.start_prompt(seconds=60)
+    stop = threading.Event()
+    actor, _ = make_actor(world)
+    actor = Actor(
+        Settings(),
+        probe=actor.probe,
+        targets=actor.targets,
+        docker=lambda: None,
+        clock=world.clock,
+        wall_clock=world.clock.wall,
+        sleep=world.clock.sleep,
+        stop=stop,
+    )
+    started = world.clock.now
+    world.clock.tickers.append(lambda now: stop.set() if now >= started + 2 else None)
+    maker = ComfyRoomMaker(actor, world.clock)
+    need = world.gpu.free_bytes + 8 * GIB
+    assert not maker.make_room(need, reason="gate: load of llama3.2:latest", deadline_s=30)
+    assert world.clock.now < started + 30  # gave up on the stop, not on the deadline
+    assert world.comfy.free_calls == []  # the running generation was left alone
+    assert has(logs, "Gate: stopped waiting for ComfyUI comfyui: shutting down")
+    assert not has(logs, "still has work at the deadline")
