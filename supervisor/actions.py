@@ -428,4 +428,6 @@ class Actor:
         return ollama_actions.unload(self, action)
 
     def heal_ollama(self, action: HealOllama) -> Outcome:
+        if action.reload_only:
+            return ollama_actions.reload_after_wait(self, action)
         return ollama_actions.heal(self, action)

@@ -94,7 +94,8 @@ class Metrics:
         elif isinstance(action, RestartComfy):
             if outcome.ok:
                 self.restarts.inc()
-        elif isinstance(action, HealOllama):
+        elif isinstance(action, HealOllama) and not outcome.awaiting_unload:
+            # A heal waiting for its unload is counted when its reload is judged.
             self.heals.labels(result="ok" if outcome.ok else "failed").inc()
         elif isinstance(action, UnloadOllama) and outcome.ok:
             self.unloads.inc()

@@ -253,6 +253,13 @@ class HealOllama:
     free_first: tuple[str, ...] = ()  # ComfyUI keys to free (hard stage) before the reload
     before_fraction: float = 0.0
     gpu_uuid: str | None = None  # the GPU the model should land on, when known
+    # The second half of a heal whose unload waited for a request to end (`HealWait`):
+    # skip the free and the unload, re-free only the `free_first` ComfyUIs, then preload
+    # with `keep_alive`. With `withdraw` the model is still loaded: the preload only
+    # withdraws the armed unload (its keep-alive replaces the 0).
+    reload_only: bool = False
+    withdraw: bool = False
+    keep_alive: int | str | None = None
 
 
 Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama
@@ -272,6 +279,10 @@ class Outcome:
     dry_run: bool = False
     after_fraction: float | None = None  # HealOllama: the model's GPU share after reload
     duration_s: float = 0.0
+    # HealOllama: a request kept the model busy; the unload stays armed in Ollama and the
+    # policy reloads the model once it leaves /api/ps, with this keep-alive.
+    awaiting_unload: bool = False
+    keep_alive: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -303,6 +314,24 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class HealWait:
+    """A heal whose keep_alive 0 unload waits inside Ollama for a request to end.
+
+    `key` is "<Ollama key>|<model>"; `since` when the heal started; `keep_alive` what the
+    reload (or, past the bound, the withdrawal of the unload) sends.
+    """
+
+    key: str
+    target: str
+    model: str
+    since: float
+    keep_alive: int | str | None
+    before_fraction: float = 0.0
+    free_first: tuple[str, ...] = ()
+    gpu_uuid: str | None = None
+
+
+@dataclass(frozen=True)
 class PolicyState:
     """What the policy remembers between passes. Replaced, never mutated."""
 
@@ -318,6 +347,7 @@ class PolicyState:
     # Keys of INFO notes already given (said once until the condition clears).
     noted: frozenset[str] = frozenset()
     backoffs: tuple[Backoff, ...] = ()  # targets held back after actions that did not help
+    heal_waits: tuple[HealWait, ...] = ()  # heals waiting for their unload (a busy model)
 
     def restart_at(self, key: str) -> float | None:
         return dict(self.last_restart_at).get(key)

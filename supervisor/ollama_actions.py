@@ -18,10 +18,13 @@ A heal leaves the model as it found it, keep-alive included:
   forever (keep_alive -1). Any other keep-alive cannot be told from expires_at (stale
   during generations), so none is sent and the load gets OLLAMA_KEEP_ALIVE.
 - If a request keeps the model busy past VRAM_VERIFY_TIMEOUT, the keep_alive 0 unload
-  stays armed inside Ollama and would unload the model when the request ends, with
-  nothing to load it again. The heal withdraws it with a load request carrying a
-  keep-alive (which replaces the runner's, api-facts 1.6/1.7): -1 for a forever model,
-  else what was left of its expiry, at least Ollama's default 5 minutes.
+  stays armed inside Ollama and unloads the model when the request ends (api-facts 1.6).
+  The heal does not block the loop for that: it reports the unload as waiting
+  (`Outcome.awaiting_unload`, with the keep-alive to restore: -1 for a forever model,
+  else what was left of its expiry, at least Ollama's default 5 minutes) and the policy
+  sends the second half (`reload_after_wait`) once the model has left /api/ps. Past the
+  policy's bound, or when the supervisor is stopping, the unload is withdrawn with a load
+  request carrying that keep-alive (which replaces the runner's, api-facts 1.6/1.7).
 """
 
 from __future__ import annotations
@@ -191,7 +194,9 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
             return fail(f"unload failed: {exc}")
     # Without the lock: waiting for Ollama and its reload block nothing of ours.
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
-        return _withdraw_unload(actor, ollama, model, fail)
+        if actor.is_stopping:  # nobody would reload it after the request
+            return _withdraw_unload(actor, ollama, model, fail)
+        return _awaiting(actor, action, model, start)
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
         now_free = actor.probe.free_bytes(gpus)
@@ -210,9 +215,44 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         healed = _find(ollama, action.model)
     except ServiceError as exc:
         return fail(f"reload failed: {exc}")
+    return _judge(actor, action, start, model.gpu_fraction, model.size_vram_bytes, healed)
+
+
+def _awaiting(actor: Actor, action: HealOllama, model: OllamaModel, start: float) -> Outcome:
+    """A request keeps the model busy: leave the unload armed (Ollama unloads the model
+    when the request ends) and let the policy reload it then, with the keep-alive that
+    withdrawing the unload would send (`restore_keep_alive`)."""
+    keep_alive = restore_keep_alive(model, actor.wall_clock())
+    took = actor.clock() - start
+    logger.bind(target=action.target, model=action.model).info(
+        f"Heal of Ollama model {action.model} waits for its request to end: the unload "
+        f"is armed, the model is reloaded once it leaves /api/ps (keep_alive {keep_alive})"
+    )
+    return Outcome(
+        action,
+        start,
+        ok=False,
+        before_bytes=model.size_vram_bytes,
+        detail=f"waiting: a request keeps it loaded {took:.1f} s after the unload",
+        duration_s=took,
+        awaiting_unload=True,
+        keep_alive=keep_alive,
+    )
+
+
+def _judge(
+    actor: Actor,
+    action: HealOllama,
+    start: float,
+    before_fraction: float,
+    before_bytes: int | None,
+    healed: OllamaModel | None,
+) -> Outcome:
+    """Report a reload: healed only when the model is whole on the GPU again."""
+    log = logger.bind(target=action.target, model=action.model)
     after = healed.gpu_fraction if healed else 0.0
     took = actor.clock() - start
-    before_pct, after_pct = round(model.gpu_fraction * 100), round(after * 100)
+    before_pct, after_pct = round(before_fraction * 100), round(after * 100)
     # A heal is a success only when the model is whole on the GPU again; a partial gain is
     # reported as such (and counted as failed), so the policy backs off instead of calling
     # it done.
@@ -222,7 +262,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
             f"Healed Ollama model {action.model}: {before_pct}% -> {after_pct}% "
             f"on GPU in {took:.1f} s ({action.reason})"
         )
-    elif healed is not None and after > model.gpu_fraction:
+    elif healed is not None and after > before_fraction:
         log.warning(
             f"Partly healed Ollama model {action.model}: {before_pct}% -> {after_pct}% on "
             "GPU; the rest is still on the CPU (another process took part of the room)"
@@ -236,11 +276,50 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         action,
         start,
         ok=ok,
-        before_bytes=model.size_vram_bytes,
+        before_bytes=before_bytes,
         after_bytes=healed.size_vram_bytes if healed else None,
         after_fraction=after,
         duration_s=took,
     )
+
+
+def reload_after_wait(actor: Actor, action: HealOllama) -> Outcome:
+    """The second half of a heal whose unload waited for a request (`reload_only`): the
+    model left /api/ps -> free the ComfyUIs the policy names again, preload, verify. Still
+    loaded (`withdraw`) -> withdraw the armed unload. Loaded again by a request before
+    us -> judge that load, send nothing."""
+    start = actor.clock()
+    target = actor.targets().ollamas.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
+    spec, ollama = target
+    verb = "withdraw the unload of" if action.withdraw else "reload"
+    if actor.settings.dry_run:
+        return actor.dry(action, f"{verb} Ollama model {action.model} on {spec.name}")
+    log = logger.bind(target=action.target, model=action.model)
+
+    def fail(detail: str) -> Outcome:
+        log.warning(f"Could not heal Ollama model {action.model}: {detail}")
+        return Outcome(action, start, ok=False, detail=detail, duration_s=actor.clock() - start)
+
+    try:
+        found = _find(ollama, action.model)
+    except ServiceError as exc:
+        return fail(str(exc))
+    if found is not None and action.withdraw:
+        return _withdraw_unload(actor, ollama, found, fail, action.keep_alive)
+    if found is None:
+        if action.free_first:
+            with actor.lock:
+                _free_first(actor, action)
+        if actor.is_stopping:
+            return fail("the supervisor is stopping")
+        try:
+            _preload(ollama, action.model, actor.preload_timeout_s, action.keep_alive)
+            found = _find(ollama, action.model)
+        except ServiceError as exc:
+            return fail(f"reload failed: {exc}")
+    return _judge(actor, action, start, action.before_fraction, None, found)
 
 
 GROWN_BYTES = 256 * MIB  # a ComfyUI that grew by more than this took memory back
@@ -274,10 +353,15 @@ def _free_first(actor: Actor, action: HealOllama) -> None:
 
 
 def _withdraw_unload(
-    actor: Actor, ollama: OllamaApi, model: OllamaModel, fail: Callable[[str], Outcome]
+    actor: Actor,
+    ollama: OllamaApi,
+    model: OllamaModel,
+    fail: Callable[[str], Outcome],
+    keep_alive: KeepAlive = None,
 ) -> Outcome:
     """A request kept the model busy: cancel the armed unload, report the heal failed."""
-    keep_alive = restore_keep_alive(model, actor.wall_clock())
+    if keep_alive is None:
+        keep_alive = restore_keep_alive(model, actor.wall_clock())
     try:
         _preload(ollama, model.name, actor.preload_timeout_s, keep_alive)
     except ServiceError as exc:

@@ -21,6 +21,7 @@ from supervisor.model import (
     Episode,
     FreeComfy,
     FreeResult,
+    HealWait,
     Observation,
     Outcome,
     PolicyState,
@@ -29,7 +30,7 @@ from supervisor.model import (
 )
 from supervisor.policy.episodes import advance_episodes, open_episodes
 from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead, model_ok
-from supervisor.policy.heal import heal_spilled
+from supervisor.policy.heal import follow_heal_waits, heal_spilled
 from supervisor.policy.scratch import Pass, start_pass, usable_ollama
 from supervisor.policy.triggers import (
     free_for_new_models,
@@ -47,6 +48,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
     p = start_pass(obs, state, settings, now)
     known, seen = track_models(p)
     advance_episodes(p)
+    follow_heal_waits(p)
     heal_spilled(p)
     free_for_new_models(p)
     free_over_threshold(p)
@@ -85,6 +87,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
         seen_ollamas=seen,
         noted=frozenset(p.noted),
         backoffs=backoffs,
+        heal_waits=tuple(p.heal_waits.values()),
     )
     return Decision(tuple(p.actions), next_state, tuple(p.notes), wake, tuple(p.skipped))
 
@@ -103,6 +106,8 @@ def _backoff_holds(p: Pass, b: Backoff) -> bool:
         return p.obs.docker_ok is False
     if not o.status.is_running:
         return False
+    if (okey, name) in p.healed or key in p.heal_waits:
+        return True  # its heal goes on (a reload of a model not listed now): judged then
     if not usable_ollama(o) or o.models is None:
         return True  # unread: keep what is known
     return any(m.name == name and model_ok(m) and m.is_spilled for m in o.models)
@@ -114,12 +119,15 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     A free the policy did not start (the gate's) opens an episode and counts for the rate
     limit, so it can escalate and is not repeated at once. A heal that left its model below
     100 % on the GPU adds a strike to its back-off (see `heal`); one that reached 100 %
-    clears it; a dry run does neither. `now` drops stale episodes."""
+    clears it; a dry run does neither. A heal that reports its unload waiting for a busy
+    model (`awaiting_unload`) is not judged yet: it is remembered as a `HealWait`, which
+    decide() carries on. `now` drops stale episodes."""
     action, at = outcome.action, outcome.at
     episodes = {e.target: e for e in state.episodes if now - e.started_at <= EPISODE_STALE_S}
     last_episode_at, last_unload_at = state.last_episode_at, state.last_unload_at
     restarts, heals = dict(state.last_restart_at), dict(state.last_heal_at)
     backoffs = {b.key: b for b in state.backoffs}
+    waits = {w.key: w for w in state.heal_waits}
     if isinstance(action, FreeComfy):
         ep = episodes.get(action.target)
         if ep is None:
@@ -140,7 +148,21 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     else:
         key = f"{action.target}|{action.model}"
         heals[key] = max(at, heals.get(key, at))
-        if not outcome.dry_run:
+        waits.pop(key, None)
+        if outcome.awaiting_unload and not outcome.dry_run:
+            # Not judged yet: the unload waits in Ollama for a request to end; decide()
+            # reloads the model once it leaves /api/ps (see `heal`).
+            waits[key] = HealWait(
+                key,
+                action.target,
+                action.model,
+                at,
+                outcome.keep_alive,
+                action.before_fraction,
+                action.free_first,
+                action.gpu_uuid,
+            )
+        elif not outcome.dry_run:
             bkey = f"heal|{key}"
             if outcome.after_fraction is not None and outcome.after_fraction >= 1.0:
                 backoffs.pop(bkey, None)  # healed: the plain cooldown again
@@ -155,4 +177,5 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         last_restart_at=tuple(sorted(restarts.items())),
         last_heal_at=tuple(sorted(heals.items())),
         backoffs=tuple(backoffs.values()),
+        heal_waits=tuple(waits.values()),
     )

@@ -17,6 +17,15 @@ next heal waits VRAM_HEAL_COOLDOWN x 2^n (at most x HEAL_BACKOFF_MAX) and its Co
 not freed for it meanwhile, unless the room that could be made (GPU free + the model's VRAM
 + what idle ComfyUIs could give back) grew by more than HEAL_ROOM_GROWTH_BYTES since the
 last heal: then only the plain cooldown applies.
+
+A busy model: when a request kept the model loaded past VRAM_VERIFY_TIMEOUT, the heal's
+keep_alive 0 unload stays armed in Ollama (it happens when the request ends) and
+`record()` keeps a `HealWait`. `follow_heal_waits` carries it on, one reading per pass:
+the model left /api/ps -> reload it (HealOllama `reload_only`, with the keep-alive the
+heal saved; only ComfyUIs that took memory back are freed again); listed whole on the
+GPU -> a request loaded it first, healed; still listed after HEAL_WAIT_FACTOR x
+VRAM_VERIFY_TIMEOUT -> withdraw the unload (`withdraw`) and back off as for a failed heal.
+No other heal or unload of that model runs meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from supervisor.model import (
     ComfyObservation,
     GpuMemory,
     HealOllama,
+    HealWait,
     OllamaModel,
     OllamaObservation,
     Priority,
@@ -49,6 +59,8 @@ from supervisor.units import GIB, format_bytes
 HEAL_BACKOFF_MAX = 8
 # ... unless this much more room could be made than at the last heal.
 HEAL_ROOM_GROWTH_BYTES = GIB
+# A heal waits for a busy model's request at most this many VRAM_VERIFY_TIMEOUTs.
+HEAL_WAIT_FACTOR = 10
 
 
 def _landing_gpu(
@@ -64,6 +76,18 @@ def _landing_gpu(
     if any(g.uuid in service_gpus(c) for c in free_first):
         return g.uuid
     return None
+
+
+def _idle_held(p: Pass, g: GpuMemory) -> list[ComfyObservation]:
+    """The idle ComfyUIs on `g` that hold memory a free would give back."""
+    return [
+        c
+        for c in p.comfys_on(g)
+        if free_blocker(c, Priority.BALANCED) is None
+        and c.status.spec.key not in p.claimed
+        and estimate_reclaimable(c) > MIN_RECLAIMABLE_BYTES
+        and pinned_hold(p, c) is None  # its memory did not come back last time
+    ]
 
 
 def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
@@ -85,17 +109,7 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
         return
     prio = p.settings.priority
 
-    def idle_held(g: GpuMemory) -> list[ComfyObservation]:
-        return [
-            c
-            for c in p.comfys_on(g)
-            if free_blocker(c, Priority.BALANCED) is None
-            and c.status.spec.key not in p.claimed
-            and estimate_reclaimable(c) > MIN_RECLAIMABLE_BYTES
-            and pinned_hold(p, c) is None  # its memory did not come back last time
-        ]
-
-    g = max(fitting, key=lambda g: g.free_bytes + sum(map(estimate_reclaimable, idle_held(g))))
+    g = max(fitting, key=lambda g: g.free_bytes + sum(map(estimate_reclaimable, _idle_held(p, g))))
     reason = f"Ollama model {m.name} spilled to the CPU ({m.gpu_fraction:.0%} on GPU {g.index})"
     on_g = p.comfys_on(g)
 
@@ -107,7 +121,7 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
     if not p.settings.heal:
         free_for_room("healing is off (VRAM_HEAL=false)")
         return
-    idle = idle_held(g)
+    idle = _idle_held(p, g)
     room = g.free_bytes + m.size_vram_bytes + sum(map(estimate_reclaimable, idle))
     cooldown = p.settings.heal_cooldown_s
     last = p.heal_at.get(hkey)
@@ -169,10 +183,82 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
         p.last_episode_at = p.now
 
 
+def _continue(p: Pass, w: HealWait, reason: str, *, withdraw: bool = False) -> None:
+    """Emit the second half of a waiting heal: the reload (or the withdrawal)."""
+    free_first: tuple[str, ...] = ()
+    if not withdraw:  # re-free only the ComfyUIs that took memory back meanwhile
+        gpus = [g for g in p.gpus if w.gpu_uuid in (None, g.uuid)]
+        took = {c.status.spec.key for g in gpus for c in _idle_held(p, g)}
+        free_first = tuple(k for k in w.free_first if k in took)
+    p.emit(
+        HealOllama(
+            w.target,
+            w.model,
+            reason,
+            free_first,
+            w.before_fraction,
+            w.gpu_uuid,
+            reload_only=True,
+            withdraw=withdraw,
+            keep_alive=w.keep_alive,
+        )
+    )
+    p.claimed.update(free_first)
+    p.healed.add((w.target, w.model))
+    if w.gpu_uuid is not None:
+        p.heal_gpus.add(w.gpu_uuid)
+    p.heal_at[w.key] = p.now
+    del p.heal_waits[w.key]  # record() judges the outcome
+
+
+def follow_heal_waits(p: Pass) -> None:
+    """Carry on the heals whose unload waits for a request to end (`HealWait`).
+
+    Once the model has left /api/ps it is reloaded (HealOllama with `reload_only`). If it
+    is listed whole on the GPU, a request loaded it again first and it is healed. If it is
+    still listed spilled after HEAL_WAIT_FACTOR x VRAM_VERIFY_TIMEOUT, the unload is
+    withdrawn (the model stays as it was) and the heal counts as one that did not help."""
+    for w in list(p.heal_waits.values()):
+        o = p.ollamas.get(w.target)
+        if o is None or not o.status.is_running:
+            if o is None and p.obs.docker_ok is False:
+                continue  # Docker failed: keep what is known
+            del p.heal_waits[w.key]  # the Ollama is gone, its unload with it
+            continue
+        p.healed.add((w.target, w.model))  # no other heal or unload of it meanwhile
+        if not usable_ollama(o) or o.models is None:
+            p.soon()
+            continue
+        m = next((m for m in o.models if m.name == w.model), None)
+        if m is None:
+            _continue(p, w, f"Ollama model {w.model} left the GPU after its request ended")
+        elif not m.is_spilled:
+            p.notes.append(
+                f"Ollama model {w.model} was loaded again by a request before the heal "
+                f"reloaded it: {m.gpu_fraction:.0%} on GPU"
+            )
+            p.backoffs.pop(f"heal|{w.key}", None)  # healed: the plain cooldown again
+            del p.heal_waits[w.key]
+        elif p.now - w.since >= HEAL_WAIT_FACTOR * p.settings.verify_timeout_s:
+            _continue(
+                p,
+                w,
+                f"Ollama model {w.model} is still in use {p.now - w.since:.0f} s after "
+                "the heal's unload",
+                withdraw=True,
+            )
+        else:
+            p.skip(
+                f"Heal of {w.model} waits for its request to end "
+                f"({p.now - w.since:.0f} s; the unload is armed)"
+            )
+            p.soon()
+
+
 def heal_spilled(p: Pass) -> None:
     for o in p.ollamas.values():
         if not usable_ollama(o) or o.models is None:
             continue
         for m in o.models:
-            if model_ok(m) and m.is_spilled:
+            if model_ok(m) and m.is_spilled and (o.status.spec.key, m.name) not in p.healed:
                 _heal_or_wait(p, o, m)

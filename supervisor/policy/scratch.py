@@ -17,6 +17,7 @@ from supervisor.model import (
     ComfyObservation,
     Episode,
     GpuMemory,
+    HealWait,
     Observation,
     OllamaObservation,
     PolicyState,
@@ -50,6 +51,7 @@ class Pass:
     restart_at: dict[str, float]
     heal_at: dict[str, float]
     backoffs: dict[str, Backoff]
+    heal_waits: dict[str, HealWait]
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -116,6 +118,7 @@ def start_pass(obs: Observation, state: PolicyState, settings: Settings, now: fl
         restart_at=dict(state.last_restart_at),
         heal_at=dict(state.last_heal_at),
         backoffs={b.key: b for b in state.backoffs},
+        heal_waits={w.key: w for w in state.heal_waits},
         noted=set(state.noted),
     )
     if len(gpus) < len(obs.gpus):

@@ -60,6 +60,12 @@ def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
         known |= {(key, n) for n in names}
     if p.obs.docker_ok is False:  # discovery failed: absent Ollamas are not gone
         known |= {(k, m) for k, m in p.state.known_models if k not in p.ollamas}
+    # A model whose heal waits for its unload leaves /api/ps only to be reloaded by the
+    # heal: its return is not a new model (no free for it, no "detected" note).
+    for w in p.state.heal_waits:
+        waiting_on = p.ollamas.get(w.target)
+        if waiting_on is not None and waiting_on.status.is_running:
+            known.add((w.target, w.model))
     return frozenset(known), frozenset(seen)
 
 

@@ -341,34 +341,118 @@ def test_heal_reloads_a_model_kept_forever_with_keep_alive_forever(world: World)
     assert "llama3.2:latest" in world.ollama.models
 
 
+MODEL = "llama3.2:latest"
+
+
+def _busy_heal(world: World, keep_alive_s: float | None) -> tuple[Actor, HealOllama]:
+    """A spilled model with a request in flight for 60 s, and its heal."""
+    world.gpu.total_bytes = 14 * GIB
+    world.ollama.load(MODEL, keep_alive_s=keep_alive_s)
+    spilled = world.ollama.models[MODEL]
+    world.ollama.busy_until[MODEL] = world.clock.now + 60
+    actor, _ = make_actor(world)
+    return actor, HealOllama(OLLAMA, MODEL, "spilled", (COMFY,), spilled.gpu_fraction)
+
+
 @pytest.mark.parametrize(("keep_alive_s", "restored"), [(None, 300), (-1, -1), (3600, 3600)])
-def test_heal_of_a_model_in_use_withdraws_its_unload(
+def test_heal_of_a_model_in_use_leaves_its_unload_armed_and_reports_waiting(
     world: World, logs: list[str], keep_alive_s: float | None, restored: int
 ) -> None:
-    """A request keeps the model busy past the verify timeout: the keep_alive 0 unload
-    is armed inside Ollama. Before, the heal just failed and Ollama unloaded the model
-    when the request ended, with nothing to load it again."""
-    world.gpu.total_bytes = 14 * GIB
-    world.ollama.load("llama3.2:latest", keep_alive_s=keep_alive_s)
-    spilled = world.ollama.models["llama3.2:latest"]
-    world.ollama.busy_until["llama3.2:latest"] = world.clock.now + 60
-    actor, _ = make_actor(world)
-    outcome = actor.execute(
-        HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
-    )
-    assert not outcome.ok and "still in use" in outcome.detail
-    assert "withdrawn" in outcome.detail
-    assert has(logs, "Could not heal Ollama model llama3.2:latest: it is still in use")
-    # One load request with the model's keep-alive (what was left of it, at least 5 min).
-    sent = world.ollama.preload_keep_alives
-    assert len(sent) == 1 and isinstance(sent[0], int)
+    """A request keeps the model busy past the verify timeout: the heal does not withdraw
+    its unload (that left the model spilled for minutes) nor block the loop; it reports
+    the unload waiting, with the keep-alive to restore, and Ollama unloads the model when
+    the request ends."""
+    actor, heal = _busy_heal(world, keep_alive_s)
+    outcome = actor.execute(heal)
+    assert not outcome.ok and outcome.awaiting_unload and outcome.after_fraction is None
+    assert outcome.detail.startswith("waiting:")
+    assert world.ollama.preload_calls == []  # nothing withdrawn
+    assert has(logs, f"Heal of Ollama model {MODEL} waits for its request to end")
+    sent = outcome.keep_alive
+    assert isinstance(sent, int)
     if restored < 0:
-        assert sent[0] == -1
+        assert sent == -1
     else:  # the verify window (10 s) has passed since the reading
-        assert restored - 15 <= sent[0] <= restored
+        assert restored - 15 <= sent <= restored
+    world.clock.sleep(61)  # the request ends: the armed unload happens
+    assert MODEL not in world.ollama.models
+
+
+@pytest.mark.parametrize("keep_alive_s", [None, -1])
+def test_reload_after_the_request_ends_heals_with_the_saved_keep_alive(
+    world: World, logs: list[str], keep_alive_s: float | None
+) -> None:
+    actor, heal = _busy_heal(world, keep_alive_s)
+    waiting = actor.execute(heal)
+    world.clock.sleep(61)
+    assert MODEL not in world.ollama.models
+    reload = replace(heal, reload_only=True, free_first=(), keep_alive=waiting.keep_alive)
+    outcome = actor.execute(reload)
+    assert outcome.ok and outcome.after_fraction == 1.0
+    assert world.ollama.unload_calls == [MODEL]  # the reload did not unload again
+    assert world.ollama.preload_keep_alives == [waiting.keep_alive]
+    if keep_alive_s is not None:
+        assert world.ollama.keep_alive_s[MODEL] < 0  # still kept forever
+    pct = round(heal.before_fraction * 100)
+    assert has(logs, f"Healed Ollama model {MODEL}: {pct}% -> 100% on GPU")
+
+
+def test_reload_frees_again_only_the_comfyuis_the_policy_names(world: World) -> None:
+    actor, heal = _busy_heal(world, None)
+    waiting = actor.execute(heal)
+    frees = len(world.comfy.free_calls)
+    world.clock.sleep(61)
+    reload = replace(heal, reload_only=True, keep_alive=waiting.keep_alive)
+    assert actor.execute(replace(reload, free_first=())).ok
+    assert len(world.comfy.free_calls) == frees
+    world.ollama.unload(MODEL)
+    world.clock.sleep(2)
+    assert actor.execute(reload).ok
+    assert len(world.comfy.free_calls) == frees + 1
+
+
+def test_a_model_a_request_loaded_again_first_is_judged_not_reloaded(
+    world: World, logs: list[str]
+) -> None:
+    actor, heal = _busy_heal(world, None)
+    waiting = actor.execute(heal)
+    world.clock.sleep(62)
+    world.ollama.load(MODEL)  # a chat came first; ComfyUI was freed, so it fits
+    reload = replace(heal, reload_only=True, free_first=(), keep_alive=waiting.keep_alive)
+    outcome = actor.execute(reload)
+    assert outcome.ok and outcome.after_fraction == 1.0
+    assert world.ollama.preload_calls == []  # its own keep-alive stays
+
+
+@pytest.mark.parametrize(("keep_alive_s", "restored"), [(None, 300), (-1, -1), (3600, 3600)])
+def test_withdraw_of_a_heal_whose_request_outlasts_the_bound(
+    world: World, logs: list[str], keep_alive_s: float | None, restored: int
+) -> None:
+    """Past the policy's bound the unload is withdrawn: a load request with the saved
+    keep-alive, so Ollama does not unload the model behind everyone's back."""
+    actor, heal = _busy_heal(world, keep_alive_s)
+    waiting = actor.execute(heal)
+    withdraw = replace(
+        heal, reload_only=True, withdraw=True, free_first=(), keep_alive=waiting.keep_alive
+    )
+    outcome = actor.execute(withdraw)
+    assert not outcome.ok and "still in use" in outcome.detail
+    assert "withdrawn" in outcome.detail and outcome.after_fraction is None
+    assert has(logs, f"Could not heal Ollama model {MODEL}: it is still in use")
+    sent = world.ollama.preload_keep_alives
+    assert sent == [waiting.keep_alive]
     world.clock.sleep(61)  # the request ends
-    assert "llama3.2:latest" in world.ollama.models  # not unloaded behind everyone's back
-    assert world.ollama.keep_alive_s["llama3.2:latest"] == sent[0]
+    assert MODEL in world.ollama.models  # not unloaded behind everyone's back
+    assert world.ollama.keep_alive_s[MODEL] == sent[0]
+
+
+def test_a_stopping_supervisor_withdraws_the_unload_at_once(world: World) -> None:
+    actor, heal = _busy_heal(world, None)
+    actor._stop.set()  # SIGTERM while the heal waits
+    outcome = actor.execute(heal)
+    assert not outcome.awaiting_unload and "withdrawn" in outcome.detail
+    world.clock.sleep(61)
+    assert MODEL in world.ollama.models
 
 
 @pytest.mark.parametrize(

@@ -290,6 +290,42 @@ def test_spilled_model_is_healed(world: World, logs: list[str]) -> None:
     assert has(logs, "Healed Ollama model llama3.2:latest")
 
 
+def test_a_busy_spilled_model_is_reloaded_once_its_request_ends(
+    world: World, logs: list[str]
+) -> None:
+    """A chat decodes on the spilled model for 60 s: the heal leaves its unload armed
+    instead of withdrawing it, the loop goes on, and once Ollama unloads the model at the
+    end of the request the loop reloads it, whole on the GPU, with its keep-alive."""
+    world.gpu.total_bytes = 14 * GIB
+    daemon = world.daemon(settings=Settings(threshold_percent=95, aggressive_threshold_percent=99))
+    daemon.run_once()
+    world.ollama.load("llama3.2:latest", keep_alive_s=-1)
+    world.ollama.busy_until["llama3.2:latest"] = world.clock.now + 60
+    for _ in range(4):
+        world.clock.sleep(1)
+        daemon.run_once()
+    assert has(logs, "Heal of Ollama model llama3.2:latest waits for its request to end")
+    assert world.ollama.preload_calls == []  # the unload was not withdrawn
+    assert world.ollama.keep_alive_s["llama3.2:latest"] == 0  # armed
+    busy_until = world.ollama.busy_until["llama3.2:latest"]
+    while not world.ollama.preload_calls:
+        world.clock.sleep(1)
+        daemon.run_once()
+        assert world.clock.now < 2000, "the model was never reloaded"
+    assert world.clock.now >= busy_until  # the reload waited for the request to end
+    assert world.ollama.unload_calls == ["llama3.2:latest"]  # one heal, one unload
+    frees = len(world.comfy.free_calls)
+    assert world.ollama.preload_calls == ["llama3.2:latest"]
+    assert world.ollama.preload_keep_alives == [-1]  # kept forever, as before
+    assert not world.ollama.models["llama3.2:latest"].is_spilled
+    assert has(logs, "Healed Ollama model llama3.2:latest")
+    world.clock.sleep(1)
+    daemon.run_once()
+    # Its own reload is not a new model: no note, no free for it.
+    assert sum("New Ollama model(s) detected" in line for line in logs) == 1
+    assert len(world.comfy.free_calls) == frees
+
+
 def test_fixed_urls_need_no_docker(world: World, logs: list[str]) -> None:
     world.docker.fail = RuntimeError("Docker must not be touched")
     daemon = world.daemon(with_docker=False)

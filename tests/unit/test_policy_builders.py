@@ -189,7 +189,10 @@ def summary(d: Decision) -> list[str]:
             out.append(f"unload:{a.model}")
         elif isinstance(a, HealOllama):
             names = ",".join(k.split("/")[1] for k in a.free_first)
-            out.append(f"heal:{a.model}[{names}]")
+            if a.withdraw:
+                out.append(f"withdraw:{a.model}")
+            else:
+                out.append(f"{'reload' if a.reload_only else 'heal'}:{a.model}[{names}]")
     return out
 
 
