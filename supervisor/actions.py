@@ -156,6 +156,8 @@ class Actor:
         self.clock = clock
         self.wall_clock = wall_clock  # Unix time, to judge Ollama's expires_at
         self._stop = stop or threading.Event()
+        # Called with a model name just before an unload is sent (the gate forgets it).
+        self.unload_listeners: list[Callable[[str], None]] = []
         # Sleeping on the stop event makes a verify loop end at once on SIGTERM.
         self._sleep = sleep or self._stop.wait
         self.poll_s = poll_s
@@ -184,6 +186,14 @@ class Actor:
                 result=FreeResult.FAILED,
                 detail=f"internal error: {exc}",
             )
+
+    def announce_unload(self, model: str) -> None:
+        """Tell the listeners (the gate) an unload of `model` is about to be sent."""
+        for listener in list(self.unload_listeners):
+            try:
+                listener(model)
+            except Exception as exc:  # a listener's bug must not stop the unload
+                logger.debug(f"An unload listener failed for {model}: {exc}")
 
     @property
     def is_stopping(self) -> bool:

@@ -182,6 +182,8 @@ def run(settings: Settings) -> int:
             gate = _start_gate(settings, daemon)
             if gate is not None:
                 metrics.watch_gate(gate.stats)
+                # A model the supervisor unloads stops counting as resident for the gate.
+                daemon.actor.unload_listeners.append(gate.forget_resident)
     except OSError as exc:
         logger.error(
             f"Cannot start: {binding}: {exc}. Is another supervisor (or another program) "

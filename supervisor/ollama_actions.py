@@ -121,6 +121,7 @@ def unload(actor: Actor, action: UnloadOllama) -> Outcome:
     log = logger.bind(target=action.target, model=action.model)
     try:
         found = _find(ollama, action.model)
+        actor.announce_unload(action.model)
         ollama.unload(action.model)
     except ServiceError as exc:
         log.warning(f"Could not unload Ollama model {action.model}: {exc}")
@@ -189,6 +190,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
                 f"be free, {format_bytes(model.size_bytes)} needed; it would spill again"
             )
         try:
+            actor.announce_unload(action.model)
             ollama.unload(action.model)
         except ServiceError as exc:
             return fail(f"unload failed: {exc}")

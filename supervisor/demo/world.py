@@ -104,6 +104,8 @@ class World:
             gpu=None,
         )
         self.gate = start_gate(settings, self.daemon.room_maker, self.daemon.current_ollama)
+        if self.gate is not None:
+            self.daemon.actor.unload_listeners.append(self.gate.forget_resident)
         self._loop = threading.Thread(target=self.daemon.run, name="demo-loop", daemon=True)
         self._loop.start()
 

@@ -50,6 +50,7 @@ T = TypeVar("T")
 Forward = Callable[[Callable[[], None] | None], Awaitable[bool]]
 
 PS_WAIT_S = 3.0  # longest a request waits for a fresh /api/ps before going on without
+DOOMED_S = 30.0  # the longest a model the supervisor unloads counts as not resident
 LOAD_POLL_S = 0.5  # how often a held load checks /api/ps for its model
 MAKE_ROOM_GRACE_S = 2.0  # beyond wait_s, in case a RoomMaker overruns its deadline
 
@@ -84,6 +85,16 @@ class Admission:
         self._ps_task: asyncio.Task[None] | None = None
         self._seen: dict[str, SeenSize] = {}
         self._load_lock = asyncio.Lock()
+        # Models the supervisor is unloading (key -> until when, monotonic): not resident
+        # for the gate even while /api/ps still lists them, or a request forwarded "to a
+        # resident model" would reload it next to whatever took the room meanwhile.
+        self._doomed: dict[str, float] = {}
+
+    def doom(self, key: str) -> None:
+        """The supervisor is about to unload `key` (event loop thread only)."""
+        self._doomed[key] = time.monotonic() + DOOMED_S
+        if self._ps_models is not None:
+            self._ps_models.pop(key, None)
 
     def close(self) -> None:
         if self._ps_task is not None:
@@ -104,6 +115,7 @@ class Admission:
                 return await forward(None)
             self._stats.gated_total += 1
             await self._make_room_for(load, key)
+            self._doomed.pop(key, None)  # this load brings it back, with the room made
             head_seen = asyncio.Event()
             holder = asyncio.get_running_loop().create_task(
                 self._hold_until_loaded(key, head_seen, release)
@@ -206,6 +218,14 @@ class Admission:
 
     async def is_resident(self, key: str, *, is_fresh: bool = False) -> bool | None:
         """Whether Ollama has the model loaded; None when /api/ps cannot be read."""
+        doomed_until = self._doomed.get(key)
+        if doomed_until is not None:
+            if time.monotonic() < doomed_until:
+                await self._refresh_ps()
+                if self._ps_models is not None and key not in self._ps_models:
+                    del self._doomed[key]  # gone: from now on /api/ps tells the truth
+                return False
+            del self._doomed[key]
         age_s = time.monotonic() - self._ps_at
         if is_fresh or age_s > self._ps_max_stale_s:
             await self._refresh_ps()

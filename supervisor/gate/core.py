@@ -29,6 +29,7 @@ from typing import Any
 
 from loguru import logger
 
+from supervisor.clients.ollama import normalise_model_name
 from supervisor.estimate import EstimateParams
 from supervisor.gate.admission import Admission
 from supervisor.gate.http11 import (
@@ -176,6 +177,16 @@ class Gate:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     close = stop  # the name cli uses for everything it shuts down
+
+    def forget_resident(self, model: str) -> None:
+        """The supervisor is about to unload `model`: stop treating it as resident, so the
+        next request for it gets room made first (safe from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        key = normalise_model_name(model).casefold()
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(self._admission.doom, key)
 
     def stats(self) -> GateStats:
         """A snapshot of the counters (safe from any thread)."""

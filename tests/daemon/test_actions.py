@@ -250,6 +250,25 @@ def test_unload_waits_until_the_model_leaves_ps(world: World) -> None:
     assert outcome.before_bytes == 4 * GIB
 
 
+def test_unload_listeners_hear_of_an_unload_before_it_is_sent(world: World) -> None:
+    """The gate is told first, so it never forwards a request to a model on its way out as
+    if it were resident. A listener that fails does not stop the unload."""
+    world.ollama.load("llama3.2:latest")
+    actor, _ = make_actor(world)
+    heard: list[tuple[str, int]] = []
+
+    def broken(model: str) -> None:
+        raise RuntimeError("a listener bug")
+
+    actor.unload_listeners += [
+        broken,
+        lambda model: heard.append((model, len(world.ollama.unload_calls))),
+    ]
+    assert actor.execute(UnloadOllama(OLLAMA, "llama3.2:latest", "comfy needs room")).ok
+    assert heard == [("llama3.2:latest", 0)]  # before the unload request went out
+    assert world.ollama.unload_calls == ["llama3.2:latest"]
+
+
 def test_unload_of_a_model_in_use_is_reported_not_pretended(world: World) -> None:
     world.ollama.load("llama3.2:latest")
     world.ollama.busy_until["llama3.2:latest"] = world.clock.now + 3600

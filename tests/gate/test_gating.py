@@ -299,3 +299,26 @@ def test_num_ctx_read_from_options_reaches_the_estimate(
 
     # 300 MiB weights + 28 layers x 2048 x 8 KV heads x 256 x 2 bytes.
     assert env.room.calls[0].need_bytes == 300 * MIB + 28 * 2048 * 8 * 256 * 2
+
+
+def test_a_model_the_supervisor_unloads_is_not_resident_for_the_gate(env: Env) -> None:
+    """The supervisor unloads a model (keep_alive 0) while /api/ps, and the gate's cache of
+    it, still list it. A request for it must not be forwarded "to a resident model": it
+    would reload the model next to whatever took the room meanwhile. It gets room made
+    first, like any load."""
+    env.upstream.resident.add("llama3.2:latest")
+    assert _generate(env, "llama3.2").status_code == 200  # warm: resident, no room made
+    assert env.room.calls == []
+
+    env.gate.forget_resident("llama3.2")  # the supervisor is about to unload it
+    time.sleep(0.05)  # the gate's loop takes the notice (call_soon_threadsafe)
+    # Ollama has not dropped it yet (asynchronous unload): /api/ps still lists it.
+    assert "llama3.2:latest" in env.upstream.resident
+    r = _generate(env, "llama3.2")
+
+    assert r.status_code == 200
+    [call] = env.room.calls
+    assert call.reason == "gate: load of llama3.2:latest"
+    # Once it has been brought back with the room made, it is resident again: no more holds.
+    assert _generate(env, "llama3.2").status_code == 200
+    assert len(env.room.calls) == 1
