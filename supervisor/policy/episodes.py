@@ -141,8 +141,7 @@ def _escalate(
 
 def try_restart(p: Pass, c: ComfyObservation, ep: Episode | None, why: str) -> bool:
     key = c.status.spec.key
-    state = replace(p.state, last_restart_at=tuple(p.restart_at.items()))
-    failed = restart_guards(c, state, p.settings, p.now)
+    failed = restart_guards(c, p.restart_at.get(key), p.settings, p.now)
     if failed:
         p.skip(f"Not restarting {key} ({why}): " + "; ".join(m for _, m in failed))
         if is_api_dead(c):
@@ -184,8 +183,7 @@ def pinned_hold(p: Pass, c: ComfyObservation) -> str | None:
     if bo is None:
         return None
     held = estimate_reclaimable(c)
-    state = replace(p.state, last_restart_at=tuple(p.restart_at.items()))
-    lasting = [m for t, m in restart_guards(c, state, p.settings, p.now) if not t]
+    lasting = [m for t, m in restart_guards(c, p.restart_at.get(key), p.settings, p.now) if not t]
     left = p.settings.restart_cooldown_s - (p.now - bo.at)
     ended = None
     if c.status.spec.container_id != bo.container_id:

@@ -24,7 +24,6 @@ from supervisor.model import (
     GpuMemory,
     OllamaModel,
     OllamaObservation,
-    PolicyState,
     Priority,
     ServiceHealth,
 )
@@ -106,9 +105,9 @@ def free_blocker(comfy: ComfyObservation, priority: Priority) -> str | None:
 
 
 def restart_guards(
-    comfy: ComfyObservation, state: PolicyState, settings: Settings, now: float
+    comfy: ComfyObservation, last_restart_at: float | None, settings: Settings, now: float
 ) -> list[tuple[bool, str]]:
-    """Failed guards as (is_transient, sentence)."""
+    """Failed guards as (is_transient, sentence); `last_restart_at`: its latest restart."""
     st, spec = comfy.status, comfy.status.spec
     failed: list[tuple[bool, str]] = []
     if spec.restart_allowed is False:
@@ -125,9 +124,8 @@ def restart_guards(
         failed.append((False, "it is not a container (fixed URL)"))
     if not st.is_running:
         failed.append((False, "its container is not running"))
-    last = state.restart_at(spec.key)
-    if last is not None and now - last < settings.restart_cooldown_s:
-        left = settings.restart_cooldown_s - (now - last)
+    if last_restart_at is not None and now - last_restart_at < settings.restart_cooldown_s:
+        left = settings.restart_cooldown_s - (now - last_restart_at)
         failed.append((False, f"restart cooldown, {left:.0f} s left"))
     if is_api_dead(comfy):
         if st.health is ServiceHealth.STARTING:
@@ -147,13 +145,6 @@ def restart_guards(
             )
         )
     return failed
-
-
-def restart_blockers(
-    comfy: ComfyObservation, state: PolicyState, settings: Settings, now: float
-) -> tuple[str, ...]:
-    """Every restart guard this ComfyUI fails now (empty: a restart may go ahead)."""
-    return tuple(msg for _, msg in restart_guards(comfy, state, settings, now))
 
 
 def gpu_ok(g: GpuMemory) -> bool:
