@@ -117,9 +117,6 @@ class Daemon:
     def is_stopping(self) -> bool:
         return self._stop.is_set()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def on_docker_event(self, kind: str) -> None:
         if self.metrics is not None:
             self.metrics.docker_event()
