@@ -22,15 +22,27 @@ from supervisor.model import LogFormat, Priority
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 BOOL_ACCEPTED = "true or false (also 1/0, yes/no, on/off)"
+URL_ACCEPTED = "an http:// or https:// URL (a bare host:port gets http://)"
 
 
-def parse_bool(name: str, raw: str) -> bool:
+def bool_word(raw: str) -> bool | None:
+    """What an accepted spelling (BOOL_ACCEPTED) means; None for anything else.
+
+    labels.py uses it too, so a label and a variable accept the same words.
+    """
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ConfigError(name, raw, BOOL_ACCEPTED)
+    return None
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = bool_word(raw)
+    if value is None:
+        raise ConfigError(name, raw, BOOL_ACCEPTED)
+    return value
 
 
 def _number(
@@ -66,23 +78,30 @@ def _choice(values: list[str]) -> tuple[Callable[[str, str], Any], str]:
     return parse, accepted
 
 
+def base_url(raw: str) -> str | None:
+    """`raw` as a base URL without a trailing slash; None when empty (URL_ACCEPTED).
+
+    Raises ValueError for anything that is not an http(s) URL with a host and a valid
+    port. labels.py uses it too, so a label and a variable accept the same URLs.
+    """
+    value = raw.strip().rstrip("/")
+    if not value:
+        return None
+    parts = urlsplit(value if "://" in value else f"http://{value}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(raw)
+    parts.port  # noqa: B018 - raises ValueError on a bad port
+    return parts.geturl()
+
+
 def _url() -> tuple[Callable[[str, str], Any], str]:
-    accepted = "an http:// or https:// URL (a bare host:port gets http://)"
-
     def parse(name: str, raw: str) -> Any:
-        value = raw.strip().rstrip("/")
-        if not value:
-            return None
-        parts = urlsplit(value if "://" in value else f"http://{value}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(name, raw, accepted)
         try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
+            return base_url(raw)
         except ValueError:
-            raise ConfigError(name, raw, accepted) from None
-        return parts.geturl()
+            raise ConfigError(name, raw, URL_ACCEPTED) from None
 
-    return parse, accepted
+    return parse, URL_ACCEPTED
 
 
 def _port(optional: bool) -> tuple[Callable[[str, str], Any], str]:

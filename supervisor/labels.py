@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from supervisor.config import BOOL_ACCEPTED, URL_ACCEPTED, base_url, bool_word
 from supervisor.errors import LabelError
 from supervisor.model import Role, ServiceSpec
 
@@ -28,9 +28,6 @@ PREFIX = "vram-supervisor."
 
 # Ports the services listen on unless told otherwise (Ollama's and ComfyUI's defaults).
 DEFAULT_PORTS: Mapping[Role, int] = {Role.OLLAMA: 11434, Role.COMFYUI: 8188}
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ ROLE = Label(
 )
 URL = Label(
     key=f"{PREFIX}url",
-    accepted="an http:// or https:// URL (a bare host:port gets http://)",
+    accepted=URL_ACCEPTED,
     default="derived from the container's network",
     help="Base URL the supervisor uses to reach the service. Without it: host network -> "
     "http://127.0.0.1:<port>; a user-defined network shared with the supervisor -> "
@@ -61,7 +58,7 @@ URL = Label(
 )
 RESTART = Label(
     key=f"{PREFIX}restart",
-    accepted="true or false (also 1/0, yes/no, on/off)",
+    accepted=BOOL_ACCEPTED,
     default="VRAM_RESTART_FALLBACK",
     help="Allow (true) or forbid (false) restarting this ComfyUI container as the last "
     "resort; overrides VRAM_RESTART_FALLBACK for this container.",
@@ -93,28 +90,17 @@ def parse_url(container_name: str, raw: str) -> str | None:
     An empty value means "not given" (None). Raises LabelError for anything that is not an
     http(s) URL with a host and a valid port.
     """
-    value = raw.strip().rstrip("/")
-    if not value:
-        return None
-    parts = urlsplit(value if "://" in value else f"http://{value}")
-    bad = parts.scheme not in ("http", "https") or not parts.hostname
-    if not bad:
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            bad = True
-    if bad:
-        raise LabelError(container_name, URL.key, raw, URL.accepted)
-    return parts.geturl()
+    try:
+        return base_url(raw)
+    except ValueError:
+        raise LabelError(container_name, URL.key, raw, URL.accepted) from None
 
 
 def parse_restart(container_name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise LabelError(container_name, RESTART.key, raw, RESTART.accepted)
+    value = bool_word(raw)
+    if value is None:
+        raise LabelError(container_name, RESTART.key, raw, RESTART.accepted)
+    return value
 
 
 def parse_labels(
