@@ -40,7 +40,6 @@ from supervisor.policy.guards import (
     service_gpus,
     shares_gpu,
 )
-from supervisor.units import GIB, MIB
 
 __all__ = [
     "BUSY_WAKE_S",
@@ -48,8 +47,6 @@ __all__ = [
     "DEAD_API_CHECKS",
     "EPISODE_STALE_S",
     "FAST_WAKE_S",
-    "GIB",
-    "MIB",
     "MIN_RECLAIMABLE_BYTES",
     "SAFETY_MARGIN_BYTES",
     "decide",
