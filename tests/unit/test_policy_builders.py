@@ -34,9 +34,8 @@ from supervisor.model import (
     VramSource,
 )
 from supervisor.policy import decide
+from supervisor.units import GIB
 
-GIB = 1024**3
-MIB = 1024**2
 NOW = 1000.0
 COMFY = "comfyui/comfyui"
 OLLAMA = "ollama/ollama"

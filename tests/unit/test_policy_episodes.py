@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from test_policy_builders import (
     COMFY,
+    GIB,
     NOW,
     OLLAMA,
     baseline,
@@ -545,7 +546,7 @@ def test_pinned_comfyui_that_may_not_be_restarted_is_not_freed_every_interval() 
 
 
 def _held(at: float = NOW - 40, held: float = 8, cid: str = "id-comfyui") -> PolicyState:
-    hold = Backoff(f"free|{COMFY}", at, int(held * 1024**3), container_id=cid)
+    hold = Backoff(f"free|{COMFY}", at, int(held * GIB), container_id=cid)
     return baseline(OL, backoffs=(hold,), last_episode_at=NOW - 40)
 
 
