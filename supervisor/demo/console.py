@@ -59,9 +59,6 @@ class Console:
     def red(self, text: str) -> str:
         return self._style("31", text)
 
-    def yellow(self, text: str) -> str:
-        return self._style("33", text)
-
     def dim(self, text: str) -> str:
         return self._style("2", text)
 

@@ -208,12 +208,6 @@ class SimGpu:
 
         return self._transact(op)
 
-    def owned_bytes(self, owner: str) -> int:
-        def op(state: _State) -> int:
-            return sum(a.bytes for a in state.allocations if self._mine(a, owner))
-
-        return self._transact(op)
-
     def snapshot(self) -> GpuSnapshot:
         def op(state: _State) -> GpuSnapshot:
             return GpuSnapshot(state.name, state.uuid, state.total_bytes, tuple(state.allocations))
