@@ -48,18 +48,7 @@ from supervisor.model import (
     UnloadOllama,
 )
 from supervisor.ports import ComfyApi, DockerApi, OllamaApi
-from supervisor.units import GIB, MIB, format_bytes
-
-__all__ = [
-    "GIB",
-    "MIB",
-    "PRELOAD_TIMEOUT_S",
-    "Actor",
-    "Probe",
-    "Reading",
-    "Targets",
-    "format_bytes",
-]
+from supervisor.units import MIB, format_bytes
 
 # A drop smaller than this is noise (allocator jitter), not a free.
 MIN_DROP_BYTES = 256 * MIB

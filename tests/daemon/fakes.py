@@ -35,9 +35,8 @@ from supervisor.model import (
     ServiceSpec,
 )
 from supervisor.ports import GpuProcess, ModelFacts, TaggedModel
+from supervisor.units import GIB, MIB
 
-MIB = 1024**2
-GIB = 1024**3
 GPU_UUID = "GPU-fake-0"
 WALL_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the wall time at FakeClock 0
 

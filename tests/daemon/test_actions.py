@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.actions import Actor, Reading, Targets, format_bytes
+from supervisor.actions import Actor, Reading, Targets
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
@@ -24,6 +24,7 @@ from supervisor.model import (
 )
 from supervisor.ollama_actions import reload_keep_alive, restore_keep_alive
 from supervisor.room import ComfyRoomMaker
+from supervisor.units import format_bytes
 from tests.daemon.conftest import World, has
 from tests.daemon.fakes import (
     GIB,

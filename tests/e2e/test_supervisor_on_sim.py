@@ -29,9 +29,9 @@ import httpx
 import pytest
 
 from supervisor.sim import SimHost
+from supervisor.units import GIB
 
 ROOT = Path(__file__).resolve().parents[2]
-GIB = 1024**3
 
 
 def free_port() -> int:

@@ -34,8 +34,7 @@ from supervisor.model import (
     UnloadOllama,
     VramSource,
 )
-
-GIB = 1024**3
+from supervisor.units import GIB
 
 
 class Switch:
