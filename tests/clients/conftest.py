@@ -15,16 +15,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from tenacity import wait_none
 
+from supervisor.clients._http import ServiceClient
 from supervisor.clients.comfyui import ComfyClient
 from supervisor.clients.ollama import OllamaClient
 
 Handler = Callable[[httpx.Request], httpx.Response]
+C = TypeVar("C", bound=ServiceClient)
 
 GIB = 1024**3
 OLLAMA_URL = "http://ollama.test:11434"
@@ -285,38 +287,30 @@ def fake_comfy() -> FakeComfy:
     return FakeComfy()
 
 
-@pytest.fixture
-def ollama_client() -> Iterator[Callable[..., OllamaClient]]:
-    made: list[OllamaClient] = []
+def _client_factory(cls: type[C], base_url: str) -> Iterator[Callable[..., C]]:
+    """A `make(handler, **kw)` that builds `cls` over a MockTransport (no retry wait) and
+    closes every client it made at teardown."""
+    made: list[C] = []
 
-    def make(handler: Handler, **kw: Any) -> OllamaClient:
+    def make(handler: Handler, **kw: Any) -> C:
         kw.setdefault("retry_wait", wait_none())
-        client = OllamaClient(
-            kw.pop("base_url", OLLAMA_URL), transport=httpx.MockTransport(handler), **kw
-        )
+        client = cls(kw.pop("base_url", base_url), transport=httpx.MockTransport(handler), **kw)
         made.append(client)
         return client
 
     yield make
     for client in made:
         client.close()
+
+
+@pytest.fixture
+def ollama_client() -> Iterator[Callable[..., OllamaClient]]:
+    yield from _client_factory(OllamaClient, OLLAMA_URL)
 
 
 @pytest.fixture
 def comfy_client() -> Iterator[Callable[..., ComfyClient]]:
-    made: list[ComfyClient] = []
-
-    def make(handler: Handler, **kw: Any) -> ComfyClient:
-        kw.setdefault("retry_wait", wait_none())
-        client = ComfyClient(
-            kw.pop("base_url", COMFY_URL), transport=httpx.MockTransport(handler), **kw
-        )
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
+    yield from _client_factory(ComfyClient, COMFY_URL)
 
 
 class Flaky:
