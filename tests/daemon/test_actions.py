@@ -568,18 +568,7 @@ def test_room_maker_waits_for_a_busy_comfyui_to_finish_then_frees_it(
     def try_lock_from_another_thread(now: float) -> None:
         if world.comfy.running_until is None:
             return
-        got: list[bool] = []
-
-        def grab() -> None:
-            ok = actor.lock.acquire(timeout=1)
-            got.append(ok)
-            if ok:
-                actor.lock.release()
-
-        t = threading.Thread(target=grab)
-        t.start()
-        t.join()
-        lock_free_while_busy.extend(got)
+        lock_free_while_busy.append(lock_is_free_for_another_thread(actor))
 
     world.clock.tickers.append(try_lock_from_another_thread)
     maker = ComfyRoomMaker(actor, world.clock)
