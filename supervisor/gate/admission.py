@@ -203,7 +203,7 @@ class Admission:
         facts, tagged = await asyncio.gather(show, tags)
         weights = None
         for entry in tagged or ():
-            if normalise_model_name(entry.name).casefold() == key:
+            if model_key(entry.name) == key:
                 weights = entry.size_bytes
                 break
         return estimate_need(
@@ -260,7 +260,7 @@ class Admission:
         else:
             resident: dict[str, OllamaModel] = {}
             for entry in models:
-                key = normalise_model_name(entry.name).casefold()
+                key = model_key(entry.name)
                 resident[key] = entry
                 if entry.size_bytes > 0:
                     self._seen[key] = SeenSize(entry.size_bytes, entry.context_length)
@@ -279,6 +279,12 @@ class Admission:
         except Exception as exc:
             log.debug(f"Gate: {getattr(fn, '__name__', fn)} failed: {exc}")
             return None
+
+
+def model_key(name: str) -> str:
+    """How the gate keys a model (residency, sizes seen, unloads): the name as /api/ps shows
+    it, case-folded, since Ollama compares names case-insensitively."""
+    return normalise_model_name(name).casefold()
 
 
 async def _none() -> None:

@@ -29,9 +29,8 @@ from typing import Any
 
 from loguru import logger
 
-from supervisor.clients.ollama import normalise_model_name
 from supervisor.estimate import EstimateParams
-from supervisor.gate.admission import Admission
+from supervisor.gate.admission import Admission, model_key
 from supervisor.gate.http11 import (
     HEAD_LIMIT,
     BadRequest,
@@ -184,7 +183,7 @@ class Gate:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        key = normalise_model_name(model).casefold()
+        key = model_key(model)
         with contextlib.suppress(RuntimeError):  # the loop is closing
             loop.call_soon_threadsafe(self._admission.doom, key)
 
