@@ -418,11 +418,8 @@ class Observer:
         figure. On WSL2 / Docker Desktop NVML lists no processes, and under WDDM it lists
         them with usedGpuMemory None (api-facts 4, gotcha 20); summing those would say
         0 bytes for a ComfyUI holding 11 GiB, so such a service is read from its API."""
-        return {
-            key
-            for key, pids in self._pids.items()
-            if any(p.used_bytes is not None for p in processes if p.pid in set(pids))
-        }
+        with_figure = {p.pid for p in processes if p.used_bytes is not None}
+        return {key for key, pids in self._pids.items() if with_figure.intersection(pids)}
 
     def _attribute(
         self, processes: tuple[GpuProcess, ...], running: list[Service]
