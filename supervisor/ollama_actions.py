@@ -14,8 +14,8 @@ runs (Ollama's own load, up to minutes), so the gate can make room meanwhile (a 
 then only helps), and takes it again only if it must free ComfyUI again before reloading.
 
 A heal leaves the model as it found it, keep-alive included:
-- The reload keeps a model loaded forever (expires_at about year 2318, gotcha 6) loaded
-  forever (keep_alive -1). Any other keep-alive cannot be told from expires_at (stale
+- The reload keeps a model that was loaded forever (expires_at about year 2318, gotcha 6)
+  loaded forever (keep_alive -1). Any other keep-alive cannot be told from expires_at (stale
   during generations), so none is sent and the load gets OLLAMA_KEEP_ALIVE.
 - If a request keeps the model busy past VRAM_VERIFY_TIMEOUT, the keep_alive 0 unload
   stays armed inside Ollama and unloads the model when the request ends (api-facts 1.6).
