@@ -72,7 +72,6 @@ class JsonHttp:
         transport: httpx.BaseTransport | None,
         retry_wait: WaitBaseT | None,
         attempts: int,
-        error_text: Callable[[httpx.Response], str],
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
@@ -81,7 +80,6 @@ class JsonHttp:
         self.timeout_s = timeout_s
         self._attempts = attempts
         self._wait: WaitBaseT = retry_wait if retry_wait is not None else DEFAULT_RETRY_WAIT
-        self._error_text = error_text
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
 
     def close(self) -> None:
@@ -136,7 +134,7 @@ class JsonHttp:
             special = on_status(response)
             if special is not None:
                 raise special
-        detail = self._error_text(response)
+        detail = error_text(response)
         raise self.error(
             f"{what} returned HTTP {response.status_code}" + (f": {detail}" if detail else "")
         )
@@ -220,7 +218,6 @@ class ServiceClient:
             transport=transport,
             retry_wait=retry_wait,
             attempts=attempts,
-            error_text=lambda response: error_text(response, json_key="error"),
         )
         self.base_url = self._http.base_url
 
@@ -285,15 +282,15 @@ def _snippet(body: str, limit: int = 200) -> str:
     return body if len(body) <= limit else body[:limit] + "..."
 
 
-def error_text(response: httpx.Response, *, json_key: str | None = None) -> str:
-    """A short, single-line description of an error body (JSON `json_key` if present)."""
-    if json_key is not None:
-        try:
-            data = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = None
-        if isinstance(data, dict) and isinstance(data.get(json_key), str):
-            return _snippet(data[json_key])
+def error_text(response: httpx.Response) -> str:
+    """A short, single-line description of an error body: its JSON `error` field when it
+    has one (both services answer errors that way), else the text."""
+    try:
+        data = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return _snippet(data["error"])
     return _snippet(" ".join(response.text.split()))
 
 

@@ -151,7 +151,7 @@ class OllamaClient(ServiceClient):
         def check(response: httpx.Response) -> ServiceError | None:
             if response.status_code != httpx.codes.NOT_FOUND:
                 return None
-            detail = error_text(response, json_key="error")
+            detail = error_text(response)
             return self._http.error(
                 f"model {name!r} is not installed (HTTP 404" + (f": {detail})" if detail else ")")
             )
