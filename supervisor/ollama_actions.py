@@ -81,10 +81,6 @@ def restore_keep_alive(model: OllamaModel, wall_now: float) -> int:
     return max(left, DEFAULT_KEEP_ALIVE_S)
 
 
-def _preload(ollama: OllamaApi, model: str, timeout_s: float, keep_alive: KeepAlive) -> None:
-    ollama.preload(model, timeout_s, keep_alive=keep_alive)
-
-
 def _find(ollama: OllamaApi, model: str) -> OllamaModel | None:
     return next((m for m in ollama.ps() if m.name == model), None)
 
@@ -213,7 +209,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     if actor.is_stopping:
         return fail("the supervisor is stopping")
     try:
-        _preload(ollama, action.model, actor.preload_timeout_s, reload_keep_alive(model))
+        ollama.preload(action.model, actor.preload_timeout_s, keep_alive=reload_keep_alive(model))
         healed = _find(ollama, action.model)
     except ServiceError as exc:
         return fail(f"reload failed: {exc}")
@@ -317,7 +313,7 @@ def reload_after_wait(actor: Actor, action: HealOllama) -> Outcome:
         if actor.is_stopping:
             return fail("the supervisor is stopping")
         try:
-            _preload(ollama, action.model, actor.preload_timeout_s, action.keep_alive)
+            ollama.preload(action.model, actor.preload_timeout_s, keep_alive=action.keep_alive)
             found = _find(ollama, action.model)
         except ServiceError as exc:
             return fail(f"reload failed: {exc}")
@@ -365,7 +361,7 @@ def _withdraw_unload(
     if keep_alive is None:
         keep_alive = restore_keep_alive(model, actor.wall_clock())
     try:
-        _preload(ollama, model.name, actor.preload_timeout_s, keep_alive)
+        ollama.preload(model.name, actor.preload_timeout_s, keep_alive=keep_alive)
     except ServiceError as exc:
         return fail(
             "it is still in use by a request, and withdrawing the unload failed "
