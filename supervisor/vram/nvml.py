@@ -78,7 +78,7 @@ class NvmlReader:
     def __init__(self, nvml: Any = None) -> None:
         self._nvml = _load_pynvml() if nvml is None else nvml
         self._errors = self._catchable()
-        self._memory_v2: bool | None = None  # None: not tried yet
+        self._memory_v2 = True  # False once the driver turned out not to have it
         self._processes_v3 = True
         self._is_open = False
         try:
@@ -175,10 +175,9 @@ class NvmlReader:
         """(total, free) bytes, through v2 when the driver has it."""
         nvml = self._nvml
         version = getattr(nvml, "nvmlMemory_v2", None)
-        if self._memory_v2 is not False and version is not None:
+        if self._memory_v2 and version is not None:
             try:
                 info = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
-                self._memory_v2 = True
                 return int(info.total), int(info.free)
             except self._exc("NVMLError_FunctionNotFound"):
                 logger.debug("NVML has no nvmlDeviceGetMemoryInfo_v2; using v1 from now on")
