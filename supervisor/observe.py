@@ -191,6 +191,8 @@ class Observer:
             close_quietly(service.client)
         if self._gpu is not None:
             close_quietly(self._gpu)
+        if self._docker is not None:
+            close_quietly(self._docker)  # built here on first use: ours to close
 
     # ------------------------------------------------------------------ observe
 

@@ -366,6 +366,10 @@ class FakeDocker:
         self.on_list: Callable[[], None] | None = None  # runs while a listing is under way
         self.list_calls = 0
         self.top_calls = 0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def add(
         self,

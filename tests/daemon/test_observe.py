@@ -169,3 +169,10 @@ def test_a_failed_docker_listing_is_retried_next_pass(world: World) -> None:
     listed = world.docker.list_calls
     assert daemon.observe().docker_ok is True
     assert world.docker.list_calls == listed + 1
+
+
+def test_closing_the_daemon_closes_the_docker_client_it_built(world: World) -> None:
+    daemon = world.daemon()
+    daemon.observe()  # the Docker adapter is built on first use
+    daemon.close()
+    assert world.docker.closed
