@@ -124,6 +124,24 @@ class Metrics:
         """Export the gate's counters (`Gate.stats`, read at scrape time)."""
         self.registry.register(_GateCollector(stats))
 
+    def watch_docker_events(self, connected: Callable[[], bool]) -> None:
+        """Export whether the Docker events stream is open now (read at scrape time).
+        Only registered when the supervisor uses Docker: with two fixed URLs there is no
+        stream to lose."""
+        self.registry.register(_DockerEventsCollector(connected))
+
+
+class _DockerEventsCollector(Collector):
+    def __init__(self, connected: Callable[[], bool]) -> None:
+        self._connected = connected
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "vram_supervisor_docker_events_connected",
+            "1 while the Docker events stream is open, 0 while it is being reconnected.",
+            value=1.0 if self._connected() else 0.0,
+        )
+
 
 # (attribute of GateStats, metric name without _total, help)
 _GATE_COUNTERS = (
