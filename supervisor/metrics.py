@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from supervisor.model import (
     FreeComfy,
     FreeResult,
+    FreeStage,
     HealOllama,
     Observation,
     Outcome,
@@ -76,6 +77,13 @@ class Metrics:
             "Unix time at which the loop last completed a pass.",
             registry=registry,
         )
+        # Every label combination exists from the start (at 0), so the first failure is an
+        # increase Prometheus can see (a series born at 1 shows no increase).
+        for stage in (FreeStage.SOFT, FreeStage.HARD):
+            for result in FreeResult:
+                self.frees.labels(stage=stage.value, result=result.value)
+        for heal_result in ("ok", "failed"):
+            self.heals.labels(result=heal_result)
         self._lock = threading.Lock()
         self._observation: Observation | None = None
         self._reconnects_seen = 0
