@@ -62,7 +62,7 @@ def dump_dom(binary: str, url: str) -> str:
     return _run(binary, url, "--dump-dom").stdout
 
 
-def screenshot(binary: str, url: str, path: Path, size: str = "1280,900") -> Path:
+def screenshot(binary: str, url: str, path: Path, size: str = "1280,780") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _run(binary, url, f"--window-size={size}", "--hide-scrollbars", f"--screenshot={path}")
     assert path.stat().st_size > 10_000, "the screenshot is (nearly) empty"
