@@ -43,7 +43,7 @@ from tests.monitoring.promql import exported_names, metric_names
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "compose" / "prometheus" / "alerts.yml"
 EXAMPLE_CONFIG = ROOT / "compose" / "prometheus" / "prometheus.yml"
-DASHBOARD = ROOT / "compose" / "grafana" / "vram-supervisor.json"
+DASHBOARD = ROOT / "compose" / "grafana" / "vram-supervisor-dashboard.json"
 RULE_TESTS = Path(__file__).with_name("alerts_test.yml")
 PROMETHEUS_PORT = 19500  # this suite's fixed-port range: 19500-19599
 ALERTS = {
