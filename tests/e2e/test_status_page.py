@@ -318,3 +318,23 @@ def test_service_text_never_becomes_markup() -> None:
     assert page.find("p", data_gate="error").text == HOSTILE
     [action] = page.find("table", id="actions").find_all("tr", data_action=None)
     assert action.find("td", data_result="failed").text == "failed"
+
+
+def test_the_page_says_when_status_cannot_be_read() -> None:
+    binary = chromium()
+
+    def failing() -> dict[str, Any]:
+        raise RuntimeError("snapshot broke")
+
+    server = StatusServer(
+        "127.0.0.1", 0, health=lambda: (True, {}), snapshot=failing, registry=CollectorRegistry()
+    )
+    server.start()
+    try:
+        page = parse(dump_dom(binary, f"http://127.0.0.1:{server.port}/"))
+    finally:
+        server.close()
+    updated = page.find("span", id="updated")
+    assert updated.attrs["data-state"] == "error"
+    assert updated.text == "cannot read /status (HTTP 500); retrying"
+    assert "no reading yet" in page.find("div", id="gpus").text
