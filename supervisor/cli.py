@@ -23,7 +23,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +182,7 @@ def run(settings: Settings) -> int:
             gate = _start_gate(settings, daemon)
             if gate is not None:
                 metrics.watch_gate(gate.stats)
+                daemon.gate_status = _gate_status(settings, gate)
                 # A model the supervisor unloads stops counting as resident for the gate.
                 daemon.actor.unload_listeners.append(gate.forget_resident)
     except OSError as exc:
@@ -221,6 +222,15 @@ def run(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
+
+
+def _gate_status(settings: Settings, gate: Any) -> Callable[[], dict[str, Any]]:
+    """The gate's entry of /status, read at request time."""
+    from supervisor.snapshot import gate_json
+
+    return lambda: gate_json(
+        gate.stats(), host=settings.gate_host, port=gate.port, wait_s=settings.gate_wait_s
+    )
 
 
 def _start_gate(settings: Settings, daemon: Daemon) -> Any:

@@ -80,6 +80,11 @@ class Daemon:
         )
         self._events = events if self._observer.uses_docker else None
         self.metrics = metrics
+        if metrics is not None and self._events is not None:
+            source = self._events
+            metrics.watch_docker_events(lambda: bool(source.connected))
+        # Set by cli when the gate runs: its state for /status (see snapshot.gate_json).
+        self.gate_status: Callable[[], dict[str, Any]] | None = None
         self._clock = clock
         self._wall = wall_clock
         self._wake = threading.Event()
@@ -285,5 +290,17 @@ class Daemon:
                 "reconnects": self._events.reconnects if self._events is not None else None,
             },
             **observation_json(obs),
+            "gate": self._gate_json(),
             "recent_actions": recent,
         }
+
+    def _gate_json(self) -> dict[str, Any] | None:
+        """The gate's state (None: the gate is off)."""
+        gate_status = self.gate_status
+        if gate_status is None:
+            return None
+        try:
+            return gate_status()
+        except Exception as exc:  # /status must answer even so
+            logger.debug(f"Reading the gate's state: {exc}")
+            return {"error": str(exc)}

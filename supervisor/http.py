@@ -1,4 +1,5 @@
-"""The supervisor's own small HTTP endpoint: /healthz, /status and /metrics.
+"""The supervisor's own small HTTP endpoint: /healthz, /status, /metrics and the status
+page (`/` and `/ui`, the packaged file supervisor/ui/index.html, which polls /status).
 
 A stdlib threaded server (one thread per request, daemon threads) so a slow scraper can
 never block the loop. It only reads: health and status come from callables the daemon
@@ -8,11 +9,13 @@ construction, so the CLI can exit 3 when the port is taken.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 
 from loguru import logger
@@ -55,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, _json(self.server.snapshot()), "application/json")
             elif path == "/metrics":
                 self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            elif path in ("/", "/ui"):
+                self._send(200, status_page(), "text/html; charset=utf-8")
             else:
                 self._send(404, _json({"error": "not found", "paths": PATHS}), "application/json")
         except Exception as exc:  # a bug here must not kill the server thread silently
@@ -76,7 +81,13 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug(f"HTTP {self.address_string()} {format % args}")
 
 
-PATHS = ["/healthz", "/status", "/metrics"]
+PATHS = ["/", "/ui", "/healthz", "/status", "/metrics"]
+
+
+@functools.cache
+def status_page() -> bytes:
+    """The self-contained status page (no external resources), read once."""
+    return resources.files("supervisor").joinpath("ui/index.html").read_bytes()
 
 
 def _json(data: Any) -> bytes:

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from supervisor.model import (
     FreeComfy,
     FreeResult,
+    FreeStage,
     HealOllama,
     Observation,
     Outcome,
@@ -76,6 +77,13 @@ class Metrics:
             "Unix time at which the loop last completed a pass.",
             registry=registry,
         )
+        # Every label combination exists from the start (at 0), so the first failure is an
+        # increase Prometheus can see (a series born at 1 shows no increase).
+        for stage in (FreeStage.SOFT, FreeStage.HARD):
+            for result in FreeResult:
+                self.frees.labels(stage=stage.value, result=result.value)
+        for heal_result in ("ok", "failed"):
+            self.heals.labels(result=heal_result)
         self._lock = threading.Lock()
         self._observation: Observation | None = None
         self._reconnects_seen = 0
@@ -123,6 +131,24 @@ class Metrics:
     def watch_gate(self, stats: Callable[[], Any]) -> None:
         """Export the gate's counters (`Gate.stats`, read at scrape time)."""
         self.registry.register(_GateCollector(stats))
+
+    def watch_docker_events(self, connected: Callable[[], bool]) -> None:
+        """Export whether the Docker events stream is open now (read at scrape time).
+        Only registered when the supervisor uses Docker: with two fixed URLs there is no
+        stream to lose."""
+        self.registry.register(_DockerEventsCollector(connected))
+
+
+class _DockerEventsCollector(Collector):
+    def __init__(self, connected: Callable[[], bool]) -> None:
+        self._connected = connected
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "vram_supervisor_docker_events_connected",
+            "1 while the Docker events stream is open, 0 while it is being reconnected.",
+            value=1.0 if self._connected() else 0.0,
+        )
 
 
 # (attribute of GateStats, metric name without _total, help)

@@ -114,6 +114,7 @@ class EventSource(Protocol):
     relevant container event (and after every reconnect, with "resync")."""
 
     reconnects: int
+    connected: bool  # a stream is open now (for /metrics)
 
     def start(self, on_event: Callable[[str], None]) -> None: ...
     def stop(self) -> None: ...

@@ -6,6 +6,7 @@ Pure functions from model objects to JSON-able dicts; the field names are an int
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from supervisor.model import (
@@ -53,6 +54,12 @@ def outcome_json(outcome: Outcome, wall_time: float) -> dict[str, Any]:
         if hasattr(action, attr):
             entry[attr] = str(getattr(action, attr))
     return entry
+
+
+def gate_json(stats: Any, *, host: str, port: int, wait_s: float) -> dict[str, Any]:
+    """The `gate` entry: where it listens, how long it may hold a request, and its
+    counters since start (a `GateStats`; the same figures as /metrics)."""
+    return {"host": host, "port": port, "wait_s": wait_s, **dataclasses.asdict(stats)}
 
 
 def gpu_json(g: GpuMemory) -> dict[str, Any]:

@@ -423,6 +423,7 @@ class FakeDocker:
 class FakeEvents:
     def __init__(self) -> None:
         self.reconnects = 0
+        self.connected = True
         self.on_event: Callable[[str], None] | None = None
         self.stopped = False
 

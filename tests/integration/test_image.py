@@ -100,6 +100,8 @@ def test_supervisor_turns_healthy_and_stops_cleanly_on_sigterm(
     )
     wait_healthy(supervisor, timeout_s=60)
     assert httpx.get(f"http://127.0.0.1:{SUPERVISOR_PORT}/healthz", timeout=5).status_code == 200
+    page = httpx.get(f"http://127.0.0.1:{SUPERVISOR_PORT}/", timeout=5)  # package data
+    assert page.status_code == 200 and "<title>vram-supervisor</title>" in page.text
 
     supervisor.stop(timeout=20)  # SIGTERM, then SIGKILL after 20 s
     supervisor.reload()

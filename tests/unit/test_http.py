@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -13,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.http import StatusServer
+from supervisor.http import StatusServer, status_page
 from supervisor.metrics import Metrics
 from supervisor.model import (
     ComfyObservation,
@@ -179,3 +180,29 @@ def test_port_in_use_fails_at_construction() -> None:
             )
     finally:
         holder.close()
+
+
+def test_the_status_page_is_served_on_slash_and_ui(served: Any) -> None:
+    server = served[0]
+    pages = []
+    for path in ("/", "/ui", "/ui/", "/?refresh=1"):
+        url = f"http://127.0.0.1:{server.port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+            pages.append(response.read().decode())
+    assert len(set(pages)) == 1
+    page = pages[0]
+    assert "<title>vram-supervisor</title>" in page
+    assert "fetch(statusUrl()" in page
+
+
+def test_the_status_page_loads_nothing_from_elsewhere() -> None:
+    """Works offline: no external script, style, font or image, and the page's own
+    Content-Security-Policy forbids them; service text never goes through innerHTML."""
+    page = status_page().decode()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert not re.search(r"@import|url\(", page)
+    assert "default-src 'none'; connect-src 'self'" in page
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page
+    assert "document.write" not in page

@@ -42,3 +42,23 @@ def test_gate_counters_follow_the_gate_at_each_scrape() -> None:
         "vram_supervisor_gate_forwarded_anyway_total": 1,
         "vram_supervisor_gate_upstream_errors_total": 1,
     }
+
+
+def test_docker_events_connected_follows_the_stream_at_each_scrape() -> None:
+    registry = CollectorRegistry()
+    stream = {"open": False}
+    Metrics(registry).watch_docker_events(lambda: stream["open"])
+
+    def connected() -> float:
+        text = generate_latest(registry).decode()
+        [value] = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "vram_supervisor_docker_events_connected"
+        ]
+        return value
+
+    assert connected() == 0
+    stream["open"] = True
+    assert connected() == 1
