@@ -40,6 +40,15 @@ class VramSource(StrEnum):
     NONE = "none"  # nothing could be read this pass
 
 
+class ComfyMode(StrEnum):
+    """How a ComfyUI keeps its weights (api-facts-2026 sections 2 and 3)."""
+
+    CLASSIC = "classic"  # in PyTorch's allocator: torch_vram_total shows them
+    DYNAMIC = "dynamic-vram"  # 0.15+ Dynamic VRAM: outside torch's figures
+    CPU = "cpu"  # --cpu or no GPU: holds no VRAM at all
+    UNKNOWN = "unknown"  # no /system_stats reading
+
+
 class FreeStage(StrEnum):
     """The staged ways of taking VRAM back from ComfyUI, gentlest first."""
 
@@ -183,6 +192,9 @@ class ComfyStats:
     vram_free_bytes: int
     torch_reserved_bytes: int
     torch_cached_bytes: int  # reserved but not active (the API's `torch_vram_free`)
+    version: str = ""  # system.comfyui_version ("" when not reported)
+    argv: tuple[str, ...] = ()  # system.argv: its command line
+    packages: tuple[str, ...] = ()  # the names in system.comfy_package_versions (0.15+)
 
 
 @dataclass(frozen=True)
@@ -198,8 +210,12 @@ class ComfyObservation:
     status: ServiceStatus
     queue: ComfyQueue | None = None  # None: /queue could not be read
     stats: ComfyStats | None = None
-    vram_bytes: int | None = None  # attributed by NVML PIDs, or torch reserved bytes
+    # Attributed by NVML PIDs (`vram_measured`); else from its API: torch's reserved bytes,
+    # or under Dynamic VRAM the bound from the device figures (see vram/api.py).
+    vram_bytes: int | None = None
     gpu_uuids: tuple[str, ...] = ()
+    vram_measured: bool = False  # vram_bytes is NVML's per-process figure (context included)
+    mode: ComfyMode = ComfyMode.UNKNOWN
 
 
 @dataclass(frozen=True)
