@@ -10,6 +10,7 @@ monotonic clock of the running process unless a name says `wall`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -47,6 +48,15 @@ class ComfyMode(StrEnum):
     DYNAMIC = "dynamic-vram"  # 0.15+ Dynamic VRAM: outside torch's figures
     CPU = "cpu"  # --cpu or no GPU: holds no VRAM at all
     UNKNOWN = "unknown"  # no /system_stats reading
+
+
+# ComfyUI's Dynamic VRAM (api-facts-2026 section 2): since which version, the package that
+# provides it, and the command-line flags that turn it off.
+DYNAMIC_VRAM_SINCE = (0, 15)
+DYNAMIC_VRAM_PACKAGE = "comfy-aimdo"
+DYNAMIC_VRAM_OFF_FLAGS = frozenset(
+    {"--disable-dynamic-vram", "--highvram", "--gpu-only", "--novram", "--cpu"}
+)
 
 
 class FreeStage(StrEnum):
@@ -195,6 +205,26 @@ class ComfyStats:
     version: str = ""  # system.comfyui_version ("" when not reported)
     argv: tuple[str, ...] = ()  # system.argv: its command line
     packages: tuple[str, ...] = ()  # the names in system.comfy_package_versions (0.15+)
+
+    @property
+    def mode(self) -> ComfyMode:
+        """api-facts-2026 section 3: a non-CUDA device -> CPU (no NVIDIA memory); version
+        >= 0.15, `comfy-aimdo` among its packages, none of the flags that turn it off in
+        its argv and a CUDA device -> Dynamic VRAM; else classic. No field says Dynamic
+        VRAM is active: this is what its version and command line imply."""
+        if self.device_type != "cuda":
+            return ComfyMode.CPU
+        match = re.match(r"v?(\d+)\.(\d+)", self.version.strip())
+        version = (int(match.group(1)), int(match.group(2))) if match else None
+        flags = {arg.split("=", 1)[0] for arg in self.argv}
+        if (
+            version is not None
+            and version >= DYNAMIC_VRAM_SINCE
+            and DYNAMIC_VRAM_PACKAGE in self.packages
+            and not flags & DYNAMIC_VRAM_OFF_FLAGS
+        ):
+            return ComfyMode.DYNAMIC
+        return ComfyMode.CLASSIC
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from loguru import logger
 from supervisor.actions import Reading
 from supervisor.errors import ServiceError
 from supervisor.model import ComfyMode, ComfyStats, OllamaModel
+from supervisor.policy import CUDA_CONTEXT_BYTES
 from supervisor.vram.api import (
-    CUDA_CONTEXT_BYTES,
     comfy_dynamic_bound,
     comfy_mode,
     comfy_vram_bytes,

@@ -28,12 +28,11 @@ from supervisor.model import (
     ServiceHealth,
 )
 from supervisor.units import MIB
-from supervisor.vram.api import CUDA_CONTEXT_BYTES as API_CUDA_CONTEXT_BYTES
 
 # Below this a free gives back nothing worth a ComfyUI reload (mGPUmanager's cushion).
 MIN_RECLAIMABLE_BYTES = 256 * MIB
 # What a CUDA process keeps after /free (its context), when only an NVML figure is known.
-CUDA_CONTEXT_BYTES = API_CUDA_CONTEXT_BYTES
+CUDA_CONTEXT_BYTES = 384 * MIB
 # Head room kept on top of a model's size when judging fit and room.
 SAFETY_MARGIN_BYTES = 512 * MIB
 DEAD_API_CHECKS = 3

@@ -39,7 +39,7 @@ from supervisor.sim.httpbase import SimServer
 from supervisor.sim.nvml_build import BuildError, build_fake_nvml
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig
-from supervisor.sim.profiles import parse_profile, sim_profile
+from supervisor.sim.profiles import PROFILES, sim_profile
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument(
         "--profile",
-        type=lambda v: parse_profile(v, "--profile"),
+        choices=PROFILES,
         help="2026 (default, or VRAM_SIM_PROFILE) or 2025: which generation to play",
     )
     parser.add_argument("--highvram", action="store_true")

@@ -27,37 +27,17 @@ memory minus Ollama's `size_vram` minus the CUDA contexts (`comfy_dynamic_bound`
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from supervisor.model import ComfyMode, ComfyStats, GpuMemory, OllamaModel
+from supervisor.policy.guards import CUDA_CONTEXT_BYTES
 
 API_GPU_UUID = "api-0"
-# What one CUDA process keeps on the GPU beyond what it reports (its context).
-CUDA_CONTEXT_BYTES = 384 * 1024**2
-DYNAMIC_VRAM_SINCE = (0, 15)
-DYNAMIC_VRAM_PACKAGE = "comfy-aimdo"
-DYNAMIC_VRAM_OFF_FLAGS = frozenset(
-    {"--disable-dynamic-vram", "--highvram", "--gpu-only", "--novram", "--cpu"}
-)
 
 
 def comfy_mode(stats: ComfyStats | None) -> ComfyMode:
     """Classic, Dynamic VRAM or CPU, as its /system_stats tells (UNKNOWN without it)."""
-    if stats is None:
-        return ComfyMode.UNKNOWN
-    if stats.device_type != "cuda":
-        return ComfyMode.CPU  # "cpu", "mps", "xpu"...: no NVIDIA memory to manage
-    version = _version(stats.version)
-    flags = {arg.split("=", 1)[0] for arg in stats.argv}
-    if (
-        version is not None
-        and version >= DYNAMIC_VRAM_SINCE
-        and DYNAMIC_VRAM_PACKAGE in stats.packages
-        and not flags & DYNAMIC_VRAM_OFF_FLAGS
-    ):
-        return ComfyMode.DYNAMIC
-    return ComfyMode.CLASSIC
+    return ComfyMode.UNKNOWN if stats is None else stats.mode
 
 
 def describe_comfy(stats: ComfyStats) -> str:
@@ -71,11 +51,6 @@ def describe_comfy(stats: ComfyStats) -> str:
     version = stats.version or "version unknown"
     device = stats.device_name or "unnamed device"
     return f"ComfyUI {version}, {words[comfy_mode(stats)]}, device {device} ({stats.device_type})"
-
-
-def _version(text: str) -> tuple[int, int] | None:
-    match = re.match(r"v?(\d+)\.(\d+)", text.strip())
-    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def comfy_dynamic_bound(stats: ComfyStats, ollama_models: Sequence[OllamaModel]) -> int:

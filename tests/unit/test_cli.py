@@ -15,6 +15,7 @@ import pytest
 
 from supervisor import __version__
 from supervisor.cli import render_status
+from supervisor.sim import ComfyConfig, SimHost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -364,10 +365,9 @@ def test_exit_is_quick_even_while_a_service_hangs() -> None:
     assert code == 0 and took < 2.0, f"exit {code} after {took:.2f} s"
 
 
-def test_doctor_all_good_against_answering_services() -> None:
-    from supervisor.sim import SimHost
-
-    with SimHost(time_scale=0.01) as host:
+@pytest.mark.parametrize(("profile", "mode"), [("2026", "Dynamic VRAM"), ("2025", "classic VRAM")])
+def test_doctor_all_good_against_answering_services(profile: str, mode: str) -> None:
+    with SimHost(time_scale=0.01, profile=profile) as host:
         result = cli(
             "doctor",
             VRAM_OLLAMA_URL=host.ollama_url,
@@ -381,8 +381,46 @@ def test_doctor_all_good_against_answering_services() -> None:
         line.startswith("OK   ollama (VRAM_OLLAMA_URL)") and "model(s) loaded" in line
         for line in lines
     )
+    version = "0.38.1" if profile == "2026" else "0.3.64"
     assert any(
-        line.startswith("OK   comfyui (VRAM_COMFYUI_URL)") and "GiB)" in line for line in lines
-    )
+        line.startswith("OK   comfyui (VRAM_COMFYUI_URL)")
+        and f"ComfyUI {version}, {mode}" in line
+        and "(cuda)" in line
+        and "GiB VRAM)" in line
+        for line in lines
+    ), result.stdout
     assert "no supervisor is running" in result.stdout
     assert result.stdout.rstrip().endswith("Result: all good")
+
+
+def _cpu_comfy_host() -> SimHost:
+    return SimHost(time_scale=0.01, comfyui=ComfyConfig(cpu=True))
+
+
+def test_doctor_warns_when_no_vram_can_be_read_at_all() -> None:
+    """No NVML here and a ComfyUI on the CPU: the supervisor would be blind."""
+    with _cpu_comfy_host() as host:
+        result = cli(
+            "doctor",
+            VRAM_OLLAMA_URL=host.ollama_url,
+            VRAM_COMFYUI_URL=host.comfyui_url,
+            VRAM_HTTP_PORT="0",
+        )
+    assert result.returncode == 0, result.stdout
+    assert "on the CPU, holds no VRAM" in result.stdout
+    assert "WARN no VRAM reading at all" in result.stdout
+    assert "all good" not in result.stdout
+    assert result.stdout.rstrip().endswith(
+        "Result: runs, but cannot read VRAM (see the WARN above)"
+    )
+
+
+def test_free_of_a_comfyui_on_the_cpu_says_so_at_once_and_succeeds() -> None:
+    with _cpu_comfy_host() as host:
+        start = time.monotonic()
+        result = cli("free", VRAM_OLLAMA_URL=host.ollama_url, VRAM_COMFYUI_URL=host.comfyui_url)
+        took = time.monotonic() - start
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ComfyUI comfyui runs on the CPU: it holds no VRAM, nothing to free" in result.stdout
+    assert "failed" not in result.stdout
+    assert took < 8.0  # no verify window (VRAM_VERIFY_TIMEOUT is 10 s)
