@@ -249,6 +249,11 @@ def test_render_status_table() -> None:
                 "error": None,
                 "vram_bytes": 11 * 1024**3,
                 "queue": {"running": 1, "pending": 0},
+                "mode": "dynamic-vram",
+                "version": "0.38.1",
+                "device_type": "cuda",
+                "device_name": "cuda:0 RTX 4090 : cudaMallocAsync",
+                "vram_measured": False,
             }
         ],
         "recent_actions": [
@@ -270,7 +275,22 @@ def test_render_status_table() -> None:
     assert "[0] RTX 4090: 20.0 GiB used of 24.0 GiB (83.3%)" in text
     assert "llama3.2:latest" in text and "75.0%" in text and "spilled to CPU" in text
     assert "1 running, 0 pending" in text
+    assert (
+        "ComfyUI 0.38.1, Dynamic VRAM (weights outside torch's figures), device cuda: "
+        "cuda:0 RTX 4090 : cudaMallocAsync (VRAM bounded from the device figures: no NVML)"
+    ) in text
     assert "FreeComfy soft comfyui/comfyui: freed, 11.0 GiB -> 300 MiB" in text
+
+
+def test_render_status_names_a_cpu_comfyui_and_an_old_snapshot() -> None:
+    base = {"key": "comfyui/c", "running": True, "reachable": True, "health": "none"}
+    base |= {"url": "http://c:8188", "error": None, "queue": None}
+    cpu = {**base, "name": "c", "vram_bytes": 0, "mode": "cpu", "version": "0.38.1"}
+    cpu |= {"device_type": "cpu", "device_name": "cpu", "vram_measured": False}
+    old = {**base, "name": "d", "vram_bytes": None}  # a supervisor without these fields
+    text = render_status({"comfyui": [cpu, old]})
+    assert "ComfyUI 0.38.1, runs on the CPU: holds no VRAM, device cpu: cpu" in text
+    assert "ComfyUI (version unknown), mode unknown (no /system_stats reading)" in text
 
 
 def test_json_logs_are_one_object_per_line() -> None:
