@@ -144,4 +144,3 @@ def test_heal_counts_dynamic_vram_weights_as_room(
     assert why in skipped(d)
     if expected:
         assert d.actions[0].target == f"{OLLAMA}"
-
