@@ -16,7 +16,7 @@ name gets the default checkpoint's size (real ComfyUI would reject it). Pure: no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from supervisor.sim.catalog import Catalog, CheckpointSpec
@@ -202,7 +202,7 @@ def parse_prompt(catalog: Catalog, prompt: dict[str, Any]) -> Plan:
     seconds: float | None = None
     batch = 1
     prefixes: dict[str, str] = {}
-    loaders: list[str] = []
+    loaders: list[tuple[str, str]] = []
     samplers: list[tuple[str, str]] = []
     others: list[tuple[str, str]] = []
     sim_jobs: list[str] = []
@@ -213,7 +213,7 @@ def parse_prompt(catalog: Catalog, prompt: dict[str, Any]) -> Plan:
         if kind in _LOADERS:
             name = str(inputs.get(_LOADERS[kind], ""))
             ckpt = catalog.checkpoint(name) or CheckpointSpec(name, ckpt.size_bytes)
-            loaders.append(node_id)
+            loaders.append((node_id, kind))
         elif kind in _SAMPLERS:
             if isinstance(inputs.get("steps"), int):
                 steps = inputs["steps"]
@@ -241,16 +241,17 @@ def parse_prompt(catalog: Catalog, prompt: dict[str, Any]) -> Plan:
         nodes.append(PlanNode(sim_jobs[0], "SimJob", seconds, steps, loads=True))
         nodes.extend(PlanNode(n, "SimJob") for n in sim_jobs[1:])
     else:
-        nodes.extend(PlanNode(n, "CheckpointLoaderSimple", loads=True) for n in loaders[:1])
-        nodes.extend(PlanNode(n, "CheckpointLoaderSimple") for n in loaders[1:])
-        if not loaders:  # a graph without a loader still needs the model on the GPU
-            nodes.append(PlanNode("", "", loads=True))
+        nodes.extend(PlanNode(n, k) for n, k in loaders)
         pre = [(n, k) for n, k in others if k not in _OUTPUTS and not k.startswith("Save")]
         nodes.extend(PlanNode(n, k) for n, k in pre if k not in ("VAEDecode",))
         for i, (n, k) in enumerate(samplers):
             nodes.append(PlanNode(n, k, seconds if i == 0 else 0.0, steps if i == 0 else 1))
         nodes.extend(PlanNode(n, k) for n, k in pre if k == "VAEDecode")
         nodes.extend(PlanNode(n, k) for n, k in others if k in _OUTPUTS or k.startswith("Save"))
+        # The model is loaded by the first loader; a graph without one (a sim shortcut)
+        # loads it in its first node all the same.
+        if nodes:
+            nodes[0] = replace(nodes[0], loads=True)
     return Plan(ckpt, seconds, steps, _outputs(prompt), nodes, batch, prefixes)
 
 
