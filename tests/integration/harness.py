@@ -318,6 +318,8 @@ class Sims:
                 "PYTHONUNBUFFERED": "1",
                 # A model stays loaded until someone unloads it: no expiry mid-test.
                 "OLLAMA_KEEP_ALIVE": "-1",
+                # The services' generation (2026 unless the test run names another).
+                "VRAM_SIM_PROFILE": os.environ.get("VRAM_SIM_PROFILE") or "2026",
             },
         }
         if health_flag is not None:
