@@ -266,11 +266,12 @@ def status(settings: Settings, *, as_json: bool) -> int:
 
 
 def free(settings: Settings, *, hard: bool) -> int:
-    from supervisor.model import FreeComfy, FreeResult, FreeStage
+    from supervisor.model import ComfyMode, FreeComfy, FreeResult, FreeStage
 
     daemon = build_daemon(settings)
     try:
-        daemon.observe()
+        obs = daemon.observe()
+        on_cpu = {c.status.spec.key for c in obs.comfyuis if c.mode is ComfyMode.CPU}
         comfyuis = daemon.actor.targets().comfyuis
         if not comfyuis:
             print(
@@ -282,6 +283,10 @@ def free(settings: Settings, *, hard: bool) -> int:
         stage = FreeStage.HARD if hard else FreeStage.SOFT
         failed = False
         for key, (spec, _) in comfyuis.items():
+            if key in on_cpu:
+                # Its "vram" figures are system RAM: no GPU memory to give back, no wait.
+                print(f"ComfyUI {spec.name} runs on the CPU: it holds no VRAM, nothing to free")
+                continue
             outcome = daemon.actor.execute(FreeComfy(key, stage, "requested by hand"))
             took = f"{outcome.duration_s:.1f} s"
             if outcome.dry_run:

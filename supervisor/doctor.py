@@ -3,7 +3,10 @@
 One line per check, OK/WARN/FAIL, each failure with a concrete fix. Essential (a FAIL):
 Docker when it is needed, a labelled container per role, every service API answering.
 Not essential (a WARN): NVML (the API source works without it), a stopped container, an
-unhealthy running supervisor. It only reads: it never frees, restarts or loads anything.
+unhealthy running supervisor, and no VRAM reading at all (no NVML and no ComfyUI on a
+CUDA device): the supervisor then runs but cannot see, so the result is not "all good".
+Each ComfyUI's version and memory mode (classic, Dynamic VRAM, CPU) is shown.
+It only reads: it never frees, restarts or loads anything.
 Heavy imports (docker, httpx, pynvml) happen inside, as in `cli`.
 """
 
@@ -86,7 +89,7 @@ def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bo
     return ok
 
 
-def _check_nvml() -> None:
+def _check_nvml() -> bool:
     from supervisor.errors import NvmlUnavailable
 
     try:
@@ -96,6 +99,7 @@ def _check_nvml() -> None:
             gpus = reader.gpus()
         names = ", ".join(g.name for g in gpus) or "no GPU"
         _line("OK", f"NVML works: {len(gpus)} GPU(s): {names}")
+        return True
     except NvmlUnavailable as exc:
         _line(
             "WARN",
@@ -103,6 +107,7 @@ def _check_nvml() -> None:
             "run with the NVIDIA runtime (--gpus all, capability utility) or rely on the "
             "API source (ComfyUI /system_stats and Ollama /api/ps)",
         )
+        return False
 
 
 def _check_running_supervisor(settings: Settings) -> None:
@@ -143,17 +148,38 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
                 lambda: f"Ollama {ollama.version()}, {len(ollama.ps())} model(s) loaded",
                 "VRAM_OLLAMA_URL",
             )
+    devices: list[str] = []
     for what, url in urls[Role.COMFYUI]:
         from supervisor.clients.comfyui import ComfyClient
+        from supervisor.vram.api import describe_comfy
 
         with ComfyClient(url, timeout) as comfy:
 
             def describe() -> str:
                 stats = comfy.system_stats()
-                return f"{stats.device_name}, {format_bytes(stats.vram_total_bytes)}"
+                devices.append(stats.device_type)
+                size = "RAM" if stats.device_type != "cuda" else "VRAM"
+                return f"{describe_comfy(stats)}, {format_bytes(stats.vram_total_bytes)} {size}"
 
             ok &= _api_answers(what, url, describe, "VRAM_COMFYUI_URL")
-    _check_nvml()
+    nvml = _check_nvml()
+    blind = not nvml and "cuda" not in devices
+    if blind:
+        _line(
+            "WARN",
+            "no VRAM reading at all: NVML is missing and no ComfyUI reports a CUDA device "
+            f"({', '.join(devices) or 'no ComfyUI answered'}); the supervisor would run "
+            "without seeing any GPU memory",
+            "give the supervisor NVML (--gpus all, capability utility); a ComfyUI on the "
+            "CPU holds no VRAM, so only NVML can show what Ollama holds",
+        )
     _check_running_supervisor(settings)
-    print("\nResult: " + ("all good" if ok else "something essential failed"))
+    result = (
+        "something essential failed"
+        if not ok
+        else "runs, but cannot read VRAM (see the WARN above)"
+        if blind
+        else "all good"
+    )
+    print("\nResult: " + result)
     return ok

@@ -10,6 +10,7 @@ monotonic clock of the running process unless a name says `wall`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -38,6 +39,24 @@ class VramSource(StrEnum):
     NVML = "nvml"  # libnvidia-ml through pynvml: per GPU, per process
     API = "api"  # ComfyUI /system_stats and Ollama /api/ps
     NONE = "none"  # nothing could be read this pass
+
+
+class ComfyMode(StrEnum):
+    """How a ComfyUI keeps its weights (api-facts-2026 sections 2 and 3)."""
+
+    CLASSIC = "classic"  # in PyTorch's allocator: torch_vram_total shows them
+    DYNAMIC = "dynamic-vram"  # 0.15+ Dynamic VRAM: outside torch's figures
+    CPU = "cpu"  # --cpu or no GPU: holds no VRAM at all
+    UNKNOWN = "unknown"  # no /system_stats reading
+
+
+# ComfyUI's Dynamic VRAM (api-facts-2026 section 2): since which version, the package that
+# provides it, and the command-line flags that turn it off.
+DYNAMIC_VRAM_SINCE = (0, 15)
+DYNAMIC_VRAM_PACKAGE = "comfy-aimdo"
+DYNAMIC_VRAM_OFF_FLAGS = frozenset(
+    {"--disable-dynamic-vram", "--highvram", "--gpu-only", "--novram", "--cpu"}
+)
 
 
 class FreeStage(StrEnum):
@@ -183,6 +202,29 @@ class ComfyStats:
     vram_free_bytes: int
     torch_reserved_bytes: int
     torch_cached_bytes: int  # reserved but not active (the API's `torch_vram_free`)
+    version: str = ""  # system.comfyui_version ("" when not reported)
+    argv: tuple[str, ...] = ()  # system.argv: its command line
+    packages: tuple[str, ...] = ()  # the names in system.comfy_package_versions (0.15+)
+
+    @property
+    def mode(self) -> ComfyMode:
+        """api-facts-2026 section 3: a non-CUDA device -> CPU (no NVIDIA memory); version
+        >= 0.15, `comfy-aimdo` among its packages, none of the flags that turn it off in
+        its argv and a CUDA device -> Dynamic VRAM; else classic. No field says Dynamic
+        VRAM is active: this is what its version and command line imply."""
+        if self.device_type != "cuda":
+            return ComfyMode.CPU
+        match = re.match(r"v?(\d+)\.(\d+)", self.version.strip())
+        version = (int(match.group(1)), int(match.group(2))) if match else None
+        flags = {arg.split("=", 1)[0] for arg in self.argv}
+        if (
+            version is not None
+            and version >= DYNAMIC_VRAM_SINCE
+            and DYNAMIC_VRAM_PACKAGE in self.packages
+            and not flags & DYNAMIC_VRAM_OFF_FLAGS
+        ):
+            return ComfyMode.DYNAMIC
+        return ComfyMode.CLASSIC
 
 
 @dataclass(frozen=True)
@@ -198,8 +240,12 @@ class ComfyObservation:
     status: ServiceStatus
     queue: ComfyQueue | None = None  # None: /queue could not be read
     stats: ComfyStats | None = None
-    vram_bytes: int | None = None  # attributed by NVML PIDs, or torch reserved bytes
+    # Attributed by NVML PIDs (`vram_measured`); else from its API: torch's reserved bytes,
+    # or under Dynamic VRAM the bound from the device figures (see vram/api.py).
+    vram_bytes: int | None = None
     gpu_uuids: tuple[str, ...] = ()
+    vram_measured: bool = False  # vram_bytes is NVML's per-process figure (context included)
+    mode: ComfyMode = ComfyMode.UNKNOWN
 
 
 @dataclass(frozen=True)

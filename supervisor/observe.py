@@ -16,6 +16,11 @@ Policy:
 - GPUs Docker granted by index are turned into NVML UUIDs (`resolve_gpu_ids`); one that
   cannot be resolved means every GPU, with a warning once per container and id.
 - It also keeps `targets`: the running services the Actor may act on.
+- Each ComfyUI's version and memory mode (classic, Dynamic VRAM, CPU) are read from its
+  /system_stats on every pass and logged when first seen and whenever they change: a
+  recreated container (an upgrade) is detected again. Under Dynamic VRAM without an NVML
+  figure, what it holds is bounded from the device (`comfy_dynamic_bound`), because its
+  torch figures do not show its weights.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from loguru import logger
 from supervisor.actions import Targets
 from supervisor.config import Settings
 from supervisor.model import (
+    ComfyMode,
     ComfyObservation,
     ComfyStats,
     GpuMemory,
@@ -45,7 +51,14 @@ from supervisor.model import (
 from supervisor.policy import DEAD_API_CHECKS
 from supervisor.ports import ComfyApi, DockerApi, GpuProcess, GpuReader, OllamaApi
 from supervisor.reads import Read, Service, close_quietly, noisy, read_all
-from supervisor.vram.api import comfy_vram_bytes, gpus_from_api, ollama_vram_bytes
+from supervisor.vram.api import (
+    comfy_dynamic_bound,
+    comfy_mode,
+    comfy_vram_bytes,
+    describe_comfy,
+    gpus_from_api,
+    ollama_vram_bytes,
+)
 from supervisor.vram.attribution import Attribution, attribute
 
 
@@ -126,6 +139,8 @@ class Observer:
         self._nvml_failures = 0
         self._unresolved_warned: set[tuple[str, str]] = set()  # (service key, GPU id)
         self._listed: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
+        # Per ComfyUI key: (container id, version, mode) last logged.
+        self._comfy_seen: dict[str, tuple[str | None, str, ComfyMode]] = {}
         self._fixed = {
             role: url
             for role, url in (
@@ -240,12 +255,27 @@ class Observer:
                 )
                 ollamas.append(OllamaObservation(status, read.models, vram, gpu_uuids))
             else:
-                vram = (
-                    nvml_bytes
-                    if nvml_bytes is not None
-                    else (comfy_vram_bytes(read.stats) if read.stats is not None else None)
+                mode = comfy_mode(read.stats)
+                self._note_comfy(specs[service.spec.key], read.stats)
+                if nvml_bytes is not None:
+                    vram = nvml_bytes
+                elif read.stats is None:
+                    vram = None
+                elif mode is ComfyMode.DYNAMIC:
+                    vram = comfy_dynamic_bound(read.stats, models)
+                else:
+                    vram = comfy_vram_bytes(read.stats)
+                comfyuis.append(
+                    ComfyObservation(
+                        status,
+                        read.queue,
+                        read.stats,
+                        vram,
+                        gpu_uuids,
+                        vram_measured=nvml_bytes is not None,
+                        mode=mode,
+                    )
                 )
-                comfyuis.append(ComfyObservation(status, read.queue, read.stats, vram, gpu_uuids))
 
         obs = Observation(
             at=at,
@@ -275,6 +305,16 @@ class Observer:
             ),
         )
         return obs
+
+    def _note_comfy(self, spec: ServiceSpec, stats: ComfyStats | None) -> None:
+        """Log a ComfyUI's version and mode when first read and whenever they change."""
+        if stats is None:
+            return
+        seen = (spec.container_id, stats.version, comfy_mode(stats))
+        if self._comfy_seen.get(spec.key) == seen:
+            return
+        self._comfy_seen[spec.key] = seen
+        logger.info(f"{spec.key}: {describe_comfy(stats)}")
 
     def _resolve_gpus(
         self, spec: ServiceSpec, gpus: tuple[GpuMemory, ...], source: VramSource

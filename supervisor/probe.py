@@ -2,7 +2,10 @@
 
 Policy: the narrowest reading that works. For a ComfyUI: the NVML memory of its
 container's processes (when NVML lists them with a figure: not on WSL2 or under WDDM),
-else torch's reserved bytes from its /system_stats (CUDA only), else the GPU's used bytes
+else from its /system_stats (CUDA only): torch's reserved bytes in classic mode; under
+Dynamic VRAM, whose weights torch does not see, the device bound (used memory less what
+Ollama's /api/ps holds and the contexts, plus ComfyUI's own context), or the device's used
+bytes (`is_device_wide`) when Ollama cannot be read; else the GPU's used bytes from NVML
 (`is_device_wide`, other processes included). Free VRAM: NVML, the best of the GPUs asked
 about (of any GPU when none is known), else ComfyUI's vram_free less torch's cache.
 A failed reading is logged at DEBUG and the next source is tried; None when none works.
@@ -16,7 +19,13 @@ from loguru import logger
 
 from supervisor.actions import Reading
 from supervisor.errors import ServiceError
-from supervisor.vram.api import comfy_vram_bytes
+from supervisor.model import ComfyMode, ComfyStats, OllamaModel
+from supervisor.policy import CUDA_CONTEXT_BYTES
+from supervisor.vram.api import (
+    comfy_dynamic_bound,
+    comfy_mode,
+    comfy_vram_bytes,
+)
 
 if TYPE_CHECKING:
     from supervisor.observe import Observer
@@ -51,6 +60,8 @@ class LiveProbe:
         if target is not None:
             try:
                 stats = target[1].system_stats()
+                if comfy_mode(stats) is ComfyMode.DYNAMIC:
+                    return self._dynamic_reading(stats)
                 if stats.device_type == "cuda":
                     return Reading(comfy_vram_bytes(stats))
             except ServiceError as exc:
@@ -61,6 +72,20 @@ class LiveProbe:
             except Exception as exc:
                 logger.debug(f"NVML device reading failed: {exc}")
         return None
+
+    def _dynamic_reading(self, stats: ComfyStats) -> Reading:
+        """A Dynamic-VRAM ComfyUI without NVML: the device bound (with its own context, as
+        an NVML reading would have it), else the device's used bytes."""
+        models: list[OllamaModel] = []
+        try:
+            for _, ollama in self._observer.targets.ollamas.values():
+                models.extend(ollama.ps())
+        except ServiceError as exc:
+            logger.debug(f"Ollama ps failed; reading the whole device: {exc}")
+            total = stats.vram_total_bytes
+            free = max(0, stats.vram_free_bytes - stats.torch_cached_bytes)
+            return Reading(max(0, total - free), is_device_wide=True)
+        return Reading(comfy_dynamic_bound(stats, models) + CUDA_CONTEXT_BYTES)
 
     def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
         gpu = self._observer.gpu

@@ -110,10 +110,17 @@ def ollama_json(o: OllamaObservation) -> dict[str, Any]:
 
 def comfy_json(c: ComfyObservation) -> dict[str, Any]:
     queue = {"running": c.queue.running, "pending": c.queue.pending} if c.queue else None
+    stats = c.stats
     return {
         **status_json(c.status),
         "vram_bytes": c.vram_bytes,
         "gpu_uuids": list(c.gpu_uuids),
         "queue": queue,
         "vram": format_bytes(c.vram_bytes),
+        # How it keeps its weights: classic, dynamic-vram, cpu or unknown (no stats).
+        "mode": c.mode.value,
+        "version": stats.version or None if stats else None,
+        "device_type": stats.device_type if stats else None,
+        "device_name": stats.device_name if stats else None,
+        "vram_measured": c.vram_measured,
     }

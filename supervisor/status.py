@@ -57,6 +57,25 @@ def fetch_snapshot(
     return f"a one-shot observation ({where})", observe_once()
 
 
+_MODE_WORDS = {
+    "dynamic-vram": "Dynamic VRAM (weights outside torch's figures)",
+    "classic": "classic VRAM",
+    "cpu": "runs on the CPU: holds no VRAM",
+    "unknown": "mode unknown (no /system_stats reading)",
+}
+
+
+def _comfy_kind(c: dict[str, Any]) -> str:
+    """The second line of a ComfyUI in the table: version, memory mode and device."""
+    mode = c.get("mode") or "unknown"
+    text = f"ComfyUI {c.get('version') or '(version unknown)'}, {_MODE_WORDS.get(mode, mode)}"
+    if c.get("device_type"):
+        text += f", device {c['device_type']}: {c.get('device_name') or 'unnamed'}"
+    if mode == "dynamic-vram" and c.get("vram_bytes") is not None and not c.get("vram_measured"):
+        text += " (VRAM bounded from the device figures: no NVML)"
+    return text
+
+
 def render_status(snap: dict[str, Any]) -> str:
     """The human table of `status`."""
     fb = format_bytes
@@ -102,6 +121,7 @@ def render_status(snap: dict[str, Any]) -> str:
         q = c.get("queue")
         queue = f"{q['running']} running, {q['pending']} pending" if q else "queue unknown"
         lines.append(f"  {c['name']:<28} VRAM {fb(c.get('vram_bytes')):>9}   {queue}")
+        lines.append(f"  {'':<28} {_comfy_kind(c)}")
     if not snap.get("comfyui"):
         lines.append("  (none)")
     lines.append("")

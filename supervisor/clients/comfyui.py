@@ -35,7 +35,8 @@ class ComfyClient(ServiceClient):
     SERVICE = "comfyui"
 
     def system_stats(self) -> ComfyStats:
-        """GET /system_stats: the one torch device ComfyUI uses (bytes)."""
+        """GET /system_stats: ComfyUI's primary torch device (bytes), its version, argv and
+        packages (which tell its memory mode, api-facts-2026 section 3)."""
         return self._http.json("GET", "/system_stats", _parse_stats, retry=Retry.TRANSIENT)
 
     def queue(self) -> ComfyQueue:
@@ -62,8 +63,15 @@ def _parse_stats(data: Any) -> ComfyStats:
     devices = items(field(body, "devices", "the body"), "devices")
     if not devices:
         raise ShapeError("devices is an empty list")
-    # ComfyUI lists exactly one device, the one torch uses (api-facts 2.2).
+    # 0.3.x lists the one device torch uses (api-facts 2.2); 0.15+ lists every torch
+    # device, the primary (the one ComfyUI runs on) first (api-facts-2026 section 2).
     device = obj(devices[0], "devices[0]")
+    # `system` says which ComfyUI this is; a server without it (a fork) is still usable.
+    system = body.get("system")
+    system = system if isinstance(system, dict) else {}
+    version = system.get("comfyui_version")
+    argv = system.get("argv")
+    packages = system.get("comfy_package_versions")
 
     def number(key: str) -> int:
         value = field(device, key, "devices[0]")
@@ -81,6 +89,9 @@ def _parse_stats(data: Any) -> ComfyStats:
         vram_free_bytes=number("vram_free"),
         torch_reserved_bytes=number("torch_vram_total"),
         torch_cached_bytes=number("torch_vram_free"),
+        version=version if isinstance(version, str) else "",
+        argv=tuple(a for a in argv if isinstance(a, str)) if isinstance(argv, list) else (),
+        packages=tuple(str(k) for k in packages) if isinstance(packages, dict) else (),
     )
 
 

@@ -42,17 +42,24 @@ EPISODE_STALE_S = 300.0
 
 
 def estimate_reclaimable(comfy: ComfyObservation) -> int:
-    """Bytes a /free could give back: torch's reserved memory from /system_stats (models
-    plus allocator cache; the CUDA context is not in it). Without stats, the attributed
-    VRAM less a CUDA context. 0 for a CPU device or when nothing is known."""
+    """Bytes a /free could give back, the largest of what is known:
+    - torch's reserved memory from /system_stats (models plus allocator cache in classic
+      mode; under Dynamic VRAM only the cache, near 0 after a job);
+    - NVML's figure for its processes less a CUDA context (`vram_measured`), which shows
+      Dynamic VRAM's weight pages too;
+    - without NVML, the API figure in `vram_bytes` (torch's reserved bytes, or under
+      Dynamic VRAM the bound from the device figures).
+    So the torch figures alone never make a ComfyUI that holds weights look empty. 0 for a
+    ComfyUI on the CPU (its "vram" fields report system RAM) or when nothing is known."""
     stats = comfy.stats
-    if stats is not None:
-        if stats.device_type == "cpu":  # the vram fields then report system RAM
-            return 0
-        return max(0, stats.torch_reserved_bytes)
+    if stats is not None and stats.device_type != "cuda":
+        return 0
+    torch = stats.torch_reserved_bytes if stats is not None else 0
+    other = 0
     if comfy.vram_bytes is not None:
-        return max(0, comfy.vram_bytes - CUDA_CONTEXT_BYTES)
-    return 0
+        measured = comfy.vram_measured or stats is None  # no stats: an NVML figure
+        other = comfy.vram_bytes - CUDA_CONTEXT_BYTES if measured else comfy.vram_bytes
+    return max(0, torch, other)
 
 
 def service_gpus(svc: ComfyObservation | OllamaObservation) -> tuple[str, ...]:

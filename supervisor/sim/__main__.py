@@ -2,6 +2,7 @@
 
     python -m supervisor.sim ollama  [--host 127.0.0.1] [--port 11434] [options]
     python -m supervisor.sim comfyui [--host 127.0.0.1] [--port 8188] [--highvram] [--pinned]
+                                     [--cpu] [--disable-dynamic-vram] [--vram-headroom GB]
     python -m supervisor.sim all     [--ollama-port 11434] [--comfyui-port 8188]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
@@ -9,7 +10,9 @@
 The fake NVML library reads the file named by SIM_GPU_STATE (default
 /var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
 
-Shared options: --gpu-state FILE (file-backed GPU shared with other processes),
+Shared options: --profile 2026|2025 (the services' generation; default VRAM_SIM_PROFILE,
+else 2026: ComfyUI 0.38 with Dynamic VRAM; 2025: ComfyUI 0.3.64), --gpu-state FILE
+(file-backed GPU shared with other processes),
 --gpu-total-gib, --time-scale, --catalog JSON-or-path, --verbose. Ollama reads
 OLLAMA_KEEP_ALIVE, OLLAMA_NUM_PARALLEL, OLLAMA_MAX_LOADED_MODELS and OLLAMA_CONTEXT_LENGTH
 like the real server. The host defaults to 127.0.0.1; SIGTERM and SIGINT stop the servers
@@ -36,6 +39,7 @@ from supervisor.sim.httpbase import SimServer
 from supervisor.sim.nvml_build import BuildError, build_fake_nvml
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig
+from supervisor.sim.profiles import PROFILES, sim_profile
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-name")
     parser.add_argument("--gpu-uuid")
     parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help="2026 (default, or VRAM_SIM_PROFILE) or 2025: which generation to play",
+    )
     parser.add_argument("--highvram", action="store_true")
     parser.add_argument("--pinned", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="ComfyUI on the CPU (no GPU)")
+    parser.add_argument(
+        "--disable-dynamic-vram", action="store_true", help="ComfyUI 0.15+: classic memory"
+    )
+    parser.add_argument(
+        "--vram-headroom", type=float, default=0.0, help="GB kept free by Dynamic VRAM"
+    )
     parser.add_argument(
         "--catalog", help="inline JSON or a path: {models: [...], checkpoints: [...]}"
     )
@@ -114,8 +130,14 @@ def run(args: argparse.Namespace) -> int:
             servers.append(ollama.serve(args.host, port, verbose=args.verbose))
             print(f"sim: fake Ollama listening on {servers[-1].url}", flush=True)
         if args.mode in ("comfyui", "all"):
-            comfy_config = ComfyConfig(
-                time_scale=args.time_scale, highvram=args.highvram, pinned=args.pinned
+            comfy_config = ComfyConfig.for_profile(
+                args.profile,
+                time_scale=args.time_scale,
+                highvram=args.highvram,
+                pinned=args.pinned,
+                cpu=args.cpu,
+                disable_dynamic_vram=args.disable_dynamic_vram,
+                headroom_bytes=int(args.vram_headroom * GIB),
             )
             comfy = FakeComfyUI(gpu, catalog, comfy_config)
             closers.append(comfy.close)
@@ -123,7 +145,15 @@ def run(args: argparse.Namespace) -> int:
                 args.port if args.mode == "comfyui" and args.port is not None else args.comfyui_port
             )
             servers.append(comfy.serve(args.host, port, verbose=args.verbose))
+            mode = (
+                "CPU"
+                if comfy_config.cpu
+                else "Dynamic VRAM"
+                if comfy_config.dynamic_vram
+                else "classic VRAM"
+            )
             print(f"sim: fake ComfyUI listening on {servers[-1].url}", flush=True)
+            print(f"sim: ComfyUI {comfy_config.version}, {mode}", flush=True)
         snap = gpu.snapshot()
         print(f"sim: GPU {snap.name} {snap.uuid}, {snap.total_bytes / GIB:.1f} GiB", flush=True)
         while not stop.wait(0.5):
@@ -141,7 +171,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.profile is None:
+        try:
+            args.profile = sim_profile(os.environ)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.mode in ("healthcheck", "build-nvml") and not args.target:
         print(
             f"{args.mode} needs a {'URL' if args.mode == 'healthcheck' else 'directory'}",

@@ -1,9 +1,15 @@
 """A fake ComfyUI server: the HTTP API of api-facts 2.1-2.4 over `ComfyEngine`.
 
 Every route is also served under `/api` (`/api/system_stats` equals `/system_stats`).
-Errors look like aiohttp's: an unknown path answers 404 "404: Not Found", a known path with
-the wrong method 405, and a handler that fails on a bad body (for example `/free` with a body
-that is not a JSON object) 500, as ComfyUI itself would.
+Errors look like the real server's (api-facts-2026 section 4): an unknown path answers 404
+with an empty body; GET or HEAD on a path that has no GET route also 404 (the static file
+route catches it), another wrong method 405 with an `Allow` header; a handler that fails on
+a bad body (for example `/free` with a body that is not a JSON object) 500.
+
+`/system_stats` has the shape of the profile's generation: 2025 (0.3.64: `os` is `os.name`,
+one device) or 2026 (0.15+: `os` is `sys.platform`, `comfy_package_versions` with
+`comfy-aimdo`, `deploy_environment`). Under `--cpu` the one device is `cpu` with index null
+and system RAM in all four vram fields.
 
 `/sim/...` routes belong to the simulator (stats, the pinned switch, the GPU view).
 """
@@ -11,11 +17,11 @@ that is not a JSON object) 500, as ComfyUI itself would.
 from __future__ import annotations
 
 import json
-import platform
+import sys
 from typing import Any
 
 from supervisor.sim.catalog import Catalog
-from supervisor.sim.comfyui_prompt import parse_prompt
+from supervisor.sim.comfyui_prompt import PromptError, error_body, parse_prompt, validate
 from supervisor.sim.comfyui_worker import ComfyConfig, ComfyEngine
 from supervisor.sim.gpu import GIB, SimGpu
 from supervisor.sim.httpbase import Exchange, Route, SimServer
@@ -25,11 +31,8 @@ class _ServerError(Exception):
     """What an uncaught exception inside an aiohttp handler becomes: a plain 500."""
 
 
-def _no_outputs_error(kind: str, message: str) -> dict[str, Any]:
-    return {
-        "error": {"type": kind, "message": message, "details": "", "extra_info": {}},
-        "node_errors": [],
-    }
+RAM_TOTAL = 64 * GIB
+RAM_FREE = 48 * GIB
 
 
 class FakeComfyUI:
@@ -61,7 +64,12 @@ class FakeComfyUI:
             return None
         if method == "HEAD" and "GET" in methods:
             method = "GET"
-        return methods.get(method, _method_not_allowed)
+        if method in methods:
+            return methods[method]
+        if method in ("GET", "HEAD"):
+            return _not_found  # aiohttp's static route answers, and finds no such file
+        allowed = ",".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+        return lambda ex: _method_not_allowed(ex, allowed)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> SimServer:
         server = SimServer(
@@ -101,23 +109,48 @@ class FakeComfyUI:
         ex.send(200, b"<!DOCTYPE html><title>ComfyUI (simulated)</title>", "text/html")
 
     def system_stats(self, ex: Exchange) -> None:
-        mem = self.engine.memory()
-        torch_free = mem["reserved"] - mem["active"]
-        system = {
-            "os": "posix",
-            "ram_total": 64 * GIB,
-            "ram_free": 48 * GIB,
-            "comfyui_version": self.config.version,
+        config = self.config
+        modern = config.profile != "2025"
+        system: dict[str, Any] = {
+            "os": sys.platform if modern else "posix",
+            "ram_total": RAM_TOTAL,
+            "ram_free": RAM_FREE,
+            "comfyui_version": config.version,
             "required_frontend_version": "1.27.10",
             "installed_templates_version": "0.1.94",
             "required_templates_version": "0.1.94",
-            "python_version": platform.python_version(),
+            "python_version": sys.version,
             "pytorch_version": "2.8.0+cu128",
             "embedded_python": False,
-            "argv": ["main.py", "--listen", "0.0.0.0"]
-            + (["--highvram"] if self.config.highvram else []),
+            "argv": config.argv,
         }
-        device = {
+        if modern:
+            packages = {
+                "comfyui-frontend-package": "1.33.10",
+                "comfyui-workflow-templates": "0.7.25",
+                "comfyui-embedded-docs": "0.3.1",
+            }
+            if config.aimdo_version is not None:
+                packages["comfy-aimdo"] = config.aimdo_version
+            system["comfy_package_versions"] = packages
+            system["deploy_environment"] = "local"
+        ex.send_json(200, {"system": system, "devices": [self._device()]})
+
+    def _device(self) -> dict[str, Any]:
+        if self.config.cpu:
+            # get_total_memory / get_free_memory report psutil's RAM for a CPU device.
+            return {
+                "name": "cpu",
+                "type": "cpu",
+                "index": None,
+                "vram_total": RAM_TOTAL,
+                "vram_free": RAM_FREE,
+                "torch_vram_total": RAM_TOTAL,
+                "torch_vram_free": RAM_FREE,
+            }
+        mem = self.engine.memory()
+        torch_free = mem["reserved"] - mem["active"]
+        return {
             "name": f"cuda:0 {self.gpu.name} : cudaMallocAsync",
             "type": "cuda",
             "index": 0,
@@ -126,7 +159,6 @@ class FakeComfyUI:
             "torch_vram_total": mem["reserved"],
             "torch_vram_free": torch_free,
         }
-        ex.send_json(200, {"system": system, "devices": [device]})
 
     def get_queue(self, ex: Exchange) -> None:
         running, pending = self.engine.queue()
@@ -152,36 +184,41 @@ class FakeComfyUI:
         ex.send_json(200, {"exec_info": {"queue_remaining": self.engine.remaining()}})
 
     def post_prompt(self, ex: Exchange) -> None:
-        def run() -> None:
-            body = self._json(ex)
-            prompt = body.get("prompt")
-            if not isinstance(prompt, dict):
-                ex.send_json(400, _no_outputs_error("no_prompt", "No prompt provided"))
-                return
-            checkpoint, seconds, steps, outputs = parse_prompt(self.engine.catalog, prompt)
-            if not outputs:
-                ex.send_json(400, _no_outputs_error("prompt_no_outputs", "Prompt has no outputs"))
-                return
-            extra = dict(body.get("extra_data") or {})
-            if "client_id" in body:
-                extra["client_id"] = body["client_id"]
-            for secret in ("auth_token_comfy_org", "api_key_comfy_org"):
-                extra.pop(secret, None)
-            fields: dict[str, Any] = {
-                "prompt_id": str(body.get("prompt_id") or self.engine.new_prompt_id()),
-                "prompt": prompt,
-                "extra_data": extra,
-                "outputs": outputs,
-                "checkpoint": checkpoint,
-                "seconds": seconds,
-                "steps": steps,
-            }
-            if isinstance(body.get("number"), int | float):
-                fields["number"] = float(body["number"])
-            job = self.engine.submit(fields, front=bool(body.get("front")))
-            ex.send_json(200, {"prompt_id": job.prompt_id, "number": job.number, "node_errors": {}})
-
-        self._guard(ex, run)
+        try:
+            body = json.loads(ex.body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._guard(ex, lambda: self._json(ex))  # a body that is not JSON: 500
+            return
+        if not isinstance(body, dict) or "prompt" not in body:
+            details = "No prompt provided"
+            ex.send_json(400, error_body("no_prompt", details, details, {}))
+            return
+        prompt = body["prompt"]
+        if not isinstance(prompt, dict):  # validate_prompt fails on it: an uncaught error
+            ex.send_text(500, "500 Internal Server Error\n\nServer got itself in trouble")
+            return
+        try:
+            validate(prompt)
+        except PromptError as exc:
+            ex.send_json(400, exc.body)
+            return
+        plan = parse_prompt(self.engine.catalog, prompt)
+        extra = dict(body.get("extra_data") or {})
+        if "client_id" in body:
+            extra["client_id"] = body["client_id"]
+        for secret in ("auth_token_comfy_org", "api_key_comfy_org"):
+            extra.pop(secret, None)
+        fields: dict[str, Any] = {
+            "prompt_id": str(body.get("prompt_id") or self.engine.new_prompt_id()),
+            "prompt": prompt,
+            "extra_data": extra,
+            "outputs": plan.outputs,
+            "plan": plan,
+        }
+        if isinstance(body.get("number"), int | float):
+            fields["number"] = float(body["number"])
+        job = self.engine.submit(fields, front=bool(body.get("front")))
+        ex.send_json(200, {"prompt_id": job.prompt_id, "number": job.number, "node_errors": {}})
 
     def post_interrupt(self, ex: Exchange) -> None:
         body = self._json(ex, optional=True)
@@ -227,6 +264,9 @@ class FakeComfyUI:
         data["time_scale"] = self.config.time_scale
         data["pinned"] = self.config.pinned
         data["highvram"] = self.config.highvram
+        data["profile"] = self.config.profile
+        data["dynamic_vram"] = self.config.dynamic_vram
+        data["cpu"] = self.config.cpu
         ex.send_json(200, data)
 
     def sim_reset(self, ex: Exchange) -> None:
@@ -244,8 +284,8 @@ class FakeComfyUI:
 
 
 def _not_found(ex: Exchange) -> None:
-    ex.send_text(404, "404: Not Found")
+    ex.send(404, b"", "application/octet-stream")
 
 
-def _method_not_allowed(ex: Exchange) -> None:
-    ex.send_text(405, "405: Method Not Allowed")
+def _method_not_allowed(ex: Exchange, allowed: str) -> None:
+    ex.send(405, b"405: Method Not Allowed", "text/plain; charset=utf-8", {"Allow": allowed})

@@ -13,6 +13,17 @@ Behaviour follows api-facts 2.3, 2.4 and 2.7:
   loaded model when room has come back.
 * The process holds a CUDA context from start to exit, so it always shows in the GPU's
   process list with a few hundred MiB.
+* Dynamic VRAM (api-facts-2026 section 2; the default of ComfyUI >= 0.15, `profile` 2026):
+  weights live outside PyTorch's allocator, so torch's reserved figure shows only the
+  job's workspace, and torch's cache is emptied after every node: after a job
+  `torch_vram_total` is 0 while the weights stay. Weights go back only on `/free` or under
+  pressure during ComfyUI's own job (free memory below 256 MiB + `--vram-headroom`); an
+  idle ComfyUI releases nothing. `--disable-dynamic-vram`, `--highvram` and `--cpu` turn it
+  off. The Linux reserve of 0.15+ is 400 MiB (the 2025 profile keeps 500 MiB).
+* `--cpu`: no GPU at all (no CUDA context, nothing allocated); jobs run at CPU speed.
+* Nodes run one after another. An interrupt takes effect between nodes; a sampler (or a
+  SimJob) also checks at each step, as the real progress hook does. A node that started
+  runs to its end otherwise, and the history names the node where the prompt stopped.
 * `pinned` makes the worker drop /free flags: a ComfyUI that will not let go (the case that
   only a restart fixes).
 
@@ -31,23 +42,75 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.sim.catalog import Catalog, CheckpointSpec
+from supervisor.sim.comfyui_prompt import Plan, PlanNode
 from supervisor.sim.gpu import GIB, MIB, SimGpu
+from supervisor.sim.profiles import DEFAULT_PROFILE, parse_profile
 
 HISTORY_CAP = 10000
+# Dynamic VRAM gives weights back during a job when free memory falls below this plus
+# --vram-headroom (comfy-aimdo's pressure threshold, api-facts-2026 section 2).
+AIMDO_PRESSURE_BYTES = 256 * MIB
+AIMDO_VERSION = "0.5.5"
 
 
 @dataclass
 class ComfyConfig:
+    """The fake's settings. The defaults are the 2026 profile (ComfyUI 0.38, Dynamic VRAM);
+    `ComfyConfig.for_profile("2025")` is ComfyUI 0.3.64 as simulated before."""
+
     time_scale: float = 1.0
     highvram: bool = False
     pinned: bool = False
+    cpu: bool = False  # --cpu: no GPU used at all
+    disable_dynamic_vram: bool = False  # --disable-dynamic-vram
+    headroom_bytes: int = 0  # --vram-headroom (GB on the command line)
     context_bytes: int = 384 * MIB  # CUDA context + cuBLAS workspace, held until exit
-    reserve_bytes: int = 500 * MIB  # --reserve-vram default: 400 MiB + 100 MiB over 15 GiB
+    reserve_bytes: int = 400 * MIB  # --reserve-vram default on Linux (0.15+)
     offload_penalty: float = 3.0  # a job with all weights in RAM runs (1 + this) x slower
     disk_bytes_per_s: float = 2 * GIB  # first load of a checkpoint
     ram_bytes_per_s: float = 12 * GIB  # reload of weights kept in RAM after an unload
-    version: str = "0.3.64"
+    version: str = "0.38.1"
+    aimdo_version: str | None = AIMDO_VERSION  # None: comfy-aimdo not installed
+    profile: str = DEFAULT_PROFILE
     pid: int | None = None
+
+    @classmethod
+    def for_profile(cls, profile: str, **fields: Any) -> ComfyConfig:
+        """The settings of one generation: "2026" (default) or "2025" (0.3.64)."""
+        if parse_profile(profile, "profile") == "2025":
+            base: dict[str, Any] = {
+                "version": "0.3.64",
+                "aimdo_version": None,
+                # 400 MiB + 100 MiB over 15 GiB of VRAM, as 0.3.64 did on every OS.
+                "reserve_bytes": 500 * MIB,
+                "profile": "2025",
+            }
+            return cls(**{**base, **fields})
+        return cls(**fields)
+
+    @property
+    def dynamic_vram(self) -> bool:
+        """Dynamic VRAM is on: comfy-aimdo installed and no flag turning it off."""
+        return (
+            self.aimdo_version is not None
+            and not self.disable_dynamic_vram
+            and not self.highvram
+            and not self.cpu
+        )
+
+    @property
+    def argv(self) -> list[str]:
+        """ComfyUI's command line as /system_stats reports it."""
+        argv = ["main.py", "--listen", "0.0.0.0"]
+        if self.cpu:
+            argv.append("--cpu")
+        if self.highvram:
+            argv.append("--highvram")
+        if self.disable_dynamic_vram:
+            argv.append("--disable-dynamic-vram")
+        if self.headroom_bytes:
+            argv += ["--vram-headroom", f"{self.headroom_bytes / GIB:g}"]
+        return argv
 
 
 @dataclass
@@ -57,9 +120,7 @@ class Job:
     prompt: dict[str, Any]
     extra_data: dict[str, Any]
     outputs: list[str]
-    checkpoint: CheckpointSpec
-    seconds: float
-    steps: int
+    plan: Plan
     queued_mono: float = field(default_factory=time.monotonic)
 
     def item(self) -> list[Any]:
@@ -112,8 +173,10 @@ class ComfyEngine:
         self.models: dict[str, LoadedModel] = {}
         self.workspace_bytes = 0
         self.workspace_active = False
-        # torch initialises CUDA at startup: the context exists before any prompt.
-        self.gpu.allocate_partial("comfyui:context", self.pid, config.context_bytes)
+        self._saved: dict[str, int] = {}  # filename prefix -> images saved so far
+        if not config.cpu:
+            # torch initialises CUDA at startup: the context exists before any prompt.
+            self.gpu.allocate_partial("comfyui:context", self.pid, config.context_bytes)
         self._worker = threading.Thread(target=self._work, daemon=True, name="sim-comfy-worker")
         self._worker.start()
 
@@ -176,9 +239,13 @@ class ComfyEngine:
     # ------------------------------------------------------------------ memory view
 
     def memory(self) -> dict[str, int]:
-        """torch's view: reserved, active; the device's view: free, total."""
+        """torch's view: reserved, active; the device's view: free, total. Under Dynamic
+        VRAM the weights are in neither torch figure (comfy-aimdo maps them itself)."""
         with self._cond:
             weights = sum(m.gpu_bytes for m in self.models.values())
+            held = weights + self.workspace_bytes
+            if self.config.dynamic_vram:
+                weights = 0
             reserved = weights + self.workspace_bytes
             active = weights + (self.workspace_bytes if self.workspace_active else 0)
         snap = self.gpu.snapshot()
@@ -187,6 +254,7 @@ class ComfyEngine:
             "free": snap.free_bytes,
             "reserved": reserved,
             "active": active,
+            "held": held,  # weights + workspace on the GPU, whatever torch reports
         }
 
     def stats_json(self) -> dict[str, Any]:
@@ -228,16 +296,27 @@ class ComfyEngine:
             if flags:
                 self._handle_free(flags)
 
-    def _sleep(self, sim_s: float) -> bool:
-        """Sleep; False if interrupted or stopping meanwhile."""
+    def _sleep(self, sim_s: float, *, interruptible: bool = True) -> bool:
+        """Sleep; False if interrupted (when `interruptible`) or stopping meanwhile."""
         deadline = time.monotonic() + sim_s * self.config.time_scale
         with self._cond:
-            while not (self._interrupt or self._stop):
+            while not ((self._interrupt and interruptible) or self._stop):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return True
                 self._cond.wait(timeout=left)
             return False
+
+    def _interrupted(self) -> bool:
+        with self._cond:
+            return self._interrupt or self._stop
+
+    def _keep_free(self) -> int:
+        """What loads leave free: comfy-aimdo's pressure threshold under Dynamic VRAM,
+        else the reserve (--reserve-vram)."""
+        if self.config.dynamic_vram:
+            return AIMDO_PRESSURE_BYTES + self.config.headroom_bytes
+        return self.config.reserve_bytes
 
     def _ensure_workspace(self, need: int) -> None:
         if self.workspace_bytes < need:
@@ -245,10 +324,16 @@ class ComfyEngine:
                 "comfyui:workspace", self.pid, need - self.workspace_bytes
             )
 
+    def _empty_cache(self) -> int:
+        """torch.cuda.empty_cache(): the allocator's cache goes back to the driver."""
+        freed = self.gpu.release("comfyui:workspace")
+        self.workspace_bytes = 0
+        return freed
+
     def _make_room(self, keep: str, need: int) -> None:
         """free_memory(): unload other models, least recently used first, until `need` fits."""
         for name in list(self.models):
-            if self.gpu.free_bytes() - self.config.reserve_bytes >= need:
+            if self.gpu.free_bytes() - self._keep_free() >= need:
                 return
             if name != keep and not self.config.highvram:
                 self._unload_model(name)
@@ -265,47 +350,91 @@ class ComfyEngine:
         fresh = model is None
         model = model or LoadedModel(spec)
         self.models[spec.name] = model  # most recently used last
+        speed = self.config.disk_bytes_per_s if fresh else self.config.ram_bytes_per_s
+        if self.config.cpu:
+            return 0.0, (spec.size_bytes / speed if fresh else 0.0)
         missing = spec.size_bytes - model.gpu_bytes
-        if missing > 0:
-            self._make_room(spec.name, missing + spec.workspace_bytes)
-        self._ensure_workspace(spec.workspace_bytes)
         granted = 0
         if missing > 0:
+            self._make_room(spec.name, missing + spec.workspace_bytes)
             granted = self.gpu.allocate_partial(
                 f"comfyui:model:{spec.name}",
                 self.pid,
                 missing,
-                keep_free_bytes=self.config.reserve_bytes,
+                keep_free_bytes=self._keep_free()
+                + max(0, spec.workspace_bytes - self.workspace_bytes),
                 step_bytes=64 * MIB,
             )
             model.gpu_bytes += granted
-        speed = self.config.disk_bytes_per_s if fresh else self.config.ram_bytes_per_s
         load_s = (granted if not fresh else spec.size_bytes) / speed
         return model.gpu_bytes / spec.size_bytes, load_s
+
+    def _run_node(self, node: PlanNode, job: Job, fraction: float) -> tuple[bool, float]:
+        """Run one node; (whether it ran to its end, the GPU fraction of the weights)."""
+        spec = job.plan.checkpoint
+        if node.loads:
+            with self._cond:  # the HTTP threads read `models` for /system_stats
+                fraction, load_s = self._load(spec)
+            # Loading has no progress hook: an interrupt waits for the load to end.
+            if not self._sleep(load_s, interruptible=False):
+                return False, fraction
+        if node.steps > 0:
+            with self._cond:
+                if not self.config.cpu:
+                    self._ensure_workspace(spec.workspace_bytes)
+                self.workspace_active = True
+            slow = 1 + self.config.offload_penalty * (1 - fraction)
+            per_step = node.seconds / node.steps * slow
+            try:
+                for _ in range(node.steps):
+                    if not self._sleep(per_step):
+                        return False, fraction
+            finally:
+                with self._cond:
+                    self.workspace_active = False
+        elif node.seconds > 0 and not self._sleep(node.seconds, interruptible=False):
+            return False, fraction
+        return True, fraction
 
     def _execute(self, job: Job) -> None:
         start = time.monotonic()
         with self._cond:
             self._interrupt = False  # a stale flag is cleared when a prompt starts
         messages: list[list[Any]] = [
-            ["execution_start", {"prompt_id": job.prompt_id, "timestamp": _ms()}]
+            ["execution_start", {"prompt_id": job.prompt_id, "timestamp": _ms()}],
+            ["execution_cached", {"nodes": [], "prompt_id": job.prompt_id, "timestamp": _ms()}],
         ]
-        with self._cond:  # the HTTP threads read `models` for /system_stats
-            fraction, load_s = self._load(job.checkpoint)
-            self.workspace_active = True
-        completed = self._sleep(load_s)
-        per_step = (
-            job.seconds / max(1, job.steps) * (1 + self.config.offload_penalty * (1 - fraction))
-        )
-        for _ in range(job.steps):
-            if not completed or not self._sleep(per_step):
-                completed = False
+        fraction = 1.0
+        executed: list[str] = []
+        stopped: PlanNode | None = None
+        for node in job.plan.nodes:
+            if self._interrupted():  # checked before each node runs
+                stopped = node
                 break
+            done, fraction = self._run_node(node, job, fraction)
+            if self.config.dynamic_vram:
+                with self._cond:  # Dynamic VRAM empties torch's cache after every node
+                    self._empty_cache()
+            if not done:
+                stopped = node
+                break
+            if node.node_id:
+                executed.append(node.node_id)
+        completed = stopped is None
         with self._cond:
-            self.workspace_active = False
             now = time.monotonic()
             scale = self.config.time_scale
             outputs: dict[str, Any] = {}
+            meta: dict[str, Any] = {}
+            for node_id in job.outputs:
+                if node_id in executed:
+                    outputs[node_id] = {"images": self._images(job, node_id)}
+                    meta[node_id] = {
+                        "node_id": node_id,
+                        "display_node": node_id,
+                        "parent_node": None,
+                        "real_node_id": node_id,
+                    }
             if completed:
                 self.stats.jobs_done += 1
                 self.stats.latencies_s.append(round((now - job.queued_mono) / scale, 4))
@@ -313,30 +442,26 @@ class ComfyEngine:
                 messages.append(
                     ["execution_success", {"prompt_id": job.prompt_id, "timestamp": _ms()}]
                 )
-                for node in job.outputs:
-                    name = f"ComfyUI_{self.stats.jobs_done:05d}_.png"
-                    outputs[node] = {
-                        "images": [{"filename": name, "subfolder": "", "type": "output"}]
-                    }
             else:
+                assert stopped is not None
                 self.stats.jobs_interrupted += 1
                 messages.append(
                     [
                         "execution_interrupted",
                         {
                             "prompt_id": job.prompt_id,
-                            "node_id": job.outputs[0] if job.outputs else "",
-                            "node_type": "KSampler",
-                            "executed": [],
+                            "node_id": stopped.node_id,
+                            "node_type": stopped.class_type,
+                            "executed": executed,
                             "timestamp": _ms(),
                         },
                     ]
                 )
-            self.stats.jobs_lowvram += int(fraction < 1)
+            self.stats.jobs_lowvram += int(fraction < 1 and not self.config.cpu)
             self._history[job.prompt_id] = {
                 "prompt": job.item(),
                 "outputs": outputs,
-                "meta": {},
+                "meta": meta,
                 "status": {
                     "status_str": "success" if completed else "error",
                     "completed": completed,
@@ -345,6 +470,23 @@ class ComfyEngine:
             }
             while len(self._history) > HISTORY_CAP:
                 self._history.popitem(last=False)
+
+    def _images(self, job: Job, node_id: str) -> list[dict[str, str]]:
+        """One file per image of the batch, named with the node's prefix (SaveImage)."""
+        node = job.prompt.get(node_id) or {}
+        preview = node.get("class_type") == "PreviewImage"
+        prefix = "ComfyUI_temp" if preview else job.plan.prefixes.get(node_id, "ComfyUI")
+        images = []
+        for _ in range(max(1, job.plan.batch_size)):
+            self._saved[prefix] = self._saved.get(prefix, 0) + 1
+            images.append(
+                {
+                    "filename": f"{prefix}_{self._saved[prefix]:05d}_.png",
+                    "subfolder": "",
+                    "type": "temp" if preview else "output",
+                }
+            )
+        return images
 
     def _handle_free(self, flags: dict[str, bool]) -> None:
         if self.config.pinned:
@@ -366,8 +508,7 @@ class ComfyEngine:
                     freed += self._unload_model(name)
                 self.models.clear()
             # gc.collect() + torch.cuda.empty_cache(): the allocator's cache goes back.
-            freed += self.gpu.release("comfyui:workspace")
-            self.workspace_bytes = 0
+            freed += self._empty_cache()
             self.stats.frees_handled += 1
             self.stats.freed_bytes += freed
 

@@ -19,6 +19,7 @@ from supervisor.sim.gpu import GIB, SimGpu, open_gpu
 from supervisor.sim.httpbase import SimServer
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig
+from supervisor.sim.profiles import sim_profile
 
 
 class SimHost:
@@ -26,6 +27,8 @@ class SimHost:
 
     `time_scale`, `highvram` and `pinned` override the same fields of the given configs.
     A `gpu_state` path makes the GPU file-backed, so other processes can share it.
+    `profile` ("2026" or "2025"; default VRAM_SIM_PROFILE, else "2026") picks the services'
+    generation where no config is given.
     """
 
     def __init__(
@@ -42,12 +45,17 @@ class SimHost:
         start_ollama: bool = True,
         start_comfyui: bool = True,
         host: str = "127.0.0.1",
+        profile: str | None = None,
     ) -> None:
         self._host = host
+        self.profile = profile or sim_profile(os.environ)
         self.catalog = catalog or Catalog()
         self.ollama_config = dataclasses.replace(ollama or OllamaConfig(), time_scale=time_scale)
         self.comfyui_config = dataclasses.replace(
-            comfyui or ComfyConfig(), time_scale=time_scale, highvram=highvram, pinned=pinned
+            comfyui or ComfyConfig.for_profile(self.profile),
+            time_scale=time_scale,
+            highvram=highvram,
+            pinned=pinned,
         )
         self.gpu: SimGpu = open_gpu(
             Path(gpu_state) if gpu_state is not None else None, int(gpu_total_gib * GIB)

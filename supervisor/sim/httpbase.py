@@ -54,10 +54,14 @@ class Exchange:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadJson(str(exc)) from exc
 
-    def send(self, status: int, body: bytes, content_type: str) -> None:
+    def send(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.answered = True
         self._h.send_response(status)
         self._h.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self._h.send_header(name, value)
         self._h.send_header("Content-Length", str(len(body)))
         self._h.end_headers()
         if self.method != "HEAD" and body:

@@ -17,15 +17,52 @@ container, for example). What the APIs can and cannot tell (api-facts 2.2, gotch
   floor for `used`: the two readings are taken at different moments, and a model loaded in
   between must not make the GPU look freer than it is. (This assumes both services share
   the GPU, which is the deployment this fallback exists for.)
+
+ComfyUI's mode (api-facts-2026 section 3), from /system_stats alone: a CPU device -> CPU;
+version >= 0.15, `comfy-aimdo` among its packages, none of the flags that turn it off in
+its argv and a CUDA device -> Dynamic VRAM; else classic. Under Dynamic VRAM the weights
+are outside torch's figures, so what it holds is bounded from the device instead: used
+memory minus Ollama's `size_vram` minus the CUDA contexts (`comfy_dynamic_bound`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from supervisor.model import ComfyStats, GpuMemory, OllamaModel
+from supervisor.model import ComfyMode, ComfyStats, GpuMemory, OllamaModel
+from supervisor.policy.guards import CUDA_CONTEXT_BYTES
 
 API_GPU_UUID = "api-0"
+
+
+def comfy_mode(stats: ComfyStats | None) -> ComfyMode:
+    """Classic, Dynamic VRAM or CPU, as its /system_stats tells (UNKNOWN without it)."""
+    return ComfyMode.UNKNOWN if stats is None else stats.mode
+
+
+def describe_comfy(stats: ComfyStats) -> str:
+    """One line for logs, `status` and `doctor`: version, mode and device."""
+    words = {
+        ComfyMode.DYNAMIC: "Dynamic VRAM (weights outside torch's figures)",
+        ComfyMode.CLASSIC: "classic VRAM (weights in torch's allocator)",
+        ComfyMode.CPU: "on the CPU, holds no VRAM",
+        ComfyMode.UNKNOWN: "mode unknown",
+    }
+    version = stats.version or "version unknown"
+    device = stats.device_name or "unnamed device"
+    return f"ComfyUI {version}, {words[comfy_mode(stats)]}, device {device} ({stats.device_type})"
+
+
+def comfy_dynamic_bound(stats: ComfyStats, ollama_models: Sequence[OllamaModel]) -> int:
+    """What a Dynamic-VRAM ComfyUI can hold at most, without NVML: the device's used
+    memory minus what Ollama's models hold minus the CUDA contexts (ComfyUI's and one per
+    Ollama runner). Other processes on the GPU count against ComfyUI: it is a bound."""
+    if stats.device_type != "cuda":
+        return 0
+    total = stats.vram_total_bytes
+    used = total - _clamp(stats.vram_free_bytes - stats.torch_cached_bytes, 0, total)
+    contexts = CUDA_CONTEXT_BYTES * (1 + len(ollama_models))
+    return max(0, used - ollama_vram_bytes(ollama_models) - contexts)
 
 
 def gpus_from_api(

@@ -9,7 +9,7 @@ import pytest
 
 from supervisor.clients.comfyui import ComfyClient
 from supervisor.errors import ServiceError
-from supervisor.model import ComfyQueue, ComfyStats
+from supervisor.model import ComfyMode, ComfyQueue, ComfyStats
 
 URL = "http://comfy.test:8188"
 GIB = 1024**3
@@ -24,7 +24,81 @@ def test_system_stats_reads_the_device_in_bytes(fake_comfy: Any, comfy_client: A
         vram_free_bytes=17 * GIB + 512 * 1024**2,
         torch_reserved_bytes=3 * GIB,
         torch_cached_bytes=512 * 1024**2,
+        version="0.3.64",
+        argv=("main.py", "--listen", "0.0.0.0"),
+        packages=(),
     )
+    assert stats.mode is ComfyMode.CLASSIC  # 0.3.64 has no Dynamic VRAM
+
+
+def stats_2026(argv: list[str], *, version: str = "0.38.1", aimdo: bool = True) -> Any:
+    """/system_stats of ComfyUI 0.15+ (api-facts-2026 section 2): every torch device listed,
+    primary first; os is sys.platform; comfy_package_versions; a Linux reserve of 400 MiB."""
+    packages = {"comfyui-frontend-package": "1.33.10", "comfyui-workflow-templates": "0.7.25"}
+    if aimdo:
+        packages["comfy-aimdo"] = "0.5.5"
+    device = {
+        "type": "cuda",
+        "vram_total": 25393692672,
+        "vram_free": 20 * GIB,
+        "torch_vram_total": 0,  # after a job: torch's cache emptied, weights outside it
+        "torch_vram_free": 0,
+    }
+    return {
+        "system": {
+            "os": "linux",
+            "ram_total": 67108864000,
+            "ram_free": 50000000000,
+            "comfyui_version": version,
+            "python_version": "3.12.3 (main, Feb  4 2025, 14:48:35) [GCC 13.3.0]",
+            "pytorch_version": "2.8.0+cu128",
+            "embedded_python": False,
+            "argv": argv,
+            "comfy_package_versions": packages,
+            "deploy_environment": "local",
+        },
+        "devices": [
+            {**device, "name": "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync", "index": 0},
+            {**device, "name": "cuda:1 NVIDIA RTX A4000 : cudaMallocAsync", "index": 1},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "version", "aimdo", "mode"),
+    [
+        (["main.py", "--listen"], "0.38.1", True, ComfyMode.DYNAMIC),
+        (["main.py", "--listen"], "0.15.0", True, ComfyMode.DYNAMIC),
+        (["main.py", "--disable-dynamic-vram"], "0.38.1", True, ComfyMode.CLASSIC),
+        (["main.py", "--highvram"], "0.38.1", True, ComfyMode.CLASSIC),
+        (["main.py", "--gpu-only"], "0.38.1", True, ComfyMode.CLASSIC),
+        (["main.py", "--novram"], "0.38.1", True, ComfyMode.CLASSIC),
+        (["main.py", "--listen"], "0.38.1", False, ComfyMode.CLASSIC),  # no comfy-aimdo
+        (["main.py", "--listen"], "0.14.2", True, ComfyMode.CLASSIC),
+        (["main.py", "--listen"], "v0.4.0", True, ComfyMode.CLASSIC),
+        (["main.py", "--listen"], "1.2.0", True, ComfyMode.DYNAMIC),
+        (["main.py", "--listen"], "", True, ComfyMode.CLASSIC),  # a fork without a version
+    ],
+)
+def test_system_stats_2026_shape_tells_the_memory_mode(
+    comfy_client: Any, argv: list[str], version: str, aimdo: bool, mode: ComfyMode
+) -> None:
+    body = stats_2026(argv, version=version, aimdo=aimdo)
+    stats = comfy_client(lambda r: httpx.Response(200, json=body)).system_stats()
+    # The primary device is the first one listed; the others are ignored.
+    assert stats.device_name == "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync"
+    assert (stats.torch_reserved_bytes, stats.vram_free_bytes) == (0, 20 * GIB)
+    assert stats.version == version and stats.argv == tuple(argv)
+    assert ("comfy-aimdo" in stats.packages) is aimdo
+    assert stats.mode is mode
+
+
+def test_system_stats_without_a_system_section_is_still_read(comfy_client: Any) -> None:
+    body = stats_2026(["main.py"])
+    del body["system"]
+    stats = comfy_client(lambda r: httpx.Response(200, json=body)).system_stats()
+    assert (stats.version, stats.argv, stats.packages) == ("", (), ())
+    assert stats.mode is ComfyMode.CLASSIC and stats.vram_total_bytes == 25393692672
 
 
 def test_system_stats_under_cpu_mode(comfy_client: Any) -> None:
@@ -45,6 +119,7 @@ def test_system_stats_under_cpu_mode(comfy_client: Any) -> None:
     stats = comfy_client(lambda r: httpx.Response(200, json=body)).system_stats()
     assert stats.device_type == "cpu"
     assert stats.torch_cached_bytes == 50000000000
+    assert stats.mode is ComfyMode.CPU
 
 
 def test_queue_counts_running_and_pending(fake_comfy: Any, comfy_client: Any) -> None:

@@ -24,6 +24,16 @@ from tests.daemon.fakes import (
 )
 
 
+def comfy_api_figure(world: World, truth: int) -> tuple[int, int]:
+    """(low, high) of what the supervisor reads from a ComfyUI's API when it holds `truth`
+    bytes of models and cache: exactly torch's reserved bytes in classic mode; under
+    Dynamic VRAM the bound from the device figures, which is off by at most a CUDA context
+    (the supervisor assumes 384 MiB, the fake process holds 300 MiB)."""
+    if not world.comfy.dynamic_vram:
+        return truth, truth
+    return truth - 512 * 1024**2, truth + 512 * 1024**2
+
+
 @dataclass
 class World:
     clock: FakeClock
@@ -54,11 +64,19 @@ class World:
         )
 
 
-@pytest.fixture
-def world() -> World:
+@pytest.fixture(params=["classic", "dynamic-vram"])
+def world(request: pytest.FixtureRequest) -> World:
+    """Every loop test runs against a classic ComfyUI (weights in torch's figures) and a
+    ComfyUI >= 0.15 with Dynamic VRAM (torch's figures show only its cache)."""
     clock = FakeClock()
     gpu = FakeGpu()
-    comfy = FakeComfy(gpu, clock, models_bytes=10 * 1024**3, cache_bytes=1024**3)
+    comfy = FakeComfy(
+        gpu,
+        clock,
+        models_bytes=10 * 1024**3,
+        cache_bytes=1024**3,
+        dynamic_vram=request.param == "dynamic-vram",
+    )
     ollama = FakeOllama(gpu, clock)
     docker = FakeDocker()
     docker.add(Role.COMFYUI, "comfyui", comfy.base_url, pids=(comfy.pid,))

@@ -98,10 +98,13 @@ class FakeComfy:
         cache_bytes: int = 1 * GIB,
         highvram: bool = False,
         base_url: str = "http://comfyui:8188",
+        dynamic_vram: bool = False,
     ) -> None:
         self.gpu, self.clock, self.pid = gpu, clock, pid
         self.models_bytes, self.cache_bytes = models_bytes, cache_bytes
         self.highvram = highvram
+        # ComfyUI >= 0.15 with Dynamic VRAM: the weights are outside torch's figures.
+        self.dynamic_vram = dynamic_vram
         self.stuck = False  # a leak: /free releases nothing at all
         self.base_url = base_url
         self.running_until: float | None = None
@@ -149,7 +152,8 @@ class FakeComfy:
     def system_stats(self) -> ComfyStats:
         if self.fail:
             raise self.fail
-        reserved = self.models_bytes + self.cache_bytes
+        dynamic = self.dynamic_vram
+        reserved = (0 if dynamic else self.models_bytes) + self.cache_bytes
         return ComfyStats(
             "cuda:0 Fake RTX : cudaMallocAsync",
             "cuda",
@@ -157,6 +161,9 @@ class FakeComfy:
             self.gpu.free_bytes + self.cache_bytes,
             reserved,
             self.cache_bytes,
+            version="0.38.1" if dynamic else "0.3.64",
+            argv=("main.py", "--listen", "0.0.0.0"),
+            packages=("comfy-aimdo",) if dynamic else (),
         )
 
     def queue(self) -> ComfyQueue:

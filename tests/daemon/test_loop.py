@@ -27,7 +27,7 @@ from supervisor.model import (
     VramSource,
 )
 from supervisor.reads import noisy
-from tests.daemon.conftest import World, has
+from tests.daemon.conftest import World, comfy_api_figure, has
 from tests.daemon.fakes import GIB, NVML_DOWN, FakeComfy
 
 
@@ -62,7 +62,9 @@ def test_without_nvml_the_api_source_is_used(world: World, logs: list[str]) -> N
     daemon = world.daemon(nvml=False)
     obs = daemon.observe()
     assert obs.source is VramSource.API and len(obs.gpus) == 1
-    assert obs.comfyuis[0].vram_bytes == 11 * GIB  # torch reserved, from /system_stats
+    # torch reserved from /system_stats (classic); the device bound under Dynamic VRAM.
+    low, high = comfy_api_figure(world, 11 * GIB)
+    assert low <= (obs.comfyuis[0].vram_bytes or 0) <= high
     assert has(logs, "VRAM source: api")
 
 

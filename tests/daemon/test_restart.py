@@ -9,7 +9,7 @@ from supervisor.config import Settings
 from supervisor.errors import ServiceError
 from supervisor.model import FreeResult, RestartComfy
 from supervisor.policy import DEAD_API_CHECKS
-from tests.daemon.conftest import World, has
+from tests.daemon.conftest import World, comfy_api_figure, has
 from tests.daemon.fakes import GIB, FakeComfy
 
 COMFY = "comfyui/comfyui"
@@ -85,4 +85,5 @@ def test_a_hung_comfyui_restart_is_verified_through_its_api_once_it_answers(
     assert COMFY in daemon.actor.targets().dead_comfyuis
     outcome = daemon.actor.execute(RestartComfy(COMFY, "its API is dead"))
     assert outcome.ok and outcome.result is FreeResult.FREED
-    assert outcome.after_bytes == 0  # torch reserved of the fresh process
+    # torch reserved of the fresh process, or (Dynamic VRAM) the device bound: its context.
+    assert (outcome.after_bytes or 0) <= comfy_api_figure(world, 0)[1]

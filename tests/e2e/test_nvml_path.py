@@ -22,10 +22,10 @@ from supervisor.sim import SimHost
 from supervisor.sim.nvml_build import STATE_ENV, build_fake_nvml
 from tests.e2e.test_supervisor_on_sim import (
     GIB,
+    comfy_held,
     hold_comfy_vram,
     start_supervisor,
     stop,
-    torch_reserved,
 )
 
 
@@ -39,9 +39,10 @@ def fake_nvml(tmp_path: Path) -> Path:
     return build_fake_nvml(tmp_path / "nvml").parent
 
 
-@pytest.fixture
-def sim_on_file(tmp_path: Path) -> Iterator[SimHost]:
-    with SimHost(time_scale=0.1, gpu_state=str(tmp_path / "gpu.json")) as host:
+@pytest.fixture(params=["2026", "2025"])
+def sim_on_file(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SimHost]:
+    profile = request.param
+    with SimHost(time_scale=0.1, gpu_state=str(tmp_path / "gpu.json"), profile=profile) as host:
         yield host
 
 
@@ -51,7 +52,7 @@ def test_the_nvml_path_reads_the_card_and_verifies_a_free(
     host = sim_on_file
     with httpx.Client(timeout=120) as client:
         hold_comfy_vram(client, host, model_gib=10.0)
-        held = torch_reserved(client, host)
+        held = comfy_held(client, host)
         sup = start_supervisor(
             host,
             LD_LIBRARY_PATH=str(fake_nvml),
@@ -69,7 +70,7 @@ def test_the_nvml_path_reads_the_card_and_verifies_a_free(
             assert r.status_code == 200 and r.json()["done_reason"] == "load"
             sup.wait_for("New Ollama model(s) detected")
             sup.wait_for("Freed ComfyUI memory")
-            after = torch_reserved(client, host)
+            after = comfy_held(client, host)
             # /status shows the latest pass; the one after the free reads the new figure.
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:

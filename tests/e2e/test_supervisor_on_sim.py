@@ -80,9 +80,11 @@ class Supervisor:
             return False
 
 
-@pytest.fixture
-def sim() -> Iterator[SimHost]:
-    with SimHost(time_scale=0.1) as host:
+@pytest.fixture(params=["2026", "2025"])
+def sim(request: pytest.FixtureRequest) -> Iterator[SimHost]:
+    """The simulated host in each generation: ComfyUI 0.38 with Dynamic VRAM (its torch
+    figures do not show its weights) and ComfyUI 0.3.64 (classic)."""
+    with SimHost(time_scale=0.1, profile=request.param) as host:
         yield host
 
 
@@ -146,17 +148,17 @@ def hold_comfy_vram(client: httpx.Client, host: SimHost, model_gib: float = 10.0
     raise AssertionError("the image job did not finish")
 
 
-def torch_reserved(client: httpx.Client, host: SimHost) -> int:
-    reserved: int = client.get(f"{host.comfyui_url}/system_stats").json()["devices"][0][
-        "torch_vram_total"
-    ]
-    return reserved
+def comfy_held(client: httpx.Client, host: SimHost) -> int:
+    """What the fake ComfyUI holds on the GPU (weights + torch's cache), from /sim/stats:
+    under Dynamic VRAM its torch figures (/system_stats) do not show the weights."""
+    held: int = client.get(f"{host.comfyui_url}/sim/stats").json()["memory"]["held"]
+    return held
 
 
 def test_new_model_frees_comfyui_end_to_end(sim: SimHost) -> None:
     with httpx.Client(timeout=120) as client:
         hold_comfy_vram(client, sim)
-        held = torch_reserved(client, sim)
+        held = comfy_held(client, sim)
         assert held >= 10 * GIB
         sup = start_supervisor(sim)
         try:
@@ -173,19 +175,25 @@ def test_new_model_frees_comfyui_end_to_end(sim: SimHost) -> None:
 
             detected = sup.wait_for("New Ollama model(s) detected")
             freed = sup.wait_for("Freed ComfyUI memory")
-            after = torch_reserved(client, sim)
+            after = comfy_held(client, sim)
             snapshot = sup.status()
         finally:
             code = stop(sup)
     print(
         f"\nreaction (VRAM_CHECK_INTERVAL=1, sim time_scale 0.1): load took "
         f"{loaded - requested:.2f} s; load finished -> detected {detected - loaded:.2f} s, "
-        f"-> verified free {freed - loaded:.2f} s; ComfyUI torch reserved "
+        f"-> verified free {freed - loaded:.2f} s; ComfyUI held "
         f"{held / GIB:.1f} GiB -> {after / GIB:.1f} GiB"
     )
     assert code == 0, sup.log()
     assert after < held // 4
     assert "DRY RUN" not in sup.log()
+    # The supervisor told which ComfyUI it found, in its log and in /status.
+    mode, version = ("dynamic-vram", "0.38.1") if sim.profile == "2026" else ("classic", "0.3.64")
+    words = "Dynamic VRAM" if mode == "dynamic-vram" else "classic VRAM"
+    assert f"comfyui/comfyui: ComfyUI {version}, {words}" in sup.log()
+    [comfy] = snapshot["comfyui"]
+    assert (comfy["mode"], comfy["version"], comfy["device_type"]) == (mode, version, "cuda")
     actions = snapshot["recent_actions"]
     assert actions and actions[-1]["action"] == "FreeComfy" and actions[-1]["result"] == "freed"
     assert "docker" not in sup.log().lower()
@@ -194,13 +202,13 @@ def test_new_model_frees_comfyui_end_to_end(sim: SimHost) -> None:
 def test_dry_run_end_to_end_sends_nothing(sim: SimHost) -> None:
     with httpx.Client(timeout=120) as client:
         hold_comfy_vram(client, sim)
-        held = torch_reserved(client, sim)
+        held = comfy_held(client, sim)
         sup = start_supervisor(sim, VRAM_DRY_RUN="true")
         try:
             sup.wait_for("VRAM source: api")
             client.post(f"{sim.ollama_url}/api/generate", json={"model": "llama3.1:8b"})
             sup.wait_for("DRY RUN: would free ComfyUI comfyui")
-            assert torch_reserved(client, sim) == held
+            assert comfy_held(client, sim) == held
         finally:
             code = stop(sup)
     assert code == 0

@@ -318,6 +318,8 @@ class Sims:
                 "PYTHONUNBUFFERED": "1",
                 # A model stays loaded until someone unloads it: no expiry mid-test.
                 "OLLAMA_KEEP_ALIVE": "-1",
+                # The services' generation (2026 unless the test run names another).
+                "VRAM_SIM_PROFILE": os.environ.get("VRAM_SIM_PROFILE") or "2026",
             },
         }
         if health_flag is not None:
@@ -441,15 +443,22 @@ def comfy_idle(comfy: SimApi) -> bool:
 
 
 def comfy_hold_vram(comfy: SimApi, model_gib: float, timeout_s: float = 30.0) -> int:
-    """Run a short job; smart memory keeps its model on the GPU. Returns torch's reserved."""
+    """Run a short job; smart memory keeps its model on the GPU. Returns `comfy_held`."""
     comfy_submit(comfy, model_gib, 1.0)
     wait_until(lambda: comfy_idle(comfy), timeout_s, f"the image job on {comfy.name}")
-    return comfy_reserved(comfy)
+    return comfy_held(comfy)
 
 
-def comfy_reserved(comfy: SimApi) -> int:
-    """torch's reserved bytes (what /system_stats calls torch_vram_total), via /sim/stats."""
-    return int(comfy.get("/sim/stats")["memory"]["reserved"])
+def comfy_held(comfy: SimApi) -> int:
+    """What the fake ComfyUI holds on the GPU (weights + torch's cache), via /sim/stats.
+    Not /system_stats' torch_vram_total: under Dynamic VRAM (the default of ComfyUI 0.15+,
+    the sim's 2026 profile) that shows no weights at all."""
+    return int(comfy.get("/sim/stats")["memory"]["held"])
+
+
+def comfy_torch_reserved(comfy: SimApi) -> int:
+    """torch's reserved bytes as /system_stats reports them (`torch_vram_total`)."""
+    return int(comfy.get("/system_stats")["devices"][0]["torch_vram_total"])
 
 
 def comfy_history(comfy: SimApi, prompt_id: str) -> dict[str, Any] | None:

@@ -22,9 +22,9 @@ from tests.integration.harness import (
     Sim,
     Sims,
     Supervisor,
+    comfy_held,
     comfy_history,
     comfy_hold_vram,
-    comfy_reserved,
     comfy_submit,
     freed_on,
     ollama_load,
@@ -74,7 +74,7 @@ def test_a_model_load_frees_comfyui_and_the_model_ends_fully_on_the_gpu(
     wait_until(lambda: fully_on_gpu(ollama, BIG_MODEL), 30, f"{BIG_MODEL} fully on the GPU")
     model = ollama_model(ollama, BIG_MODEL)
     assert model is not None and model["size_vram"] == model["size"], sup.log()
-    assert comfy_reserved(comfy) < held // 4
+    assert comfy_held(comfy) < held // 4
     assert sup.errors() == [], sup.log()
 
 
@@ -133,7 +133,7 @@ def test_a_pinned_comfyui_is_restarted_once_not_in_a_loop(
     assert container.attrs["State"]["StartedAt"] == restarted_at  # no second restart
     assert container.attrs["State"]["Status"] == "running"
     assert container.attrs["RestartCount"] == 0  # restarted by the supervisor, not crashing
-    assert comfy_reserved(comfy) == 0  # the restart gave the VRAM back
+    assert comfy_held(comfy) == 0  # the restart gave the VRAM back
     sup.wait_service("comfyui", comfy.name, running=True, reachable=True)
 
 
@@ -155,12 +155,12 @@ def test_a_free_sent_during_a_prompt_waits_for_it_then_takes_effect(
     sup.wait_for(f"ComfyUI {comfy.name} is running a prompt: the soft free takes effect")
     assert comfy.get("/sim/stats")["frees_requested"] >= 1
     assert comfy_history(comfy, prompt_id) is None, "the prompt ended too soon to prove much"
-    assert comfy_reserved(comfy) >= held  # nothing taken from under the prompt
+    assert comfy_held(comfy) >= held  # nothing taken from under the prompt
 
     entry = wait_until(lambda: comfy_history(comfy, prompt_id), 40, "the prompt to finish")
     assert entry["status"]["completed"] is True, entry["status"]
     assert comfy.get("/sim/stats")["jobs_interrupted"] == 0
-    wait_until(lambda: comfy_reserved(comfy) < held // 4, 10, "ComfyUI to let go of its model")
+    wait_until(lambda: comfy_held(comfy) < held // 4, 10, "ComfyUI to let go of its model")
     assert sup.find(restarted(comfy.name)) == [], sup.log()
     assert sup.errors() == [], sup.log()
 

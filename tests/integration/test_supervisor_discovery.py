@@ -15,8 +15,8 @@ from tests.integration.harness import (
     Sim,
     Sims,
     Supervisor,
+    comfy_held,
     comfy_hold_vram,
-    comfy_reserved,
     freed_on,
     ollama_load,
     unique_name,
@@ -64,7 +64,7 @@ def test_labelled_services_are_discovered_and_an_unlabelled_twin_is_never_contac
     ]
     assert contacted == [], f"the unlabelled twin was contacted:\n{contacted}\n{sup.log()}"
     assert twin.get("/sim/stats")["frees_requested"] == 0
-    assert comfy_reserved(twin) == twin_held  # nobody freed it
+    assert comfy_held(twin) == twin_held  # nobody freed it
     everything = "\n".join(r.message for r in sup.snapshot())
     assert twin.name not in everything and f"127.0.0.1:{twin.port}" not in everything
     # The labelled one, on the other hand, was read and freed (the check above can fail).

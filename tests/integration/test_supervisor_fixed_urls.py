@@ -16,8 +16,8 @@ import pytest
 from tests.integration.harness import (
     HostSim,
     Supervisor,
+    comfy_held,
     comfy_hold_vram,
-    comfy_reserved,
     ollama_load,
     ollama_model,
 )
@@ -45,7 +45,7 @@ def test_fixed_urls_without_docker_free_comfyui_on_a_load(
     ollama_load(ollama, "llama3.1:8b")
     sup.wait_for("New Ollama model(s) detected: llama3.1:8b")
     sup.wait_for(re.compile(r"^Freed ComfyUI memory \(soft\): .* on comfyui "))
-    assert comfy_reserved(comfy) < held // 4
+    assert comfy_held(comfy) < held // 4
     model = ollama_model(ollama, "llama3.1:8b")
     assert model is not None and model["size_vram"] == model["size"]
 

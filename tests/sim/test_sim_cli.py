@@ -114,3 +114,40 @@ def test_two_processes_sharing_a_gpu_file_see_each_other(
         gpu = client.get(f"{ollama}/sim/gpu").json()
         assert [p["pid"] for p in gpu["processes"]] == [ollama_proc.proc.pid]
         assert gpu["used_bytes"] == model["size_vram"]
+
+
+@pytest.mark.parametrize(
+    ("args", "version", "argv_tail", "device"),
+    [
+        ((), "0.38.1", [], "cuda"),
+        (("--profile", "2025"), "0.3.64", [], "cuda"),
+        (("--disable-dynamic-vram",), "0.38.1", ["--disable-dynamic-vram"], "cuda"),
+        (("--cpu", "--profile", "2025"), "0.3.64", ["--cpu"], "cpu"),
+    ],
+)
+def test_comfyui_profile_and_modes_are_flags_like_the_real_servers_argv(
+    spawn: Callable[..., SimProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    args: tuple[str, ...],
+    version: str,
+    argv_tail: list[str],
+    device: str,
+) -> None:
+    monkeypatch.delenv("VRAM_SIM_PROFILE", raising=False)
+    comfy = spawn("comfyui", "--port", "0", *args).urls["ComfyUI"]
+    body = httpx.get(f"{comfy}/system_stats").json()
+    assert body["system"]["comfyui_version"] == version
+    assert body["system"]["argv"][3:] == argv_tail
+    assert body["devices"][0]["type"] == device
+
+
+def test_a_bad_profile_exits_2_naming_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run = [sys.executable, "-m", "supervisor.sim", "comfyui", "--port", "0"]
+    bad_flag = subprocess.run([*run, "--profile", "2024"], cwd=REPO, capture_output=True, text=True)
+    assert bad_flag.returncode == 2
+    assert "--profile: invalid choice: '2024'" in bad_flag.stderr and "2025" in bad_flag.stderr
+    monkeypatch.setenv("VRAM_SIM_PROFILE", "next")
+    bad_env = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert bad_env.returncode == 2 and "VRAM_SIM_PROFILE='next'" in bad_env.stderr

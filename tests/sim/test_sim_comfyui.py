@@ -56,8 +56,9 @@ def finish(client: httpx.Client, host: SimHost, body: dict[str, Any], wait: Wait
 
 
 def test_system_stats_reports_bytes_and_counts_torch_cache_as_free(
-    host: SimHost, client: httpx.Client, wait_until: WaitUntil
+    make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
 ) -> None:
+    host = make_host(profile="2025")  # classic memory: the weights are in torch's figures
     finish(client, host, job(), wait_until)
     stats = client.get(f"{host.comfyui_url}/system_stats").json()
     assert stats["system"]["os"] == "posix"
@@ -110,11 +111,20 @@ def test_a_prompt_without_outputs_is_rejected(host: SimHost, client: httpx.Clien
     assert r.status_code == 400 and r.json()["error"]["type"] == "no_prompt"
 
 
-def test_unknown_path_and_wrong_method_answer_like_aiohttp(
+def test_unknown_path_and_wrong_method_answer_like_the_real_server(
     host: SimHost, client: httpx.Client
 ) -> None:
-    assert client.get(f"{host.comfyui_url}/nope").status_code == 404
-    assert client.get(f"{host.comfyui_url}/free").status_code == 405
+    """api-facts-2026 section 4, measured on a real 0.3.64."""
+    for method, path in [("GET", "/nope"), ("POST", "/nope"), ("GET", "/free")]:
+        r = client.request(method, f"{host.comfyui_url}{path}")
+        assert (r.status_code, r.content) == (404, b""), (method, path)
+    r = client.get(f"{host.comfyui_url}/interrupt")
+    assert (r.status_code, r.content) == (404, b"")
+    assert r.headers["content-type"] == "application/octet-stream"
+    r = client.post(f"{host.comfyui_url}/system_stats")
+    assert r.status_code == 405 and r.headers["allow"] == "GET,HEAD"
+    r = client.delete(f"{host.comfyui_url}/queue")
+    assert r.status_code == 405 and set(r.headers["allow"].split(",")) == {"GET", "HEAD", "POST"}
 
 
 @pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]"])

@@ -15,6 +15,7 @@ import pytest
 
 from supervisor import __version__
 from supervisor.cli import render_status
+from supervisor.sim import ComfyConfig, SimHost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,6 +249,11 @@ def test_render_status_table() -> None:
                 "error": None,
                 "vram_bytes": 11 * 1024**3,
                 "queue": {"running": 1, "pending": 0},
+                "mode": "dynamic-vram",
+                "version": "0.38.1",
+                "device_type": "cuda",
+                "device_name": "cuda:0 RTX 4090 : cudaMallocAsync",
+                "vram_measured": False,
             }
         ],
         "recent_actions": [
@@ -269,7 +275,22 @@ def test_render_status_table() -> None:
     assert "[0] RTX 4090: 20.0 GiB used of 24.0 GiB (83.3%)" in text
     assert "llama3.2:latest" in text and "75.0%" in text and "spilled to CPU" in text
     assert "1 running, 0 pending" in text
+    assert (
+        "ComfyUI 0.38.1, Dynamic VRAM (weights outside torch's figures), device cuda: "
+        "cuda:0 RTX 4090 : cudaMallocAsync (VRAM bounded from the device figures: no NVML)"
+    ) in text
     assert "FreeComfy soft comfyui/comfyui: freed, 11.0 GiB -> 300 MiB" in text
+
+
+def test_render_status_names_a_cpu_comfyui_and_an_old_snapshot() -> None:
+    base = {"key": "comfyui/c", "running": True, "reachable": True, "health": "none"}
+    base |= {"url": "http://c:8188", "error": None, "queue": None}
+    cpu = {**base, "name": "c", "vram_bytes": 0, "mode": "cpu", "version": "0.38.1"}
+    cpu |= {"device_type": "cpu", "device_name": "cpu", "vram_measured": False}
+    old = {**base, "name": "d", "vram_bytes": None}  # a supervisor without these fields
+    text = render_status({"comfyui": [cpu, old]})
+    assert "ComfyUI 0.38.1, runs on the CPU: holds no VRAM, device cpu: cpu" in text
+    assert "ComfyUI (version unknown), mode unknown (no /system_stats reading)" in text
 
 
 def test_json_logs_are_one_object_per_line() -> None:
@@ -364,10 +385,9 @@ def test_exit_is_quick_even_while_a_service_hangs() -> None:
     assert code == 0 and took < 2.0, f"exit {code} after {took:.2f} s"
 
 
-def test_doctor_all_good_against_answering_services() -> None:
-    from supervisor.sim import SimHost
-
-    with SimHost(time_scale=0.01) as host:
+@pytest.mark.parametrize(("profile", "mode"), [("2026", "Dynamic VRAM"), ("2025", "classic VRAM")])
+def test_doctor_all_good_against_answering_services(profile: str, mode: str) -> None:
+    with SimHost(time_scale=0.01, profile=profile) as host:
         result = cli(
             "doctor",
             VRAM_OLLAMA_URL=host.ollama_url,
@@ -381,8 +401,46 @@ def test_doctor_all_good_against_answering_services() -> None:
         line.startswith("OK   ollama (VRAM_OLLAMA_URL)") and "model(s) loaded" in line
         for line in lines
     )
+    version = "0.38.1" if profile == "2026" else "0.3.64"
     assert any(
-        line.startswith("OK   comfyui (VRAM_COMFYUI_URL)") and "GiB)" in line for line in lines
-    )
+        line.startswith("OK   comfyui (VRAM_COMFYUI_URL)")
+        and f"ComfyUI {version}, {mode}" in line
+        and "(cuda)" in line
+        and "GiB VRAM)" in line
+        for line in lines
+    ), result.stdout
     assert "no supervisor is running" in result.stdout
     assert result.stdout.rstrip().endswith("Result: all good")
+
+
+def _cpu_comfy_host() -> SimHost:
+    return SimHost(time_scale=0.01, comfyui=ComfyConfig(cpu=True))
+
+
+def test_doctor_warns_when_no_vram_can_be_read_at_all() -> None:
+    """No NVML here and a ComfyUI on the CPU: the supervisor would be blind."""
+    with _cpu_comfy_host() as host:
+        result = cli(
+            "doctor",
+            VRAM_OLLAMA_URL=host.ollama_url,
+            VRAM_COMFYUI_URL=host.comfyui_url,
+            VRAM_HTTP_PORT="0",
+        )
+    assert result.returncode == 0, result.stdout
+    assert "on the CPU, holds no VRAM" in result.stdout
+    assert "WARN no VRAM reading at all" in result.stdout
+    assert "all good" not in result.stdout
+    assert result.stdout.rstrip().endswith(
+        "Result: runs, but cannot read VRAM (see the WARN above)"
+    )
+
+
+def test_free_of_a_comfyui_on_the_cpu_says_so_at_once_and_succeeds() -> None:
+    with _cpu_comfy_host() as host:
+        start = time.monotonic()
+        result = cli("free", VRAM_OLLAMA_URL=host.ollama_url, VRAM_COMFYUI_URL=host.comfyui_url)
+        took = time.monotonic() - start
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ComfyUI comfyui runs on the CPU: it holds no VRAM, nothing to free" in result.stdout
+    assert "failed" not in result.stdout
+    assert took < 8.0  # no verify window (VRAM_VERIFY_TIMEOUT is 10 s)

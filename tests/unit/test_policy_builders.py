@@ -11,6 +11,7 @@ from typing import Any
 
 from supervisor.config import Settings
 from supervisor.model import (
+    ComfyMode,
     ComfyObservation,
     ComfyQueue,
     ComfyStats,
@@ -88,9 +89,13 @@ def comfy(
     device: str = "cuda",
     vram: float | None = None,
     cid: str | None = None,
+    mode: ComfyMode = ComfyMode.CLASSIC,
+    measured: bool = False,
 ) -> ComfyObservation:
-    """A ComfyUI; `held` GiB is torch's reserved memory (what a /free could return);
-    `cid` replaces its container id (default "id-<name>", a recreated container differs)."""
+    """A ComfyUI; `held` GiB is torch's reserved memory (what a /free could return in
+    classic mode); `cid` replaces its container id (default "id-<name>", a recreated
+    container differs). `mode` DYNAMIC: a ComfyUI 0.38 with Dynamic VRAM (its weights are
+    not in `held`); `vram` is then NVML's figure (`measured`) or the device bound."""
     spec = ServiceSpec(
         Role.COMFYUI,
         name,
@@ -101,14 +106,32 @@ def comfy(
     )
     up = is_running and reachable
     status = ServiceStatus(spec, is_running, health, is_reachable=up, failed_checks=failed)
+    dynamic = mode is ComfyMode.DYNAMIC
     st = (
-        ComfyStats("cuda:0 RTX", device, 24 * GIB, 10 * GIB, int(held * GIB), 0)
+        ComfyStats(
+            "cuda:0 RTX",
+            device,
+            24 * GIB,
+            10 * GIB,
+            int(held * GIB),
+            0,
+            version="0.38.1" if dynamic else "0.3.64",
+            argv=("main.py",),
+            packages=("comfy-aimdo",) if dynamic else (),
+        )
         if up and stats
         else None
     )
     q = ComfyQueue(running, pending) if up and queue else None
     vram_bytes = int(vram * GIB) if vram is not None else None
-    return ComfyObservation(status, queue=q, stats=st, vram_bytes=vram_bytes)
+    return ComfyObservation(
+        status,
+        queue=q,
+        stats=st,
+        vram_bytes=vram_bytes,
+        vram_measured=measured,
+        mode=st.mode if st is not None else ComfyMode.UNKNOWN,
+    )
 
 
 def obs(
