@@ -377,7 +377,7 @@ def demo_env(docker_host: str, project_image: str) -> Iterator[dict[str, str]]:
     env = {
         "VRAM_IMAGE": project_image,
         "DOCKER_SOCKET": socket_path,
-        "DOCKER_GID": str(os.stat(socket_path).st_gid),
+        # No DOCKER_GID: the demo runs as a user runs it, the image finds the socket's group.
         "VRAM_DEMO_OLLAMA_PORT": str(DEMO_OLLAMA_PORT),
         "VRAM_DEMO_COMFYUI_PORT": str(DEMO_COMFYUI_PORT),
         "VRAM_DEMO_HTTP_PORT": str(DEMO_HTTP_PORT),
