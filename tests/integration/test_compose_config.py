@@ -39,6 +39,8 @@ STACKS: dict[str, list[Path]] = {
     "demo": [COMPOSE / "compose.demo.yml"],
     "demo + dev": [COMPOSE / "compose.demo.yml", COMPOSE / "compose.dev.yml"],
     "demo, test form": [COMPOSE / "compose.demo.yml", TEST_DEMO],
+    # For `docker stack deploy`; Compose parses the same format (test_swarm.py deploys it).
+    "swarm stack": [COMPOSE / "stack.swarm.yml"],
 }
 
 # The stacks the test suite brings up: they must stay on the host network (loopback).
@@ -185,3 +187,15 @@ def test_dev_overlay_runs_the_working_tree(name: str, merged: Config) -> None:
     [mount] = [v for v in spec["volumes"] if v.get("target") == "/app/supervisor"]
     assert Path(mount["source"]) == REPO / "supervisor"
     assert spec["environment"]["PYTHONPATH"] == "/app"
+
+
+def test_swarm_stack_runs_one_unprivileged_supervisor_per_gpu_node(merged: Config) -> None:
+    spec = merged("swarm stack")["services"]["vram-supervisor"]
+    assert spec["deploy"]["mode"] == "global"
+    assert spec["deploy"]["placement"]["constraints"] == ["node.labels.vram-supervisor.gpu == true"]
+    [socket] = _socket_mounts(spec)
+    assert socket["read_only"] is True
+    assert not spec.get("group_add") and spec["environment"]["DOCKER_GID"] == ""
+    assert spec["cap_drop"] == ["ALL"] and spec["cap_add"] == ["SETUID", "SETGID"]
+    assert spec["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert spec["environment"]["VRAM_HTTP_HOST"] == "127.0.0.1"
