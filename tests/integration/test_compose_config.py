@@ -192,7 +192,7 @@ def test_dev_overlay_runs_the_working_tree(name: str, merged: Config) -> None:
 def test_swarm_stack_runs_one_unprivileged_supervisor_per_gpu_node(merged: Config) -> None:
     spec = merged("swarm stack")["services"]["vram-supervisor"]
     assert spec["deploy"]["mode"] == "global"
-    assert spec["deploy"]["placement"]["constraints"] == ["node.labels.vram-supervisor.gpu == true"]
+    assert spec["deploy"]["placement"]["constraints"] == ["node.labels.gpu == true"]
     [socket] = _socket_mounts(spec)
     assert socket["read_only"] is True
     assert not spec.get("group_add") and spec["environment"]["DOCKER_GID"] == ""

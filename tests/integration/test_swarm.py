@@ -1,7 +1,7 @@
 """compose/stack.swarm.yml on a real (single-node) Docker Swarm.
 
 What a user relies on: `docker stack deploy -c compose/stack.swarm.yml` starts one
-supervisor task on each node labelled vram-supervisor.gpu=true (a global service); it
+supervisor task on each node labelled gpu=true (a global service); it
 discovers the labelled containers of other stacks' services on its node (the labels under
 `labels:`, not `deploy.labels:`), frees ComfyUI when Ollama needs room, and
 `docker service logs` shows the lines the docs tell people to look for.
@@ -86,7 +86,7 @@ def swarm(docker_client: docker.DockerClient) -> Iterator[str]:
     try:
         docker_cli("swarm", "init", "--advertise-addr", "127.0.0.1")
         node = docker_client.info()["Swarm"]["NodeID"]
-        docker_cli("node", "update", "--label-add", "vram-supervisor.gpu=true", node)
+        docker_cli("node", "update", "--label-add", "gpu=true", node)
         yield node
     finally:
         docker_cli("stack", "rm", SUPERVISOR_STACK, SIMS_STACK, check=False)
