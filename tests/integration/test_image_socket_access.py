@@ -115,6 +115,9 @@ def test_starts_with_no_group_given_reaches_the_socket_and_runs_as_10001(
         time.sleep(0.2)
     docker_state = httpx.get(f"http://127.0.0.1:{SUPERVISOR_PORT}/status", timeout=5).json()
     assert docker_state["docker"]["state"] == "ok", docker_state
+    # `docker exec` runs as root; through the entrypoint, doctor runs as the supervisor does.
+    _code, out = supervisor.exec_run(["vram-supervisor-entrypoint", "doctor"])
+    assert "Docker reachable" in out.decode(), out.decode()
 
     supervisor.stop(timeout=20)
     supervisor.reload()
@@ -161,6 +164,9 @@ def test_a_set_docker_gid_wins_and_an_unusable_socket_is_one_line_not_a_crash_lo
     assert "Traceback" not in logs
     # The group it holds is DOCKER_GID's, not the socket's: the set value won.
     assert proc_status(supervisor)["Groups"].split() == [str(wrong_gid)]
+    # doctor through the entrypoint sees what the supervisor would: no Docker.
+    code, out = supervisor.exec_run(["vram-supervisor-entrypoint", "doctor"])
+    assert code != 0 and "Docker is not reachable" in out.decode(), out.decode()
     # `docker stop` ends the wait at once (PID 1 handles SIGTERM), exit 0.
     started = time.monotonic()
     supervisor.stop(timeout=20)
