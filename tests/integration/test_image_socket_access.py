@@ -103,7 +103,11 @@ def test_starts_with_no_group_given_reaches_the_socket_and_runs_as_10001(
     assert status["Groups"].split() == [str(socket_gid)], status
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
     assert status["NoNewPrivs"] == "1", status
-    assert "vram-supervisor" in " ".join(supervisor.top()["Processes"][0])
+    # PID 1 is the supervisor itself (exec'd through setpriv), so SIGTERM reaches it.
+    code, cmdline = supervisor.exec_run(["cat", "/proc/1/cmdline"])
+    assert code == 0 and cmdline.split(b"\0")[1:3] == [b"/opt/venv/bin/vram-supervisor", b"run"], (
+        cmdline
+    )
 
     def discovered() -> bool:
         logs = supervisor.logs().decode(errors="replace")

@@ -9,7 +9,10 @@ discovers the labelled containers of other stacks' services on its node (the lab
 The swarm is this test's own: `docker swarm init --advertise-addr 127.0.0.1` on the test
 engine, and `docker swarm leave --force` afterwards whatever happened (and the
 docker_gwbridge network Swarm leaves behind is removed when it was not there before). An
-engine that is already part of a swarm is not touched: the test skips, saying so.
+engine that is already part of a swarm is not touched: the test skips, saying so. On an
+engine that tests/lib/dockerd.sh did not start (a developer's Docker, which this test must
+not turn into a swarm node), it runs itself on a private engine in its own network
+namespace instead (namespaced_engine.py).
 Everything runs on the node's network on 127.0.0.1 (ports 19411-19415 of this file).
 """
 
@@ -40,9 +43,10 @@ from tests.integration.harness import (
     tail,
     wait_until,
 )
+from tests.integration.namespaced_engine import engine_is_ours, run_in_a_namespaced_engine
 
 pytest_plugins = ["tests.integration.harness"]
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("isolated_engine")]
+pytestmark = [pytest.mark.integration]
 
 STACK_FILE = REPO / "compose" / "stack.swarm.yml"
 TEST_ADDITIONS = REPO / "tests" / "integration" / "stack.swarm-test.yml"
@@ -163,11 +167,24 @@ def wait_for_log(pattern: str | re.Pattern[str], timeout_s: float) -> str:
 
 
 def test_a_global_service_supervises_the_labelled_tasks_of_its_node(
-    swarm: str,
-    project_image: str,
-    docker_client: docker.DockerClient,
-    docker_host: str,
-    tmp_path: Path,
+    docker_host: str, base_image: str, request: pytest.FixtureRequest
+) -> None:
+    if not engine_is_ours(docker_host):
+        what = "makes the Docker engine a swarm node"
+        run_in_a_namespaced_engine(request.node.nodeid, base_image, what)
+        return
+    request.getfixturevalue("isolated_engine")
+    request.getfixturevalue("swarm")
+    deploy_and_supervise(
+        request.getfixturevalue("project_image"),
+        request.getfixturevalue("docker_client"),
+        docker_host,
+        request.getfixturevalue("tmp_path"),
+    )
+
+
+def deploy_and_supervise(
+    project_image: str, docker_client: docker.DockerClient, docker_host: str, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "gpu-state"
     state_dir.mkdir()
