@@ -25,7 +25,8 @@
 # `stop` keeps it, delete it with `ip netns del NAME`). There it touches no interface of
 # the host's, so it may run beside another engine; its host-network containers bind that
 # namespace's 127.0.0.1, so reach them through `nsenter --net=/run/netns/NAME`.
-# The daemon-restart test uses this when the suite runs on an engine it must not restart.
+# Tests that restart the engine or make it a swarm node use this on an engine they must not
+# change (tests/integration/namespaced_engine.py).
 set -euo pipefail
 
 D="${VRAM_DOCKERD_DIR:-/tmp/vram-supervisor-dockerd}"
