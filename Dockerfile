@@ -18,8 +18,9 @@
 # When .cache/wheelhouse/ holds wheels, pip installs from it with --no-index and never
 # touches the network (a missing wheel fails the build instead of downloading it).
 #
-# Running: ENTRYPOINT is the CLI in exec form, so `docker stop` (SIGTERM) reaches Python
-# directly and the supervisor shuts down cleanly. The same image runs the simulated GPU
+# Running: ENTRYPOINT is in exec form and execs (through setpriv) the CLI as uid 10001, so
+# the supervisor is PID 1 and `docker stop` (SIGTERM) reaches Python directly: it shuts
+# down cleanly. The same image runs the simulated GPU
 # host by overriding the entrypoint:
 #     docker run --entrypoint python vram-supervisor:local -m supervisor.sim --help
 
@@ -57,14 +58,18 @@ LABEL org.opencontainers.image.title="vram-supervisor" \
       org.opencontainers.image.description="Keeps Ollama and ComfyUI sharing one GPU without spilling models to the CPU." \
       org.opencontainers.image.licenses="MIT"
 
-# A fixed non-root uid, so `group_add: [${DOCKER_GID}]` is all it takes to reach the socket.
+# The supervisor runs as a fixed non-root uid, 10001. The container starts as root only
+# for the entrypoint (supervisor/entrypoint.py): it reads the Docker socket's group, then
+# setpriv drops to 10001 with that group (DOCKER_GID, when set, wins), with no capabilities
+# and no-new-privs, and execs the CLI. So no group id has to be looked up or configured.
 # /etc/passwd is written directly: the minimal offline base has no useradd.
 # /var/lib/vram-sim holds the simulated GPU's state file when the image runs the simulator;
 # owned by 10001 so that a named volume mounted there starts out writable.
 RUN echo 'vram:x:10001:10001:vram-supervisor:/nonexistent:/usr/sbin/nologin' >>/etc/passwd \
     && echo 'vram:x:10001:' >>/etc/group \
     && mkdir -p /var/lib/vram-sim \
-    && chown 10001:10001 /var/lib/vram-sim
+    && chown 10001:10001 /var/lib/vram-sim \
+    && setpriv --version >/dev/null
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -72,7 +77,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-USER 10001:10001
 EXPOSE 9105
 
 # `vram-supervisor healthcheck` asks GET http://127.0.0.1:$VRAM_HTTP_PORT/healthz (default
@@ -81,5 +85,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["vram-supervisor", "healthcheck"]
 
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["vram-supervisor"]
+ENTRYPOINT ["vram-supervisor-entrypoint"]
 CMD ["run"]

@@ -56,6 +56,10 @@ _OWN_MOUNTS = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 _HEALTH = {h.value: h for h in ServiceHealth}
 
 
+# Set by Swarm on the container of every service task.
+SWARM_TASK_LABEL = "com.docker.swarm.task.id"
+
+
 def default_client_factory(base_url: str | None, timeout_s: float) -> ClientFactory:
     """Builds a client for `base_url`, or from DOCKER_HOST & co when it is None."""
 
@@ -297,6 +301,17 @@ class DockerAdapter:
             return None
         if spec is None:
             return None
+        if SWARM_TASK_LABEL in labels and spec.restart_allowed is not False:
+            # Measured on Engine 20.10: `docker restart` of a task's container brings it
+            # back, but Swarm marks the task failed and starts a second container beside it.
+            if spec.restart_allowed:
+                self._warn_once(
+                    ("swarm-restart", name),
+                    f"container {name} is a Swarm task: the restart fallback is off for it "
+                    "whatever vram-supervisor.restart says (Swarm would count the restart "
+                    "as a failed task and start a second container beside it)",
+                )
+            spec = replace(spec, restart_allowed=False)
         spec = replace(
             spec,
             container_id=str(attrs.get("Id", "")),

@@ -26,6 +26,8 @@ Ports on 127.0.0.1 (host network). Take a block and record it here:
   18500-18899  free
   18900        the benchmark's Docker event-to-reaction micro-benchmark (tests/bench/micro.py)
   18901-18999  free
+  19400-19499  image socket access (test_image_socket_access.py: 19401, 19405, 19406) and
+               the Swarm stack (test_swarm.py: 19411-19415)
 
 Fixtures (names other test authors can use)
   docker_host     str, session: the DOCKER_HOST in use (also exported to os.environ)
@@ -377,7 +379,7 @@ def demo_env(docker_host: str, project_image: str) -> Iterator[dict[str, str]]:
     env = {
         "VRAM_IMAGE": project_image,
         "DOCKER_SOCKET": socket_path,
-        "DOCKER_GID": str(os.stat(socket_path).st_gid),
+        # No DOCKER_GID: the demo runs as a user runs it, the image finds the socket's group.
         "VRAM_DEMO_OLLAMA_PORT": str(DEMO_OLLAMA_PORT),
         "VRAM_DEMO_COMFYUI_PORT": str(DEMO_COMFYUI_PORT),
         "VRAM_DEMO_HTTP_PORT": str(DEMO_HTTP_PORT),

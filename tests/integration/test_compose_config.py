@@ -39,6 +39,8 @@ STACKS: dict[str, list[Path]] = {
     "demo": [COMPOSE / "compose.demo.yml"],
     "demo + dev": [COMPOSE / "compose.demo.yml", COMPOSE / "compose.dev.yml"],
     "demo, test form": [COMPOSE / "compose.demo.yml", TEST_DEMO],
+    # For `docker stack deploy`; Compose parses the same format (test_swarm.py deploys it).
+    "swarm stack": [COMPOSE / "stack.swarm.yml"],
 }
 
 # The stacks the test suite brings up: they must stay on the host network (loopback).
@@ -84,17 +86,29 @@ def test_every_compose_file_is_checked() -> None:
     assert files - checked == set(), "add the new compose file to STACKS"
 
 
-def test_a_missing_docker_gid_is_named(
-    stack: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpu-host",
+        "supervisor overlay",
+        "gpu-host + socket proxy",
+        "supervisor overlay + socket proxy",
+    ],
+)
+def test_the_stacks_need_no_env_file(
+    name: str, stack: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """No .env and no DOCKER_GID: Compose accepts the stack and passes an empty DOCKER_GID,
+    which the image's entrypoint reads as "use the socket's own group"."""
     monkeypatch.delenv("DOCKER_GID", raising=False)
     empty_env = tmp_path / "empty.env"
     empty_env.write_text("")
-    output = stack("supervisor overlay").run(
-        "--env-file", str(empty_env), "config", "-q", check=False
+    output = stack(name).run(
+        "--env-file", str(empty_env), "config", "--format", "json", stderr=False
     )
-    assert "DOCKER_GID" in output
-    assert "stat -c %g /var/run/docker.sock" in output
+    spec = json.loads(output)["services"]["vram-supervisor"]
+    assert not spec.get("group_add")
+    assert spec["environment"]["DOCKER_GID"] == ""
 
 
 @pytest.mark.parametrize("name", RUN_BY_TESTS)
@@ -116,7 +130,9 @@ def test_supervisor_service_is_production_ready(name: str, merged: Config) -> No
     spec = merged(name)["services"]["vram-supervisor"]
     [socket] = _socket_mounts(spec)
     assert socket["read_only"] is True
-    assert spec["group_add"] == ["999"]  # DOCKER_GID from .env.example
+    assert not spec.get("group_add")  # the entrypoint takes the socket's group
+    assert spec["cap_drop"] == ["ALL"] and spec["cap_add"] == ["SETUID", "SETGID"]
+    assert spec["security_opt"] == ["no-new-privileges:true"]
     assert spec["restart"] == "unless-stopped"
     assert spec["healthcheck"]["test"] == ["CMD", "vram-supervisor", "healthcheck"]
     assert spec["logging"]["driver"] == "json-file"
@@ -171,3 +187,15 @@ def test_dev_overlay_runs_the_working_tree(name: str, merged: Config) -> None:
     [mount] = [v for v in spec["volumes"] if v.get("target") == "/app/supervisor"]
     assert Path(mount["source"]) == REPO / "supervisor"
     assert spec["environment"]["PYTHONPATH"] == "/app"
+
+
+def test_swarm_stack_runs_one_unprivileged_supervisor_per_gpu_node(merged: Config) -> None:
+    spec = merged("swarm stack")["services"]["vram-supervisor"]
+    assert spec["deploy"]["mode"] == "global"
+    assert spec["deploy"]["placement"]["constraints"] == ["node.labels.gpu == true"]
+    [socket] = _socket_mounts(spec)
+    assert socket["read_only"] is True
+    assert not spec.get("group_add") and spec["environment"]["DOCKER_GID"] == ""
+    assert spec["cap_drop"] == ["ALL"] and spec["cap_add"] == ["SETUID", "SETGID"]
+    assert spec["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert spec["environment"]["VRAM_HTTP_HOST"] == "127.0.0.1"

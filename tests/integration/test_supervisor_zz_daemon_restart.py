@@ -2,9 +2,11 @@
 
 This module restarts the test engine itself (tests/lib/dockerd.sh stop / start), so it runs
 last (`zz` in its name) and puts the engine back up afterwards even when the test fails,
-restarting the containers of others that ran before. It needs the private engine of
-tests/lib/dockerd.sh: with DOCKER_HOST pointing at any other engine it FAILS (it will not
-restart an engine it does not own).
+restarting the containers of others that ran before.
+
+Which engine it restarts: only tests/lib/dockerd.sh's private engine. On any other engine
+(a developer's Docker, which must never be restarted) it runs itself again on a private
+engine in its own network namespace: see namespaced_engine.py.
 
 What a user relies on: the supervisor process does not die or wedge when Docker goes away;
 /healthz stays up (it keeps supervising what it knew); once Docker is back it reconnects to
@@ -13,10 +15,7 @@ the events stream, finds the containers that came back and new ones, and acts ag
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -25,36 +24,25 @@ from docker.errors import APIError, DockerException, NotFound
 
 from tests.integration.harness import (
     HARNESS_LABEL,
-    REPO,
     Sims,
     Supervisor,
     comfy_hold_vram,
     fail,
     freed_on,
     ollama_load,
-    tail,
     wait_until,
+)
+from tests.integration.namespaced_engine import (
+    DOCKERD_DIR,
+    dockerd,
+    engine_is_ours,
+    run_in_a_namespaced_engine,
 )
 
 pytest_plugins = ["tests.integration.harness"]
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("isolated_engine")]
+pytestmark = [pytest.mark.integration]
 
-DOCKERD_SH = REPO / "tests" / "lib" / "dockerd.sh"
-DOCKERD_DIR = Path(os.environ.get("VRAM_DOCKERD_DIR", "/tmp/vram-supervisor-dockerd"))
 ALWAYS = {"Name": "always"}
-
-
-def dockerd(command: str) -> None:
-    done = subprocess.run(
-        [str(DOCKERD_SH), command], capture_output=True, text=True, timeout=90, check=False
-    )
-    if done.returncode != 0:
-        log = DOCKERD_DIR / "dockerd.log"
-        daemon_log = tail(log.read_text(errors="replace"), 30) if log.exists() else ""
-        fail(
-            f"tests/lib/dockerd.sh {command} exited {done.returncode}:\n"
-            f"{done.stdout}{done.stderr}\n{daemon_log}"
-        )
 
 
 def engine_answers(docker_host: str) -> bool:
@@ -71,14 +59,8 @@ def engine_answers(docker_host: str) -> bool:
 @pytest.fixture
 def restorable_engine(docker_host: str) -> Iterator[None]:
     """The private engine, which the test may stop: teardown makes sure it is up again."""
-    own = f"unix://{DOCKERD_DIR / 'docker.sock'}"
-    if docker_host != own:
-        fail(
-            f"This test restarts the private test engine ({own}) and DOCKER_HOST is "
-            f"{docker_host}. Run it against tests/lib/dockerd.sh's engine (tests/run does)."
-        )
-    if not (DOCKERD_DIR / "docker.pid").exists():
-        fail(f"{DOCKERD_DIR}/docker.pid is missing: the engine was not started by dockerd.sh")
+    if not engine_is_ours(docker_host):
+        fail(f"{docker_host} is not tests/lib/dockerd.sh's engine from {DOCKERD_DIR}")
     client = docker.DockerClient(base_url=docker_host, timeout=30)
     others = [
         c.id
@@ -118,12 +100,22 @@ def reachable(sup: Supervisor, role: str, name: str) -> Callable[[], dict[str, A
 
 
 def test_the_supervisor_survives_a_daemon_restart_and_resyncs(
+    docker_host: str, base_image: str, request: pytest.FixtureRequest
+) -> None:
+    if not engine_is_ours(docker_host):
+        run_in_a_namespaced_engine(request.node.nodeid, base_image, "restarts the Docker engine")
+        return
     # First, so that its teardown (engine up, others' containers started again) runs after
     # the supervisor has stopped and this test's containers are gone.
-    restorable_engine: None,
-    sims: Sims,
-    start_supervisor: Callable[..., Supervisor],
-    docker_host: str,
+    request.getfixturevalue("restorable_engine")
+    request.getfixturevalue("isolated_engine")
+    sims: Sims = request.getfixturevalue("sims")
+    start_supervisor: Callable[..., Supervisor] = request.getfixturevalue("start_supervisor")
+    survive_a_daemon_restart(sims, start_supervisor, docker_host)
+
+
+def survive_a_daemon_restart(
+    sims: Sims, start_supervisor: Callable[..., Supervisor], docker_host: str
 ) -> None:
     ollama = sims.ollama(restart_policy=ALWAYS)
     comfy = sims.comfyui(restart_policy=ALWAYS)

@@ -19,6 +19,14 @@
 # What it never does: start a second daemon beside one that already runs on this machine
 # (a `--bridge=none` daemon deletes docker0 at start, breaking the other one); kill any
 # process but the one named in its own pidfile.
+#
+# Own network namespace: with VRAM_DOCKERD_NETNS=NAME (and its own VRAM_DOCKERD_DIR), the
+# daemon runs in the network namespace /run/netns/NAME (created when missing, loopback up;
+# `stop` keeps it, delete it with `ip netns del NAME`). There it touches no interface of
+# the host's, so it may run beside another engine; its host-network containers bind that
+# namespace's 127.0.0.1, so reach them through `nsenter --net=/run/netns/NAME`.
+# Tests that restart the engine or make it a swarm node use this on an engine they must not
+# change (tests/integration/namespaced_engine.py).
 set -euo pipefail
 
 D="${VRAM_DOCKERD_DIR:-/tmp/vram-supervisor-dockerd}"
@@ -27,6 +35,7 @@ PIDFILE="$D/docker.pid"
 LOG="$D/dockerd.log"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 START_TIMEOUT_S="${VRAM_DOCKERD_START_TIMEOUT_S:-30}"
+NETNS="${VRAM_DOCKERD_NETNS:-}"
 STOP_TIMEOUT_S="${VRAM_DOCKERD_STOP_TIMEOUT_S:-30}"
 
 say() { printf '[dockerd] %s\n' "$*" >&2; }
@@ -74,9 +83,16 @@ cmd_start() {
         say "starting dockerd needs root (or run your own engine and export DOCKER_HOST)"
         return 1
     fi
-    local others mine=""
+    local others mine="" launcher=()
     mine="$(our_pid || true)"
     others="$(dockerd_pids | grep -vx "${mine:-none}" || true)"
+    if [[ -n "$NETNS" ]]; then
+        # A namespace of its own: the other daemons' interfaces are out of its reach.
+        others=""
+        [[ -e "/run/netns/$NETNS" ]] || ip netns add "$NETNS"
+        ip netns exec "$NETNS" ip link set lo up
+        launcher=(nsenter "--net=/run/netns/$NETNS")
+    fi
     if [[ -n "$others" ]]; then
         say "another dockerd runs on this machine (pid $(echo "$others" | tr '\n' ' '))."
         say "Reuse it (export DOCKER_HOST to its socket) instead of starting a second one:"
@@ -92,11 +108,11 @@ cmd_start() {
     rm -f "$D/docker.sock" "$PIDFILE"
     # An empty config file: ignore whatever /etc/docker/daemon.json says.
     printf '{}\n' >"$D/daemon.json"
-    say "starting dockerd ($(dockerd --version 2>/dev/null)) under $D"
+    say "starting dockerd ($(dockerd --version 2>/dev/null)) under $D${NETNS:+ in network namespace $NETNS}"
     # The launcher writes its own pid before exec'ing dockerd, so the pid is right whether
     # or not setsid had to fork (it forks when started as a process-group leader).
     rm -f "$D/launch.pid"
-    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$D/launch.pid" dockerd \
+    setsid "${launcher[@]}" bash -c 'echo $$ >"$0"; exec "$@"' "$D/launch.pid" dockerd \
         --config-file "$D/daemon.json" \
         --host "$SOCK" \
         --pidfile "$PIDFILE" \

@@ -417,6 +417,28 @@ def test_an_unknown_label_is_warned_once_and_the_container_still_counts(
     assert "comfy" in warnings[0] and "vram-supervisor.rstart" in warnings[0]
 
 
+def test_a_swarm_task_is_never_restarted_and_a_restart_label_on_it_is_warned_once(
+    engine: FakeEngine, warnings: list[str]
+) -> None:
+    task = {"com.docker.swarm.task.id": "k8ofree6cbi0", "com.docker.swarm.service.name": "s_c"}
+    engine.add(inspect("task-default", {"vram-supervisor.role": "comfyui", **task}))
+    engine.add(
+        inspect(
+            "task-allowed",
+            {"vram-supervisor.role": "comfyui", "vram-supervisor.restart": "true", **task},
+        )
+    )
+    engine.add(
+        inspect("plain", {"vram-supervisor.role": "comfyui", "vram-supervisor.restart": "true"})
+    )
+    adapter_ = adapter(engine)
+    for _ in range(2):
+        allowed = {s.spec.name: s.spec.restart_allowed for s in adapter_.list_services()}
+        assert allowed == {"task-default": False, "task-allowed": False, "plain": True}
+    assert len(warnings) == 1
+    assert "task-allowed is a Swarm task: the restart fallback is off" in warnings[0]
+
+
 def test_null_labels_in_inspect_are_handled(engine: FakeEngine) -> None:
     # Config.Labels is null for a container without labels; it cannot match the filter,
     # but a container relabelled between list and inspect must not crash discovery.
