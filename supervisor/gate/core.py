@@ -267,6 +267,10 @@ class Gate:
                     break
                 if not isinstance(event, h11.Request):
                     break  # closed between requests, or timed out
+                if _head_size(event) > self._limits.head_bytes:
+                    # h11 bounds a head that arrives in pieces; this, one that came whole.
+                    self._refuse(conn, stream, 431, "request head too large")
+                    break
                 self._stats.requests_total += 1
                 if not await self._exchange(client, conn, event):
                     break
@@ -353,8 +357,8 @@ class Gate:
                     load = parse_load_request(route, content_type, body, self._limits.json_values)
                 else:
                     body = await self._body_if_arrived(ex)
-            except Refused as exc:
-                self._refuse(conn, stream, exc.status, exc.message)
+            except h11.RemoteProtocolError as exc:
+                self._refuse(conn, stream, status_hint(exc), f"malformed request body: {exc}")
                 return False
             origin = self._origin()
             if origin is None:
@@ -367,6 +371,9 @@ class Gate:
                 return self._forward(ex, body, origin, on_head)
 
             return await self._admission.admit(load, forward)
+        except Refused as exc:  # also from a request body that broke while streamed
+            self._refuse(conn, stream, exc.status, exc.message)
+            return False
         except asyncio.CancelledError:
             if client.is_gone:
                 client.task.uncancel()
@@ -490,3 +497,11 @@ class Gate:
             self._is_upstream_down = False
             log.info(f"Gate: Ollama at {origin.url} answers again")
         return True
+
+
+def _head_size(req: h11.Request) -> int:
+    """About how many bytes the request head took (its line and header fields)."""
+    size = len(req.method) + len(req.target) + 12
+    for name, value in req.headers:
+        size += len(name) + len(value) + 4
+    return size

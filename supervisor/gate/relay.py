@@ -38,10 +38,12 @@ from supervisor.gate.http11 import (
     RESPONSE_DROP,
     Headers,
     Limits,
+    Refused,
     Stream,
     connection_tokens,
     has_both_framings,
     next_event,
+    status_hint,
 )
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -237,11 +239,15 @@ class Exchange:
             raise ClientGone(str(exc) or type(exc).__name__) from exc
 
     async def next_body_event(self) -> h11.Data | h11.EndOfMessage:
-        """The next piece of the request body."""
+        """The next piece of the request body. Refused when it is malformed (400) or stalls
+        (408); ClientGone when the client closes mid-body."""
         try:
             event = await next_event(self.client, self.stream, self.limits.body_idle_s)
-        except (TimeoutError, h11.RemoteProtocolError) as exc:
-            raise ClientGone(f"request body: {exc or 'timed out'}") from exc
+        except TimeoutError:
+            wait = f"{self.limits.body_idle_s:g} s"
+            raise Refused(408, f"the request body stalled for {wait}") from None
+        except h11.RemoteProtocolError as exc:
+            raise Refused(status_hint(exc), f"malformed request body: {exc}") from exc
         if not isinstance(event, h11.Data | h11.EndOfMessage):
             raise ClientGone("the client closed mid-body")
         return event
@@ -387,5 +393,10 @@ async def _upstream_event(
             f"{url} sent nothing for {limits.upstream_idle_s:g} s", is_answered=is_answered
         ) from exc
     except h11.RemoteProtocolError as exc:
+        if stream.is_eof:
+            what = "mid-answer" if is_answered else "without an answer"
+            raise UpstreamError(
+                f"{url} closed the connection {what}", is_answered=is_answered
+            ) from exc
         message = f"{url} sent a malformed answer: {exc}"
         raise UpstreamError(message, is_answered=is_answered) from exc
