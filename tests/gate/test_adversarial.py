@@ -495,6 +495,22 @@ def test_an_answer_longer_than_declared_never_reaches_the_next_client(
     _others_still_served(gate, raw)
 
 
+def test_bytes_after_the_last_chunk_arriving_later_never_reach_the_next_client(
+    gate: Gate, raw: RawUpstream
+) -> None:
+    def script(seen: Seen, sock: socket.socket) -> bytes | None:
+        if seen.target != b"/evil":
+            return ok(b"answer to " + seen.target)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nmine\r\n0\r\n\r\n")
+        time.sleep(0.3)  # the gate has pooled the connection by now
+        return STOLEN
+
+    raw.script = script
+    assert httpx.get(f"http://127.0.0.1:{gate.port}/evil", timeout=10).content == b"mine"
+    time.sleep(0.5)
+    _others_still_served(gate, raw)
+
+
 @pytest.mark.parametrize(
     ("method", "answer"),
     [
