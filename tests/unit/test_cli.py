@@ -101,7 +101,7 @@ def wait_healthy(
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_run_without_docker_is_healthy_and_exits_0_quickly_on_signal(sig: int) -> None:
     port = free_port()
     settings = fixed_urls(port)
@@ -121,6 +121,7 @@ def test_run_without_docker_is_healthy_and_exits_0_quickly_on_signal(sig: int) -
         _, stderr = proc.communicate()
     assert code == 0, stderr
     assert took < 2.0, f"took {took:.2f} s to exit"
+    assert "Stopping" in stderr  # the graceful stop, not a death by signal
     assert "Using comfyui at" in stderr and "Cannot read ollama" in stderr
     assert "docker" not in stderr.lower().replace("docker: not used", "")
 
@@ -386,3 +387,11 @@ def test_doctor_all_good_against_answering_services() -> None:
     )
     assert "no supervisor is running" in result.stdout
     assert result.stdout.rstrip().endswith("Result: all good")
+
+
+@pytest.mark.parametrize("var", ["VRAM_HTTP_HOST", "VRAM_GATE_HOST"])
+def test_a_host_that_cannot_be_encoded_exits_2(var: str) -> None:
+    result = cli("run", **{var: "a" * 64, "VRAM_GATE_PORT": str(free_port())})
+    assert result.returncode == 2
+    assert var in result.stderr
+    assert "Traceback" not in result.stderr
