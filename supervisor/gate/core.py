@@ -42,6 +42,7 @@ from supervisor.gate.http11 import (
     Stream,
     error_body,
     error_headers,
+    fields_of,
     has_both_framings,
     header_value,
     quoted,
@@ -336,13 +337,16 @@ class Gate:
         try:
             if req.http_version not in (b"1.0", b"1.1"):
                 raise Refused(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-            if has_both_framings(req.headers):
+            fields = fields_of(req.headers)
+            if has_both_framings(fields):
                 raise Refused(400, "Content-Length and Transfer-Encoding together")
             path = request_path(req)
         except Refused as exc:
             self._refuse(conn, stream, exc.status, exc.message)
             return False
-        ex = Exchange(client=conn, stream=stream, req=req, path=path, limits=self._limits)
+        ex = Exchange(
+            client=conn, stream=stream, req=req, path=path, fields=fields, limits=self._limits
+        )
         route = path.split(b"?", 1)[0]
         is_load = req.method == b"POST" and route in LOAD_PATHS
         held = 0
@@ -353,7 +357,7 @@ class Gate:
                 load: LoadRequest | None = None
                 if is_load:
                     body, held = await self._read_load_body(ex)
-                    content_type = header_value(req.headers, b"content-type")
+                    content_type = header_value(fields, b"content-type")
                     load = parse_load_request(route, content_type, body, self._limits.json_values)
                 else:
                     body = await self._body_if_arrived(ex)
@@ -408,7 +412,7 @@ class Gate:
         Refused: over `load_body_bytes` (413), or all load bodies held at once would pass
         `load_bodies_total_bytes` (503)."""
         limits = self._limits
-        declared = header_value(ex.req.headers, b"content-length")
+        declared = header_value(ex.fields, b"content-length")
         size = int(declared) if declared is not None else 0
         too_big = Refused(
             413, f"a load request's body is limited to {limits.load_body_bytes} bytes"
@@ -502,6 +506,6 @@ class Gate:
 def _head_size(req: h11.Request) -> int:
     """About how many bytes the request head took (its line and header fields)."""
     size = len(req.method) + len(req.target) + 12
-    for name, value in req.headers:
+    for name, value in req.headers.raw_items():
         size += len(name) + len(value) + 4
     return size

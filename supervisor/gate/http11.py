@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -160,6 +160,10 @@ class Stream(asyncio.Protocol):
     # for the gate
 
     @property
+    def is_writing_paused(self) -> bool:
+        return self._is_writing_paused
+
+    @property
     def buffered(self) -> int:
         return len(self._buffer)
 
@@ -219,32 +223,47 @@ async def next_event(
         if event is not h11.NEED_DATA:
             assert isinstance(event, h11.Event)
             return event
-        async with asyncio.timeout(timeout_s):
-            data = await stream.read()
-        conn.receive_data(data)
+        conn.receive_data(await read_within(stream, timeout_s))
+
+
+async def read_within(stream: Stream, timeout_s: float | None) -> bytes:
+    """stream.read(); TimeoutError after `timeout_s` (None: no limit)."""
+    if timeout_s is None:
+        return await stream.read()
+    async with asyncio.timeout(timeout_s):
+        return await stream.read()
 
 
 # ----------------------------------------------------------------------------- messages
 
 
-def has_both_framings(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Content-Length next to Transfer-Encoding (h11 gives headers lower-cased)."""
-    names = {name for name, _ in headers}
+# A message's header fields as (lower-case name, name as sent, value), read once: h11's
+# Headers is a Sequence whose iteration costs a call per field.
+Fields = list[tuple[bytes, bytes, bytes]]
+
+
+def fields_of(headers: h11._headers.Headers) -> Fields:
+    return [(name.lower(), name, value) for name, value in headers.raw_items()]
+
+
+def has_both_framings(fields: Fields) -> bool:
+    """Content-Length next to Transfer-Encoding."""
+    names = {low for low, _, _ in fields}
     return b"content-length" in names and b"transfer-encoding" in names
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def connection_tokens(fields: Fields) -> frozenset[bytes]:
     tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
+    for low, _, value in fields:
+        if low == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
 
 
-def header_value(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+def header_value(fields: Fields, wanted: bytes) -> bytes | None:
     """The first value of header `wanted` (lower case), or None."""
-    for name, value in headers:
-        if name == wanted:
+    for low, _, value in fields:
+        if low == wanted:
             return value
     return None
 

@@ -26,6 +26,7 @@ Policy:
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,16 +37,20 @@ import h11
 from supervisor.gate.http11 import (
     REQUEST_DROP,
     RESPONSE_DROP,
+    Fields,
     Headers,
     Limits,
     Refused,
     Stream,
     connection_tokens,
+    fields_of,
     has_both_framings,
     next_event,
+    read_within,
     status_hint,
 )
 
+_VCHARS = re.compile(rb"[\x21-\x7e]+")
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -79,13 +84,18 @@ class Origin:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         is_tls = parts.scheme == "https"
+        host_header = parts.netloc.rpartition("@")[2].encode("idna")
+        base_path = parts.path.rstrip("/").encode()
+        # Checked once here, so requests can skip h11's checks of what it parsed itself.
+        if not _VCHARS.fullmatch(host_header) or not _VCHARS.fullmatch(base_path or b"/"):
+            raise ValueError(f"not a usable host or path in {url!r}")
         return cls(
             url=url,
             host=parts.hostname,
             port=parts.port or (443 if is_tls else 80),
             is_tls=is_tls,
-            host_header=parts.netloc.rpartition("@")[2].encode("idna"),
-            base_path=parts.path.rstrip("/").encode(),
+            host_header=host_header,
+            base_path=base_path,
         )
 
 
@@ -167,43 +177,54 @@ class Pool:
         self._idle.clear()
 
 
-def _upstream_request(
-    req: h11.Request, path: bytes, origin: Origin, body: bytes | None
-) -> h11.Request:
+def _upstream_request(ex: Exchange, origin: Origin, body: bytes | None) -> h11.Request:
     headers: Headers = [(b"Host", origin.host_header)]
-    tokens = connection_tokens(req.headers)
-    for name, value in req.headers.raw_items():
-        low = name.lower()
-        if low not in REQUEST_DROP and low not in tokens:
+    tokens = connection_tokens(ex.fields)
+    length: bytes | None = None
+    is_chunked = False
+    for low, name, value in ex.fields:
+        if low == b"content-length":
+            length = value
+        elif low == b"transfer-encoding":
+            is_chunked = True
+        elif low not in REQUEST_DROP and low not in tokens:
             headers.append((name, value))
-    framing = dict(req.headers)  # lower-case names
     if body is not None:
-        if body or b"content-length" in framing or b"transfer-encoding" in framing:
+        if body or length is not None or is_chunked:
             headers.append((b"Content-Length", b"%d" % len(body)))
-    elif b"transfer-encoding" in framing:
+    elif is_chunked:
         headers.append((b"Transfer-Encoding", b"chunked"))
     else:
-        headers.append((b"Content-Length", framing.get(b"content-length", b"0")))
-    return h11.Request(method=req.method, target=origin.base_path + path, headers=headers)
+        headers.append((b"Content-Length", length or b"0"))
+    # _parsed: every name and value is one h11 parsed (or Origin.parse checked), so h11
+    # need not validate them again on the way out (a measurable share of the gate's cost).
+    return h11.Request(
+        method=ex.req.method, target=origin.base_path + ex.path, headers=headers, _parsed=True
+    )
 
 
-def _client_response(resp: h11.Response, method: bytes) -> h11.Response:
+def _client_response(resp: h11.Response, fields: Fields, method: bytes) -> h11.Response:
     headers: Headers = []
-    tokens = connection_tokens(resp.headers)
-    for name, value in resp.headers.raw_items():
-        low = name.lower()
-        if low not in RESPONSE_DROP and low not in tokens:
+    tokens = connection_tokens(fields)
+    length: bytes | None = None
+    is_chunked = False
+    for low, name, value in fields:
+        if low == b"content-length":
+            length = value
+        elif low == b"transfer-encoding":
+            is_chunked = True
+        elif low not in RESPONSE_DROP and low not in tokens:
             headers.append((name, value))
-    framing = dict(resp.headers)
-    length = framing.get(b"content-length")
     has_body = method != b"HEAD" and resp.status_code not in (204, 304)
-    if b"transfer-encoding" in framing:
+    if is_chunked:
         if has_body:
             headers.append((b"Transfer-Encoding", b"chunked"))
     elif length is not None and resp.status_code != 204:
         headers.append((b"Content-Length", length))  # a HEAD or 304 answer's says the size
     # No framing header: h11 chunks it for an HTTP/1.1 client, closes for HTTP/1.0.
-    return h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
+    return h11.Response(
+        status_code=resp.status_code, headers=headers, reason=resp.reason, _parsed=True
+    )
 
 
 class Exchange:
@@ -217,26 +238,43 @@ class Exchange:
         stream: Stream,
         req: h11.Request,
         path: bytes,
+        fields: Fields,
         limits: Limits,
     ) -> None:
         self.client = client
         self.stream = stream
         self.req = req
+        self.fields = fields
         self.path = path
         self.limits = limits
         self.pending: list[bytes] = []  # body pieces read from h11 before streaming began
+        self._out: list[bytes] = []
 
-    async def send(self, event: h11.Event) -> None:
-        """Write an event to the client; ClientGone when it is gone or reads nothing for
-        `send_timeout_s`."""
+    def queue(self, event: h11.Event) -> None:
+        """Frame an event for the client; it is written at the next flush()."""
         data = self.client.send(event)
+        if data:
+            self._out.append(data)
+
+    async def flush(self) -> None:
+        """Write what is queued (one write for a head and a body that came together);
+        ClientGone when the client is gone or reads nothing for `send_timeout_s`."""
+        out, stream = self._out, self.stream
         try:
-            if data:
-                self.stream.write(data)
-            async with asyncio.timeout(self.limits.send_timeout_s):
-                await self.stream.drain()
+            if out:
+                stream.write(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+            if stream.is_writing_paused:
+                async with asyncio.timeout(self.limits.send_timeout_s):
+                    await stream.drain()
+            elif stream.is_lost:
+                raise ConnectionResetError("connection lost")
         except (OSError, TimeoutError) as exc:
             raise ClientGone(str(exc) or type(exc).__name__) from exc
+
+    async def send(self, event: h11.Event) -> None:
+        self.queue(event)
+        await self.flush()
 
     async def next_body_event(self) -> h11.Data | h11.EndOfMessage:
         """The next piece of the request body. Refused when it is malformed (400) or stalls
@@ -255,7 +293,7 @@ class Exchange:
 
 async def _send_request(pool: Pool, origin: Origin, ex: Exchange, body: bytes | None) -> Connection:
     """Send the request (streaming its body from the client when `body` is None)."""
-    upstream_req = _upstream_request(ex.req, ex.path, origin, body)
+    upstream_req = _upstream_request(ex, origin, body)
     may_retry = body is not None and ex.req.method in IDEMPOTENT
     is_fresh = False
     while True:
@@ -348,46 +386,61 @@ async def relay(
 
 
 async def _relay_answer(conn: Connection, ex: Exchange, on_head: Callable[[], None] | None) -> None:
-    up, stream, limits = conn.http, conn.stream, ex.limits
+    up, stream = conn.http, conn.stream
     url = conn.origin.url
     while True:
-        event = await _upstream_event(up, stream, limits, is_answered=False, url=url)
+        event = await _upstream_event(up, stream, ex, is_answered=False, url=url)
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
                 raise UpstreamError(f"{url} switched protocols; the gate cannot relay that")
             if ex.req.http_version == b"1.1":  # 103 Early Hints, ...
-                await ex.send(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=event.headers.raw_items(),
-                        reason=event.reason,
-                    )
+                interim = h11.InformationalResponse(
+                    status_code=event.status_code,
+                    headers=event.headers.raw_items(),
+                    reason=event.reason,
                 )
+                ex.queue(interim)
             continue
         if isinstance(event, h11.Response):
             break
         raise UpstreamError(f"{url} closed the connection without an answer")
-    if has_both_framings(event.headers):
+    fields = fields_of(event.headers)
+    if has_both_framings(fields):
         raise UpstreamError(f"{url} answered with both Content-Length and Transfer-Encoding")
     if on_head is not None:
         on_head()
-    await ex.send(_client_response(event, ex.req.method))
+    ex.queue(_client_response(event, fields, ex.req.method))
     while True:
-        event = await _upstream_event(up, stream, limits, is_answered=True, url=url)
+        # Whatever arrived together leaves together; the queue is written before each
+        # wait for more, so a stream still goes out piece by piece as it is produced.
+        event = await _upstream_event(up, stream, ex, is_answered=True, url=url)
         if isinstance(event, h11.Data):
-            await ex.send(h11.Data(data=event.data))
+            ex.queue(h11.Data(data=event.data))
         elif isinstance(event, h11.EndOfMessage):
-            await ex.send(h11.EndOfMessage())
+            ex.queue(h11.EndOfMessage())
+            await ex.flush()
             return
         else:
             raise UpstreamError(f"{url} closed mid-answer", is_answered=True)
 
 
 async def _upstream_event(
-    up: h11.Connection, stream: Stream, limits: Limits, *, is_answered: bool, url: str
+    up: h11.Connection, stream: Stream, ex: Exchange, *, is_answered: bool, url: str
 ) -> h11.Event | None:
+    """The upstream's next event; what is queued for the client is written first when
+    the gate has to wait for it."""
+    limits = ex.limits
     try:
-        return await next_event(up, stream, limits.upstream_idle_s)
+        while True:
+            event = up.next_event()
+            if event is h11.NEED_DATA:
+                await ex.flush()
+                up.receive_data(await read_within(stream, limits.upstream_idle_s))
+                continue
+            if event is h11.PAUSED:
+                return None
+            assert isinstance(event, h11.Event)
+            return event
     except TimeoutError as exc:
         raise UpstreamError(
             f"{url} sent nothing for {limits.upstream_idle_s:g} s", is_answered=is_answered
