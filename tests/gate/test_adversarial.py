@@ -181,7 +181,7 @@ def test_invalid_chunk_sizes_are_refused(gate: Gate, raw: RawUpstream, chunked: 
     for path in (b"/echo", b"/api/generate"):
         request = b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % path
         answer = exchange(gate.port, request + chunked)
-        assert answer == b"" or _status(answer) == 400
+        assert _status(answer) == 400
     assert all(s.body in (b"",) for s in raw.seen)  # nothing whole reached the upstream
     _others_still_served(gate, raw)
 
@@ -387,7 +387,7 @@ def test_slow_clients_cannot_hold_the_gate(
 
     assert _status(refused) == 503
     assert all(_status(data) == 408 for data in cut)
-    assert body_stall == b"" or _status(body_stall) == 408
+    assert _status(body_stall) == 408
     assert r.status_code == 200
 
 
