@@ -344,7 +344,7 @@ def test_load_bodies_held_at_once_are_bounded(timeline: Timeline, upstream: Upst
     try:
         holder = socket.create_connection(("127.0.0.1", env.gate.port), timeout=10)
         holder.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
-        time.sleep(0.3)  # the gate holds 1000 bytes for it now
+        time.sleep(1.0)  # the gate holds 1000 bytes for it now
         answer = exchange(
             env.gate.port,
             b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000,
@@ -366,7 +366,7 @@ def test_load_bodies_held_at_once_are_bounded(timeline: Timeline, upstream: Upst
 def test_slow_clients_cannot_hold_the_gate(
     raw: RawUpstream, upstream: Upstream, timeline: Timeline
 ) -> None:
-    limits = Limits(max_clients=4, head_timeout_s=0.5, idle_client_s=1.0, body_idle_s=0.5)
+    limits = Limits(max_clients=4, head_timeout_s=2.0, idle_client_s=3.0, body_idle_s=0.5)
     gate = _gate(raw, upstream, timeline, limits=limits)
     try:
         slow = [socket.create_connection(("127.0.0.1", gate.port), timeout=5) for _ in range(4)]
