@@ -202,7 +202,8 @@ def run(settings: Settings) -> int:
         should_exit.set()
         daemon.stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal went
+    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
     loop = threading.Thread(target=daemon.run, name="loop", daemon=True)
     loop.start()
     try:

@@ -53,6 +53,8 @@ def _number(
     accepted = f"{kind} {lo_word} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
 
     def parse(name: str, raw: str) -> Any:
+        if not raw.isascii():  # int() and float() would read "١٢" as 12
+            raise ConfigError(name, raw, accepted)
         try:
             value: float = int(raw.strip()) if integer else float(raw.strip())
         except ValueError:
@@ -111,6 +113,8 @@ def _port(optional: bool) -> tuple[Callable[[str, str], Any], str]:
         value = raw.strip()
         if optional and value in ("", "0"):
             return None
+        if not value.isascii():
+            raise ConfigError(name, raw, accepted)
         try:
             port = int(value)
         except ValueError:
@@ -133,6 +137,10 @@ def _host() -> tuple[Callable[[str, str], Any], str]:
         value = raw.strip().strip("[]")
         if not value or any(c.isspace() or c in "/@" for c in value):
             raise ConfigError(name, raw, accepted)
+        try:
+            value.encode("idna")  # what binding does with it (a label over 63, a surrogate)
+        except UnicodeError:
+            raise ConfigError(name, raw, accepted) from None
         return value
 
     return parse, accepted

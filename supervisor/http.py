@@ -1,17 +1,22 @@
 """The supervisor's own small HTTP endpoint: /healthz, /status, /metrics and the status
 page (`/` and `/ui`, the packaged file supervisor/ui/index.html, which polls /status).
 
-A stdlib threaded server (one thread per request, daemon threads) so a slow scraper can
-never block the loop. It only reads: health and status come from callables the daemon
-provides, metrics from the registry passed in. Binding fails loudly (OSError) at
+A stdlib threaded server (a thread per connection, daemon threads) so a slow scraper can
+never block the loop, with bounds: at most `max_connections` connections are served at
+once (more get an immediate 503 without a thread), each socket times out after
+`timeout_s` of silence, and a client that leaves early is a debug line, not a traceback.
+It only reads: health and status come from callables the daemon provides, metrics from
+the registry passed in. Binding fails loudly (OSError) at
 construction, so the CLI can exit 3 when the port is taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +30,16 @@ Health = Callable[[], tuple[bool, dict[str, Any]]]
 Snapshot = Callable[[], dict[str, Any]]
 
 
+MAX_CONNECTIONS = 16
+TIMEOUT_S = 10.0
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 29\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+    b'{"error": "too many clients"}'
+)
+_CLIENT_LEFT = (ConnectionError, TimeoutError)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -35,18 +50,53 @@ class _Server(ThreadingHTTPServer):
         health: Health,
         snapshot: Snapshot,
         registry: CollectorRegistry,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout_s: float = TIMEOUT_S,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.health = health
         self.snapshot = snapshot
         self.registry = registry
+        self.timeout_s = timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):  # busy: answered at once, no thread
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _CLIENT_LEFT):
+            logger.debug(f"HTTP client {client_address} left early: {exc!r}")
+        else:
+            logger.opt(exception=exc).error(f"HTTP request from {client_address} failed: {exc!r}")
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "vram-supervisor"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.timeout_s)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -62,9 +112,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, status_page(), "text/html; charset=utf-8")
             else:
                 self._send(404, _json({"error": "not found", "paths": PATHS}), "application/json")
+        except _CLIENT_LEFT as exc:
+            logger.debug(f"HTTP {path}: the client left early ({exc!r})")
+            self.close_connection = True
         except Exception as exc:  # a bug here must not kill the server thread silently
             logger.opt(exception=exc).error(f"HTTP {path} failed: {exc}")
-            self._send(500, _json({"error": str(exc)}), "application/json")
+            with contextlib.suppress(*_CLIENT_LEFT):
+                self._send(500, _json({"error": str(exc)}), "application/json")
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -105,8 +159,17 @@ class StatusServer:
         health: Health,
         snapshot: Snapshot,
         registry: CollectorRegistry,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout_s: float = TIMEOUT_S,
     ) -> None:
-        self._server = _Server((host, port), health, snapshot, registry)
+        self._server = _Server(
+            (host, port),
+            health,
+            snapshot,
+            registry,
+            max_connections=max_connections,
+            timeout_s=timeout_s,
+        )
         self._thread: threading.Thread | None = None
 
     @property

@@ -2,14 +2,18 @@
 
 Clients that talk to the gate instead of Ollama get the room made before Ollama decides a
 model's GPU/CPU split. This module owns the listener, the client connections and the
-thread; admission.py decides when a load request may go on; relay.py moves the bytes.
+thread; admission.py decides when a load request may go on; relay.py moves the bytes;
+h11 (through http11.py) reads and writes HTTP/1.1.
 Policy:
 - Only POSTs to the endpoints that can load a model (load_request.LOAD_PATHS) are looked
   into; everything else is relayed at once, untouched, and never waits for a load.
 - A client that disconnects cancels its request, wherever it is: waiting for room,
   waiting for Ollama, or streaming (a load dies with its client, api-facts gotcha 4).
 - No Ollama known, or Ollama unreachable: 502 with {"error": "..."}. A request the gate
-  cannot parse: 400 (or 413/431/505) with {"error": "..."}, and the connection is closed.
+  refuses: 400, 405, 413, 431, 501, 503 or 505 with {"error": "..."}, and the connection
+  is closed.
+- Every buffer, wait and the number of connections is bounded (http11.Limits,
+  docs/gate.md "Limits"). Client-supplied strings reach the log quoted and truncated.
 - One asyncio loop on one thread serves every connection; blocking Ollama and RoomMaker
   calls run on a small thread pool owned by the gate.
 """
@@ -20,73 +24,58 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
 
+import h11
 from loguru import logger
 
 from supervisor.estimate import EstimateParams
 from supervisor.gate.admission import Admission, model_key
 from supervisor.gate.http11 import (
-    HEAD_LIMIT,
-    BadRequest,
-    Request,
+    Limits,
+    Refused,
+    Stream,
+    error_body,
+    error_headers,
+    fields_of,
+    has_both_framings,
     header_value,
-    read_body,
-    read_request,
+    quoted,
+    raw_error,
+    request_path,
+    status_hint,
 )
-from supervisor.gate.load_request import LOAD_PATHS, parse_load_request
-from supervisor.gate.relay import SMALL_BODY_BYTES, Origin, Pool, UpstreamError, relay
+from supervisor.gate.load_request import LOAD_PATHS, LoadRequest, parse_load_request
+from supervisor.gate.relay import ClientGone, Exchange, Origin, Pool, UpstreamError, relay
 from supervisor.gate.stats import Counters, GateStats
 from supervisor.ports import OllamaApi, RoomMaker
 
 log = logger.bind(component="gate")
 
-IDLE_CLIENT_S = 300.0  # a keep-alive client connection with no request is closed after this
-MAX_LOAD_BODY_BYTES = 256 * 1024**2  # load bodies are read whole (images ride in them)
 START_TIMEOUT_S = 10.0
-
-
-class _ClientReader(asyncio.StreamReader):
-    """A StreamReader that says when the client closes or breaks the connection, so a
-    request being served can be cancelled without a second reader on the socket."""
-
-    on_eof: Callable[[], None] | None = None
-
-    def feed_eof(self) -> None:
-        super().feed_eof()
-        if self.on_eof is not None:
-            self.on_eof()
-
-    def set_exception(self, exc: Exception) -> None:
-        super().set_exception(exc)
-        if self.on_eof is not None:
-            self.on_eof()
+LOOP_ERROR_LOG_EVERY_S = 10.0  # the same asyncio error is logged at most this often
 
 
 class _Client:
-    """One client connection. `in_exchange`: a request is being served, so a disconnect
-    must cancel it."""
+    """One client connection and the task serving it. `in_exchange`: a request is being
+    served, so a disconnect must cancel it."""
 
-    __slots__ = ("in_exchange", "is_gone", "reader", "task", "writer")
+    __slots__ = ("in_exchange", "is_gone", "stream", "task")
 
-    def __init__(
-        self, reader: _ClientReader, writer: asyncio.StreamWriter, task: asyncio.Task[Any]
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, stream: Stream, task: asyncio.Task[Any]) -> None:
+        self.stream = stream
         self.task = task
         self.in_exchange = False
         self.is_gone = False
-        reader.on_eof = self._on_eof
+        stream.on_lost = self._on_lost
 
-    def _on_eof(self) -> None:
-        # Data still buffered is a pipelined request: the client wants its answer.
-        if self.in_exchange and not self.is_gone and self.reader.at_eof():
+    def _on_lost(self) -> None:
+        if self.in_exchange and not self.is_gone:
             self.is_gone = True
             self.task.cancel()
 
@@ -112,13 +101,15 @@ class Gate:
         ps_max_stale_s: float = 2.0,
         connect_timeout_s: float = 10.0,
         load_hold_max_s: float = 300.0,
+        limits: Limits | None = None,
     ) -> None:
         self._upstream: Callable[[], str | None] = (
             upstream_url if callable(upstream_url) else functools.partial(str, upstream_url)
         )
         self._host = host
         self._port = port
-        self._pool = Pool(connect_timeout_s=connect_timeout_s)
+        self._limits = limits or Limits()
+        self._pool = Pool(limits=self._limits, connect_timeout_s=connect_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gate-calls")
         self._stats = Counters()
         self._admission = Admission(
@@ -136,6 +127,8 @@ class Gate:
         self._origins: dict[str, Origin] = {}
         self._clients: set[asyncio.Task[Any]] = set()
         self._is_upstream_down = False
+        self._load_bytes_held = 0
+        self._loop_errors: dict[str, float] = {}
         # Thread handling.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -193,6 +186,7 @@ class Gate:
 
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._on_loop_error)
         self._loop = loop
         try:
             loop.run_until_complete(self._serve(ready))
@@ -204,17 +198,34 @@ class Gate:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own errors (accept failing at the descriptor limit, ...): one line, no
+        traceback, at most once per LOOP_ERROR_LOG_EVERY_S for the same message."""
+        message = str(context.get("message", "asyncio error"))
+        exc = context.get("exception")
+        text = f"{message}: {exc!r}" if exc is not None else message
+        now = time.monotonic()
+        if now - self._loop_errors.get(text, -LOOP_ERROR_LOG_EVERY_S) >= LOOP_ERROR_LOG_EVERY_S:
+            self._loop_errors[text] = now
+            log.warning(f"Gate: {text}")
+
     async def _serve(self, ready: threading.Event) -> None:
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
+        gate = self
 
-        def protocol() -> asyncio.StreamReaderProtocol:
-            reader = _ClientReader(limit=HEAD_LIMIT, loop=loop)
-            return asyncio.StreamReaderProtocol(reader, self._on_client, loop=loop)
+        class ClientStream(Stream):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                gate._accept(self)
 
         try:
             server = await loop.create_server(
-                protocol, self._host, self._port, reuse_address=True, backlog=512
+                lambda: ClientStream(self._limits.buffer_bytes),
+                self._host,
+                self._port,
+                reuse_address=True,
+                backlog=512,
             )
         except OSError as exc:
             self._start_error = exc
@@ -233,27 +244,42 @@ class Gate:
 
     # ------------------------------------------------------------------ connections
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None and isinstance(reader, _ClientReader)
-        client = _Client(reader, writer, task)
+    def _accept(self, stream: Stream) -> None:
+        if len(self._clients) >= self._limits.max_clients:
+            message = f"vram-supervisor gate: over {self._limits.max_clients} connections"
+            with contextlib.suppress(OSError):
+                stream.write(raw_error(503, message))
+            stream.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._on_client(stream))
         self._clients.add(task)
+
+    async def _on_client(self, stream: Stream) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        client = _Client(stream, task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head_bytes)
         try:
             while True:
                 try:
-                    async with asyncio.timeout(IDLE_CLIENT_S):
-                        req = await read_request(reader)
-                except BadRequest as exc:
-                    _reply_error(writer, exc.status, exc.message, keep_alive=False)
-                    await writer.drain()
+                    event = await self._read_head(conn, stream)
+                except h11.RemoteProtocolError as exc:
+                    self._refuse(conn, stream, status_hint(exc), f"malformed request: {exc}")
                     break
-                if req is None:
+                if not isinstance(event, h11.Request):
+                    break  # closed between requests, or timed out
+                if _head_size(event) > self._limits.head_bytes:
+                    # h11 bounds a head that arrives in pieces; this, one that came whole.
+                    self._refuse(conn, stream, 431, "request head too large")
                     break
                 self._stats.requests_total += 1
-                if not await self._exchange(client, req):
+                if not await self._exchange(client, conn, event):
                     break
-        except (OSError, EOFError, TimeoutError, ValueError, asyncio.LimitOverrunError):
-            pass  # the client went away or spoke garbage mid-body: just close
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except (OSError, ClientGone, TimeoutError, h11.ProtocolError):
+            pass  # the client went away or broke its request mid-way: just close
         except UpstreamError:
             pass  # the answer broke mid-way: closing tells the client it is truncated
         except asyncio.CancelledError:
@@ -261,39 +287,97 @@ class Gate:
         except Exception as exc:  # a bug: keep serving others, say what happened
             log.opt(exception=exc).error(f"Gate: unexpected error serving a client: {exc!r}")
         finally:
-            writer.close()
+            stream.close()
             self._clients.discard(task)
 
-    async def _exchange(self, client: _Client, req: Request) -> bool:
+    async def _read_head(self, conn: h11.Connection, stream: Stream) -> object:
+        """The next request head: a connection idle for `idle_client_s` is closed, and a
+        head must arrive whole within `head_timeout_s` of its first byte (slow clients
+        cannot hold a connection forever)."""
+        loop = asyncio.get_running_loop()
+        limits = self._limits
+        deadline: float | None = None
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            timeout = limits.idle_client_s
+            if deadline is not None:
+                timeout = max(0.0, deadline - loop.time())
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await stream.read()
+            except TimeoutError:
+                if deadline is not None:
+                    self._refuse(conn, stream, 408, "the request head did not arrive in time")
+                return None
+            if deadline is None:
+                deadline = loop.time() + limits.head_timeout_s
+            conn.receive_data(data)
+
+    def _refuse(self, conn: h11.Connection, stream: Stream, status: int, message: str) -> None:
+        """Answer an error the gate decided itself; the connection is closed after it."""
+        text = f"vram-supervisor gate: {message}"
+        with contextlib.suppress(OSError, h11.ProtocolError):
+            if conn.our_state is h11.SEND_RESPONSE:
+                body = error_body(text)
+                head = h11.Response(
+                    status_code=status,
+                    headers=error_headers(body, close=True),
+                    reason=HTTPStatus(status).phrase.encode(),
+                )
+                stream.write(conn.send(head) + conn.send(h11.Data(data=body)))
+                stream.write(conn.send(h11.EndOfMessage()))
+            else:
+                stream.write(raw_error(status, text))
+
+    async def _exchange(self, client: _Client, conn: h11.Connection, req: h11.Request) -> bool:
         """Serve one request; True when the connection may carry another."""
-        reader, writer = client.reader, client.writer
-        is_load = req.method == b"POST" and req.path in LOAD_PATHS
-        if req.expects_continue and req.has_body:
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: bytes | None = None  # None: streamed from the client while forwarding
+        stream = client.stream
         try:
-            if is_load:
-                body = await read_body(reader, req, MAX_LOAD_BODY_BYTES)
-            elif not req.has_body:
-                body = b""
-            elif not req.is_chunked and (req.content_length or 0) <= SMALL_BODY_BYTES:
-                body = await reader.readexactly(req.content_length or 0)
-        except BadRequest as exc:
-            _reply_error(writer, exc.status, exc.message, keep_alive=False)
+            if req.http_version not in (b"1.0", b"1.1"):
+                raise Refused(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+            fields = fields_of(req.headers)
+            if has_both_framings(fields):
+                raise Refused(400, "Content-Length and Transfer-Encoding together")
+            path = request_path(req)
+        except Refused as exc:
+            self._refuse(conn, stream, exc.status, exc.message)
             return False
-        origin = self._origin()
-        if origin is None:
-            self._stats.upstream_errors_total += 1
-            keep_alive = body is not None and req.keep_alive  # an unread body: close
-            message = "vram-supervisor gate: no Ollama server is known now"
-            _reply_error(writer, 502, message, keep_alive=keep_alive)
-            return keep_alive
+        ex = Exchange(
+            client=conn, stream=stream, req=req, path=path, fields=fields, limits=self._limits
+        )
+        route = path.split(b"?", 1)[0]
+        is_load = req.method == b"POST" and route in LOAD_PATHS
+        held = 0
         client.in_exchange = True
         try:
-            if is_load:
-                assert body is not None
-                return await self._load(client, req, body, origin)
-            return await self._forward(client, req, body, origin)
+            try:
+                body: bytes | None = None
+                load: LoadRequest | None = None
+                if is_load:
+                    body, held = await self._read_load_body(ex)
+                    content_type = header_value(fields, b"content-type")
+                    load = parse_load_request(route, content_type, body, self._limits.json_values)
+                else:
+                    body = await self._body_if_arrived(ex)
+            except h11.RemoteProtocolError as exc:
+                self._refuse(conn, stream, status_hint(exc), f"malformed request body: {exc}")
+                return False
+            origin = self._origin()
+            if origin is None:
+                self._stats.upstream_errors_total += 1
+                return await self._reply_502(ex, "no Ollama server is known now")
+            if load is None or not load.needs_room:
+                return await self._forward(ex, body, origin)
+
+            def forward(on_head: Callable[[], None] | None) -> Awaitable[bool]:
+                return self._forward(ex, body, origin, on_head)
+
+            return await self._admission.admit(load, forward)
+        except Refused as exc:  # also from a request body that broke while streamed
+            self._refuse(conn, stream, exc.status, exc.message)
+            return False
         except asyncio.CancelledError:
             if client.is_gone:
                 client.task.uncancel()
@@ -301,6 +385,71 @@ class Gate:
             raise
         finally:
             client.in_exchange = False
+            self._load_bytes_held -= held
+
+    async def _body_if_arrived(self, ex: Exchange) -> bytes | None:
+        """The request body when it came whole with its head (b"" when there is none);
+        None when it is still arriving (it is then streamed to the upstream)."""
+        conn = ex.client
+        pieces: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(pieces)
+            if isinstance(event, h11.Data):
+                pieces.append(bytes(event.data))
+                continue
+            if pieces:  # part of it is here: hand it back to h11 to stream in order
+                ex.pending = pieces
+            if conn.they_are_waiting_for_100_continue:
+                await ex.send(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
+            return None
+
+    async def _read_load_body(self, ex: Exchange) -> tuple[bytes, int]:
+        """The whole body of a load request and the bytes it holds of the load budget.
+        Refused: over `load_body_bytes` (413), or all load bodies held at once would pass
+        `load_bodies_total_bytes` (503)."""
+        limits = self._limits
+        declared = header_value(ex.fields, b"content-length")
+        size = int(declared) if declared is not None else 0
+        too_big = Refused(
+            413, f"a load request's body is limited to {limits.load_body_bytes} bytes"
+        )
+        if size > limits.load_body_bytes:
+            raise too_big
+        held = 0
+
+        def hold(n: int) -> None:
+            nonlocal held
+            if self._load_bytes_held + n > limits.load_bodies_total_bytes:
+                raise Refused(503, "too many large load requests at once; retry shortly")
+            self._load_bytes_held += n
+            held += n
+
+        try:
+            hold(size)
+            if ex.client.they_are_waiting_for_100_continue:
+                await ex.send(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
+            pieces: list[bytes] = []
+            total = 0
+            while True:
+                event = await ex.next_body_event()
+                if isinstance(event, h11.EndOfMessage):
+                    return b"".join(pieces), held
+                assert isinstance(event, h11.Data)
+                total += len(event.data)
+                if total > limits.load_body_bytes:
+                    raise too_big
+                if total > held:
+                    hold(total - held)
+                pieces.append(bytes(event.data))
+        except BaseException:
+            self._load_bytes_held -= held
+            raise
 
     def _origin(self) -> Origin | None:
         url = self._upstream()
@@ -316,63 +465,47 @@ class Gate:
             self._origins[url] = origin
         return origin
 
+    async def _reply_502(self, ex: Exchange, message: str) -> bool:
+        """502 with the error; True when the connection may go on (the whole request was
+        read)."""
+        keep_alive = ex.client.their_state is h11.DONE and ex.req.http_version == b"1.1"
+        body = error_body(f"vram-supervisor gate: {message}")
+        close = not keep_alive
+        headers = error_headers(body, close=close)
+        await ex.send(h11.Response(status_code=502, headers=headers, reason=b"Bad Gateway"))
+        await ex.send(h11.Data(data=body))
+        await ex.send(h11.EndOfMessage())
+        return keep_alive
+
     async def _forward(
         self,
-        client: _Client,
-        req: Request,
+        ex: Exchange,
         body: bytes | None,
         origin: Origin,
         on_head: Callable[[], None] | None = None,
     ) -> bool:
         try:
-            keep_alive = await relay(
-                pool=self._pool,
-                origin=origin,
-                req=req,
-                body=body,
-                client_reader=client.reader,
-                client_writer=client.writer,
-                on_head=on_head,
-            )
+            await relay(pool=self._pool, origin=origin, ex=ex, body=body, on_head=on_head)
         except UpstreamError as exc:
             if exc.is_answered:
                 raise
             self._stats.upstream_errors_total += 1
-            method, path = req.method.decode("latin-1"), req.path.decode("latin-1")
+            what = f"{quoted(ex.req.method, 16)} {quoted(ex.path)}"
             if not self._is_upstream_down:
                 self._is_upstream_down = True
-                log.warning(f"Gate: Ollama did not answer {method} {path}: {exc}")
+                log.warning(f"Gate: Ollama did not answer {what}: {exc}")
             else:
-                log.debug(f"Gate: Ollama did not answer {method} {path}: {exc}")
-            keep_alive = body is not None and req.keep_alive
-            _reply_error(client.writer, 502, f"vram-supervisor gate: {exc}", keep_alive=keep_alive)
-            await client.writer.drain()
-            return keep_alive
+                log.debug(f"Gate: Ollama did not answer {what}: {exc}")
+            return await self._reply_502(ex, str(exc))
         if self._is_upstream_down:
             self._is_upstream_down = False
             log.info(f"Gate: Ollama at {origin.url} answers again")
-        return keep_alive
-
-    # ------------------------------------------------------------------ gating
-
-    async def _load(self, client: _Client, req: Request, body: bytes, origin: Origin) -> bool:
-        load = parse_load_request(req.path, header_value(req.headers, b"content-type"), body)
-        if load is None or not load.needs_room:
-            return await self._forward(client, req, body, origin)
-
-        def forward(on_head: Callable[[], None] | None) -> Awaitable[bool]:
-            return self._forward(client, req, body, origin, on_head)
-
-        return await self._admission.admit(load, forward)
+        return True
 
 
-def _reply_error(
-    writer: asyncio.StreamWriter, status: int, message: str, *, keep_alive: bool = True
-) -> None:
-    body = json.dumps({"error": message}).encode()
-    head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "Content-Type: application/json; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n" + ("" if keep_alive else "Connection: close\r\n")
-    )
-    writer.write(head.encode() + b"\r\n" + body)
+def _head_size(req: h11.Request) -> int:
+    """About how many bytes the request head took (its line and header fields)."""
+    size = len(req.method) + len(req.target) + 12
+    for name, value in req.headers.raw_items():
+        size += len(name) + len(value) + 4
+    return size

@@ -1,23 +1,30 @@
-"""Just enough HTTP/1.1 (RFC 9112) for the gate: reading requests and response heads, and
-following chunked framing, on asyncio streams (relay.py moves the bytes).
+"""HTTP/1.1 for the gate: h11 parses and frames every message; this module adds the asyncio
+transport (`Stream`), the gate's limits, what the gate refuses, and the header rewriting
+a proxy must do (RFC 9110 §7.6, RFC 9112).
 
-Hand-rolled because the gate sits in front of every token stream and may add at most about
-a millisecond. Policy: strict where a lenient parser would let requests be smuggled (a
-request with both Content-Length and Transfer-Encoding, a space before a header's colon,
-line folding and malformed chunk sizes are refused with 400), lenient where RFC 9112 asks
-(stray CRLFs between requests). Heads over 64 KiB are refused (431).
+h11 (the sans-I/O HTTP/1.1 state machine under httpx) owns request and response parsing,
+Content-Length and chunked framing, keep-alive and pipelining. On top of what h11 refuses,
+the gate refuses (and closes the connection):
+- a request with both Content-Length and Transfer-Encoding (400): a sign of smuggling;
+- a transfer coding other than plain `chunked` (501, from h11);
+- CONNECT (501) and targets in authority or asterisk form (400): the gate is no forward
+  proxy; an absolute-form target is served by its path, like an origin-form one;
+- an HTTP version other than 1.0 and 1.1 (505);
+- a head over `Limits.head_bytes` (431).
+Header values that h11 accepts contain no CR, LF or NUL, and whatever goes upstream is
+written by h11 afresh, so the upstream reads exactly the requests the gate read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-from dataclasses import dataclass
-from enum import IntEnum
+import json
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
-CRLF = b"\r\n"
-HEAD_END = b"\r\n\r\n"
-HEAD_LIMIT = 1 << 16  # the StreamReader limit: bigger heads are refused
+import h11
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -34,16 +41,41 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Framing and Host are rewritten for the upstream; Expect is answered by the gate.
+# Framing and Host are written for the upstream; Expect is answered by the gate.
 REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
-# The response's framing headers pass through because its framing does.
-RESPONSE_DROP = _HOP_BY_HOP - {b"transfer-encoding", b"trailer"}
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# The response's framing is written afresh from what h11 read.
+RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
 
 
-class BadRequest(Exception):
-    """The client sent something that is not HTTP/1.1 we accept; answered, then closed."""
+def _default_max_clients() -> int:
+    """At most 1024 client connections, and fewer when the descriptor limit is low: each
+    client may hold an upstream connection too, and the process needs a few of its own."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(8, min(1024, (soft - 64) // 2))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound the gate keeps (docs/gate.md, "Limits")."""
+
+    max_clients: int = field(default_factory=_default_max_clients)
+    head_bytes: int = 64 * 1024  # request line plus headers (431 beyond)
+    load_body_bytes: int = 64 * 1024**2  # one load request's body, read whole (413 beyond)
+    load_bodies_total_bytes: int = 256 * 1024**2  # all load bodies held at once (503 beyond)
+    json_values: int = 500_000  # commas, objects and arrays in a load body (413 beyond)
+    buffer_bytes: int = 256 * 1024  # unread bytes held per connection before it is paused
+    idle_client_s: float = 300.0  # a keep-alive connection with no request is closed
+    head_timeout_s: float = 30.0  # a request head must arrive whole within this
+    body_idle_s: float = 60.0  # the longest wait for the next piece of a request body
+    send_timeout_s: float = 60.0  # the longest a client may leave the answer unread
+    upstream_idle_s: float | None = None  # the longest wait for the upstream's next bytes
+    max_idle_upstream: int = 32  # idle keep-alive connections kept per upstream
+
+
+class Refused(Exception):
+    """A request the gate answers itself with an error; the connection is then closed."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -51,234 +83,237 @@ class BadRequest(Exception):
         self.message = message
 
 
+def quoted(value: str | bytes, limit: int = 120) -> str:
+    """A client-supplied string fit for a log line: repr-quoted (no raw control
+    characters) and at most about `limit` characters."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if len(value) > limit:
+        return repr(value[:limit]) + f"...({len(value)} chars)"
+    return repr(value)
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+class Stream(asyncio.Protocol):
+    """One TCP connection: bytes in through a bounded buffer (reading pauses beyond
+    `limit`), bytes out with flow control, and `on_lost` when the peer closes or breaks
+    it. An idle stream (a pooled upstream connection) that receives anything is aborted:
+    bytes nobody asked for must never become somebody's answer."""
+
+    def __init__(self, limit: int) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.is_idle = False
+        self.is_eof = False
+        self.is_lost = False
+        self._limit = limit
+        self._buffer = bytearray()
+        self._is_reading_paused = False
+        self._is_writing_paused = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.is_idle:
+            self.abort()
+            return
+        self._buffer += data
+        if len(self._buffer) >= self._limit and not self._is_reading_paused:
+            self._is_reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.is_eof = True
+        self._wake_reader()
+        if not self._buffer and self.on_lost is not None:
+            self.on_lost()  # a half-close with nothing pending: the client is gone
+        return True  # keep the write side open: pipelined requests still get answers
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_eof = self.is_lost = True
+        self._wake_reader()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def pause_writing(self) -> None:
+        self._is_writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._is_writing_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # for the gate
+
+    @property
+    def is_writing_paused(self) -> bool:
+        return self._is_writing_paused
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def read(self) -> bytes:
+        """Every byte received so far (waits for some); b"" once the peer has closed."""
+        while not self._buffer and not self.is_eof:
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._is_reading_paused and not self.is_lost:
+            self._is_reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.is_lost or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.is_lost:
+            raise ConnectionResetError("connection lost")
+        if self._is_writing_paused:
+            if self._drain_waiter is None:
+                self._drain_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drain_waiter)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+async def next_event(
+    conn: h11.Connection, stream: Stream, timeout_s: float | None
+) -> h11.Event | None:
+    """The next h11 event, reading as needed (None: h11 paused, waiting for the other side
+    of an upgrade); TimeoutError when no byte arrives for `timeout_s` (None: no limit);
+    h11.RemoteProtocolError on a broken message."""
+    while True:
+        event = conn.next_event()
+        if event is h11.PAUSED:
+            return None
+        if event is not h11.NEED_DATA:
+            assert isinstance(event, h11.Event)
+            return event
+        conn.receive_data(await read_within(stream, timeout_s))
+
+
+async def read_within(stream: Stream, timeout_s: float | None) -> bytes:
+    """stream.read(); TimeoutError after `timeout_s` (None: no limit)."""
+    if timeout_s is None:
+        return await stream.read()
+    async with asyncio.timeout(timeout_s):
+        return await stream.read()
+
+
 # ----------------------------------------------------------------------------- messages
 
 
-def _parse_headers(lines: list[bytes]) -> Headers:
-    headers: Headers = []
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        # No space before the colon and no obsolete line folding (request smuggling).
-        if not sep or not _TOKEN.fullmatch(name):
-            raise ValueError(f"malformed header line {line[:60]!r}")
-        headers.append((name, value.strip(b" \t")))
-    return headers
+# A message's header fields as (lower-case name, name as sent, value), read once: h11's
+# Headers is a Sequence whose iteration costs a call per field.
+Fields = list[tuple[bytes, bytes, bytes]]
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
+def fields_of(headers: h11._headers.Headers) -> Fields:
+    return [(name.lower(), name, value) for name, value in headers.raw_items()]
+
+
+def has_both_framings(fields: Fields) -> bool:
+    """Content-Length next to Transfer-Encoding."""
+    names = {low for low, _, _ in fields}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+def connection_tokens(fields: Fields) -> frozenset[bytes]:
     tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
+    for low, _, value in fields:
+        if low == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
 
 
-def header_value(headers: Headers, wanted: bytes) -> bytes | None:
+def header_value(fields: Fields, wanted: bytes) -> bytes | None:
     """The first value of header `wanted` (lower case), or None."""
-    for name, value in headers:
-        if name.lower() == wanted:
+    for low, _, value in fields:
+        if low == wanted:
             return value
     return None
 
 
-def _framing(headers: Headers) -> tuple[bool, int | None]:
-    """(is_chunked, content_length); ValueError for a framing we cannot trust."""
-    lengths: set[bytes] = set()
-    codings: list[bytes] = []
-    for name, value in headers:
-        low = name.lower()
-        if low == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-        elif low == b"transfer-encoding":
-            codings.extend(c.strip().lower() for c in value.split(b",") if c.strip())
-    if codings:
-        if codings[-1] != b"chunked" or lengths:
-            raise ValueError("unsupported Transfer-Encoding")
-        return True, None
-    if not lengths:
-        return False, None
-    if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
-        raise ValueError("invalid Content-Length")
-    return False, int(lengths.pop())
+def request_path(req: h11.Request) -> bytes:
+    """The target to forward (origin form: path and query); Refused for the forms the
+    gate does not serve."""
+    target = req.target
+    if req.method == b"CONNECT":
+        raise Refused(501, "CONNECT is not supported: the gate is not a forward proxy")
+    if target.startswith(b"/"):
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        # Absolute form (RFC 9112 §3.2.2): served by its path; the authority is ignored
+        # and Host is the upstream's as always.
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        if slash < 0 or (0 <= query < slash):
+            return b"/" + (rest[query:] if query >= 0 else b"")
+        return rest[slash:]
+    raise Refused(400, "only origin-form and absolute-form request targets are accepted")
 
 
-@dataclass(slots=True)
-class Request:
-    method: bytes
-    target: bytes
-    version: bytes
-    headers: Headers
-    content_length: int | None
-    is_chunked: bool
-    keep_alive: bool  # the client may send another request on this connection
-    expects_continue: bool
-
-    @property
-    def path(self) -> bytes:
-        return self.target.split(b"?", 1)[0]
-
-    @property
-    def has_body(self) -> bool:
-        return self.is_chunked or bool(self.content_length)
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
 
 
-async def read_request(reader: asyncio.StreamReader) -> Request | None:
-    """The next request head; None when the client closed cleanly between requests."""
-    head = b""
-    while not head:
-        try:
-            head = await reader.readuntil(HEAD_END)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial.strip():
-                return None
-            raise BadRequest(400, "incomplete request head") from exc
-        except asyncio.LimitOverrunError as exc:
-            raise BadRequest(431, "request head too large") from exc
-        head = head.lstrip(CRLF)  # stray CRLFs between requests are allowed
-    start, *lines = head[:-4].split(CRLF)
-    parts = start.split(b" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise BadRequest(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-    try:
-        headers = _parse_headers(lines)
-        is_chunked, length = _framing(headers)
-    except ValueError as exc:
-        raise BadRequest(400, str(exc)) from exc
-    if is_chunked and version == b"HTTP/1.0":
-        raise BadRequest(400, "chunked request body in HTTP/1.0")
-    expect = header_value(headers, b"expect")
-    return Request(
-        method=method,
-        target=target,
-        version=version,
-        headers=headers,
-        content_length=length,
-        is_chunked=is_chunked,
-        keep_alive=version == b"HTTP/1.1" and b"close" not in connection_tokens(headers),
-        expects_continue=expect is not None and expect.strip().lower() == b"100-continue",
-    )
+def raw_error(status: int, message: str) -> bytes:
+    """An error answer written without h11 (the request could not be parsed); the
+    connection is closed after it."""
+    body = error_body(message)
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
-def chunk_size(line: bytes) -> int:
-    digits = line.split(b";", 1)[0].strip(b" \t\r\n")
-    if not _CHUNK_SIZE.fullmatch(digits):
-        raise ValueError(f"malformed chunk size {line[:40]!r}")
-    return int(digits, 16)
+def error_headers(body: bytes, *, close: bool) -> Headers:
+    headers = [
+        (b"Content-Type", b"application/json; charset=utf-8"),
+        (b"Content-Length", b"%d" % len(body)),
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    return headers
 
 
-async def read_body(reader: asyncio.StreamReader, req: Request, limit: int) -> bytes:
-    """The whole request body, de-chunked. BadRequest(413) past `limit` bytes; EOFError
-    when the client goes away mid-body."""
-    if not req.is_chunked:
-        length = req.content_length or 0
-        if length > limit:
-            raise BadRequest(413, f"request body over {limit} bytes")
-        return await reader.readexactly(length)
-    body = bytearray()
-    try:
-        while True:
-            size = chunk_size(await reader.readuntil(b"\n"))
-            if size == 0:
-                while (await reader.readuntil(b"\n")).strip():
-                    pass  # trailer fields: nothing the gate forwards
-                return bytes(body)
-            if len(body) + size > limit:
-                raise BadRequest(413, f"request body over {limit} bytes")
-            body += await reader.readexactly(size)
-            if await reader.readexactly(2) != CRLF:
-                raise ValueError("chunk data not followed by CRLF")
-    except (ValueError, asyncio.LimitOverrunError) as exc:
-        raise BadRequest(400, f"malformed chunked body: {exc}") from exc
-
-
-class Framing(IntEnum):
-    NONE = 0  # HEAD, 1xx, 204, 304
-    LENGTH = 1
-    CHUNKED = 2
-    CLOSE = 3  # delimited by the upstream closing the connection
-
-
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    status_line: bytes
-    headers: Headers
-    framing: Framing
-    content_length: int
-    keep_alive: bool  # the upstream connection may be reused afterwards
-
-
-def parse_response_head(head: bytes, method: bytes) -> ResponseHead:
-    """ValueError when the upstream's answer is not HTTP/1.x."""
-    status_line, *lines = head[:-4].split(CRLF)
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise ValueError(f"malformed status line {status_line[:60]!r}")
-    status = int(parts[1])
-    headers = _parse_headers(lines)
-    is_chunked, length = _framing(headers)
-    if method == b"HEAD" or status < 200 or status in (204, 304):
-        framing, length = Framing.NONE, 0
-    elif is_chunked:
-        framing = Framing.CHUNKED
-    elif length is not None:
-        framing = Framing.LENGTH
-    else:
-        framing = Framing.CLOSE
-    keep_alive = (
-        parts[0] == b"HTTP/1.1"
-        and framing is not Framing.CLOSE
-        and b"close" not in connection_tokens(headers)
-    )
-    return ResponseHead(status, status_line, headers, framing, length or 0, keep_alive)
-
-
-class ChunkScanner:
-    """Follows chunked framing across arbitrary slices, so relayed bytes can be written as
-    they arrive while the relay still knows where the message ends."""
-
-    __slots__ = ("_line", "_remaining", "_state", "is_done")
-    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-
-    def __init__(self) -> None:
-        self._state = self._SIZE
-        self._remaining = 0
-        self._line = b""
-        self.is_done = False
-
-    def feed(self, data: bytes, payload: list[bytes] | None = None) -> int:
-        """How many leading bytes of `data` belong to this message (all of them unless it
-        ends inside). Appends the de-chunked payload to `payload` when given.
-        ValueError on broken framing."""
-        i, end = 0, len(data)
-        while i < end and not self.is_done:
-            if self._state == self._DATA:
-                take = min(self._remaining, end - i)
-                if payload is not None:
-                    payload.append(data[i : i + take])
-                i += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = self._DATA_END
-                continue
-            j = data.find(b"\n", i)
-            if j < 0:
-                self._line += data[i:]
-                if len(self._line) > 8192:
-                    raise ValueError("chunk line too long")
-                return end
-            line, self._line = self._line + data[i:j], b""
-            i = j + 1
-            if self._state == self._SIZE:
-                self._remaining = chunk_size(line)
-                self._state = self._DATA if self._remaining else self._TRAILER
-            elif self._state == self._DATA_END:
-                if line.rstrip(b"\r"):
-                    raise ValueError("chunk data not followed by CRLF")
-                self._state = self._SIZE
-            elif not line.rstrip(b"\r"):
-                self.is_done = True  # the empty line after the last chunk (and trailers)
-        return i
+def status_hint(exc: h11.ProtocolError) -> int:
+    """The status h11 suggests for a request it refused (400, 431, 501)."""
+    status = exc.error_status_hint
+    return status if 400 <= status < 600 else 400

@@ -6,6 +6,12 @@ JSON, no model) is not gated: it is forwarded and Ollama answers it as it would 
 Two kinds of load-endpoint request load nothing and are never gated: the unload form of
 generate/chat (`keep_alive` 0 with no prompt or messages, §1.6) and `num_gpu: 0`, which
 runs on the CPU only (§1.8).
+
+The gate parses load bodies on its event loop, so it bounds what it parses: a body with
+more than `json_values` commas, objects and arrays (counted at C speed before parsing) is
+refused with 413, and one nested too deeply for the parser with 400. A model name with
+control characters or over MAX_MODEL_NAME characters is no Ollama model: such a request
+is forwarded ungated (Ollama refuses it), and the name never reaches the log.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.clients.ollama import normalise_model_name
+from supervisor.gate.http11 import Refused
 
 LOAD_PATHS = frozenset(
     {
@@ -36,6 +43,8 @@ _UNLOAD_FIELD = {b"/api/generate": "prompt", b"/api/chat": "messages"}
 _GO_DURATION = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 _BOUNDARY = re.compile(rb'boundary="?([^";,]+)"?', re.IGNORECASE)
 _MODEL_PART = re.compile(rb'\bname="model"', re.IGNORECASE)
+MAX_MODEL_NAME = 256
+DEFAULT_JSON_VALUES = 500_000
 
 
 @dataclass(frozen=True)
@@ -50,19 +59,34 @@ class LoadRequest:
         return not self.is_unload and not self.is_cpu_only
 
 
-def parse_load_request(path: bytes, content_type: bytes | None, body: bytes) -> LoadRequest | None:
-    """The load a request to a load endpoint asks for; None when the body names no model."""
+def parse_load_request(
+    path: bytes,
+    content_type: bytes | None,
+    body: bytes,
+    json_values: int = DEFAULT_JSON_VALUES,
+) -> LoadRequest | None:
+    """The load a request to a load endpoint asks for; None when the body names no model
+    (or none Ollama could have). Refused (413, 400) for a body too big or too deep to
+    parse."""
     if content_type is not None and content_type.lower().startswith(b"multipart/form-data"):
         model = _multipart_field(body, content_type)
-        return LoadRequest(normalise_model_name(model)) if model else None
+        if model is None or not _is_model_name(model):
+            return None
+        return LoadRequest(normalise_model_name(model))
+    values = body.count(b",") + body.count(b"{") + body.count(b"[")
+    if values > json_values:
+        limit = f"{json_values} values (commas, objects and arrays)"
+        raise Refused(413, f"a load request's JSON body is limited to {limit}")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
+    except RecursionError:
+        raise Refused(400, "the JSON body is nested too deeply") from None
     if not isinstance(data, dict):
         return None
     model = data.get("model")
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str) or not _is_model_name(model):
         return None
     options = data.get("options")
     options = options if isinstance(options, dict) else {}
@@ -75,6 +99,10 @@ def parse_load_request(path: bytes, content_type: bytes | None, body: bytes) -> 
         and _is_zero_duration(data.get("keep_alive")),
         is_cpu_only=_is_int(options.get("num_gpu")) and options["num_gpu"] == 0,
     )
+
+
+def _is_model_name(model: str) -> bool:
+    return bool(model.strip()) and len(model) <= MAX_MODEL_NAME and model.isprintable()
 
 
 def _is_int(value: Any) -> bool:

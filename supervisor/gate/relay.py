@@ -1,48 +1,57 @@
-"""Relaying one request to the upstream and its answer back, byte for byte, as it arrives.
+"""Relaying one request to the upstream and its answer back, as it arrives.
 
 Policy:
 - Bodies are relayed as they arrive. A request body is read whole only when the gate must
-  look inside it (load endpoints) or when it is small (sent with the head in one write).
-- Response framing passes through unchanged (chunked stays chunked), so each NDJSON or SSE
-  chunk leaves as soon as it arrives: one read and one write per relayed segment. Only an
-  HTTP/1.0 client gets a de-chunked body, delimited by closing the connection.
-- Hop-by-hop headers are dropped both ways. `Host` is rewritten to the upstream's, because
-  Ollama listening on loopback rejects foreign Host headers.
-- Upstream connections are kept alive in a pool (no per-request connection setup). A
-  request sent on a reused connection that fails before any byte of the answer arrives is
-  sent once more on a fresh connection, if its body was buffered (the upstream had closed
-  the idle connection and never saw it).
-- Connecting has a timeout; reading from the upstream has none: a model load can take
-  minutes, and closing the request would abort it (api-facts gotcha 4).
-- An upstream connection is closed, never pooled, when a relay does not finish (the
-  client went away, or the gate stops): Ollama then cancels the request.
+  look inside it (load endpoints) or when it has already arrived whole with its head.
+- Each piece of the answer's body is written to the client as soon as it arrives (an
+  NDJSON or SSE stream token by token). h11 frames both sides: chunked stays chunked for
+  an HTTP/1.1 client, an HTTP/1.0 client gets the body delimited by closing.
+- Hop-by-hop headers (and those the Connection header names) are dropped both ways.
+  `Host` is the upstream's, because Ollama listening on loopback rejects foreign Host
+  headers. Framing headers are written from what h11 parsed, never copied.
+- Upstream connections are kept alive in a pool, but only when the answer ended exactly
+  where its framing said and nothing else arrived: an answer longer than its
+  Content-Length, a body on a 204/304/HEAD answer or bytes after the last chunk close the
+  connection, and a pooled connection that receives anything is closed at once.
+- A request that fails on a reused connection before any byte of the answer arrives is
+  sent once more on a fresh one only when it is idempotent (RFC 9110 §9.2.2) and its body
+  was buffered: a POST is never sent twice.
+- An answer with both Content-Length and Transfer-Encoding is refused (502).
+- Connecting has a timeout; waiting for the upstream's bytes has `Limits.upstream_idle_s`
+  (none by default: a model load can take minutes, and a non-streamed answer comes only
+  when it is complete). A client that leaves closes the upstream connection, which makes
+  Ollama cancel the request (api-facts gotcha 4).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import h11
+
 from supervisor.gate.http11 import (
-    CRLF,
-    HEAD_END,
-    HEAD_LIMIT,
     REQUEST_DROP,
     RESPONSE_DROP,
-    ChunkScanner,
-    Framing,
-    Request,
-    ResponseHead,
-    chunk_size,
+    Fields,
+    Headers,
+    Limits,
+    Refused,
+    Stream,
     connection_tokens,
-    parse_response_head,
+    fields_of,
+    has_both_framings,
+    next_event,
+    read_within,
+    status_hint,
 )
 
-READ_SIZE = 1 << 16
-SMALL_BODY_BYTES = 1 << 20  # bodies up to this size are buffered and sent with the head
+_VCHARS = re.compile(rb"[\x21-\x7e]+")
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class UpstreamError(Exception):
@@ -52,6 +61,10 @@ class UpstreamError(Exception):
     def __init__(self, message: str, *, is_answered: bool = False) -> None:
         super().__init__(message)
         self.is_answered = is_answered
+
+
+class ClientGone(Exception):
+    """The client closed, broke, or stopped reading its answer."""
 
 
 @dataclass(frozen=True)
@@ -71,63 +84,91 @@ class Origin:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         is_tls = parts.scheme == "https"
+        host_header = parts.netloc.rpartition("@")[2].encode("idna")
+        base_path = parts.path.rstrip("/").encode()
+        # Checked once here, so requests can skip h11's checks of what it parsed itself.
+        if not _VCHARS.fullmatch(host_header) or not _VCHARS.fullmatch(base_path or b"/"):
+            raise ValueError(f"not a usable host or path in {url!r}")
         return cls(
             url=url,
             host=parts.hostname,
             port=parts.port or (443 if is_tls else 80),
             is_tls=is_tls,
-            host_header=parts.netloc.rpartition("@")[2].encode("idna"),
-            base_path=parts.path.rstrip("/").encode(),
+            host_header=host_header,
+            base_path=base_path,
         )
 
 
 @dataclass(eq=False)
 class Connection:
     origin: Origin
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    stream: Stream
+    http: h11.Connection
     is_reused: bool = False
 
     def close(self) -> None:
-        self.writer.close()
+        self.stream.close()
 
 
 @dataclass
 class Pool:
     """Idle keep-alive connections per origin (LIFO: the warmest first)."""
 
+    limits: Limits = field(default_factory=Limits)
     connect_timeout_s: float = 10.0
-    max_idle_per_origin: int = 32
     _idle: dict[Origin, list[Connection]] = field(default_factory=dict)
 
     async def get(self, origin: Origin, *, is_fresh: bool = False) -> Connection:
         idle = self._idle.get(origin)
         while idle and not is_fresh:
             conn = idle.pop()
-            if conn.reader.at_eof() or conn.writer.is_closing():
+            if conn.stream.is_eof or conn.stream.buffered:
                 conn.close()
                 continue
+            conn.stream.is_idle = False
+            conn.stream.on_lost = None
             conn.is_reused = True
             return conn
+        loop = asyncio.get_running_loop()
+        limit = self.limits.buffer_bytes
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(
+                _transport, stream = await loop.create_connection(
+                    lambda: Stream(limit),
                     origin.host,
                     origin.port,
                     ssl=ssl.create_default_context() if origin.is_tls else None,
-                    limit=HEAD_LIMIT,
                 )
         except (OSError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
             raise UpstreamError(f"cannot connect to {origin.url}: {reason}") from exc
-        return Connection(origin, reader, writer)
+        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.limits.head_bytes)
+        return Connection(origin, stream, http)
 
     def put(self, conn: Connection) -> None:
+        """Keep `conn` for the next request when its last exchange ended cleanly."""
+        up, stream = conn.http, conn.stream
+        is_clean = (
+            up.our_state is h11.DONE
+            and up.their_state is h11.DONE
+            and not stream.is_eof
+            and not stream.buffered
+            and not up.trailing_data[0]
+        )
         idle = self._idle.setdefault(conn.origin, [])
-        if len(idle) < self.max_idle_per_origin and not conn.writer.is_closing():
-            idle.append(conn)
-        else:
+        if not is_clean or len(idle) >= self.limits.max_idle_upstream:
             conn.close()
+            return
+        up.start_next_cycle()
+        stream.is_idle = True
+
+        def lost() -> None:
+            with_conn = self._idle.get(conn.origin)
+            if with_conn is not None and conn in with_conn:
+                with_conn.remove(conn)
+
+        stream.on_lost = lost
+        idle.append(conn)
 
     def close(self) -> None:
         for idle in self._idle.values():
@@ -136,77 +177,150 @@ class Pool:
         self._idle.clear()
 
 
-def _upstream_head(req: Request, origin: Origin, body: bytes | None) -> bytes:
-    parts = [req.method, b" ", origin.base_path + req.target, b" HTTP/1.1\r\nHost: "]
-    parts += (origin.host_header, CRLF)
-    tokens = connection_tokens(req.headers)
-    for name, value in req.headers:
-        low = name.lower()
-        if low not in REQUEST_DROP and low not in tokens:
-            parts += (name, b": ", value, CRLF)
+def _upstream_request(ex: Exchange, origin: Origin, body: bytes | None) -> h11.Request:
+    headers: Headers = [(b"Host", origin.host_header)]
+    tokens = connection_tokens(ex.fields)
+    length: bytes | None = None
+    is_chunked = False
+    for low, name, value in ex.fields:
+        if low == b"content-length":
+            length = value
+        elif low == b"transfer-encoding":
+            is_chunked = True
+        elif low not in REQUEST_DROP and low not in tokens:
+            headers.append((name, value))
     if body is not None:
-        if body or req.content_length is not None or req.is_chunked:
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-    elif req.is_chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        if body or length is not None or is_chunked:
+            headers.append((b"Content-Length", b"%d" % len(body)))
+    elif is_chunked:
+        headers.append((b"Transfer-Encoding", b"chunked"))
     else:
-        parts.append(b"Content-Length: %d\r\n" % (req.content_length or 0))
-    parts.append(CRLF)
-    return b"".join(parts)
+        headers.append((b"Content-Length", length or b"0"))
+    # _parsed: every name and value is one h11 parsed (or Origin.parse checked), so h11
+    # need not validate them again on the way out (a measurable share of the gate's cost).
+    return h11.Request(
+        method=ex.req.method, target=origin.base_path + ex.path, headers=headers, _parsed=True
+    )
 
 
-def _client_head(resp: ResponseHead, *, keep_alive: bool, dechunk: bool) -> bytes:
-    parts = [resp.status_line, CRLF]
-    tokens = connection_tokens(resp.headers)
-    for name, value in resp.headers:
-        low = name.lower()
-        if low in RESPONSE_DROP or low in tokens:
-            continue
-        if dechunk and low in (b"transfer-encoding", b"trailer"):
-            continue
-        parts += (name, b": ", value, CRLF)
-    if not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(CRLF)
-    return b"".join(parts)
+def _client_response(resp: h11.Response, fields: Fields, method: bytes) -> h11.Response:
+    headers: Headers = []
+    tokens = connection_tokens(fields)
+    length: bytes | None = None
+    is_chunked = False
+    for low, name, value in fields:
+        if low == b"content-length":
+            length = value
+        elif low == b"transfer-encoding":
+            is_chunked = True
+        elif low not in RESPONSE_DROP and low not in tokens:
+            headers.append((name, value))
+    has_body = method != b"HEAD" and resp.status_code not in (204, 304)
+    if is_chunked:
+        if has_body:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+    elif length is not None and resp.status_code != 204:
+        headers.append((b"Content-Length", length))  # a HEAD or 304 answer's says the size
+    # No framing header: h11 chunks it for an HTTP/1.1 client, closes for HTTP/1.0.
+    return h11.Response(
+        status_code=resp.status_code, headers=headers, reason=resp.reason, _parsed=True
+    )
 
 
-async def _send(
-    pool: Pool,
-    origin: Origin,
-    req: Request,
-    body: bytes | None,
-    client_reader: asyncio.StreamReader,
-) -> tuple[Connection, bytes]:
-    """Send the request; return the connection and the head of the (final or interim)
-    answer. Retries once on a fresh connection when a reused one was stale."""
-    head = _upstream_head(req, origin, body)
-    is_fresh = body is None  # a streamed body cannot be sent twice
+class Exchange:
+    """One request on its way to the upstream: the client side's h11 connection and
+    stream, what the gate read of the request, and the limits."""
+
+    def __init__(
+        self,
+        *,
+        client: h11.Connection,
+        stream: Stream,
+        req: h11.Request,
+        path: bytes,
+        fields: Fields,
+        limits: Limits,
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.req = req
+        self.fields = fields
+        self.path = path
+        self.limits = limits
+        self.pending: list[bytes] = []  # body pieces read from h11 before streaming began
+        self._out: list[bytes] = []
+
+    def queue(self, event: h11.Event) -> None:
+        """Frame an event for the client; it is written at the next flush()."""
+        data = self.client.send(event)
+        if data:
+            self._out.append(data)
+
+    async def flush(self) -> None:
+        """Write what is queued (one write for a head and a body that came together);
+        ClientGone when the client is gone or reads nothing for `send_timeout_s`."""
+        out, stream = self._out, self.stream
+        try:
+            if out:
+                stream.write(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+            if stream.is_writing_paused:
+                async with asyncio.timeout(self.limits.send_timeout_s):
+                    await stream.drain()
+            elif stream.is_lost:
+                raise ConnectionResetError("connection lost")
+        except (OSError, TimeoutError) as exc:
+            raise ClientGone(str(exc) or type(exc).__name__) from exc
+
+    async def send(self, event: h11.Event) -> None:
+        self.queue(event)
+        await self.flush()
+
+    async def next_body_event(self) -> h11.Data | h11.EndOfMessage:
+        """The next piece of the request body. Refused when it is malformed (400) or stalls
+        (408); ClientGone when the client closes mid-body."""
+        try:
+            event = await next_event(self.client, self.stream, self.limits.body_idle_s)
+        except TimeoutError:
+            wait = f"{self.limits.body_idle_s:g} s"
+            raise Refused(408, f"the request body stalled for {wait}") from None
+        except h11.RemoteProtocolError as exc:
+            raise Refused(status_hint(exc), f"malformed request body: {exc}") from exc
+        if not isinstance(event, h11.Data | h11.EndOfMessage):
+            raise ClientGone("the client closed mid-body")
+        return event
+
+
+async def _send_request(pool: Pool, origin: Origin, ex: Exchange, body: bytes | None) -> Connection:
+    """Send the request (streaming its body from the client when `body` is None)."""
+    upstream_req = _upstream_request(ex, origin, body)
+    may_retry = body is not None and ex.req.method in IDEMPOTENT
+    is_fresh = False
     while True:
         conn = await pool.get(origin, is_fresh=is_fresh)
+        up = conn.http
         try:
             if body is not None:
-                conn.writer.write(head + body if len(body) <= SMALL_BODY_BYTES else head)
-                if len(body) > SMALL_BODY_BYTES:
-                    conn.writer.write(body)
+                data = up.send(upstream_req) or b""
+                if body:
+                    data += up.send(h11.Data(data=body)) or b""
+                data += up.send(h11.EndOfMessage()) or b""
+                conn.stream.write(data)
             else:
-                conn.writer.write(head)
-                await _pump_body(client_reader, conn.writer, req)
-            await conn.writer.drain()
-            return conn, await conn.reader.readuntil(HEAD_END)
-        except asyncio.IncompleteReadError as exc:
+                conn.stream.write(up.send(upstream_req) or b"")
+                await _pump_body(ex, conn)
+            await conn.stream.drain()
+            if conn.is_reused and may_retry:
+                # Wait for the first byte here, so a stale connection can be retried.
+                await _first_byte(conn, pool.limits)
+            return conn
+        except (ConnectionError, EOFError) as exc:
             conn.close()
-            if conn.is_reused and body is not None and not exc.partial:
-                is_fresh = True  # the upstream closed the idle connection: try once more
-                continue
-            raise UpstreamError(f"{origin.url} closed the connection without an answer") from exc
-        except ConnectionError as exc:
-            conn.close()
-            if conn.is_reused and body is not None:
-                is_fresh = True
+            if conn.is_reused and may_retry:
+                is_fresh = True  # the upstream had closed the idle connection
                 continue
             raise UpstreamError(f"{origin.url} broke the connection: {exc}") from exc
-        except (OSError, asyncio.LimitOverrunError) as exc:
+        except OSError as exc:
             conn.close()
             raise UpstreamError(f"{origin.url} failed: {exc}") from exc
         except BaseException:
@@ -214,134 +328,128 @@ async def _send(
             raise
 
 
+async def _first_byte(conn: Connection, limits: Limits) -> None:
+    stream = conn.stream
+    async with asyncio.timeout(limits.upstream_idle_s):
+        data = await stream.read()
+    if not data:
+        raise EOFError("closed without an answer")
+    conn.http.receive_data(data)
+
+
+async def _pump_body(ex: Exchange, conn: Connection) -> None:
+    """Relay the request body from the client as it arrives."""
+    up, stream = conn.http, conn.stream
+    pending, ex.pending = ex.pending, []
+    for piece in pending:
+        stream.write(up.send(h11.Data(data=piece)) or b"")
+    while True:
+        event = await ex.next_body_event()
+        out = up.send(event)
+        if out:
+            stream.write(out)
+            await stream.drain()
+        if isinstance(event, h11.EndOfMessage):
+            return
+
+
 async def relay(
     *,
     pool: Pool,
     origin: Origin,
-    req: Request,
+    ex: Exchange,
     body: bytes | None,
-    client_reader: asyncio.StreamReader,
-    client_writer: asyncio.StreamWriter,
     on_head: Callable[[], None] | None = None,
-) -> bool:
-    """Send `req` (with `body`, or streamed from the client when None) to `origin` and
-    relay the answer. Returns whether the client connection may carry another request.
+) -> None:
+    """Send the request (with `body`, or streamed from the client when None) to `origin`
+    and relay the answer.
 
     Raises UpstreamError (is_answered False: nothing was written to the client, answer
-    502); EOFError or ConnectionError when the client goes away. `on_head` runs when the
-    final answer's head arrives (for a load: the model is loaded or failed).
+    502); ClientGone when the client goes away. `on_head` runs when the final answer's
+    head arrives (for a load: the model is loaded or failed).
     """
-    conn, raw = await _send(pool, origin, req, body, client_reader)
+    conn = await _send_request(pool, origin, ex, body)
+    is_done = False
+    try:
+        await _relay_answer(conn, ex, on_head)
+        is_done = True
+    except h11.ProtocolError as exc:
+        raise UpstreamError(
+            f"{origin.url} sent a malformed answer: {exc}",
+            is_answered=ex.client.our_state is not h11.SEND_RESPONSE,
+        ) from exc
+    finally:
+        if is_done:
+            pool.put(conn)
+        else:
+            conn.close()
+
+
+async def _relay_answer(conn: Connection, ex: Exchange, on_head: Callable[[], None] | None) -> None:
+    up, stream = conn.http, conn.stream
+    url = conn.origin.url
+    while True:
+        event = await _upstream_event(up, stream, ex, is_answered=False, url=url)
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                raise UpstreamError(f"{url} switched protocols; the gate cannot relay that")
+            if ex.req.http_version == b"1.1":  # 103 Early Hints, ...
+                interim = h11.InformationalResponse(
+                    status_code=event.status_code,
+                    headers=event.headers.raw_items(),
+                    reason=event.reason,
+                )
+                ex.queue(interim)
+            continue
+        if isinstance(event, h11.Response):
+            break
+        raise UpstreamError(f"{url} closed the connection without an answer")
+    fields = fields_of(event.headers)
+    if has_both_framings(fields):
+        raise UpstreamError(f"{url} answered with both Content-Length and Transfer-Encoding")
+    if on_head is not None:
+        on_head()
+    ex.queue(_client_response(event, fields, ex.req.method))
+    while True:
+        # Whatever arrived together leaves together; the queue is written before each
+        # wait for more, so a stream still goes out piece by piece as it is produced.
+        event = await _upstream_event(up, stream, ex, is_answered=True, url=url)
+        if isinstance(event, h11.Data):
+            ex.queue(h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            ex.queue(h11.EndOfMessage())
+            await ex.flush()
+            return
+        else:
+            raise UpstreamError(f"{url} closed mid-answer", is_answered=True)
+
+
+async def _upstream_event(
+    up: h11.Connection, stream: Stream, ex: Exchange, *, is_answered: bool, url: str
+) -> h11.Event | None:
+    """The upstream's next event; what is queued for the client is written first when
+    the gate has to wait for it."""
+    limits = ex.limits
     try:
         while True:
-            try:
-                resp = parse_response_head(raw, req.method)
-            except ValueError as exc:
-                raise UpstreamError(f"{origin.url} sent a malformed answer: {exc}") from exc
-            if resp.status >= 200:
-                break
-            if resp.status == 101:
-                raise UpstreamError(f"{origin.url} switched protocols; the gate cannot relay that")
-            if req.version == b"HTTP/1.1":
-                client_writer.write(raw)  # interim answer (103 Early Hints, ...)
-            try:
-                raw = await conn.reader.readuntil(HEAD_END)
-            except (OSError, EOFError, asyncio.LimitOverrunError) as exc:
-                raise UpstreamError(f"{origin.url} broke after an interim answer") from exc
-        if on_head is not None:
-            on_head()
-        dechunk = req.version != b"HTTP/1.1" and resp.framing is Framing.CHUNKED
-        keep_alive = req.keep_alive and resp.framing is not Framing.CLOSE
-        client_writer.write(_client_head(resp, keep_alive=keep_alive, dechunk=dechunk))
-        is_clean = await _relay_body(conn, resp, client_writer, dechunk=dechunk)
-    except BaseException:
-        conn.close()
-        raise
-    if resp.keep_alive and is_clean:
-        pool.put(conn)
-    else:
-        conn.close()
-    return keep_alive
-
-
-async def _relay_body(
-    conn: Connection, resp: ResponseHead, out: asyncio.StreamWriter, *, dechunk: bool
-) -> bool:
-    """Relay the body as it arrives; True when the upstream connection ended cleanly on
-    the message boundary (it may be reused)."""
-    reader = conn.reader
-    framing = resp.framing
-    if framing is Framing.NONE:
-        await out.drain()
-        return True
-    if framing is Framing.CLOSE:
-        while data := await _read(reader, READ_SIZE, allow_eof=True):
-            out.write(data)
-            await out.drain()
-        return False
-    if framing is Framing.LENGTH:
-        remaining = resp.content_length
-        while remaining > 0:
-            data = await _read(reader, min(remaining, READ_SIZE))
-            out.write(data)
-            remaining -= len(data)
-            await out.drain()
-        return True
-    scanner = ChunkScanner()
-    while not scanner.is_done:
-        data = await _read(reader, READ_SIZE)
-        try:
-            if dechunk:
-                pieces: list[bytes] = []
-                used = scanner.feed(data, pieces)
-                out.write(b"".join(pieces))
-            else:
-                used = scanner.feed(data)
-                out.write(data if used == len(data) else data[:used])
-        except ValueError as exc:
-            raise UpstreamError(f"broken chunked answer: {exc}", is_answered=True) from exc
-        await out.drain()
-        if used < len(data):
-            return False  # bytes beyond the message: do not trust this connection again
-    return True
-
-
-async def _read(reader: asyncio.StreamReader, size: int, *, allow_eof: bool = False) -> bytes:
-    try:
-        data = await reader.read(size)
-    except OSError as exc:
-        raise UpstreamError(f"the upstream broke mid-answer: {exc}", is_answered=True) from exc
-    if not data and not allow_eof:
-        raise UpstreamError("the upstream closed mid-answer", is_answered=True)
-    return data
-
-
-async def _pump_body(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: Request
-) -> None:
-    """Relay a request body as it arrives, framing unchanged (never reads past its end)."""
-
-    async def copy(count: int) -> None:
-        while count > 0:
-            data = await reader.read(min(count, READ_SIZE))
-            if not data:
-                raise EOFError("client closed mid-body")
-            writer.write(data)
-            count -= len(data)
-            await writer.drain()
-
-    if not req.is_chunked:
-        await copy(req.content_length or 0)
-        return
-    while True:
-        line = await reader.readuntil(b"\n")
-        size = chunk_size(line)
-        writer.write(line)
-        if size == 0:
-            while True:
-                line = await reader.readuntil(b"\n")
-                writer.write(line)
-                if not line.strip():
-                    await writer.drain()
-                    return
-        await copy(size + 2)  # the data and its CRLF
+            event = up.next_event()
+            if event is h11.NEED_DATA:
+                await ex.flush()
+                up.receive_data(await read_within(stream, limits.upstream_idle_s))
+                continue
+            if event is h11.PAUSED:
+                return None
+            assert isinstance(event, h11.Event)
+            return event
+    except TimeoutError as exc:
+        raise UpstreamError(
+            f"{url} sent nothing for {limits.upstream_idle_s:g} s", is_answered=is_answered
+        ) from exc
+    except h11.RemoteProtocolError as exc:
+        if stream.is_eof:
+            what = "mid-answer" if is_answered else "without an answer"
+            raise UpstreamError(
+                f"{url} closed the connection {what}", is_answered=is_answered
+            ) from exc
+        message = f"{url} sent a malformed answer: {exc}"
+        raise UpstreamError(message, is_answered=is_answered) from exc

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import h11
 import pytest
 
-from supervisor.gate.http11 import ChunkScanner, Framing, parse_response_head
+from supervisor.gate.http11 import Refused, quoted, request_path
 from supervisor.gate.load_request import LoadRequest, parse_load_request
 from supervisor.gate.relay import Origin
 
@@ -112,84 +113,69 @@ def test_multipart_model_field() -> None:
 
 
 @pytest.mark.parametrize(
-    "pieces",
+    ("target", "path"),
     [
-        [b"5\r\nhello\r\n0\r\n\r\n"],
-        [b"5\r\nhel", b"lo\r\n0\r\n\r\n"],
-        [b"5", b"\r", b"\nhello", b"\r", b"\n0\r\n", b"\r\n"],
-        [b"5;ext=1\r\nhello\r\n0\r\nTrailer: x\r\n\r\n"],
-        [b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"],
-        [b"A\r\nhello worl\r\n0\r\n\r\n"[:5], b"A\r\nhello worl\r\n0\r\n\r\n"[5:]],
+        (b"/api/tags", b"/api/tags"),
+        (b"/echo?x=1", b"/echo?x=1"),
+        (b"http://evil.example/api/generate", b"/api/generate"),
+        (b"HTTP://evil.example:80/api/chat?x=1", b"/api/chat?x=1"),
+        (b"http://evil.example", b"/"),
+        (b"http://evil.example?x=1", b"/?x=1"),
     ],
 )
-def test_chunk_scanner_finds_the_end_and_the_payload(pieces: list[bytes]) -> None:
-    scanner = ChunkScanner()
-    payload: list[bytes] = []
-    for piece in pieces:
-        assert not scanner.is_done
-        assert scanner.feed(piece, payload) == len(piece)
-    assert scanner.is_done
-    assert b"".join(payload) in (b"hello", b"hello worl")
-
-
-def test_chunk_scanner_stops_at_the_message_end() -> None:
-    scanner = ChunkScanner()
-    data = b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200 OK"
-    assert scanner.feed(data) == data.index(b"HTTP")
-    assert scanner.is_done
-
-
-@pytest.mark.parametrize("bad", [b"zz\r\n", b"0x5\r\nhello", b"3\r\nabcX\r\n", b"1_0\r\n"])
-def test_chunk_scanner_refuses_broken_framing(bad: bytes) -> None:
-    with pytest.raises(ValueError):
-        ChunkScanner().feed(bad)
+def test_request_path_serves_origin_and_absolute_form_by_path(target: bytes, path: bytes) -> None:
+    req = h11.Request(method=b"POST", target=target, headers=[(b"Host", b"x")])
+    assert request_path(req) == path
 
 
 @pytest.mark.parametrize(
-    ("head", "method", "framing", "length", "keep_alive"),
+    ("method", "target", "status"),
     [
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", b"GET", Framing.LENGTH, 12, True),
-        (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST",
-            Framing.CHUNKED,
-            0,
-            True,
-        ),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", b"HEAD", Framing.NONE, 0, True),
-        (b"HTTP/1.1 204 No Content\r\n\r\n", b"DELETE", Framing.NONE, 0, True),
-        (b"HTTP/1.1 304 Not Modified\r\n\r\n", b"GET", Framing.NONE, 0, True),
-        (b"HTTP/1.1 200 OK\r\n\r\n", b"GET", Framing.CLOSE, 0, False),
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
-            b"GET",
-            Framing.LENGTH,
-            2,
-            False,
-        ),
-        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", b"GET", Framing.LENGTH, 2, False),
+        (b"CONNECT", b"evil.example:443", 501),
+        (b"OPTIONS", b"*", 400),
+        (b"GET", b"evil.example:80", 400),
+        (b"GET", b"ftp://evil.example/x", 400),
     ],
 )
-def test_parse_response_head(
-    head: bytes, method: bytes, framing: Framing, length: int, keep_alive: bool
+def test_request_path_refuses_what_a_forward_proxy_would_serve(
+    method: bytes, target: bytes, status: int
 ) -> None:
-    resp = parse_response_head(head, method)
-    assert (resp.framing, resp.content_length, resp.keep_alive) == (framing, length, keep_alive)
+    req = h11.Request(method=method, target=target, headers=[(b"Host", b"x")])
+    with pytest.raises(Refused) as refused:
+        request_path(req)
+    assert refused.value.status == status
 
 
-@pytest.mark.parametrize(
-    "head",
-    [
-        b"garbage\r\n\r\n",
-        b"HTTP/1.1 abc OK\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
-    ],
-)
-def test_parse_response_head_refuses_what_it_cannot_frame(head: bytes) -> None:
-    with pytest.raises(ValueError):
-        parse_response_head(head, b"GET")
+def test_quoted_escapes_and_truncates_client_strings() -> None:
+    assert quoted("llama3\n2026-01-01 | INFO | forged") == repr(
+        "llama3\n2026-01-01 | INFO | forged"
+    )
+    assert "\n" not in quoted("a\nb") and "\r" not in quoted("a\rb")
+    long = quoted("x" * 1_000_000)
+    assert len(long) < 200 and long.endswith("(1000000 chars)")
+    assert quoted(b"\x1b[31mred") == repr("\x1b[31mred")
+
+
+def test_load_bodies_too_complex_or_too_deep_are_refused_not_parsed() -> None:
+    many = b"[" + b"{}," * 600_000 + b"{}]"
+    with pytest.raises(Refused) as refused:
+        parse_load_request(b"/api/generate", None, many)
+    assert refused.value.status == 413
+
+    deep = b'{"model": "llama3.2", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(Refused) as refused:
+        parse_load_request(b"/api/generate", None, deep, json_values=10**6)
+    assert refused.value.status == 400
+
+    # Commas inside a long prompt count too, but a realistic one passes.
+    prose = json.dumps({"model": "llama3.2", "prompt": "a, b, c. " * 100_000}).encode()
+    assert parse_load_request(b"/api/generate", None, prose) == LoadRequest("llama3.2:latest")
+
+
+@pytest.mark.parametrize("model", ["llama3.2\n2026 | INFO | forged", "x" * 300, "a\x1bb", " "])
+def test_implausible_model_names_are_not_gated(model: str) -> None:
+    body = json.dumps({"model": model, "prompt": "x"}).encode()
+    assert parse_load_request(b"/api/generate", None, body) is None
 
 
 @pytest.mark.parametrize(

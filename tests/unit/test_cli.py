@@ -102,7 +102,7 @@ def wait_healthy(
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_run_without_docker_is_healthy_and_exits_0_quickly_on_signal(sig: int) -> None:
     port = free_port()
     settings = fixed_urls(port)
@@ -122,6 +122,7 @@ def test_run_without_docker_is_healthy_and_exits_0_quickly_on_signal(sig: int) -
         _, stderr = proc.communicate()
     assert code == 0, stderr
     assert took < 2.0, f"took {took:.2f} s to exit"
+    assert "Stopping" in stderr  # the graceful stop, not a death by signal
     assert "Using comfyui at" in stderr and "Cannot read ollama" in stderr
     assert "docker" not in stderr.lower().replace("docker: not used", "")
 
@@ -444,3 +445,11 @@ def test_free_of_a_comfyui_on_the_cpu_says_so_at_once_and_succeeds() -> None:
     assert "ComfyUI comfyui runs on the CPU: it holds no VRAM, nothing to free" in result.stdout
     assert "failed" not in result.stdout
     assert took < 8.0  # no verify window (VRAM_VERIFY_TIMEOUT is 10 s)
+
+
+@pytest.mark.parametrize("var", ["VRAM_HTTP_HOST", "VRAM_GATE_HOST"])
+def test_a_host_that_cannot_be_encoded_exits_2(var: str) -> None:
+    result = cli("run", **{var: "a" * 64, "VRAM_GATE_PORT": str(free_port())})
+    assert result.returncode == 2
+    assert var in result.stderr
+    assert "Traceback" not in result.stderr

@@ -119,3 +119,20 @@ def test_non_finite_numbers_are_rejected(name: str, raw: str) -> None:
         load_settings({name: raw})
     assert info.value.name == name
     assert raw in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["\u0661\u0662", "\uff11\uff12", "1\u0665"])
+@pytest.mark.parametrize("name", [*NUMERIC, "VRAM_HTTP_PORT", "VRAM_GATE_PORT"])
+def test_unicode_digits_are_not_numbers(name: str, raw: str) -> None:
+    """int() and float() read Arabic-Indic or full-width digits; a setting must not."""
+    with pytest.raises(ConfigError) as info:
+        load_settings({name: raw})
+    assert info.value.name == name
+
+
+@pytest.mark.parametrize("raw", ["a" * 64, "a..b", "\udcff", "x" * 300 + ".example"])
+@pytest.mark.parametrize("name", ["VRAM_HTTP_HOST", "VRAM_GATE_HOST"])
+def test_host_names_that_cannot_be_encoded_are_refused(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({name: raw})
+    assert info.value.name == name

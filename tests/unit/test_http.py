@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from loguru import logger
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -206,3 +210,74 @@ def test_the_status_page_loads_nothing_from_elsewhere() -> None:
     assert "default-src 'none'; connect-src 'self'" in page
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page
     assert "document.write" not in page
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def _server(**kw: Any) -> StatusServer:
+    kw.setdefault("snapshot", lambda: {"gpus": []})
+    server = StatusServer(
+        "127.0.0.1", 0, health=Switch().health, registry=CollectorRegistry(), **kw
+    )
+    server.start()
+    return server
+
+
+def test_a_silent_client_is_dropped_after_the_timeout() -> None:
+    server = _server(timeout_s=0.3)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+            started = time.monotonic()
+            while sock.recv(100):  # closed by the server (perhaps after a 408)
+                pass
+            assert time.monotonic() - started < 3
+    finally:
+        server.close()
+
+
+def test_connections_beyond_the_bound_get_503_without_a_thread() -> None:
+    server = _server(max_connections=2, timeout_s=5)
+    holders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        threads = threading.active_count()
+        extra = [get(server, "/healthz")[0] for _ in range(5)]
+        assert extra == [503] * 5
+        assert threading.active_count() <= threads
+    finally:
+        for sock in holders:
+            sock.close()
+    try:
+        deadline = time.monotonic() + 5
+        while get(server, "/healthz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert get(server, "/healthz")[0] == 200  # slots come back when clients leave
+    finally:
+        server.close()
+
+
+def test_a_client_leaving_early_is_no_traceback(capfd: Any) -> None:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+
+    def slow_snapshot() -> dict[str, Any]:
+        time.sleep(0.3)  # the client is gone by the time the answer is written
+        return {"gpus": [], "big": "x" * 1_000_000}
+
+    server = _server(snapshot=slow_snapshot)
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.close()  # a reset: the server's write fails
+        time.sleep(1.0)
+        assert get(server, "/healthz")[0] == 200
+    finally:
+        server.close()
+        logger.remove(sink)
+
+    assert lines == []
+    assert "Traceback" not in capfd.readouterr().err
