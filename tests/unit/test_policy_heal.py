@@ -363,3 +363,28 @@ def test_heal_names_the_gpu_the_model_should_land_on(o: Observation, landing: st
     heals = [a for a in d.actions if isinstance(a, HealOllama)]
     assert len(heals) == 1, summary(d)
     assert heals[0].gpu_uuid == landing
+
+
+@pytest.mark.parametrize(
+    ("fit", "used", "expected", "why"),
+    [
+        # room = free + the model's 4 GiB; need = 12 GiB + 512 MiB margin + fit target
+        (0, 15.25, ["heal:big:12b[]"], ""),  # 12.75 GiB of room >= 12.5
+        (1, 15.25, [], "12.8 GiB could be made free, 13.5 GiB needed"),  # llama-server
+        (1, 14.25, ["heal:big:12b[]"], ""),
+    ],
+)
+def test_the_fit_target_of_ollama_0_30_is_part_of_the_heal_margin(
+    fit: float, used: float, expected: list[str], why: str
+) -> None:
+    o = ollama(SPILLED, fit=fit)
+    d = run(obs(o, gpus=(gpu(used),)), baseline(o))
+    assert summary(d) == expected
+    assert why in skipped(d)
+
+
+def test_a_model_that_fits_only_without_the_fit_target_is_not_healed() -> None:
+    o = ollama(model("big:23b", 23, vram=20), fit=1)
+    d = run(obs(o, gpus=(QUIET,)), baseline(o))
+    assert summary(d) == []
+    assert "cannot fit on the GPU (24.0 GiB less a 1.5 GiB margin)" in d.notes[0]
