@@ -170,6 +170,7 @@ class ModelStats:
     spilled_s: float = 0.0  # simulated seconds a partly offloaded runner was loaded
     last_gpu_fraction: float | None = None
     last_size_bytes: int | None = None  # what the last load really took (RAM + VRAM)
+    first_size_bytes: int | None = None  # and the first one since the counters were reset
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -358,7 +359,7 @@ class Scheduler:
                 if runner and runner.is_spilled and not runner.loading:
                     data["spilled_s"] += (now - runner.loaded_mono) / self.config.time_scale
                 models[name] = data
-        counters = [k for k in ModelStats().__dict__ if not k.startswith("last_")]
+        counters = [k for k in ModelStats().__dict__ if not k.startswith(("last_", "first_"))]
         totals: dict[str, float] = dict.fromkeys(counters, 0)
         for data in models.values():
             for key in totals:
@@ -537,6 +538,8 @@ class Scheduler:
             st.loads_full_gpu += int(not runner.is_spilled)
             st.last_gpu_fraction = round(runner.gpu_fraction, 4)
             st.last_size_bytes = runner.size_bytes
+            if st.first_size_bytes is None:
+                st.first_size_bytes = runner.size_bytes
         return runner
 
     def _place(
