@@ -182,6 +182,20 @@ def test_a_heal_is_not_repeated_next_pass_even_without_an_outcome() -> None:
     assert "heal cooldown" in skipped(again)
 
 
+def test_a_new_load_of_a_healed_model_is_healed_again_within_the_cooldown() -> None:
+    """The cooldown was for the earlier load: the model left /api/ps (keep-alive ran out),
+    a client loaded it again and it spilled again (frequent with Ollama >= 0.30)."""
+    healed = run(obs(OL, comfy(), gpus=(QUIET,)), baseline(OL))
+    assert summary(healed) == ["heal:big:12b[comfyui]"]
+    gone = run(obs(ollama(), comfy(), gpus=(QUIET,)), healed.state, now=NOW + 60)
+    assert gone.state.heal_at(HEAL_KEY) == NOW  # still in its cooldown
+    back = run(obs(OL, comfy(), gpus=(QUIET,)), gone.state, now=NOW + 120)
+    assert "heal:big:12b[comfyui]" in summary(back)
+    # ...while the same load stays in its cooldown.
+    again = run(obs(OL, comfy(), gpus=(QUIET,)), back.state, now=NOW + 125)
+    assert "heal cooldown" in skipped(again)
+
+
 def test_a_heal_ignores_the_free_rate_limit() -> None:
     state = baseline(OL, last_episode_at=NOW - 5)
     assert summary(run(obs(OL, comfy(), gpus=(QUIET,)), state)) == ["heal:big:12b[comfyui]"]
