@@ -17,6 +17,7 @@ the supervisor's time settings are scaled by the same factor (supervisor_proc.py
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from supervisor.sim import SimHost
 from tests.bench.micro import MicroResult, run_micro
 from tests.bench.modes import MODES, ModeResult, run_mode
 from tests.bench.report import (
@@ -57,7 +59,7 @@ from tests.bench.workload import (
 DEFAULT_SEED = 1
 DEFAULT_MINUTES = 10.0
 DEFAULT_TIME_SCALE = 0.05
-DEFAULT_REPEAT = 3
+DEFAULT_REPEAT = 5
 DEFAULT_PROFILES = ("2025", "2026")
 COMMAND = ".venv/bin/python -m tests.bench.run"
 
@@ -181,7 +183,7 @@ def generated_markdown(
         for profile, groups in by_profile.items():
             parts += [
                 "",
-                f"### Mixed workload, the modes side by side: {PROFILE_TITLES[profile]}",
+                f"### Mixed workload, the modes side by side: {profile_title(profile)}",
                 f"Each mode ran {runs} times on the same seed; in each round all modes ran at "
                 "the same time, each on its own simulated host with its own supervisor "
                 "process. Counts are totals over the runs, latencies are pooled before taking "
@@ -199,10 +201,28 @@ def generated_markdown(
 
 
 PROFILE_TITLES = {
-    "2025": "2025 pair (Ollama 0.12, ComfyUI as the simulator plays 2025)",
-    "2026": "2026 pair (Ollama 0.33 with llama-server runners, ComfyUI as the simulator plays "
-    "2026)",
+    "2025": "2025 pair (Ollama 0.12)",
+    "2026": "2026 pair (Ollama 0.33 with llama-server runners)",
 }
+
+
+def comfy_mode(profile: str) -> str:
+    """Which ComfyUI the simulator plays under `profile`, read from its configuration (so
+    the text stays true whatever the simulator's ComfyUI does with the profile)."""
+    configs = {}
+    for name in PROFILE_TITLES:
+        host = SimHost(profile=name, start_ollama=False, start_comfyui=False)
+        configs[name] = dataclasses.asdict(host.comfyui_config)
+        host.stop()
+    mine = configs[profile]
+    differs = {k: v for k, v in mine.items() if any(c.get(k) != v for c in configs.values())}
+    if not differs:
+        return "ComfyUI: the same fake in both profiles (0.3.64 behaviour, no Dynamic VRAM)"
+    return "ComfyUI: " + ", ".join(f"{k}={v}" for k, v in sorted(differs.items()))
+
+
+def profile_title(profile: str) -> str:
+    return f"{PROFILE_TITLES[profile]}; {comfy_mode(profile)}"
 
 
 def run_modes(
@@ -298,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         by_profile[profile] = run_modes(
             modes, events, duration_s, args.time_scale, args.repeat, args.results, profile
         )
-        print(f"\n{PROFILE_TITLES[profile]}:\n" + results_table(by_profile[profile]))
+        print(f"\n{profile_title(profile)}:\n" + results_table(by_profile[profile]))
     if by_profile:
         print("\n" + generations_table(by_profile))
         print("\n" + estimates_table(by_profile))
