@@ -343,7 +343,7 @@ class Scheduler:
                 # Sleep only when a millisecond is owed: sleeping per token would cost more
                 # than the token at small time scales.
                 if due - time.monotonic() > 0.001:
-                    time.sleep(due - time.monotonic())
+                    time.sleep(max(0.0, due - time.monotonic()))  # may have passed meanwhile
                 with self._cond:
                     st.tokens += 1
                     st.tokens_full_gpu += int(full)
