@@ -29,6 +29,7 @@ BIG_MODELS = {"2026": "qwen2.5:14b", "2025": "qwen2.5:32b"}
 def big_model(profile: str) -> str:
     return BIG_MODELS[profile]
 
+
 REACTION_DEADLINE_S = 20.0  # how long a step waits for the supervisor before it fails
 BAR_WIDTH = 40
 

@@ -62,13 +62,9 @@ def test_the_chat_model_lands_fully_on_the_gpu_through_the_gate(
 
 def test_a_spilled_model_is_healed(demo: subprocess.CompletedProcess[str]) -> None:
     out = demo.stdout
-    spilled = re.search(
-        rf"{BIG}: [\d.]+ GiB of [\d.]+ GiB on the GPU = (\d+)%, the other", out
-    )
+    spilled = re.search(rf"{BIG}: [\d.]+ GiB of [\d.]+ GiB on the GPU = (\d+)%, the other", out)
     assert spilled and int(spilled.group(1)) < 100, out
-    healed = re.search(
-        rf"supervisor \| Healed Ollama model {BIG}: (\d+)% -> 100% on GPU", out
-    )
+    healed = re.search(rf"supervisor \| Healed Ollama model {BIG}: (\d+)% -> 100% on GPU", out)
     assert healed, out
     # The demo's own reading and the supervisor's agree on where it started.
     assert healed.group(1) == spilled.group(1)
