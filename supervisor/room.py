@@ -13,8 +13,9 @@ are freed, soft then hard, until the room covers the need or the deadline passes
   what the gate's Ollama (the first running one) lists in /api/ps.
 - A running generation is never interrupted. Under VRAM_PRIORITY=balanced and comfyui, a
   ComfyUI with a running or pending prompt is waited for (its /queue polled every
-  IDLE_POLL_S, within the deadline) and freed once idle; under ollama it is freed at once
-  with flags that act when its prompt ends.
+  IDLE_POLL_S, within the deadline) and freed once idle, also when its prompt started
+  between the look and the free; under ollama it is freed at once with flags that act
+  when its prompt ends.
 - The frees share the Actor's lock with the loop, so a gate free never overlaps a loop
   action; merely waiting for ComfyUI to become idle does not hold it. It gives up (False)
   when it cannot take the lock in time.
@@ -103,26 +104,33 @@ class ComfyRoomMaker:
                 # it gives nothing, and verifying that would hold the request.
                 logger.debug(f"Not freeing ComfyUI {spec.name} for the gate: it holds nothing")
                 continue
-            busy = _is_busy(comfy)
-            if busy and priority is not Priority.OLLAMA:
-                model = reason.removeprefix(GATE_REASON_PREFIX)
-                logger.info(
-                    f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
-                    f"making room for {model}"
-                )
-                if not self._wait_idle(comfy, end):
-                    if self._actor.is_stopping:
-                        logger.info(f"Gate: stopped waiting for ComfyUI {spec.name}: shutting down")
-                    else:
-                        logger.info(
-                            f"Gate: ComfyUI {spec.name} still has work at the deadline; "
-                            f"not freeing it (VRAM_PRIORITY={priority})"
-                        )
-                    return False
-                busy = False
-            result = self._free(key, reason, need_bytes, end, wait_for_prompt=busy)
-            if result is not None:
-                return result
+            while True:
+                busy = _is_busy(comfy)
+                if busy and priority is not Priority.OLLAMA:
+                    model = reason.removeprefix(GATE_REASON_PREFIX)
+                    logger.info(
+                        f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
+                        f"making room for {model}"
+                    )
+                    if not self._wait_idle(comfy, end):
+                        if self._actor.is_stopping:
+                            logger.info(
+                                f"Gate: stopped waiting for ComfyUI {spec.name}: shutting down"
+                            )
+                        else:
+                            logger.info(
+                                f"Gate: ComfyUI {spec.name} still has work at the deadline; "
+                                f"not freeing it (VRAM_PRIORITY={priority})"
+                            )
+                        return False
+                    busy = False
+                result = self._free(key, reason, need_bytes, end, wait_for_prompt=busy)
+                if result is not None:
+                    return result
+                # Short of room because a prompt started between the look and the free (its
+                # flags wait for it): wait for it like for any work, while time is left.
+                if priority is Priority.OLLAMA or not _is_busy(comfy) or self._clock() >= end:
+                    break
         return False
 
     def _wait_idle(self, comfy: ComfyApi, end: float) -> bool:

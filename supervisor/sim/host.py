@@ -19,7 +19,7 @@ from supervisor.sim.gpu import GIB, SimGpu, open_gpu
 from supervisor.sim.httpbase import SimServer
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
-from supervisor.sim.profiles import check_profile, sim_profile
+from supervisor.sim.profiles import parse_profile, sim_profile
 
 
 class SimHost:
@@ -48,7 +48,7 @@ class SimHost:
         profile: str | None = None,
     ) -> None:
         self._host = host
-        self.profile = check_profile(profile, "profile") if profile else sim_profile(os.environ)
+        self.profile = parse_profile(profile, "profile") if profile else sim_profile(os.environ)
         self.catalog = catalog or Catalog()
         self.ollama_config = dataclasses.replace(
             ollama or ollama_config(self.profile), time_scale=time_scale

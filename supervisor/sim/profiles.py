@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-ENV_VAR = "VRAM_SIM_PROFILE"
+PROFILE_VARIABLE = "VRAM_SIM_PROFILE"
 PROFILES = ("2026", "2025")
 DEFAULT_PROFILE = "2026"
 
@@ -23,7 +23,7 @@ class ProfileError(ValueError):
     """A profile name that is not one of PROFILES."""
 
 
-def check_profile(name: str, where: str = ENV_VAR) -> str:
+def parse_profile(name: str, where: str = PROFILE_VARIABLE) -> str:
     value = name.strip()
     if value not in PROFILES:
         raise ProfileError(
@@ -35,8 +35,8 @@ def check_profile(name: str, where: str = ENV_VAR) -> str:
 def sim_profile(environ: Mapping[str, str]) -> str:
     """The profile `environ` selects: VRAM_SIM_PROFILE, else the default ("2026").
     ProfileError names the variable and the accepted values when it is anything else."""
-    raw = environ.get(ENV_VAR, "")
-    return check_profile(raw) if raw.strip() else DEFAULT_PROFILE
+    raw = environ.get(PROFILE_VARIABLE, "")
+    return parse_profile(raw) if raw.strip() else DEFAULT_PROFILE
 
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +46,10 @@ def add_profile_argument(parser: argparse.ArgumentParser) -> None:
         "--profile",
         choices=PROFILES,
         default=None,
-        help=f"service generation to simulate (default: ${ENV_VAR}, else {DEFAULT_PROFILE})",
+        help=f"the services' generation (default: ${PROFILE_VARIABLE}, else {DEFAULT_PROFILE})",
     )
 
 
 def profile_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     flag = getattr(args, "profile", None)
-    return check_profile(flag, "--profile") if flag else sim_profile(environ)
+    return parse_profile(flag, "--profile") if flag else sim_profile(environ)

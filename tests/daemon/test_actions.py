@@ -603,6 +603,30 @@ def test_room_maker_waits_for_a_busy_comfyui_to_finish_then_frees_it(
     assert sum(waiting in line for line in logs) == 1
 
 
+def test_room_maker_waits_for_a_prompt_that_started_between_its_look_and_its_free(
+    world: World,
+) -> None:
+    """ComfyUI was idle when the gate looked, but a prompt started before the free arrived:
+    the free's flags wait for that prompt. Before, the gate then gave up at once and
+    forwarded the load without room (it spilled; seen in the benchmark). Now it waits for
+    the prompt like for any work, within its deadline, and the room is made."""
+    need = world.gpu.free_bytes + 8 * GIB
+    free = world.comfy.free
+
+    def free_after_a_prompt_got_in(*, unload_models: bool, free_memory: bool) -> None:
+        if not world.comfy.free_calls:
+            world.comfy.start_prompt(seconds=5)
+        free(unload_models=unload_models, free_memory=free_memory)
+
+    world.comfy.free = free_after_a_prompt_got_in  # type: ignore[method-assign]
+    prompt_ends = world.clock.now + 5
+    actor, _ = make_actor(world)
+    maker = ComfyRoomMaker(actor, world.clock)
+    assert maker.make_room(need, reason="gate: load of llama3.2:latest", deadline_s=30)
+    assert world.clock.now >= prompt_ends
+    assert world.gpu.free_bytes >= need
+
+
 def test_room_maker_shares_the_loop_lock(world: World) -> None:
     actor, _ = make_actor(world)
     maker = ComfyRoomMaker(actor, FakeClock())

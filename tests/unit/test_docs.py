@@ -15,7 +15,7 @@ import pytest
 
 from supervisor.config import VARIABLES
 from supervisor.labels import LABELS
-from supervisor.sim.profiles import ENV_VAR as SIM_PROFILE_VAR
+from supervisor.sim.profiles import PROFILE_VARIABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "configuration.md"
@@ -61,7 +61,7 @@ def test_every_label_is_documented_with_its_default_and_accepted_values() -> Non
 def test_docs_name_no_undeclared_variable_or_label(path: Path) -> None:
     text = path.read_text()
     # The simulator's own selector (sim/profiles.py) is documented in development.md.
-    known_vars = {v.name for v in VARIABLES} | {SIM_PROFILE_VAR}
+    known_vars = {v.name for v in VARIABLES} | {PROFILE_VARIABLE}
     known_labels = {label.key for label in LABELS}
     for name in set(re.findall(r"\bVRAM_[A-Z_]*[A-Z]\b", text)):
         assert name in known_vars, f"{path.name} mentions undeclared variable {name}"
