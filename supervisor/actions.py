@@ -47,6 +47,7 @@ from supervisor.model import (
     ServiceSpec,
     UnloadOllama,
 )
+from supervisor.ollama_profile import OllamaProfile
 from supervisor.ports import ComfyApi, DockerApi, OllamaApi
 from supervisor.units import MIB, format_bytes
 
@@ -94,6 +95,8 @@ class Targets:
     # ComfyUIs whose API has not answered for several passes in a row: a hung ComfyUI may
     # be restarted although its queue cannot be read (the policy's dead-API rule).
     dead_comfyuis: frozenset[str] = frozenset()
+    # What each Ollama does (generation, estimate params, fit target), by key.
+    ollama_profiles: Mapping[str, OllamaProfile] = field(default_factory=dict)
 
 
 def holds_nothing(reading: Reading | None) -> bool:

@@ -20,6 +20,7 @@ from supervisor import __version__
 from supervisor.config import Settings
 from supervisor.errors import ServiceError
 from supervisor.model import Role
+from supervisor.ollama_profile import ollama_profile
 from supervisor.status import get_json, local_url
 from supervisor.units import format_bytes
 
@@ -142,12 +143,13 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
         from supervisor.clients.ollama import OllamaClient
 
         with OllamaClient(url, timeout) as ollama:
-            ok &= _api_answers(
-                what,
-                url,
-                lambda: f"Ollama {ollama.version()}, {len(ollama.ps())} model(s) loaded",
-                "VRAM_OLLAMA_URL",
-            )
+
+            def describe_ollama() -> str:
+                version = ollama.version()
+                generation = ollama_profile(version).generation
+                return f"Ollama {version} ({generation}), {len(ollama.ps())} model(s) loaded"
+
+            ok &= _api_answers(what, url, describe_ollama, "VRAM_OLLAMA_URL")
     devices: list[str] = []
     for what, url in urls[Role.COMFYUI]:
         from supervisor.clients.comfyui import ComfyClient

@@ -27,11 +27,15 @@ The estimate, in order of preference:
    with `key_length` defaulting to `embedding_length / head_count`, `value_length` to
    `key_length`, `head_count_kv` to `head_count` (no grouped-query attention), and
    `ctx = request options.num_ctx, else Modelfile num_ctx, else default_num_ctx`, capped at
-   the model's trained `context_length` as Ollama does. f16 KV (2 bytes per element) is
+   the model's trained `context_length` as Ollama does. `default_num_ctx` is what the
+   Ollama in use picks (ollama_profile.py: 4096 before 0.15.5, then by total VRAM, or
+   `OLLAMA_CONTEXT_LENGTH`). f16 KV (2 bytes per element) is
    Ollama's default; `OLLAMA_KV_CACHE_TYPE=q8_0` is about 1.06 and `q4_0` about 0.56.
    The overhead stands for the compute graph (output logits scale with vocabulary x batch),
    the CUDA context and allocator slack; 512 MiB + 10 % matches the gap between tags size
-   + KV and the ps size of small llama-family models. Sliding-window and MLA
+   + KV and the ps size of small llama-family models. For Ollama >= 0.30 it is at least
+   the batch surcharge Ollama itself predicts (`batch_bytes`: 768 MiB, 2 GiB above 32768
+   tokens; ollama_profile.py). Sliding-window and MLA
    architectures store less KV than this formula says: an overestimate, on purpose.
    Without usable `/api/show` facts the KV term is 0 (the overhead still applies).
 
@@ -55,11 +59,12 @@ Basis = Literal["seen", "seen+kv", "formula"]
 class EstimateParams:
     """The assumptions of the formula; defaults match a stock Ollama (f16 KV, 1 slot)."""
 
-    default_num_ctx: int = 4096  # OLLAMA_CONTEXT_LENGTH of 2025 builds; new ones scale it
+    default_num_ctx: int = 4096  # ollama_profile.py gives the Ollama in use's
     num_parallel: int = 1  # OLLAMA_NUM_PARALLEL: the KV cache holds num_ctx x this
     kv_bytes_per_element: float = 2.0  # f16
     overhead_fixed_bytes: int = 512 * MIB
     overhead_fraction: float = 0.10
+    batch_bytes: int = 0  # Ollama >= 0.30's batch surcharge: the least the overhead is
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,7 @@ def estimate_need(
     ctx = effective_num_ctx(request_num_ctx, facts, params)
     kv = (kv_cache_bytes(facts, ctx, params) if facts is not None else None) or 0
     overhead = params.overhead_fixed_bytes + round(params.overhead_fraction * (weights_bytes + kv))
+    overhead = max(overhead, params.batch_bytes)
     return Estimate(
         need_bytes=weights_bytes + kv + overhead,
         basis="formula",

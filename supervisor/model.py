@@ -102,6 +102,8 @@ class ServiceSpec:
     container_id: str | None = None  # None: a fixed URL with no container behind it
     restart_allowed: bool | None = None  # `vram-supervisor.restart`; None: use the env default
     gpu_uuids: tuple[str, ...] = ()  # GPUs granted by Docker (DeviceRequests); () = unknown/all
+    # Ollama: the settings of its Config.Env that change a load's need (ollama_profile.ENV_KEYS)
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -233,6 +235,9 @@ class OllamaObservation:
     models: tuple[OllamaModel, ...] | None = None  # None: /api/ps could not be read
     vram_bytes: int | None = None  # attributed by NVML PIDs, or the sum of size_vram
     gpu_uuids: tuple[str, ...] = ()  # GPUs where it holds memory; () = unknown/all
+    version: str | None = None  # /api/version; None: not read yet
+    generation: str = ""  # ollama_profile.OllamaProfile.generation, for status
+    fit_target_bytes: int = 0  # what its loads leave free (llama-server's fit target)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from supervisor.model import (
     ServiceStatus,
     VramSource,
 )
+from supervisor.ollama_profile import OllamaProfile, ollama_profile
 from supervisor.policy import DEAD_API_CHECKS
 from supervisor.ports import ComfyApi, DockerApi, GpuProcess, GpuReader, OllamaApi
 from supervisor.reads import Read, Service, close_quietly, noisy, read_all
@@ -138,6 +139,7 @@ class Observer:
         self._docker_listed_at: float | None = None
         self._nvml_failures = 0
         self._unresolved_warned: set[tuple[str, str]] = set()  # (service key, GPU id)
+        self._profiles_logged: dict[str, str] = {}  # Ollama key -> what the log last said
         self._listed: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
         # Per ComfyUI key: (container id, version, mode) last logged.
         self._comfy_seen: dict[str, tuple[str | None, str, ComfyMode]] = {}
@@ -217,6 +219,10 @@ class Observer:
         running = [s for s in self._services.values() if s.is_running]
         reads = dict(zip([s.spec.key for s in running], read_all(running, self._stop), strict=True))
         self._count_failures(running, reads)
+        for service in running:
+            version = reads[service.spec.key].version
+            if version is not None:
+                service.version = version
         stats = [r.stats for r in reads.values() if r.stats is not None]
         models = [m for r in reads.values() for m in r.models or ()]
         source, gpus, processes = self._read_vram(stats, models)
@@ -229,6 +235,7 @@ class Observer:
 
         ollamas: list[OllamaObservation] = []
         comfyuis: list[ComfyObservation] = []
+        profiles: dict[str, OllamaProfile] = {}
         for service in self._services.values():
             read = reads.get(service.spec.key, Read())
             status = ServiceStatus(
@@ -253,7 +260,19 @@ class Observer:
                     if nvml_bytes is not None
                     else (ollama_vram_bytes(read.models) if read.models is not None else None)
                 )
-                ollamas.append(OllamaObservation(status, read.models, vram, gpu_uuids))
+                profile = self._profile(service, specs[service.spec.key], gpus)
+                profiles[service.spec.key] = profile
+                ollamas.append(
+                    OllamaObservation(
+                        status,
+                        read.models,
+                        vram,
+                        gpu_uuids,
+                        version=service.version,
+                        generation=profile.generation,
+                        fit_target_bytes=profile.fit_target_bytes,
+                    )
+                )
             else:
                 mode = comfy_mode(read.stats)
                 self._note_comfy(specs[service.spec.key], read.stats)
@@ -298,6 +317,9 @@ class Observer:
                 if s.spec.role is Role.OLLAMA
             },
             ollama_gpus=_ollama_gpus(ollamas),
+            ollama_profiles={
+                s.spec.key: profiles[s.spec.key] for s in running if s.spec.key in profiles
+            },
             dead_comfyuis=frozenset(
                 s.spec.key
                 for s in running
@@ -315,6 +337,30 @@ class Observer:
             return
         self._comfy_seen[spec.key] = seen
         logger.info(f"{spec.key}: {describe_comfy(stats)}")
+
+    def _profile(
+        self, service: Service, spec: ServiceSpec, gpus: tuple[GpuMemory, ...]
+    ) -> OllamaProfile:
+        """What this Ollama does (ollama_profile.py), logged when first known or changed
+        (a recreated container may be an upgrade, or have other settings)."""
+        seen = [g for g in gpus if not spec.gpu_uuids or g.uuid in spec.gpu_uuids]
+        total = sum(g.total_bytes for g in seen) if seen else None
+        profile = ollama_profile(service.version, dict(spec.env), total, max(len(seen), 1))
+        if service.version is not None and service.is_running:
+            what = profile.describe()
+            before = self._profiles_logged.get(spec.key)
+            if before != what:
+                self._profiles_logged[spec.key] = what
+                where = (
+                    ""
+                    if spec.is_container
+                    else " (fixed URL: its settings are unknown, Ollama's defaults assumed)"
+                )
+                verb = "is" if before is None else "is now"
+                logger.info(f"Ollama {spec.name} {verb} version {profile.version}{where}: {what}")
+                for note in profile.notes:
+                    logger.warning(f"Ollama {spec.name}: {note}")
+        return profile
 
     def _resolve_gpus(
         self, spec: ServiceSpec, gpus: tuple[GpuMemory, ...], source: VramSource
@@ -395,6 +441,7 @@ class Observer:
         if service.spec.url != spec.url or service.spec.container_id != spec.container_id:
             close_quietly(service.client)
             service.client = None
+            service.version = None  # a recreated container may be an upgrade: read it again
             was_running = False
         service.spec, service.is_running, service.health = spec, is_running, health
         if is_running and service.client is None:

@@ -154,6 +154,8 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     if target is None:
         return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
     spec, ollama = target
+    profile = targets.ollama_profiles.get(action.target)
+    fit_target = profile.fit_target_bytes if profile is not None else 0  # kept free by it
     if actor.settings.dry_run:
         return actor.dry(
             action,
@@ -180,10 +182,11 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
         _free_first(actor, action)
         held = _comfy_held(actor, action)
         free = actor.probe.free_bytes(gpus)
-        if free is not None and free + model.size_vram_bytes < model.size_bytes:
+        if free is not None and free + model.size_vram_bytes < model.size_bytes + fit_target:
             return fail(
                 f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
-                f"be free, {format_bytes(model.size_bytes)} needed; it would spill again"
+                f"be free, {format_bytes(model.size_bytes + fit_target)} needed; it would "
+                "spill again"
             )
         try:
             actor.announce_unload(action.model)
@@ -198,7 +201,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
         now_free = actor.probe.free_bytes(gpus)
-        if now_free is not None and now_free < model.size_bytes:
+        if now_free is not None and now_free < model.size_bytes + fit_target:
             # Free again only a ComfyUI that took memory back meanwhile (a new job); one
             # that still holds what it held after the first free has nothing more to give
             # (another process took the room), and freeing it would only cost a verify.

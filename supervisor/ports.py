@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from supervisor.model import (
     ComfyQueue,
@@ -19,6 +19,9 @@ from supervisor.model import (
     GpuMemory,
     OllamaModel,
 )
+
+if TYPE_CHECKING:  # ollama_profile -> estimate -> ports: types only
+    from supervisor.ollama_profile import OllamaProfile
 
 
 @dataclass(frozen=True)
@@ -125,10 +128,16 @@ class RoomMaker(Protocol):
     daemon on top of the same staged, verified free path as the loop, honouring
     VRAM_PRIORITY and VRAM_DRY_RUN). Thread-safe: the gate calls it from its own threads."""
 
-    def free_bytes(self) -> int | None:
-        """Free VRAM now on the GPU Ollama uses (None: unknown), plus the VRAM of
-        Ollama's resident models when it has any: for a further model Ollama evicts
-        those itself (api-facts 1.8), so that is room too."""
+    def room_for(self, need_bytes: int) -> int | None:
+        """The room for a load that needs `need_bytes` (the fit target included): free
+        VRAM now on the GPU Ollama uses (None: unknown), plus the VRAM of those of
+        Ollama's resident models that its own rule would evict for this load
+        (ollama_profile.evictable_bytes)."""
+        ...
+
+    def load_profile(self) -> OllamaProfile | None:
+        """What the gate's Ollama does (generation, estimate params, fit target);
+        None: not known, the gate's own defaults apply."""
         ...
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:

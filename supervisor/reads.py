@@ -35,6 +35,7 @@ class Service:
     failures: int = 0
     error: str | None = None
     client: Any = None  # OllamaApi | ComfyApi, built for spec.url
+    version: str | None = None  # Ollama's /api/version, read once per client (container)
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,21 @@ class Read:
     queue: ComfyQueue | None = None
     stats: ComfyStats | None = None
     error: str | None = None
+    version: str | None = None  # Ollama's, when it was read this time
 
 
 def read_service(service: Service) -> Read:
     """One service's API read; never raises (see the module doc)."""
     try:
         if service.spec.role is Role.OLLAMA:
-            return Read(models=service.client.ps())
+            models = service.client.ps()
+            version = None
+            if service.version is None:  # once per client: a recreated container gets anew
+                try:
+                    version = str(service.client.version())
+                except ServiceError as exc:
+                    logger.debug(f"Cannot read {service.spec.key}'s version: {exc}")
+            return Read(models=models, version=version)
         queue: ComfyQueue | None = None
         stats: ComfyStats | None = None
         errors: list[str] = []

@@ -2,16 +2,20 @@
 
 Policy: only the ComfyUI(s) on Ollama's GPU(s) that hold more than their CUDA context
 are freed, soft then hard, until the room covers the need or the deadline passes.
-- The room for a new model: with nothing of Ollama's loaded, the free VRAM alone (that
-  first load may be partly offloaded). With models loaded, Ollama loads the new one only
-  fully and evicts its own runners to make it fit (api-facts 1.8), so their VRAM counts
-  as room too; only ComfyUI's memory is ours to free, and only when free VRAM plus
-  Ollama's resident VRAM falls short. Free VRAM is read on Ollama's GPU(s) only; the
-  resident VRAM is what the gate's Ollama (the first running one) lists in /api/ps.
+- The need the gate asks for includes the fit target of the gate's Ollama (llama-server
+  keeps 1 GiB free when it places layers, Ollama >= 0.30).
+- The room for a new model: free VRAM, plus the VRAM of those of Ollama's resident models
+  that Ollama's own rule evicts for this load (ollama_profile.evictable_bytes): before
+  0.30 all of them (a further model must fit fully, api-facts 1.8); from 0.30 only while
+  the load's need exceeds 80 % of the free memory, smallest first, since otherwise Ollama
+  loads beside them and the new model spills (api-facts-2026 section 1). Only ComfyUI's
+  memory is ours to free. Free VRAM is read on Ollama's GPU(s) only; the resident VRAM is
+  what the gate's Ollama (the first running one) lists in /api/ps.
 - A running generation is never interrupted. Under VRAM_PRIORITY=balanced and comfyui, a
   ComfyUI with a running or pending prompt is waited for (its /queue polled every
-  IDLE_POLL_S, within the deadline) and freed once idle; under ollama it is freed at once
-  with flags that act when its prompt ends.
+  IDLE_POLL_S, within the deadline) and freed once idle, also when its prompt started
+  between the look and the free; under ollama it is freed at once with flags that act
+  when its prompt ends.
 - The frees share the Actor's lock with the loop, so a gate free never overlaps a loop
   action; merely waiting for ComfyUI to become idle does not hold it. It gives up (False)
   when it cannot take the lock in time.
@@ -29,6 +33,7 @@ from loguru import logger
 from supervisor.actions import Actor, Targets, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Priority
+from supervisor.ollama_profile import OllamaProfile, Resident, evictable_bytes, ollama_profile
 from supervisor.ports import ComfyApi
 
 # How often a busy ComfyUI's /queue is read while the gate waits for it to become idle.
@@ -39,7 +44,8 @@ GATE_REASON_PREFIX = "gate: load of "
 
 class ComfyRoomMaker:
     """`ports.RoomMaker` for the gate: frees the ComfyUI(s) on Ollama's GPU, soft then
-    hard, until the room (free VRAM, plus Ollama's resident models) covers the need.
+    hard, until the room (free VRAM, plus the resident models Ollama would evict)
+    covers the need.
     Shares the Actor's lock with the loop.
 
     A busy ComfyUI is freed at once only under VRAM_PRIORITY=ollama (the flags then wait
@@ -58,20 +64,30 @@ class ComfyRoomMaker:
         # the gate just did, and can escalate it.
         self._on_outcome = on_outcome or (lambda outcome: None)
 
-    def free_bytes(self) -> int | None:
-        """The room for a new model (see the module's policy): free VRAM on Ollama's GPU,
-        plus the VRAM of Ollama's resident models when it has any. None: unknown."""
+    def load_profile(self) -> OllamaProfile | None:
+        """What the gate's Ollama (the first running one) does; None: none known."""
+        targets = self._actor.targets()
+        for key in targets.ollamas:
+            return targets.ollama_profiles.get(key)
+        return None
+
+    def room_for(self, need_bytes: int) -> int | None:
+        """The room for a load of `need_bytes` (fit target included; see the module's
+        policy): free VRAM on Ollama's GPU, plus what Ollama's own rule would evict.
+        None: unknown."""
         targets = self._actor.targets()
         # The model lands on one of Ollama's GPUs (the one with the most free memory
         # among them); another GPU's free memory is no room for it.
         free = self._actor.probe.free_bytes(targets.ollama_gpus)
         if free is None:
             return None
-        return free + _resident_bytes(targets)
+        profile = self.load_profile() or ollama_profile(None)
+        load = max(need_bytes - profile.fit_target_bytes, 0)
+        return free + evictable_bytes(profile, load, free, _residents(targets))
 
     def _covers(self, need_bytes: int) -> bool:
-        free = self.free_bytes()
-        return free is not None and free >= need_bytes
+        room = self.room_for(need_bytes)
+        return room is not None and room >= need_bytes
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         end = self._clock() + deadline_s
@@ -88,26 +104,33 @@ class ComfyRoomMaker:
                 # it gives nothing, and verifying that would hold the request.
                 logger.debug(f"Not freeing ComfyUI {spec.name} for the gate: it holds nothing")
                 continue
-            busy = _is_busy(comfy)
-            if busy and priority is not Priority.OLLAMA:
-                model = reason.removeprefix(GATE_REASON_PREFIX)
-                logger.info(
-                    f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
-                    f"making room for {model}"
-                )
-                if not self._wait_idle(comfy, end):
-                    if self._actor.is_stopping:
-                        logger.info(f"Gate: stopped waiting for ComfyUI {spec.name}: shutting down")
-                    else:
-                        logger.info(
-                            f"Gate: ComfyUI {spec.name} still has work at the deadline; "
-                            f"not freeing it (VRAM_PRIORITY={priority})"
-                        )
-                    return False
-                busy = False
-            result = self._free(key, reason, need_bytes, end, wait_for_prompt=busy)
-            if result is not None:
-                return result
+            while True:
+                busy = _is_busy(comfy)
+                if busy and priority is not Priority.OLLAMA:
+                    model = reason.removeprefix(GATE_REASON_PREFIX)
+                    logger.info(
+                        f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
+                        f"making room for {model}"
+                    )
+                    if not self._wait_idle(comfy, end):
+                        if self._actor.is_stopping:
+                            logger.info(
+                                f"Gate: stopped waiting for ComfyUI {spec.name}: shutting down"
+                            )
+                        else:
+                            logger.info(
+                                f"Gate: ComfyUI {spec.name} still has work at the deadline; "
+                                f"not freeing it (VRAM_PRIORITY={priority})"
+                            )
+                        return False
+                    busy = False
+                result = self._free(key, reason, need_bytes, end, wait_for_prompt=busy)
+                if result is not None:
+                    return result
+                # Short of room because a prompt started between the look and the free (its
+                # flags wait for it): wait for it like for any work, while time is left.
+                if priority is Priority.OLLAMA or not _is_busy(comfy) or self._clock() >= end:
+                    break
         return False
 
     def _wait_idle(self, comfy: ComfyApi, end: float) -> bool:
@@ -142,7 +165,7 @@ class ComfyRoomMaker:
                 self._on_outcome(outcome)
                 if outcome.dry_run:
                     return False
-                room = self.free_bytes()
+                room = self.room_for(need_bytes)
                 if room is not None and room >= need_bytes:
                     return True
                 if room is None and outcome.result is FreeResult.FREED:
@@ -152,18 +175,17 @@ class ComfyRoomMaker:
             self._actor.lock.release()
 
 
-def _resident_bytes(targets: Targets) -> int:
-    """VRAM of the models the gate's Ollama has loaded: it evicts them itself for a new
-    load (requireFull, api-facts 1.8). 0 when it has none, or /api/ps cannot be read
-    (then only free VRAM counts, which may free ComfyUI needlessly but never spills)."""
+def _residents(targets: Targets) -> tuple[Resident, ...]:
+    """The models the gate's Ollama has loaded. None when /api/ps cannot be read (then
+    only free VRAM counts, which may free ComfyUI needlessly but never spills)."""
     if not targets.ollamas:
-        return 0
+        return ()
     _, ollama = next(iter(targets.ollamas.values()))  # the one the gate forwards to
     try:
-        return sum(m.size_vram_bytes for m in ollama.ps())
+        return tuple(Resident(m.name, m.size_vram_bytes) for m in ollama.ps())
     except ServiceError as exc:
         logger.debug(f"Gate: cannot read Ollama's /api/ps to judge the room: {exc}")
-        return 0
+        return ()
 
 
 def _is_busy(comfy: ComfyApi) -> bool:

@@ -80,12 +80,21 @@ def status_json(s: ServiceStatus) -> dict[str, Any]:
         "name": s.spec.name,
         "url": s.spec.url,
         "container_id": s.spec.container_id,
-        "running": s.is_running,
+        # A fixed URL has no container: it "runs" only if it answers.
+        "running": s.is_running if s.spec.is_container else s.is_reachable,
+        "state": service_state(s),
         "health": s.health.value,
         "reachable": s.is_reachable,
         "failed_checks": s.failed_checks,
         "error": s.error,
     }
+
+
+def service_state(s: ServiceStatus) -> str:
+    """running / stopped for a container; answers / unreachable for a fixed URL."""
+    if not s.spec.is_container:
+        return "answers" if s.is_reachable else "unreachable"
+    return "running" if s.is_running else "stopped"
 
 
 def ollama_json(o: OllamaObservation) -> dict[str, Any]:
@@ -105,6 +114,9 @@ def ollama_json(o: OllamaObservation) -> dict[str, Any]:
         "gpu_uuids": list(o.gpu_uuids),
         "models": models if o.models is not None else None,
         "vram": format_bytes(o.vram_bytes),
+        "version": o.version,
+        "generation": o.generation,
+        "fit_target_bytes": o.fit_target_bytes,
     }
 
 

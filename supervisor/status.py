@@ -98,10 +98,19 @@ def render_status(snap: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Services:")
     for s in [*snap.get("ollama", []), *snap.get("comfyui", [])]:
-        state = "running" if s["running"] else "stopped"
+        state = s.get("state") or ("running" if s["running"] else "stopped")
         reach = "answers" if s["reachable"] else f"no answer ({s.get('error')})"
+        if state == "answers":  # a fixed URL: no container to be running
+            state = "fixed URL"
         health = "" if s["health"] == "none" else f", {s['health']}"
         lines.append(f"  {s['key']:<28} {state}{health}, {reach}   {s['url']}")
+    for o in snap.get("ollama", []):
+        if o.get("version"):
+            fit = o.get("fit_target_bytes") or 0
+            lines.append(
+                f"  {o['key']:<28} Ollama {o['version']}: {o.get('generation')}"
+                + (f", keeps {fb(fit)} free when it loads" if fit else "")
+            )
     lines.append("")
     lines.append("Ollama models:")
     any_model = False

@@ -22,7 +22,7 @@ from loguru import logger
 
 from supervisor import __version__
 from supervisor.demo.console import Console, SupervisorLog, gib
-from supervisor.demo.scenario import BIG_MODEL, CHECKPOINT, Scenario, run_steps
+from supervisor.demo.scenario import Scenario, big_model, checkpoint, run_steps
 from supervisor.demo.world import CHECK_INTERVAL_S, TIME_SCALE, DemoFailure, World
 
 __all__ = ["main"]
@@ -43,9 +43,12 @@ def _introduce(console: Console, world: World) -> None:
     console.line(f"  - a simulated GPU: {g.name}, {gib(g.total)}")
     console.line(
         f"  - a fake Ollama at {world.host.ollama_url} "
-        f"({len(catalog.models)} models installed, {BIG_MODEL} among them)"
+        f"({len(catalog.models)} models installed, {big_model(world.host.profile)} among them; "
+        f"it plays Ollama {world.host.ollama_config.version})"
     )
-    console.line(f"  - a fake ComfyUI at {world.host.comfyui_url} (with {CHECKPOINT})")
+    console.line(
+        f"  - a fake ComfyUI at {world.host.comfyui_url} (with {checkpoint(world.host.profile)})"
+    )
     console.line(
         f"  - simulated time runs at {1 / TIME_SCALE:.1f}x speed; the supervisor checks "
         f"every {CHECK_INTERVAL_S:g} s"

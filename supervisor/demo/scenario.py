@@ -17,9 +17,31 @@ from supervisor.demo.world import loaded_fresh as _loaded_fresh
 from supervisor.demo.world import tokens_per_s as _tokens_per_s
 from supervisor.errors import ServiceError
 from supervisor.estimate import estimate_need
+from supervisor.ollama_profile import ollama_profile
 
-CHECKPOINT = "sd_xl_base_1.0.safetensors"
-BIG_MODEL = "qwen2.5:32b"
+# The image model ComfyUI renders with. 2026: Flux (16 GiB of weights); beside SDXL's 6.5 GiB,
+# the big model below would still fit once llama-server keeps its 1 GiB free, and nothing
+# would spill for step 3 to heal.
+CHECKPOINTS = {
+    "2026": ("flux1-dev-fp8.safetensors", "Flux"),
+    "2025": ("sd_xl_base_1.0.safetensors", "SDXL"),
+}
+
+
+def checkpoint(profile: str) -> str:
+    return CHECKPOINTS[profile][0]
+
+
+# A model that fits the 24 GiB card alone but not beside ComfyUI's checkpoint, at the
+# default context of each simulated generation (2026: 32768 tokens on 24 GiB, where
+# qwen2.5:32b would need 28 GiB and never fit).
+BIG_MODELS = {"2026": "qwen2.5:14b", "2025": "qwen2.5:32b"}
+
+
+def big_model(profile: str) -> str:
+    return BIG_MODELS[profile]
+
+
 REACTION_DEADLINE_S = 20.0  # how long a step waits for the supervisor before it fails
 BAR_WIDTH = 40
 
@@ -41,6 +63,8 @@ class Scenario:
         self.c = console
         self.log = log
         self.story = Story()
+        self.big = big_model(world.host.profile)
+        self.checkpoint, self.image_kind = CHECKPOINTS[world.host.profile]
 
     # ------------------------------------------------------------------ helpers
 
@@ -74,10 +98,10 @@ class Scenario:
     def step1_render(self) -> None:
         self.c.heading("Step 1 of 3: ComfyUI renders an image")
         self.c.say(
-            f"Someone queues a 20-step SDXL image in ComfyUI ({CHECKPOINT}). ComfyUI loads the "
-            "checkpoint onto the GPU and renders."
+            f"Someone queues a 20-step {self.image_kind} image in ComfyUI "
+            f"({self.checkpoint}). ComfyUI loads the checkpoint onto the GPU and renders."
         )
-        image, took = self.w.render(CHECKPOINT)
+        image, took = self.w.render(self.checkpoint)
         g = self.w.gpu()
         self.c.say(
             f"Done in {took:.1f} s: {image}. ComfyUI keeps the checkpoint in VRAM afterwards "
@@ -114,19 +138,25 @@ class Scenario:
             with OllamaClient(self.w.host.ollama_url) as ollama:
                 tagged = {t.name: t.size_bytes for t in ollama.tags()}
                 facts = ollama.show(model)
+                version = ollama.version()
         except ServiceError:
             return None
+        params = ollama_profile(version, {}, self.w.gpu().total).params
         estimate = estimate_need(
-            weights_bytes=tagged.get(model), facts=facts, request_num_ctx=None, seen=None
+            weights_bytes=tagged.get(model),
+            facts=facts,
+            request_num_ctx=None,
+            seen=None,
+            params=params,
         )
         return estimate.need_bytes if estimate else None
 
     def step2_gate(self) -> None:
         self.c.heading("Step 2 of 3: a chat needs a model that does not fit next to it")
         g = self.w.gpu()
-        need = self._need(BIG_MODEL)
+        need = self._need(self.big)
         self.c.say(
-            f"A chat app asks Ollama for {BIG_MODEL}. The supervisor estimates it needs about "
+            f"A chat app asks Ollama for {self.big}. The supervisor estimates it needs about "
             f"{gib(need)}; only {gib(g.free)} of the {gib(g.total)} are free."
         )
         if need is not None and need > g.free:
@@ -143,8 +173,8 @@ class Scenario:
             "makes room, then checks the VRAM really came back:"
         )
         mark = self.log.mark()
-        answer = self.w.chat(self.w.gate_url, BIG_MODEL)
-        p = self.placement(BIG_MODEL)
+        answer = self.w.chat(self.w.gate_url, self.big)
+        p = self.placement(self.big)
         freed = self.log.matches(r"Freed ComfyUI memory \((\w+)\)", mark)
         speed = _tokens_per_s(answer)
         if speed is not None:
@@ -152,43 +182,43 @@ class Scenario:
         self.c.say(
             f"The answer came back ({answer.get('eval_count')} tokens at "
             f"{speed or 0:.1f} tokens/s, simulated). Ollama's /api/ps now says "
-            f"{BIG_MODEL}: {self.describe(p)}."
+            f"{self.big}: {self.describe(p)}."
         )
         self.show_gpu()
         self.check(
             p.percent == 100 and bool(freed),
-            f"{BIG_MODEL} is fully on the GPU: ComfyUI's memory was freed before the load.",
-            f"{BIG_MODEL} is {p.percent}% on the GPU"
+            f"{self.big} is fully on the GPU: ComfyUI's memory was freed before the load.",
+            f"{self.big} is {p.percent}% on the GPU"
             + ("" if freed else " and the supervisor freed nothing before the load")
             + "; the gate did not make room in time.",
         )
         self.story.add(
-            f"A chat needed {BIG_MODEL}; the gate freed ComfyUI before the load", "100% on GPU"
+            f"A chat needed {self.big}; the gate freed ComfyUI before the load", "100% on GPU"
         )
 
     def step3_heal(self) -> None:
         self.c.heading("Step 3 of 3: a model that already spilled to the CPU is healed")
         self.c.say(
-            f"The chat is over and its app unloads {BIG_MODEL}. Then ComfyUI gets another "
+            f"The chat is over and its app unloads {self.big}. Then ComfyUI gets another "
             "image job and keeps its checkpoint on the GPU again."
         )
-        self.w.unload(BIG_MODEL)
-        image, took = self.w.render(CHECKPOINT)
+        self.w.unload(self.big)
+        image, took = self.w.render(self.checkpoint)
         self.c.say(f"Rendered {image} in {took:.1f} s.")
         self.show_gpu()
         self.c.say(
             f"Now a script that talks to Ollama directly (not through the gate, so nobody "
-            f"makes room) loads {BIG_MODEL} again:"
+            f"makes room) loads {self.big} again:"
         )
         mark = self.log.mark()
-        self.w.load(self.w.host.ollama_url, BIG_MODEL)
-        spilled = self.placement(BIG_MODEL)
-        self.c.say(f"Ollama's /api/ps says {BIG_MODEL}: {self.describe(spilled)}.")
+        self.w.load(self.w.host.ollama_url, self.big)
+        spilled = self.placement(self.big)
+        self.c.say(f"Ollama's /api/ps says {self.big}: {self.describe(spilled)}.")
         if spilled.percent >= 100:
             raise DemoFailure(
-                f"{BIG_MODEL} did not spill (ComfyUI held too little?); nothing to heal"
+                f"{self.big} did not spill (ComfyUI held too little?); nothing to heal"
             )
-        answer = self.w.chat(self.w.host.ollama_url, BIG_MODEL)
+        answer = self.w.chat(self.w.host.ollama_url, self.big)
         slow = _tokens_per_s(answer)
         if slow is not None and not _loaded_fresh(answer):
             self.story.speeds["spilled"] = slow
@@ -207,26 +237,26 @@ class Scenario:
             "free ComfyUI (which is idle), unload the model and load it again:"
         )
         healed = self.log.wait_for(
-            rf"Healed Ollama model {BIG_MODEL}: (\d+)% -> (\d+)% on GPU", mark,
+            rf"Healed Ollama model {self.big}: (\d+)% -> (\d+)% on GPU", mark,
             REACTION_DEADLINE_S,
         )  # fmt: skip
         if healed is None:
             problems = self.log.problems(mark)
             raise DemoFailure(
-                f"the supervisor did not heal {BIG_MODEL} within {REACTION_DEADLINE_S:g} s"
+                f"the supervisor did not heal {self.big} within {REACTION_DEADLINE_S:g} s"
                 + (f" (it said: {problems[-1]})" if problems else "")
             )
-        after = self.placement(BIG_MODEL)
-        answer = self.w.chat(self.w.host.ollama_url, BIG_MODEL)
+        after = self.placement(self.big)
+        answer = self.w.chat(self.w.host.ollama_url, self.big)
         fast = _tokens_per_s(answer)
-        self.c.say(f"Ollama's /api/ps now says {BIG_MODEL}: {self.describe(after)}.")
+        self.c.say(f"Ollama's /api/ps now says {self.big}: {self.describe(after)}.")
         if fast is not None:
             self.story.speeds["healed"] = fast
             self.c.say(f"The same chat now runs at {fast:.1f} tokens/s (simulated).")
         self.show_gpu()
         self.check(
             after.percent == 100,
-            f"{BIG_MODEL} healed: {spilled.percent}% -> {after.percent}% on the GPU.",
+            f"{self.big} healed: {spilled.percent}% -> {after.percent}% on the GPU.",
             f"the supervisor logged a heal but /api/ps says {after.percent}% on the GPU",
         )
         self.story.add(
@@ -255,7 +285,7 @@ class Scenario:
         c.line(f"  Heals:                    {len(heals)}" + (f" ({heal_text})" if heals else ""))
         if {"spilled", "healed"} <= self.story.speeds.keys():
             c.line(
-                f"  Chat speed ({BIG_MODEL}): {self.story.speeds['spilled']:.1f} tokens/s "
+                f"  Chat speed ({self.big}): {self.story.speeds['spilled']:.1f} tokens/s "
                 f"spilled -> {self.story.speeds['healed']:.1f} tokens/s healed (simulated)"
             )
         try:

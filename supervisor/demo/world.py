@@ -13,6 +13,7 @@ from the supervisor's own snapshot and log.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ import httpx
 
 from supervisor.config import Settings
 from supervisor.daemon import Daemon
-from supervisor.sim import OllamaConfig, SimHost
+from supervisor.sim import SimHost, ollama_config, sim_profile
 
 # Simulated seconds -> real seconds. 0.5 keeps the whole story under about 20 s while a
 # render still takes long enough to watch.
@@ -64,10 +65,12 @@ class World:
     def __init__(self) -> None:
         # Models stay loaded for the whole demo unless someone unloads them: Ollama's
         # default keep-alive (5 min) would otherwise be 90 s at this time scale.
+        profile = sim_profile(os.environ)  # VRAM_SIM_PROFILE: 2026 unless it says 2025
         self.host = SimHost(
             gpu_total_gib=GPU_GIB,
             time_scale=TIME_SCALE,
-            ollama=OllamaConfig(keep_alive_s=3600.0),
+            profile=profile,
+            ollama=ollama_config(profile, keep_alive_s=3600.0),
         )
         self.http = httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
         self.daemon: Daemon | None = None

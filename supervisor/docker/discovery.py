@@ -38,7 +38,8 @@ from loguru import logger
 
 from supervisor.errors import DockerUnavailable, LabelError
 from supervisor.labels import ROLE, derive_url, parse_labels, parse_role, unknown_labels
-from supervisor.model import ContainerState, ServiceHealth
+from supervisor.model import ContainerState, Role, ServiceHealth
+from supervisor.ollama_profile import env_subset
 
 ClientFactory = Callable[[], docker.DockerClient]
 
@@ -312,10 +313,14 @@ class DockerAdapter:
                     "as a failed task and start a second container beside it)",
                 )
             spec = replace(spec, restart_allowed=False)
+        env = config.get("Env")
         spec = replace(
             spec,
             container_id=str(attrs.get("Id", "")),
             gpu_uuids=gpu_ids(host_config.get("DeviceRequests")),
+            env=env_subset([str(e) for e in env])
+            if spec.role is Role.OLLAMA and isinstance(env, list)
+            else (),
         )
         health = _HEALTH.get(str(_dict(state.get("Health")).get("Status")), ServiceHealth.NONE)
         pid = state.get("Pid")

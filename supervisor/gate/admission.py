@@ -3,9 +3,11 @@
 Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at that moment
 (api-facts §1.8), so freeing ComfyUI after the load is too late. Policy:
 - A load request for a model not in Ollama's /api/ps is held: estimate the VRAM it needs
-  (estimate.py), ask the RoomMaker for it unless the room already covers it (free VRAM,
-  plus what Ollama's resident models hold when it has any: it evicts those itself for a
-  further model, api-facts 1.8; `RoomMaker.free_bytes` says which), then forward. The
+  (estimate.py, with the assumptions of the Ollama in use: `RoomMaker.load_profile`, e.g.
+  its default context by VRAM tier), add its fit target (llama-server keeps 1 GiB free),
+  ask the RoomMaker for that unless the room already covers it (free VRAM, plus those of
+  Ollama's resident models its own rule evicts for this load: `RoomMaker.room_for`),
+  then forward. The
   RoomMaker gets `wait_s` seconds; after that the request goes on anyway,
   with the log line "Gate: forwarding <model> without enough free VRAM after <s> s".
   Nothing is ever refused or changed; without an estimate (model not installed, Ollama
@@ -149,28 +151,36 @@ class Admission:
 
     async def _make_room_for(self, load: LoadRequest, key: str) -> None:
         model = load.model
-        estimate = await self._estimate(load, key)
+        profile = await self._call_or_none(self._room.load_profile)
+        params = profile.params if profile is not None else self._params
+        fit_target = profile.fit_target_bytes if profile is not None else 0
+        estimate = await self._estimate(load, key, params)
         if estimate is None:
             log.info(
                 f"Gate: no VRAM estimate for {model} (not installed, or Ollama did not say);"
                 " forwarding it as is"
             )
             return
-        # Free VRAM, plus Ollama's resident models when it has any (it evicts them itself).
-        room = await self._call_or_none(self._room.free_bytes)
-        if room is not None and room >= estimate.need_bytes:
-            log.debug(f"Gate: {model} needs about {_gib(estimate.need_bytes)}; room {_gib(room)}")
+        # Free VRAM, plus Ollama's resident models where it evicts them itself.
+        need = estimate.need_bytes + fit_target
+        fit = f" + fit target {_gib(fit_target)}" if fit_target else ""
+        room = await self._call_or_none(self._room.room_for, need)
+        if room is not None and room >= need:
+            log.info(
+                f"Gate: {model} needs about {_gib(estimate.need_bytes)}{fit}"
+                f" ({_basis(estimate)}); room {_gib(room)}"
+            )
             return
         log.info(
-            f"Gate: making room for {model}: needs about {_gib(estimate.need_bytes)}"
+            f"Gate: making room for {model}: needs about {_gib(estimate.need_bytes)}{fit}"
             f" ({_basis(estimate)}), room {_gib(room) if room is not None else 'unknown'}"
-            " (free VRAM plus Ollama's own models)"
+            " (free VRAM plus what Ollama evicts itself)"
         )
         self._stats.waits_total += 1
         started = time.monotonic()
         make_room = functools.partial(
             self._room.make_room,
-            estimate.need_bytes,
+            need,
             reason=f"gate: load of {model}",  # room.py reads the model name back from it
             deadline_s=self._wait_s,
         )
@@ -188,7 +198,9 @@ class Admission:
             self._stats.forwarded_anyway_total += 1
             log.warning(f"Gate: forwarding {model} without enough free VRAM after {waited_s:.1f} s")
 
-    async def _estimate(self, load: LoadRequest, key: str) -> Estimate | None:
+    async def _estimate(
+        self, load: LoadRequest, key: str, params: EstimateParams
+    ) -> Estimate | None:
         seen = self._seen.get(key)
         if uses_seen_as_is(seen, load.num_ctx):
             return estimate_need(
@@ -196,7 +208,7 @@ class Admission:
                 facts=None,
                 request_num_ctx=load.num_ctx,
                 seen=seen,
-                params=self._params,
+                params=params,
             )
         show = self._call_or_none(self._ollama.show, load.model)
         tags = self._call_or_none(self._ollama.tags) if seen is None else _none()
@@ -211,7 +223,7 @@ class Admission:
             facts=facts,
             request_num_ctx=load.num_ctx,
             seen=seen,
-            params=self._params,
+            params=params,
         )
 
     # ------------------------------------------------------------------ /api/ps cache
@@ -223,9 +235,11 @@ class Admission:
             if time.monotonic() < doomed_until:
                 await self._refresh_ps()
                 if self._ps_models is not None and key not in self._ps_models:
-                    del self._doomed[key]  # gone: from now on /api/ps tells the truth
+                    # gone: from now on /api/ps tells the truth (pop: requests for the
+                    # same model wait here together, and each of them gets here)
+                    self._doomed.pop(key, None)
                 return False
-            del self._doomed[key]
+            self._doomed.pop(key, None)
         age_s = time.monotonic() - self._ps_at
         if is_fresh or age_s > self._ps_max_stale_s:
             await self._refresh_ps()

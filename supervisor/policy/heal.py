@@ -3,9 +3,10 @@
 A model that could not fit the GPU anyway is noted once and left alone. Otherwise, with
 VRAM_HEAL, its cooldown passed, no free episode open on that GPU and room that can be made
 (GPU free + the model's own VRAM + what idle ComfyUIs could give back >= size +
-SAFETY_MARGIN_BYTES), it is healed: HealOllama frees those idle ComfyUIs itself (one heal
-per GPU per pass) and names the GPU it should land on (`gpu_uuid`: the Ollama's GPU, the
-only GPU, or the GPU of the ComfyUIs it frees; None when unknown, as with the API source).
+SAFETY_MARGIN_BYTES + the fit target of an Ollama >= 0.30), it is healed: HealOllama frees
+those idle ComfyUIs itself (one heal per GPU per pass) and names the GPU it should land on
+(`gpu_uuid`: the Ollama's GPU, the only GPU, or the GPU of the ComfyUIs it frees; None when
+unknown, as with the API source).
 While the heal must wait (healing off, cooldown, a busy ComfyUI) its ComfyUIs are freed
 so the room exists for the heal or the next load. When even freeing everything cannot make
 the room, nothing is done.
@@ -97,13 +98,15 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
     if not gpus:
         p.skip(f"Ollama model {m.name} spilled to the CPU but no GPU reading says where")
         return
-    fitting = [g for g in gpus if fits_gpu(m.size_bytes, g)]
+    # llama-server (Ollama >= 0.30) keeps its fit target free: part of every margin.
+    margin = SAFETY_MARGIN_BYTES + o.fit_target_bytes
+    fitting = [g for g in gpus if fits_gpu(m.size_bytes, g, margin)]
     if not fitting:
         biggest = max(g.total_bytes for g in gpus)
         p.note_once(
             f"nofit|{hkey}",
             f"Ollama model {m.name} ({format_bytes(m.size_bytes)}) cannot "
-            f"fit on the GPU ({format_bytes(biggest)} less a {format_bytes(SAFETY_MARGIN_BYTES)} "
+            f"fit on the GPU ({format_bytes(biggest)} less a {format_bytes(margin)} "
             "margin); it is not healed",
         )
         return
@@ -154,7 +157,7 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
         p.skip(f"Not healing {m.name} yet: waiting for the free of {', '.join(open_eps)}")
         p.soon()
         return
-    need = m.size_bytes + SAFETY_MARGIN_BYTES
+    need = m.size_bytes + margin
     if room < need:
         busy = [c for c in on_g if has_work(c)]
         if busy:

@@ -52,6 +52,12 @@ def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
             new = [n for n in names if n not in prev]
             if new:
                 p.new_models[key] = new
+                # A new load of a model healed before (it left /api/ps and a client loaded
+                # it again): the heal cooldown was for the earlier load. Ollama >= 0.30
+                # spills a further model often, so each load may need its heal; heals that
+                # did not help still back off (heal.py).
+                for name in new:
+                    p.heal_at.pop(f"{key}|{name}", None)
                 where = f" on {key}" if many else ""
                 p.notes.append(f"New Ollama model(s) detected: {', '.join(new)}{where}")
             if set(names) != prev:

@@ -12,9 +12,12 @@ from supervisor.sim.comfyui_worker import ComfyConfig
 from supervisor.sim.gpu import FileGpu, GpuSnapshot, MemoryGpu, SimGpu, open_gpu
 from supervisor.sim.host import SimHost
 from supervisor.sim.ollama import FakeOllama
-from supervisor.sim.ollama_sched import OllamaConfig
+from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
+from supervisor.sim.profiles import DEFAULT_PROFILE, PROFILES, sim_profile
 
 __all__ = [
+    "DEFAULT_PROFILE",
+    "PROFILES",
     "Catalog",
     "CheckpointSpec",
     "ComfyConfig",
@@ -28,5 +31,7 @@ __all__ = [
     "SimGpu",
     "SimHost",
     "load_catalog",
+    "ollama_config",
     "open_gpu",
+    "sim_profile",
 ]

@@ -10,13 +10,15 @@
 The fake NVML library reads the file named by SIM_GPU_STATE (default
 /var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
 
-Shared options: --profile 2026|2025 (the services' generation; default VRAM_SIM_PROFILE,
-else 2026: ComfyUI 0.38 with Dynamic VRAM; 2025: ComfyUI 0.3.64), --gpu-state FILE
-(file-backed GPU shared with other processes),
---gpu-total-gib, --time-scale, --catalog JSON-or-path, --verbose. Ollama reads
-OLLAMA_KEEP_ALIVE, OLLAMA_NUM_PARALLEL, OLLAMA_MAX_LOADED_MODELS and OLLAMA_CONTEXT_LENGTH
-like the real server. The host defaults to 127.0.0.1; SIGTERM and SIGINT stop the servers
-within a fraction of a second (containers get `docker stop` right).
+Shared options: --gpu-state FILE (file-backed GPU shared with other processes),
+--gpu-total-gib, --time-scale, --catalog JSON-or-path, --verbose, and --profile 2026|2025:
+the generation of the services simulated (default: VRAM_SIM_PROFILE, else 2026:
+Ollama 0.33 and ComfyUI 0.38 with Dynamic VRAM; 2025: Ollama 0.12 and ComfyUI 0.3.64;
+see supervisor/sim/profiles.py). Ollama reads OLLAMA_KEEP_ALIVE, OLLAMA_NUM_PARALLEL,
+OLLAMA_MAX_LOADED_MODELS and OLLAMA_CONTEXT_LENGTH like the real server, and in the 2026
+profile also OLLAMA_GPU_OVERHEAD (bytes) and LLAMA_ARG_FIT_TARGET (MiB). The host
+defaults to 127.0.0.1; SIGTERM and SIGINT stop the servers within a fraction of a second
+(containers get `docker stop` right).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ from types import FrameType
 from supervisor.sim.catalog import load_catalog, parse_env_keep_alive
 from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
-from supervisor.sim.gpu import GIB, open_gpu
+from supervisor.sim.gpu import GIB, MIB, open_gpu
 from supervisor.sim.httpbase import SimServer
 from supervisor.sim.nvml_build import BuildError, build_fake_nvml
 from supervisor.sim.ollama import FakeOllama
-from supervisor.sim.ollama_sched import OllamaConfig
-from supervisor.sim.profiles import PROFILES, sim_profile
+from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
+from supervisor.sim.profiles import (
+    ProfileError,
+    add_profile_argument,
+    profile_from_args,
+    sim_profile,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,11 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-name")
     parser.add_argument("--gpu-uuid")
     parser.add_argument("--time-scale", type=float, default=1.0)
-    parser.add_argument(
-        "--profile",
-        choices=PROFILES,
-        help="2026 (default, or VRAM_SIM_PROFILE) or 2025: which generation to play",
-    )
     parser.add_argument("--highvram", action="store_true")
     parser.add_argument("--pinned", action="store_true")
     parser.add_argument("--cpu", action="store_true", help="ComfyUI on the CPU (no GPU)")
@@ -79,12 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unload-delay", type=float, default=None, help="seconds (Ollama)")
     parser.add_argument("--timeout", type=float, default=3.0, help="healthcheck timeout, s")
     parser.add_argument("--verbose", action="store_true", help="access logs on stderr")
+    add_profile_argument(parser)
     return parser
 
 
 def _ollama_config(args: argparse.Namespace) -> OllamaConfig:
-    config = OllamaConfig(time_scale=args.time_scale)
     env = os.environ
+    config = ollama_config(profile_from_args(args, env), time_scale=args.time_scale)
     if env.get("OLLAMA_KEEP_ALIVE"):
         config.keep_alive_s = parse_env_keep_alive(env["OLLAMA_KEEP_ALIVE"])
     if env.get("OLLAMA_NUM_PARALLEL"):
@@ -93,6 +96,11 @@ def _ollama_config(args: argparse.Namespace) -> OllamaConfig:
         config.max_loaded_models = int(env["OLLAMA_MAX_LOADED_MODELS"])
     if env.get("OLLAMA_CONTEXT_LENGTH"):
         config.num_ctx = int(env["OLLAMA_CONTEXT_LENGTH"])
+        config.context_by_vram = False
+    if config.is_2026 and env.get("OLLAMA_GPU_OVERHEAD"):
+        config.gpu_overhead_bytes = int(env["OLLAMA_GPU_OVERHEAD"])
+    if config.is_2026 and env.get("LLAMA_ARG_FIT_TARGET"):
+        config.fit_margin_bytes = int(env["LLAMA_ARG_FIT_TARGET"]) * MIB
     if args.unload_delay is not None:
         config.unload_delay_s = args.unload_delay
     return config
@@ -193,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"build-nvml: {exc}", file=sys.stderr)
             return 1
         return 0
+    try:
+        profile_from_args(args, os.environ)
+    except ProfileError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     return run(args)
 
 

@@ -64,13 +64,16 @@ class ModelSpec:
     def effective_ctx(self, num_ctx: int) -> int:
         return max(1, min(num_ctx, self.context_length))
 
-    def runner_bytes(self, num_ctx: int, num_parallel: int) -> int:
-        """Memory of a loaded runner: weights + f16 KV cache + compute graph (api-facts 1.5)."""
+    def kv_bytes(self, num_ctx: int, num_parallel: int) -> int:
+        """The f16 KV cache for `num_ctx` (capped at the trained context) x the slots."""
         parallel = 1 if self.is_embedding else max(1, num_parallel)
         ctx = self.effective_ctx(num_ctx) * parallel
-        kv = 2 * self.block_count * self.head_count_kv * self.key_length * 2 * ctx
+        return 2 * self.block_count * self.head_count_kv * self.key_length * 2 * ctx
+
+    def runner_bytes(self, num_ctx: int, num_parallel: int) -> int:
+        """Memory of a loaded runner: weights + f16 KV cache + compute graph (api-facts 1.5)."""
         graph = 128 * MIB + self.size_bytes // 20
-        return self.size_bytes + kv + graph
+        return self.size_bytes + self.kv_bytes(num_ctx, num_parallel) + graph
 
     def model_info(self) -> dict[str, Any]:
         arch = self.family

@@ -18,8 +18,8 @@ from supervisor.sim.comfyui_worker import ComfyConfig
 from supervisor.sim.gpu import GIB, SimGpu, open_gpu
 from supervisor.sim.httpbase import SimServer
 from supervisor.sim.ollama import FakeOllama
-from supervisor.sim.ollama_sched import OllamaConfig
-from supervisor.sim.profiles import sim_profile
+from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
+from supervisor.sim.profiles import parse_profile, sim_profile
 
 
 class SimHost:
@@ -28,7 +28,7 @@ class SimHost:
     `time_scale`, `highvram` and `pinned` override the same fields of the given configs.
     A `gpu_state` path makes the GPU file-backed, so other processes can share it.
     `profile` ("2026" or "2025"; default VRAM_SIM_PROFILE, else "2026") picks the services'
-    generation where no config is given.
+    generation where no config is given (sim/profiles.py).
     """
 
     def __init__(
@@ -48,9 +48,11 @@ class SimHost:
         profile: str | None = None,
     ) -> None:
         self._host = host
-        self.profile = profile or sim_profile(os.environ)
+        self.profile = parse_profile(profile, "profile") if profile else sim_profile(os.environ)
         self.catalog = catalog or Catalog()
-        self.ollama_config = dataclasses.replace(ollama or OllamaConfig(), time_scale=time_scale)
+        self.ollama_config = dataclasses.replace(
+            ollama or ollama_config(self.profile), time_scale=time_scale
+        )
         self.comfyui_config = dataclasses.replace(
             comfyui or ComfyConfig.for_profile(self.profile),
             time_scale=time_scale,

@@ -20,7 +20,7 @@ from typing import Any
 from supervisor.sim.catalog import Catalog, DurationError, ModelSpec, parse_keep_alive
 from supervisor.sim.gpu import SimGpu
 from supervisor.sim.httpbase import BadJson, ClientGone, Exchange
-from supervisor.sim.ollama_sched import LoadAborted, OllamaConfig, Runner, Scheduler
+from supervisor.sim.ollama_sched import LoadAborted, LoadFailed, OllamaConfig, Runner, Scheduler
 
 # What the fake models say, one word per token.
 _TEXT = "the quick brown fox jumps over the lazy dog while a small GPU hums along"
@@ -108,6 +108,8 @@ class OllamaCore:
             )
         except LoadAborted as exc:
             raise ClientGone("client connection closed before the model finished loading") from exc
+        except LoadFailed as exc:
+            raise HttpError(500, str(exc)) from exc
 
     def _wrap(self, ex: Exchange, fn: Callable[[], None], openai: bool = False) -> None:
         try:

@@ -1,6 +1,8 @@
 """The fake Ollama's scheduler: loads, placement, keep-alive, unloads and token timing.
 
-Behaviour follows api-facts 1.3, 1.6 and 1.8 (current llama-server builds):
+Two generations (`OllamaConfig.profile`, built by `ollama_config`; see sim/profiles.py):
+
+**2025** (Ollama 0.12, api-facts 1.3, 1.6 and 1.8):
 * One load at a time; requests for a model already loaded do not wait for it.
 * Placement is decided once, at load time, from the GPU's free bytes (which include other
   processes' use). What does not fit goes to the CPU, whole layers at a time, and stays
@@ -14,6 +16,26 @@ Behaviour follows api-facts 1.3, 1.6 and 1.8 (current llama-server builds):
   later. With requests in flight, the unload waits for them.
 * A load dies with its client: `gone()` is polled while waiting and loading.
 
+**2026** (Ollama >= 0.30, llama-server runners; api-facts-2026 section 1), as 2025 except:
+* Each runner is a `llama-server` child process with its own PID (a new one on every load
+  or reload); its memory is attributed to that PID.
+* Without `num_gpu` llama-server fits layers into the free memory it reads once at its
+  start, keeping the fit target free (1 GiB; `LLAMA_ARG_FIT_TARGET` overrides). An
+  explicit `num_gpu` > 0 skips fitting: layers that do not fit fail the load with out of
+  memory instead of spilling; `num_gpu: 0` is CPU only.
+* Default context by the GPU's total memory when `OLLAMA_CONTEXT_LENGTH` is unset: >= 47 GiB
+  262144, >= 23 GiB 32768, else 4096 (capped at the trained context).
+* A further model need not fit fully: Ollama predicts its need (weights + f16 KV for
+  num_ctx x num_parallel + a batch surcharge of 768 MiB, 2 GiB above 32768 tokens) and
+  evicts one of its own runners at a time only while that prediction exceeds 80 % of its
+  free figure: the free memory logged at the last load, corrected for its own loads and
+  unloads since, so stale with respect to other processes. Then the load may spill.
+* Out of memory at load: all other runners are evicted and an automatic context drops one
+  step (> 32768 -> 32768, > 4096 -> 4096); one retry, then HTTP 500.
+* An unload gives most of the memory back `unload_delay_s` after the runner exits and the
+  rest `unload_tail_s` later (NVML lags); an eviction waits until 75 % is back (at most
+  5 s), so the next runner may start beside the tail.
+
 Every duration here is simulated seconds; `time_scale` converts to real ones (0.01 runs a
 5 min keep-alive in 3 s). Wall-clock `expires_at` values are real time, so they say when the
 sim will really unload.
@@ -21,8 +43,13 @@ sim will really unload.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +81,80 @@ class OllamaConfig:
     num_predict: int = 32  # tokens per answer when the request does not say
     version: str = "0.12.6"
     list_while_loading: bool = False
-    pid: int | None = None  # reported to the GPU; default os.getpid()
+    pid: int | None = None  # reported to the GPU; default os.getpid() (2025)
+    profile: str = "2025"  # see the module docstring; build a 2026 one with ollama_config()
+    context_by_vram: bool = False  # 2026 without OLLAMA_CONTEXT_LENGTH: ctx by total VRAM
+    gpu_overhead_bytes: int = 0  # OLLAMA_GPU_OVERHEAD: lowers the context tier only (2026)
+    unload_tail_s: float = 0.5  # 2026: the last part of an unload's memory comes back later
+    runner_processes: bool = True  # 2026: a child process per runner (its PID in NVML)
+
+    @property
+    def is_2026(self) -> bool:
+        return self.profile == "2026"
+
+
+# api-facts-2026 section 1
+FIT_TARGET_BYTES = 1024 * MIB  # llama-server keeps this free when it fits layers
+RECOVER_FRACTION = {"2025": 0.8, "2026": 0.75}  # of an unloaded model's VRAM, waited for
+RECOVER_WAIT_S = 5.0
+EVICT_ABOVE = 0.8  # 2026: evict own runners only while need > this x Ollama's free figure
+TIER_CONTEXTS = ((47 * GIB, 262144), (23 * GIB, 32768))
+SMALL_BATCH_BYTES = 768 * MIB
+LARGE_BATCH_BYTES = 2 * GIB
+LARGE_CONTEXT = 32768  # above this the batch surcharge is the large one (UNVERIFIED bound)
+_TAIL_FRACTION = 0.1  # 2026: the share of an unload's memory that comes back late
+
+
+class LoadFailed(Exception):
+    """The load failed (2026: out of memory with an explicit num_gpu)."""
+
+
+def ollama_config(profile: str = "2025", **changes: object) -> OllamaConfig:
+    """An OllamaConfig for a profile ("2025" or "2026"), with `changes` on top."""
+    if profile == "2025":
+        return dataclasses.replace(OllamaConfig(), **changes)  # type: ignore[arg-type]
+    if profile != "2026":
+        raise ValueError(f"unknown simulator profile {profile!r}; accepted: 2026, 2025")
+    base = OllamaConfig(
+        profile="2026",
+        version="0.33.0",
+        fit_margin_bytes=FIT_TARGET_BYTES,
+        context_by_vram=True,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def tier_context(total_bytes: int) -> int:
+    """Ollama >= 0.15.5's default context for this much VRAM (api-facts-2026 section 1)."""
+    for floor, ctx in TIER_CONTEXTS:
+        if total_bytes >= floor:
+            return ctx
+    return 4096
+
+
+def batch_surcharge(num_ctx: int) -> int:
+    return LARGE_BATCH_BYTES if num_ctx > LARGE_CONTEXT else SMALL_BATCH_BYTES
+
+
+class _RunnerProcess:
+    """A stand-in `llama-server` child whose PID NVML shows: `cat` reading a pipe from
+    this process, so it also ends when the simulator dies, however it dies."""
+
+    def __init__(self) -> None:
+        cat = shutil.which("cat")
+        argv = [cat] if cat else [sys.executable, "-c", "import sys; sys.stdin.read()"]
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.pid = self._proc.pid
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
 
 
 @dataclass
@@ -69,6 +169,8 @@ class ModelStats:
     tokens_full_gpu: int = 0
     spilled_s: float = 0.0  # simulated seconds a partly offloaded runner was loaded
     last_gpu_fraction: float | None = None
+    last_size_bytes: int | None = None  # what the last load really took (RAM + VRAM)
+    first_size_bytes: int | None = None  # and the first one since the counters were reset
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,11 +187,15 @@ class Runner:
     owner: str
     loaded_mono: float
     slots: threading.Semaphore
+    requested_ctx: int = 0  # the context asked for (before an OOM retry lowered it)
+    pid: int = 0
+    process: _RunnerProcess | None = None
     refcount: int = 0
     loading: bool = False
     expire_when_idle: bool = False
     expires_wall: float | None = None  # None until the first request finishes
     released: threading.Event = field(default_factory=threading.Event)
+    recovered: threading.Event = field(default_factory=threading.Event)  # >= 75 % back
 
     @property
     def name(self) -> str:
@@ -114,6 +220,11 @@ class Scheduler:
         self._load_lock = threading.Lock()
         self._stats: dict[str, ModelStats] = {}
         self._stop = threading.Event()
+        self._seq = 0
+        # 2026: the free memory llama-server logged at the last load, and Ollama's own VRAM
+        # then (its free figure is that, corrected for its own use since).
+        self._logged_free: int | None = None
+        self._own_at_log = 0
         self._reaper = threading.Thread(target=self._reap, daemon=True, name="sim-ollama-reaper")
         self._reaper.start()
 
@@ -133,6 +244,21 @@ class Scheduler:
 
     def stats(self, name: str) -> ModelStats:
         return self._stats.setdefault(name, ModelStats())
+
+    def default_ctx(self) -> int:
+        """The context a request without `num_ctx` gets (Modelfiles set none here)."""
+        cfg = self.config
+        if cfg.context_by_vram:
+            return tier_context(self.gpu.total_bytes - cfg.gpu_overhead_bytes)
+        return cfg.num_ctx
+
+    def free_figure(self) -> int | None:
+        """2026: the free memory Ollama believes the GPU has (stale for other processes)."""
+        with self._cond:
+            if self._logged_free is None:
+                return None
+            own = sum(r.size_vram for r in self._loaded.values())
+            return self._logged_free + self._own_at_log - own
 
     # ------------------------------------------------------------------ public API
 
@@ -217,7 +343,7 @@ class Scheduler:
                 # Sleep only when a millisecond is owed: sleeping per token would cost more
                 # than the token at small time scales.
                 if due - time.monotonic() > 0.001:
-                    time.sleep(due - time.monotonic())
+                    time.sleep(max(0.0, due - time.monotonic()))  # may have passed meanwhile
                 with self._cond:
                     st.tokens += 1
                     st.tokens_full_gpu += int(full)
@@ -233,7 +359,8 @@ class Scheduler:
                 if runner and runner.is_spilled and not runner.loading:
                     data["spilled_s"] += (now - runner.loaded_mono) / self.config.time_scale
                 models[name] = data
-        totals: dict[str, float] = {k: 0 for k in ModelStats().__dict__ if k != "last_gpu_fraction"}
+        counters = [k for k in ModelStats().__dict__ if not k.startswith(("last_", "first_"))]
+        totals: dict[str, float] = dict.fromkeys(counters, 0)
         for data in models.values():
             for key in totals:
                 totals[key] += data[key]
@@ -249,6 +376,8 @@ class Scheduler:
             self._cond.notify_all()
             for runner in list(self._loaded.values()):
                 self.gpu.release(runner.owner)
+                if runner.process is not None:
+                    runner.process.stop()
             self._loaded.clear()
 
     # ------------------------------------------------------------------ internals
@@ -257,8 +386,9 @@ class Scheduler:
         return math.inf if runner.keep_alive_s == FOREVER else self.real_s(runner.keep_alive_s)
 
     def _needs_reload(self, runner: Runner, num_ctx: int | None, num_gpu: int | None) -> bool:
-        ctx = runner.spec.effective_ctx(num_ctx or self.config.num_ctx)
-        return ctx != runner.num_ctx or (num_gpu is not None and num_gpu != runner.num_gpu)
+        ctx = runner.spec.effective_ctx(num_ctx or self.default_ctx())
+        asked = runner.requested_ctx or runner.num_ctx
+        return ctx != asked or (num_gpu is not None and num_gpu != runner.num_gpu)
 
     def _use(self, runner: Runner, keep_alive_s: float | None) -> None:
         runner.refcount += 1
@@ -282,7 +412,39 @@ class Scheduler:
             runner.expire_when_idle = True
             if runner.refcount == 0:
                 self._begin_unload(runner)
-        self._wait_released(runner, gone)
+        if not self.config.is_2026:
+            self._wait_released(runner, gone)
+            return
+        # 2026: wait until 75 % of its VRAM is back, polling, for at most 5 s once it is
+        # unloading (api-facts-2026: unload).
+        while not runner.released.wait(_POLL_S):
+            if gone():
+                raise LoadAborted
+        deadline = time.monotonic() + self.real_s(RECOVER_WAIT_S)
+        while time.monotonic() < deadline and not runner.recovered.is_set():
+            if gone():
+                raise LoadAborted
+            runner.recovered.wait(_POLL_S)
+
+    def _make_room_2026(self, spec: ModelSpec, ctx: int, gone: Callable[[], bool]) -> None:
+        """Evict own runners while the predicted need exceeds 80 % of Ollama's (stale) free
+        figure, or while too many models are loaded. It never waits for a fit."""
+        cfg = self.config
+        parallel = 1 if spec.is_embedding else max(1, cfg.num_parallel)
+        predicted = spec.size_bytes + spec.kv_bytes(ctx, parallel) + batch_surcharge(ctx)
+        while True:
+            with self._cond:
+                ours = [r for r in self._loaded.values() if not r.loading]
+            if not ours:
+                return
+            figure = self.free_figure()
+            if len(ours) < cfg.max_loaded_models and (
+                figure is None or predicted <= EVICT_ABOVE * figure
+            ):
+                return
+            ours.sort(key=lambda r: (r.keep_alive_s, r.name))
+            idle = [r for r in ours if r.refcount == 0]
+            self._evict(idle[0] if idle else ours[0], gone)
 
     def _make_room(self, need: int, gone: Callable[[], bool]) -> None:
         """requireFull: evict our own runners until `need` fits or none is left."""
@@ -308,22 +470,35 @@ class Scheduler:
         gone: Callable[[], bool],
     ) -> Runner:
         cfg = self.config
-        ctx = spec.effective_ctx(num_ctx or cfg.num_ctx)
-        need = spec.runner_bytes(ctx, cfg.num_parallel)
+        ctx = spec.effective_ctx(num_ctx or self.default_ctx())
+        requested_ctx = ctx
         if num_gpu != 0:
-            self._make_room(need, gone)
-        owner = f"ollama:{spec.name}"
-        layers = spec.block_count + 1
-        granted = 0
-        if num_gpu != 0:
-            # llama-server fits whole layers into what the device reports free right now.
-            granted = self.gpu.allocate_partial(
-                owner,
-                self.pid,
-                need,
-                keep_free_bytes=cfg.fit_margin_bytes,
-                step_bytes=math.ceil(need / layers),
-            )
+            if cfg.is_2026:
+                self._make_room_2026(spec, ctx, gone)
+            else:
+                self._make_room(spec.runner_bytes(ctx, cfg.num_parallel), gone)
+        self._seq += 1
+        owner = f"ollama:{spec.name}" if not cfg.is_2026 else f"ollama:{spec.name}#{self._seq}"
+        process = _RunnerProcess() if cfg.is_2026 and cfg.runner_processes else None
+        pid = process.pid if process is not None else self.pid
+        try:
+            need, granted = self._place(spec, ctx, num_gpu, owner, pid)
+            if granted is None:  # 2026: out of memory with an explicit num_gpu
+                self._evict_all(gone)
+                auto = num_ctx is None and cfg.context_by_vram
+                if auto and ctx > 4096:
+                    ctx = 32768 if ctx > 32768 else 4096
+                need, granted = self._place(spec, ctx, num_gpu, owner, pid)
+                if granted is None:
+                    with self._cond:
+                        self.stats(spec.name).loads_aborted += 1
+                    raise LoadFailed(
+                        "llama runner process has terminated: cudaMalloc failed: out of memory"
+                    )
+        except BaseException:
+            if process is not None:
+                process.stop()
+            raise
         runner = Runner(
             spec=spec,
             num_ctx=ctx,
@@ -336,6 +511,9 @@ class Scheduler:
             slots=threading.Semaphore(1 if spec.is_embedding else max(1, cfg.num_parallel)),
             refcount=1,
             loading=True,
+            requested_ctx=requested_ctx,
+            pid=pid,
+            process=process,
         )
         runner.expire_when_idle = runner.keep_alive_s <= 0
         with self._cond:
@@ -347,7 +525,10 @@ class Scheduler:
                 self._loaded.pop(spec.name, None)
                 self.stats(spec.name).loads_aborted += 1
             self.gpu.release(owner)
+            if process is not None:
+                process.stop()
             runner.released.set()
+            runner.recovered.set()
             raise
         with self._cond:
             runner.loading = False
@@ -356,7 +537,43 @@ class Scheduler:
             st.loads += 1
             st.loads_full_gpu += int(not runner.is_spilled)
             st.last_gpu_fraction = round(runner.gpu_fraction, 4)
+            st.last_size_bytes = runner.size_bytes
+            if st.first_size_bytes is None:
+                st.first_size_bytes = runner.size_bytes
         return runner
+
+    def _place(
+        self, spec: ModelSpec, ctx: int, num_gpu: int | None, owner: str, pid: int
+    ) -> tuple[int, int | None]:
+        """(runner bytes, bytes granted on the GPU); None granted: out of memory."""
+        cfg = self.config
+        need = spec.runner_bytes(ctx, cfg.num_parallel)
+        layers = spec.block_count + 1
+        if num_gpu == 0:
+            return need, 0
+        if cfg.is_2026:
+            with self._cond:
+                self._logged_free = self.gpu.free_bytes()
+                self._own_at_log = sum(r.size_vram for r in self._loaded.values())
+        if num_gpu is not None and num_gpu > 0 and cfg.is_2026:
+            # An explicit -ngl: no fitting, the layers asked for or out of memory.
+            want = need if num_gpu >= layers else math.ceil(need * num_gpu / layers)
+            return need, (want if self.gpu.allocate(owner, pid, want) else None)
+        # Fitting: whole layers into what the device reports free right now.
+        granted = self.gpu.allocate_partial(
+            owner,
+            pid,
+            need,
+            keep_free_bytes=cfg.fit_margin_bytes,
+            step_bytes=math.ceil(need / layers),
+        )
+        return need, granted
+
+    def _evict_all(self, gone: Callable[[], bool]) -> None:
+        with self._cond:
+            ours = [r for r in self._loaded.values() if not r.loading]
+        for runner in ours:
+            self._evict(runner, gone)
 
     def _begin_unload(self, runner: Runner) -> None:
         """Caller holds the condition. Drop from the list now, free VRAM after the delay."""
@@ -369,9 +586,23 @@ class Scheduler:
 
         def release() -> None:
             self.gpu.release(runner.owner)
+            if runner.process is not None:
+                runner.process.stop()
             runner.released.set()
+            runner.recovered.set()
 
-        timer = threading.Timer(self.real_s(self.config.unload_delay_s), release)
+        def release_bulk() -> None:
+            # 2026: the bulk now (75 % and more: an eviction may go on), the rest later.
+            tail = math.floor(runner.size_vram * _TAIL_FRACTION)
+            self.gpu.release(runner.owner, max(runner.size_vram - tail, 0))
+            runner.recovered.set()
+            runner.released.set()
+            later = threading.Timer(self.real_s(self.config.unload_tail_s), release)
+            later.daemon = True
+            later.start()
+
+        delay = self.real_s(self.config.unload_delay_s)
+        timer = threading.Timer(delay, release_bulk if self.config.is_2026 else release)
         timer.daemon = True
         timer.start()
 

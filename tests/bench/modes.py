@@ -9,6 +9,11 @@ Modes:
 - `gate`:       the same plus VRAM_GATE_PORT, and the chat clients talk to the gate;
 - `gate-ollama`: the gate again, with VRAM_PRIORITY=ollama (a busy ComfyUI may be freed
                 too: the flags wait for its prompt), to show what the priority changes.
+- `isolated`:   the bound every mode is measured against: no supervisor, and each service
+                on a simulated GPU of its own (no sharing at all).
+
+Every mode runs against one generation of the simulated services (`profile`: "2026",
+Ollama >= 0.30 with llama-server runners, or "2025", Ollama 0.12; sim/profiles.py).
 
 `run_mode` returns a `ModeResult`: what the clients saw, the simulator's counters
 (/sim/stats) and the supervisor's (its log and /metrics). Spill time is read when the
@@ -48,11 +53,33 @@ MODES: dict[str, str] = {
     "gate": "vram-supervisor + gate",
     # A fifth, for the reading: the gate may then free a ComfyUI that has work.
     "gate-ollama": "(extra) gate + VRAM_PRIORITY=ollama",
+    # The bound: the same workload with each service on a GPU of its own.
+    "isolated": "bound: a GPU per service",
 }
 _GATED = ("gate", "gate-ollama")
 
 _HEALED = re.compile(r"^Healed Ollama model \S+: (\d+)% -> (\d+)% on GPU")
 _HEAL_NO_HELP = re.compile(r"^Heal of Ollama model \S+ did not help")
+# The gate's estimate for a load it held (with or without making room).
+_GATE_NEED = re.compile(r"^Gate: (?:making room for )?(\S+?):? needs about ([\d.]+) GiB")
+
+
+@dataclass(frozen=True)
+class EstimateCheck:
+    """The gate's estimate for the first load of a model in a run, against what the
+    simulator's runner really took (RAM + VRAM, /api/ps `size`)."""
+
+    model: str
+    estimated_bytes: int
+    real_bytes: int
+
+    @property
+    def error_bytes(self) -> int:
+        return self.estimated_bytes - self.real_bytes
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * self.error_bytes / self.real_bytes if self.real_bytes else 0.0
 
 
 @dataclass
@@ -62,6 +89,7 @@ class ModeResult:
 
     mode: str
     label: str
+    profile: str = "2026"
     runs: int = 1
     chats_sent: int = 0
     chats_ok: int = 0
@@ -93,6 +121,7 @@ class ModeResult:
     gate_forwarded_anyway: int = 0
     seed_rate_limited: int = 0
     errors: list[str] = field(default_factory=list)
+    estimates: list[EstimateCheck] = field(default_factory=list)
     wall_s: float = 0.0
 
     @property
@@ -167,10 +196,10 @@ def pool(results: list[ModeResult]) -> ModeResult:
     """Several runs of one mode as one: counts and times added, lists joined."""
     if not results or len({r.mode for r in results}) != 1:
         raise ValueError("pool() takes one or more results of the same mode")
-    out = ModeResult(results[0].mode, results[0].label, runs=0)
+    out = ModeResult(results[0].mode, results[0].label, results[0].profile, runs=0)
     for r in results:
         for f in fields(ModeResult):
-            if f.name in ("mode", "label"):
+            if f.name in ("mode", "label", "profile"):
                 continue
             mine, theirs = getattr(out, f.name), getattr(r, f.name)
             if f.name == "errors":
@@ -188,24 +217,37 @@ def run_mode(
     *,
     drain_s: float = 240.0,
     log_path: Path | None = None,
+    profile: str = "2026",
 ) -> ModeResult:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-    result = ModeResult(mode, MODES[mode])
+    result = ModeResult(mode, MODES[mode], profile)
     answer_without_nagle()
-    with SimHost(gpu_total_gib=GPU_TOTAL_GIB, time_scale=time_scale, catalog=catalog()) as host:
+    isolated = mode == "isolated"
+    common: dict[str, Any] = {
+        "gpu_total_gib": GPU_TOTAL_GIB,
+        "time_scale": time_scale,
+        "catalog": catalog(),
+        "profile": profile,
+    }
+    with (
+        SimHost(**common, start_comfyui=not isolated) as host,
+        # The bound: ComfyUI on a GPU of its own (otherwise a second, idle host).
+        SimHost(**common, start_ollama=False, start_comfyui=isolated) as comfy_host,
+    ):
         seed: SeedDesign | None = None
         sup: Supervisor | None = None
         client_url = host.ollama_url
+        comfyui_url = comfy_host.comfyui_url if isolated else host.comfyui_url
         if mode == "seed":
-            seed = SeedDesign(host.ollama_url, host.comfyui_url, time_scale=time_scale).start()
+            seed = SeedDesign(host.ollama_url, comfyui_url, time_scale=time_scale).start()
         elif mode == "supervisor" or mode in _GATED:
             settings = scaled_settings(time_scale)
             if mode == "gate-ollama":
                 settings["VRAM_PRIORITY"] = "ollama"
             sup = start_supervisor(
                 ollama_url=host.ollama_url,
-                comfyui_url=host.comfyui_url,
+                comfyui_url=comfyui_url,
                 settings=settings,
                 gate=mode in _GATED,
                 time_scale=time_scale,
@@ -215,18 +257,18 @@ def run_mode(
         window: dict[str, Any] = {}
 
         def end_of_schedule() -> None:
-            window.update(sim_stats(host.ollama_url, host.comfyui_url)[0]["totals"])
+            window.update(sim_stats(host.ollama_url, comfyui_url)[0]["totals"])
 
         driver = Driver(
             client_url,
-            host.comfyui_url,
+            comfyui_url,
             time_scale,
             drain_s=drain_s,
             on_end_of_schedule=end_of_schedule,
         )
         try:
             side = driver.run(events, duration_s)
-            ollama, comfy = sim_stats(host.ollama_url, host.comfyui_url)
+            ollama, comfy = sim_stats(host.ollama_url, comfyui_url)
             metrics = sup.metrics() if sup is not None else {}
         finally:
             driver.close()
@@ -240,10 +282,25 @@ def run_mode(
             result.seed_rate_limited = seed.stats.rate_limited
         if sup is not None:
             _fill_supervisor(result, sup, metrics)
+            result.estimates = _first_estimates(sup.messages(), ollama)
             if log_path is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 log_path.write_text("\n".join(sup.messages()) + "\n")
     return result
+
+
+def _first_estimates(messages: list[str], ollama: dict[str, Any]) -> list[EstimateCheck]:
+    """The gate's estimate for each model's first gated load, with the simulator's size
+    of that model's first load."""
+    checks: list[EstimateCheck] = []
+    for message in messages:
+        match = _GATE_NEED.match(message)
+        if match is None or any(c.model == match.group(1) for c in checks):
+            continue
+        real = ollama["models"].get(match.group(1), {}).get("first_size_bytes")
+        if real:
+            checks.append(EstimateCheck(match.group(1), int(float(match.group(2)) * GIB), real))
+    return checks
 
 
 def _fill_clients(result: ModeResult, events: list[Event], side: ClientSide) -> None:

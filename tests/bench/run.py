@@ -3,7 +3,9 @@
 Runs one seeded mixed workload (chat requests over three Ollama models, ComfyUI image jobs)
 on a simulated 24 GiB GPU in four modes, side by side: no supervisor, the starting design,
 vram-supervisor with default settings (heal), and vram-supervisor with the gate; plus a
-fifth for comparison, the gate with VRAM_PRIORITY=ollama. Then the
+fifth for comparison, the gate with VRAM_PRIORITY=ollama, and the bound all are measured
+against: each service on a GPU of its own. It does so under each generation of the
+simulated services (`--profile 2025,2026`, the default; sim/profiles.py). Then the
 micro-benchmarks (gate overhead, idle CPU and memory, Docker event reaction). Prints the
 tables, writes docs/benchmarks.svg and the generated part of docs/benchmarks.md, and keeps
 the raw results and the supervisors' logs under .cache/bench/.
@@ -15,6 +17,7 @@ the supervisor's time settings are scaled by the same factor (supervisor_proc.py
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,9 +31,17 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from supervisor.sim import SimHost
 from tests.bench.micro import MicroResult, run_micro
 from tests.bench.modes import MODES, ModeResult, run_mode
-from tests.bench.report import micro_table, results_table, svg_chart, update_markdown
+from tests.bench.report import (
+    estimates_table,
+    generations_table,
+    micro_table,
+    results_table,
+    svg_chart,
+    update_markdown,
+)
 from tests.bench.supervisor_proc import ROOT, TIME_SETTINGS_S, scaled_settings
 from tests.bench.workload import (
     CHAT_MEAN_GAP_S,
@@ -49,6 +60,7 @@ DEFAULT_SEED = 1
 DEFAULT_MINUTES = 10.0
 DEFAULT_TIME_SCALE = 0.05
 DEFAULT_REPEAT = 5
+DEFAULT_PROFILES = ("2025", "2026")
 COMMAND = ".venv/bin/python -m tests.bench.run"
 
 
@@ -91,12 +103,18 @@ def describe_workload(events: Sequence[Event], minutes: float, seed: int) -> str
     chats = Counter(e.model for e in events if isinstance(e, ChatEvent))
     images = Counter(e.checkpoint for e in events if isinstance(e, ImageEvent))
     sizes = ", ".join(f"{m.name} {m.runner_bytes(4096, 1) / GIB:.1f} GiB" for m in MODELS)
+    sizes_2026 = ", ".join(
+        f"{m.name} {m.runner_bytes(32768, 1) / GIB:.1f} GiB"
+        f"{f' (trained context {m.context_length})' if m.context_length < 32768 else ''}"
+        for m in MODELS
+    )
     return (
         f"Seed {seed}, {minutes:g} simulated minutes, a {GPU_TOTAL_GIB:g} GiB simulated GPU. "
         f"{sum(chats.values())} chat requests (mean gap {CHAT_MEAN_GAP_S:g} s, same model as "
         f"the previous chat with probability {STICKY:g}; 64-320 tokens each): "
         + ", ".join(f"{n} x {m}" for m, n in sorted(chats.items()))
-        + f". Loaded sizes at num_ctx 4096: {sizes}. "
+        + f". Loaded sizes at num_ctx 4096 (the 2025 default): {sizes}; at 32768 (the 2026 "
+        f"default on a 24 GiB card, capped at the trained context): {sizes_2026}. "
         f"{sum(images.values())} image jobs (mean gap {IMAGE_MEAN_GAP_S:g} s, 20-30 steps): "
         + ", ".join(f"{n} x {c}" for c, n in sorted(images.items()))
         + ". Ollama keeps a model 5 simulated minutes after its last request (the default)."
@@ -124,7 +142,7 @@ def scaling_note(time_scale: float) -> str:
 
 
 def generated_markdown(
-    groups: Sequence[Sequence[ModeResult]],
+    by_profile: dict[str, list[list[ModeResult]]],
     micro: MicroResult | None,
     *,
     events: Sequence[Event],
@@ -146,24 +164,65 @@ def generated_markdown(
         "",
         scaling_note(time_scale),
     ]
-    if groups:
-        runs = len(groups[0])
+    if by_profile:
+        runs = len(next(iter(by_profile.values()))[0])
         parts += [
             "",
-            "### Mixed workload, the modes side by side",
-            f"Each mode ran {runs} times on the same seed; in each round all modes ran at the "
-            "same time, each on its own simulated host with its own supervisor process. "
-            "Counts are totals over the runs, latencies are pooled before taking "
-            'percentiles, and the rows marked "in each run" show how much a run can differ '
-            "from the next (the supervisor reacts to timing, so it does not repeat exactly).",
+            "### The two generations side by side",
+            "Ratios are to the bound of the same generation (each service on a GPU of its "
+            "own, no supervisor): 1.00x is as fast as without sharing.",
             "",
-            results_table(groups),
+            generations_table(by_profile),
             "",
-            "![Benchmark chart](benchmarks.svg)",
+            "The gate's estimate for the first load of each model in a run (the log line "
+            '"Gate: ... needs about"), against what the simulated runner really took '
+            "(RAM + VRAM, the first load's /api/ps `size`); positive: an overestimate.",
+            "",
+            estimates_table(by_profile),
         ]
+        for profile, groups in by_profile.items():
+            parts += [
+                "",
+                f"### Mixed workload, the modes side by side: {profile_title(profile)}",
+                f"Each mode ran {runs} times on the same seed; in each round all modes ran at "
+                "the same time, each on its own simulated host with its own supervisor "
+                "process. Counts are totals over the runs, latencies are pooled before taking "
+                'percentiles, and the rows marked "in each run" show how much a run can differ '
+                "from the next (the supervisor reacts to timing, so it does not repeat "
+                "exactly).",
+                "",
+                results_table(groups),
+            ]
+            if profile == "2026":
+                parts += ["", "![Benchmark chart, 2026 pair](benchmarks.svg)"]
     if micro is not None:
         parts += ["", "### Micro-benchmarks", micro_table(micro)]
     return "\n".join(parts)
+
+
+PROFILE_TITLES = {
+    "2025": "2025 pair (Ollama 0.12)",
+    "2026": "2026 pair (Ollama 0.33 with llama-server runners)",
+}
+
+
+def comfy_mode(profile: str) -> str:
+    """Which ComfyUI the simulator plays under `profile`, read from its configuration (so
+    the text stays true whatever the simulator's ComfyUI does with the profile)."""
+    configs = {}
+    for name in PROFILE_TITLES:
+        host = SimHost(profile=name, start_ollama=False, start_comfyui=False)
+        configs[name] = dataclasses.asdict(host.comfyui_config)
+        host.stop()
+    mine = configs[profile]
+    differs = {k: v for k, v in mine.items() if any(c.get(k) != v for c in configs.values())}
+    if not differs:
+        return "ComfyUI: the same fake in both profiles (0.3.64 behaviour, no Dynamic VRAM)"
+    return "ComfyUI: " + ", ".join(f"{k}={v}" for k, v in sorted(differs.items()))
+
+
+def profile_title(profile: str) -> str:
+    return f"{PROFILE_TITLES[profile]}; {comfy_mode(profile)}"
 
 
 def run_modes(
@@ -173,12 +232,16 @@ def run_modes(
     time_scale: float,
     repeat: int,
     results_dir: Path,
+    profile: str = "2026",
 ) -> list[list[ModeResult]]:
     """`repeat` rounds; in each, every mode runs at once (own simulated host, own
     supervisor process), so background load on the machine hits all modes alike."""
     groups: dict[str, list[ModeResult]] = {m: [] for m in modes}
     for round_no in range(1, repeat + 1):
-        print(f"\n== round {round_no}/{repeat}: {', '.join(modes)} at once ...", flush=True)
+        print(
+            f"\n== {profile} round {round_no}/{repeat}: {', '.join(modes)} at once ...",
+            flush=True,
+        )
         with ThreadPoolExecutor(max_workers=max(1, len(modes))) as pool:
             futures = {
                 m: pool.submit(
@@ -187,7 +250,8 @@ def run_modes(
                     events,
                     duration_s,
                     time_scale,
-                    log_path=results_dir / f"supervisor-{m}-{round_no}.log",
+                    log_path=results_dir / f"supervisor-{profile}-{m}-{round_no}.log",
+                    profile=profile,
                 )
                 for m in modes
             }
@@ -218,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}"
     )
+    parser.add_argument(
+        "--profile",
+        default=",".join(DEFAULT_PROFILES),
+        help="simulated generations, comma-separated, of: 2025, 2026 (sim/profiles.py)",
+    )
     parser.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     parser.add_argument("--micro", action="store_true", help="only the micro-benchmarks")
     parser.add_argument("--requests", type=int, default=2000, help="gate overhead requests")
@@ -234,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(unknown)}")
+    profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
+    if not profiles or any(p not in PROFILE_TITLES for p in profiles):
+        parser.error(f"--profile {args.profile!r}: accepted: 2025, 2026 or both, comma-separated")
 
     started = time.monotonic()
     duration_s = args.minutes * 60
@@ -241,9 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Machine: {machine()}")
     print(describe_workload(events, args.minutes, args.seed))
     print(scaling_note(args.time_scale), flush=True)
-    groups = run_modes(modes, events, duration_s, args.time_scale, args.repeat, args.results)
-    if groups:
-        print("\n" + results_table(groups))
+    by_profile: dict[str, list[list[ModeResult]]] = {}
+    for profile in profiles if modes else []:
+        by_profile[profile] = run_modes(
+            modes, events, duration_s, args.time_scale, args.repeat, args.results, profile
+        )
+        print(f"\n{profile_title(profile)}:\n" + results_table(by_profile[profile]))
+    if by_profile:
+        print("\n" + generations_table(by_profile))
+        print("\n" + estimates_table(by_profile))
     micro: MicroResult | None = None
     if not args.no_micro:
         print("\n== micro-benchmarks ...", flush=True)
@@ -259,24 +337,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "minutes": args.minutes,
         "time_scale": args.time_scale,
         "runtime_s": runtime_s,
-        "modes": {g[0].mode: [r.to_json() for r in g] for g in groups},
+        "profiles": {
+            prof: {g[0].mode: [r.to_json() for r in g] for g in groups}
+            for prof, groups in by_profile.items()
+        },
         "micro": micro.to_json() if micro else None,
     }
     (args.results / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
-    full_run = not args.micro and not args.no_micro and modes == list(MODES)
+    full_run = (
+        not args.micro
+        and not args.no_micro
+        and modes == list(MODES)
+        and sorted(profiles) == sorted(DEFAULT_PROFILES)
+    )
     if args.docs is None and not full_run:
         print(f"\nPartial run: docs/ left alone; raw results in {args.results}.")
         print(f"Runtime: {runtime_s:.0f} s")
         return 0
     args.docs = args.docs or ROOT / "docs"
     args.docs.mkdir(parents=True, exist_ok=True)
-    if groups:
-        title = f"Mixed workload, seed {args.seed}, {args.minutes:g} simulated minutes"
-        (args.docs / "benchmarks.svg").write_text(svg_chart(groups, title))
+    chart = by_profile.get("2026") or next(iter(by_profile.values()), None)
+    if chart:
+        title = (
+            f"Mixed workload, seed {args.seed}, {args.minutes:g} simulated minutes, "
+            f"{chart[0][0].profile} pair"
+        )
+        (args.docs / "benchmarks.svg").write_text(svg_chart(chart, title))
     update_markdown(
         args.docs / "benchmarks.md",
         generated_markdown(
-            groups,
+            by_profile,
             micro,
             events=events,
             minutes=args.minutes,

@@ -17,7 +17,13 @@ import pytest
 
 from tests.bench import run
 from tests.bench.modes import run_mode
-from tests.bench.report import ROWS, results_table, svg_chart
+from tests.bench.report import (
+    ROWS,
+    estimates_table,
+    generations_table,
+    results_table,
+    svg_chart,
+)
 from tests.bench.workload import ChatEvent, ImageEvent, make_workload
 
 
@@ -45,6 +51,22 @@ def test_a_tiny_seeded_workload_is_accounted_for_exactly() -> None:
     assert len(table) == len(ROWS) + 2
     svg = ET.fromstring(svg_chart([[result]], "smoke"))
     assert svg.tag.endswith("svg")
+
+
+def test_the_bound_gives_each_service_a_gpu_of_its_own_under_either_profile() -> None:
+    events = make_workload(3, 60.0, chat_gap_s=8.0, image_gap_s=25.0)
+    by_profile = {}
+    for profile in ("2025", "2026"):
+        bound = run_mode("isolated", events, 60.0, time_scale=0.02, drain_s=300.0, profile=profile)
+        assert bound.profile == profile and bound.errors == []
+        assert bound.chats_ok == bound.chats_sent and bound.images_done == bound.images_sent
+        # Nothing shares its GPU: every load lands whole, ComfyUI is never asked to free.
+        assert bound.loads_full == bound.loads and bound.comfy_frees == 0
+        assert bound.images_lowvram == 0
+        by_profile[profile] = [[bound]]
+    table = generations_table(by_profile)
+    assert "1.00x / 1.00x" in table and "(2026)" in table and "(2025)" in table
+    assert "| 2025 | 0 |" in estimates_table(by_profile)  # no gate: no estimate to check
 
 
 @pytest.mark.bench

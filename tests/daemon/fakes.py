@@ -201,6 +201,8 @@ class FakeOllama:
     ) -> None:
         self.gpu, self.clock = gpu, clock
         self.base_url = base_url
+        self.version_text = "0.12.5"  # /api/version
+        self.version_calls = 0
         self.release_delay_s = release_delay_s
         self.installed = installed or {"llama3.2:latest": 4 * GIB}
         self.models: dict[str, OllamaModel] = {}
@@ -269,7 +271,8 @@ class FakeOllama:
     def version(self) -> str:
         if self.fail:
             raise self.fail
-        return "0.12.5"
+        self.version_calls += 1
+        return self.version_text
 
     def ps(self) -> tuple[OllamaModel, ...]:
         if self.fail:

@@ -105,6 +105,33 @@ def test_a_container_recreated_between_two_listings_is_announced_again(
     assert sum(announced in line for line in logs) == 2  # announced once, not every pass
 
 
+def test_ollamas_generation_is_read_once_and_again_when_its_container_is_recreated(
+    world: World, logs: list[str]
+) -> None:
+    """An upgrade to Ollama >= 0.30 recreates its container: the supervisor reads the
+    version again, with the new container's settings, and logs what changed."""
+    daemon = world.daemon()
+    obs = daemon.observe()
+    daemon.observe()
+    assert (obs.ollamas[0].version, obs.ollamas[0].fit_target_bytes) == ("0.12.5", 0)
+    assert world.ollama.version_calls == 1  # once per container, not every pass
+    assert any("Ollama ollama is version 0.12.5: ollama runner (< 0.15.5)" in x for x in logs)
+
+    world.ollama.version_text = "0.33.0"
+    container = world.docker.containers["ollama"]
+    settings = (("LLAMA_ARG_FIT_TARGET", "2048"), ("OLLAMA_CONTEXT_LENGTH", "8192"))
+    container.spec = replace(container.spec, container_id="id-ollama-2", env=settings)
+    daemon.on_docker_event("start ollama")
+    obs = daemon.observe()
+    assert (obs.ollamas[0].version, obs.ollamas[0].fit_target_bytes) == ("0.33.0", 2 * GIB)
+    profile = daemon.room_maker.load_profile()
+    assert profile is not None and profile.params.default_num_ctx == 8192
+    upgraded = "Ollama ollama is now version 0.33.0: llama-server runners (>= 0.30)"
+    assert sum(upgraded in line for line in logs) == 1
+    daemon.observe()
+    assert sum(upgraded in line for line in logs) == 1 and world.ollama.version_calls == 2
+
+
 @pytest.mark.parametrize("host", ["wsl2: no processes", "wddm: no memory figure"])
 def test_without_per_process_memory_a_stuck_comfyui_is_pinned_not_nothing_held(
     world: World, host: str

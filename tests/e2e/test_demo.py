@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.demo.scenario import big_model
+
 ROOT = Path(__file__).resolve().parents[2]
+MODEL = big_model("2026")  # the demo runs the default profile (VRAM_* is cleared below)
+BIG = re.escape(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +53,22 @@ def test_the_chat_model_lands_fully_on_the_gpu_through_the_gate(
     demo: subprocess.CompletedProcess[str],
 ) -> None:
     out = demo.stdout
-    assert re.search(r"supervisor \| Gate: making room for qwen2\.5:32b", out), out
+    assert re.search(rf"supervisor \| Gate: making room for {BIG}", out), out
     assert re.search(r"supervisor \| Freed ComfyUI memory \(soft\)", out), out
-    assert "OK qwen2.5:32b is fully on the GPU" in out
+    assert f"OK {MODEL} is fully on the GPU" in out
     # The figure comes from /api/ps: size_vram equals size.
-    assert re.search(r"qwen2\.5:32b: ([\d.]+ GiB) of \1 on the GPU = 100%", out), out
+    assert re.search(rf"{BIG}: ([\d.]+ GiB) of \1 on the GPU = 100%", out), out
 
 
 def test_a_spilled_model_is_healed(demo: subprocess.CompletedProcess[str]) -> None:
     out = demo.stdout
-    spilled = re.search(
-        r"qwen2\.5:32b: [\d.]+ GiB of [\d.]+ GiB on the GPU = (\d+)%, the other", out
-    )
+    spilled = re.search(rf"{BIG}: [\d.]+ GiB of [\d.]+ GiB on the GPU = (\d+)%, the other", out)
     assert spilled and int(spilled.group(1)) < 100, out
-    healed = re.search(
-        r"supervisor \| Healed Ollama model qwen2\.5:32b: (\d+)% -> 100% on GPU", out
-    )
+    healed = re.search(rf"supervisor \| Healed Ollama model {BIG}: (\d+)% -> 100% on GPU", out)
     assert healed, out
     # The demo's own reading and the supervisor's agree on where it started.
     assert healed.group(1) == spilled.group(1)
-    assert f"OK qwen2.5:32b healed: {spilled.group(1)}% -> 100% on the GPU." in out
+    assert f"OK {MODEL} healed: {spilled.group(1)}% -> 100% on the GPU." in out
 
 
 def test_the_summary_reports_frees_heals_placement_and_time(
@@ -76,8 +76,8 @@ def test_the_summary_reports_frees_heals_placement_and_time(
 ) -> None:
     summary = demo.stdout.split("\nSummary\n", 1)[-1]
     assert re.search(r"ComfyUI frees, by stage: +\d+ hard, \d+ soft", summary), summary
-    assert re.search(r"Heals: +1 \(qwen2\.5:32b \d+% -> 100%\)", summary), summary
-    assert re.search(r"Ollama +qwen2\.5:32b +[\d.]+ GiB of [\d.]+ GiB on the GPU = 100%", summary)
+    assert re.search(rf"Heals: +1 \({BIG} \d+% -> 100%\)", summary), summary
+    assert re.search(rf"Ollama +{BIG} +[\d.]+ GiB of [\d.]+ GiB on the GPU = 100%", summary)
     assert re.search(r"Elapsed: +[\d.]+ s", summary), summary
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from supervisor.clients.ollama import normalise_model_name
 from supervisor.gate import Gate
 from supervisor.model import OllamaModel
+from supervisor.ollama_profile import OllamaProfile
 from supervisor.ports import ModelFacts, TaggedModel
 
 GIB = 1024**3
@@ -182,6 +183,7 @@ class FakeRoom:
     def __init__(self, timeline: Timeline, free: int | None = 0) -> None:
         self.timeline = timeline
         self.free = free
+        self.profile: OllamaProfile | None = None  # None: the gate's own defaults
         self.result = True
         self.block: threading.Event | None = None
         self.sleep_to_deadline = False
@@ -190,8 +192,11 @@ class FakeRoom:
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def free_bytes(self) -> int | None:
+    def room_for(self, need_bytes: int) -> int | None:
         return self.free
+
+    def load_profile(self) -> OllamaProfile | None:
+        return self.profile
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         self.timeline.add("make_room", reason)

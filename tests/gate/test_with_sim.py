@@ -13,6 +13,7 @@ import pytest
 
 from supervisor.clients.ollama import OllamaClient
 from supervisor.gate import Gate
+from supervisor.ollama_profile import OllamaProfile, ollama_profile
 from supervisor.sim import SimHost
 from supervisor.sim.gpu import GIB
 
@@ -26,8 +27,11 @@ class SimComfyRoom:
         self.host = host
         self.calls: list[int] = []
 
-    def free_bytes(self) -> int | None:
+    def room_for(self, need_bytes: int) -> int | None:
         return self.host.gpu.free_bytes()
+
+    def load_profile(self) -> OllamaProfile | None:
+        return ollama_profile(self.host.ollama_config.version, {}, self.host.gpu.total_bytes)
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         self.calls.append(need_bytes)

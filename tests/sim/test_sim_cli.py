@@ -84,7 +84,9 @@ def test_two_processes_sharing_a_gpu_file_see_each_other(
     spawn: Callable[..., SimProcess], tmp_path: Path, wait_until: WaitUntil
 ) -> None:
     state = str(tmp_path / "gpu.json")
+    # 2025: Ollama's memory shows under its own PID (2026: test_sim_ollama_2026.py).
     common = ("--gpu-state", state, "--gpu-total-gib", "16", "--time-scale", "0.01")
+    common += ("--profile", "2025")
     comfy_proc = spawn("comfyui", "--port", "0", *common)
     ollama_proc = spawn("ollama", "--port", "0", *common)
     comfy, ollama = comfy_proc.urls["ComfyUI"], ollama_proc.urls["Ollama"]

@@ -217,7 +217,7 @@ def test_pinned_switch_over_http(
 def test_a_job_that_does_not_fit_loads_partly_and_still_finishes(
     make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
 ) -> None:
-    host = make_host(gpu_total_gib=24)
+    host = make_host(gpu_total_gib=24, profile="2025")  # Ollama at 4096 ctx fits fully
     gen = f"{host.ollama_url}/api/generate"
     client.post(gen, json={"model": "qwen2.5:32b", "keep_alive": -1})  # ~20 GiB
     prompt_id = finish(client, host, job(model_gib=6), wait_until)

@@ -99,8 +99,9 @@ def test_bad_keep_alive_is_rejected(host: SimHost, client: httpx.Client) -> None
 
 
 def test_ps_shows_the_loaded_model_with_a_normalised_name(
-    host: SimHost, client: httpx.Client
+    make_host: MakeHost, client: httpx.Client
 ) -> None:
+    host = make_host(profile="2025")  # 2026's context tiers: test_sim_ollama_2026.py
     r = client.post(f"{host.ollama_url}/api/generate", json={"model": "llama3.2"})
     assert r.json()["done_reason"] == "load"
     assert r.json()["response"] == ""
@@ -184,7 +185,7 @@ def test_a_model_loaded_while_comfyui_holds_vram_spills_and_stays_spilled(
 def test_a_second_model_evicts_ollamas_own_idle_model_but_never_comfyui(
     make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
 ) -> None:
-    host = make_host(gpu_total_gib=24)
+    host = make_host(gpu_total_gib=24, profile="2025")  # requireFull (2026: spills)
     run_comfy_job(client, host, wait_until)
     comfy_before = host.gpu.used_bytes()
     gen = f"{host.ollama_url}/api/generate"

@@ -15,7 +15,15 @@ import pytest
 
 from supervisor import __version__
 from supervisor.cli import render_status
+from supervisor.model import (
+    ComfyObservation,
+    OllamaObservation,
+    Role,
+    ServiceSpec,
+    ServiceStatus,
+)
 from supervisor.sim import ComfyConfig, SimHost
+from supervisor.snapshot import comfy_json, ollama_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -292,6 +300,32 @@ def test_render_status_names_a_cpu_comfyui_and_an_old_snapshot() -> None:
     text = render_status({"comfyui": [cpu, old]})
     assert "ComfyUI 0.38.1, runs on the CPU: holds no VRAM, device cpu: cpu" in text
     assert "ComfyUI (version unknown), mode unknown (no /system_stats reading)" in text
+
+
+def test_status_shows_ollamas_generation_and_an_unreachable_fixed_url() -> None:
+    gib = 1024**3
+    ollama = OllamaObservation(
+        ServiceStatus(ServiceSpec(Role.OLLAMA, "ollama", "http://o:11434", "id-o"), True),
+        models=(),
+        version="0.33.0",
+        generation="llama-server runners (>= 0.30)",
+        fit_target_bytes=gib,
+    )
+    down = ComfyObservation(
+        ServiceStatus(
+            ServiceSpec(Role.COMFYUI, "comfyui", "http://c:8188"),
+            is_running=True,
+            is_reachable=False,
+            error="connection refused",
+        )
+    )
+    snap = {"ollama": [ollama_json(ollama)], "comfyui": [comfy_json(down)]}
+    assert snap["ollama"][0]["version"] == "0.33.0"
+    assert snap["comfyui"][0]["state"] == "unreachable" and not snap["comfyui"][0]["running"]
+    text = render_status(snap)
+    assert "Ollama 0.33.0: llama-server runners (>= 0.30), keeps 1.0 GiB free" in text
+    line = next(x for x in text.splitlines() if "comfyui/comfyui" in x)
+    assert "unreachable, no answer (connection refused)" in line and "running" not in line
 
 
 def test_json_logs_are_one_object_per_line() -> None:

@@ -33,6 +33,7 @@ def inspect(
     network_mode: str = "host",
     networks: dict[str, tuple[str, str]] | None = None,  # name -> (IPAddress, Gateway)
     device_requests: list[dict[str, Any]] | None = None,
+    env: list[str] | None = None,
 ) -> dict[str, Any]:
     """GET /containers/{id}/json as the engine sends it (the fields we read and a few more)."""
     state: dict[str, Any] = {
@@ -57,7 +58,7 @@ def inspect(
         "Name": f"/{name}",
         "Created": "2025-10-20T09:59:59.000000000Z",
         "State": state,
-        "Config": {"Image": "img:latest", "Labels": labels, "Env": ["PATH=/usr/bin"]},
+        "Config": {"Image": "img:latest", "Labels": labels, "Env": env or ["PATH=/usr/bin"]},
         "HostConfig": {"NetworkMode": network_mode, "DeviceRequests": device_requests},
         "NetworkSettings": {
             "Networks": {
@@ -290,6 +291,25 @@ def test_lists_labelled_containers_with_state_health_pid_and_gpus(engine: FakeEn
         0,
     )
     assert comfy.spec.url == "http://comfyui:8188"  # stopped: no IP yet
+
+
+def test_ollamas_settings_that_change_a_loads_need_are_kept_and_nothing_else(
+    engine: FakeEngine,
+) -> None:
+    env = [
+        "PATH=/usr/bin",
+        "OLLAMA_CONTEXT_LENGTH=8192",
+        "HF_TOKEN=secret",
+        "OLLAMA_NUM_PARALLEL=2",
+    ]
+    engine.add(inspect("ollama", {"vram-supervisor.role": "ollama"}, env=env))
+    engine.add(inspect("comfyui", {"vram-supervisor.role": "comfyui"}, env=env))
+    states = {c.spec.name: c for c in adapter(engine).list_services()}
+    assert states["ollama"].spec.env == (
+        ("OLLAMA_CONTEXT_LENGTH", "8192"),
+        ("OLLAMA_NUM_PARALLEL", "2"),
+    )
+    assert states["comfyui"].spec.env == ()
 
 
 def test_asks_docker_for_all_labelled_containers_tolerating_removal(engine: FakeEngine) -> None:

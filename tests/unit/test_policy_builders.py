@@ -63,12 +63,19 @@ def ollama(
     unreadable: bool = False,
     gpus: tuple[str, ...] = (),
     on: tuple[str, ...] = (),
+    fit: float = 0,
 ) -> OllamaObservation:
-    """An Ollama; `gpus`: what Docker granted it, `on`: where NVML saw it hold memory."""
+    """An Ollama; `gpus`: what Docker granted it, `on`: where NVML saw it hold memory,
+    `fit`: the GiB its loads leave free (llama-server's fit target, Ollama >= 0.30)."""
     spec = ServiceSpec(Role.OLLAMA, name, f"http://{name}:11434", f"id-{name}", gpu_uuids=gpus)
     status = ServiceStatus(spec, is_running=running, is_reachable=running and reachable)
     readable = running and reachable and not unreadable
-    return OllamaObservation(status, models=tuple(models) if readable else None, gpu_uuids=on)
+    return OllamaObservation(
+        status,
+        models=tuple(models) if readable else None,
+        gpu_uuids=on,
+        fit_target_bytes=int(fit * GIB),
+    )
 
 
 def comfy(

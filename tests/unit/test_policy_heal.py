@@ -182,6 +182,20 @@ def test_a_heal_is_not_repeated_next_pass_even_without_an_outcome() -> None:
     assert "heal cooldown" in skipped(again)
 
 
+def test_a_new_load_of_a_healed_model_is_healed_again_within_the_cooldown() -> None:
+    """The cooldown was for the earlier load: the model left /api/ps (keep-alive ran out),
+    a client loaded it again and it spilled again (frequent with Ollama >= 0.30)."""
+    healed = run(obs(OL, comfy(), gpus=(QUIET,)), baseline(OL))
+    assert summary(healed) == ["heal:big:12b[comfyui]"]
+    gone = run(obs(ollama(), comfy(), gpus=(QUIET,)), healed.state, now=NOW + 60)
+    assert gone.state.heal_at(HEAL_KEY) == NOW  # still in its cooldown
+    back = run(obs(OL, comfy(), gpus=(QUIET,)), gone.state, now=NOW + 120)
+    assert "heal:big:12b[comfyui]" in summary(back)
+    # ...while the same load stays in its cooldown.
+    again = run(obs(OL, comfy(), gpus=(QUIET,)), back.state, now=NOW + 125)
+    assert "heal cooldown" in skipped(again)
+
+
 def test_a_heal_ignores_the_free_rate_limit() -> None:
     state = baseline(OL, last_episode_at=NOW - 5)
     assert summary(run(obs(OL, comfy(), gpus=(QUIET,)), state)) == ["heal:big:12b[comfyui]"]
@@ -363,3 +377,28 @@ def test_heal_names_the_gpu_the_model_should_land_on(o: Observation, landing: st
     heals = [a for a in d.actions if isinstance(a, HealOllama)]
     assert len(heals) == 1, summary(d)
     assert heals[0].gpu_uuid == landing
+
+
+@pytest.mark.parametrize(
+    ("fit", "used", "expected", "why"),
+    [
+        # room = free + the model's 4 GiB; need = 12 GiB + 512 MiB margin + fit target
+        (0, 15.25, ["heal:big:12b[]"], ""),  # 12.75 GiB of room >= 12.5
+        (1, 15.25, [], "12.8 GiB could be made free, 13.5 GiB needed"),  # llama-server
+        (1, 14.25, ["heal:big:12b[]"], ""),
+    ],
+)
+def test_the_fit_target_of_ollama_0_30_is_part_of_the_heal_margin(
+    fit: float, used: float, expected: list[str], why: str
+) -> None:
+    o = ollama(SPILLED, fit=fit)
+    d = run(obs(o, gpus=(gpu(used),)), baseline(o))
+    assert summary(d) == expected
+    assert why in skipped(d)
+
+
+def test_a_model_that_fits_only_without_the_fit_target_is_not_healed() -> None:
+    o = ollama(model("big:23b", 23, vram=20), fit=1)
+    d = run(obs(o, gpus=(QUIET,)), baseline(o))
+    assert summary(d) == []
+    assert "cannot fit on the GPU (24.0 GiB less a 1.5 GiB margin)" in d.notes[0]
