@@ -28,6 +28,7 @@ from supervisor.actions import NOTHING_HELD_BYTES, Actor
 from supervisor.errors import ServiceError
 from supervisor.gate.admission import model_key
 from supervisor.model import Outcome, Priority, UnloadOllama
+from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
 
 
@@ -78,6 +79,18 @@ class OllamaRoomMaker:
         room = self.free_bytes()
         return room is not None and room >= need_bytes
 
+    def _wait_recovered(self, gpus: tuple[str, ...], target_free: int, end: float) -> None:
+        """The model left /api/ps before its runner gave the memory back: wait for the free
+        VRAM itself, or readings that attribute the used memory to ComfyUI would count
+        Ollama's leaving runner as ComfyUI's room."""
+        deadline = min(end, self._clock() + RECOVERY_WAIT_S)
+        while self._clock() < deadline:
+            free = self._actor.probe.free_bytes(gpus)
+            if free is not None and free >= target_free:
+                return
+            if not self._actor.wait(self._actor.poll_s):
+                return
+
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         end = self._clock() + deadline_s
         if self._covers(need_bytes):
@@ -122,12 +135,15 @@ class OllamaRoomMaker:
                 try:
                     if self._covers(need_bytes):
                         return True
+                    free_before = self._actor.probe.free_bytes(comfy_gpus)
                     outcome = self._actor.execute(UnloadOllama(key, m.name, reason))
                 finally:
                     self._actor.lock.release()
                 self._on_outcome(outcome)
                 if outcome.dry_run:
                     return False
+                if outcome.ok and free_before is not None:
+                    self._wait_recovered(comfy_gpus, free_before + m.size_vram_bytes * 9 // 10, end)
                 if self._covers(need_bytes):
                     return True
         return self._covers(need_bytes)
