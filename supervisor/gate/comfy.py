@@ -34,6 +34,7 @@ from loguru import logger
 from supervisor.gate.admission import Forward
 from supervisor.gate.core import Proxy
 from supervisor.gate.http11 import Fields, Limits
+from supervisor.gate.tunnel import WS_IDLE_S
 
 log = logger.bind(component="gate")
 
@@ -252,6 +253,7 @@ class ComfyGate(Proxy):
         default_need_bytes: int = DEFAULT_JOB_NEED_BYTES,
         connect_timeout_s: float = 10.0,
         limits: Limits | None = None,
+        ws_idle_s: float = WS_IDLE_S,
     ) -> None:
         counters = ComfyCounters()
         super().__init__(
@@ -261,6 +263,7 @@ class ComfyGate(Proxy):
             connect_timeout_s=connect_timeout_s,
             limits=limits,
             stats=counters,
+            ws_idle_s=ws_idle_s,
         )
         self._counters = counters
         self.admission = PromptAdmission(

@@ -54,7 +54,7 @@ from supervisor.gate.http11 import (
 from supervisor.gate.load_request import LOAD_PATHS, LoadRequest, parse_load_request
 from supervisor.gate.relay import ClientGone, Exchange, Origin, Pool, UpstreamError, relay
 from supervisor.gate.stats import Counters, GateStats
-from supervisor.gate.tunnel import is_upgrade, tunnel
+from supervisor.gate.tunnel import WS_IDLE_S, is_upgrade, tunnel
 from supervisor.ports import OllamaApi, RoomMaker
 
 log = logger.bind(component="gate")
@@ -105,12 +105,14 @@ class Proxy:
         connect_timeout_s: float = 10.0,
         limits: Limits | None = None,
         stats: Any = None,
+        ws_idle_s: float = WS_IDLE_S,
     ) -> None:
         self._upstream: Callable[[], str | None] = (
             upstream_url if callable(upstream_url) else functools.partial(str, upstream_url)
         )
         self._host = host
         self._port = port
+        self._ws_idle_s = ws_idle_s
         self._limits = limits or Limits()
         self._pool = Pool(limits=self._limits, connect_timeout_s=connect_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gate-calls")
@@ -511,7 +513,13 @@ class Proxy:
         """Relay an `Upgrade: websocket` request; after a 101 the connection is a byte
         tunnel until either side closes. False: the connection is done."""
         try:
-            await tunnel(pool=self._pool, origin=origin, ex=ex, on_open=self._on_tunnel)
+            await tunnel(
+                pool=self._pool,
+                origin=origin,
+                ex=ex,
+                idle_s=self._ws_idle_s,
+                on_open=self._on_tunnel,
+            )
         except UpstreamError as exc:
             if exc.is_answered:
                 raise
