@@ -223,7 +223,9 @@ class Admission:
             if time.monotonic() < doomed_until:
                 await self._refresh_ps()
                 if self._ps_models is not None and key not in self._ps_models:
-                    del self._doomed[key]  # gone: from now on /api/ps tells the truth
+                    # gone: from now on /api/ps tells the truth (another request
+                    # waiting on the same read may have cleared it already)
+                    self._doomed.pop(key, None)
                 return False
             del self._doomed[key]
         age_s = time.monotonic() - self._ps_at
