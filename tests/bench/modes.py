@@ -9,6 +9,9 @@ Modes:
 - `gate`:       the same plus VRAM_GATE_PORT, and the chat clients talk to the gate;
 - `gate-ollama`: the gate again, with VRAM_PRIORITY=ollama (a busy ComfyUI may be freed
                 too: the flags wait for its prompt), to show what the priority changes.
+- `gate-image`: the gate plus the image gate (VRAM_COMFYUI_GATE_PORT), and the image
+                clients talk to the image gate: idle Ollama models are unloaded before a
+                job that is short of room.
 
 `run_mode` returns a `ModeResult`: what the clients saw, the simulator's counters
 (/sim/stats) and the supervisor's (its log and /metrics). Spill time is read when the
@@ -48,8 +51,9 @@ MODES: dict[str, str] = {
     "gate": "vram-supervisor + gate",
     # A fifth, for the reading: the gate may then free a ComfyUI that has work.
     "gate-ollama": "(extra) gate + VRAM_PRIORITY=ollama",
+    "gate-image": "(extra) gate + image gate",
 }
-_GATED = ("gate", "gate-ollama")
+_GATED = ("gate", "gate-ollama", "gate-image")
 
 _HEALED = re.compile(r"^Healed Ollama model \S+: (\d+)% -> (\d+)% on GPU")
 _HEAL_NO_HELP = re.compile(r"^Heal of Ollama model \S+ did not help")
@@ -90,6 +94,7 @@ class ModeResult:
     ollama_unloads: int = 0
     safety_skips: int = 0
     gate_waits: int = 0
+    image_gate_waits: int = 0  # of gate_waits, those of the image gate
     gate_forwarded_anyway: int = 0
     seed_rate_limited: int = 0
     errors: list[str] = field(default_factory=list)
@@ -197,6 +202,7 @@ def run_mode(
         seed: SeedDesign | None = None
         sup: Supervisor | None = None
         client_url = host.ollama_url
+        image_url = host.comfyui_url
         if mode == "seed":
             seed = SeedDesign(host.ollama_url, host.comfyui_url, time_scale=time_scale).start()
         elif mode == "supervisor" or mode in _GATED:
@@ -208,10 +214,13 @@ def run_mode(
                 comfyui_url=host.comfyui_url,
                 settings=settings,
                 gate=mode in _GATED,
+                image_gate=mode == "gate-image",
                 time_scale=time_scale,
             )
             if mode in _GATED:
                 client_url = sup.gate_url
+            if mode == "gate-image":
+                image_url = sup.image_gate_url
         window: dict[str, Any] = {}
 
         def end_of_schedule() -> None:
@@ -219,7 +228,7 @@ def run_mode(
 
         driver = Driver(
             client_url,
-            host.comfyui_url,
+            image_url,
             time_scale,
             drain_s=drain_s,
             on_end_of_schedule=end_of_schedule,
@@ -288,6 +297,7 @@ def _fill_supervisor(result: ModeResult, sup: Supervisor, metrics: dict[str, flo
     result.restarts = sup.count("Restarted ComfyUI container")
     result.safety_skips = sup.count("(safety limit)")
     result.gate_waits = sup.count("Gate: making room for")
+    result.image_gate_waits = sup.count("Gate: making room for a ComfyUI job")
     result.gate_forwarded_anyway = sup.count("without enough free VRAM after")
 
     def total(prefix: str, **labels: str) -> int:
