@@ -44,10 +44,15 @@ PROMPT_PATHS = frozenset({b"/prompt", b"/api/prompt"})
 # What a job needs when nothing was learned for its model files: an SDXL checkpoint (about
 # 6.5 GiB) with its sampling workspace.
 DEFAULT_JOB_NEED_BYTES = 8 * 1024**3
-# A learned need is what ComfyUI's VRAM grew by over the job, plus this share (workspace
-# the reading after the job no longer shows, api-facts-2026 section 2).
+# A learned need is what ComfyUI's VRAM grew by at most during the job, plus this share
+# (workspace that comes and goes between readings, api-facts-2026 section 2).
 LEARNED_MARGIN = 0.15
 MIN_GROWTH_BYTES = 256 * 1024**2  # growth below this: the models were already loaded
+# Free VRAM below this during a job: the job was squeezed (its growth is only a floor).
+SQUEEZED_BYTES = 1024**3
+SQUEEZED_EXTRA_BYTES = 2 * 1024**3
+WATCH_EVERY_S = 0.5  # how often ComfyUI's VRAM is read after a prompt went on
+WATCH_S = 600.0  # for how long at most (a new prompt ends it sooner)
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
 MAKE_ROOM_GRACE_S = 2.0  # beyond wait_s, in case a RoomMaker overruns its deadline
 
@@ -123,9 +128,9 @@ def parse_prompt(body: bytes, json_values: int) -> PromptJob | None:
 class PromptAdmission:
     """Decides when a prompt may go to ComfyUI (event loop thread only).
 
-    The need of a job is learned per set of model files: when the gate next finds
-    ComfyUI idle, what its VRAM grew by over the job (NVML's per-process reading), plus a
-    margin. Without that: `default_need_bytes`."""
+    The need of a job is learned per set of model files: the most ComfyUI's VRAM grew by
+    while the job ran (NVML's per-process reading, else the device figures), plus a margin
+    (`learned_need`). Without that: `default_need_bytes`."""
 
     def __init__(
         self,
@@ -143,8 +148,11 @@ class PromptAdmission:
         self._default_need = default_need_bytes
         self._lock = asyncio.Lock()  # FIFO: prompts go in arrival order
         self.learned: dict[tuple[str, ...], int] = {}
-        # The last prompt forwarded and what ComfyUI held just before it (None: unknown).
-        self._last: tuple[PromptJob, int | None] | None = None
+        self._watch: asyncio.Task[None] | None = None  # what the last prompt's job takes
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
 
     async def admit(self, job: PromptJob, forward: Forward) -> bool:
         """Forward `job` in arrival order once there is room for it (or the wait is over);
@@ -160,10 +168,13 @@ class PromptAdmission:
 
         try:
             self._stats.prompts_total += 1
+            if self._watch is not None:
+                self._watch.cancel()  # from here on, growth is this job's
             held = await self._call_or_none(self._room.held_bytes)
-            self._learn(held)
-            await self._make_room_for(job)
-            self._last = (job, held)
+            room = await self._call_or_none(self._room.free_bytes)
+            await self._make_room_for(job, room)
+            if held is not None and job.files:
+                self._watch = asyncio.get_running_loop().create_task(self._learn(job, held))
             return await forward(release)  # the next prompt goes once ComfyUI answered
         finally:
             release()
@@ -171,25 +182,34 @@ class PromptAdmission:
     def need_of(self, job: PromptJob) -> tuple[int, str]:
         learned = self.learned.get(job.files)
         if learned is not None:
-            return learned, "learned from its last run"
+            return learned, "learned from its earlier runs"
         return self._default_need, "the default"
 
-    def _learn(self, held_now: int | None) -> None:
-        """What the last job used: ComfyUI's growth since just before it. Only when
-        ComfyUI holds what it held after that job, which `held_now` is when nothing else
-        ran since (it is read before the next prompt is forwarded)."""
-        if self._last is None or held_now is None:
-            return
-        job, held_before = self._last
-        if held_before is None or not job.files:
-            return
-        growth = held_now - held_before
-        if growth >= MIN_GROWTH_BYTES:
-            self.learned[job.files] = int(growth * (1 + LEARNED_MARGIN))
+    async def _learn(self, job: PromptJob, held_before: int) -> None:
+        """Watch what ComfyUI holds while the job runs (every WATCH_EVERY_S, for WATCH_S
+        or until the next prompt): its largest growth over `held_before` is what the job
+        took (see `learned_need`)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + WATCH_S
+        prior = self.learned.get(job.files)
+        peak = 0
+        is_squeezed = False
+        while loop.time() < end:
+            await asyncio.sleep(WATCH_EVERY_S)
+            held = await self._call_or_none(self._room.held_bytes)
+            room = await self._call_or_none(self._room.free_bytes)
+            if held is None:
+                continue
+            peak = max(peak, held - held_before)
+            if peak >= MIN_GROWTH_BYTES and room is not None and room - held < SQUEEZED_BYTES:
+                is_squeezed = True
+            need = learned_need(prior, self._default_need, peak, is_squeezed=is_squeezed)
+            if need is not None and need != self.learned.get(job.files):
+                self.learned[job.files] = need
+                log.debug(f"Gate: a ComfyUI job with {job.label} takes about {_gib(need)}")
 
-    async def _make_room_for(self, job: PromptJob) -> None:
+    async def _make_room_for(self, job: PromptJob, room: int | None) -> None:
         need, basis = self.need_of(job)
-        room = await self._call_or_none(self._room.free_bytes)
         if room is not None and room >= need:
             log.debug(
                 f"Gate: ComfyUI job ({job.label}) needs about {_gib(need)}; room {_gib(room)}"
@@ -234,6 +254,20 @@ class PromptAdmission:
         except Exception as exc:
             log.debug(f"Gate: {getattr(fn, '__name__', fn)} failed: {exc}")
             return None
+
+
+def learned_need(prior: int | None, default: int, growth: int, *, is_squeezed: bool) -> int | None:
+    """The need learned from a run that grew ComfyUI's VRAM by `growth` (None: nothing to
+    learn, the models were already loaded). The largest seen wins (`prior`), plus a margin
+    for what the reading misses. A squeezed run (the device left nearly full) took what it
+    could and probably ran in low-VRAM mode: its growth is only a floor, so the need is
+    raised by SQUEEZED_EXTRA_BYTES over the larger of it and what was known."""
+    if growth < MIN_GROWTH_BYTES:
+        return None
+    need = int(growth * (1 + LEARNED_MARGIN))
+    if is_squeezed:
+        need = max(need, prior if prior is not None else default) + SQUEEZED_EXTRA_BYTES
+    return max(need, prior or 0)
 
 
 class ComfyGate(Proxy):
@@ -290,6 +324,9 @@ class ComfyGate(Proxy):
 
     def _on_tunnel(self) -> None:
         self._counters.websockets_total += 1
+
+    def _on_stop(self) -> None:
+        self.admission.close()
 
 
 def _gib(n: int) -> str:
