@@ -1,10 +1,12 @@
-"""The Ollama gate: a reverse proxy in front of Ollama that makes room before a load.
+"""The gates' proxy (`Proxy`) and the Ollama gate (`Gate`), which makes room before a load.
 
 Clients that talk to the gate instead of Ollama get the room made before Ollama decides a
-model's GPU/CPU split. This module owns the listener, the client connections and the
-thread; admission.py decides when a load request may go on; relay.py moves the bytes;
-h11 (through http11.py) reads and writes HTTP/1.1.
-Policy:
+model's GPU/CPU split. `Proxy` owns the listener, the client connections and the thread,
+and leaves to its subclass which requests it reads whole and when they may go on (the
+image gate in front of ComfyUI is comfy.py); admission.py decides when a load request may
+go on; relay.py moves the bytes, tunnel.py a WebSocket's; h11 (through http11.py) reads
+and writes HTTP/1.1.
+Policy (the Ollama gate's; the image gate keeps the same limits and errors):
 - Only POSTs to the endpoints that can load a model (load_request.LOAD_PATHS) are looked
   into; everything else is relayed at once, untouched, and never waits for a load.
 - A client that disconnects cancels its request, wherever it is: waiting for room,
