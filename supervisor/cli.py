@@ -162,6 +162,7 @@ def run(settings: Settings) -> int:
     daemon = build_daemon(settings, metrics)
     server: StatusServer | None = None
     gate: Any = None
+    image_gate: Any = None
     binding = ""
     try:
         if settings.http_port is not None:
@@ -185,11 +186,20 @@ def run(settings: Settings) -> int:
                 daemon.gate_status = _gate_status(settings, gate)
                 # A model the supervisor unloads stops counting as resident for the gate.
                 daemon.actor.unload_listeners.append(gate.forget_resident)
+        if settings.comfyui_gate_port is not None:
+            binding = (
+                f"VRAM_COMFYUI_GATE_PORT={settings.comfyui_gate_port} (on {settings.gate_host})"
+            )
+            image_gate = _start_image_gate(settings, daemon, gate)
+            if image_gate is not None:
+                metrics.watch_comfyui_gate(image_gate.stats)
     except OSError as exc:
         logger.error(
             f"Cannot start: {binding}: {exc}. Is another supervisor (or another program) "
             "using that port? Choose another one."
         )
+        if gate is not None:
+            gate.stop(timeout_s=0.5)
         if server is not None:
             server.close()
         daemon.close()
@@ -215,6 +225,8 @@ def run(settings: Settings) -> int:
         logger.info("Stopping")
         daemon.stop()
         loop.join(SHUTDOWN_GRACE_S)  # an in-flight request may still be waiting: don't
+        if image_gate is not None:
+            image_gate.stop(timeout_s=0.5)
         if gate is not None:
             gate.stop(timeout_s=0.5)
         if server is not None:
@@ -240,6 +252,15 @@ def _start_gate(settings: Settings, daemon: Daemon) -> Any:
     from supervisor.gate import start_gate
 
     return start_gate(settings, daemon.room_maker, daemon.current_ollama)
+
+
+def _start_image_gate(settings: Settings, daemon: Daemon, ollama_gate: Any) -> Any:
+    """The image gate (VRAM_COMFYUI_GATE_PORT): unloads idle Ollama models before a
+    ComfyUI job, never one the Ollama gate has a request in flight for."""
+    from supervisor.gate import start_comfy_gate
+
+    busy = ollama_gate.busy_models if ollama_gate is not None else frozenset
+    return start_comfy_gate(settings, daemon.image_room_maker(busy), daemon.current_comfyui_url)
 
 
 # ----------------------------------------------------------------------------- status

@@ -304,6 +304,14 @@ VARIABLES: tuple[Variable, ...] = (
         _number(0),
         "Longest time the gate holds a request while making room, then forwards anyway.",
     ),
+    _var(
+        "VRAM_COMFYUI_GATE_PORT",
+        "comfyui_gate_port",
+        "",
+        _port(optional=True),
+        "Enable the image gate (a reverse proxy in front of ComfyUI that makes room before "
+        "a job) on this port, bound to VRAM_GATE_HOST; unset disables it.",
+    ),
 )
 
 
@@ -335,6 +343,7 @@ class Settings:
     gate_port: int | None = None
     gate_host: str = "0.0.0.0"
     gate_wait_s: float = 30.0
+    comfyui_gate_port: int | None = None
 
     @property
     def needs_docker(self) -> bool:

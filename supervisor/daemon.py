@@ -31,6 +31,7 @@ from supervisor.observe import Observer
 from supervisor.ports import ComfyApi, DockerApi, EventSource, GpuReader, OllamaApi
 from supervisor.probe import LiveProbe
 from supervisor.room import ComfyRoomMaker
+from supervisor.room_image import OllamaRoomMaker
 from supervisor.snapshot import docker_word, observation_json, outcome_json
 
 Decide = Callable[[Observation, PolicyState, Settings, float], Decision]
@@ -166,6 +167,16 @@ class Daemon:
         """The Ollama the gate forwards to: the first running one (fixed URL or container)."""
         ollamas = self._observer.targets.ollamas
         return next(iter(ollamas.values()))[1] if ollamas else None
+
+    def current_comfyui_url(self) -> str | None:
+        """Where the image gate forwards: the first running ComfyUI (fixed URL or container)."""
+        comfyuis = self._observer.targets.comfyuis
+        return next(iter(comfyuis.values()))[1].base_url if comfyuis else None
+
+    def image_room_maker(self, busy_models: Callable[[], frozenset[str]]) -> OllamaRoomMaker:
+        """The image gate's RoomMaker: unloads idle Ollama models through the Actor, and
+        reports them to the loop like the gate's frees."""
+        return OllamaRoomMaker(self.actor, busy_models, self._clock, on_outcome=self._gate_outcome)
 
     def _gate_outcome(self, outcome: Outcome) -> None:
         with self._lock:

@@ -132,6 +132,10 @@ class Metrics:
         """Export the gate's counters (`Gate.stats`, read at scrape time)."""
         self.registry.register(_GateCollector(stats))
 
+    def watch_comfyui_gate(self, stats: Callable[[], Any]) -> None:
+        """Export the image gate's counters (`ComfyGate.stats`, read at scrape time)."""
+        self.registry.register(_GateCollector(stats, _COMFYUI_GATE_COUNTERS))
+
     def watch_docker_events(self, connected: Callable[[], bool]) -> None:
         """Export whether the Docker events stream is open now (read at scrape time).
         Only registered when the supervisor uses Docker: with two fixed URLs there is no
@@ -178,13 +182,55 @@ _GATE_COUNTERS = (
 )
 
 
+_COMFYUI_GATE_COUNTERS = (
+    (
+        "requests_total",
+        "vram_supervisor_comfyui_gate_requests",
+        "Requests the image gate received.",
+    ),
+    (
+        "prompts_total",
+        "vram_supervisor_comfyui_gate_prompts",
+        "Prompts (POST /prompt with a graph) the image gate admitted.",
+    ),
+    (
+        "waits_total",
+        "vram_supervisor_comfyui_gate_waits",
+        "Times the image gate held a prompt to make room.",
+    ),
+    (
+        "wait_seconds_total",
+        "vram_supervisor_comfyui_gate_wait_seconds",
+        "Seconds prompts were held while room was made.",
+    ),
+    (
+        "forwarded_anyway_total",
+        "vram_supervisor_comfyui_gate_forwarded_anyway",
+        "Prompts forwarded without the room (VRAM_GATE_WAIT passed, or VRAM_PRIORITY=ollama).",
+    ),
+    (
+        "upstream_errors_total",
+        "vram_supervisor_comfyui_gate_upstream_errors",
+        "Requests answered 502 because ComfyUI could not be reached.",
+    ),
+    (
+        "websockets_total",
+        "vram_supervisor_comfyui_gate_websockets",
+        "WebSocket connections relayed to ComfyUI.",
+    ),
+)
+
+
 class _GateCollector(Collector):
-    def __init__(self, stats: Callable[[], Any]) -> None:
+    def __init__(
+        self, stats: Callable[[], Any], counters: tuple[tuple[str, str, str], ...] = _GATE_COUNTERS
+    ) -> None:
         self._stats = stats
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._stats()
-        for attribute, name, help_text in _GATE_COUNTERS:
+        for attribute, name, help_text in self._counters:
             family = CounterMetricFamily(name, help_text)
             family.add_metric([], float(getattr(snapshot, attribute)))
             yield family

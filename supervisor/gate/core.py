@@ -1,10 +1,12 @@
-"""The Ollama gate: a reverse proxy in front of Ollama that makes room before a load.
+"""The gates' proxy (`Proxy`) and the Ollama gate (`Gate`), which makes room before a load.
 
 Clients that talk to the gate instead of Ollama get the room made before Ollama decides a
-model's GPU/CPU split. This module owns the listener, the client connections and the
-thread; admission.py decides when a load request may go on; relay.py moves the bytes;
-h11 (through http11.py) reads and writes HTTP/1.1.
-Policy:
+model's GPU/CPU split. `Proxy` owns the listener, the client connections and the thread,
+and leaves to its subclass which requests it reads whole and when they may go on (the
+image gate in front of ComfyUI is comfy.py); admission.py decides when a load request may
+go on; relay.py moves the bytes, tunnel.py a WebSocket's; h11 (through http11.py) reads
+and writes HTTP/1.1.
+Policy (the Ollama gate's; the image gate keeps the same limits and errors):
 - Only POSTs to the endpoints that can load a model (load_request.LOAD_PATHS) are looked
   into; everything else is relayed at once, untouched, and never waits for a load.
 - A client that disconnects cancels its request, wherever it is: waiting for room,
@@ -35,8 +37,9 @@ import h11
 from loguru import logger
 
 from supervisor.estimate import EstimateParams
-from supervisor.gate.admission import Admission, model_key
+from supervisor.gate.admission import Admission, Forward, model_key
 from supervisor.gate.http11 import (
+    Fields,
     Limits,
     Refused,
     Stream,
@@ -53,6 +56,7 @@ from supervisor.gate.http11 import (
 from supervisor.gate.load_request import LOAD_PATHS, LoadRequest, parse_load_request
 from supervisor.gate.relay import ClientGone, Exchange, Origin, Pool, UpstreamError, relay
 from supervisor.gate.stats import Counters, GateStats
+from supervisor.gate.tunnel import WS_IDLE_S, is_upgrade, tunnel
 from supervisor.ports import OllamaApi, RoomMaker
 
 log = logger.bind(component="gate")
@@ -80,49 +84,42 @@ class _Client:
             self.task.cancel()
 
 
-class Gate:
-    """The gate on `host:port` (port 0: any free port, see `.port` after `start()`).
+class Proxy:
+    """A reverse proxy on `host:port` (port 0: any free port, see `.port` after
+    `start()`) in front of one upstream server; the subclass decides which requests it
+    reads whole (`_reads_body`), what it finds in them (`_parse`) and when they may go on
+    (`_admit`). Everything else is relayed at once, untouched.
 
-    `upstream_url` is Ollama's base URL, or a callable that returns the current one (None:
-    not known now) and is called for every request, so it must be cheap and thread-safe.
+    `upstream_url` is the upstream's base URL, or a callable that returns the current one
+    (None: not known now) and is called for every request, so it must be cheap and
+    thread-safe.
     """
+
+    upstream_name = "the upstream"  # for logs and error answers
+    allows_upgrade = False  # relay `Upgrade: websocket` requests (tunnel.py)
 
     def __init__(
         self,
         *,
         upstream_url: str | Callable[[], str | None],
-        ollama: OllamaApi,
-        room: RoomMaker,
         host: str = "127.0.0.1",
         port: int,
-        wait_s: float = 30.0,
-        estimate_params: EstimateParams | None = None,
-        ps_ttl_s: float = 0.5,
-        ps_max_stale_s: float = 2.0,
         connect_timeout_s: float = 10.0,
-        load_hold_max_s: float = 300.0,
         limits: Limits | None = None,
+        stats: Any = None,
+        ws_idle_s: float = WS_IDLE_S,
     ) -> None:
         self._upstream: Callable[[], str | None] = (
             upstream_url if callable(upstream_url) else functools.partial(str, upstream_url)
         )
         self._host = host
         self._port = port
+        self._ws_idle_s = ws_idle_s
         self._limits = limits or Limits()
         self._pool = Pool(limits=self._limits, connect_timeout_s=connect_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gate-calls")
-        self._stats = Counters()
-        self._admission = Admission(
-            ollama=ollama,
-            room=room,
-            executor=self._executor,
-            stats=self._stats,
-            wait_s=wait_s,
-            params=estimate_params or EstimateParams(),
-            ps_ttl_s=ps_ttl_s,
-            ps_max_stale_s=ps_max_stale_s,
-            load_hold_max_s=load_hold_max_s,
-        )
+        # Any counters with requests_total and upstream_errors_total (loop thread only).
+        self._stats: Any = stats if stats is not None else Counters()
         # Loop-thread state.
         self._origins: dict[str, Origin] = {}
         self._clients: set[asyncio.Task[Any]] = set()
@@ -156,7 +153,7 @@ class Gate:
             raise OSError(f"the gate did not start listening within {START_TIMEOUT_S:g} s")
         if self._start_error is not None:
             raise self._start_error
-        log.info(f"Ollama gate listening on {self._host}:{self._port}")
+        log.info(f"{self.upstream_name} gate listening on {self._host}:{self._port}")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop listening and close every connection (in-flight requests are cut)."""
@@ -170,19 +167,22 @@ class Gate:
 
     close = stop  # the name cli uses for everything it shuts down
 
-    def forget_resident(self, model: str) -> None:
-        """The supervisor is about to unload `model`: stop treating it as resident, so the
-        next request for it gets room made first (safe from any thread)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        key = model_key(model)
-        with contextlib.suppress(RuntimeError):  # the loop is closing
-            loop.call_soon_threadsafe(self._admission.doom, key)
+    # ------------------------------------------------------------------ hooks
 
-    def stats(self) -> GateStats:
-        """A snapshot of the counters (safe from any thread)."""
-        return GateStats(**dataclasses.asdict(self._stats))
+    def _reads_body(self, method: bytes, route: bytes) -> bool:
+        """Whether the gate reads this request's body whole to look inside it."""
+        return False
+
+    def _parse(self, route: bytes, fields: Fields, body: bytes) -> object | None:
+        """What `_admit` needs from a body read whole; None: relay it at once."""
+        return None
+
+    async def _admit(self, request: object, forward: Forward) -> bool:
+        """Forward (`forward(on_head)`) when the request may go on; returns its result."""
+        return await forward(None)
+
+    def _on_stop(self) -> None:
+        """Called on the loop thread when the proxy stops."""
 
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
@@ -239,7 +239,7 @@ class Gate:
             for task in list(self._clients):
                 task.cancel()
             await asyncio.gather(*self._clients, return_exceptions=True)
-            self._admission.close()
+            self._on_stop()
             self._pool.close()
 
     # ------------------------------------------------------------------ connections
@@ -348,17 +348,16 @@ class Gate:
             client=conn, stream=stream, req=req, path=path, fields=fields, limits=self._limits
         )
         route = path.split(b"?", 1)[0]
-        is_load = req.method == b"POST" and route in LOAD_PATHS
+        is_load = self._reads_body(req.method, route)
         held = 0
         client.in_exchange = True
         try:
             try:
                 body: bytes | None = None
-                load: LoadRequest | None = None
+                load: object | None = None
                 if is_load:
                     body, held = await self._read_load_body(ex)
-                    content_type = header_value(fields, b"content-type")
-                    load = parse_load_request(route, content_type, body, self._limits.json_values)
+                    load = self._parse(route, fields, body)
                 else:
                     body = await self._body_if_arrived(ex)
             except h11.RemoteProtocolError as exc:
@@ -367,14 +366,18 @@ class Gate:
             origin = self._origin()
             if origin is None:
                 self._stats.upstream_errors_total += 1
-                return await self._reply_502(ex, "no Ollama server is known now")
-            if load is None or not load.needs_room:
+                return await self._reply_502(ex, f"no {self.upstream_name} server is known now")
+            if self.allows_upgrade and is_upgrade(req, fields):
+                if body is None or ex.pending:
+                    raise Refused(400, "an Upgrade request with a body")
+                return await self._tunnel(ex, origin)
+            if load is None:
                 return await self._forward(ex, body, origin)
 
             def forward(on_head: Callable[[], None] | None) -> Awaitable[bool]:
                 return self._forward(ex, body, origin, on_head)
 
-            return await self._admission.admit(load, forward)
+            return await self._admit(load, forward)
         except Refused as exc:  # also from a request body that broke while streamed
             self._refuse(conn, stream, exc.status, exc.message)
             return False
@@ -460,7 +463,7 @@ class Gate:
             try:
                 origin = Origin.parse(url)
             except ValueError as exc:
-                log.warning(f"Gate: the Ollama URL {url!r} is not usable: {exc}")
+                log.warning(f"Gate: the {self.upstream_name} URL {url!r} is not usable: {exc}")
                 return None
             self._origins[url] = origin
         return origin
@@ -491,16 +494,138 @@ class Gate:
                 raise
             self._stats.upstream_errors_total += 1
             what = f"{quoted(ex.req.method, 16)} {quoted(ex.path)}"
-            if not self._is_upstream_down:
-                self._is_upstream_down = True
-                log.warning(f"Gate: Ollama did not answer {what}: {exc}")
-            else:
-                log.debug(f"Gate: Ollama did not answer {what}: {exc}")
+            self._upstream_failed(f"{self.upstream_name} did not answer {what}: {exc}")
             return await self._reply_502(ex, str(exc))
+        self._upstream_answered(origin)
+        return True
+
+    def _upstream_failed(self, message: str) -> None:
+        if not self._is_upstream_down:
+            self._is_upstream_down = True
+            log.warning(f"Gate: {message}")
+        else:
+            log.debug(f"Gate: {message}")
+
+    def _upstream_answered(self, origin: Origin) -> None:
         if self._is_upstream_down:
             self._is_upstream_down = False
-            log.info(f"Gate: Ollama at {origin.url} answers again")
-        return True
+            log.info(f"Gate: {self.upstream_name} at {origin.url} answers again")
+
+    async def _tunnel(self, ex: Exchange, origin: Origin) -> bool:
+        """Relay an `Upgrade: websocket` request; after a 101 the connection is a byte
+        tunnel until either side closes. False: the connection is done."""
+        try:
+            await tunnel(
+                pool=self._pool,
+                origin=origin,
+                ex=ex,
+                idle_s=self._ws_idle_s,
+                on_open=self._on_tunnel,
+            )
+        except UpstreamError as exc:
+            if exc.is_answered:
+                raise
+            self._stats.upstream_errors_total += 1
+            what = f"the WebSocket {quoted(ex.path)}"
+            self._upstream_failed(f"{self.upstream_name} did not answer {what}: {exc}")
+            await self._reply_502(ex, str(exc))
+            return False
+        self._upstream_answered(origin)
+        return False
+
+    def _on_tunnel(self) -> None:
+        """A WebSocket tunnel opened (loop thread)."""
+
+
+class Gate(Proxy):
+    """The Ollama gate: `Proxy` in front of Ollama that makes room before a load."""
+
+    upstream_name = "Ollama"
+
+    def __init__(
+        self,
+        *,
+        upstream_url: str | Callable[[], str | None],
+        ollama: OllamaApi,
+        room: RoomMaker,
+        host: str = "127.0.0.1",
+        port: int,
+        wait_s: float = 30.0,
+        estimate_params: EstimateParams | None = None,
+        ps_ttl_s: float = 0.5,
+        ps_max_stale_s: float = 2.0,
+        connect_timeout_s: float = 10.0,
+        load_hold_max_s: float = 300.0,
+        limits: Limits | None = None,
+    ) -> None:
+        super().__init__(
+            upstream_url=upstream_url,
+            host=host,
+            port=port,
+            connect_timeout_s=connect_timeout_s,
+            limits=limits,
+        )
+        self._admission = Admission(
+            ollama=ollama,
+            room=room,
+            executor=self._executor,
+            stats=self._stats,
+            wait_s=wait_s,
+            params=estimate_params or EstimateParams(),
+            ps_ttl_s=ps_ttl_s,
+            ps_max_stale_s=ps_max_stale_s,
+            load_hold_max_s=load_hold_max_s,
+        )
+        # Models with a load request in flight through this gate: serving a request.
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+
+    def forget_resident(self, model: str) -> None:
+        """The supervisor is about to unload `model`: stop treating it as resident, so the
+        next request for it gets room made first (safe from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        key = model_key(model)
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(self._admission.doom, key)
+
+    def busy_models(self) -> frozenset[str]:
+        """Models (`model_key`) with a request in flight through the gate now: they are
+        serving a request (safe from any thread)."""
+        with self._in_flight_lock:
+            return frozenset(self._in_flight)
+
+    def stats(self) -> GateStats:
+        """A snapshot of the counters (safe from any thread)."""
+        return GateStats(**dataclasses.asdict(self._stats))
+
+    def _reads_body(self, method: bytes, route: bytes) -> bool:
+        return method == b"POST" and route in LOAD_PATHS
+
+    def _parse(self, route: bytes, fields: Fields, body: bytes) -> object | None:
+        content_type = header_value(fields, b"content-type")
+        return parse_load_request(route, content_type, body, self._limits.json_values)
+
+    async def _admit(self, request: object, forward: Forward) -> bool:
+        assert isinstance(request, LoadRequest)
+        key = model_key(request.model)
+        with self._in_flight_lock:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            if not request.needs_room:
+                return await forward(None)
+            return await self._admission.admit(request, forward)
+        finally:
+            with self._in_flight_lock:
+                left = self._in_flight[key] - 1
+                if left:
+                    self._in_flight[key] = left
+                else:
+                    del self._in_flight[key]
+
+    def _on_stop(self) -> None:
+        self._admission.close()
 
 
 def _head_size(req: h11.Request) -> int:

@@ -1,4 +1,5 @@
-"""Build and start the gate from the settings (what cli calls when VRAM_GATE_PORT is set).
+"""Build and start the gates from the settings (what cli calls when VRAM_GATE_PORT or
+VRAM_COMFYUI_GATE_PORT is set).
 
 The gate follows whichever Ollama the daemon uses now (`current_ollama`: discovered
 containers come and go); without that callable it uses the fixed VRAM_OLLAMA_URL, and
@@ -14,6 +15,7 @@ from loguru import logger
 from supervisor.clients.ollama import OllamaClient
 from supervisor.config import Settings
 from supervisor.errors import ServiceError
+from supervisor.gate.comfy import ComfyGate, JobRoomMaker
 from supervisor.gate.core import Gate
 from supervisor.model import OllamaModel
 from supervisor.ports import ModelFacts, OllamaApi, RoomMaker, TaggedModel
@@ -84,6 +86,38 @@ def start_gate(
         room=room,
         host=settings.gate_host,
         port=settings.gate_port,
+        wait_s=settings.gate_wait_s,
+    )
+    gate.start()
+    return gate
+
+
+def start_comfy_gate(
+    settings: Settings,
+    room: JobRoomMaker,
+    current_comfyui: Callable[[], str | None] | None = None,
+) -> ComfyGate | None:
+    """Start the image gate on VRAM_GATE_HOST:VRAM_COMFYUI_GATE_PORT, forwarding to the
+    ComfyUI `current_comfyui()` names (else the fixed VRAM_COMFYUI_URL); None when it is
+    off or cannot know where ComfyUI is. OSError when the port cannot be bound."""
+    if settings.comfyui_gate_port is None:
+        return None
+    upstream: str | Callable[[], str | None]
+    if current_comfyui is not None:
+        upstream = current_comfyui
+    elif settings.comfyui_url:
+        upstream = settings.comfyui_url
+    else:
+        logger.warning(
+            "VRAM_COMFYUI_GATE_PORT is set but the gate cannot tell where ComfyUI is; set "
+            "VRAM_COMFYUI_URL. The image gate is off"
+        )
+        return None
+    gate = ComfyGate(
+        upstream_url=upstream,
+        room=room,
+        host=settings.gate_host,
+        port=settings.comfyui_gate_port,
         wait_s=settings.gate_wait_s,
     )
     gate.start()

@@ -16,8 +16,15 @@ and system RAM in all four vram fields.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import select
+import socket
+import struct
 import sys
+import threading
+import uuid
 from typing import Any
 
 from supervisor.sim.catalog import Catalog
@@ -25,6 +32,16 @@ from supervisor.sim.comfyui_prompt import PromptError, error_body, parse_prompt,
 from supervisor.sim.comfyui_worker import ComfyConfig, ComfyEngine
 from supervisor.sim.gpu import GIB, SimGpu
 from supervisor.sim.httpbase import Exchange, Route, SimServer
+from supervisor.sim.websocket import (
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    ProtocolViolation,
+    accept_key,
+    frame,
+    read_frame,
+)
 
 
 class _ServerError(Exception):
@@ -40,6 +57,9 @@ class FakeComfyUI:
         self.gpu = gpu
         self.config = config
         self.engine = ComfyEngine(gpu, catalog, config)
+        self._sockets: dict[str, _Socket] = {}  # sid -> open /ws connection
+        self._sockets_lock = threading.Lock()
+        self.engine.on_event = self._on_event
         self._routes: dict[str, dict[str, Route]] = {
             "/": {"GET": self.index},
             "/system_stats": {"GET": self.system_stats},
@@ -48,6 +68,7 @@ class FakeComfyUI:
             "/interrupt": {"POST": self.post_interrupt},
             "/free": {"POST": self.post_free},
             "/history": {"GET": self.get_history, "POST": self.post_history},
+            "/ws": {"GET": self.websocket},
             "/sim/stats": {"GET": self.sim_stats},
             "/sim/reset": {"POST": self.sim_reset},
             "/sim/pinned": {"GET": self.sim_pinned, "POST": self.sim_pinned},
@@ -80,6 +101,52 @@ class FakeComfyUI:
 
     def close(self) -> None:
         self.engine.close()
+        with self._sockets_lock:
+            for sock in self._sockets.values():
+                sock.outbox.put(None)
+
+    # ------------------------------------------------------------------ /ws
+
+    def websocket(self, ex: Exchange) -> None:
+        """`GET /ws?clientId=<id>` (api-facts 2.5): on connect `status` with the queue and
+        the sid; then the events of the prompts this client submitted (and of prompts
+        submitted without a client_id), `status` on every queue change."""
+        key = ex.headers.get("Sec-WebSocket-Key", "")
+        if "websocket" not in ex.headers.get("Upgrade", "").lower() or not key:
+            # aiohttp's WebSocketResponse.prepare refuses a plain GET.
+            ex.send_text(400, "400: Bad Request")
+            return
+        sid = ex.query.get("clientId") or uuid.uuid4().hex
+        rfile, wfile, conn = ex.switch_protocols(
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Accept": accept_key(key),
+            }
+        )
+        sock = _Socket(sid)
+        with self._sockets_lock:
+            self._sockets[sid] = sock  # a reconnect with the same clientId replaces it
+        status = {"exec_info": {"queue_remaining": self.engine.remaining()}}
+        sock.send("status", {"status": status, "sid": sid})
+        try:
+            sock.serve(rfile, wfile, conn)
+        finally:
+            with self._sockets_lock:
+                if self._sockets.get(sid) is sock:
+                    del self._sockets[sid]
+
+    def _on_event(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
+        """Route an engine event like ComfyUI's send_sync (api-facts 2.5)."""
+        with self._sockets_lock:
+            if event == "status" or (client_id is None and event in _BROADCAST_UNADDRESSED):
+                targets = list(self._sockets.values())
+            elif client_id is not None and client_id in self._sockets:
+                targets = [self._sockets[client_id]]
+            else:
+                targets = []  # no client_id: the rest is not sent at all
+        for sock in targets:
+            sock.send(event, data)
 
     # ------------------------------------------------------------------ helpers
 
@@ -281,6 +348,78 @@ class FakeComfyUI:
 
     def sim_gpu(self, ex: Exchange) -> None:
         ex.send_json(200, self.gpu.snapshot().to_json())
+
+
+# Sent to every socket when the prompt had no client_id; the other events are then not sent.
+_BROADCAST_UNADDRESSED = frozenset(
+    {"executing", "executed", "progress", "progress_state", "execution_interrupted"}
+)
+
+
+class _Socket:
+    """One /ws connection: messages are queued by any thread and written by the
+    connection's own thread, which also reads the client's frames."""
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+        self.outbox: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
+
+    def send(self, event: str, data: dict[str, Any]) -> None:
+        message = json.dumps({"type": event, "data": data}).encode()
+        with contextlib.suppress(queue.Full):  # a client that reads nothing loses events
+            self.outbox.put_nowait(frame(TEXT, message))
+
+    def serve(self, rfile: Any, wfile: Any, conn: socket.socket) -> None:
+        while True:
+            try:
+                while True:
+                    out = self.outbox.get_nowait()
+                    if out is None:
+                        wfile.write(frame(CLOSE, struct.pack("!H", 1001)))
+                        wfile.flush()
+                        return
+                    wfile.write(out)
+                    wfile.flush()
+            except queue.Empty:
+                pass
+            except OSError:
+                return
+            readable, _, _ = select.select([conn], [], [], 0.02)
+            if not readable:
+                continue
+            try:
+                got = read_frame(rfile)
+            except ProtocolViolation as exc:
+                with contextlib.suppress(OSError):
+                    wfile.write(frame(CLOSE, struct.pack("!H", exc.code)))
+                    wfile.flush()
+                return
+            except OSError:
+                return
+            if got is None:
+                return
+            opcode, payload = got
+            try:
+                if opcode == CLOSE:
+                    wfile.write(frame(CLOSE, payload[:2]))
+                    wfile.flush()
+                    return
+                if opcode == PING:
+                    wfile.write(frame(PONG, payload))
+                    wfile.flush()
+                elif opcode == TEXT:
+                    self._on_text(payload)
+            except OSError:
+                return
+
+    def _on_text(self, payload: bytes) -> None:
+        """A first `feature_flags` message gets the server's flags back (api-facts 2.5)."""
+        try:
+            message = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if isinstance(message, dict) and message.get("type") == "feature_flags":
+            self.send("feature_flags", {"supports_preview_metadata": True})
 
 
 def _not_found(ex: Exchange) -> None:

@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +175,9 @@ class ComfyEngine:
         self.workspace_bytes = 0
         self.workspace_active = False
         self._saved: dict[str, int] = {}  # filename prefix -> images saved so far
+        # /ws: called with (event, data, client_id of the prompt or None); `status` events
+        # go to every socket, the hub (comfyui.py) routes the rest (api-facts 2.5).
+        self.on_event: Callable[[str, dict[str, Any], str | None], None] | None = None
         if not config.cpu:
             # torch initialises CUDA at startup: the context exists before any prompt.
             self.gpu.allocate_partial("comfyui:context", self.pid, config.context_bytes)
@@ -192,7 +196,8 @@ class ComfyEngine:
             self._seq += 1
             heapq.heappush(self._pending, (job.number, self._seq, job))
             self._cond.notify_all()
-            return job
+        self._status()
+        return job
 
     def queue(self) -> tuple[list[Job], list[Job]]:
         with self._cond:
@@ -208,6 +213,7 @@ class ComfyEngine:
             keep = [e for e in self._pending if not clear and e[2].prompt_id not in delete]
             heapq.heapify(keep)
             self._pending = keep
+        self._status()
 
     def interrupt(self, prompt_id: str | None) -> None:
         with self._cond:
@@ -288,13 +294,25 @@ class ComfyEngine:
                 job = heapq.heappop(self._pending)[2] if self._pending else None
                 self._running = job
             if job is not None:
+                self._status()
                 self._execute(job)
                 with self._cond:
                     self._running = None
+                self._status()
             with self._cond:
                 flags, self._flags = self._flags, {}
             if flags:
                 self._handle_free(flags)
+
+    def _emit(self, event: str, data: dict[str, Any], job: Job | None) -> None:
+        on_event = self.on_event
+        if on_event is not None:
+            client_id = job.extra_data.get("client_id") if job is not None else None
+            on_event(event, data, client_id if isinstance(client_id, str) else None)
+
+    def _status(self) -> None:
+        """ComfyUI's queue_updated(): `status` to every socket."""
+        self._emit("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}}, None)
 
     def _sleep(self, sim_s: float, *, interruptible: bool = True) -> bool:
         """Sleep; False if interrupted (when `interruptible`) or stopping meanwhile."""
@@ -386,9 +404,16 @@ class ComfyEngine:
             slow = 1 + self.config.offload_penalty * (1 - fraction)
             per_step = node.seconds / node.steps * slow
             try:
-                for _ in range(node.steps):
+                for step in range(node.steps):
                     if not self._sleep(per_step):
                         return False, fraction
+                    progress = {
+                        "value": step + 1,
+                        "max": node.steps,
+                        "prompt_id": job.prompt_id,
+                        "node": node.node_id,
+                    }
+                    self._emit("progress", progress, job)
             finally:
                 with self._cond:
                     self.workspace_active = False
@@ -404,6 +429,8 @@ class ComfyEngine:
             ["execution_start", {"prompt_id": job.prompt_id, "timestamp": _ms()}],
             ["execution_cached", {"nodes": [], "prompt_id": job.prompt_id, "timestamp": _ms()}],
         ]
+        for event, data in messages:
+            self._emit(event, data, job)
         fraction = 1.0
         executed: list[str] = []
         stopped: PlanNode | None = None
@@ -411,6 +438,9 @@ class ComfyEngine:
             if self._interrupted():  # checked before each node runs
                 stopped = node
                 break
+            if node.node_id:
+                executing = {"node": node.node_id, "display_node": node.node_id}
+                self._emit("executing", {**executing, "prompt_id": job.prompt_id}, job)
             done, fraction = self._run_node(node, job, fraction)
             if self.config.dynamic_vram:
                 with self._cond:  # Dynamic VRAM empties torch's cache after every node
@@ -470,6 +500,11 @@ class ComfyEngine:
             }
             while len(self._history) > HISTORY_CAP:
                 self._history.popitem(last=False)
+        for node_id, output in outputs.items():
+            shown = {"node": node_id, "display_node": node_id, "output": output}
+            self._emit("executed", {**shown, "prompt_id": job.prompt_id}, job)
+        self._emit(messages[-1][0], messages[-1][1], job)
+        self._emit("executing", {"node": None, "prompt_id": job.prompt_id}, job)
 
     def _images(self, job: Job, node_id: str) -> list[dict[str, str]]:
         """One file per image of the batch, named with the node's prefix (SaveImage)."""

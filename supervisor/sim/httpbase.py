@@ -105,6 +105,18 @@ class Exchange:
             self._h.close_connection = True
             raise ClientGone(str(exc)) from exc
 
+    def switch_protocols(self, headers: dict[str, str]) -> tuple[Any, Any, socket.socket]:
+        """Answer 101 Switching Protocols and hand the connection over: (rfile, wfile,
+        socket). The connection closes when the route returns."""
+        self.answered = True
+        self._h.send_response(101)
+        for name, value in headers.items():
+            self._h.send_header(name, value)
+        self._h.end_headers()
+        self._h.wfile.flush()
+        self._h.close_connection = True
+        return self._h.rfile, self._h.wfile, self._h.connection
+
     def client_gone(self) -> bool:
         """True once the client has closed its side (EOF waiting on the socket)."""
         sock: socket.socket = self._h.connection

@@ -11,6 +11,9 @@ Modes:
                 too: the flags wait for its prompt), to show what the priority changes.
 - `isolated`:   the bound every mode is measured against: no supervisor, and each service
                 on a simulated GPU of its own (no sharing at all).
+- `gate-image`: the gate plus the image gate (VRAM_COMFYUI_GATE_PORT), and the image
+                clients talk to the image gate: idle Ollama models are unloaded before a
+                job that is short of room.
 
 Every mode runs against one generation of the simulated services (`profile`: "2026",
 Ollama >= 0.30 with llama-server runners, or "2025", Ollama 0.12; sim/profiles.py).
@@ -55,8 +58,9 @@ MODES: dict[str, str] = {
     "gate-ollama": "(extra) gate + VRAM_PRIORITY=ollama",
     # The bound: the same workload with each service on a GPU of its own.
     "isolated": "bound: a GPU per service",
+    "gate-image": "(extra) gate + image gate",
 }
-_GATED = ("gate", "gate-ollama")
+_GATED = ("gate", "gate-ollama", "gate-image")
 
 _HEALED = re.compile(r"^Healed Ollama model \S+: (\d+)% -> (\d+)% on GPU")
 _HEAL_NO_HELP = re.compile(r"^Heal of Ollama model \S+ did not help")
@@ -118,6 +122,7 @@ class ModeResult:
     ollama_unloads: int = 0
     safety_skips: int = 0
     gate_waits: int = 0
+    image_gate_waits: int = 0  # of gate_waits, those of the image gate
     gate_forwarded_anyway: int = 0
     seed_rate_limited: int = 0
     errors: list[str] = field(default_factory=list)
@@ -239,6 +244,7 @@ def run_mode(
         sup: Supervisor | None = None
         client_url = host.ollama_url
         comfyui_url = comfy_host.comfyui_url if isolated else host.comfyui_url
+        image_url = comfyui_url
         if mode == "seed":
             seed = SeedDesign(host.ollama_url, comfyui_url, time_scale=time_scale).start()
         elif mode == "supervisor" or mode in _GATED:
@@ -250,10 +256,13 @@ def run_mode(
                 comfyui_url=comfyui_url,
                 settings=settings,
                 gate=mode in _GATED,
+                image_gate=mode == "gate-image",
                 time_scale=time_scale,
             )
             if mode in _GATED:
                 client_url = sup.gate_url
+            if mode == "gate-image":
+                image_url = sup.image_gate_url
         window: dict[str, Any] = {}
 
         def end_of_schedule() -> None:
@@ -261,7 +270,7 @@ def run_mode(
 
         driver = Driver(
             client_url,
-            comfyui_url,
+            image_url,
             time_scale,
             drain_s=drain_s,
             on_end_of_schedule=end_of_schedule,
@@ -345,6 +354,7 @@ def _fill_supervisor(result: ModeResult, sup: Supervisor, metrics: dict[str, flo
     result.restarts = sup.count("Restarted ComfyUI container")
     result.safety_skips = sup.count("(safety limit)")
     result.gate_waits = sup.count("Gate: making room for")
+    result.image_gate_waits = sup.count("Gate: making room for a ComfyUI job")
     result.gate_forwarded_anyway = sup.count("without enough free VRAM after")
 
     def total(prefix: str, **labels: str) -> int:

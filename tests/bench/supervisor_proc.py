@@ -52,11 +52,17 @@ class Supervisor:
     http_port: int
     gate_port: int | None
     lines: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    image_gate_port: int | None = None
 
     @property
     def gate_url(self) -> str:
         assert self.gate_port is not None
         return f"http://127.0.0.1:{self.gate_port}"
+
+    @property
+    def image_gate_url(self) -> str:
+        assert self.image_gate_port is not None
+        return f"http://127.0.0.1:{self.image_gate_port}"
 
     @property
     def pid(self) -> int:
@@ -107,9 +113,16 @@ class Supervisor:
             try:
                 ok = httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1).is_success
                 # The gate answers 502 until the loop's first pass has found Ollama.
-                if ok and (
-                    self.gate_port is None
-                    or httpx.get(f"{self.gate_url}/api/version", timeout=1).is_success
+                if (
+                    ok
+                    and (
+                        self.gate_port is None
+                        or httpx.get(f"{self.gate_url}/api/version", timeout=1).is_success
+                    )
+                    and (
+                        self.image_gate_port is None
+                        or httpx.get(f"{self.image_gate_url}/queue", timeout=1).is_success
+                    )
                 ):
                     return
             except httpx.HTTPError:
@@ -143,6 +156,7 @@ def start_supervisor(
     comfyui_url: str | None,
     settings: dict[str, str] | None = None,
     gate: bool = False,
+    image_gate: bool = False,
     docker_host: str | None = None,
     time_scale: float | None = None,
 ) -> Supervisor:
@@ -152,6 +166,7 @@ def start_supervisor(
     scales the daemon's per-minute safety limit (see there)."""
     http_port = free_port()
     gate_port = free_port() if gate else None
+    image_gate_port = free_port() if image_gate else None
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAM_")}
     env.update(
         PYTHONPATH=str(ROOT),
@@ -167,6 +182,8 @@ def start_supervisor(
         env["VRAM_COMFYUI_URL"] = comfyui_url
     if gate_port is not None:
         env.update(VRAM_GATE_PORT=str(gate_port), VRAM_GATE_HOST="127.0.0.1")
+    if image_gate_port is not None:
+        env.update(VRAM_COMFYUI_GATE_PORT=str(image_gate_port), VRAM_GATE_HOST="127.0.0.1")
     command = [sys.executable, "-m", "supervisor", "run"]
     if time_scale is not None:
         command = [sys.executable, "-m", "tests.bench.scaled_supervisor"]
@@ -180,7 +197,7 @@ def start_supervisor(
         stderr=subprocess.PIPE,
         text=True,
     )
-    sup = Supervisor(proc, http_port, gate_port)
+    sup = Supervisor(proc, http_port, gate_port, image_gate_port=image_gate_port)
     threading.Thread(target=sup._follow, daemon=True, name="supervisor-log").start()
     try:
         sup.wait_ready()

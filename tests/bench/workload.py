@@ -185,6 +185,7 @@ class Driver:
     def run(self, events: list[Event], duration_s: float) -> ClientSide:
         side = ClientSide()
         threads: list[threading.Thread] = []
+        images: list[threading.Thread] = []
         start = time.monotonic()
         for event in events:
             delay = start + event.at_s * self.scale - time.monotonic()
@@ -195,7 +196,10 @@ class Driver:
                 t.start()
                 threads.append(t)
             else:
-                self._image(event, side)
+                # In a thread: a gate may hold a prompt while it makes room.
+                t = threading.Thread(target=self._image, args=(event, side), daemon=True)
+                t.start()
+                images.append(t)
         left = start + duration_s * self.scale - time.monotonic()
         if left > 0:
             time.sleep(left)
@@ -203,6 +207,8 @@ class Driver:
             self._on_end()
         deadline = time.monotonic() + self.drain_s * self.scale
         for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for t in images:
             t.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             side.unfinished_chats = sum(1 for t in threads if t.is_alive())

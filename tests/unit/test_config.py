@@ -32,6 +32,7 @@ CASES: dict[str, tuple[str, object, str]] = {
     "VRAM_GATE_PORT": ("11435", 11435, "port"),
     "VRAM_GATE_HOST": ("::", "::", "x/y"),
     "VRAM_GATE_WAIT": ("10", 10.0, "-1"),
+    "VRAM_COMFYUI_GATE_PORT": ("8189", 8189, "port"),
 }
 
 DEFAULTS = Settings()
@@ -122,7 +123,9 @@ def test_non_finite_numbers_are_rejected(name: str, raw: str) -> None:
 
 
 @pytest.mark.parametrize("raw", ["\u0661\u0662", "\uff11\uff12", "1\u0665"])
-@pytest.mark.parametrize("name", [*NUMERIC, "VRAM_HTTP_PORT", "VRAM_GATE_PORT"])
+@pytest.mark.parametrize(
+    "name", [*NUMERIC, "VRAM_HTTP_PORT", "VRAM_GATE_PORT", "VRAM_COMFYUI_GATE_PORT"]
+)
 def test_unicode_digits_are_not_numbers(name: str, raw: str) -> None:
     """int() and float() read Arabic-Indic or full-width digits; a setting must not."""
     with pytest.raises(ConfigError) as info:

@@ -62,3 +62,31 @@ def test_docker_events_connected_follows_the_stream_at_each_scrape() -> None:
     assert connected() == 0
     stream["open"] = True
     assert connected() == 1
+
+
+def test_image_gate_counters_are_their_own_family() -> None:
+    from supervisor.gate.comfy import ComfyGateStats
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.watch_gate(lambda: GateStats(requests_total=5))
+    metrics.watch_comfyui_gate(
+        lambda: ComfyGateStats(requests_total=7, prompts_total=3, waits_total=1, websockets_total=2)
+    )
+    text = generate_latest(registry).decode()
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("vram_supervisor_comfyui_gate_")
+    }
+    assert samples == {
+        "vram_supervisor_comfyui_gate_requests_total": 7,
+        "vram_supervisor_comfyui_gate_prompts_total": 3,
+        "vram_supervisor_comfyui_gate_waits_total": 1,
+        "vram_supervisor_comfyui_gate_wait_seconds_total": 0,
+        "vram_supervisor_comfyui_gate_forwarded_anyway_total": 0,
+        "vram_supervisor_comfyui_gate_upstream_errors_total": 0,
+        "vram_supervisor_comfyui_gate_websockets_total": 2,
+    }
+    assert _samples(registry)["vram_supervisor_gate_requests_total"] == 5

@@ -1,0 +1,149 @@
+"""The image gate's `ports.RoomMaker`: unload idle Ollama models before a ComfyUI job.
+
+ComfyUI loads a job's models from the VRAM free when the job starts; short of it, it loads
+part of them (low-VRAM, or Dynamic VRAM paging) and the job runs slower (api-facts 2.7,
+api-facts-2026 section 2). An idle Ollama model holding the card is the usual cause.
+Policy:
+- The room for a job: the free VRAM on the ComfyUI's GPU(s), plus what that ComfyUI holds
+  beyond its CUDA context (it evicts its own models for the next job itself). The ComfyUI
+  is the first running one (the one the image gate forwards to).
+- Short of the need, the Ollama models on that GPU are unloaded one at a time through the
+  Actor (the same verified unload as the loop, which tells the Ollama gate first), soonest
+  expiry first, until the room covers the need or the deadline passes.
+- Never a model serving a request: one the Ollama gate has a request in flight for, or
+  one still listed past its expires_at (api-facts gotcha 6). Never under
+  VRAM_PRIORITY=ollama: Ollama keeps its models and the job may run in low-VRAM mode.
+- The unloads share the Actor's lock with the loop; each one is reported through
+  `on_outcome` so the policy counts it. In dry run it stops after the first "would unload".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+from supervisor.actions import NOTHING_HELD_BYTES, Actor
+from supervisor.errors import ServiceError
+from supervisor.gate.admission import model_key
+from supervisor.model import Outcome, Priority, UnloadOllama
+from supervisor.ollama_actions import RECOVERY_WAIT_S
+from supervisor.policy.guards import expiry_key, seems_busy
+
+
+class OllamaRoomMaker:
+    """`ports.RoomMaker` for the image gate: unloads idle Ollama models (see the module's
+    policy). `busy_models` names (as `model_key`) the models serving a request now."""
+
+    def __init__(
+        self,
+        actor: Actor,
+        busy_models: Callable[[], frozenset[str]] = frozenset,
+        clock: Callable[[], float] = time.monotonic,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self._actor = actor
+        self._busy_models = busy_models
+        self._clock = clock
+        self._on_outcome = on_outcome or (lambda outcome: None)
+
+    def _comfy(self) -> tuple[str | None, tuple[str, ...]]:
+        """The ComfyUI the gate forwards to (its key) and its GPUs (() = unknown/all)."""
+        comfyuis = self._actor.targets().comfyuis
+        if not comfyuis:
+            return None, ()
+        key, (spec, _api) = next(iter(comfyuis.items()))
+        return key, spec.gpu_uuids
+
+    def held_bytes(self) -> int | None:
+        """What the ComfyUI holds beyond its CUDA context; None: unknown."""
+        key, _gpus = self._comfy()
+        if key is None:
+            return None
+        reading = self._actor.probe.comfy_reading(key)
+        if reading is None or reading.is_device_wide:
+            return None
+        return max(0, reading.bytes - NOTHING_HELD_BYTES)
+
+    def free_bytes(self) -> int | None:
+        """The room for a job: free VRAM on the ComfyUI's GPU plus what it holds beyond
+        its CUDA context. None: unknown."""
+        _key, gpus = self._comfy()
+        free = self._actor.probe.free_bytes(gpus)
+        if free is None:
+            return None
+        return free + (self.held_bytes() or 0)
+
+    def _covers(self, need_bytes: int) -> bool:
+        room = self.free_bytes()
+        return room is not None and room >= need_bytes
+
+    def _wait_recovered(self, gpus: tuple[str, ...], target_free: int, end: float) -> None:
+        """The model left /api/ps before its runner gave the memory back: wait for the free
+        VRAM itself, or readings that attribute the used memory to ComfyUI would count
+        Ollama's leaving runner as ComfyUI's room."""
+        deadline = min(end, self._clock() + RECOVERY_WAIT_S)
+        while self._clock() < deadline:
+            free = self._actor.probe.free_bytes(gpus)
+            if free is not None and free >= target_free:
+                return
+            if not self._actor.wait(self._actor.poll_s):
+                return
+
+    def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
+        end = self._clock() + deadline_s
+        if self._covers(need_bytes):
+            return True
+        if self._actor.settings.priority is Priority.OLLAMA:
+            logger.info(
+                f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY=ollama keeps"
+                " them (the job may run in low-VRAM mode)"
+            )
+            return False
+        targets = self._actor.targets()
+        _key, comfy_gpus = self._comfy()
+        for key, (spec, ollama) in targets.ollamas.items():
+            if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
+                continue  # another GPU: unloading it gives ComfyUI nothing
+            try:
+                models = ollama.ps()
+            except ServiceError as exc:
+                logger.debug(f"Gate: cannot read /api/ps of {spec.name}: {exc}")
+                continue
+            wall = self._actor.wall_clock()
+            busy = self._busy_models()
+            idle = sorted(
+                (
+                    m
+                    for m in models
+                    if m.size_vram_bytes > 0
+                    and model_key(m.name) not in busy
+                    and not seems_busy(m, wall)
+                ),
+                key=lambda m: expiry_key(m, wall),
+            )
+            skipped = [m.name for m in models if m not in idle and m.size_vram_bytes > 0]
+            if skipped:
+                logger.info(
+                    f"Gate: not unloading {', '.join(skipped)} for {reason}: serving a request"
+                )
+            for m in idle:
+                left = end - self._clock()
+                if left <= 0 or not self._actor.lock.acquire(timeout=left):
+                    return False
+                try:
+                    if self._covers(need_bytes):
+                        return True
+                    free_before = self._actor.probe.free_bytes(comfy_gpus)
+                    outcome = self._actor.execute(UnloadOllama(key, m.name, reason))
+                finally:
+                    self._actor.lock.release()
+                self._on_outcome(outcome)
+                if outcome.dry_run:
+                    return False
+                if outcome.ok and free_before is not None:
+                    self._wait_recovered(comfy_gpus, free_before + m.size_vram_bytes * 9 // 10, end)
+                if self._covers(need_bytes):
+                    return True
+        return self._covers(need_bytes)
