@@ -223,9 +223,11 @@ class Admission:
             if time.monotonic() < doomed_until:
                 await self._refresh_ps()
                 if self._ps_models is not None and key not in self._ps_models:
-                    del self._doomed[key]  # gone: from now on /api/ps tells the truth
+                    # Gone: from now on /api/ps tells the truth. Another request that
+                    # awaited the same read may have dropped it already.
+                    self._doomed.pop(key, None)
                 return False
-            del self._doomed[key]
+            self._doomed.pop(key, None)
         age_s = time.monotonic() - self._ps_at
         if is_fresh or age_s > self._ps_max_stale_s:
             await self._refresh_ps()
