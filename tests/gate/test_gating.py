@@ -330,6 +330,7 @@ def test_two_requests_for_a_doomed_model_that_left_ps_both_get_an_answer() -> No
     """Found by the soak: two requests for a model the supervisor was unloading read /api/ps
     together (one shared read); both saw the model gone, and the second's bookkeeping raised
     KeyError, which dropped its client without an answer."""
+
     class GoneFromPs:
         def ps(self) -> list[object]:
             time.sleep(0.05)  # both requests wait on the same read

@@ -13,6 +13,7 @@ threads and open descriptors, its health, the fake Ollama's counters and what /a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -404,10 +405,8 @@ def run_soak(
             run.metrics = {}
         url = host.direct_url("comfyui")
         if url is not None:
-            try:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
                 run.comfy_stats = httpx.get(f"{url}/sim/stats", timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                pass
     finally:
         code = holder["sup"].stop()
         if code not in (0, -15):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -29,10 +30,8 @@ def _stepped_time() -> float:
 def _follow(path: Path) -> None:
     global _offset
     while True:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             _offset = float(path.read_text() or 0)
-        except (OSError, ValueError):
-            pass
         time.sleep(0.05)
 
 

@@ -9,6 +9,7 @@ process, and fails on any target missed, printing the whole report. The full run
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import socket
 import threading
@@ -32,7 +33,7 @@ def test_the_fault_schedule_is_seeded_and_has_every_kind_early() -> None:
     assert faults == make_faults(1, 2 * 3600, 180)
     assert faults != make_faults(2, 2 * 3600, 180)
     assert {f.kind for f in faults} == set(KINDS)
-    for a, b in zip(faults, faults[1:], strict=False):
+    for a, b in itertools.pairwise(faults):
         assert b.at_s >= a.end_s, "one fault at a time"
     assert faults[-1].end_s <= 2 * 3600 - 120
 
