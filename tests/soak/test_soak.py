@@ -120,6 +120,7 @@ def test_proxy_modes_are_checked() -> None:
     assert isinstance(loop.loop, asyncio.AbstractEventLoop)
 
 
+@pytest.mark.timeout(480)  # 150 s of schedule, plus checkpoints that wait for quiet
 def test_a_short_soak_meets_every_target(tmp_path: Path) -> None:
     if not shutil.which("cc") and not shutil.which("gcc"):
         pytest.fail("the soak needs a C compiler for the fake libnvidia-ml.so.1 (install gcc)")
