@@ -53,6 +53,7 @@ class FaultProxy:
         self._loop = loop
         self._release = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references
         self.port = 0
 
     @property
@@ -77,6 +78,9 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(apply)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)  # type: ignore[arg-type]
         try:
             if self.mode == "down":
                 self.stats.faulted += 1
@@ -109,6 +113,7 @@ class FaultProxy:
             pass
         finally:
             writer.close()
+            self._tasks.discard(task)  # type: ignore[arg-type]
 
     def _note(self, head: bytes, body: bytes) -> None:
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
