@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--time-scale", type=float, default=0.02, help="real seconds per simulated second"
     )
-    parser.add_argument("--rate", type=float, default=2.0, help="times the benchmark's rate")
+    parser.add_argument("--rate", type=float, default=1.0, help="times the benchmark's rate")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--fault-gap", type=float, default=900.0, help="mean simulated seconds between faults"

@@ -415,9 +415,15 @@ def run_soak(
             name: [(m.at, m.kind) for m in host.proxy(name).stats.mutations]
             for name in ("ollama", "comfyui")
         }
-        clients.close()
-        sampler.close()
-        host.close()
+        # Bounded: with many chats still queued (a host past its capacity), closing the
+        # clients' pool and the fakes can take long; the figures are in already.
+        closer = threading.Thread(
+            target=lambda: (clients.close(), sampler.close(), host.close()),
+            daemon=True,
+            name="soak-cleanup",
+        )
+        closer.start()
+        closer.join(30)
     return run
 
 

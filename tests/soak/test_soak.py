@@ -127,7 +127,7 @@ def test_a_short_soak_meets_every_target(tmp_path: Path) -> None:
     run = run_soak(
         hours=2.0,
         time_scale=0.02,
-        rate=2.0,
+        rate=1.0,
         seed=1,
         fault_gap_s=180.0,
         workdir=tmp_path,
@@ -138,6 +138,6 @@ def test_a_short_soak_meets_every_target(tmp_path: Path) -> None:
     report = markdown(run, fig)
     print(report)
     assert {f.kind for f in run.faults} == set(KINDS), "every kind of fault, at least once"
-    assert len(run.chats) > 1000, "a busy host"
+    assert len(run.chats) > 500, "a busy host"
     assert not fig.failures, report
     ET.fromstring(svg_chart(run, "short soak"))  # the chart is well-formed SVG
