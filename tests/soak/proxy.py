@@ -147,7 +147,7 @@ class FaultProxy:
             up_w.write(_with_close(head) + body)
             await up_w.drain()
             resp_head = await up_r.readuntil(b"\r\n\r\n")
-            writer.write(_with_close(resp_head))
+            writer.write(_tagged(resp_head))
             while chunk := await up_r.read(65536):
                 writer.write(chunk)
                 await writer.drain()
@@ -203,11 +203,18 @@ def _with_close(head: bytes) -> bytes:
     return _set_header(head, b"Connection", b"close")
 
 
+UPSTREAM_HEADER = "X-Soak-Upstream"  # on every answer the service (or its fault) gave
+
+
+def _tagged(head: bytes) -> bytes:
+    return _set_header(_with_close(head), UPSTREAM_HEADER.encode(), b"1")
+
+
 def _answer(writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str) -> None:
     reason = {200: "OK", 500: "Internal Server Error"}[status]
     writer.write(
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{UPSTREAM_HEADER}: 1\r\n\r\n".encode()
         + body
     )
 

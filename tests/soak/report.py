@@ -133,16 +133,17 @@ def evaluate(run: SoakRun) -> Figures:
 
     # The gate.
     lost = [c for c in run.chats if c.outcome == "lost"]
+    # A failed answer that Ollama itself gave (the proxy tags every answer it relays or
+    # fabricates) is Ollama's; one without the tag is the gate's own.
+    failed = [c for c in run.chats if c.outcome not in ("ok", "lost")]
     failed_up = [
-        c
-        for c in run.chats
-        if c.outcome not in ("ok", "lost") and not _overlaps(c.start, c.end, ollama_down)
+        c for c in failed if not c.from_upstream and not _overlaps(c.start, c.end, ollama_down)
     ]
-    failed_down = [
-        c
-        for c in run.chats
-        if c.outcome not in ("ok", "lost") and _overlaps(c.start, c.end, ollama_down)
+    by_gate_down = [
+        c for c in failed if not c.from_upstream and _overlaps(c.start, c.end, ollama_down)
     ]
+    by_ollama = [c for c in failed if c.from_upstream]
+    by_ollama_up = [c for c in by_ollama if not _overlaps(c.start, c.end, ollama_down)]
     fig.targets.append(
         Target(
             f"chats through the gate lost (no answer at all), of {len(run.chats)}",
@@ -153,7 +154,7 @@ def evaluate(run: SoakRun) -> Figures:
     )
     fig.targets.append(
         Target(
-            "chats through the gate answered 5xx or garbage while Ollama was up",
+            "chats the gate itself answered 5xx (or garbage) while Ollama was up",
             str(len(failed_up)),
             "0",
             not failed_up,
@@ -161,11 +162,15 @@ def evaluate(run: SoakRun) -> Figures:
     )
     fig.facts.append(
         (
-            "chats that failed while Ollama was down, hung or broken (the gate passed that on)",
-            str(len(failed_down)),
+            "failed chats while Ollama was down, hung or broken: the gate's own 502s / "
+            "Ollama's answers passed on",
+            f"{len(by_gate_down)} / {len(by_ollama) - len(by_ollama_up)}",
         )
     )
-    for c in (lost + failed_up)[:5]:
+    fig.facts.append(
+        ("failed answers Ollama itself gave while no fault was on it", str(len(by_ollama_up)))
+    )
+    for c in (lost + failed_up + by_ollama_up)[:5]:
         fig.errors.append(f"chat at {run.sim(c.start):.0f} s: {c.outcome} {c.status} {c.detail}")
 
     # Frees that were needed and never sent: client loads that spilled while nothing was

@@ -40,6 +40,7 @@ from tests.bench.workload import (
 )
 from tests.soak.faults import Fault, Injector, make_faults
 from tests.soak.host import SoakHost
+from tests.soak.proxy import UPSTREAM_HEADER
 
 SAFETY_CAP_PER_MIN = 6  # daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN, per simulated minute
 CLIENT_TIMEOUT_S = 120.0  # real seconds; far above any hold the gate may make
@@ -57,6 +58,7 @@ class Chat:
     status: int  # 0: no answer (lost)
     outcome: str  # ok / bad-answer / 5xx / lost / 4xx
     detail: str = ""
+    from_upstream: bool = False  # the answer came from Ollama (or its fault), not the gate
 
 
 @dataclass
@@ -261,10 +263,11 @@ class Clients:
             "options": {"num_predict": event.num_predict},
         }
         start = time.monotonic()
-        status, outcome, detail = 0, "lost", ""
+        status, outcome, detail, upstream = 0, "lost", "", False
         try:
             r = self.client.post(f"{self.gate_url()}/api/chat", json=body)
             status = r.status_code
+            upstream = UPSTREAM_HEADER in r.headers
             if status == 200:
                 try:
                     data = r.json()
@@ -277,7 +280,7 @@ class Clients:
                 detail = r.text[:160]
         except httpx.HTTPError as exc:
             detail = f"{type(exc).__name__}: {exc}"[:160]
-        chat = Chat(start, time.monotonic(), status, outcome, detail)
+        chat = Chat(start, time.monotonic(), status, outcome, detail, upstream)
         with self.lock:
             self.run.chats.append(chat)
             self.inflight -= 1

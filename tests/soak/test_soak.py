@@ -78,6 +78,7 @@ def test_the_proxy_passes_breaks_and_counts(proxied: FaultProxy) -> None:
         r = c.post(f"{url}/api/generate", json={"model": "m", "keep_alive": 0})
         assert r.status_code == 200 and r.json()["keep_alive"] == 0
         assert r.headers["connection"] == "close"
+        assert r.headers["x-soak-upstream"] == "1"  # the gate's own answers lack it
         c.post(f"{url}/free", json={"unload_models": True})
         c.post(f"{url}/api/chat", json={"model": "m", "messages": [{"role": "user"}]})
         assert [m.kind for m in proxied.stats.mutations] == ["unload", "free"]
