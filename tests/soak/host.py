@@ -63,6 +63,7 @@ class SoakHost:
 
     def crash(self, service: str) -> None:
         """The service's process dies: its port refuses, its VRAM comes back."""
+        fake: FakeOllama | FakeComfyUI | None
         with self._lock:
             if service == "ollama":
                 self.ollama_proxy.set("down")

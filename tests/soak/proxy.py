@@ -80,7 +80,7 @@ class FaultProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         try:
             if self.mode == "down":
                 self.stats.faulted += 1
@@ -113,7 +113,8 @@ class FaultProxy:
             pass
         finally:
             writer.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            if task is not None:
+                self._tasks.discard(task)
 
     def _note(self, head: bytes, body: bytes) -> None:
         line = head.split(b"\r\n", 1)[0].decode("latin-1")

@@ -418,10 +418,16 @@ def run_soak(
             name: [(m.at, m.kind) for m in host.proxy(name).stats.mutations]
             for name in ("ollama", "comfyui")
         }
+
         # Bounded: with many chats still queued (a host past its capacity), closing the
         # clients' pool and the fakes can take long; the figures are in already.
+        def close_all() -> None:
+            clients.close()
+            sampler.close()
+            host.close()
+
         closer = threading.Thread(
-            target=lambda: (clients.close(), sampler.close(), host.close()),
+            target=close_all,
             daemon=True,
             name="soak-cleanup",
         )
