@@ -18,6 +18,10 @@
  * are not reported, as a driver frees a dead process's memory.
  *
  * It never writes the state file and never blocks except on the flock.
+ *
+ * Fault hook (tests): when SIM_NVML_FAULT names a file that exists, every call that reads
+ * the GPU fails as long as the file exists: with NVML_ERROR_GPU_IS_LOST if the file starts
+ * with "lost" (the card fell off the bus), else with NVML_ERROR_UNKNOWN.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -38,6 +42,7 @@ typedef int nvmlReturn_t;
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 #define NVML_ERROR_UNKNOWN 999
 #define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
+#define NVML_ERROR_GPU_IS_LOST 15
 
 #define NVML_MEMORY_V2 0x02000028u
 #define NO_INSTANCE 0xFFFFFFFFu
@@ -141,8 +146,21 @@ static const char *value_after(const char *line, const char *key) {
     return at ? at + strlen(key) : NULL;
 }
 
+static nvmlReturn_t injected_fault(void) {
+    const char *p = getenv("SIM_NVML_FAULT");
+    if (!p || !*p) return NVML_SUCCESS;
+    FILE *f = fopen(p, "r");
+    if (!f) return NVML_SUCCESS;
+    char word[8] = {0};
+    size_t n = fread(word, 1, sizeof word - 1, f);
+    fclose(f);
+    return (n >= 4 && strncmp(word, "lost", 4) == 0) ? NVML_ERROR_GPU_IS_LOST : NVML_ERROR_UNKNOWN;
+}
+
 static nvmlReturn_t read_state(gpu_state_t *st) {
     memset(st, 0, sizeof *st);
+    nvmlReturn_t fault = injected_fault();
+    if (fault != NVML_SUCCESS) return fault;
     snprintf(st->name, sizeof st->name, "NVIDIA GeForce RTX 4090 (simulated)");
     snprintf(st->uuid, sizeof st->uuid, "GPU-5151a7e0-0000-4000-8000-00000000051a");
     st->total = DEFAULT_TOTAL;
@@ -225,6 +243,7 @@ const char *nvmlErrorString(nvmlReturn_t result) {
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
     case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
     case NVML_ERROR_ARGUMENT_VERSION_MISMATCH: return "Argument Version Mismatch";
     default: return "Unknown Error";
     }

@@ -342,8 +342,9 @@ class Scheduler:
                 due += self.real_s(per_token)
                 # Sleep only when a millisecond is owed: sleeping per token would cost more
                 # than the token at small time scales.
-                if due - time.monotonic() > 0.001:
-                    time.sleep(max(0.0, due - time.monotonic()))  # may have passed meanwhile
+                owed = due - time.monotonic()  # read once: a second read may be past due
+                if owed > 0.001:
+                    time.sleep(owed)
                 with self._cond:
                     st.tokens += 1
                     st.tokens_full_gpu += int(full)

@@ -3,6 +3,7 @@ requests and everything else go straight through; slow room never blocks forever
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from loguru import logger
 
 from supervisor.estimate import EstimateParams, estimate_need
 from supervisor.gate import admission
+from supervisor.gate.stats import Counters
 from tests.gate.fakes import GIB, MIB, Env, FakeOllamaApi, Timeline, Upstream, make_env
 
 
@@ -337,3 +339,37 @@ def test_requests_for_a_model_the_supervisor_unloaded_are_all_answered(env: Env)
     with ThreadPoolExecutor(max_workers=4) as pool:
         answers = list(pool.map(lambda _: _generate(env, "llama3.2"), range(4)))
     assert [r.status_code for r in answers] == [200] * 4
+
+
+def test_two_requests_for_a_doomed_model_that_left_ps_both_get_an_answer() -> None:
+    """Found by the soak: two requests for a model the supervisor was unloading read /api/ps
+    together (one shared read); both saw the model gone, and the second's bookkeeping raised
+    KeyError, which dropped its client without an answer."""
+
+    class GoneFromPs:
+        def ps(self) -> list[object]:
+            time.sleep(0.05)  # both requests wait on the same read
+            return []
+
+    async def both() -> list[bool | None]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            gate = admission.Admission(
+                ollama=GoneFromPs(),  # type: ignore[arg-type]
+                room=None,  # type: ignore[arg-type]
+                executor=pool,
+                stats=Counters(),
+                wait_s=1.0,
+                params=EstimateParams(),
+                ps_ttl_s=0.5,
+                ps_max_stale_s=2.0,
+                load_hold_max_s=1.0,
+            )
+            gate.doom("llama3.2:latest")
+            return list(
+                await asyncio.gather(
+                    gate.is_resident("llama3.2:latest"),
+                    gate.is_resident("llama3.2:latest"),
+                )
+            )
+
+    assert asyncio.run(both()) == [False, False]

@@ -171,3 +171,59 @@ def test_pids_from_another_pid_namespace_are_reported_as_host_pids(
     finally:
         child.kill()
         child.wait()
+
+
+_FAULT_PROBE = textwrap.dedent("""
+    import json, pynvml
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    for step in ("before", "lost", "unknown", "after"):
+        input()  # the test sets the fault file before each step
+        try:
+            seen = pynvml.nvmlDeviceGetMemoryInfo(h).used
+        except pynvml.NVMLError as exc:
+            seen = type(exc).__name__
+        print(json.dumps([step, seen]), flush=True)
+""")
+
+
+def test_the_fault_file_makes_readings_fail_while_it_exists(libdir: Path, tmp_path: Path) -> None:
+    """SIM_NVML_FAULT: "lost" gives GPU_IS_LOST, anything else UNKNOWN; gone: readings again."""
+    state, fault = tmp_path / "gpu.json", tmp_path / "nvml-fault"
+    gpu = FileGpu(state, 8 * GIB)
+    try:
+        gpu.allocate("x", 4100, GIB)
+        env = {
+            **os.environ,
+            "LD_LIBRARY_PATH": str(libdir),
+            STATE_ENV: str(state),
+            "SIM_NVML_FAULT": str(fault),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FAULT_PROBE],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        seen = []
+        for content in (None, "lost", "error", None):
+            if content is None:
+                fault.unlink(missing_ok=True)
+            else:
+                fault.write_text(content)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            seen.append(json.loads(proc.stdout.readline()))
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        gpu.close()
+    assert seen == [
+        ["before", GIB],
+        ["lost", "NVMLError_GpuIsLost"],
+        ["unknown", "NVMLError_Unknown"],
+        ["after", GIB],
+    ]

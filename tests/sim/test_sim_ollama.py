@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+import types
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from supervisor.sim import Catalog, ModelSpec, OllamaConfig, SimHost
+from supervisor.sim import Catalog, ModelSpec, OllamaConfig, SimHost, ollama_sched
 from supervisor.sim.gpu import GIB
 from supervisor.sim.ollama_sched import Runner
 
@@ -252,6 +254,35 @@ def test_cpu_share_slows_generation(host: SimHost) -> None:
     # Ollama #14258: 29 % of layers on CPU made generation about 3.3x slower.
     assert 2.8 < spilled / full < 3.8
     assert cpu / full == pytest.approx(OllamaConfig().cpu_slowdown)
+
+
+def test_tokens_never_sleep_a_negative_time_on_a_busy_machine(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the soak: the token loop read the clock twice, and a thread descheduled
+    between the reads slept a negative time: ValueError, and the chat got a 500."""
+    assert host.fake_ollama is not None
+    sched = host.fake_ollama.sched
+    spec = host.catalog.model("llama3.1:8b")
+    assert spec is not None
+    runner = Runner(spec, 4096, -1, 1000, 1000, 300, "x", 0.0, threading.Semaphore())
+    per_token = sched.real_s(sched.seconds_per_token(runner))
+    # Each token: a reading 5 ms before it is due, then one 5 ms after (a busy machine).
+    readings = iter([0.0] + [k * per_token + d for k in range(1, 100) for d in (-0.005, 0.005)])
+    slept: list[float] = []
+
+    def monotonic() -> float:
+        return next(readings)
+
+    def sleep(seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        slept.append(seconds)
+
+    fake_time = types.SimpleNamespace(monotonic=monotonic, sleep=sleep, time=time.time)
+    monkeypatch.setattr(ollama_sched, "time", fake_time)
+    assert list(sched.tokens(runner, 20)) == list(range(20))
+    assert slept, "the check must have slept at least once"
 
 
 # --------------------------------------------------------------------------- unload

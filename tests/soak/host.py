@@ -1,0 +1,151 @@
+"""The soak's simulated host: one file-backed GPU, the fake Ollama and ComfyUI (restartable,
+as a crashed service comes back), a fault proxy in front of each, the fake NVML library and
+its fault file, and an outside process's allocation on the GPU.
+
+The supervisor reads the services through the proxies (`ollama_url`, `comfyui_url`) and the
+GPU through the fake `libnvidia-ml.so.1` (`nvml_env`). Image clients post to ComfyUI
+directly, so image work goes on while only the supervisor's view is broken.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from supervisor.sim import Catalog
+from supervisor.sim.comfyui import FakeComfyUI
+from supervisor.sim.comfyui_worker import ComfyConfig
+from supervisor.sim.gpu import GIB, SimGpu, open_gpu
+from supervisor.sim.httpbase import SimServer
+from supervisor.sim.nvml_build import STATE_ENV, build_fake_nvml
+from supervisor.sim.ollama import FakeOllama
+from supervisor.sim.ollama_sched import OllamaConfig
+from tests.soak.proxy import FaultProxy, ProxyLoop
+
+OUTSIDER = "outsider:cuda-app"
+NVML_FAULT_ENV = "SIM_NVML_FAULT"
+
+
+class SoakHost:
+    def __init__(self, workdir: Path, *, catalog: Catalog, time_scale: float, gpu_gib: float):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.catalog = catalog
+        self.scale = time_scale
+        self.state = workdir / "gpu.json"
+        self.state.unlink(missing_ok=True)
+        self.nvml_fault = workdir / "nvml-fault"
+        self.nvml_fault.unlink(missing_ok=True)
+        self.gpu: SimGpu = open_gpu(self.state, int(gpu_gib * GIB))
+        self.libdir = build_fake_nvml(workdir / "nvml").parent
+        self._lock = threading.Lock()
+        self.ollama: FakeOllama | None = None
+        self.comfy: FakeComfyUI | None = None
+        self._ollama_server: SimServer | None = None
+        self._comfy_server: SimServer | None = None
+        self._start_ollama()
+        self._start_comfy()
+        self._loop = ProxyLoop()
+        assert self._ollama_server is not None and self._comfy_server is not None
+        self.ollama_proxy: FaultProxy = self._loop.proxy("ollama", _address(self._ollama_server))
+        self.comfy_proxy: FaultProxy = self._loop.proxy("comfyui", _address(self._comfy_server))
+
+    # ------------------------------------------------------------------ services
+
+    def _start_ollama(self) -> None:
+        self.ollama = FakeOllama(self.gpu, self.catalog, OllamaConfig(time_scale=self.scale))
+        self._ollama_server = self.ollama.serve("127.0.0.1", 0)
+
+    def _start_comfy(self) -> None:
+        self.comfy = FakeComfyUI(self.gpu, self.catalog, ComfyConfig(time_scale=self.scale))
+        self._comfy_server = self.comfy.serve("127.0.0.1", 0)
+
+    def crash(self, service: str) -> None:
+        """The service's process dies: its port refuses, its VRAM comes back."""
+        fake: FakeOllama | FakeComfyUI | None
+        with self._lock:
+            if service == "ollama":
+                self.ollama_proxy.set("down")
+                server, fake = self._ollama_server, self.ollama
+                self._ollama_server, self.ollama = None, None
+            else:
+                self.comfy_proxy.set("down")
+                server, fake = self._comfy_server, self.comfy
+                self._comfy_server, self.comfy = None, None
+        if server is not None:
+            server.stop()
+        if fake is not None:
+            fake.close()
+
+    def come_back(self, service: str) -> None:
+        """A fresh process of the service (nothing loaded), behind the same URL."""
+        with self._lock:
+            if service == "ollama":
+                if self.ollama is None:
+                    self._start_ollama()
+                assert self._ollama_server is not None
+                self.ollama_proxy.upstream = _address(self._ollama_server)
+                self.ollama_proxy.set("pass")
+            else:
+                if self.comfy is None:
+                    self._start_comfy()
+                assert self._comfy_server is not None
+                self.comfy_proxy.upstream = _address(self._comfy_server)
+                self.comfy_proxy.set("pass")
+
+    def proxy(self, service: str) -> FaultProxy:
+        return self.ollama_proxy if service == "ollama" else self.comfy_proxy
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def ollama_url(self) -> str:
+        return self.ollama_proxy.url
+
+    @property
+    def comfyui_url(self) -> str:
+        return self.comfy_proxy.url
+
+    def direct_url(self, service: str) -> str | None:
+        """The service itself (None while it is down): for clients and for counters."""
+        with self._lock:
+            server = self._ollama_server if service == "ollama" else self._comfy_server
+            return server.url if server is not None else None
+
+    def nvml_env(self) -> dict[str, str]:
+        return {
+            "LD_LIBRARY_PATH": str(self.libdir),
+            STATE_ENV: str(self.state),
+            NVML_FAULT_ENV: str(self.nvml_fault),
+        }
+
+    # ------------------------------------------------------------------ GPU faults
+
+    def nvml_fail(self, how: str) -> None:
+        self.nvml_fault.write_text("lost" if how == "lost" else "error")
+
+    def nvml_ok(self) -> None:
+        self.nvml_fault.unlink(missing_ok=True)
+
+    def outsider_fill(self, nbytes: int) -> int:
+        """Another program takes VRAM (as much as is free, up to `nbytes`)."""
+        return self.gpu.allocate_partial(OUTSIDER, os.getpid(), nbytes)
+
+    def outsider_leave(self) -> None:
+        self.gpu.release(OUTSIDER)
+
+    def close(self) -> None:
+        self._loop.close()
+        for server in (self._ollama_server, self._comfy_server):
+            if server is not None:
+                server.stop()
+        for fake in (self.ollama, self.comfy):
+            if fake is not None:
+                fake.close()
+        self.gpu.close()
+
+
+def _address(server: SimServer) -> tuple[str, int]:
+    host, port = server.server_address[:2]
+    return (host.decode() if isinstance(host, bytes) else str(host), int(port))

@@ -1,0 +1,440 @@
+"""The soak's figures, its targets, and the report (Markdown and an SVG chart, no plotting
+library: the same hand-written SVG as the benchmark's chart)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from html import escape
+
+from tests.soak.faults import KINDS, OLLAMA_DOWN_KINDS, Fault
+from tests.soak.run import (
+    GRACE_REAL_S,
+    RSS_GROWTH_LIMIT,
+    SAFETY_CAP_PER_MIN,
+    SPILL_LIMIT_S,
+    Sample,
+    SoakRun,
+)
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Target:
+    name: str
+    value: str
+    target: str
+    met: bool
+
+
+@dataclass
+class Figures:
+    targets: list[Target] = field(default_factory=list)
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    resources: list[tuple[str, Sample, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # distinct ERROR/exception messages
+
+    @property
+    def failures(self) -> list[Target]:
+        return [t for t in self.targets if not t.met]
+
+
+def _windows(run: SoakRun, faults: Sequence[Fault], grace_s: float) -> list[tuple[float, float]]:
+    return [
+        (f.real_start, (f.real_end or f.real_start) + grace_s)
+        for f in faults
+        if f.real_start is not None
+    ]
+
+
+def _overlaps(a: float, b: float, windows: Sequence[tuple[float, float]]) -> bool:
+    return any(a <= hi and lo <= b for lo, hi in windows)
+
+
+def _max_per_window(times: Sequence[float], width: float) -> int:
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] > width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def evaluate(run: SoakRun) -> Figures:
+    fig = Figures()
+    scale = run.time_scale
+    all_faults = [f for f in run.faults if f.real_start is not None]
+    ollama_down = _windows(
+        run,
+        [f for f in all_faults if f.target == "ollama" and f.kind in OLLAMA_DOWN_KINDS],
+        GRACE_REAL_S,
+    )
+    any_fault = _windows(run, [f for f in all_faults if f.duration_s > 0], GRACE_REAL_S)
+
+    # Supervisor process and log.
+    log = [entry for _, entry in run.log]
+    exceptions = [
+        e
+        for e in log
+        if e.get("exception")
+        or e.get("level") == "CRITICAL"
+        or "Traceback" in str(e.get("message", ""))
+    ]
+    errors = [e for e in log if e.get("level") in ("ERROR", "CRITICAL")]
+    fig.errors = sorted({str(e.get("message", ""))[:200] for e in exceptions + errors})[:10]
+    fig.targets.append(
+        Target(
+            "supervisor crashes or restarts",
+            str(len(run.supervisor_exits)),
+            "0",
+            not run.supervisor_exits,
+        )
+    )
+    fig.targets.append(
+        Target("unhandled exceptions in the log", str(len(exceptions)), "0", not exceptions)
+    )
+
+    # Action storms, counted where the requests arrive.
+    width = 60 * scale
+    for service, kinds, what in (
+        ("comfyui", ("free",), "ComfyUI /free calls"),
+        ("ollama", ("unload",), "Ollama unloads"),
+    ):
+        times = [t for t, k in run.mutations.get(service, []) if k in kinds]
+        worst = _max_per_window(times, width)
+        fig.targets.append(
+            Target(
+                f"most {what} in any simulated minute ({len(times)} in all)",
+                str(worst),
+                f"<= {SAFETY_CAP_PER_MIN} (safety cap)",
+                worst <= SAFETY_CAP_PER_MIN,
+            )
+        )
+    preloads = [t for t, k in run.mutations.get("ollama", []) if k == "preload"]
+    fig.facts.append(
+        (
+            "Ollama preloads (heal reloads) received, most in a simulated minute",
+            f"{len(preloads)}, {_max_per_window(preloads, width)}",
+        )
+    )
+    restarts = sum(1 for e in log if "Restarted ComfyUI" in str(e.get("message", "")))
+    fig.targets.append(
+        Target(
+            "ComfyUI restarts during a running prompt (fixed URLs: no container to restart)",
+            str(restarts),
+            "0",
+            restarts == 0,
+        )
+    )
+    fig.facts.append(("actions on unlabelled containers", "n/a in the fixed-URL form (no Docker)"))
+
+    # The gate.
+    lost = [c for c in run.chats if c.outcome == "lost"]
+    # A failed answer that Ollama itself gave (the proxy tags every answer it relays or
+    # fabricates) is Ollama's; one without the tag is the gate's own.
+    failed = [c for c in run.chats if c.outcome not in ("ok", "lost")]
+    failed_up = [
+        c for c in failed if not c.from_upstream and not _overlaps(c.start, c.end, ollama_down)
+    ]
+    by_gate_down = [
+        c for c in failed if not c.from_upstream and _overlaps(c.start, c.end, ollama_down)
+    ]
+    by_ollama = [c for c in failed if c.from_upstream]
+    by_ollama_up = [c for c in by_ollama if not _overlaps(c.start, c.end, ollama_down)]
+    fig.targets.append(
+        Target(
+            f"chats through the gate lost (no answer at all), of {len(run.chats)}",
+            str(len(lost)),
+            "0",
+            not lost,
+        )
+    )
+    fig.targets.append(
+        Target(
+            "chats the gate itself answered 5xx (or garbage) while Ollama was up",
+            str(len(failed_up)),
+            "0",
+            not failed_up,
+        )
+    )
+    fig.facts.append(
+        (
+            "failed chats while Ollama was down, hung or broken: the gate's own 502s / "
+            "Ollama's answers passed on",
+            f"{len(by_gate_down)} / {len(by_ollama) - len(by_ollama_up)}",
+        )
+    )
+    fig.facts.append(
+        ("failed answers Ollama itself gave while no fault was on it", str(len(by_ollama_up)))
+    )
+    for c in (lost + failed_up + by_ollama_up)[:5]:
+        fig.errors.append(f"chat at {run.sim(c.start):.0f} s: {c.outcome} {c.status} {c.detail}")
+
+    # Frees that were needed and never sent: client loads that spilled while nothing was
+    # broken, and the gate did not say it waited for a busy ComfyUI (the policy: never
+    # interrupt a job under VRAM_PRIORITY=balanced).
+    busy_times = [
+        t
+        for t, e in run.log
+        if "still has work at the deadline" in str(e.get("message", ""))
+        or "Gate: waiting for ComfyUI" in str(e.get("message", ""))
+    ]
+    spilled_clean = spilled_busy = spilled_faults = 0
+    samples = run.samples
+    for prev, cur in itertools.pairwise(samples):
+        partial = (cur.loads - prev.loads) - (cur.loads_full - prev.loads_full)
+        if partial <= 0:
+            continue
+        span = cur.t - prev.t
+        if _overlaps(prev.t - span, cur.t, any_fault):
+            spilled_faults += partial
+        elif any(prev.t - span <= t <= cur.t + span for t in busy_times):
+            spilled_busy += partial
+        else:
+            spilled_clean += partial
+    fig.targets.append(
+        Target(
+            "frees needed and never sent (loads spilled with nothing broken, ComfyUI idle)",
+            str(spilled_clean),
+            "0",
+            spilled_clean == 0,
+        )
+    )
+    total_loads = samples[-1].loads if samples else 0
+    total_full = samples[-1].loads_full if samples else 0
+    fig.facts.append(
+        (
+            "Ollama loads fully on GPU; spilled during faults / while ComfyUI ran a job",
+            f"{total_full}/{total_loads}; {spilled_faults} / {spilled_busy}",
+        )
+    )
+
+    # Heals that never converged: a model spilled for longer than SPILL_LIMIT_S of
+    # simulated time with nothing broken.
+    stuck: list[str] = []
+    clean_spill: dict[str, float] = {}
+    for prev, cur in itertools.pairwise(samples):
+        for name in set(prev.spilled) & set(cur.spilled):
+            if not _overlaps(prev.t, cur.t, any_fault):
+                clean_spill[name] = clean_spill.get(name, 0.0) + (cur.sim_s - prev.sim_s)
+                if clean_spill[name] > SPILL_LIMIT_S and name not in stuck:
+                    stuck.append(f"{name} at {cur.sim_s:.0f} s")
+        for name in list(clean_spill):
+            if name not in cur.spilled:
+                del clean_spill[name]
+    fig.targets.append(
+        Target(
+            f"heals that never converged (spilled > {SPILL_LIMIT_S:.0f} s with nothing broken)",
+            str(len(stuck)) + (f": {', '.join(stuck[:3])}" if stuck else ""),
+            "0",
+            not stuck,
+        )
+    )
+    heals = {
+        r: int(
+            sum(
+                v
+                for k, v in run.metrics.items()
+                if k.startswith("vram_supervisor_heals_total") and f"result={r}" in k
+            )
+        )
+        for r in ("ok", "failed")
+    }
+    fig.facts.append(
+        ("heals ok / failed (the supervisor's /metrics)", f"{heals['ok']} / {heals['failed']}")
+    )
+
+    # Resources, at the quiet checkpoints.
+    during = [s for s in samples if s.sim_s <= run.hours * 3600]
+    by_name = {name: (sample, inflight) for name, sample, inflight in run.checkpoints}
+    empty = Sample(0, 0, 0, 0, 0, False, 0, 0, [], 0, 0)
+    start, _, end = (by_name.get(n, (empty, 0))[0] for n in ("start", "middle", "end"))
+    fig.resources = [(n, *by_name[n]) for n in ("start", "middle", "end") if n in by_name]
+    complete = len(fig.resources) == 3
+    growth = end.rss - start.rss
+    fig.targets.append(
+        Target(
+            "RSS growth, start to end",
+            f"{growth / MIB:+.1f} MiB",
+            "< 5 MB",
+            complete and growth < RSS_GROWTH_LIMIT,
+        )
+    )
+    fig.targets.append(
+        Target(
+            "threads, start to end",
+            f"{start.threads} -> {end.threads}",
+            "no growth",
+            complete and end.threads <= start.threads,
+        )
+    )
+    fig.targets.append(
+        Target(
+            "open file descriptors, start to end",
+            f"{start.fds} -> {end.fds}",
+            "no growth",
+            complete and end.fds <= start.fds,
+        )
+    )
+    unhealthy = [s for s in during if not s.healthy and not _overlaps(s.t - 1, s.t, any_fault)]
+    fig.facts.append(
+        (
+            "samples where /healthz was not 200 with nothing broken (of all samples)",
+            f"{len(unhealthy)} (of {len(during)})",
+        )
+    )
+    ok = sum(1 for c in run.chats if c.outcome == "ok")
+    fig.facts.append(("chats sent / answered 200", f"{len(run.chats)} / {ok}"))
+    fig.facts.append(
+        (
+            "image jobs sent / refused (ComfyUI down) / done",
+            f"{run.images_sent} / {run.images_refused} / {run.comfy_stats.get('jobs_done', '?')} "
+            "(done: by the last ComfyUI process)",
+        )
+    )
+    safety = sum(1 for e in log if "(safety limit)" in str(e.get("message", "")))
+    fig.facts.append(("actions the supervisor's safety limit refused", str(safety)))
+    fig.facts.append(
+        (
+            "supervisor log lines (WARNING / ERROR)",
+            f"{len(log)} ({sum(1 for e in log if e.get('level') == 'WARNING')} / {len(errors)})",
+        )
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _hms(sim_s: float) -> str:
+    s = int(sim_s)
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def markdown(run: SoakRun, fig: Figures, *, header: str = "") -> str:
+    wall = run.ended - run.started
+    lines = [header] if header else []
+    lines += [
+        f"{run.hours:g} simulated hours in {wall / 60:.1f} min of wall time (time scale "
+        f"{run.time_scale:g}), seed {run.seed}, the benchmark's mixed workload at {run.rate:g} "
+        f"times its rate, {len(run.faults)} faults (mean gap {run.fault_gap_s:g} simulated s). "
+        f"Fixed URLs (no Docker). Supervisor settings: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(run.settings.items()))
+        + ", the gate on, the safety limit scaled to 6 actions per simulated minute.",
+        "",
+        "| target | measured | goal | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {t.name} | {t.value} | {t.target} | {'yes' if t.met else '**NO**'} |"
+        for t in fig.targets
+    ]
+    lines += ["", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in fig.facts]
+    lines += [
+        "",
+        "| supervisor process, at a quiet moment | RSS | threads | open fds | chats in flight |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} (simulated {_hms(s.sim_s)}) | {s.rss / MIB:.1f} MiB | {s.threads} "
+        f"| {s.fds} | {inflight} |"
+        for name, s, inflight in fig.resources
+    ]
+    lines += [
+        "",
+        "Open descriptors by kind at the checkpoints: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.fd_kinds.items()))
+            for name, s, _ in fig.resources
+        )
+        + ".",
+    ]
+    if fig.errors:
+        lines += ["", "Errors seen:", ""] + [f"- `{e}`" for e in fig.errors]
+    lines += ["", "Faults injected (simulated time from the start):", ""]
+    lines += ["| at | fault | lasted (s) |", "| --- | --- | --- |"]
+    lines += [f"| {_hms(f.at_s)} | {f.describe()} | {f.duration_s:.0f} |" for f in run.faults]
+    counts = {k: sum(1 for f in run.faults if f.kind == k) for k in KINDS}
+    lines += ["", "By kind: " + ", ".join(f"{k} {n}" for k, n in counts.items()) + "."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- SVG
+
+
+def svg_chart(run: SoakRun, title: str) -> str:
+    """Four panels over simulated hours (RSS, threads, open fds, chats), faults shaded."""
+    samples = [s for s in run.samples if s.rss]
+    width, panel_h, left, top = 900, 120, 70, 40
+    panels = [
+        ("RSS (MiB)", [s.rss / MIB for s in samples], "#1f77b4"),
+        ("threads", [float(s.threads) for s in samples], "#2ca02c"),
+        ("open fds", [float(s.fds) for s in samples], "#9467bd"),
+        ("chats failed (cumulative)", [float(s.chats_failed) for s in samples], "#d62728"),
+    ]
+    height = top + len(panels) * (panel_h + 30) + 40
+    span = max(run.hours * 3600, 1.0)
+    plot_w = width - left - 20
+
+    def x(sim_s: float) -> float:
+        return left + plot_w * min(max(sim_s / span, 0.0), 1.0)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="20" font-size="14">{escape(title)}</text>',
+    ]
+    for i, (label, values, colour) in enumerate(panels):
+        y0 = top + i * (panel_h + 30)
+        out.append(f'<text x="{left}" y="{y0 - 4}">{escape(label)}</text>')
+        out.append(
+            f'<rect x="{left}" y="{y0}" width="{plot_w}" height="{panel_h}" '
+            'fill="none" stroke="#999"/>'
+        )
+        for f in run.faults:
+            if f.duration_s > 0:
+                w = max(x(f.end_s) - x(f.at_s), 1)
+                out.append(
+                    f'<rect x="{x(f.at_s):.1f}" y="{y0}" width="{w:.1f}" '
+                    f'height="{panel_h}" fill="#f4a582" opacity="0.35"><title>'
+                    f"{escape(f.describe())}</title></rect>"
+                )
+            else:
+                out.append(
+                    f'<line x1="{x(f.at_s):.1f}" x2="{x(f.at_s):.1f}" y1="{y0}" '
+                    f'y2="{y0 + panel_h}" stroke="#b2182b" stroke-dasharray="3,2"/>'
+                )
+        if not values:
+            continue
+        lo, hi = min(values), max(values)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 1, hi + 1
+        pad = (hi - lo) * 0.1
+        lo, hi = lo - pad, hi + pad
+        step = max(1, len(values) // 600)
+        points = " ".join(
+            f"{x(s.sim_s):.1f},{y0 + panel_h - panel_h * (v - lo) / (hi - lo):.1f}"
+            for s, v in list(zip(samples, values, strict=True))[::step]
+        )
+        out.append(
+            f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.2"/>'
+        )
+        for v in (lo + pad, hi - pad):
+            yy = y0 + panel_h - panel_h * (v - lo) / (hi - lo)
+            out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    base = top + len(panels) * (panel_h + 30) - 10
+    hours = int(run.hours)
+    tick = max(1, hours // 12)
+    for h in range(0, hours + 1, tick):
+        out.append(f'<text x="{x(h * 3600):.1f}" y="{base}" text-anchor="middle">{h} h</text>')
+    out.append(
+        f'<text x="{left}" y="{base + 20}">simulated hours; shaded: a fault, dashed: a clock '
+        f"step (hover for which)</text>"
+    )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

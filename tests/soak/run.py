@@ -1,0 +1,597 @@
+"""The soak: many simulated hours of a busy host with faults, against the real supervisor.
+
+    .venv/bin/python -m tests.soak --hours 24        # about 30 min of wall time
+
+See docs/soak.md. One `run_soak()` call: a `SoakHost` (fake Ollama and ComfyUI behind fault
+proxies, a file-backed GPU read through the fake NVML library), the real supervisor process
+(`python -m supervisor run` with the gate, through tests/soak/supervisor_main.py), the
+benchmark's mixed workload at `rate` times its rate (chats through the gate, image jobs to
+ComfyUI), and the seeded faults of faults.py. A sampler records the supervisor's RSS,
+threads and open descriptors, its health, the fake Ollama's counters and what /api/ps shows.
+`evaluate()` turns all that into the figures and the targets (report.py writes them out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.bench.supervisor_proc import ROOT, Supervisor, free_port, scaled_settings
+from tests.bench.workload import (
+    CHAT_MEAN_GAP_S,
+    GPU_TOTAL_GIB,
+    IMAGE_MEAN_GAP_S,
+    ChatEvent,
+    ImageEvent,
+    catalog,
+    image_prompt,
+    make_workload,
+)
+from tests.soak.faults import Fault, Injector, make_faults
+from tests.soak.host import SoakHost
+from tests.soak.proxy import UPSTREAM_HEADER
+
+SAFETY_CAP_PER_MIN = 6  # daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN, per simulated minute
+CLIENT_TIMEOUT_S = 120.0  # real seconds; far above any hold the gate may make
+GRACE_REAL_S = 2.0  # after an Ollama fault ends, before the upstream counts as up again
+SPILL_LIMIT_S = 1800.0  # simulated: a spill that outlives two heal cooldowns never converged
+RSS_GROWTH_LIMIT = 5 * 1024 * 1024
+CHECKPOINTS = (("start", 0.1), ("middle", 0.5))  # and "end", after the drain
+QUIET_WAIT_S = 1200.0  # simulated: the longest a checkpoint waits for chats to finish
+
+
+@dataclass
+class Chat:
+    start: float  # monotonic
+    end: float
+    status: int  # 0: no answer (lost)
+    outcome: str  # ok / bad-answer / 5xx / lost / 4xx
+    detail: str = ""
+    from_upstream: bool = False  # the answer came from Ollama (or its fault), not the gate
+
+
+@dataclass
+class Sample:
+    t: float  # monotonic
+    sim_s: float
+    rss: int
+    threads: int
+    fds: int
+    healthy: bool
+    loads: int
+    loads_full: int
+    spilled: list[str]
+    chats_ok: int
+    chats_failed: int
+    fd_kinds: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class SoakRun:
+    hours: float
+    time_scale: float
+    rate: float
+    seed: int
+    fault_gap_s: float
+    started: float = 0.0
+    ended: float = 0.0
+    faults: list[Fault] = field(default_factory=list)
+    chats: list[Chat] = field(default_factory=list)
+    images_sent: int = 0
+    images_refused: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    supervisor_exits: list[tuple[float, int]] = field(default_factory=list)
+    log: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    mutations: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    comfy_stats: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    checkpoints: list[tuple[str, Sample, int]] = field(
+        default_factory=list
+    )  # name, figures, in flight
+    paused_s: float = 0.0  # real seconds the schedule stood still for checkpoints
+
+    def sim(self, t: float) -> float:
+        """A monotonic time as simulated seconds of the schedule since the start."""
+        return (t - self.started - self.paused_s) / self.time_scale
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+def supervisor_settings(time_scale: float) -> dict[str, str]:
+    settings = scaled_settings(time_scale)
+    # Verification polls every 0.25 s (a real-time constant): give it a few looks.
+    settings["VRAM_VERIFY_TIMEOUT"] = f"{max(0.5, float(settings['VRAM_VERIFY_TIMEOUT'])):g}"
+    return settings
+
+
+def start_supervisor(host: SoakHost, run: SoakRun, clock_file: Path) -> Supervisor:
+    http_port, gate_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAM_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        DOCKER_HOST="unix:///nonexistent/vram-supervisor-soak.sock",
+        VRAM_HTTP_HOST="127.0.0.1",
+        VRAM_HTTP_PORT=str(http_port),
+        VRAM_LOG_FORMAT="json",
+        VRAM_OLLAMA_URL=host.ollama_url,
+        VRAM_COMFYUI_URL=host.comfyui_url,
+        VRAM_GATE_PORT=str(gate_port),
+        VRAM_GATE_HOST="127.0.0.1",
+        SOAK_TIME_SCALE=f"{run.time_scale:g}",
+        SOAK_CLOCK_FILE=str(clock_file),
+        **run.settings,
+        **host.nvml_env(),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.soak.supervisor_main"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sup = Supervisor(proc, http_port, gate_port)
+    sup.lines = run.log  # one log across restarts, should there be any
+    threading.Thread(target=sup._follow, daemon=True, name="supervisor-log").start()
+    try:
+        sup.wait_ready(60)
+    except BaseException:
+        sup.stop()
+        raise
+    return sup
+
+
+_TCP_STATES = {"01": "established", "06": "time-wait", "08": "close-wait", "0A": "listen"}
+
+
+def _tcp_sockets(pid: int) -> dict[str, tuple[str, int, int]]:
+    """socket inode -> (state, local port, remote port), from the process's /proc/net/tcp."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9:
+                state = _TCP_STATES.get(f[3], f[3])
+                out[f[9]] = (
+                    state,
+                    int(f[1].rsplit(":", 1)[1], 16),
+                    int(f[2].rsplit(":", 1)[1], 16),
+                )
+    return out
+
+
+def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
+    """Open descriptors by kind: pipe, anon_inode:[eventpoll], a file's path, or a TCP
+    socket by state and by which of `ports` (port -> name) it listens on or talks to."""
+    kinds: dict[str, int] = {}
+    tcp = _tcp_sockets(pid) if ports is not None else {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kind = target.split(":[", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+            inode = target[8:-1] if target.startswith("socket:[") else ""
+            if inode in tcp and ports is not None:
+                state, local, remote = tcp[inode]
+                if state == "listen":
+                    kind = f"listening ({ports.get(local, local)})"
+                elif local in ports:
+                    kind = f"from a client of {ports[local]} ({state})"
+                else:
+                    kind = f"to {ports.get(remote, remote)} ({state})"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    except OSError:
+        pass
+    return kinds
+
+
+def proc_figures(pid: int) -> tuple[int, int, int]:
+    """(RSS bytes, threads, open file descriptors) of a process, from /proc."""
+    rss = threads = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError):
+        return 0, 0, 0
+    return rss, threads, fds
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class Clients:
+    """Chat clients through the gate (one thread each, as independent clients), image jobs
+    straight to ComfyUI."""
+
+    def __init__(self, run: SoakRun, host: SoakHost, gate_url: Callable[[], str]) -> None:
+        self.run = run
+        self.host = host
+        self.gate_url = gate_url
+        self.lock = threading.Lock()
+        self.inflight = 0
+        self.ok = 0
+        self.failed = 0
+        self.client = self._new_client()
+        self.images = httpx.Client(timeout=5.0)
+
+    @staticmethod
+    def _new_client() -> httpx.Client:
+        return httpx.Client(
+            timeout=httpx.Timeout(10.0, read=CLIENT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=400, max_keepalive_connections=50),
+        )
+
+    def hang_up(self) -> None:
+        """Close the clients' idle keep-alive connections to the gate (a new pool from now)."""
+        old, self.client = self.client, self._new_client()
+        old.close()
+
+    def chat(self, event: ChatEvent) -> None:
+        with self.lock:
+            self.inflight += 1
+        threading.Thread(target=self._chat, args=(event,), daemon=True).start()
+
+    def _chat(self, event: ChatEvent) -> None:
+        body = {
+            "model": event.model,
+            "messages": [{"role": "user", "content": " ".join(["word"] * event.words)}],
+            "stream": False,
+            "options": {"num_predict": event.num_predict},
+        }
+        start = time.monotonic()
+        status, outcome, detail, upstream = 0, "lost", "", False
+        try:
+            r = self.client.post(f"{self.gate_url()}/api/chat", json=body)
+            status = r.status_code
+            upstream = UPSTREAM_HEADER in r.headers
+            if status == 200:
+                try:
+                    data = r.json()
+                    ok = isinstance(data, dict) and data.get("done") is True
+                except ValueError:
+                    ok = False
+                outcome, detail = ("ok", "") if ok else ("bad-answer", r.text[:120])
+            else:
+                outcome = "5xx" if status >= 500 else "4xx"
+                detail = r.text[:160]
+        except httpx.HTTPError as exc:
+            detail = f"{type(exc).__name__}: {exc}"[:160]
+        chat = Chat(start, time.monotonic(), status, outcome, detail, upstream)
+        with self.lock:
+            self.run.chats.append(chat)
+            self.inflight -= 1
+            if outcome == "ok":
+                self.ok += 1
+            else:
+                self.failed += 1
+
+    def image(self, event: ImageEvent) -> None:
+        url = self.host.direct_url("comfyui")
+        ok = False
+        if url is not None:
+            try:
+                ok = self.images.post(
+                    f"{url}/prompt", json={"prompt": image_prompt(event)}
+                ).is_success
+            except httpx.HTTPError:
+                ok = False
+        self.run.images_sent += 1
+        self.run.images_refused += int(not ok)
+
+    def close(self) -> None:
+        self.client.close()
+        self.images.close()
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+class Sampler:
+    def __init__(
+        self, run: SoakRun, host: SoakHost, clients: Clients, sup: Callable[[], Supervisor]
+    ):
+        self.run = run
+        self.host = host
+        self.clients = clients
+        self.sup = sup
+        self.http = httpx.Client(timeout=2.0)
+        self._base = (0, 0)  # counters of Ollama processes that have gone (restarts)
+        self._last = (0, 0)
+
+    def sample(self) -> None:
+        sup = self.sup()
+        rss, threads, fds = proc_figures(sup.pid)
+        try:
+            healthy = self.http.get(f"http://127.0.0.1:{sup.http_port}/healthz").is_success
+        except httpx.HTTPError:
+            healthy = False
+        loads, full, spilled = self._last[0], self._last[1], []
+        url = self.host.direct_url("ollama")
+        if url is not None:
+            try:
+                totals = self.http.get(f"{url}/sim/stats").json()["totals"]
+                cur = (int(totals["loads"]), int(totals["loads_full_gpu"]))
+                if cur[0] < self._last[0] - self._base[0]:
+                    self._base = self._last  # a fresh Ollama counts from 0
+                loads, full = self._base[0] + cur[0], self._base[1] + cur[1]
+                self._last = (loads, full)
+                for m in self.http.get(f"{url}/api/ps").json().get("models", []):
+                    if int(m.get("size_vram", 0)) < int(m.get("size", 0)):
+                        spilled.append(str(m.get("name")))
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+        now = time.monotonic()
+        with self.clients.lock:
+            ok, failed = self.clients.ok, self.clients.failed
+        self.run.samples.append(
+            Sample(
+                now, self.run.sim(now), rss, threads, fds, healthy, loads, full, spilled, ok, failed
+            )
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_soak(
+    *,
+    hours: float,
+    time_scale: float,
+    rate: float,
+    seed: int,
+    fault_gap_s: float,
+    workdir: Path,
+    sample_s: float = 60.0,
+    checkpoints: tuple[tuple[str, float], ...] = CHECKPOINTS,
+    progress: Callable[[str], None] = print,
+) -> SoakRun:
+    duration_s = hours * 3600
+    run = SoakRun(hours, time_scale, rate, seed, fault_gap_s)
+    run.settings = supervisor_settings(time_scale)
+    run.faults = make_faults(seed, duration_s, fault_gap_s)
+    clock_file = workdir / "clock-offset"
+    host = SoakHost(workdir, catalog=catalog(), time_scale=time_scale, gpu_gib=GPU_TOTAL_GIB)
+    injector = Injector(host, clock_file)
+    holder: dict[str, Supervisor] = {}
+    holder["sup"] = start_supervisor(host, run, clock_file)
+    clients = Clients(run, host, lambda: holder["sup"].gate_url)
+    sampler = Sampler(run, host, clients, lambda: holder["sup"])
+    try:
+        run.started = time.monotonic()
+        _drive(
+            checkpoints,
+            run,
+            host,
+            injector,
+            clients,
+            sampler,
+            holder,
+            clock_file,
+            duration_s,
+            sample_s,
+            progress,
+        )
+        # Drain: the last answers come in (simulated minutes), then the last figures.
+        checkpoint(run, clients, sampler, "end")
+        run.ended = time.monotonic()
+        sup = holder["sup"]
+        try:
+            run.metrics = sup.metrics()
+        except httpx.HTTPError:
+            run.metrics = {}
+        url = host.direct_url("comfyui")
+        if url is not None:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                run.comfy_stats = httpx.get(f"{url}/sim/stats", timeout=5).json()
+    finally:
+        code = holder["sup"].stop()
+        if code not in (0, -15):
+            run.supervisor_exits.append((time.monotonic(), code))
+        run.mutations = {
+            name: [(m.at, m.kind) for m in host.proxy(name).stats.mutations]
+            for name in ("ollama", "comfyui")
+        }
+
+        # Bounded: with many chats still queued (a host past its capacity), closing the
+        # clients' pool and the fakes can take long; the figures are in already.
+        def close_all() -> None:
+            clients.close()
+            sampler.close()
+            host.close()
+
+        closer = threading.Thread(
+            target=close_all,
+            daemon=True,
+            name="soak-cleanup",
+        )
+        closer.start()
+        closer.join(30)
+    return run
+
+
+def _drive(
+    checkpoint_at: tuple[tuple[str, float], ...],
+    run: SoakRun,
+    host: SoakHost,
+    injector: Injector,
+    clients: Clients,
+    sampler: Sampler,
+    holder: dict[str, Supervisor],
+    clock_file: Path,
+    duration_s: float,
+    sample_s: float,
+    progress: Callable[[str], None],
+) -> None:
+    scale = run.time_scale
+    hour_events: list[ChatEvent | ImageEvent] = []
+    next_hour = 0
+    pending = list(run.faults)
+    active: list[Fault] = []
+    next_sample = 0.0
+    next_progress = 0.0
+    checkpoints = [(name, at * duration_s) for name, at in checkpoint_at]
+    sampler.sample()
+    while True:
+        now_s = run.sim(time.monotonic())
+        if now_s >= duration_s:
+            break
+        if not hour_events and next_hour * 3600 < duration_s and now_s >= next_hour * 3600 - 1:
+            chunk = make_workload(
+                run.seed * 1000 + next_hour,
+                min(3600.0, duration_s - next_hour * 3600),
+                chat_gap_s=CHAT_MEAN_GAP_S / run.rate,
+                image_gap_s=IMAGE_MEAN_GAP_S / run.rate,
+            )
+            offset = next_hour * 3600
+            # `rate` times the requests and model switches; answers 1/rate as long, or one
+            # simulated Ollama could not serve them (2x the benchmark's rate at its own
+            # lengths already keeps its decode busy all the time).
+            hour_events = [
+                ChatEvent(
+                    e.at_s + offset, e.model, max(16, round(e.num_predict / run.rate)), e.words
+                )
+                if isinstance(e, ChatEvent)
+                else ImageEvent(e.at_s + offset, e.checkpoint, e.steps)
+                for e in chunk
+            ]
+            next_hour += 1
+        while hour_events and hour_events[0].at_s <= now_s:
+            event = hour_events.pop(0)
+            if isinstance(event, ChatEvent):
+                clients.chat(event)
+            else:
+                clients.image(event)
+        for fault in list(active):
+            if now_s >= fault.end_s:
+                injector.end(fault)
+                active.remove(fault)
+                fault.real_end = time.monotonic()
+        while pending and pending[0].at_s <= now_s:
+            fault = pending.pop(0)
+            fault.real_start = fault.real_end = time.monotonic()
+            injector.start(fault)
+            if fault.duration_s > 0:
+                active.append(fault)
+            progress(f"   {_hms(fault.at_s)} fault: {fault.describe()}, {fault.duration_s:.0f} s")
+        if checkpoints and now_s >= checkpoints[0][1]:
+            checkpoint(run, clients, sampler, checkpoints.pop(0)[0])
+            progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
+        if now_s >= next_sample:
+            sampler.sample()
+            next_sample = now_s + sample_s
+            sup = holder["sup"]
+            code = sup.proc.poll()
+            if code is not None:  # target 0; counted, then started again to go on
+                run.supervisor_exits.append((time.monotonic(), code))
+                progress(f"   {_hms(now_s)} THE SUPERVISOR EXITED with {code}; starting it again")
+                holder["sup"] = start_supervisor(host, run, clock_file)
+        if now_s >= next_progress:
+            s = run.samples[-1]
+            progress(
+                f"   {_hms(now_s)} chats ok {s.chats_ok}, failed {s.chats_failed}, in flight "
+                f"{clients.inflight}; RSS {s.rss / 2**20:.1f} MiB, {s.threads} threads, "
+                f"{s.fds} fds"
+            )
+            next_progress = now_s + 3600
+        waits = [duration_s]
+        if hour_events:
+            waits.append(hour_events[0].at_s)
+        if pending:
+            waits.append(pending[0].at_s)
+        waits += [f.end_s for f in active] + [next_sample]
+        time.sleep(max(0.0, min(0.05, (min(waits) - now_s) * scale)))
+    for fault in active:
+        injector.end(fault)
+        fault.real_end = time.monotonic()
+
+
+def checkpoint(run: SoakRun, clients: Clients, sampler: Sampler, name: str) -> None:
+    """The supervisor's RSS, threads and descriptors at a quiet moment: the schedule stands
+    still until no chat is in flight (at most QUIET_WAIT simulated seconds) and the clients
+    close their idle connections, so sockets that clients hold open are not counted as
+    growth; then the least of five readings (a pass's read threads come and go)."""
+    paused = time.monotonic()
+    deadline = paused + max(5.0, QUIET_WAIT_S * run.time_scale)
+    while clients.inflight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not clients.inflight:
+        clients.hang_up()  # idle keep-alive connections are the clients', not a leak
+    time.sleep(0.5)
+    readings = []
+    for _ in range(5):
+        sampler.sample()
+        readings.append(run.samples[-1])
+        time.sleep(0.2)
+    best = min(readings, key=lambda s: (s.fds, s.threads, s.rss))
+    best.rss = min(s.rss for s in readings)
+    sup = sampler.sup()
+    ports = {
+        sup.http_port: "http",
+        sup.gate_port or 0: "gate",
+        sampler.host.ollama_proxy.port: "Ollama",
+        sampler.host.comfy_proxy.port: "ComfyUI",
+    }
+    best.fd_kinds = fd_kinds(sup.pid, ports)
+    run.checkpoints.append((name, best, clients.inflight))
+    if name != "end":
+        run.paused_s += time.monotonic() - paused
+
+
+def _describe(cp: tuple[str, Sample, int]) -> str:
+    name, s, inflight = cp
+    return (
+        f"{name}: RSS {s.rss / 2**20:.1f} MiB, {s.threads} threads, {s.fds} fds "
+        f"({inflight} chats still in flight)"
+    )
+
+
+def _hms(sim_s: float) -> str:
+    s = int(sim_s)
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def save_raw(run: SoakRun, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "hours": run.hours,
+        "time_scale": run.time_scale,
+        "rate": run.rate,
+        "seed": run.seed,
+        "faults": [f.to_json() for f in run.faults],
+        "samples": [s.__dict__ | {"t": run.sim(s.t)} for s in run.samples],
+        "chats_failed": [
+            c.__dict__ | {"start": run.sim(c.start), "end": run.sim(c.end)}
+            for c in run.chats
+            if c.outcome != "ok"
+        ],
+        "metrics": run.metrics,
+        "supervisor_exits": run.supervisor_exits,
+    }
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")

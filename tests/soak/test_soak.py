@@ -1,0 +1,144 @@
+"""The soak's short form, and its machinery.
+
+`test_a_short_soak_meets_every_target` runs two simulated hours of the soak (about 2.5 min
+of wall time) with every kind of fault the fixed-URL form has, against the real supervisor
+process, and fails on any target missed, printing the whole report. The full run is
+`python -m tests.soak --hours 24` (docs/soak.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import socket
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.soak.faults import KINDS, make_faults
+from tests.soak.proxy import FaultProxy, ProxyLoop
+from tests.soak.report import _max_per_window, evaluate, markdown, svg_chart
+from tests.soak.run import run_soak
+
+
+def test_the_fault_schedule_is_seeded_and_has_every_kind_early() -> None:
+    faults = make_faults(1, 2 * 3600, 180)
+    assert faults == make_faults(1, 2 * 3600, 180)
+    assert faults != make_faults(2, 2 * 3600, 180)
+    assert {f.kind for f in faults} == set(KINDS)
+    for a, b in itertools.pairwise(faults):
+        assert b.at_s >= a.end_s, "one fault at a time"
+    assert faults[-1].end_s <= 2 * 3600 - 120
+
+
+def test_the_storm_window_counts_the_busiest_minute() -> None:
+    assert _max_per_window([], 60) == 0
+    assert _max_per_window([0, 10, 20, 100, 110, 119, 120, 125], 60) == 5
+    assert _max_per_window([0, 61, 122], 60) == 1
+
+
+class _Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxied() -> Iterator[FaultProxy]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    loop = ProxyLoop()
+    try:
+        yield loop.proxy("echo", ("127.0.0.1", server.server_address[1]))
+    finally:
+        loop.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_proxy_passes_breaks_and_counts(proxied: FaultProxy) -> None:
+    url = proxied.url
+    with httpx.Client(timeout=2.0) as c:
+        r = c.post(f"{url}/api/generate", json={"model": "m", "keep_alive": 0})
+        assert r.status_code == 200 and r.json()["keep_alive"] == 0
+        assert r.headers["connection"] == "close"
+        assert r.headers["x-soak-upstream"] == "1"  # the gate's own answers lack it
+        c.post(f"{url}/free", json={"unload_models": True})
+        c.post(f"{url}/api/chat", json={"model": "m", "messages": [{"role": "user"}]})
+        assert [m.kind for m in proxied.stats.mutations] == ["unload", "free"]
+
+        proxied.set("error")
+        time.sleep(0.05)
+        assert c.post(f"{url}/x", json={}).status_code == 500
+        proxied.set("garbage")
+        time.sleep(0.05)
+        r = c.post(f"{url}/api/ps", json={})
+        assert r.status_code == 200
+        with pytest.raises(ValueError):
+            r.json()
+        proxied.set("down")
+        time.sleep(0.05)
+        with pytest.raises(httpx.HTTPError):
+            c.post(f"{url}/x", json={})
+
+    proxied.set("hang")
+    time.sleep(0.05)
+    sock = socket.create_connection(("127.0.0.1", proxied.port), timeout=5)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        sock.recv(1)  # accepted, never answered
+    proxied.set("pass")
+    sock.settimeout(5)
+    assert sock.recv(1) == b""  # the hang ends: closed, never answered
+    sock.close()
+
+
+def test_proxy_modes_are_checked() -> None:
+    loop = ProxyLoop()
+    try:
+        proxy = loop.proxy("x", ("127.0.0.1", 9))
+        with pytest.raises(ValueError, match="unknown proxy mode"):
+            proxy.set("flaky")
+    finally:
+        loop.close()
+    assert isinstance(loop.loop, asyncio.AbstractEventLoop)
+
+
+@pytest.mark.timeout(480)  # 150 s of schedule, plus checkpoints that wait for quiet
+def test_a_short_soak_meets_every_target(tmp_path: Path) -> None:
+    if not shutil.which("cc") and not shutil.which("gcc"):
+        pytest.fail("the soak needs a C compiler for the fake libnvidia-ml.so.1 (install gcc)")
+    run = run_soak(
+        hours=2.0,
+        time_scale=0.02,
+        rate=1.0,
+        seed=1,
+        fault_gap_s=180.0,
+        workdir=tmp_path,
+        checkpoints=(("start", 0.3), ("middle", 0.65)),
+        progress=lambda line: None,
+    )
+    fig = evaluate(run)
+    report = markdown(run, fig)
+    print(report)
+    assert {f.kind for f in run.faults} == set(KINDS), "every kind of fault, at least once"
+    assert len(run.chats) > 500, "a busy host"
+    assert not fig.failures, report
+    ET.fromstring(svg_chart(run, "short soak"))  # the chart is well-formed SVG
