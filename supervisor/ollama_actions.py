@@ -4,8 +4,9 @@ Policy (the Actor's, see `supervisor.actions`): nothing is trusted on the word o
 Ollama's unload returns before the runner is gone, so both actions watch /api/ps until the
 model leaves it (VRAM_VERIFY_TIMEOUT); a heal also waits up to RECOVERY_WAIT_S for the VRAM
 to come back before it loads the model again, and gives up rather than reload into a GPU
-where the model would spill again. Both return an Outcome; adapter errors become a failed
-Outcome, never an exception.
+where the model would spill again; after the unload it waits (VRAM_VERIFY_TIMEOUT at most)
+for room a ComfyUI job took meanwhile before it reloads. Both return an Outcome; adapter
+errors become a failed Outcome, never an exception.
 
 Locking: an unload runs under the Actor's lock (the Actor calls it so). A heal takes the
 lock itself, only while it acts on the GPU: the ComfyUI free, the room check and the
@@ -103,6 +104,26 @@ def _wait_recovered(actor: Actor, gpus: tuple[str, ...], target_free: int) -> No
         free = actor.probe.free_bytes(gpus)
         if free is not None and free >= target_free:
             return
+
+
+def _wait_room(
+    actor: Actor, ollama: OllamaApi, model: str, gpus: tuple[str, ...], need: int
+) -> OllamaModel | None:
+    """Wait (VRAM_VERIFY_TIMEOUT at most) until `need` bytes are free for the reload; the
+    model as a request loaded it meanwhile, else None (room, or the time is up)."""
+    deadline = actor.clock() + actor.settings.verify_timeout_s
+    while True:
+        free = actor.probe.free_bytes(gpus)
+        if free is None or free >= need:
+            return None
+        try:
+            found = _find(ollama, model)
+        except ServiceError:
+            found = None
+        if found is not None:
+            return found
+        if actor.clock() >= deadline or not actor.wait(actor.poll_s):
+            return None
 
 
 def unload(actor: Actor, action: UnloadOllama) -> Outcome:
@@ -209,6 +230,15 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
             if grown:
                 with actor.lock:
                     _free_first(actor, replace(action, free_first=grown))
+            # A ComfyUI job that began meanwhile keeps the room until it ends (its free
+            # applies between prompts, api-facts 2.3): wait for the room, at most
+            # VRAM_VERIFY_TIMEOUT, rather than reload beside it and spill again. A
+            # request that loads the model meanwhile ends the wait; its load is judged.
+            loaded = _wait_room(actor, ollama, action.model, gpus, model.size_bytes + fit_target)
+            if loaded is not None:
+                return _judge(
+                    actor, action, start, model.gpu_fraction, model.size_vram_bytes, loaded
+                )
     if actor.is_stopping:
         return fail("the supervisor is stopping")
     try:

@@ -24,8 +24,12 @@ keep_alive 0 unload stays armed in Ollama (it happens when the request ends) and
 `record()` keeps a `HealWait`. `follow_heal_waits` carries it on, one reading per pass:
 the model left /api/ps -> reload it (HealOllama `reload_only`, with the keep-alive the
 heal saved; only ComfyUIs that took memory back are freed again); listed whole on the
-GPU -> a request loaded it first, healed; still listed after HEAL_WAIT_FACTOR x
-VRAM_VERIFY_TIMEOUT -> withdraw the unload (`withdraw`) and back off as for a failed heal.
+GPU -> a request loaded it first, healed; listed with another split -> a request loaded
+it again first, spilled: healed afresh as a new load; still listed after HEAL_WAIT_FACTOR x
+VRAM_VERIFY_TIMEOUT (HEAL_WAIT_SEVERE_FACTOR x for a model that was under
+HEAL_SEVERE_FRACTION on the GPU: its requests pile up at CPU speed, and the unload is
+better kept armed until they pause) -> withdraw the unload (`withdraw`) and back off as
+for a failed heal.
 No other heal or unload of that model runs meanwhile.
 """
 
@@ -60,8 +64,25 @@ from supervisor.units import GIB, format_bytes
 HEAL_BACKOFF_MAX = 8
 # ... unless this much more room could be made than at the last heal.
 HEAL_ROOM_GROWTH_BYTES = GIB
-# A heal waits for a busy model's request at most this many VRAM_VERIFY_TIMEOUTs.
+# A heal waits for a busy model's request at most this many VRAM_VERIFY_TIMEOUTs ...
 HEAL_WAIT_FACTOR = 10
+# ... or this many when the model was severely spilled: under HEAL_SEVERE_FRACTION on the
+# GPU. Each token then costs its GPU share plus its CPU share times the CPU's slowdown (many
+# times the GPU's), so such a model serves at a fraction of its speed and its requests pile
+# up; the armed unload takes effect between two of them (api-facts 1.6: Ollama unloads it
+# once no request is in flight, and a request without keep_alive leaves it armed), so it
+# is kept armed rather than withdrawn, which would leave the model slow until its
+# keep-alive ends.
+HEAL_WAIT_SEVERE_FACTOR = 60
+HEAL_SEVERE_FRACTION = 0.9
+# A listed model whose GPU share moved by more than this was loaded again.
+SPLIT_CHANGED = 0.005
+
+
+def heal_wait_bound_s(before_fraction: float, verify_timeout_s: float) -> float:
+    """How long a heal keeps its unload of a busy model armed before it withdraws it."""
+    severe = before_fraction < HEAL_SEVERE_FRACTION
+    return (HEAL_WAIT_SEVERE_FACTOR if severe else HEAL_WAIT_FACTOR) * verify_timeout_s
 
 
 def _landing_gpu(
@@ -219,7 +240,7 @@ def follow_heal_waits(p: Pass) -> None:
 
     Once the model has left /api/ps it is reloaded (HealOllama with `reload_only`). If it
     is listed whole on the GPU, a request loaded it again first and it is healed. If it is
-    still listed spilled after HEAL_WAIT_FACTOR x VRAM_VERIFY_TIMEOUT, the unload is
+    still listed spilled past `heal_wait_bound_s`, the unload is
     withdrawn (the model stays as it was) and the heal counts as one that did not help."""
     for w in list(p.heal_waits.values()):
         o = p.ollamas.get(w.target)
@@ -242,7 +263,18 @@ def follow_heal_waits(p: Pass) -> None:
             )
             p.backoffs.pop(f"heal|{w.key}", None)  # healed: the plain cooldown again
             del p.heal_waits[w.key]
-        elif p.now - w.since >= HEAL_WAIT_FACTOR * p.settings.verify_timeout_s:
+        elif w.before_fraction > 0 and abs(m.gpu_fraction - w.before_fraction) > SPLIT_CHANGED:
+            # The split is fixed until a reload (api-facts-2026 1): a request loaded it
+            # again between two passes, spilled again. The armed unload went with the
+            # old runner; this load is healed afresh (a new load, as in track_models).
+            p.notes.append(
+                f"Ollama model {w.model} was loaded again by a request before the heal "
+                f"reloaded it, again spilled: {m.gpu_fraction:.0%} on GPU"
+            )
+            del p.heal_waits[w.key]
+            p.heal_at.pop(w.key, None)
+            p.healed.discard((w.target, w.model))
+        elif p.now - w.since >= heal_wait_bound_s(w.before_fraction, p.settings.verify_timeout_s):
             _continue(
                 p,
                 w,

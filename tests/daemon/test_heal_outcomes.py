@@ -158,3 +158,31 @@ def test_a_reload_that_still_spills_reports_its_real_share(logs: list[str]) -> N
     assert has(logs, f"Partly healed Ollama model {MODEL}: 75% -> 90% on GPU")
     assert not outcome.ok
     assert not has(logs, "Healed Ollama model")
+
+
+def test_a_comfyui_job_started_during_the_unload_is_waited_for_not_spilled_beside(
+    logs: list[str],
+) -> None:
+    """ComfyUI starts a job (its weights back, 3 GiB) while the spilled runner shuts down:
+    the heal's second hard free applies only when the job ends (api-facts 2.3). Reloading
+    at once would spill again (about 75 %); the heal waits for the room (within
+    VRAM_VERIFY_TIMEOUT) and reloads the model whole."""
+    t = Tight()
+    runner_pid = t.ollama.pids[MODEL]
+    started: list[float] = []
+
+    def job(now: float) -> None:
+        if runner_pid not in t.gpu.held and not started:
+            started.append(now)
+            t.comfy.models_bytes = 3 * GIB
+            t.comfy._sync()
+            t.comfy.start_prompt(8.0)  # past the 5 s recovery wait, within the verify timeout
+
+    t.clock.tickers.append(job)
+    outcome = t.heal()
+    assert started  # the job did take the room back during the heal
+    assert len(t.comfy.free_calls) == 2  # freed again as it grew, applied after its job
+    healed = t.ollama.models[MODEL]
+    assert not healed.is_spilled, healed.gpu_fraction
+    assert outcome.ok and outcome.after_fraction == 1.0
+    assert has(logs, f"Healed Ollama model {MODEL}: 75% -> 100% on GPU")

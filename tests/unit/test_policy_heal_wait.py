@@ -36,14 +36,20 @@ from supervisor.model import (
     PolicyState,
 )
 from supervisor.policy import FAST_WAKE_S, decide, record
-from supervisor.policy.heal import HEAL_WAIT_FACTOR
+from supervisor.policy.heal import HEAL_SEVERE_FRACTION, HEAL_WAIT_FACTOR, HEAL_WAIT_SEVERE_FACTOR
 
 SPILLED = model("big:12b", 12, vram=4)
 OL = ollama(SPILLED)
 KEY = f"{OLLAMA}|big:12b"
 BKEY = f"heal|{KEY}"
 BOUND = HEAL_WAIT_FACTOR * settings().verify_timeout_s  # 100 s at the default 10 s
+SEVERE_BOUND = HEAL_WAIT_SEVERE_FACTOR * settings().verify_timeout_s  # 600 s
 WAIT = HealWait(KEY, OLLAMA, "big:12b", NOW - 20, 300, 4 / 12, (COMFY,), "GPU-0")
+# A mild spill: 11.5 of 12 GiB on the GPU, above HEAL_SEVERE_FRACTION.
+MILD = model("big:12b", 12, vram=11.5)
+OL_MILD = ollama(MILD)
+WAIT_MILD = replace(WAIT, before_fraction=11.5 / 12)
+assert WAIT_MILD.before_fraction >= HEAL_SEVERE_FRACTION > WAIT.before_fraction
 FREED = comfy(held=0.1)  # what the heal's hard free left
 ROOMY = gpu(9)  # after the unload: room for the whole model
 
@@ -68,20 +74,44 @@ CASES = [
         id="still-busy-waits-no-new-heal",
     ),
     pytest.param(
-        obs(OL, comfy(), gpus=(gpu(17),)),
-        waiting(replace(WAIT, since=NOW - 700)),  # cooldown over, bound not ...
+        obs(OL_MILD, comfy(), gpus=(gpu(17),)),
+        waiting(replace(WAIT_MILD, since=NOW - 700)),  # cooldown over, bound not ...
         ["withdraw:big:12b"],  # ... but the bound is: withdrawn
         "",
         False,
-        id="still-listed-past-the-bound-withdraws",
+        id="mild-spill-still-listed-past-the-bound-withdraws",
     ),
     pytest.param(
-        obs(OL, FREED, gpus=(gpu(17),)),
-        waiting(replace(WAIT, since=NOW - BOUND + 1)),
+        obs(OL_MILD, FREED, gpus=(gpu(17),)),
+        waiting(replace(WAIT_MILD, since=NOW - BOUND + 1)),
         [],
         "waits for its request to end",
         True,
-        id="just-inside-the-bound-waits",
+        id="mild-spill-just-inside-the-bound-waits",
+    ),
+    pytest.param(
+        obs(OL, FREED, gpus=(gpu(17),)),
+        waiting(replace(WAIT, since=NOW - BOUND - 100)),
+        [],
+        "waits for its request to end",
+        True,
+        id="severe-spill-past-the-mild-bound-keeps-the-unload-armed",
+    ),
+    pytest.param(
+        obs(OL, comfy(), gpus=(gpu(17),)),
+        waiting(replace(WAIT, since=NOW - SEVERE_BOUND)),
+        ["withdraw:big:12b"],
+        "",
+        False,
+        id="severe-spill-past-its-bound-withdraws",
+    ),
+    pytest.param(
+        obs(ollama(model("big:12b", 12, vram=7)), FREED, gpus=(gpu(12),)),
+        waiting(),  # the wait began at 4 of 12 GiB: another split is another load
+        ["heal:big:12b[]"],
+        "",
+        False,
+        id="reloaded-by-a-request-spilled-again-is-healed-afresh",
     ),
     pytest.param(gone(FREED), waiting(), ["reload:big:12b[]"], "", False, id="gone-reloads"),
     pytest.param(
