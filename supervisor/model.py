@@ -251,6 +251,9 @@ class ComfyObservation:
     gpu_uuids: tuple[str, ...] = ()
     vram_measured: bool = False  # vram_bytes is NVML's per-process figure (context included)
     mode: ComfyMode = ComfyMode.UNKNOWN
+    # vram_bytes is the Dynamic-VRAM bound from the whole device (no NVML): any other GPU
+    # user counts as ComfyUI's, so it may start a soft free but never a hard free or restart.
+    vram_is_estimate: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def estimate_reclaimable(comfy: ComfyObservation) -> int:
     - NVML's figure for its processes less a CUDA context (`vram_measured`), which shows
       Dynamic VRAM's weight pages too;
     - without NVML, the API figure in `vram_bytes` (torch's reserved bytes, or under
-      Dynamic VRAM the bound from the device figures).
+      Dynamic VRAM the bound from the device figures, `vram_is_estimate`: enough to start a
+      soft free, never a hard free or restart, see episodes.py).
     So the torch figures alone never make a ComfyUI that holds weights look empty. 0 for a
     ComfyUI on the CPU (its "vram" fields report system RAM) or when nothing is known."""
     stats = comfy.stats
