@@ -43,7 +43,11 @@ from tests.integration.harness import (
     tail,
     wait_until,
 )
-from tests.integration.namespaced_engine import engine_is_ours, run_in_a_namespaced_engine
+from tests.integration.namespaced_engine import (
+    DELEGATING_TIMEOUT_S,
+    engine_is_ours,
+    run_in_a_namespaced_engine,
+)
 
 pytest_plugins = ["tests.integration.harness"]
 pytestmark = [pytest.mark.integration]
@@ -166,6 +170,7 @@ def wait_for_log(pattern: str | re.Pattern[str], timeout_s: float) -> str:
     return line
 
 
+@pytest.mark.timeout(DELEGATING_TIMEOUT_S)
 def test_a_global_service_supervises_the_labelled_tasks_of_its_node(
     docker_host: str, base_image: str, request: pytest.FixtureRequest
 ) -> None:
