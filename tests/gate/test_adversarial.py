@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -659,7 +660,7 @@ def test_a_post_is_never_sent_twice(gate: Gate, raw: RawUpstream) -> None:
 def _close_wait_to(port: int) -> int:
     """This host's sockets in CLOSE_WAIT whose peer is 127.0.0.1:port (/proc/net/tcp)."""
     count = 0
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         remote, state = fields[2], fields[3]
         if state == "08" and remote == f"0100007F:{port:04X}":
