@@ -71,11 +71,13 @@ def docker_cli(*args: str, timeout_s: float = 120, check: bool = True) -> str:
 
 
 def stack_containers(client: docker.DockerClient, *stacks: str) -> list[Container]:
+    # sparse: no inspect per container, which races with Swarm removing a task's container
+    # (404 No such container between the list and the inspect).
     return [
         c
         for stack in stacks
         for c in client.containers.list(
-            all=True, filters={"label": f"com.docker.stack.namespace={stack}"}
+            all=True, sparse=True, filters={"label": f"com.docker.stack.namespace={stack}"}
         )
     ]
 
