@@ -99,20 +99,22 @@ def swarm(docker_client: docker.DockerClient) -> Iterator[str]:
         docker_cli("node", "update", "--label-add", "gpu=true", node)
         yield node
     finally:
-        docker_cli("stack", "rm", SUPERVISOR_STACK, SIMS_STACK, check=False)
-        deadline = time.monotonic() + 60
-        while stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
-            if time.monotonic() > deadline:
-                for container in stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
-                    with contextlib.suppress(APIError, NotFound):
-                        container.remove(force=True)
-                break
-            time.sleep(0.5)
-        print(docker_cli("swarm", "leave", "--force", check=False))
-        if not had_gwbridge:
-            with contextlib.suppress(APIError, NotFound):
-                for network in docker_client.networks.list(names=["docker_gwbridge"]):
-                    network.remove()
+        try:
+            docker_cli("stack", "rm", SUPERVISOR_STACK, SIMS_STACK, check=False)
+            deadline = time.monotonic() + 60
+            while stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
+                if time.monotonic() > deadline:
+                    for container in stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
+                        with contextlib.suppress(APIError, NotFound):
+                            container.remove(force=True)
+                    break
+                time.sleep(0.5)
+        finally:  # never leave the engine a swarm node, whatever failed above
+            print(docker_cli("swarm", "leave", "--force", check=False))
+            if not had_gwbridge:
+                with contextlib.suppress(APIError, NotFound):
+                    for network in docker_client.networks.list(names=["docker_gwbridge"]):
+                        network.remove()
 
 
 @dataclass
