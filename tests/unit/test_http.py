@@ -240,7 +240,7 @@ def test_a_silent_client_is_dropped_after_the_timeout() -> None:
 
 def _trickle(server: StatusServer, n: int, stop: threading.Event) -> list[socket.socket]:
     """n clients sending a request head one byte every 0.1 s (well under the timeout)."""
-    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(n)]
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(n)]
     head = b"GET /status HTTP/1.1\r\nX-Slow: " + b"a" * 10_000
 
     def send() -> None:
@@ -275,12 +275,19 @@ def test_healthz_answers_while_trickling_clients_hold_every_slot() -> None:
     stop = threading.Event()
     socks = _trickle(server, 3, stop)
     try:
-        time.sleep(0.3)
-        assert get(server, "/healthz")[0] == 200
+        deadline = time.monotonic() + 10
+        while get(server, "/status")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the server holds all three (accepted in its own time)
         assert get(server, "/status")[0] == 503
+        assert get(server, "/healthz")[0] == 200
         started = time.monotonic()
         assert all(_dropped(sock) for sock in socks)
-        assert time.monotonic() - started < 4
+        # Dropped while still trickling (the whole head would take 1000 s): the head
+        # deadline, not a read timeout, which every byte restarts.
+        assert time.monotonic() - started < 20
+        deadline = time.monotonic() + 10
+        while get(server, "/status")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)  # a slot is free once its thread has ended, just after the drop
         assert get(server, "/status")[0] == 200  # the slots came back
     finally:
         stop.set()
