@@ -18,7 +18,18 @@ loop. Once the socket is usable it starts the supervisor. Only `run` waits; `doc
 With no socket (fixed URLs, or `DOCKER_HOST=tcp://...` to a socket proxy) there is nothing
 to check: it drops to 10001 without a supplementary group and runs.
 
-Standard library only: this runs before every command, healthcheck included.
+Started as root WITHOUT the capabilities the drop needs (SETUID, SETGID: a `cap_drop:
+[ALL]` with no `cap_add`, or `docker run --cap-drop ALL`), setpriv could only fail, and a
+restart policy would make that a crash loop. Instead it logs ONE line naming the fix and,
+for `run`, waits until stopped (the healthcheck fails meanwhile), like the socket case;
+other commands exit 2 with that line.
+
+Standard library only. It runs before the container's command (`run`, or the arguments of
+`docker run IMAGE ...`); Docker's HEALTHCHECK and `docker exec` do not pass through the
+ENTRYPOINT, so they run as the image's user, root. For the healthcheck that does not
+matter: it only sends GET /healthz to the local HTTP port and touches neither the socket
+nor the GPU. For other commands in a running container, use `docker exec -u 10001 ...` or
+`docker exec CONTAINER vram-supervisor-entrypoint COMMAND`.
 """
 
 from __future__ import annotations
@@ -175,12 +186,59 @@ def wait_until_usable(
     log_line("INFO", f"The Docker socket {sock.path} is usable now; starting", env)
 
 
+# Capability bits setpriv needs to change uid and gid (linux/capability.h).
+DROP_CAPS = {6: "SETGID", 7: "SETUID"}
+
+
+def missing_drop_caps(proc_status: str) -> list[str]:
+    """Capabilities the drop needs that CapEff in /proc/self/status lacks (none when the
+    line cannot be read: then setpriv itself says what is wrong)."""
+    for line in proc_status.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                eff = int(line.split(":", 1)[1].strip(), 16)
+            except ValueError:
+                return []
+            return [name for bit, name in sorted(DROP_CAPS.items()) if not eff >> bit & 1]
+    return []
+
+
+def cannot_drop(missing: Sequence[str], args: Sequence[str]) -> str:
+    """The one line logged when root may not drop to uid 10001."""
+    caps = ", ".join(missing)
+    then = (
+        "Not starting (waiting until stopped; the healthcheck fails meanwhile)."
+        if args[0] == "run"
+        else "Not running it."
+    )
+    return (
+        f"Started as root without the capabilities {caps}, so it cannot drop to uid "
+        f"{RUN_AS_UID}: add `cap_add: [SETUID, SETGID]` next to `cap_drop: [ALL]` "
+        f"(docker run: --cap-add SETUID --cap-add SETGID), or run it as "
+        f'`user: "{RUN_AS_UID}:{RUN_AS_GID}"` with `group_add: ["<the socket\'s group>"]`. '
+        f"{then}"
+    )
+
+
+def _read_proc_status() -> str:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _stop(_signum: int, _frame: FrameType | None) -> None:
     # PID 1 ignores SIGTERM unless it asks for it: `docker stop` must end the wait at once.
     raise SystemExit(0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    read_status: Callable[[], str] = _read_proc_status,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or ["run"]
     env = os.environ
     try:
@@ -190,6 +248,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     sock = inspect_socket(socket_path(env))
     if os.getuid() == 0:
+        missing = missing_drop_caps(read_status())
+        if missing:
+            log_line("ERROR", cannot_drop(missing, args), env)
+            if args[0] != "run":
+                return EXIT_CONFIG
+            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGINT, _stop)
+            while True:  # no crash loop: the capabilities cannot come back in this process
+                sleep(3600)
         os.execvp("setpriv", drop_command(groups_for(env_gid, sock), args))
     if sock is not None and args[0] == "run":
         signal.signal(signal.SIGTERM, _stop)

@@ -3,8 +3,13 @@ page (`/` and `/ui`, the packaged file supervisor/ui/index.html, which polls /st
 
 A stdlib threaded server (a thread per connection, daemon threads) so a slow scraper can
 never block the loop, with bounds: at most `max_connections` connections are served at
-once (more get an immediate 503 without a thread), each socket times out after
-`timeout_s` of silence, and a client that leaves early is a debug line, not a traceback.
+once; a request's head must arrive whole within `timeout_s` of the connection (a client
+trickling bytes is dropped then, not kept for ever), and each later read or write times
+out after `timeout_s` of silence. When every slot is taken, RESERVED_HEALTH more
+connections are read (with a head deadline of at most HEALTH_HEAD_S) and answered only
+for /healthz, so slow clients cannot make Docker's healthcheck fail; beyond those a
+connection gets an immediate 503 without a thread. A client that leaves early is a
+debug line, not a traceback.
 It only reads: health and status come from callables the daemon provides, metrics from
 the registry passed in. Binding fails loudly (OSError) at
 construction, so the CLI can exit 3 when the port is taken.
@@ -32,12 +37,22 @@ Snapshot = Callable[[], dict[str, Any]]
 
 MAX_CONNECTIONS = 16
 TIMEOUT_S = 10.0
+# Connections beyond MAX_CONNECTIONS kept for /healthz, and their head deadline.
+RESERVED_HEALTH = 2
+HEALTH_HEAD_S = 2.0
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Content-Length: 29\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
     b'{"error": "too many clients"}'
 )
+_BUSY_BODY = b'{"error": "too many clients"}'
 _CLIENT_LEFT = (ConnectionError, TimeoutError)
+
+
+def _answer_busy(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # busy: answered at once, no thread
+        request.settimeout(1.0)
+        request.sendall(_BUSY)
 
 
 class _Server(ThreadingHTTPServer):
@@ -61,26 +76,44 @@ class _Server(ThreadingHTTPServer):
         self.registry = registry
         self.timeout_s = timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._health_slots = threading.BoundedSemaphore(RESERVED_HEALTH)
+        self.conn = threading.local()  # per connection thread: is it on a /healthz slot?
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):  # busy: answered at once, no thread
-                request.settimeout(1.0)
-                request.sendall(_BUSY)
-            self.shutdown_request(request)
-            return
+        slots, health_only = self._slots, False
+        if not slots.acquire(blocking=False):
+            slots, health_only = self._health_slots, True
+            if not slots.acquire(blocking=False):
+                _answer_busy(request)
+                self.shutdown_request(request)
+                return
         try:
-            super().process_request(request, client_address)
+            threading.Thread(
+                target=self._serve,
+                args=(request, client_address, slots, health_only),
+                daemon=True,
+            ).start()
         except BaseException:
-            self._slots.release()
+            slots.release()
+            self.shutdown_request(request)
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve(
+        self,
+        request: Any,
+        client_address: Any,
+        slots: threading.BoundedSemaphore,
+        health_only: bool,
+    ) -> None:
+        self.conn.health_only = health_only
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._slots.release()
+            self.shutdown_request(request)
+            slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -96,12 +129,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.timeout_s)
+        self.health_only = bool(getattr(self.server.conn, "health_only", False))
+        timeout_s = self.server.timeout_s
+        head_s = min(timeout_s, HEALTH_HEAD_S) if self.health_only else timeout_s
+        self.connection.settimeout(timeout_s)
+        # The whole head within head_s, however the bytes trickle in (a read timeout alone
+        # restarts with every byte).
+        self._head_deadline = threading.Timer(head_s, self._drop)
+        self._head_deadline.daemon = True
+        self._head_deadline.start()
+
+    def _drop(self) -> None:
+        logger.debug(f"HTTP {self.address_string()}: no whole request head in time, dropped")
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # reads the header lines
+        self._head_deadline.cancel()  # the head is in
+        return ok
+
+    def finish(self) -> None:
+        self._head_deadline.cancel()
+        super().finish()
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
-            if path == "/healthz":
+            if self.health_only and path != "/healthz":
+                self.close_connection = True
+                self._send(503, _BUSY_BODY, "application/json")
+            elif path == "/healthz":
                 ok, body = self.server.health()
                 self._send(200 if ok else 503, _json(body), "application/json")
             elif path == "/status":

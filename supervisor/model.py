@@ -101,6 +101,9 @@ class ServiceSpec:
     url: str  # base URL, no trailing slash
     container_id: str | None = None  # None: a fixed URL with no container behind it
     restart_allowed: bool | None = None  # `vram-supervisor.restart`; None: use the env default
+    # Why a restart is never allowed whatever the label and VRAM_RESTART_FALLBACK say
+    # (a Swarm task), named in the restart guard's message; None: no such reason.
+    restart_block: str | None = None
     gpu_uuids: tuple[str, ...] = ()  # GPUs granted by Docker (DeviceRequests); () = unknown/all
     # Ollama: the settings of its Config.Env that change a load's need (ollama_profile.ENV_KEYS)
     env: tuple[tuple[str, str], ...] = ()
@@ -251,6 +254,9 @@ class ComfyObservation:
     gpu_uuids: tuple[str, ...] = ()
     vram_measured: bool = False  # vram_bytes is NVML's per-process figure (context included)
     mode: ComfyMode = ComfyMode.UNKNOWN
+    # vram_bytes is the Dynamic-VRAM bound from the whole device (no NVML): any other GPU
+    # user counts as ComfyUI's, so it may start a soft free but never a hard free or restart.
+    vram_is_estimate: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ Policy:
   /system_stats on every pass and logged when first seen and whenever they change: a
   recreated container (an upgrade) is detected again. Under Dynamic VRAM without an NVML
   figure, what it holds is bounded from the device (`comfy_dynamic_bound`), because its
-  torch figures do not show its weights.
+  torch figures do not show its weights. That figure is marked `vram_is_estimate` (other
+  GPU users count in it), and is left out (None) in a pass where an Ollama's /api/ps
+  failed, whose weights would otherwise count as ComfyUI's.
 """
 
 from __future__ import annotations
@@ -225,6 +227,9 @@ class Observer:
                 service.version = version
         stats = [r.stats for r in reads.values() if r.stats is not None]
         models = [m for r in reads.values() for m in r.models or ()]
+        ollama_failed = any(
+            s.spec.role is Role.OLLAMA and reads[s.spec.key].models is None for s in running
+        )
         source, gpus, processes = self._read_vram(stats, models)
         attributed = self._attribute(processes, running) if processes is not None else {}
         measured = self._measured(processes or ())
@@ -281,7 +286,8 @@ class Observer:
                 elif read.stats is None:
                     vram = None
                 elif mode is ComfyMode.DYNAMIC:
-                    vram = comfy_dynamic_bound(read.stats, models)
+                    # A failed /api/ps would put that Ollama's weights in ComfyUI's figure.
+                    vram = None if ollama_failed else comfy_dynamic_bound(read.stats, models)
                 else:
                     vram = comfy_vram_bytes(read.stats)
                 comfyuis.append(
@@ -293,6 +299,9 @@ class Observer:
                         gpu_uuids,
                         vram_measured=nvml_bytes is not None,
                         mode=mode,
+                        vram_is_estimate=(
+                            nvml_bytes is None and mode is ComfyMode.DYNAMIC and vram is not None
+                        ),
                     )
                 )
 

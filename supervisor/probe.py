@@ -4,8 +4,9 @@ Policy: the narrowest reading that works. For a ComfyUI: the NVML memory of its
 container's processes (when NVML lists them with a figure: not on WSL2 or under WDDM),
 else from its /system_stats (CUDA only): torch's reserved bytes in classic mode; under
 Dynamic VRAM, whose weights torch does not see, the device bound (used memory less what
-Ollama's /api/ps holds and the contexts, plus ComfyUI's own context), or the device's used
-bytes (`is_device_wide`) when Ollama cannot be read; else the GPU's used bytes from NVML
+Ollama's /api/ps holds and the contexts, plus ComfyUI's own context; `is_device_wide`, as
+other GPU users count in it), or the device's used bytes (`is_device_wide`) when Ollama
+cannot be read; else the GPU's used bytes from NVML
 (`is_device_wide`, other processes included). Free VRAM: NVML, the best of the GPUs asked
 about (of any GPU when none is known), else ComfyUI's vram_free less torch's cache.
 A failed reading is logged at DEBUG and the next source is tried; None when none works.
@@ -85,7 +86,9 @@ class LiveProbe:
             total = stats.vram_total_bytes
             free = max(0, stats.vram_free_bytes - stats.torch_cached_bytes)
             return Reading(max(0, total - free), is_device_wide=True)
-        return Reading(comfy_dynamic_bound(stats, models) + CUDA_CONTEXT_BYTES)
+        # A bound, not ComfyUI's own figure: other GPU users count in it, so it must never
+        # say "holds nothing" (it is compared only with readings of its own kind).
+        return Reading(comfy_dynamic_bound(stats, models) + CUDA_CONTEXT_BYTES, is_device_wide=True)
 
     def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
         gpu = self._observer.gpu

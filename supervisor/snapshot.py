@@ -135,4 +135,6 @@ def comfy_json(c: ComfyObservation) -> dict[str, Any]:
         "device_type": stats.device_type if stats else None,
         "device_name": stats.device_name if stats else None,
         "vram_measured": c.vram_measured,
+        # vram_bytes is the Dynamic-VRAM bound from the whole device (no NVML).
+        "vram_is_estimate": c.vram_is_estimate,
     }

@@ -59,6 +59,10 @@ _HEALTH = {h.value: h for h in ServiceHealth}
 
 # Set by Swarm on the container of every service task.
 SWARM_TASK_LABEL = "com.docker.swarm.task.id"
+SWARM_TASK_BLOCK = (
+    "it is a Swarm task (Swarm would count a restart as a failed task and start a second "
+    "container beside it)"
+)
 
 
 def default_client_factory(base_url: str | None, timeout_s: float) -> ClientFactory:
@@ -302,7 +306,7 @@ class DockerAdapter:
             return None
         if spec is None:
             return None
-        if SWARM_TASK_LABEL in labels and spec.restart_allowed is not False:
+        if SWARM_TASK_LABEL in labels:
             # Measured on Engine 20.10: `docker restart` of a task's container brings it
             # back, but Swarm marks the task failed and starts a second container beside it.
             if spec.restart_allowed:
@@ -312,7 +316,7 @@ class DockerAdapter:
                     "whatever vram-supervisor.restart says (Swarm would count the restart "
                     "as a failed task and start a second container beside it)",
                 )
-            spec = replace(spec, restart_allowed=False)
+            spec = replace(spec, restart_allowed=False, restart_block=SWARM_TASK_BLOCK)
         env = config.get("Env")
         spec = replace(
             spec,

@@ -163,9 +163,12 @@ class Pool:
         stream.is_idle = True
 
         def lost() -> None:
+            # The upstream closed an idle connection: close ours now, not when the GC
+            # breaks the transport/protocol cycle (till then a socket in CLOSE_WAIT).
             with_conn = self._idle.get(conn.origin)
             if with_conn is not None and conn in with_conn:
                 with_conn.remove(conn)
+                conn.close()
 
         stream.on_lost = lost
         idle.append(conn)

@@ -21,6 +21,11 @@ that nobody needs room from). A failed guard is named in `reasons_skipped`; a tr
 (busy, queue unknown) keeps the episode waiting, a lasting one closes it. A restart
 attempt counts for the cooldown even if refused when acted on: no restart loops.
 
+Estimates: a Dynamic-VRAM ComfyUI without NVML has only a figure bounded from the whole
+device (`vram_is_estimate`: other GPU users count in it). It may get a soft free (which
+releases Dynamic VRAM weights), never a hard free or a restart on that figure: a soft free
+that left it PINNED, or the GPU still high, closes the episode as "cannot tell".
+
 Pinned hold: a ComfyUI that kept its memory after a hard free (PINNED) and may not be
 restarted (a lasting refusal: not allowed, not a container, restart cooldown) would
 otherwise get a soft and a hard free every VRAM_MIN_FREE_INTERVAL, each hard free dropping
@@ -55,6 +60,11 @@ from supervisor.policy.guards import (
 )
 from supervisor.policy.scratch import Pass, Want
 from supervisor.units import format_bytes
+
+_CANNOT_TELL = (
+    "cannot tell whether it holds more: without NVML its figure is an estimate from the "
+    "whole GPU (other GPU users count in it), so no hard free or restart follows"
+)
 
 
 def close_episode(p: Pass, key: str, why: str) -> None:
@@ -91,7 +101,9 @@ def advance_episodes(p: Pass) -> None:
         elif ep.last_result is FreeResult.FREED:
             _settle_freed(p, c, ep)
         elif ep.last_result is FreeResult.PINNED:
-            if ep.stage is FreeStage.SOFT:
+            if c.vram_is_estimate:
+                close_episode(p, key, _CANNOT_TELL)
+            elif ep.stage is FreeStage.SOFT:
                 _escalate(p, c, ep, "the soft free released nothing", keep_if_blocked=True)
             elif not try_restart(p, c, ep, "the hard free released nothing") and (
                 key not in p.episodes  # closed: the refusal lasts
@@ -118,6 +130,8 @@ def _settle_freed(p: Pass, c: ComfyObservation, ep: Episode) -> None:
         close_episode(p, key, f"freed, GPU {g.index} at {pct:.0f}%")
     elif estimate_reclaimable(c) <= MIN_RECLAIMABLE_BYTES:
         close_episode(p, key, f"GPU {g.index} still at {pct:.0f}% but {key} holds nothing more")
+    elif c.vram_is_estimate:
+        close_episode(p, key, f"GPU {g.index} still at {pct:.0f}%; {_CANNOT_TELL}")
     else:
         why = f"GPU {g.index} still at {pct:.0f}% (aggressive {aggressive:g}%) after the soft free"
         _escalate(p, c, ep, why, keep_if_blocked=False)

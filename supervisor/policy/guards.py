@@ -4,8 +4,8 @@ The thresholds, how much a /free could give back, which GPUs a service uses, whe
 ComfyUI may be freed now and which restart guards it fails. The rule modules (triggers,
 heal, episodes) ask these questions; none of them changes state.
 
-Restart (RestartComfy) only when every guard holds: allowed (label, else
-VRAM_RESTART_FALLBACK), a container, running, cooldown passed, and either its queue is
+Restart (RestartComfy) only when every guard holds: allowed (not a Swarm task, then the
+label, else VRAM_RESTART_FALLBACK), a container, running, cooldown passed, and either its queue is
 known and empty or its API has been dead for DEAD_API_CHECKS passes (and Docker's health
 is not "starting": slow starters are not restarted). A failed guard is named as a
 sentence; a transient one (busy, queue unknown) is marked so an episode can keep waiting.
@@ -48,7 +48,8 @@ def estimate_reclaimable(comfy: ComfyObservation) -> int:
     - NVML's figure for its processes less a CUDA context (`vram_measured`), which shows
       Dynamic VRAM's weight pages too;
     - without NVML, the API figure in `vram_bytes` (torch's reserved bytes, or under
-      Dynamic VRAM the bound from the device figures).
+      Dynamic VRAM the bound from the device figures, `vram_is_estimate`: enough to start a
+      soft free, never a hard free or restart, see episodes.py).
     So the torch figures alone never make a ComfyUI that holds weights look empty. 0 for a
     ComfyUI on the CPU (its "vram" fields report system RAM) or when nothing is known."""
     stats = comfy.stats
@@ -117,7 +118,9 @@ def restart_guards(
     """Failed guards as (is_transient, sentence); `last_restart_at`: its latest restart."""
     st, spec = comfy.status, comfy.status.spec
     failed: list[tuple[bool, str]] = []
-    if spec.restart_allowed is False:
+    if spec.restart_block is not None:
+        failed.append((False, f"restart is not allowed: {spec.restart_block}"))
+    elif spec.restart_allowed is False:
         failed.append((False, "restart is not allowed (label vram-supervisor.restart=false)"))
     elif spec.restart_allowed is None and not settings.restart_fallback:
         failed.append(

@@ -530,3 +530,24 @@ def test_a_pass_waiting_on_a_hung_service_still_counts_as_alive(world: World) ->
     daemon.run_once()
     assert seen == [True, False]
     assert daemon.health()[0]  # the pass ended: fresh again
+
+
+def test_without_nvml_a_dynamic_vram_estimate_that_is_right_is_freed_by_a_soft_free(
+    world: World, logs: list[str]
+) -> None:
+    """The device bound is only an estimate, but when ComfyUI really holds its weights a soft
+    free (unload_models) releases them (api-facts-2026 section 2): freed and verified, no
+    hard free."""
+    world.comfy.dynamic_vram = True
+    daemon = world.daemon(nvml=False)
+    daemon.run_once()
+    world.ollama.load("llama3.2:latest")
+    world.clock.sleep(1)
+    daemon.run_once()
+    assert world.comfy.free_calls == [(True, False)]
+    assert has(logs, "Freed ComfyUI memory (soft)")
+    recent = daemon.snapshot()["recent_actions"]
+    assert recent[-1]["action"] == "FreeComfy" and recent[-1]["result"] == "freed"
+    world.clock.sleep(1)
+    daemon.run_once()
+    assert world.comfy.free_calls == [(True, False)]  # no hard free after it

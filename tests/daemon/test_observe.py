@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.errors import DockerUnavailable
+from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import ComfyMode, FreeComfy, FreeResult, FreeStage, GpuMemory, VramSource
 from supervisor.observe import resolve_gpu_ids
 from tests.daemon.conftest import World, comfy_api_figure
@@ -252,3 +252,24 @@ def test_a_dynamic_vram_comfyui_is_measured_by_nvml_when_it_lists_processes(
     [comfy] = obs.comfyuis
     assert comfy.vram_measured and comfy.mode is ComfyMode.DYNAMIC
     assert comfy.vram_bytes == 11 * GIB + FakeComfy.CONTEXT_BYTES  # NVML: weights + context
+
+
+def test_a_dynamic_vram_figure_without_nvml_is_an_estimate_and_none_when_ollama_failed(
+    world: World,
+) -> None:
+    """Without NVML the Dynamic-VRAM figure is bounded from the whole device: it is marked
+    an estimate, and given no figure in a pass where Ollama's /api/ps failed (its weights
+    would count as ComfyUI's)."""
+    world.comfy.dynamic_vram = True
+    daemon = world.daemon(nvml=False)
+    [comfy] = daemon.observe().comfyuis
+    assert comfy.vram_bytes is not None and comfy.vram_is_estimate
+    [shown] = daemon.snapshot()["comfyui"]
+    assert shown["vram_is_estimate"] is True
+    world.ollama.fail = ServiceError("ollama", "connection refused")
+    [comfy] = daemon.observe().comfyuis
+    assert comfy.vram_bytes is None and not comfy.vram_is_estimate
+    world.ollama.fail = None
+    world.comfy.dynamic_vram = False
+    [comfy] = daemon.observe().comfyuis
+    assert comfy.vram_bytes is not None and not comfy.vram_is_estimate

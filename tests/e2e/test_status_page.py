@@ -71,6 +71,15 @@ def number(value: float) -> str:
     return f"{value:g}"
 
 
+def held_text(tenant: dict[str, Any]) -> str:
+    """What the page says a tenant holds: no bytes for a ComfyUI on the CPU (its "vram"
+    figures are system RAM), and an estimate (Dynamic VRAM without NVML) marked so."""
+    if tenant.get("mode") == "cpu" or tenant.get("device_type") == "cpu":
+        return "on the CPU, no VRAM"
+    estimate = " (estimate)" if tenant.get("vram_is_estimate") else ""
+    return format_bytes(tenant["vram_bytes"]) + estimate
+
+
 def assert_page_matches(page: Node, status: dict[str, Any]) -> None:
     assert page.find("span", id="updated").attrs["data-state"] == "ok"
     tenants = [*status["ollama"], *status["comfyui"]]
@@ -96,7 +105,7 @@ def assert_page_matches(page: Node, status: dict[str, Any]) -> None:
         assert segment.attrs["data-bytes"] == str(tenant["vram_bytes"])
         assert f"width:{pct(tenant['vram_bytes'], gpu['total_bytes'])}" in segment.attrs["style"]
         legend = bar.find("span", data_legend=tenant["key"]).text
-        assert legend.endswith(f"{tenant['name']} {format_bytes(tenant['vram_bytes'])}")
+        assert legend.endswith(f"{tenant['name']} {held_text(tenant)}")
     held = sum(t["vram_bytes"] for t in holding)
     assert segments[-2].attrs["data-bytes"] == str(max(0, gpu["used_bytes"] - held))
     assert bar.find("span", data_legend="(free)").text == f"free {format_bytes(gpu['free_bytes'])}"
@@ -110,7 +119,10 @@ def assert_page_matches(page: Node, status: dict[str, Any]) -> None:
         assert cells[1].text == tenant["name"]
         assert cells[2].text == "fixed URL"
         assert cells[3].text == ("yes" if tenant["reachable"] else f"no: {tenant['error']}")
-        assert cells[5].text == format_bytes(tenant["vram_bytes"])
+        assert cells[5].text.startswith(held_text(tenant))
+        assert (cells[5].attrs.get("data-estimate") == "true") is bool(
+            tenant.get("vram_is_estimate")
+        )
     [ollama] = status["ollama"]
     shown = rows[0].find_all("li", data_model=None)
     assert [li.attrs["data-model"] for li in shown] == [m["name"] for m in ollama["models"]]
@@ -120,6 +132,9 @@ def assert_page_matches(page: Node, status: dict[str, Any]) -> None:
             li.text
         )
     [comfy] = status["comfyui"]
+    mode = rows[1].find("div", data_mode=comfy["mode"])
+    assert mode.text.startswith(f"ComfyUI {comfy['version']}, ")
+    assert ("estimated from the whole GPU" in mode.text) is comfy["vram_is_estimate"]
     busy = "idle" if comfy["queue"]["running"] == 0 else f"running {comfy['queue']['running']}"
     assert rows[1].find_all("td")[4].text.startswith(busy)
 
@@ -338,3 +353,70 @@ def test_the_page_says_when_status_cannot_be_read() -> None:
     assert updated.attrs["data-state"] == "error"
     assert updated.text == "cannot read /status (HTTP 500); retrying"
     assert "no reading yet" in page.find("div", id="gpus").text
+
+
+def mode_status() -> dict[str, Any]:
+    """One GPU; a ComfyUI on the CPU, a Dynamic-VRAM one bounded without NVML, and a
+    classic one; as /status gives them."""
+    status = hostile_status()
+    status["ollama"] = []
+    status["gpus"] = status["gpus"][:1]
+    base = {
+        **status["comfyui"][0],
+        "reachable": True,
+        "error": None,
+        "queue": {"running": 0, "pending": 0},
+        "gpu_uuids": [],
+        "vram_measured": False,
+        "vram_is_estimate": False,
+    }
+    status["comfyui"] = [
+        {**base, "key": "comfyui/cpu", "name": "cpu", "vram_bytes": 0, "mode": "cpu",
+         "version": "0.38.1", "device_type": "cpu"},
+        {**base, "key": "comfyui/dyn", "name": "dyn", "vram_bytes": 8 * GIB,
+         "mode": "dynamic-vram", "version": "0.38.1", "device_type": "cuda",
+         "vram_is_estimate": True},
+        {**base, "key": "comfyui/old", "name": "old", "vram_bytes": 6 * GIB, "mode": "classic",
+         "version": "0.3.64", "device_type": "cuda"},
+    ]  # fmt: skip
+    return status
+
+
+def test_comfyui_modes_and_estimates_show() -> None:
+    """A CPU ComfyUI says so instead of "0 B" and is not drawn on the GPU; a Dynamic-VRAM
+    figure bounded from the whole GPU is marked as an estimate in the table and the bar."""
+    binary = chromium()
+    server = StatusServer(
+        "127.0.0.1",
+        0,
+        health=lambda: (True, {}),
+        snapshot=mode_status,
+        registry=CollectorRegistry(),
+    )
+    server.start()
+    try:
+        page = parse(dump_dom(binary, f"http://127.0.0.1:{server.port}/ui/"))
+    finally:
+        server.close()
+    cpu, dyn, old = page.find("table", id="tenants").find_all("tr", data_key=None)
+    cpu_vram, dyn_vram, old_vram = (
+        [c for c in row.children if isinstance(c, Node)][5] for row in (cpu, dyn, old)
+    )
+    assert cpu_vram.text.startswith("on the CPU, no VRAM")
+    assert "0 B" not in cpu_vram.text
+    assert cpu_vram.find("div", data_mode="cpu").text == "ComfyUI 0.38.1, on the CPU"
+    assert dyn_vram.text.startswith("8.0 GiB (estimate)")
+    assert dyn_vram.attrs["data-estimate"] == "true"
+    assert "Dynamic VRAM, cuda; estimated from the whole GPU (no NVML)" in dyn_vram.text
+    assert old_vram.text.startswith("6.0 GiB") and "estimate" not in old_vram.text
+    assert old_vram.find("div", data_mode="classic").text == "ComfyUI 0.3.64, classic VRAM, cuda"
+    [bar] = page.find_all("div", data_uuid=None)
+    segments = bar.find_all("div", data_tenant=None)
+    assert [s.attrs["data-tenant"] for s in segments] == [
+        "comfyui/dyn",
+        "comfyui/old",
+        "(other)",
+        "(free)",
+    ]
+    assert segments[0].attrs["data-estimate"] == "true"
+    assert bar.find("span", data_legend="comfyui/dyn").text.endswith("dyn 8.0 GiB (estimate)")

@@ -5,11 +5,14 @@ which parses like Go's net/http does (a bare LF ends a line)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -649,3 +652,42 @@ def test_a_post_is_never_sent_twice(gate: Gate, raw: RawUpstream) -> None:
     assert len(raw.requests_to(b"/api/pull")) == 1
     assert get.status_code == 200  # an idempotent request is retried on a fresh connection
     assert len(raw.requests_to(b"/api/tags")) == 2
+
+
+# --------------------------------------------------------------------------- pooled upstreams
+
+
+def _close_wait_to(port: int) -> int:
+    """This host's sockets in CLOSE_WAIT whose peer is 127.0.0.1:port (/proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "08" and remote == f"0100007F:{port:04X}":
+            count += 1
+    return count
+
+
+def test_a_pooled_connection_the_upstream_closes_is_closed_at_once(
+    gate: Gate, raw: RawUpstream
+) -> None:
+    """Ollama closing an idle keep-alive connection (its idle timeout, a restart): the gate
+    closes its side at once, not when the garbage collector breaks the transport/protocol
+    cycle. Else each such connection keeps a descriptor in CLOSE_WAIT."""
+    with httpx.Client() as client:
+        for i in range(3):
+            assert client.get(f"http://127.0.0.1:{gate.port}/api/tags?n={i}").status_code == 200
+    time.sleep(0.2)
+    assert raw.connections >= 1
+    gc.disable()  # the leak is hidden by a collection
+    try:
+        for sock in list(raw._socks):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 5
+        while _close_wait_to(raw.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _close_wait_to(raw.port) == 0
+    finally:
+        gc.enable()
+    _others_still_served(gate, raw)

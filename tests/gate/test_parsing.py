@@ -203,3 +203,18 @@ def test_origin_parse(url: str, host: str, port: int, host_header: bytes, base_p
 def test_origin_parse_refuses_non_http(url: str) -> None:
     with pytest.raises(ValueError):
         Origin.parse(url)
+
+
+def test_the_private_h11_api_the_gate_relies_on_is_there() -> None:
+    """The relay builds events with h11's private `_parsed=True` (no second validation) and
+    reads `h11._headers.Headers`; pyproject pins h11 to the series that has them. A newer
+    h11 without them must fail here, not on every request through the gate."""
+    request = h11.Request(
+        method=b"GET", target=b"/api/ps", headers=[(b"Host", b"127.0.0.1")], _parsed=True
+    )
+    response = h11.Response(status_code=200, headers=[], reason=b"OK", _parsed=True)
+    assert isinstance(request.headers, h11._headers.Headers)
+    assert list(request.headers) == [(b"host", b"127.0.0.1")]
+    assert response.status_code == 200
+    client = h11.Connection(h11.CLIENT)
+    assert client.send(request).startswith(b"GET /api/ps HTTP/1.1\r\n")

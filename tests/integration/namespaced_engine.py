@@ -9,7 +9,13 @@ loaded only once), and runs the same test again there: a child pytest under
 `nsenter --net=...`, since the containers' 127.0.0.1 (host network) is that namespace's.
 The test passes or fails with that run; the engine is stopped and the namespace deleted
 afterwards. Where no such engine can be started (not root; dockerd, ip or nsenter missing)
-the test skips, naming what is missing.
+the test skips, naming what is missing; under CI (CI set) it fails instead, as a CI machine
+must run it.
+
+Time: the delegating test may take starting the engine, loading the base image, the child
+run and stopping the engine, each with its own limit. Mark it with
+`@pytest.mark.timeout(DELEGATING_TIMEOUT_S)` (their sum), so pytest-timeout's global 300 s
+does not kill it mid-run with no output of the child's.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ DOCKERD_SH = REPO / "tests" / "lib" / "dockerd.sh"
 DOCKERD_DIR = Path(os.environ.get("VRAM_DOCKERD_DIR", "/tmp/vram-supervisor-dockerd"))
 NETNS = "vram-supervisor-test-engine"
 NETNS_DIR = Path("/tmp/vram-supervisor-dockerd-netns")
-CHILD_TIMEOUT_S = 400
+DOCKERD_TIMEOUT_S = 90  # tests/lib/dockerd.sh start or stop
+LOAD_TIMEOUT_S = 300  # docker save | docker load of the base image
+CHILD_TIMEOUT_S = 400  # the child pytest (its own per-test limit is the global 300 s)
+DELEGATING_TIMEOUT_S = 2 * DOCKERD_TIMEOUT_S + 60 + LOAD_TIMEOUT_S + CHILD_TIMEOUT_S + 60
 
 
 def engine_is_ours(docker_host: str) -> bool:
@@ -43,7 +52,7 @@ def dockerd(command: str, env: dict[str, str] | None = None) -> None:
         [str(DOCKERD_SH), command],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=DOCKERD_TIMEOUT_S,
         check=False,
         env={**os.environ, **(env or {})},
     )
@@ -71,11 +80,14 @@ def run_in_a_namespaced_engine(nodeid: str, base_image: str, what: str) -> None:
     namespaced engine lacks it) and builds anything else itself."""
     missing = missing_for_a_namespaced_engine()
     if missing:
-        pytest.skip(
+        message = (
             f"This test {what}. The engine in use was not started by tests/lib/dockerd.sh, "
             "so it is left alone; a private engine in its own network namespace would do, "
             f"but that needs {', '.join(missing)}"
         )
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (under CI this test must run)")
+        pytest.skip(message)
     env = {
         "VRAM_DOCKERD_DIR": str(NETNS_DIR),
         "VRAM_DOCKERD_NETNS": NETNS,
@@ -91,7 +103,7 @@ def run_in_a_namespaced_engine(nodeid: str, base_image: str, what: str) -> None:
         ).returncode != 0:  # fmt: skip
             loaded = subprocess.run(
                 f"docker save {base_image} | DOCKER_HOST={env['DOCKER_HOST']} docker load",
-                shell=True, capture_output=True, text=True, timeout=300, check=False,
+                shell=True, capture_output=True, text=True, timeout=LOAD_TIMEOUT_S, check=False,
             )  # fmt: skip
             if loaded.returncode != 0:
                 fail(f"Loading {base_image} into the namespaced engine failed:\n{loaded.stderr}")

@@ -33,6 +33,7 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.namespaced_engine import (
+    DELEGATING_TIMEOUT_S,
     DOCKERD_DIR,
     dockerd,
     engine_is_ours,
@@ -99,6 +100,7 @@ def reachable(sup: Supervisor, role: str, name: str) -> Callable[[], dict[str, A
     return check
 
 
+@pytest.mark.timeout(DELEGATING_TIMEOUT_S)
 def test_the_supervisor_survives_a_daemon_restart_and_resyncs(
     docker_host: str, base_image: str, request: pytest.FixtureRequest
 ) -> None:

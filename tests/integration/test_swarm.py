@@ -43,7 +43,11 @@ from tests.integration.harness import (
     tail,
     wait_until,
 )
-from tests.integration.namespaced_engine import engine_is_ours, run_in_a_namespaced_engine
+from tests.integration.namespaced_engine import (
+    DELEGATING_TIMEOUT_S,
+    engine_is_ours,
+    run_in_a_namespaced_engine,
+)
 
 pytest_plugins = ["tests.integration.harness"]
 pytestmark = [pytest.mark.integration]
@@ -67,11 +71,13 @@ def docker_cli(*args: str, timeout_s: float = 120, check: bool = True) -> str:
 
 
 def stack_containers(client: docker.DockerClient, *stacks: str) -> list[Container]:
+    # sparse: no inspect per container, which races with Swarm removing a task's container
+    # (404 No such container between the list and the inspect).
     return [
         c
         for stack in stacks
         for c in client.containers.list(
-            all=True, filters={"label": f"com.docker.stack.namespace={stack}"}
+            all=True, sparse=True, filters={"label": f"com.docker.stack.namespace={stack}"}
         )
     ]
 
@@ -93,20 +99,22 @@ def swarm(docker_client: docker.DockerClient) -> Iterator[str]:
         docker_cli("node", "update", "--label-add", "gpu=true", node)
         yield node
     finally:
-        docker_cli("stack", "rm", SUPERVISOR_STACK, SIMS_STACK, check=False)
-        deadline = time.monotonic() + 60
-        while stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
-            if time.monotonic() > deadline:
-                for container in stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
-                    with contextlib.suppress(APIError, NotFound):
-                        container.remove(force=True)
-                break
-            time.sleep(0.5)
-        print(docker_cli("swarm", "leave", "--force", check=False))
-        if not had_gwbridge:
-            with contextlib.suppress(APIError, NotFound):
-                for network in docker_client.networks.list(names=["docker_gwbridge"]):
-                    network.remove()
+        try:
+            docker_cli("stack", "rm", SUPERVISOR_STACK, SIMS_STACK, check=False)
+            deadline = time.monotonic() + 60
+            while stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
+                if time.monotonic() > deadline:
+                    for container in stack_containers(docker_client, SUPERVISOR_STACK, SIMS_STACK):
+                        with contextlib.suppress(APIError, NotFound):
+                            container.remove(force=True)
+                    break
+                time.sleep(0.5)
+        finally:  # never leave the engine a swarm node, whatever failed above
+            print(docker_cli("swarm", "leave", "--force", check=False))
+            if not had_gwbridge:
+                with contextlib.suppress(APIError, NotFound):
+                    for network in docker_client.networks.list(names=["docker_gwbridge"]):
+                        network.remove()
 
 
 @dataclass
@@ -166,6 +174,7 @@ def wait_for_log(pattern: str | re.Pattern[str], timeout_s: float) -> str:
     return line
 
 
+@pytest.mark.timeout(DELEGATING_TIMEOUT_S)
 def test_a_global_service_supervises_the_labelled_tasks_of_its_node(
     docker_host: str, base_image: str, request: pytest.FixtureRequest
 ) -> None:

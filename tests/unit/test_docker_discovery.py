@@ -455,6 +455,10 @@ def test_a_swarm_task_is_never_restarted_and_a_restart_label_on_it_is_warned_onc
     for _ in range(2):
         allowed = {s.spec.name: s.spec.restart_allowed for s in adapter_.list_services()}
         assert allowed == {"task-default": False, "task-allowed": False, "plain": True}
+        blocks = {s.spec.name: s.spec.restart_block for s in adapter_.list_services()}
+        assert blocks["plain"] is None
+        assert "Swarm task" in (blocks["task-default"] or "")
+        assert blocks["task-default"] == blocks["task-allowed"]
     assert len(warnings) == 1
     assert "task-allowed is a Swarm task: the restart fallback is off" in warnings[0]
 

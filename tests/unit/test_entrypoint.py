@@ -112,3 +112,66 @@ def test_a_bad_docker_gid_exits_2_with_the_message(
     monkeypatch.setenv("DOCKER_GID", "docker")
     assert entrypoint.main(["run"]) == entrypoint.EXIT_CONFIG
     assert "configuration error: DOCKER_GID='docker' is not a group id" in capsys.readouterr().err
+
+
+# CapEff of `docker run --cap-drop ALL` (none) and of the compose files' drop (SETUID+SETGID).
+NO_CAPS = "Name:\tpython\nCapEff:\t0000000000000000\n"
+DROP_ONLY = "Name:\tpython\nCapEff:\t00000000000000c0\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "missing"),
+    [
+        (NO_CAPS, ["SETGID", "SETUID"]),
+        ("CapEff:\t0000000000000080\n", ["SETGID"]),
+        (DROP_ONLY, []),
+        ("CapEff:\t000001ffffffffff\n", []),
+        ("", []),  # unreadable: setpriv says what is wrong
+    ],
+)
+def test_missing_drop_caps(status: str, missing: list[str]) -> None:
+    assert entrypoint.missing_drop_caps(status) == missing
+
+
+def _as_root(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    execs: list[list[str]] = []
+    monkeypatch.setattr(entrypoint.os, "getuid", lambda: 0)
+    monkeypatch.setattr(entrypoint.os, "execvp", lambda _f, a: execs.append(list(a)))
+    monkeypatch.delenv("DOCKER_GID", raising=False)
+    monkeypatch.setenv("VRAM_LOG_FORMAT", "json")
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:2375")  # no socket to check here
+    return execs
+
+
+def test_root_without_setuid_setgid_logs_one_line_and_waits_instead_of_crash_looping(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    execs = _as_root(monkeypatch)
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        if len(sleeps) == 3:
+            raise SystemExit(0)  # docker stop
+
+    with pytest.raises(SystemExit):
+        entrypoint.main(["run"], read_status=lambda: NO_CAPS, sleep=sleep)
+    [line] = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert line["level"] == "ERROR"
+    assert "without the capabilities SETGID, SETUID" in line["message"]
+    assert "cap_add: [SETUID, SETGID]" in line["message"]
+    assert execs == [] and len(sleeps) == 3  # no setpriv, no exit: it waits
+
+
+def test_root_without_the_caps_exits_2_for_other_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    execs = _as_root(monkeypatch)
+    assert entrypoint.main(["doctor"], read_status=lambda: NO_CAPS) == entrypoint.EXIT_CONFIG
+    assert "cap_add: [SETUID, SETGID]" in capsys.readouterr().err and execs == []
+
+
+def test_root_with_the_caps_drops_through_setpriv(monkeypatch: pytest.MonkeyPatch) -> None:
+    execs = _as_root(monkeypatch)
+    entrypoint.main(["run"], read_status=lambda: DROP_ONLY, sleep=lambda _s: None)
+    assert execs and execs[0][0] == "setpriv" and f"--reuid={entrypoint.RUN_AS_UID}" in execs[0]

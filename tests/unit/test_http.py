@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -18,7 +19,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.http import StatusServer, status_page
+from supervisor.http import RESERVED_HEALTH, StatusServer, status_page
 from supervisor.metrics import Metrics
 from supervisor.model import (
     ComfyObservation,
@@ -237,9 +238,68 @@ def test_a_silent_client_is_dropped_after_the_timeout() -> None:
         server.close()
 
 
+def _trickle(server: StatusServer, n: int, stop: threading.Event) -> list[socket.socket]:
+    """n clients sending a request head one byte every 0.1 s (well under the timeout)."""
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(n)]
+    head = b"GET /status HTTP/1.1\r\nX-Slow: " + b"a" * 10_000
+
+    def send() -> None:
+        for i in range(len(head)):
+            if stop.wait(0.1):
+                return
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.send(head[i : i + 1])
+
+    threading.Thread(target=send, daemon=True).start()
+    return socks
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """The server closed it (EOF or reset), reading whatever it sent first."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_healthz_answers_while_trickling_clients_hold_every_slot() -> None:
+    """Clients trickling a request head byte by byte take every slot: /healthz still
+    answers (its reserved slots), other paths get 503, and the tricklers are dropped once
+    the head deadline passes, however often they send."""
+    server = _server(max_connections=3, timeout_s=1.5)
+    stop = threading.Event()
+    socks = _trickle(server, 3, stop)
+    try:
+        deadline = time.monotonic() + 10
+        while get(server, "/status")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the server holds all three (accepted in its own time)
+        assert get(server, "/status")[0] == 503
+        assert get(server, "/healthz")[0] == 200
+        started = time.monotonic()
+        assert all(_dropped(sock) for sock in socks)
+        # Dropped while still trickling (the whole head would take 1000 s): the head
+        # deadline, not a read timeout, which every byte restarts.
+        assert time.monotonic() - started < 20
+        deadline = time.monotonic() + 10
+        while get(server, "/status")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)  # a slot is free once its thread has ended, just after the drop
+        assert get(server, "/status")[0] == 200  # the slots came back
+    finally:
+        stop.set()
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
 def test_connections_beyond_the_bound_get_503_without_a_thread() -> None:
     server = _server(max_connections=2, timeout_s=5)
-    holders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+    n = 2 + RESERVED_HEALTH  # every slot, the /healthz ones too
+    holders = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(n)]
     try:
         time.sleep(0.2)
         threads = threading.active_count()

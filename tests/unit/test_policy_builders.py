@@ -98,11 +98,13 @@ def comfy(
     cid: str | None = None,
     mode: ComfyMode = ComfyMode.CLASSIC,
     measured: bool = False,
+    estimate: bool | None = None,
 ) -> ComfyObservation:
     """A ComfyUI; `held` GiB is torch's reserved memory (what a /free could return in
     classic mode); `cid` replaces its container id (default "id-<name>", a recreated
     container differs). `mode` DYNAMIC: a ComfyUI 0.38 with Dynamic VRAM (its weights are
-    not in `held`); `vram` is then NVML's figure (`measured`) or the device bound."""
+    not in `held`); `vram` is then NVML's figure (`measured`) or the device bound
+    (`estimate`, by default for a DYNAMIC `vram` that is not `measured`)."""
     spec = ServiceSpec(
         Role.COMFYUI,
         name,
@@ -138,6 +140,9 @@ def comfy(
         vram_bytes=vram_bytes,
         vram_measured=measured,
         mode=st.mode if st is not None else ComfyMode.UNKNOWN,
+        vram_is_estimate=(
+            estimate if estimate is not None else dynamic and vram is not None and not measured
+        ),
     )
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 from test_policy_builders import (
     GIB,
+    NOW,
     OLLAMA,
     baseline,
     comfy,
+    episode,
     gpu,
     model,
     obs,
@@ -21,7 +23,17 @@ from test_policy_builders import (
     summary,
 )
 
-from supervisor.model import ComfyMode, ComfyObservation, Observation
+from supervisor.model import (
+    ComfyMode,
+    ComfyObservation,
+    Episode,
+    FreeResult,
+    FreeStage,
+    GpuMemory,
+    Observation,
+    PolicyState,
+    VramSource,
+)
 from supervisor.policy import CUDA_CONTEXT_BYTES, estimate_reclaimable
 from supervisor.units import MIB
 
@@ -144,3 +156,89 @@ def test_heal_counts_dynamic_vram_weights_as_room(
     assert why in skipped(d)
     if expected:
         assert d.actions[0].target == f"{OLLAMA}"
+
+
+# Without NVML a Dynamic-VRAM ComfyUI's figure is bounded from the whole device: memory of
+# any other GPU user counts in it. It may start a soft free (which releases Dynamic VRAM
+# weights), never a hard free or a restart.
+HOT = gpu(21)  # 87.5 %: above both thresholds
+COOL = gpu(10)
+ALLOW = settings(restart_fallback=True)
+FOREIGN = comfy(held=0, mode=DYN, vram=1.5, restart=True)  # idle; 1.5 GiB is another app's
+TWO = (
+    comfy("comfy-a", held=0, mode=DYN, vram=8, gpus=("GPU-0",)),
+    comfy("comfy-b", held=0, mode=DYN, vram=8, gpus=("GPU-0",)),
+)
+
+
+def _state(*eps: Episode) -> PolicyState:
+    return baseline(OLD, episodes=eps, last_episode_at=NOW - 6)
+
+
+@pytest.mark.parametrize(
+    ("services", "ep", "gpus", "expected", "why"),
+    [
+        pytest.param(
+            (FOREIGN,), None, (HOT,), ["free:soft:comfyui"], "", id="foreign-memory-soft-free"
+        ),
+        pytest.param(
+            (FOREIGN,),
+            episode(FreeStage.SOFT, FreeResult.PINNED),
+            (HOT,),
+            [],
+            "cannot tell",
+            id="foreign-memory-soft-pinned-no-hard",
+        ),
+        pytest.param(
+            (FOREIGN,),
+            episode(FreeStage.SOFT, FreeResult.FREED),
+            (HOT,),
+            [],
+            "cannot tell",
+            id="foreign-memory-gpu-still-hot-no-hard",
+        ),
+        pytest.param(
+            (FOREIGN,),
+            episode(FreeStage.HARD, FreeResult.PINNED),
+            (HOT,),
+            [],
+            "cannot tell",
+            id="estimate-never-restarts",
+        ),
+        pytest.param(
+            (comfy(held=0, mode=DYN, vram=1.5, measured=True, restart=True),),
+            episode(FreeStage.SOFT, FreeResult.PINNED),
+            (HOT,),
+            ["free:hard:comfyui"],
+            "",
+            id="nvml-measured-still-escalates",
+        ),
+        pytest.param(
+            (comfy(held=0, mode=DYN, vram=None, restart=True),),
+            None,
+            (HOT,),
+            [],
+            "",
+            id="ollama-ps-failed-no-figure-no-free",
+        ),
+        pytest.param(
+            TWO,
+            episode(FreeStage.SOFT, FreeResult.PINNED, target="comfyui/comfy-a"),
+            (HOT,),
+            [],
+            "cannot tell",
+            id="two-dynamic-comfyuis-each-soft-only",
+        ),
+    ],
+)
+def test_an_estimate_never_escalates_past_a_soft_free(
+    services: tuple[ComfyObservation, ...],
+    ep: Episode | None,
+    gpus: tuple[GpuMemory, ...],
+    expected: list[str],
+    why: str,
+) -> None:
+    state = _state(ep) if ep is not None else baseline(OLD)
+    d = run(obs(OLD, *services, gpus=gpus, source=VramSource.API), state, ALLOW)
+    assert summary(d) == expected
+    assert why in skipped(d)

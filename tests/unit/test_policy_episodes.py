@@ -26,6 +26,7 @@ from test_policy_builders import (
 )
 
 from supervisor.config import Settings
+from supervisor.docker.discovery import SWARM_TASK_BLOCK
 from supervisor.model import (
     Backoff,
     ComfyObservation,
@@ -269,6 +270,16 @@ def test_episode_of_a_vanished_comfyui_closes_unless_docker_is_down() -> None:
 
 # --------------------------------------------------------------------------- restart guards
 
+_PLAIN = comfy()
+# What discovery makes of a Swarm task's container (no restart label set).
+SWARM_TASK = replace(
+    _PLAIN,
+    status=replace(
+        _PLAIN.status,
+        spec=replace(_PLAIN.status.spec, restart_allowed=False, restart_block=SWARM_TASK_BLOCK),
+    ),
+)
+
 GUARD_CASES = [
     # (ComfyUI, settings, state changes) -> restart?, the guard named in reasons_skipped
     pytest.param(comfy(), ALLOW, {}, True, "", id="all-guards-hold"),
@@ -306,7 +317,21 @@ GUARD_CASES = [
         comfy(), ALLOW, {"last_restart_at": ((COMFY, NOW - 600),)}, True, "", id="cooldown-over"
     ),
     pytest.param(comfy(container=False), ALLOW, {}, False, "not a container", id="fixed-url"),
+    pytest.param(
+        SWARM_TASK,
+        ALLOW,
+        {},
+        False,
+        "restart is not allowed: it is a Swarm task",
+        id="swarm-task-with-fallback-on",
+    ),
 ]
+
+
+def test_a_swarm_task_guard_cites_no_label_the_user_never_set() -> None:
+    d = run(obs(OL, SWARM_TASK, gpus=(COOL,)), _state(episode(HARD, PINNED)), ALLOW)
+    assert "Swarm task" in skipped(d)
+    assert "vram-supervisor.restart" not in skipped(d)
 
 
 @pytest.mark.parametrize(("c", "s", "changes", "restarts", "guard"), GUARD_CASES)
