@@ -14,6 +14,14 @@ Two generations (`OllamaConfig.profile`, built by `ollama_config`; see sim/profi
 * A model is listed only once loaded (unless `list_while_loading`, the 2025 behaviour).
   It leaves the list as soon as its unload starts; its VRAM comes back `unload_delay_s`
   later. With requests in flight, the unload waits for them.
+* After every unload (keep_alive 0, keep-alive expiry, eviction) Ollama waits for VRAM
+  recovery: it notes the GPU's free memory just before the runner exits, then polls every
+  250 ms until free memory has grown by more than 80 % (2026: 75 %) of the runner's VRAM,
+  for at most 5 s. Memory another process takes meanwhile does not count, so then the
+  wait runs to the 5 s cap. A load that had to evict waits for this; other loads do not
+  (Ollama runs the wait in its completion loop, and its pending loop waits on it only for
+  its own evictions). The completion loop is serial in Ollama (a second unload is handled
+  after the first one's wait); here each unload's wait runs on its own.
 * A load dies with its client: `gone()` is polled while waiting and loading.
 
 **2026** (Ollama >= 0.30, llama-server runners; api-facts-2026 section 1), as 2025 except:
@@ -34,7 +42,7 @@ Two generations (`OllamaConfig.profile`, built by `ollama_config`; see sim/profi
   step (> 32768 -> 32768, > 4096 -> 4096); one retry, then HTTP 500.
 * An unload gives most of the memory back `unload_delay_s` after the runner exits and the
   rest `unload_tail_s` later (NVML lags); an eviction waits until 75 % is back (at most
-  5 s), so the next runner may start beside the tail.
+  5 s, as above), so the next runner may start beside the tail.
 
 Every duration here is simulated seconds; `time_scale` converts to real ones (0.01 runs a
 5 min keep-alive in 3 s). Wall-clock `expires_at` values are real time, so they say when the
@@ -97,6 +105,7 @@ class OllamaConfig:
 FIT_TARGET_BYTES = 1024 * MIB  # llama-server keeps this free when it fits layers
 RECOVER_FRACTION = {"2025": 0.8, "2026": 0.75}  # of an unloaded model's VRAM, waited for
 RECOVER_WAIT_S = 5.0
+RECOVER_POLL_S = 0.25
 EVICT_ABOVE = 0.8  # 2026: evict own runners only while need > this x Ollama's free figure
 TIER_CONTEXTS = ((47 * GIB, 262144), (23 * GIB, 32768))
 SMALL_BATCH_BYTES = 768 * MIB
@@ -195,7 +204,7 @@ class Runner:
     expire_when_idle: bool = False
     expires_wall: float | None = None  # None until the first request finishes
     released: threading.Event = field(default_factory=threading.Event)
-    recovered: threading.Event = field(default_factory=threading.Event)  # >= 75 % back
+    recovered: threading.Event = field(default_factory=threading.Event)  # recovery wait over
 
     @property
     def name(self) -> str:
@@ -402,30 +411,16 @@ class Scheduler:
             if gone():
                 raise LoadAborted
 
-    def _wait_released(self, runner: Runner, gone: Callable[[], bool]) -> None:
-        while not runner.released.wait(_POLL_S):
-            if gone():
-                raise LoadAborted
-
     def _evict(self, runner: Runner, gone: Callable[[], bool]) -> None:
+        """Unload `runner` (once its requests end) and wait for its VRAM recovery wait."""
         with self._cond:
             self.stats(runner.name).evictions += 1
             runner.expire_when_idle = True
             if runner.refcount == 0:
                 self._begin_unload(runner)
-        if not self.config.is_2026:
-            self._wait_released(runner, gone)
-            return
-        # 2026: wait until 75 % of its VRAM is back, polling, for at most 5 s once it is
-        # unloading (api-facts-2026: unload).
-        while not runner.released.wait(_POLL_S):
+        while not runner.recovered.wait(_POLL_S):
             if gone():
                 raise LoadAborted
-        deadline = time.monotonic() + self.real_s(RECOVER_WAIT_S)
-        while time.monotonic() < deadline and not runner.recovered.is_set():
-            if gone():
-                raise LoadAborted
-            runner.recovered.wait(_POLL_S)
 
     def _make_room_2026(self, spec: ModelSpec, ctx: int, gone: Callable[[], bool]) -> None:
         """Evict own runners while the predicted need exceeds 80 % of Ollama's (stale) free
@@ -584,19 +579,18 @@ class Scheduler:
         st.unloads += 1
         if runner.is_spilled:
             st.spilled_s += (time.monotonic() - runner.loaded_mono) / self.config.time_scale
+        self._watch_recovery(runner, self.gpu.free_bytes())
 
         def release() -> None:
             self.gpu.release(runner.owner)
             if runner.process is not None:
                 runner.process.stop()
             runner.released.set()
-            runner.recovered.set()
 
         def release_bulk() -> None:
-            # 2026: the bulk now (75 % and more: an eviction may go on), the rest later.
+            # 2026: the bulk now (over 75 %: the recovery wait may end), the rest later.
             tail = math.floor(runner.size_vram * _TAIL_FRACTION)
             self.gpu.release(runner.owner, max(runner.size_vram - tail, 0))
-            runner.recovered.set()
             runner.released.set()
             later = threading.Timer(self.real_s(self.config.unload_tail_s), release)
             later.daemon = True
@@ -606,6 +600,28 @@ class Scheduler:
         timer = threading.Timer(delay, release_bulk if self.config.is_2026 else release)
         timer.daemon = True
         timer.start()
+
+    def _watch_recovery(self, runner: Runner, free_before: int) -> None:
+        """Ollama's wait for VRAM recovery after an unload (api-facts 1.3; api-facts-2026
+        section 1): every 250 ms, has free memory grown by more than the profile's share of
+        the runner's VRAM since just before the unload? At most 5 s. Sets `recovered`."""
+        if runner.size_vram <= 0:  # nothing on the GPU: Ollama does not wait
+            runner.recovered.set()
+            return
+        want = runner.size_vram * RECOVER_FRACTION[self.config.profile]
+
+        def watch() -> None:
+            deadline = time.monotonic() + self.real_s(RECOVER_WAIT_S)
+            try:
+                while not self._stop.wait(self.real_s(RECOVER_POLL_S)):
+                    if self.gpu.free_bytes() - free_before > want:
+                        return
+                    if time.monotonic() >= deadline:
+                        return
+            finally:
+                runner.recovered.set()
+
+        threading.Thread(target=watch, daemon=True, name="sim-ollama-recovery").start()
 
     def _reap(self) -> None:
         """Unload idle runners whose keep-alive ran out."""
