@@ -11,6 +11,10 @@ are freed, soft then hard, until the room covers the need or the deadline passes
   loads beside them and the new model spills (api-facts-2026 section 1). Only ComfyUI's
   memory is ours to free. Free VRAM is read on Ollama's GPU(s) only; the resident VRAM is
   what the gate's Ollama (the first running one) lists in /api/ps.
+- A ComfyUI is passed over only when a fresh reading says it holds nothing beyond its
+  CUDA context and its queue is empty: one with work, even if it holds nothing yet,
+  is about to load that work's weights during the load: it is waited for (under every
+  priority, since nothing is held yet that flags could free) and freed once idle.
 - A running generation is never interrupted. Under VRAM_PRIORITY=balanced and comfyui, a
   ComfyUI with a running or pending prompt is waited for (its /queue polled every
   IDLE_POLL_S, within the deadline) and freed once idle, also when its prompt started
@@ -99,14 +103,22 @@ class ComfyRoomMaker:
         for key, (spec, comfy) in targets.comfyuis.items():
             if gpus and spec.gpu_uuids and not gpus & set(spec.gpu_uuids):
                 continue  # another GPU: freeing it gives Ollama nothing
-            if holds_nothing(self._actor.probe.comfy_reading(key)):
+            # A fresh reading (its container's PIDs listed again: the loop's may predate
+            # a restart), and its queue: a ComfyUI that holds nothing now but has work
+            # is about to load that work's weights, into the room this load needs.
+            reading = self._actor.probe.comfy_reading(key, fresh_pids=True)
+            empty = holds_nothing(reading)
+            if empty and not _is_busy(comfy):
                 # Only its CUDA context (Ollama's own models fill the GPU): freeing
                 # it gives nothing, and verifying that would hold the request.
                 logger.debug(f"Not freeing ComfyUI {spec.name} for the gate: it holds nothing")
                 continue
             while True:
                 busy = _is_busy(comfy)
-                if busy and priority is not Priority.OLLAMA:
+                # Under ollama a busy ComfyUI is freed at once (its flags act when its
+                # prompt ends), unless it holds nothing yet: a free now finds nothing to
+                # verify, so its work is waited for, as under the other priorities.
+                if busy and (priority is not Priority.OLLAMA or empty):
                     model = reason.removeprefix(GATE_REASON_PREFIX)
                     logger.info(
                         f"Gate: waiting for ComfyUI {spec.name} to finish its work before "

@@ -627,6 +627,42 @@ def test_room_maker_waits_for_a_prompt_that_started_between_its_look_and_its_fre
     assert world.gpu.free_bytes >= need
 
 
+@pytest.mark.parametrize("priority", [Priority.BALANCED, Priority.OLLAMA])
+def test_room_maker_does_not_pass_over_a_comfyui_that_holds_nothing_yet_but_has_work(
+    world: World, logs: list[str], priority: Priority
+) -> None:
+    """Seen in the soak: the gate looked while ComfyUI held only its CUDA context but had
+    an image job under way whose checkpoint was not loaded yet, and while one of Ollama's
+    runners was still giving its VRAM back. "Holds nothing" made the gate skip ComfyUI and
+    forward at once (0.0 s); the job's checkpoint then landed during the load, which
+    spilled. Now a ComfyUI with work is waited for (balanced) or flagged (ollama) like any
+    busy one, and freed once its job is done: the room is made."""
+    world.comfy.models_bytes = world.comfy.cache_bytes = 0
+    world.comfy._sync()
+    start = world.clock.now
+    world.comfy.start_prompt(seconds=5)  # its checkpoint loads 1 s in
+    world.gpu.held[9999] = 12 * GIB  # a runner Ollama unloads; its VRAM is back in 2 s
+    need = world.gpu.free_bytes + 6 * GIB
+
+    def job_and_unload(now: float) -> None:
+        loading = now >= start + 1 and world.comfy.running_until is not None
+        if loading and not world.comfy.models_bytes and not world.comfy.free_calls:
+            world.comfy.models_bytes = 8 * GIB
+            world.comfy._sync()
+        if now >= start + 2:
+            world.gpu.held.pop(9999, None)
+
+    world.clock.tickers.append(job_and_unload)
+    actor, _ = make_actor(world, settings=Settings(priority=priority))
+    maker = ComfyRoomMaker(actor, world.clock)
+    assert maker.make_room(need, reason="gate: load of gemma2:27b", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]
+    assert world.clock.now >= start + 5  # the job ran to its end
+    assert world.gpu.free_bytes >= need
+    if priority is Priority.BALANCED:
+        assert any("Gate: waiting for ComfyUI comfyui" in line for line in logs)
+
+
 def test_room_maker_shares_the_loop_lock(world: World) -> None:
     actor, _ = make_actor(world)
     maker = ComfyRoomMaker(actor, FakeClock())
