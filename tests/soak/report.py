@@ -174,14 +174,16 @@ def evaluate(run: SoakRun) -> Figures:
         fig.errors.append(f"chat at {run.sim(c.start):.0f} s: {c.outcome} {c.status} {c.detail}")
 
     # Frees that were needed and never sent: client loads that spilled while nothing was
-    # broken, and the gate did not say it waited for a busy ComfyUI (the policy: never
-    # interrupt a job under VRAM_PRIORITY=balanced).
+    # broken, ComfyUI was given no job around the load (image jobs go straight to ComfyUI
+    # in the soak; one that starts between the gate's free and Ollama's load takes the
+    # room, and under VRAM_PRIORITY=balanced a job is never interrupted), and the gate did
+    # not say it waited for a busy ComfyUI.
     busy_times = [
         t
         for t, e in run.log
         if "still has work at the deadline" in str(e.get("message", ""))
         or "Gate: waiting for ComfyUI" in str(e.get("message", ""))
-    ]
+    ] + list(run.image_times)
     spilled_clean = spilled_busy = spilled_faults = 0
     samples = run.samples
     for prev, cur in itertools.pairwise(samples):

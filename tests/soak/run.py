@@ -90,6 +90,9 @@ class SoakRun:
     chats: list[Chat] = field(default_factory=list)
     images_sent: int = 0
     images_refused: int = 0
+    # When each image job was handed to ComfyUI (monotonic): it goes straight to ComfyUI,
+    # not through a gate, so a load it races is no free the supervisor could have sent.
+    image_times: list[float] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     supervisor_exits: list[tuple[float, int]] = field(default_factory=list)
     log: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
@@ -301,6 +304,8 @@ class Clients:
                 ok = False
         self.run.images_sent += 1
         self.run.images_refused += int(not ok)
+        if ok:
+            self.run.image_times.append(time.monotonic())
 
     def close(self) -> None:
         self.client.close()
