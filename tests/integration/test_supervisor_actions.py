@@ -101,8 +101,10 @@ def test_a_spilled_model_is_healed(sims: Sims, start_supervisor: StartSupervisor
 
 
 def pinned_comfy(sims: Sims) -> Sim:
-    """A ComfyUI that ignores /free (the case only a restart fixes), restart allowed."""
-    comfy = sims.comfyui(restart=True, extra=("--pinned",))
+    """A ComfyUI that ignores /free (the case only a restart fixes), restart allowed.
+    Classic memory: these sims run without NVML, and a Dynamic VRAM ComfyUI's figure is
+    then an estimate from the device, on which the supervisor never restarts anything."""
+    comfy = sims.comfyui(restart=True, extra=("--pinned", "--disable-dynamic-vram"))
     comfy_hold_vram(comfy, 8)
     return comfy
 
