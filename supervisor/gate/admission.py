@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from loguru import logger
 
@@ -55,6 +55,40 @@ PS_WAIT_S = 3.0  # longest a request waits for a fresh /api/ps before going on w
 DOOMED_S = 30.0  # the longest a model the supervisor unloads counts as not resident
 LOAD_POLL_S = 0.5  # how often a held load checks /api/ps for its model
 MAKE_ROOM_GRACE_S = 2.0  # beyond wait_s, in case a RoomMaker overruns its deadline
+
+
+class WaitCounters(Protocol):
+    """The counters a gate keeps of its waits for room."""
+
+    waits_total: int
+    wait_seconds_total: float
+    forwarded_anyway_total: int
+
+
+async def make_room_within(
+    call: Callable[[Callable[[], bool]], Awaitable[bool]],
+    make_room: Callable[[], bool],
+    wait_s: float,
+    stats: WaitCounters,
+    what: str,
+) -> None:
+    """Run a RoomMaker's `make_room` (through `call`, off the event loop) for at most
+    `wait_s` and a grace; count the wait, and the request forwarded without the room."""
+    stats.waits_total += 1
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(wait_s + MAKE_ROOM_GRACE_S):
+            is_room = await call(make_room)
+    except TimeoutError:
+        is_room = False
+    except Exception as exc:
+        log.warning(f"Gate: making room for {what} failed: {exc}")
+        is_room = False
+    waited_s = time.monotonic() - started
+    stats.wait_seconds_total += waited_s
+    if not is_room:
+        stats.forwarded_anyway_total += 1
+        log.warning(f"Gate: forwarding {what} without enough free VRAM after {waited_s:.1f} s")
 
 
 class Admission:
@@ -176,27 +210,13 @@ class Admission:
             f" ({_basis(estimate)}), room {_gib(room) if room is not None else 'unknown'}"
             " (free VRAM plus what Ollama evicts itself)"
         )
-        self._stats.waits_total += 1
-        started = time.monotonic()
         make_room = functools.partial(
             self._room.make_room,
             need,
             reason=f"gate: load of {model}",  # room.py reads the model name back from it
             deadline_s=self._wait_s,
         )
-        try:
-            async with asyncio.timeout(self._wait_s + MAKE_ROOM_GRACE_S):
-                is_room = await self._call(make_room)
-        except TimeoutError:
-            is_room = False
-        except Exception as exc:
-            log.warning(f"Gate: making room for {model} failed: {exc}")
-            is_room = False
-        waited_s = time.monotonic() - started
-        self._stats.wait_seconds_total += waited_s
-        if not is_room:
-            self._stats.forwarded_anyway_total += 1
-            log.warning(f"Gate: forwarding {model} without enough free VRAM after {waited_s:.1f} s")
+        await make_room_within(self._call, make_room, self._wait_s, self._stats, model)
 
     async def _estimate(
         self, load: LoadRequest, key: str, params: EstimateParams

@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import functools
 import json
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from loguru import logger
 
-from supervisor.gate.admission import Forward
+from supervisor.gate.admission import Forward, make_room_within
 from supervisor.gate.core import Proxy
 from supervisor.gate.http11 import Fields, Limits
 from supervisor.gate.tunnel import WS_IDLE_S
@@ -54,7 +53,6 @@ SQUEEZED_EXTRA_BYTES = 2 * 1024**3
 WATCH_EVERY_S = 0.5  # how often ComfyUI's VRAM is read after a prompt went on
 WATCH_S = 600.0  # for how long at most (a new prompt ends it sooner)
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
-MAKE_ROOM_GRACE_S = 2.0  # beyond wait_s, in case a RoomMaker overruns its deadline
 
 
 class JobRoomMaker(Protocol):
@@ -220,30 +218,14 @@ class PromptAdmission:
             f"Gate: making room for a ComfyUI job ({job.label}): needs about {_gib(need)}"
             f" ({basis}), room {shown} (free VRAM plus ComfyUI's own models)"
         )
-        self._stats.waits_total += 1
-        started = time.monotonic()
         make_room = functools.partial(
             self._room.make_room,
             need,
             reason=f"image gate: ComfyUI job with {job.label}",
             deadline_s=self._wait_s,
         )
-        try:
-            async with asyncio.timeout(self._wait_s + MAKE_ROOM_GRACE_S):
-                is_room = await self._call(make_room)
-        except TimeoutError:
-            is_room = False
-        except Exception as exc:
-            log.warning(f"Gate: making room for a ComfyUI job failed: {exc}")
-            is_room = False
-        waited_s = time.monotonic() - started
-        self._stats.wait_seconds_total += waited_s
-        if not is_room:
-            self._stats.forwarded_anyway_total += 1
-            log.warning(
-                f"Gate: forwarding the ComfyUI job ({job.label}) without enough free VRAM"
-                f" after {waited_s:.1f} s"
-            )
+        what = f"the ComfyUI job ({job.label})"
+        await make_room_within(self._call, make_room, self._wait_s, self._stats, what)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

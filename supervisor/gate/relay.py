@@ -413,6 +413,11 @@ async def _relay_answer(conn: Connection, ex: Exchange, on_head: Callable[[], No
     if on_head is not None:
         on_head()
     ex.queue(_client_response(event, fields, ex.req.method))
+    await _relay_answer_body(ex, up, stream, url)
+
+
+async def _relay_answer_body(ex: Exchange, up: h11.Connection, stream: Stream, url: str) -> None:
+    """Relay the body of an answer whose head is queued, to its end."""
     while True:
         # Whatever arrived together leaves together; the queue is written before each
         # wait for more, so a stream still goes out piece by piece as it is produced.

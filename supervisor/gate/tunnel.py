@@ -40,6 +40,7 @@ from supervisor.gate.relay import (
     Pool,
     UpstreamError,
     _client_response,
+    _relay_answer_body,
     _upstream_event,
 )
 
@@ -119,19 +120,7 @@ async def _relay_refusal(
 ) -> None:
     """The upstream refused the upgrade: relay its answer as it is."""
     ex.queue(_client_response(resp, fields_of(resp.headers), b"GET"))
-    while True:
-        try:
-            event = await _upstream_event(up, stream, ex, is_answered=True, url=url)
-        except h11.ProtocolError as exc:
-            raise UpstreamError(f"{url} sent a malformed answer: {exc}", is_answered=True) from exc
-        if isinstance(event, h11.Data):
-            ex.queue(h11.Data(data=event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            ex.queue(h11.EndOfMessage())
-            await ex.flush()
-            return
-        else:
-            raise UpstreamError(f"{url} closed mid-answer", is_answered=True)
+    await _relay_answer_body(ex, up, stream, url)
 
 
 async def _pipe(ex: Exchange, upstream: Stream, from_upstream: bytes, idle_s: float) -> None:

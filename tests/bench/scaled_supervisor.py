@@ -20,15 +20,20 @@ import sys
 from supervisor import cli, daemon
 
 
-def main() -> int:
-    scale = float(os.environ.get("BENCH_TIME_SCALE", "1"))
+def run_scaled(variable: str) -> int:
+    """`vram-supervisor run` with the safety limit divided by the time scale in `variable`."""
+    scale = float(os.environ.get(variable, "1"))
     if not 0 < scale <= 1:
-        print(f"BENCH_TIME_SCALE must be in (0, 1], not {scale}", file=sys.stderr)
+        print(f"{variable} must be in (0, 1], not {scale}", file=sys.stderr)
         return 2
     daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN = math.ceil(
         daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN / scale
     )
     return cli.main(["run"])
+
+
+def main() -> int:
+    return run_scaled("BENCH_TIME_SCALE")
 
 
 if __name__ == "__main__":

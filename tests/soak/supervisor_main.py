@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,16 +38,10 @@ def main() -> int:
     if clock_file:
         time.time = _stepped_time
         threading.Thread(target=_follow, args=(Path(clock_file),), daemon=True).start()
-    from supervisor import cli, daemon  # after the clock hook, on purpose
+    # Imports the package: after the clock hook, on purpose.
+    from tests.bench.scaled_supervisor import run_scaled
 
-    scale = float(os.environ.get("SOAK_TIME_SCALE", "1"))
-    if not 0 < scale <= 1:
-        print(f"SOAK_TIME_SCALE must be in (0, 1], not {scale}", file=sys.stderr)
-        return 2
-    daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN = math.ceil(
-        daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN / scale
-    )
-    return cli.main(["run"])
+    return run_scaled("SOAK_TIME_SCALE")
 
 
 if __name__ == "__main__":
