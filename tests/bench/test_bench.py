@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import run
-from tests.bench.modes import run_mode
+from tests.bench.modes import ModeResult, run_mode
 from tests.bench.report import (
     ROWS,
     estimates_table,
@@ -55,7 +55,7 @@ def test_a_tiny_seeded_workload_is_accounted_for_exactly() -> None:
 
 def test_the_bound_gives_each_service_a_gpu_of_its_own_under_either_profile() -> None:
     events = make_workload(3, 60.0, chat_gap_s=8.0, image_gap_s=25.0)
-    by_profile = {}
+    by_profile: dict[str, list[list[ModeResult]]] = {}
     for profile in ("2025", "2026"):
         bound = run_mode("isolated", events, 60.0, time_scale=0.02, drain_s=300.0, profile=profile)
         assert bound.profile == profile and bound.errors == []
