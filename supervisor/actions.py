@@ -32,7 +32,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from supervisor import ollama_actions
+from supervisor import model_actions, ollama_actions
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
@@ -45,10 +45,11 @@ from supervisor.model import (
     Outcome,
     RestartComfy,
     ServiceSpec,
+    UnloadModel,
     UnloadOllama,
 )
 from supervisor.ollama_profile import OllamaProfile
-from supervisor.ports import ComfyApi, DockerApi, OllamaApi
+from supervisor.ports import ComfyApi, DockerApi, ModelServerApi, OllamaApi
 from supervisor.units import MIB, format_bytes
 
 # A drop smaller than this is noise (allocator jitter), not a free.
@@ -97,6 +98,8 @@ class Targets:
     dead_comfyuis: frozenset[str] = frozenset()
     # What each Ollama does (generation, estimate params, fit target), by key.
     ollama_profiles: Mapping[str, OllamaProfile] = field(default_factory=dict)
+    # The model servers of the other registry kinds (llama-server, llama-swap ...).
+    model_servers: Mapping[str, tuple[ServiceSpec, ModelServerApi]] = field(default_factory=dict)
 
 
 def holds_nothing(reading: Reading | None) -> bool:
@@ -168,6 +171,8 @@ class Actor:
                     return self.free_comfy(action)
                 if isinstance(action, RestartComfy):
                     return self.restart_comfy(action)
+                if isinstance(action, UnloadModel):
+                    return model_actions.unload(self, action)
                 return self.unload_ollama(action)
         except Exception as exc:  # a bug or an adapter breaking its contract
             logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")

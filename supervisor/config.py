@@ -17,7 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from supervisor.errors import ConfigError
-from supervisor.model import LogFormat, Priority
+from supervisor.model import LogFormat, ServiceSpec
+from supervisor.tenants import roles
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -146,6 +147,51 @@ def _host() -> tuple[Callable[[str, str], Any], str]:
     return parse, accepted
 
 
+def _priority() -> tuple[Callable[[str, str], Any], str]:
+    accepted = (
+        "balanced, one role, or an ordered comma-separated list of roles (first keeps its "
+        "VRAM most); roles: " + ", ".join(roles())
+    )
+
+    def parse(name: str, raw: str) -> Any:
+        words = [w.strip().lower() for w in raw.split(",")]
+        if words == ["balanced"]:
+            return "balanced"
+        if any(w not in roles() for w in words) or len(set(words)) != len(words):
+            raise ConfigError(name, raw, accepted)
+        return ",".join(words)
+
+    return parse, accepted
+
+
+SERVICES_ACCEPTED = (
+    "a comma-separated list of role=URL pairs (a role may repeat), e.g. "
+    "llama-swap=http://127.0.0.1:8080,comfyui=http://127.0.0.1:8188"
+)
+
+
+def _services() -> tuple[Callable[[str, str], Any], str]:
+    accepted = SERVICES_ACCEPTED + "; roles: " + ", ".join(roles())
+
+    def parse(name: str, raw: str) -> Any:
+        pairs: list[tuple[str, str]] = []
+        for entry in raw.split(","):
+            role, sep, url = entry.partition("=")
+            role = role.strip().lower()
+            if not entry.strip() or not sep or role not in roles():
+                raise ConfigError(name, raw, f"{accepted} (bad entry {entry.strip()!r})")
+            try:
+                parsed = base_url(url)
+            except ValueError:
+                parsed = None
+            if parsed is None:
+                raise ConfigError(name, raw, f"{accepted} (bad URL in {entry.strip()!r})")
+            pairs.append((role, parsed))
+        return tuple(pairs)
+
+    return parse, accepted
+
+
 @dataclass(frozen=True)
 class Variable:
     name: str
@@ -216,13 +262,24 @@ VARIABLES: tuple[Variable, ...] = (
         "Fixed ComfyUI endpoint; when set, no Docker discovery is needed for ComfyUI.",
     ),
     _var(
+        "VRAM_SERVICES",
+        "services",
+        "",
+        _services(),
+        "Fixed endpoints of any tenant kinds, as role=URL pairs; when set, Docker is not "
+        "used (with VRAM_OLLAMA_URL and VRAM_COMFYUI_URL, which add to it).",
+    ),
+    _var(
         "VRAM_PRIORITY",
         "priority",
         "balanced",
-        _choice(["balanced", "ollama", "comfyui"]),
-        "Who yields when both need the GPU: balanced frees ComfyUI only while it is idle "
-        "and unloads idle Ollama models when ComfyUI has work; ollama never unloads Ollama "
-        "for ComfyUI; comfyui never frees ComfyUI while it has work.",
+        _priority(),
+        "Who yields when tenants need the same GPU (docs/policy.md has the rule): balanced "
+        "ranks every role the same; a role, or a list of roles, ranks them first in that "
+        "order. A job server's running work is cut only for a tenant ranked above it; a "
+        "model server's idle models are unloaded for a job server unless it ranks above "
+        "it. ollama: never unloads Ollama for ComfyUI and frees ComfyUI even while busy; "
+        "comfyui: never frees ComfyUI while it has work.",
     ),
     _var(
         "VRAM_HEAL",
@@ -330,7 +387,8 @@ class Settings:
     log_format: LogFormat = LogFormat.TEXT
     ollama_url: str | None = None
     comfyui_url: str | None = None
-    priority: Priority = Priority.BALANCED
+    services: tuple[tuple[str, str], ...] | None = None  # VRAM_SERVICES: (role, URL) pairs
+    priority: str = "balanced"  # "balanced" or roles, comma-separated, first ranks highest
     heal: bool = True
     heal_cooldown_s: float = 600.0
     restart_fallback: bool = False
@@ -347,8 +405,31 @@ class Settings:
 
     @property
     def needs_docker(self) -> bool:
-        """Docker is needed unless both services have fixed URLs."""
+        """Docker is needed unless VRAM_SERVICES is set or both the Ollama and the ComfyUI
+        have fixed URLs."""
+        if self.services:
+            return False
         return self.ollama_url is None or self.comfyui_url is None
+
+    @property
+    def fixed_services(self) -> tuple[tuple[str, str], ...]:
+        """Every fixed endpoint as (role, URL): VRAM_OLLAMA_URL, VRAM_COMFYUI_URL, then
+        VRAM_SERVICES in its order."""
+        pairs = [("ollama", self.ollama_url), ("comfyui", self.comfyui_url)]
+        fixed = tuple((role, url) for role, url in pairs if url)
+        return fixed + tuple(self.services or ())
+
+    def rank(self, spec: ServiceSpec) -> tuple[int, int]:
+        """How strongly a tenant keeps its VRAM: its role's place in VRAM_PRIORITY (a role
+        listed earlier ranks higher, unlisted roles lowest, balanced all the same), then
+        its `vram-supervisor.priority` label."""
+        order = [] if self.priority == "balanced" else self.priority.split(",")
+        role_rank = len(order) - order.index(spec.role) if spec.role in order else 0
+        return role_rank, spec.priority
+
+    def outranks(self, a: ServiceSpec, b: ServiceSpec) -> bool:
+        """`a` ranks strictly above `b` (see `rank`)."""
+        return self.rank(a) > self.rank(b)
 
 
 def _did_you_mean(name: str) -> str:
@@ -377,7 +458,6 @@ def load_settings(env: Mapping[str, str]) -> tuple[Settings, list[str]]:
             f"a percentage at or above VRAM_THRESHOLD ({values['threshold_percent']:g})",
         )
     values["log_format"] = LogFormat(values["log_format"])
-    values["priority"] = Priority(values["priority"])
     warnings = [
         f"Unknown variable {name} is ignored ({_did_you_mean(name)}); known: "
         + ", ".join(sorted(_BY_NAME))

@@ -293,7 +293,7 @@ class Daemon:
             last_wall = self.last_pass_wall
         return {
             "dry_run": self.settings.dry_run,
-            "priority": self.settings.priority.value,
+            "priority": str(self.settings.priority),
             "last_pass_wall_time": last_wall,
             "docker": {
                 "in_use": self._observer.uses_docker,

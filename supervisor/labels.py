@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 from supervisor.config import BOOL_ACCEPTED, URL_ACCEPTED, base_url, bool_word
 from supervisor.errors import LabelError
-from supervisor.model import Role, ServiceSpec
+from supervisor.model import ServiceSpec
+from supervisor.tenants import kinds, roles
 
 PREFIX = "vram-supervisor."
 
-# Ports the services listen on unless told otherwise (Ollama's and ComfyUI's defaults).
-DEFAULT_PORTS: Mapping[Role, int] = {Role.OLLAMA: 11434, Role.COMFYUI: 8188}
+# Ports the services listen on unless told otherwise: each tenant kind's default.
+DEFAULT_PORTS: Mapping[str, int] = {role: k.default_port for role, k in kinds().items()}
+_PORTS_TEXT = ", ".join(f"{port} for {role}" for role, port in DEFAULT_PORTS.items())
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Label:
 
 ROLE = Label(
     key=f"{PREFIX}role",
-    accepted="one of: " + ", ".join(r.value for r in Role),
+    accepted="one of: " + ", ".join(roles()),
     default="",
     help="Which service the container runs. Required: only containers with this label are "
     "supervised.",
@@ -54,7 +56,7 @@ URL = Label(
     help="Base URL the supervisor uses to reach the service. Without it: host network -> "
     "http://127.0.0.1:<port>; a user-defined network shared with the supervisor -> "
     "http://<container name>:<port>; otherwise the container's IP address on its first "
-    "network that has one. Ports: 11434 for ollama, 8188 for comfyui.",
+    "network that has one. Ports: " + _PORTS_TEXT + ".",
 )
 RESTART = Label(
     key=f"{PREFIX}restart",
@@ -64,11 +66,20 @@ RESTART = Label(
     "resort; overrides VRAM_RESTART_FALLBACK for this container.",
 )
 
-LABELS: tuple[Label, ...] = (ROLE, URL, RESTART)
+PRIORITY = Label(
+    key=f"{PREFIX}priority",
+    accepted="an integer from -999999 to 999999 (e.g. -10, 0, 10)",
+    default="0",
+    help="Breaks ties of VRAM_PRIORITY between containers: of two tenants that rank the "
+    "same there, the one with the higher number keeps its VRAM (its idle models are not "
+    "unloaded for the other, and its running work is never cut for it).",
+)
+
+LABELS: tuple[Label, ...] = (ROLE, URL, RESTART, PRIORITY)
 _KNOWN = frozenset(label.key for label in LABELS)
 
 
-def parse_role(container_name: str, labels: Mapping[str, str]) -> Role | None:
+def parse_role(container_name: str, labels: Mapping[str, str]) -> str | None:
     """The container's role, or None when it does not carry `vram-supervisor.role`.
 
     Raises LabelError for a value that is not a role (case and surrounding spaces are
@@ -78,9 +89,8 @@ def parse_role(container_name: str, labels: Mapping[str, str]) -> Role | None:
     if raw is None:
         return None
     value = raw.strip().lower()
-    for role in Role:
-        if role.value == value:
-            return role
+    if value in kinds():
+        return value
     raise LabelError(container_name, ROLE.key, raw, ROLE.accepted)
 
 
@@ -94,6 +104,14 @@ def parse_url(container_name: str, raw: str) -> str | None:
         return base_url(raw)
     except ValueError:
         raise LabelError(container_name, URL.key, raw, URL.accepted) from None
+
+
+def parse_priority(container_name: str, raw: str) -> int:
+    value = raw.strip()
+    digits = value[1:] if value[:1] in "+-" else value
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 6:
+        raise LabelError(container_name, PRIORITY.key, raw, PRIORITY.accepted)
+    return int(value)
 
 
 def parse_restart(container_name: str, raw: str) -> bool:
@@ -122,7 +140,12 @@ def parse_labels(
     restart: bool | None = None
     if RESTART.key in labels and labels[RESTART.key].strip():
         restart = parse_restart(container_name, labels[RESTART.key])
-    return ServiceSpec(role=role, name=container_name, url=url, restart_allowed=restart)
+    priority = 0
+    if PRIORITY.key in labels and labels[PRIORITY.key].strip():
+        priority = parse_priority(container_name, labels[PRIORITY.key])
+    return ServiceSpec(
+        role=role, name=container_name, url=url, restart_allowed=restart, priority=priority
+    )
 
 
 def unknown_labels(container_name: str, labels: Mapping[str, str]) -> tuple[str, ...]:
@@ -141,7 +164,7 @@ def _host_port(host: str, port: int) -> str:
 
 
 def derive_url(
-    role: Role,
+    role: str,
     *,
     network_mode: str,
     networks: Mapping[str, str],
@@ -151,7 +174,7 @@ def derive_url(
 ) -> str:
     """The base URL of a container that has no `vram-supervisor.url` label.
 
-    The rule, first match wins (port: 11434 for ollama, 8188 for comfyui):
+    The rule, first match wins (port: the kind's default, `DEFAULT_PORTS`):
     1. `network_mode` "host": `http://<host_address>:<port>`. `host_address` is 127.0.0.1
        when the supervisor itself shares the host's network (or runs on the host); a
        supervisor in a bridge network passes its gateway, which is the host.

@@ -24,6 +24,7 @@ from supervisor.model import (
     Observation,
     Outcome,
     RestartComfy,
+    UnloadModel,
     UnloadOllama,
 )
 
@@ -49,6 +50,13 @@ class Metrics:
             "vram_supervisor_heals",
             "Ollama models healed (unloaded and reloaded), by result (ok/failed).",
             ["result"],
+            registry=registry,
+        )
+        self.model_unloads = Counter(
+            "vram_supervisor_model_unloads",
+            "Models of other model servers (llama-server, llama-swap ...) unloaded to make "
+            "room for a job server, by the server's role.",
+            labelnames=["role"],
             registry=registry,
         )
         self.unloads = Counter(
@@ -107,6 +115,8 @@ class Metrics:
             self.heals.labels(result="ok" if outcome.ok else "failed").inc()
         elif isinstance(action, UnloadOllama) and outcome.ok:
             self.unloads.inc()
+        elif isinstance(action, UnloadModel) and outcome.ok:
+            self.model_unloads.labels(role=action.target.partition("/")[0]).inc()
 
     def docker_event(self) -> None:
         self.docker_events.inc()
@@ -270,18 +280,14 @@ class _ObservationCollector(Collector):
             ratios: dict[str, float] = {}
             for o in obs.ollamas:
                 if o.vram_bytes is not None:
-                    container.add_metric(
-                        [o.status.spec.role.value, o.status.spec.name], o.vram_bytes
-                    )
+                    container.add_metric([o.status.spec.role, o.status.spec.name], o.vram_bytes)
                 for m in o.models or ():
                     ratios[m.name] = m.gpu_fraction  # one series per name, even with 2 Ollamas
             for name, value in ratios.items():
                 ratio.add_metric([name], value)
             for c in obs.comfyuis:
                 if c.vram_bytes is not None:
-                    container.add_metric(
-                        [c.status.spec.role.value, c.status.spec.name], c.vram_bytes
-                    )
+                    container.add_metric([c.status.spec.role, c.status.spec.name], c.vram_bytes)
                 if c.queue is not None:
                     queue.add_metric([c.status.spec.name], c.queue.running + c.queue.pending)
         yield from (used, total, container, ratio, queue)

@@ -16,12 +16,17 @@ from enum import StrEnum
 
 
 class Role(StrEnum):
+    """The roles of the two first tenant kinds. A role is any kind's label value (a str:
+    `supervisor.tenants` lists them all); these names exist for the code that is about
+    Ollama or ComfyUI in particular (heal, staged frees)."""
+
     OLLAMA = "ollama"
     COMFYUI = "comfyui"
 
 
 class Priority(StrEnum):
-    """Who yields when both services need the GPU (`VRAM_PRIORITY`)."""
+    """The single-word values of `VRAM_PRIORITY` (it also takes any role or an ordered
+    list of roles: `Settings.priority` is the normalised text)."""
 
     BALANCED = "balanced"
     OLLAMA = "ollama"
@@ -96,7 +101,7 @@ class ServiceSpec:
     for a fixed endpoint), so cooldowns survive a recreate with a new container id.
     """
 
-    role: Role
+    role: str  # the kind's role (`supervisor.tenants`); Role.OLLAMA / Role.COMFYUI compare equal
     name: str  # container name without the slash, or the role name for a fixed URL
     url: str  # base URL, no trailing slash
     container_id: str | None = None  # None: a fixed URL with no container behind it
@@ -107,10 +112,11 @@ class ServiceSpec:
     gpu_uuids: tuple[str, ...] = ()  # GPUs granted by Docker (DeviceRequests); () = unknown/all
     # Ollama: the settings of its Config.Env that change a load's need (ollama_profile.ENV_KEYS)
     env: tuple[tuple[str, str], ...] = ()
+    priority: int = 0  # `vram-supervisor.priority`: higher keeps its VRAM (breaks role ties)
 
     @property
     def key(self) -> str:
-        return f"{self.role.value}/{self.name}"
+        return f"{self.role}/{self.name}"
 
     @property
     def is_container(self) -> bool:
@@ -259,6 +265,55 @@ class ComfyObservation:
     vram_is_estimate: bool = False
 
 
+# States of a served model that hold (or are taking) its VRAM; "sleeping" keeps only a
+# process's context and "stopping" is on its way out.
+RESIDENT_STATES = frozenset({"loaded", "loading", "ready", "starting"})
+LOADING_STATES = frozenset({"loading", "starting"})
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model a model server of a registry kind (llama-server, llama-swap) reports."""
+
+    name: str
+    state: str = "loaded"  # as the server says: loaded, loading, ready, starting, sleeping ...
+    busy: bool | None = None  # serving a request now; None: this read cannot tell
+    size_bytes: int | None = None  # its size as the server reports it (weights); None: unknown
+
+    @property
+    def is_resident(self) -> bool:
+        return self.state in RESIDENT_STATES
+
+    @property
+    def is_loading(self) -> bool:
+        return self.state in LOADING_STATES
+
+
+@dataclass(frozen=True)
+class ServedState:
+    """One read of a model server of a registry kind."""
+
+    models: tuple[ServedModel, ...]
+    can_unload: bool  # it has an unload call (llama-server single-model mode has none)
+    mode: str = ""  # how it runs, for `status` (e.g. "router", "single-model")
+    busy: bool | None = None  # any request in flight; None: unknown
+
+
+@dataclass(frozen=True)
+class ModelServerObservation:
+    """A model server of a registry kind other than Ollama (`supervisor.tenants`)."""
+
+    status: ServiceStatus
+    title: str  # the kind's product name, for logs and `status`
+    state: ServedState | None = None  # None: could not be read this pass
+    vram_bytes: int | None = None  # attributed by NVML PIDs; None: not measured
+    gpu_uuids: tuple[str, ...] = ()
+
+    @property
+    def models(self) -> tuple[ServedModel, ...]:
+        return self.state.models if self.state is not None else ()
+
+
 @dataclass(frozen=True)
 class Observation:
     """Everything one pass of the loop read. Built by the daemon, read by the policy."""
@@ -268,6 +323,7 @@ class Observation:
     gpus: tuple[GpuMemory, ...] = ()
     ollamas: tuple[OllamaObservation, ...] = ()
     comfyuis: tuple[ComfyObservation, ...] = ()
+    model_servers: tuple[ModelServerObservation, ...] = ()  # the other registry kinds
     docker_ok: bool | None = None  # None: Docker not in use (fixed URLs only)
     wall_at: float | None = None  # Unix time of the pass (to judge Ollama's expires_at)
 
@@ -319,7 +375,17 @@ class HealOllama:
     keep_alive: int | str | None = None
 
 
-Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama
+@dataclass(frozen=True)
+class UnloadModel:
+    """Unload one idle model of a model server of a registry kind (llama-server's router,
+    llama-swap) so a job server gets the room; the actor checks it is still idle first."""
+
+    target: str  # ServiceSpec.key of the model server
+    model: str
+    reason: str
+
+
+Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama | UnloadModel
 
 
 @dataclass(frozen=True)

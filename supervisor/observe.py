@@ -41,10 +41,12 @@ from supervisor.model import (
     ComfyObservation,
     ComfyStats,
     GpuMemory,
+    ModelServerObservation,
     Observation,
     OllamaModel,
     OllamaObservation,
     Role,
+    ServedState,
     ServiceHealth,
     ServiceSpec,
     ServiceStatus,
@@ -52,8 +54,16 @@ from supervisor.model import (
 )
 from supervisor.ollama_profile import OllamaProfile, ollama_profile
 from supervisor.policy import DEAD_API_CHECKS
-from supervisor.ports import ComfyApi, DockerApi, GpuProcess, GpuReader, OllamaApi
+from supervisor.ports import (
+    ComfyApi,
+    DockerApi,
+    GpuProcess,
+    GpuReader,
+    ModelServerApi,
+    OllamaApi,
+)
 from supervisor.reads import Read, Service, close_quietly, noisy, read_all
+from supervisor.tenants import kind_of, make_client
 from supervisor.vram.api import (
     comfy_dynamic_bound,
     comfy_mode,
@@ -115,6 +125,7 @@ class Observer:
         *,
         ollama_client: Callable[[str], OllamaApi],
         comfy_client: Callable[[str], ComfyApi],
+        server_client: Callable[[str, str], ModelServerApi] | None = None,
         docker: Callable[[], DockerApi] | None = None,
         gpu: GpuReader | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -128,6 +139,10 @@ class Observer:
         self._gpu = gpu
         self._make_ollama = ollama_client
         self._make_comfy = comfy_client
+        # (role, URL) -> the client of a model server of another registry kind
+        self._make_server = server_client or (
+            lambda role, url: make_client(role, url, timeout_s=settings.request_timeout_s)
+        )
         self._clock = clock
         self._wall = wall_clock
         self._services: dict[str, Service] = {}
@@ -145,14 +160,15 @@ class Observer:
         self._listed: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
         # Per ComfyUI key: (container id, version, mode) last logged.
         self._comfy_seen: dict[str, tuple[str | None, str, ComfyMode]] = {}
-        self._fixed = {
-            role: url
-            for role, url in (
-                (Role.OLLAMA, settings.ollama_url),
-                (Role.COMFYUI, settings.comfyui_url),
-            )
-            if url
-        }
+        self._server_seen: dict[str, tuple[str | None, str, bool]] = {}
+        # Fixed endpoints (VRAM_OLLAMA_URL, VRAM_COMFYUI_URL, VRAM_SERVICES): a role's first
+        # is named after the role, its further ones role-2, role-3 ...
+        self._fixed: list[ServiceSpec] = []
+        for role, url in settings.fixed_services:
+            count = sum(1 for s in self._fixed if s.role == role)
+            name = role if count == 0 else f"{role}-{count + 1}"
+            self._fixed.append(ServiceSpec(role=role, name=name, url=url))
+        self._fixed_roles = {s.role for s in self._fixed}
 
     @property
     def uses_docker(self) -> bool:
@@ -228,7 +244,7 @@ class Observer:
         stats = [r.stats for r in reads.values() if r.stats is not None]
         models = [m for r in reads.values() for m in r.models or ()]
         ollama_failed = any(
-            s.spec.role is Role.OLLAMA and reads[s.spec.key].models is None for s in running
+            s.spec.role == Role.OLLAMA and reads[s.spec.key].models is None for s in running
         )
         source, gpus, processes = self._read_vram(stats, models)
         attributed = self._attribute(processes, running) if processes is not None else {}
@@ -240,6 +256,7 @@ class Observer:
 
         ollamas: list[OllamaObservation] = []
         comfyuis: list[ComfyObservation] = []
+        servers: list[ModelServerObservation] = []
         profiles: dict[str, OllamaProfile] = {}
         for service in self._services.values():
             read = reads.get(service.spec.key, Read())
@@ -259,7 +276,18 @@ class Observer:
                 if attribution is not None and service.spec.key in measured
                 else None
             )
-            if service.spec.role is Role.OLLAMA:
+            if service.spec.role not in (Role.OLLAMA, Role.COMFYUI):
+                servers.append(
+                    ModelServerObservation(
+                        status,
+                        kind_of(service.spec.role).title,
+                        read.served,
+                        nvml_bytes,
+                        gpu_uuids,
+                    )
+                )
+                self._note_server(specs[service.spec.key], read.served)
+            elif service.spec.role == Role.OLLAMA:
                 vram = (
                     nvml_bytes
                     if nvml_bytes is not None
@@ -311,6 +339,7 @@ class Observer:
             gpus=gpus,
             ollamas=tuple(ollamas),
             comfyuis=tuple(comfyuis),
+            model_servers=tuple(servers),
             docker_ok=self._docker_ok,
             wall_at=wall_at,
         )
@@ -318,24 +347,45 @@ class Observer:
             comfyuis={
                 s.spec.key: (specs[s.spec.key], s.client)
                 for s in running
-                if s.spec.role is Role.COMFYUI
+                if s.spec.role == Role.COMFYUI
             },
             ollamas={
                 s.spec.key: (specs[s.spec.key], s.client)
                 for s in running
-                if s.spec.role is Role.OLLAMA
+                if s.spec.role == Role.OLLAMA
             },
             ollama_gpus=_ollama_gpus(ollamas),
             ollama_profiles={
                 s.spec.key: profiles[s.spec.key] for s in running if s.spec.key in profiles
             },
+            model_servers={
+                s.spec.key: (specs[s.spec.key], s.client)
+                for s in running
+                if s.spec.role not in (Role.OLLAMA, Role.COMFYUI)
+            },
             dead_comfyuis=frozenset(
                 s.spec.key
                 for s in running
-                if s.spec.role is Role.COMFYUI and s.failures >= DEAD_API_CHECKS
+                if s.spec.role == Role.COMFYUI and s.failures >= DEAD_API_CHECKS
             ),
         )
         return obs
+
+    def _note_server(self, spec: ServiceSpec, served: ServedState | None) -> None:
+        """Log how a model server of another kind runs when first read and on a change."""
+        if served is None:
+            return
+        mode = served.mode or "running"
+        seen = (spec.container_id, mode, served.can_unload)
+        if self._server_seen.get(spec.key) == seen:
+            return
+        self._server_seen[spec.key] = seen
+        how = (
+            "its idle models can be unloaded"
+            if served.can_unload
+            else "it has no unload: observed only"
+        )
+        logger.info(f"{spec.key}: {kind_of(spec.role).title} ({mode}); {how}")
 
     def _note_comfy(self, spec: ServiceSpec, stats: ComfyStats | None) -> None:
         """Log a ComfyUI's version and mode when first read and whenever they change."""
@@ -388,8 +438,7 @@ class Observer:
 
     def _refresh_services(self, now: float) -> None:
         wanted: dict[str, tuple[ServiceSpec, bool, ServiceHealth]] = {}
-        for role, url in self._fixed.items():
-            spec = ServiceSpec(role=role, name=role.value, url=url)
+        for spec in self._fixed:
             wanted[spec.key] = (spec, True, ServiceHealth.NONE)
         if self._docker_factory is not None:
             listed_at = self._docker_listed_at
@@ -433,7 +482,7 @@ class Observer:
         self._listed = {
             c.spec.key: (c.spec, c.is_running, c.health)
             for c in containers
-            if c.spec.role not in self._fixed
+            if c.spec.role not in self._fixed_roles
         }
 
     def _update_service(
@@ -454,9 +503,12 @@ class Observer:
             was_running = False
         service.spec, service.is_running, service.health = spec, is_running, health
         if is_running and service.client is None:
-            service.client = (self._make_ollama if spec.role is Role.OLLAMA else self._make_comfy)(
-                spec.url
-            )
+            if spec.role == Role.OLLAMA:
+                service.client = self._make_ollama(spec.url)
+            elif spec.role == Role.COMFYUI:
+                service.client = self._make_comfy(spec.url)
+            else:
+                service.client = self._make_server(spec.role, spec.url)
         if is_running and not was_running:
             service.failures, service.error = 0, None
             if spec.is_container:

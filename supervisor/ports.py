@@ -18,6 +18,7 @@ from supervisor.model import (
     ContainerState,
     GpuMemory,
     OllamaModel,
+    ServedState,
 )
 
 if TYPE_CHECKING:  # ollama_profile -> estimate -> ports: types only
@@ -86,6 +87,27 @@ class ComfyApi(Protocol):
     def free(self, *, unload_models: bool, free_memory: bool) -> None:
         """Sets flags only; ComfyUI acts between prompts. Verify by reading VRAM."""
         ...
+
+
+class ModelServerApi(Protocol):
+    """A model server of a registry kind (`supervisor.tenants`: llama-server, llama-swap).
+    Every failure raises ServiceError."""
+
+    def served(self) -> ServedState:
+        """Its models and their states; whether each is busy where one read can tell
+        without side effects (else None)."""
+        ...
+
+    def busy(self, model: str) -> bool | None:
+        """Whether `model` serves a request now, read just before an unload; None when it
+        cannot be told (then it is never unloaded)."""
+        ...
+
+    def unload(self, model: str) -> None:
+        """Ask it to unload `model`; a model that is already gone is not an error."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class GpuReader(Protocol):

@@ -2,7 +2,8 @@
 
 Policy: an Ollama is read with /api/ps; a ComfyUI with /queue and /system_stats, and it
 counts as answering when either answered (one bad endpoint is a partial reading, logged
-at DEBUG). A read never raises: errors, including an adapter breaking its contract,
+at DEBUG); a model server of any other registry kind with its client's `served()`.
+A read never raises: errors, including an adapter breaking its contract,
 become `Read.error`. Every running service is read at once on daemon threads, so one slow
 service delays no other and a read stuck in a timeout never holds up the process's exit:
 when the supervisor stops, the wait for them ends at once (`Interrupted`).
@@ -17,7 +18,15 @@ from typing import Any
 from loguru import logger
 
 from supervisor.errors import ServiceError
-from supervisor.model import ComfyQueue, ComfyStats, OllamaModel, Role, ServiceHealth, ServiceSpec
+from supervisor.model import (
+    ComfyQueue,
+    ComfyStats,
+    OllamaModel,
+    Role,
+    ServedState,
+    ServiceHealth,
+    ServiceSpec,
+)
 
 
 def noisy(count: int) -> bool:
@@ -34,7 +43,7 @@ class Service:
     health: ServiceHealth = ServiceHealth.NONE
     failures: int = 0
     error: str | None = None
-    client: Any = None  # OllamaApi | ComfyApi, built for spec.url
+    client: Any = None  # OllamaApi | ComfyApi | ModelServerApi, built for spec.url
     version: str | None = None  # Ollama's /api/version, read once per client (container)
 
 
@@ -47,12 +56,15 @@ class Read:
     stats: ComfyStats | None = None
     error: str | None = None
     version: str | None = None  # Ollama's, when it was read this time
+    served: ServedState | None = None  # a model server of another registry kind
 
 
 def read_service(service: Service) -> Read:
     """One service's API read; never raises (see the module doc)."""
     try:
-        if service.spec.role is Role.OLLAMA:
+        if service.spec.role not in (Role.OLLAMA, Role.COMFYUI):
+            return Read(served=service.client.served())
+        if service.spec.role == Role.OLLAMA:
             models = service.client.ps()
             version = None
             if service.version is None:  # once per client: a recreated container gets anew

@@ -291,6 +291,11 @@ def error_text(response: httpx.Response) -> str:
         data = None
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return _snippet(data["error"])
+    # The OpenAI shape (llama-server, vLLM): {"error": {"message": ..., "type": ...}}
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        message = data["error"].get("message")
+        if isinstance(message, str):
+            return _snippet(message)
     return _snippet(" ".join(response.text.split()))
 
 

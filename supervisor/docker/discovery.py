@@ -323,7 +323,7 @@ class DockerAdapter:
             container_id=str(attrs.get("Id", "")),
             gpu_uuids=gpu_ids(host_config.get("DeviceRequests")),
             env=env_subset([str(e) for e in env])
-            if spec.role is Role.OLLAMA and isinstance(env, list)
+            if spec.role == Role.OLLAMA and isinstance(env, list)
             else (),
         )
         health = _HEALTH.get(str(_dict(state.get("Health")).get("Status")), ServiceHealth.NONE)

@@ -26,6 +26,7 @@ from supervisor.model import (
     Outcome,
     PolicyState,
     RestartComfy,
+    UnloadModel,
     UnloadOllama,
 )
 from supervisor.policy.episodes import advance_episodes, open_episodes
@@ -143,7 +144,7 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     elif isinstance(action, RestartComfy):
         episodes.pop(action.target, None)
         restarts[action.target] = max(at, restarts.get(action.target, at))
-    elif isinstance(action, UnloadOllama):
+    elif isinstance(action, UnloadOllama | UnloadModel):
         last_unload_at = max(at, last_unload_at if last_unload_at is not None else at)
     else:
         key = f"{action.target}|{action.model}"

@@ -90,7 +90,8 @@ def advance_episodes(p: Pass) -> None:
                 why = f"its API has not answered for {c.status.failed_checks} checks"
                 try_restart(p, c, ep, why)
             else:
-                p.skip(f"Free episode on {key} waits: {free_blocker(c, p.settings.priority)}")
+                blocker = free_blocker(c, p.cuts_work(c), p.settings.priority)
+                p.skip(f"Free episode on {key} waits: {blocker}")
         elif ep.stage is FreeStage.RESTART:
             close_episode(p, key, "restarted")
         elif ep.last_result is FreeResult.PENDING:
@@ -141,7 +142,7 @@ def _escalate(
     p: Pass, c: ComfyObservation, ep: Episode, why: str, *, keep_if_blocked: bool
 ) -> None:
     key = ep.target
-    blocker = free_blocker(c, p.settings.priority)
+    blocker = free_blocker(c, p.cuts_work(c), p.settings.priority)
     if blocker is not None:
         if keep_if_blocked:
             p.skip(f"Free episode on {key} waits before the hard free: {blocker}")
@@ -225,7 +226,7 @@ def want_free(p: Pass, c: ComfyObservation, reason: str, gpu_uuid: str | None) -
     if is_api_dead(c) and (c.vram_bytes is None or c.vram_bytes > MIN_RECLAIMABLE_BYTES):
         p.wants[key] = Want(reason, gpu_uuid, dead=True)
         return
-    blocker = free_blocker(c, p.settings.priority)
+    blocker = free_blocker(c, p.cuts_work(c), p.settings.priority)
     if blocker is not None:
         p.skip(f"Not freeing {key} ({reason}): {blocker}")
         return

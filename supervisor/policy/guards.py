@@ -22,9 +22,9 @@ from supervisor.config import Settings
 from supervisor.model import (
     ComfyObservation,
     GpuMemory,
+    ModelServerObservation,
     OllamaModel,
     OllamaObservation,
-    Priority,
     ServiceHealth,
 )
 from supervisor.units import MIB
@@ -63,7 +63,9 @@ def estimate_reclaimable(comfy: ComfyObservation) -> int:
     return max(0, torch, other)
 
 
-def service_gpus(svc: ComfyObservation | OllamaObservation) -> tuple[str, ...]:
+def service_gpus(
+    svc: ComfyObservation | OllamaObservation | ModelServerObservation,
+) -> tuple[str, ...]:
     """GPUs the service uses: where it holds memory, else what Docker granted; () = all."""
     return svc.gpu_uuids or svc.status.spec.gpu_uuids
 
@@ -95,8 +97,12 @@ def has_work(comfy: ComfyObservation) -> bool:
     return st.is_running and st.is_reachable and queue is not None and queue.is_busy
 
 
-def free_blocker(comfy: ComfyObservation, priority: Priority) -> str | None:
-    """Why this ComfyUI may not be sent a /free now (None: it may)."""
+def free_blocker(
+    comfy: ComfyObservation, cut_work: bool = False, priority: str = "balanced"
+) -> str | None:
+    """Why this ComfyUI may not be sent a /free now (None: it may). `cut_work`: a tenant
+    that needs the room ranks above it (VRAM_PRIORITY, `Settings.outranks`), so its work
+    does not protect it (its flags then act when its prompt ends)."""
     st, key = comfy.status, comfy.status.spec.key
     if not st.is_running:
         return f"{key} is not running"
@@ -104,10 +110,10 @@ def free_blocker(comfy: ComfyObservation, priority: Priority) -> str | None:
         return f"{key} did not answer ({st.failed_checks} failed checks)"
     if comfy.queue is None:
         return f"the queue of {key} is unknown"
-    if comfy.queue.is_busy and priority is not Priority.OLLAMA:
+    if comfy.queue.is_busy and not cut_work:
         return (
             f"{key} has work ({comfy.queue.running} running, {comfy.queue.pending} "
-            f"pending) and priority {priority.value} frees it only when idle"
+            f"pending) and priority {priority} frees it only when idle"
         )
     return None
 

@@ -43,7 +43,6 @@ from supervisor.model import (
     HealWait,
     OllamaModel,
     OllamaObservation,
-    Priority,
     VramSource,
 )
 from supervisor.policy.episodes import pinned_hold, want_free
@@ -105,7 +104,7 @@ def _idle_held(p: Pass, g: GpuMemory) -> list[ComfyObservation]:
     return [
         c
         for c in p.comfys_on(g)
-        if free_blocker(c, Priority.BALANCED) is None
+        if free_blocker(c) is None
         and c.status.spec.key not in p.claimed
         and estimate_reclaimable(c) > MIN_RECLAIMABLE_BYTES
         and pinned_hold(p, c) is None  # its memory did not come back last time
@@ -131,7 +130,6 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
             "margin); it is not healed",
         )
         return
-    prio = p.settings.priority
 
     g = max(fitting, key=lambda g: g.free_bytes + sum(map(estimate_reclaimable, _idle_held(p, g))))
     reason = f"Ollama model {m.name} spilled to the CPU ({m.gpu_fraction:.0%} on GPU {g.index})"
@@ -183,7 +181,8 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
         busy = [c for c in on_g if has_work(c)]
         if busy:
             names = ", ".join(c.status.spec.key for c in busy)
-            p.skip(f"Not healing {m.name} yet: {names} has work (priority {prio.value})")
+            prio = p.settings.priority
+            p.skip(f"Not healing {m.name} yet: {names} has work (priority {prio})")
             p.soon()
             for c in busy:
                 want_free(p, c, reason, g.uuid)

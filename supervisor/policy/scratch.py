@@ -18,9 +18,11 @@ from supervisor.model import (
     Episode,
     GpuMemory,
     HealWait,
+    ModelServerObservation,
     Observation,
     OllamaObservation,
     PolicyState,
+    ServiceSpec,
 )
 from supervisor.policy.guards import gpu_ok, service_gpus, shares_gpu
 
@@ -64,6 +66,8 @@ class Pass:
     wants: dict[str, Want] = field(default_factory=dict)
     new_models: dict[str, list[str]] = field(default_factory=dict)
     wake: list[float] = field(default_factory=list)
+    # The model servers of the other registry kinds (llama-server, llama-swap ...), by key.
+    servers: dict[str, ModelServerObservation] = field(default_factory=dict)
 
     def emit(self, action: Action) -> None:
         if action not in self.actions:
@@ -87,6 +91,23 @@ class Pass:
 
     def gpus_of(self, uuids: tuple[str, ...]) -> list[GpuMemory]:
         return [g for g in self.gpus if shares_gpu(uuids, (g.uuid,))]
+
+    def model_server_specs(self) -> list[tuple[ServiceSpec, tuple[str, ...]]]:
+        """Every running model server (Ollama and the registry kinds) and its GPUs."""
+        found = [(o.status.spec, service_gpus(o)) for o in self.ollamas.values()]
+        found += [(m.status.spec, service_gpus(m)) for m in self.servers.values()]
+        return [(spec, gpus) for spec, gpus in found]
+
+    def cuts_work(self, c: ComfyObservation) -> bool:
+        """A model server on a GPU this ComfyUI uses ranks above it (VRAM_PRIORITY and
+        the `vram-supervisor.priority` label): then its running work does not protect it
+        from a free (the flags act when its prompt ends)."""
+        mine = service_gpus(c)
+        return any(
+            self.settings.outranks(spec, c.status.spec)
+            for spec, gpus in self.model_server_specs()
+            if shares_gpu(mine, gpus)
+        )
 
 
 def usable_ollama(o: OllamaObservation) -> bool:
@@ -121,6 +142,8 @@ def start_pass(obs: Observation, state: PolicyState, settings: Settings, now: fl
         heal_waits={w.key: w for w in state.heal_waits},
         noted=set(state.noted),
     )
+    for m in obs.model_servers:
+        p.servers.setdefault(m.status.spec.key, m)
     if len(gpus) < len(obs.gpus):
         p.skip("ignored GPU reading(s) with impossible figures")
     return p

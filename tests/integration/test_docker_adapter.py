@@ -97,7 +97,7 @@ def test_discovers_labelled_containers_on_the_host_network(
     found = ours(adapter, ollama, comfy, bad, plain)
     assert set(found) == {ollama, comfy}  # unlabelled and badly labelled ones are left out
     o, c = found[ollama], found[comfy]
-    assert o.spec.role is Role.OLLAMA and c.spec.role is Role.COMFYUI
+    assert o.spec.role == Role.OLLAMA and c.spec.role == Role.COMFYUI
     assert o.spec.url == "http://127.0.0.1:11434"  # host network: loopback, default port
     assert c.spec.url == f"http://127.0.0.1:{HTTP_PORT}"  # the url label wins
     assert c.spec.restart_allowed is False and o.spec.restart_allowed is None

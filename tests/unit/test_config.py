@@ -7,7 +7,7 @@ import pytest
 
 from supervisor.config import VARIABLES, Settings, load_settings
 from supervisor.errors import ConfigError
-from supervisor.model import LogFormat, Priority
+from supervisor.model import LogFormat, Priority, ServiceSpec
 
 # name -> (valid raw value, parsed value, invalid raw value)
 CASES: dict[str, tuple[str, object, str]] = {
@@ -19,6 +19,11 @@ CASES: dict[str, tuple[str, object, str]] = {
     "VRAM_LOG_FORMAT": ("JSON", LogFormat.JSON, "xml"),
     "VRAM_OLLAMA_URL": ("ollama:11434", "http://ollama:11434", "ftp://ollama"),
     "VRAM_COMFYUI_URL": ("http://127.0.0.1:8188/", "http://127.0.0.1:8188", "http://:99999"),
+    "VRAM_SERVICES": (
+        "llama-swap=127.0.0.1:8080, comfyui=http://127.0.0.1:8188",
+        (("llama-swap", "http://127.0.0.1:8080"), ("comfyui", "http://127.0.0.1:8188")),
+        "llama-swap:8080",
+    ),
     "VRAM_PRIORITY": ("comfyui", Priority.COMFYUI, "gpu"),
     "VRAM_HEAL": ("off", False, "2"),
     "VRAM_HEAL_COOLDOWN": ("60", 60.0, "soon"),
@@ -48,7 +53,7 @@ def test_defaults() -> None:
     assert settings.check_interval_s == 5.0 and settings.threshold_percent == 75.0
     assert settings.aggressive_threshold_percent == 85.0 and settings.min_free_interval_s == 30
     assert settings.http_port == 9105 and settings.gate_port is None
-    assert settings.priority is Priority.BALANCED and settings.log_format is LogFormat.TEXT
+    assert settings.priority == Priority.BALANCED and settings.log_format is LogFormat.TEXT
     assert settings.heal and not settings.dry_run and not settings.restart_fallback
     assert settings.needs_docker
 
@@ -139,3 +144,77 @@ def test_host_names_that_cannot_be_encoded_are_refused(name: str, raw: str) -> N
     with pytest.raises(ConfigError) as info:
         load_settings({name: raw})
     assert info.value.name == name
+
+
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        ("llama-swap=http://127.0.0.1:8080,vllm=http://127.0.0.1:8000", "'vllm=http"),
+        ("comfyui=ftp://x", "bad URL in 'comfyui=ftp://x'"),
+        ("comfyui=http://127.0.0.1:8188,,", "bad entry ''"),
+    ],
+)
+def test_a_bad_services_entry_is_named(raw: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"VRAM_SERVICES": raw})
+    message = str(info.value)
+    assert "VRAM_SERVICES" in message and why in message
+    assert "llama-server, llama-swap" in message  # the roles accepted
+
+
+def test_services_may_repeat_a_role_and_need_no_docker() -> None:
+    env = {
+        "VRAM_SERVICES": "llama-server=http://127.0.0.1:8080,llama-server=http://127.0.0.1:8081",
+        "VRAM_COMFYUI_URL": "http://127.0.0.1:8188",
+    }
+    settings, _ = load_settings(env)
+    assert not settings.needs_docker
+    assert settings.fixed_services == (
+        ("comfyui", "http://127.0.0.1:8188"),
+        ("llama-server", "http://127.0.0.1:8080"),
+        ("llama-server", "http://127.0.0.1:8081"),
+    )
+
+
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [
+        ("Balanced", "balanced"),
+        ("llama-swap", "llama-swap"),
+        ("comfyui, llama-swap ,ollama", "comfyui,llama-swap,ollama"),
+    ],
+)
+def test_priority_takes_a_role_or_an_ordered_list(raw: str, normalised: str) -> None:
+    settings, _ = load_settings({"VRAM_PRIORITY": raw})
+    assert settings.priority == normalised
+
+
+@pytest.mark.parametrize("raw", ["comfyui,comfyui", "balanced,ollama", "ollama,", "gpu"])
+def test_a_bad_priority_names_the_roles(raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"VRAM_PRIORITY": raw})
+    assert "VRAM_PRIORITY" in str(info.value) and "llama-swap" in str(info.value)
+
+
+def _spec(role: str, priority: int = 0) -> ServiceSpec:
+    return ServiceSpec(role=role, name=role, url="http://127.0.0.1:1", priority=priority)
+
+
+@pytest.mark.parametrize(
+    "priority, a, b, outranks",
+    [
+        ("balanced", _spec("ollama"), _spec("comfyui"), False),
+        ("balanced", _spec("comfyui"), _spec("ollama"), False),
+        ("ollama", _spec("ollama"), _spec("comfyui"), True),
+        ("ollama", _spec("comfyui"), _spec("ollama"), False),
+        ("comfyui", _spec("comfyui"), _spec("llama-swap"), True),
+        ("llama-swap,comfyui", _spec("comfyui"), _spec("ollama"), True),  # unlisted: lowest
+        ("llama-swap,comfyui", _spec("llama-swap"), _spec("comfyui"), True),
+        # the label breaks ties of the same role rank, never a VRAM_PRIORITY order
+        ("balanced", _spec("ollama", 5), _spec("comfyui"), True),
+        ("comfyui", _spec("ollama", 99), _spec("comfyui"), False),
+        ("comfyui,ollama", _spec("ollama", 1), _spec("comfyui", 0), False),
+    ],
+)
+def test_rank_for_n_tenants(priority: str, a: ServiceSpec, b: ServiceSpec, outranks: bool) -> None:
+    assert Settings(priority=priority).outranks(a, b) is outranks

@@ -270,7 +270,7 @@ def test_lists_labelled_containers_with_state_health_pid_and_gpus(engine: FakeEn
     by_name = {s.spec.name: s for s in states}
     assert set(by_name) == {"ollama", "comfyui"}
     ollama, comfy = by_name["ollama"], by_name["comfyui"]
-    assert ollama.spec.role is Role.OLLAMA
+    assert ollama.spec.role == Role.OLLAMA
     assert ollama.spec.url == "http://127.0.0.1:11434"
     assert ollama.spec.container_id == cid("ollama")
     assert ollama.spec.gpu_uuids == ()  # --gpus all
@@ -281,7 +281,7 @@ def test_lists_labelled_containers_with_state_health_pid_and_gpus(engine: FakeEn
         ServiceHealth.HEALTHY,
         3100,
     )
-    assert comfy.spec.role is Role.COMFYUI
+    assert comfy.spec.role == Role.COMFYUI
     assert comfy.spec.restart_allowed is True
     assert comfy.spec.gpu_uuids == ("GPU-5f1a", "1")
     assert (comfy.status, comfy.is_running, comfy.health, comfy.pid) == (
@@ -408,7 +408,7 @@ def test_a_bad_label_leaves_the_container_out_and_is_logged_once(
         assert [s.spec.name for s in adapter_.list_services()] == ["ollama"]
     assert warnings == [
         "container comfy: label vram-supervisor.role='comfy' is not valid: expected one of: "
-        "ollama, comfyui; the container is ignored"
+        "ollama, comfyui, llama-server, llama-swap; the container is ignored"
     ]
 
     # The user fixes one mistake and makes another: that is news, logged again once.

@@ -25,6 +25,7 @@ def test_every_label_is_declared_once_with_the_prefix_and_documented() -> None:
         "vram-supervisor.role",
         "vram-supervisor.url",
         "vram-supervisor.restart",
+        "vram-supervisor.priority",
     }
     for label in LABELS:
         assert label.key.startswith(PREFIX)
@@ -32,7 +33,12 @@ def test_every_label_is_declared_once_with_the_prefix_and_documented() -> None:
 
 
 def test_default_ports_are_the_services_own_defaults() -> None:
-    assert DEFAULT_PORTS == {Role.OLLAMA: 11434, Role.COMFYUI: 8188}
+    assert DEFAULT_PORTS == {
+        Role.OLLAMA: 11434,
+        Role.COMFYUI: 8188,
+        "llama-server": 8080,
+        "llama-swap": 8080,
+    }
 
 
 @pytest.mark.parametrize(
@@ -57,6 +63,14 @@ def test_default_ports_are_the_services_own_defaults() -> None:
         (
             {"vram-supervisor.role": "comfyui", "vram-supervisor.restart": "no"},
             ServiceSpec(Role.COMFYUI, "c", DERIVED, restart_allowed=False),
+        ),
+        (
+            {"vram-supervisor.role": "LLAMA-SWAP", "vram-supervisor.priority": " -3 "},
+            ServiceSpec("llama-swap", "c", DERIVED, priority=-3),
+        ),
+        (
+            {"vram-supervisor.role": "llama-server", "vram-supervisor.priority": "+10"},
+            ServiceSpec("llama-server", "c", DERIVED, priority=10),
         ),
         (  # an empty restart label means "use VRAM_RESTART_FALLBACK"
             {"vram-supervisor.role": "comfyui", "vram-supervisor.restart": ""},
@@ -101,6 +115,18 @@ def test_no_role_label_means_not_supervised(labels: dict[str, str]) -> None:
     [
         ({"vram-supervisor.role": "olama"}, "vram-supervisor.role", "olama", "ollama, comfyui"),
         ({"vram-supervisor.role": ""}, "vram-supervisor.role", "", "ollama, comfyui"),
+        (
+            {"vram-supervisor.role": "llama-swap", "vram-supervisor.priority": "high"},
+            "vram-supervisor.priority",
+            "high",
+            "an integer",
+        ),
+        (
+            {"vram-supervisor.role": "llama-swap", "vram-supervisor.priority": "1.5"},
+            "vram-supervisor.priority",
+            "1.5",
+            "an integer",
+        ),
         (
             {"vram-supervisor.role": "comfyui", "vram-supervisor.restart": "maybe"},
             "vram-supervisor.restart",

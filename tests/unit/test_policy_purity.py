@@ -22,6 +22,9 @@ FORBIDDEN = ("docker", "httpx", "pynvml", "requests", "loguru", "urllib3", "tena
 # The pure layer below the policy: model, config (which imports errors) and units.
 ALLOWED = {"supervisor", "supervisor.model", "supervisor.config", "supervisor.errors"}
 ALLOWED |= {"supervisor.units", *MODULES}
+# The tenant registry (config checks roles against it): pure declarations, one per kind.
+TENANTS = ROOT / "supervisor" / "tenants"
+ALLOWED |= {"supervisor.tenants", *(f"supervisor.tenants.{f.stem}" for f in TENANTS.glob("*.py"))}
 
 PROBE = """
 import importlib, json, sys
@@ -46,6 +49,28 @@ def test_policy_module_imports_no_io_library(module: str) -> None:
     io_modules, ours = (json.loads(line) for line in done.stdout.splitlines())
     assert io_modules == []
     assert set(ours) <= ALLOWED, sorted(set(ours) - ALLOWED)
+
+
+@pytest.mark.parametrize("source", sorted(TENANTS.glob("*.py")), ids=lambda f: f.name)
+def test_tenant_kind_modules_import_only_the_registry(source: Path) -> None:
+    # A kind names its client as "module:Class"; importing the client here would pull
+    # httpx into the policy (config lists the roles).
+    imports = [
+        line.split()[1]
+        for line in source.read_text().splitlines()
+        if line.startswith(("import ", "from "))
+    ]
+    assert set(imports) <= {
+        "__future__",
+        "supervisor.tenants",
+        "importlib",
+        "pkgutil",
+        "collections.abc",
+        "dataclasses",
+        "enum",
+        "functools",
+        "typing",
+    }
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda f: f.name)
