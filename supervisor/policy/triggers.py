@@ -14,12 +14,28 @@ Evaluated per GPU (a service with no GPU list shares every GPU):
    unloaded only when nothing else frees enough. At most one unload round
    per VRAM_MIN_FREE_INTERVAL (`last_unload_at`). Never under priority `ollama`.
 
+Model servers of the other registry kinds (llama-server, llama-swap ...; `p.servers`) take
+part in triggers 1 and 4 as Ollama does: a model that appears in their list (loading or
+loaded) frees the idle ComfyUIs sharing its GPU, and their idle models are unloaded for a
+ComfyUI with work (`UnloadModel`), after Ollama's, one per round when what a model holds
+is not known (the actor re-reads that it serves no request before unloading it).
+VRAM_PRIORITY decides per pair: a model server's models are never unloaded for a ComfyUI
+it ranks above (`Settings.outranks`).
+
 (Trigger 3, spilled models, is `heal.py`.) Frees go through `episodes.want_free`.
 """
 
 from __future__ import annotations
 
-from supervisor.model import Priority, UnloadOllama
+from supervisor.model import (
+    ComfyObservation,
+    ModelServerObservation,
+    OllamaObservation,
+    ServedModel,
+    ServiceSpec,
+    UnloadModel,
+    UnloadOllama,
+)
 from supervisor.policy.episodes import want_free
 from supervisor.policy.guards import (
     expiry_key,
@@ -65,7 +81,10 @@ def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
         seen.add(key)
         known |= {(key, n) for n in names}
     if p.obs.docker_ok is False:  # discovery failed: absent Ollamas are not gone
-        known |= {(k, m) for k, m in p.state.known_models if k not in p.ollamas}
+        known |= {
+            (k, m) for k, m in p.state.known_models if k not in p.ollamas and k not in p.servers
+        }
+    _track_servers(p, known, seen)
     # A model whose heal waits for its unload leaves /api/ps only to be reloaded by the
     # heal: its return is not a new model (no free for it, no "detected" note).
     for w in p.state.heal_waits:
@@ -75,10 +94,39 @@ def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
     return frozenset(known), frozenset(seen)
 
 
+def _track_servers(p: Pass, known: set[tuple[str, str]], seen: set[str]) -> None:
+    """`track_models` for the model servers of the other kinds: a model listed as loading
+    or loaded that was not before is new (their first read is a baseline)."""
+    for key, m in p.servers.items():
+        prev = {name for k, name in p.state.known_models if k == key}
+        if not m.status.is_running:
+            if prev:
+                p.soon()
+            continue
+        if m.state is None or not m.status.is_reachable:
+            known |= {(key, name) for name in prev}
+            continue
+        names = list(dict.fromkeys(x.name for x in m.models if x.is_resident))
+        if p.state.is_initialised and key in seen:
+            new = [n for n in names if n not in prev]
+            if new:
+                p.new_models[key] = new
+                p.notes.append(f"New {m.title} model(s) detected: {', '.join(new)} on {key}")
+            if set(names) != prev:
+                p.soon()
+        seen.add(key)
+        known |= {(key, n) for n in names}
+
+
 def free_for_new_models(p: Pass) -> None:
     for okey, names in p.new_models.items():
-        o = p.ollamas[okey]
-        reason = f"new Ollama model(s) {', '.join(names)}"
+        o: OllamaObservation | ModelServerObservation
+        if okey in p.ollamas:
+            o = p.ollamas[okey]
+            reason = f"new Ollama model(s) {', '.join(names)}"
+        else:
+            o = p.servers[okey]
+            reason = f"new {o.title} model(s) {', '.join(names)} on {okey}"
         for c in p.comfys.values():
             if not shares_gpu(service_gpus(c), service_gpus(o)):
                 continue
@@ -109,40 +157,95 @@ def unload_for_comfy(p: Pass) -> None:
         if not busy:
             continue
         cands = [
-            (o.status.spec.key, m)
+            (o, m)
             for o in p.ollamas.values()
             if usable_ollama(o) and shares_gpu(service_gpus(o), (g.uuid,))
             for m in o.models or ()
             if model_ok(m) and m.size_vram_bytes > 0
         ]
-        cands = [(k, m) for k, m in cands if (k, m.name) not in p.healed]
-        if not cands:
+        cands = [(o, m) for o, m in cands if (o.status.spec.key, m.name) not in p.healed]
+        others = _server_candidates(p, g.uuid)
+        if not cands and not others:
             continue
         names = ", ".join(c.status.spec.key for c in busy)
         situation = f"{names} has work and GPU {g.index} is at {g.used_percent:.0f}%"
-        if s.priority is Priority.OLLAMA:
+        # VRAM_PRIORITY per pair: a model server keeps its models for a ComfyUI it
+        # ranks above; it unloads for any busy ComfyUI it does not.
+        yields = [(o, m) for o, m in cands if not _outranks_all(p, o.status.spec, busy)]
+        others = [(m, x) for m, x in others if not _outranks_all(p, m.status.spec, busy)]
+        if cands and not yields:
             p.skip(
-                f"Not unloading Ollama models: {situation}, but priority ollama never "
+                f"Not unloading Ollama models: {situation}, but priority {s.priority} never "
                 "unloads them for ComfyUI"
             )
+        if not yields and not others:
             continue
         last = p.state.last_unload_at
         if last is not None and p.now - last < s.min_free_interval_s:
             left = s.min_free_interval_s - (p.now - last)
-            p.skip(f"Not unloading Ollama models yet ({situation}): rate limit, {left:.0f} s left")
+            what = "Ollama models" if yields else "models"
+            p.skip(f"Not unloading {what} yet ({situation}): rate limit, {left:.0f} s left")
             p.soon(left)
             continue
         target = g.total_bytes * s.threshold_percent / 100.0
         estimate = g.used_bytes
         wall = p.obs.wall_at
-        for okey, m in sorted(cands, key=lambda km: expiry_key(km[1], wall)):
+        why = f"{situation} (threshold {s.threshold_percent:g}%)"
+        for o, m in sorted(yields, key=lambda om: expiry_key(om[1], wall)):
             if estimate < target:
                 break
+            okey = o.status.spec.key
             if (okey, m.name) not in p.unloaded:
                 p.unloaded.add((okey, m.name))
-                why = f"{situation} (threshold {s.threshold_percent:g}%)"
+                detail = why
                 if seems_busy(m, wall):
-                    why += "; it seems in use (expires_at passed), nothing else frees enough"
-                p.emit(UnloadOllama(okey, m.name, why))
+                    detail += "; it seems in use (expires_at passed), nothing else frees enough"
+                p.emit(UnloadOllama(okey, m.name, detail))
                 p.last_unload_at = p.now
             estimate -= m.size_vram_bytes
+        for server, x in others:
+            if estimate < target:
+                break
+            key = server.status.spec.key
+            if (key, x.name) not in p.unloaded:
+                p.unloaded.add((key, x.name))
+                p.emit(UnloadModel(key, x.name, why))
+                p.last_unload_at = p.now
+            held = _held(server, x)
+            # Unknown: as if it freed enough (one such unload per round; the next round
+            # reads the GPU again after the rate limit).
+            estimate -= held if held is not None else estimate
+
+
+def _outranks_all(p: Pass, spec: ServiceSpec, busy: list[ComfyObservation]) -> bool:
+    return all(p.settings.outranks(spec, c.status.spec) for c in busy)
+
+
+def _server_candidates(p: Pass, gpu_uuid: str) -> list[tuple[ModelServerObservation, ServedModel]]:
+    """Idle loaded models of the other kinds' model servers on this GPU that can be
+    unloaded: loaded (not loading or sleeping), not known to be busy (the actor checks
+    again right before the unload), the server answered and has an unload call. Largest
+    known first, then unknown sizes, by name (a stable order)."""
+    found = [
+        (m, x)
+        for m in p.servers.values()
+        if m.status.is_running
+        and m.status.is_reachable
+        and m.state is not None
+        and m.state.can_unload
+        and shares_gpu(service_gpus(m), (gpu_uuid,))
+        for x in m.models
+        if x.is_resident and not x.is_loading and x.busy is not True
+    ]
+    return sorted(found, key=lambda mx: (-(_held(*mx) or 0), mx[0].status.spec.key, mx[1].name))
+
+
+def _held(server: ModelServerObservation, model: ServedModel) -> int | None:
+    """What unloading `model` gives back: its size as the server reports it, else an
+    even share of what NVML attributes to the server; None when neither is known."""
+    if model.size_bytes:
+        return model.size_bytes
+    resident = [x for x in server.models if x.is_resident]
+    if server.vram_bytes is not None and resident:
+        return server.vram_bytes // len(resident)
+    return None

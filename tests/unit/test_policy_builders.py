@@ -31,6 +31,7 @@ from supervisor.model import (
     ServiceHealth,
     ServiceSpec,
     ServiceStatus,
+    UnloadModel,
     UnloadOllama,
     VramSource,
 )
@@ -206,8 +207,8 @@ def run(
 def _identity(a: object) -> tuple[str, str]:
     if isinstance(a, FreeComfy | RestartComfy):
         return ("comfy", a.target)
-    if isinstance(a, UnloadOllama | HealOllama):
-        return ("ollama", f"{a.target}|{a.model}")
+    if isinstance(a, UnloadOllama | HealOllama | UnloadModel):
+        return ("model", f"{a.target}|{a.model}")
     raise AssertionError(f"unknown action {a!r}")
 
 
@@ -221,6 +222,8 @@ def summary(d: Decision) -> list[str]:
             out.append(f"restart:{a.target.split('/')[1]}")
         elif isinstance(a, UnloadOllama):
             out.append(f"unload:{a.model}")
+        elif isinstance(a, UnloadModel):
+            out.append(f"unload:{a.target}:{a.model}")
         elif isinstance(a, HealOllama):
             names = ",".join(k.split("/")[1] for k in a.free_first)
             if a.withdraw:

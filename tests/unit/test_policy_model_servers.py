@@ -1,0 +1,235 @@
+"""decide() with model servers of the registry's other kinds (llama-server, llama-swap):
+their new models free idle ComfyUIs, their idle models are unloaded for a ComfyUI with work
+and never a busy one or one of a server without an unload, and VRAM_PRIORITY ranks any
+pair of roles (plus the vram-supervisor.priority label)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_policy_builders import NOW, baseline, comfy, gpu, model, ollama, run, skipped, summary
+
+from supervisor.config import Settings
+from supervisor.model import (
+    ComfyObservation,
+    ModelServerObservation,
+    Observation,
+    OllamaObservation,
+    PolicyState,
+    ServedModel,
+    ServedState,
+    ServiceSpec,
+    ServiceStatus,
+    UnloadModel,
+    VramSource,
+)
+from supervisor.units import GIB
+
+SWAP = "llama-swap/swap"
+
+
+def server(
+    *models: ServedModel,
+    role: str = "llama-swap",
+    name: str = "swap",
+    can_unload: bool = True,
+    reachable: bool = True,
+    vram: float | None = None,
+    priority: int = 0,
+    gpus: tuple[str, ...] = (),
+) -> ModelServerObservation:
+    spec = ServiceSpec(
+        role, name, "http://127.0.0.1:8080", f"id-{name}", gpu_uuids=gpus, priority=priority
+    )
+    status = ServiceStatus(spec, is_running=True, is_reachable=reachable)
+    state = ServedState(tuple(models), can_unload=can_unload) if reachable else None
+    return ModelServerObservation(
+        status, role, state, int(vram * GIB) if vram is not None else None
+    )
+
+
+def served(
+    name: str, state: str = "ready", busy: bool | None = None, size: float | None = None
+) -> ServedModel:
+    return ServedModel(name, state, busy, int(size * GIB) if size else None)
+
+
+def observe(*services: object, used: float = 20) -> Observation:
+    return Observation(
+        at=NOW,
+        source=VramSource.NVML,
+        gpus=(gpu(used=used),),
+        ollamas=tuple(s for s in services if isinstance(s, OllamaObservation)),
+        comfyuis=tuple(s for s in services if isinstance(s, ComfyObservation)),
+        model_servers=tuple(s for s in services if isinstance(s, ModelServerObservation)),
+        docker_ok=True,
+    )
+
+
+def knowing(*servers: ModelServerObservation) -> PolicyState:
+    """The state after a pass that saw these servers and their resident models."""
+    known = frozenset(
+        (s.status.spec.key, m.name) for s in servers for m in s.models if m.is_resident
+    )
+    return replace(
+        baseline(), known_models=known, seen_ollamas=frozenset(s.status.spec.key for s in servers)
+    )
+
+
+QWEN, GEMMA = served("qwen", size=9), served("gemma", size=5)
+BUSY_QWEN = served("qwen", busy=True, size=9)
+
+
+@pytest.mark.parametrize(
+    ("observation", "state", "settings", "expected"),
+    [
+        pytest.param(
+            observe(server(QWEN, GEMMA), comfy(running=1)),
+            knowing(server(QWEN, GEMMA)),
+            Settings(),
+            [f"unload:{SWAP}:qwen"],  # the larger first: 9 GiB brings 20 below 18
+            id="comfy-with-work-unloads-the-largest-idle-model",
+        ),
+        pytest.param(
+            observe(server(BUSY_QWEN, GEMMA), comfy(running=1)),
+            knowing(server(BUSY_QWEN, GEMMA)),
+            Settings(),
+            [f"unload:{SWAP}:gemma"],
+            id="never-a-busy-model",
+        ),
+        pytest.param(
+            observe(server(served("qwen"), served("gemma")), comfy(running=1)),
+            knowing(server(served("qwen"), served("gemma"))),
+            Settings(),
+            [f"unload:{SWAP}:gemma"],  # sizes unknown: one per round (by name)
+            id="unknown-sizes-one-per-round",
+        ),
+        pytest.param(
+            observe(server(QWEN, can_unload=False, role="llama-server"), comfy(running=1)),
+            knowing(server(QWEN, can_unload=False, role="llama-server")),
+            Settings(),
+            [],
+            id="single-model-llama-server-has-no-unload",
+        ),
+        pytest.param(
+            observe(server(served("qwen", state="starting")), comfy(running=1)),
+            knowing(server(served("qwen", state="starting"))),
+            Settings(),
+            [],
+            id="a-loading-model-is-not-unloaded",
+        ),
+        pytest.param(
+            observe(server(QWEN), comfy(running=1), used=10),
+            knowing(server(QWEN)),
+            Settings(),
+            [],
+            id="below-the-threshold-nothing",
+        ),
+        pytest.param(
+            observe(server(QWEN), comfy()),
+            knowing(server(QWEN)),
+            Settings(),
+            ["free:soft:comfyui"],  # over the threshold: the idle ComfyUI is freed instead
+            id="idle-comfy-is-freed-not-the-model",
+        ),
+        pytest.param(
+            observe(server(QWEN), comfy(running=1)),
+            knowing(server(QWEN)),
+            Settings(priority="llama-swap"),
+            ["free:soft:comfyui"],  # and its work does not protect the ComfyUI (flags wait)
+            id="priority-llama-swap-keeps-its-models",
+        ),
+        pytest.param(
+            observe(server(QWEN), comfy(running=1)),
+            knowing(server(QWEN)),
+            Settings(priority="comfyui,llama-swap"),
+            [f"unload:{SWAP}:qwen"],
+            id="priority-list-comfyui-first",
+        ),
+        pytest.param(
+            observe(server(QWEN, priority=5), comfy(running=1)),
+            knowing(server(QWEN, priority=5)),
+            Settings(),
+            ["free:soft:comfyui"],
+            id="label-priority-breaks-the-balanced-tie",
+        ),
+        pytest.param(
+            observe(server(QWEN, GEMMA, served("phi", size=2)), comfy()),
+            knowing(server(QWEN, GEMMA)),
+            Settings(),
+            ["free:soft:comfyui"],
+            id="a-new-model-frees-the-idle-comfy",
+        ),
+        pytest.param(
+            observe(server(QWEN, served("phi", state="starting")), comfy(), used=10),
+            knowing(server(QWEN)),
+            Settings(),
+            ["free:soft:comfyui"],
+            id="a-model-starting-to-load-frees-the-idle-comfy",
+        ),
+        pytest.param(
+            observe(
+                server(QWEN, served("phi", state="starting"), priority=3), comfy(running=1), used=10
+            ),
+            knowing(server(QWEN)),
+            Settings(),
+            ["free:soft:comfyui"],  # it ranks above the ComfyUI: its work does not protect it
+            id="a-higher-ranked-load-frees-a-busy-comfy",
+        ),
+        pytest.param(
+            observe(server(QWEN, served("phi", state="starting")), comfy(running=1), used=10),
+            knowing(server(QWEN)),
+            Settings(),
+            [],
+            id="balanced-never-frees-a-busy-comfy-for-a-load",
+        ),
+        pytest.param(
+            observe(server(QWEN, reachable=False), comfy(running=1)),
+            knowing(server(QWEN)),
+            Settings(),
+            [],
+            id="an-unreadable-server-is-left-alone",
+        ),
+    ],
+)
+def test_model_servers(
+    observation: Observation, state: PolicyState, settings: Settings, expected: list[str]
+) -> None:
+    assert summary(run(observation, state, settings)) == expected
+
+
+def test_ollama_and_a_model_server_both_yield_ollama_first() -> None:
+    swap = server(QWEN)
+    o = ollama(model("llama3:8b", 4))
+    observation = observe(o, swap, comfy(running=1), used=23)
+    state = replace(
+        knowing(swap),
+        known_models=knowing(swap).known_models | {("ollama/ollama", "llama3:8b")},
+        seen_ollamas=frozenset({SWAP, "ollama/ollama"}),
+    )
+    # 23 GiB used, target 18: Ollama's 4 GiB first (its order is by expiry), then qwen.
+    assert summary(run(observation, state, Settings())) == [
+        "unload:llama3:8b",
+        f"unload:{SWAP}:qwen",
+    ]
+
+
+def test_the_unload_round_is_rate_limited_like_ollama_s() -> None:
+    swap = server(QWEN)
+    state = replace(knowing(swap), last_unload_at=NOW - 5)
+    d = run(observe(swap, comfy(running=1)), state, Settings())
+    assert summary(d) == []
+    assert "Not unloading models yet" in skipped(d) and "rate limit" in skipped(d)
+
+
+def test_new_model_note_names_the_server() -> None:
+    d = run(observe(server(QWEN, GEMMA), comfy(held=0.1)), knowing(server(QWEN)), Settings())
+    assert "New llama-swap model(s) detected: gemma on llama-swap/swap" in d.notes
+
+
+def test_the_unload_names_the_situation() -> None:
+    d = run(observe(server(QWEN), comfy(running=1)), knowing(server(QWEN)), Settings())
+    (action,) = d.actions
+    assert isinstance(action, UnloadModel)
+    assert action.reason == "comfyui/comfyui has work and GPU 0 is at 83% (threshold 75%)"
