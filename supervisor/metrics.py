@@ -268,6 +268,12 @@ class _ObservationCollector(Collector):
             "Share of each loaded Ollama model that is on the GPU (1 = fully).",
             labels=["model"],
         )
+        loaded = GaugeMetricFamily(
+            "vram_supervisor_models_loaded",
+            "Models loaded (or loading) on each model server of the other kinds "
+            "(llama-server, llama-swap ...).",
+            labels=["role", "name"],
+        )
         queue = GaugeMetricFamily(
             "vram_supervisor_comfyui_queue_length",
             "ComfyUI prompts running plus pending.",
@@ -290,4 +296,10 @@ class _ObservationCollector(Collector):
                     container.add_metric([c.status.spec.role, c.status.spec.name], c.vram_bytes)
                 if c.queue is not None:
                     queue.add_metric([c.status.spec.name], c.queue.running + c.queue.pending)
-        yield from (used, total, container, ratio, queue)
+            for srv in obs.model_servers:
+                labels = [srv.status.spec.role, srv.status.spec.name]
+                if srv.vram_bytes is not None:
+                    container.add_metric(labels, srv.vram_bytes)
+                if srv.state is not None:
+                    loaded.add_metric(labels, sum(1 for x in srv.models if x.is_resident))
+        yield from (used, total, container, ratio, queue, loaded)

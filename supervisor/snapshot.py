@@ -12,6 +12,7 @@ from typing import Any
 from supervisor.model import (
     ComfyObservation,
     GpuMemory,
+    ModelServerObservation,
     Observation,
     OllamaObservation,
     Outcome,
@@ -31,6 +32,8 @@ def observation_json(obs: Observation | None) -> dict[str, Any]:
         "gpus": [gpu_json(g) for g in obs.gpus] if obs else [],
         "ollama": [ollama_json(o) for o in obs.ollamas] if obs else [],
         "comfyui": [comfy_json(c) for c in obs.comfyuis] if obs else [],
+        # The model servers of the registry's other kinds (llama-server, llama-swap ...).
+        "model_servers": [server_json(m) for m in obs.model_servers] if obs else [],
     }
 
 
@@ -117,6 +120,27 @@ def ollama_json(o: OllamaObservation) -> dict[str, Any]:
         "version": o.version,
         "generation": o.generation,
         "fit_target_bytes": o.fit_target_bytes,
+    }
+
+
+def server_json(m: ModelServerObservation) -> dict[str, Any]:
+    state = m.state
+    models = [
+        {"name": x.name, "state": x.state, "busy": x.busy, "size_bytes": x.size_bytes}
+        for x in m.models
+    ]
+    return {
+        **status_json(m.status),
+        "role": m.status.spec.role,
+        "kind": m.title,
+        "priority": m.status.spec.priority,
+        "vram_bytes": m.vram_bytes,
+        "vram": format_bytes(m.vram_bytes),
+        "gpu_uuids": list(m.gpu_uuids),
+        "mode": state.mode if state else None,
+        "can_unload": state.can_unload if state else None,
+        "busy": state.busy if state else None,
+        "models": models if state is not None else None,
     }
 
 

@@ -97,7 +97,8 @@ def render_status(snap: dict[str, Any]) -> str:
         lines.append("  (unknown: no NVML and no ComfyUI reading)")
     lines.append("")
     lines.append("Services:")
-    for s in [*snap.get("ollama", []), *snap.get("comfyui", [])]:
+    servers = snap.get("model_servers", [])
+    for s in [*snap.get("ollama", []), *snap.get("comfyui", []), *servers]:
         state = s.get("state") or ("running" if s["running"] else "stopped")
         reach = "answers" if s["reachable"] else f"no answer ({s.get('error')})"
         if state == "answers":  # a fixed URL: no container to be running
@@ -124,6 +125,21 @@ def render_status(snap: dict[str, Any]) -> str:
             )
     if not any_model:
         lines.append("  (none loaded)")
+    if servers:
+        lines.append("")
+        lines.append("Other model servers:")
+    for m in servers:
+        how = m.get("mode") or ""
+        how += ("; " if how else "") + (
+            "idle models unloadable" if m.get("can_unload") else "no unload: observed only"
+        )
+        lines.append(f"  {m['key']:<28} {m['kind']}, VRAM {fb(m.get('vram_bytes'))}   {how}")
+        for x in m.get("models") or []:
+            busy = {True: "busy", False: "idle", None: "busy unknown"}[x.get("busy")]
+            size = f"  size {fb(x['size_bytes'])}" if x.get("size_bytes") else ""
+            lines.append(f"    {x['name']:<30} {x['state']:<9} {busy}{size}")
+        if m.get("models") == []:
+            lines.append("    (no model loaded)")
     lines.append("")
     lines.append("ComfyUI:")
     for c in snap.get("comfyui", []):
