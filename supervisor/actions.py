@@ -32,13 +32,14 @@ from typing import Protocol
 
 from loguru import logger
 
-from supervisor import model_actions, ollama_actions
+from supervisor import ollama_actions, tenant_actions
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
     Action,
     ComfyQueue,
     FreeComfy,
+    FreeJobs,
     FreeResult,
     FreeStage,
     HealOllama,
@@ -47,9 +48,10 @@ from supervisor.model import (
     ServiceSpec,
     UnloadModel,
     UnloadOllama,
+    WakeModel,
 )
 from supervisor.ollama_profile import OllamaProfile
-from supervisor.ports import ComfyApi, DockerApi, ModelServerApi, OllamaApi
+from supervisor.ports import ComfyApi, DockerApi, JobServerApi, ModelServerApi, OllamaApi
 from supervisor.units import MIB, format_bytes
 
 # A drop smaller than this is noise (allocator jitter), not a free.
@@ -100,6 +102,8 @@ class Targets:
     ollama_profiles: Mapping[str, OllamaProfile] = field(default_factory=dict)
     # The model servers of the other registry kinds (llama-server, llama-swap ...).
     model_servers: Mapping[str, tuple[ServiceSpec, ModelServerApi]] = field(default_factory=dict)
+    # The job servers of the other registry kinds (A1111/Forge, InvokeAI ...).
+    job_servers: Mapping[str, tuple[ServiceSpec, JobServerApi]] = field(default_factory=dict)
 
 
 def holds_nothing(reading: Reading | None) -> bool:
@@ -172,7 +176,11 @@ class Actor:
                 if isinstance(action, RestartComfy):
                     return self.restart_comfy(action)
                 if isinstance(action, UnloadModel):
-                    return model_actions.unload(self, action)
+                    return tenant_actions.unload(self, action)
+                if isinstance(action, WakeModel):
+                    return tenant_actions.wake(self, action)
+                if isinstance(action, FreeJobs):
+                    return tenant_actions.free_jobs(self, action)
                 return self.unload_ollama(action)
         except Exception as exc:  # a bug or an adapter breaking its contract
             logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")

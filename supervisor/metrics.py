@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from supervisor.model import (
     FreeComfy,
+    FreeJobs,
     FreeResult,
     FreeStage,
     HealOllama,
@@ -50,6 +51,13 @@ class Metrics:
             "vram_supervisor_heals",
             "Ollama models healed (unloaded and reloaded), by result (ok/failed).",
             ["result"],
+            registry=registry,
+        )
+        self.job_frees = Counter(
+            "vram_supervisor_job_server_frees",
+            "Frees of job servers of other kinds (A1111/Forge, InvokeAI ...), by role and "
+            "result (freed, pinned, failed).",
+            labelnames=["role", "result"],
             registry=registry,
         )
         self.model_unloads = Counter(
@@ -115,6 +123,9 @@ class Metrics:
             self.heals.labels(result="ok" if outcome.ok else "failed").inc()
         elif isinstance(action, UnloadOllama) and outcome.ok:
             self.unloads.inc()
+        elif isinstance(action, FreeJobs):
+            result = outcome.result or FreeResult.FAILED
+            self.job_frees.labels(role=action.target.partition("/")[0], result=result.value).inc()
         elif isinstance(action, UnloadModel) and outcome.ok:
             self.model_unloads.labels(role=action.target.partition("/")[0]).inc()
 
@@ -302,4 +313,9 @@ class _ObservationCollector(Collector):
                     container.add_metric(labels, srv.vram_bytes)
                 if srv.state is not None:
                     loaded.add_metric(labels, sum(1 for x in srv.models if x.is_resident))
+            for job in obs.job_servers:
+                if job.vram_bytes is not None:
+                    container.add_metric(
+                        [job.status.spec.role, job.status.spec.name], job.vram_bytes
+                    )
         yield from (used, total, container, ratio, queue, loaded)

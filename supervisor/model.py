@@ -297,6 +297,23 @@ class ServedState:
     can_unload: bool  # it has an unload call (llama-server single-model mode has none)
     mode: str = ""  # how it runs, for `status` (e.g. "router", "single-model")
     busy: bool | None = None  # any request in flight; None: unknown
+    # Requests waiting for a model that sleeps (vLLM queues them until woken); None:
+    # unknown or it cannot sleep. A sleeping model with waiting requests is woken.
+    waiting: int | None = None
+    can_wake: bool = False  # it sleeps and must be woken by the supervisor (`WakeModel`)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One read of a job server of a registry kind other than ComfyUI (A1111/Forge,
+    InvokeAI ...): whether it works, and whether it can be freed between jobs."""
+
+    busy: bool | None  # a job runs or waits; None: unknown (then it is never freed)
+    can_free: bool  # it has a call that gives its VRAM back while idle
+    queued: int | None = None  # jobs running plus waiting, when it says
+    mode: str = ""  # which product or variant, for `status` (e.g. "forge")
+    vram_bytes: int | None = None  # what it says it holds (its own torch figures)
+    models: tuple[str, ...] = ()  # the models (checkpoints) it has loaded, when it says
 
 
 @dataclass(frozen=True)
@@ -315,6 +332,26 @@ class ModelServerObservation:
 
 
 @dataclass(frozen=True)
+class JobServerObservation:
+    """A job server of a registry kind other than ComfyUI (`supervisor.tenants`)."""
+
+    status: ServiceStatus
+    title: str
+    state: JobState | None = None  # None: could not be read this pass
+    vram_bytes: int | None = None  # NVML attribution, else its own figure; None: unknown
+    gpu_uuids: tuple[str, ...] = ()
+
+    @property
+    def has_work(self) -> bool:
+        return (
+            self.status.is_running
+            and self.status.is_reachable
+            and self.state is not None
+            and self.state.busy is True
+        )
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything one pass of the loop read. Built by the daemon, read by the policy."""
 
@@ -324,6 +361,7 @@ class Observation:
     ollamas: tuple[OllamaObservation, ...] = ()
     comfyuis: tuple[ComfyObservation, ...] = ()
     model_servers: tuple[ModelServerObservation, ...] = ()  # the other registry kinds
+    job_servers: tuple[JobServerObservation, ...] = ()  # the other registry kinds
     docker_ok: bool | None = None  # None: Docker not in use (fixed URLs only)
     wall_at: float | None = None  # Unix time of the pass (to judge Ollama's expires_at)
 
@@ -385,7 +423,27 @@ class UnloadModel:
     reason: str
 
 
-Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama | UnloadModel
+@dataclass(frozen=True)
+class WakeModel:
+    """Wake a sleeping model (vLLM) that requests wait for, once room was made."""
+
+    target: str
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FreeJobs:
+    """Free the VRAM of an idle job server of a registry kind (A1111/Forge's
+    unload-checkpoint, InvokeAI's empty_model_cache ...); the actor checks it is still
+    idle first and verifies by reading VRAM."""
+
+    target: str
+    reason: str
+    gpu_uuid: str | None = None
+
+
+Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama | UnloadModel | WakeModel | FreeJobs
 
 
 @dataclass(frozen=True)
@@ -471,6 +529,8 @@ class PolicyState:
     noted: frozenset[str] = frozenset()
     backoffs: tuple[Backoff, ...] = ()  # targets held back after actions that did not help
     heal_waits: tuple[HealWait, ...] = ()  # heals waiting for their unload (a busy model)
+    # (job server key, when) of the latest free of each job server of the other kinds.
+    last_job_free_at: tuple[tuple[str, float], ...] = ()
 
     def restart_at(self, key: str) -> float | None:
         return dict(self.last_restart_at).get(key)

@@ -41,6 +41,7 @@ from supervisor.model import (
     ComfyObservation,
     ComfyStats,
     GpuMemory,
+    JobServerObservation,
     ModelServerObservation,
     Observation,
     OllamaModel,
@@ -63,7 +64,7 @@ from supervisor.ports import (
     OllamaApi,
 )
 from supervisor.reads import Read, Service, close_quietly, noisy, read_all
-from supervisor.tenants import kind_of, make_client
+from supervisor.tenants import Capability, kind_of, make_client
 from supervisor.vram.api import (
     comfy_dynamic_bound,
     comfy_mode,
@@ -113,6 +114,11 @@ def _ollama_gpus(ollamas: list[OllamaObservation]) -> tuple[str, ...]:
     if running and all(o.status.spec.gpu_uuids for o in running):
         return tuple(sorted({u for o in running for u in o.status.spec.gpu_uuids}))
     return tuple(sorted({u for o in running for u in o.gpu_uuids}))
+
+
+def _runs_jobs(spec: ServiceSpec) -> bool:
+    """A job server of the registry (A1111/Forge, InvokeAI ...), not a model server."""
+    return kind_of(spec.role).can(Capability.RUNS_JOBS)
 
 
 class Observer:
@@ -257,6 +263,7 @@ class Observer:
         ollamas: list[OllamaObservation] = []
         comfyuis: list[ComfyObservation] = []
         servers: list[ModelServerObservation] = []
+        jobs: list[JobServerObservation] = []
         profiles: dict[str, OllamaProfile] = {}
         for service in self._services.values():
             read = reads.get(service.spec.key, Read())
@@ -276,7 +283,18 @@ class Observer:
                 if attribution is not None and service.spec.key in measured
                 else None
             )
-            if service.spec.role not in (Role.OLLAMA, Role.COMFYUI):
+            if service.spec.role not in (Role.OLLAMA, Role.COMFYUI) and _runs_jobs(service.spec):
+                own = read.jobs.vram_bytes if read.jobs is not None else None
+                jobs.append(
+                    JobServerObservation(
+                        status,
+                        kind_of(service.spec.role).title,
+                        read.jobs,
+                        nvml_bytes if nvml_bytes is not None else own,
+                        gpu_uuids,
+                    )
+                )
+            elif service.spec.role not in (Role.OLLAMA, Role.COMFYUI):
                 servers.append(
                     ModelServerObservation(
                         status,
@@ -340,6 +358,7 @@ class Observer:
             ollamas=tuple(ollamas),
             comfyuis=tuple(comfyuis),
             model_servers=tuple(servers),
+            job_servers=tuple(jobs),
             docker_ok=self._docker_ok,
             wall_at=wall_at,
         )
@@ -361,7 +380,12 @@ class Observer:
             model_servers={
                 s.spec.key: (specs[s.spec.key], s.client)
                 for s in running
-                if s.spec.role not in (Role.OLLAMA, Role.COMFYUI)
+                if s.spec.role not in (Role.OLLAMA, Role.COMFYUI) and not _runs_jobs(s.spec)
+            },
+            job_servers={
+                s.spec.key: (specs[s.spec.key], s.client)
+                for s in running
+                if s.spec.role not in (Role.OLLAMA, Role.COMFYUI) and _runs_jobs(s.spec)
             },
             dead_comfyuis=frozenset(
                 s.spec.key

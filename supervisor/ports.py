@@ -17,6 +17,7 @@ from supervisor.model import (
     ComfyStats,
     ContainerState,
     GpuMemory,
+    JobState,
     OllamaModel,
     ServedState,
 )
@@ -104,7 +105,28 @@ class ModelServerApi(Protocol):
         ...
 
     def unload(self, model: str) -> None:
-        """Ask it to unload `model`; a model that is already gone is not an error."""
+        """Ask it to unload `model` (or put it to sleep, for a kind that sleeps); a model
+        that is already gone is not an error."""
+        ...
+
+    def wake(self, model: str) -> None:
+        """Wake a sleeping `model` (kinds whose `ServedState.can_wake`); others raise
+        ServiceError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class JobServerApi(Protocol):
+    """A job server of a registry kind other than ComfyUI (A1111/Forge, InvokeAI ...).
+    Every failure raises ServiceError."""
+
+    def jobs(self) -> JobState:
+        """Whether it works, whether it can be freed, what it holds when it says."""
+        ...
+
+    def free(self) -> None:
+        """Give its VRAM back (only ever called while it is idle: see `jobs`)."""
         ...
 
     def close(self) -> None: ...

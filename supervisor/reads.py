@@ -2,7 +2,8 @@
 
 Policy: an Ollama is read with /api/ps; a ComfyUI with /queue and /system_stats, and it
 counts as answering when either answered (one bad endpoint is a partial reading, logged
-at DEBUG); a model server of any other registry kind with its client's `served()`.
+at DEBUG); a server of any other registry kind with its client's `served()` (a model
+server) or `jobs()` (a job server, `Capability.RUNS_JOBS`).
 A read never raises: errors, including an adapter breaking its contract,
 become `Read.error`. Every running service is read at once on daemon threads, so one slow
 service delays no other and a read stuck in a timeout never holds up the process's exit:
@@ -21,12 +22,14 @@ from supervisor.errors import ServiceError
 from supervisor.model import (
     ComfyQueue,
     ComfyStats,
+    JobState,
     OllamaModel,
     Role,
     ServedState,
     ServiceHealth,
     ServiceSpec,
 )
+from supervisor.tenants import Capability, kind_of
 
 
 def noisy(count: int) -> bool:
@@ -57,12 +60,15 @@ class Read:
     error: str | None = None
     version: str | None = None  # Ollama's, when it was read this time
     served: ServedState | None = None  # a model server of another registry kind
+    jobs: JobState | None = None  # a job server of another registry kind
 
 
 def read_service(service: Service) -> Read:
     """One service's API read; never raises (see the module doc)."""
     try:
         if service.spec.role not in (Role.OLLAMA, Role.COMFYUI):
+            if kind_of(service.spec.role).can(Capability.RUNS_JOBS):
+                return Read(jobs=service.client.jobs())
             return Read(served=service.client.served())
         if service.spec.role == Role.OLLAMA:
             models = service.client.ps()

@@ -12,6 +12,7 @@ from typing import Any
 from supervisor.model import (
     ComfyObservation,
     GpuMemory,
+    JobServerObservation,
     ModelServerObservation,
     Observation,
     OllamaObservation,
@@ -34,6 +35,8 @@ def observation_json(obs: Observation | None) -> dict[str, Any]:
         "comfyui": [comfy_json(c) for c in obs.comfyuis] if obs else [],
         # The model servers of the registry's other kinds (llama-server, llama-swap ...).
         "model_servers": [server_json(m) for m in obs.model_servers] if obs else [],
+        # The job servers of the registry's other kinds (A1111/Forge, InvokeAI ...).
+        "job_servers": [job_server_json(j) for j in obs.job_servers] if obs else [],
     }
 
 
@@ -141,6 +144,24 @@ def server_json(m: ModelServerObservation) -> dict[str, Any]:
         "can_unload": state.can_unload if state else None,
         "busy": state.busy if state else None,
         "models": models if state is not None else None,
+    }
+
+
+def job_server_json(j: JobServerObservation) -> dict[str, Any]:
+    state = j.state
+    return {
+        **status_json(j.status),
+        "role": j.status.spec.role,
+        "kind": j.title,
+        "priority": j.status.spec.priority,
+        "vram_bytes": j.vram_bytes,
+        "vram": format_bytes(j.vram_bytes),
+        "gpu_uuids": list(j.gpu_uuids),
+        "mode": state.mode if state else None,
+        "can_free": state.can_free if state else None,
+        "busy": state.busy if state else None,
+        "queued": state.queued if state else None,
+        "models": list(state.models) if state else None,
     }
 
 

@@ -98,7 +98,8 @@ def render_status(snap: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Services:")
     servers = snap.get("model_servers", [])
-    for s in [*snap.get("ollama", []), *snap.get("comfyui", []), *servers]:
+    job_servers = snap.get("job_servers", [])
+    for s in [*snap.get("ollama", []), *snap.get("comfyui", []), *servers, *job_servers]:
         state = s.get("state") or ("running" if s["running"] else "stopped")
         reach = "answers" if s["reachable"] else f"no answer ({s.get('error')})"
         if state == "answers":  # a fixed URL: no container to be running
@@ -140,6 +141,15 @@ def render_status(snap: dict[str, Any]) -> str:
             lines.append(f"    {x['name']:<30} {x['state']:<9} {busy}{size}")
         if m.get("models") == []:
             lines.append("    (no model loaded)")
+    if job_servers:
+        lines.append("")
+        lines.append("Other job servers:")
+    for j in job_servers:
+        busy = {True: "has work", False: "idle", None: "work unknown"}[j.get("busy")]
+        how = (j.get("mode") or "") + ("; " if j.get("mode") else "")
+        how += "freed between jobs" if j.get("can_free") else "no free call: observed only"
+        lines.append(f"  {j['key']:<28} {j['kind']}, VRAM {fb(j.get('vram_bytes'))}   {busy}")
+        lines.append(f"  {'':<28} {how}")
     lines.append("")
     lines.append("ComfyUI:")
     for c in snap.get("comfyui", []):

@@ -1,14 +1,17 @@
 """Client for llama.cpp's `llama-server` (tenants.md §1), router or single-model mode.
 
 Policy:
+- Reads touch only endpoints that neither load, wake nor keep a model awake (`/props`,
+  `/models`, `/v1/models`, `/health`; README "Sleeping on Idle"): `GET /slots` is not
+  among them, and in router mode a GET with `?model=` of an unloaded model loads it. So
+  `served()` reports busy as unknown, and `busy(model)` reads `/slots` only right before
+  an unload, and only of a model `/models` lists as loaded.
 - The mode is read on every `served()` from `GET /props`: a router answers
   `role: "router"`. Router: `GET /models` lists every model with `status.value`
-  (unloaded, loading, loaded, sleeping, downloading); for each running one,
-  `GET /slots?model=` says whether a slot is processing (GET requests do not count as use
-  for the router's LRU, so reading them changes nothing). Single-model: `GET /v1/models`
-  names the model, `/props` says whether it sleeps, `/slots` whether it is busy, and
-  `/health` 503 means it is still loading. A server started with `--no-slots` answers
-  501: busy is then unknown (None), and an unknown model is never unloaded.
+  (unloaded, loading, loaded, sleeping, downloading; `failed` when it says so).
+  Single-model: `GET /v1/models` names the model, `/props` says whether it sleeps, and
+  `/health` 503 means it is still loading; it has no unload. A server started with
+  `--no-slots` answers 501: busy is then unknown (None), and the model is never unloaded.
 - `unload(model)`: `POST /models/unload {"model": ...}` (router only). It returns before
   the child has exited: the caller verifies by reading again. "model is not running" is
   no error (it is gone). Sent once: retried only when the connection was never made.
@@ -38,8 +41,16 @@ class LlamaServerClient(ServiceClient):
 
     def busy(self, model: str) -> bool | None:
         props = self._http.json("GET", "/props", _props, retry=Retry.TRANSIENT)
-        path = "/slots" if props.get("role") != "router" else f"/slots?model={quote(model)}"
-        return self._slots_busy(path)
+        if props.get("role") != "router":
+            return self._slots_busy("/slots")
+        states = {name: state for name, state, _ in self._models()}
+        if states.get(model) != "loaded":
+            return None  # /slots?model= of a model that is not loaded would load it
+        return self._slots_busy(f"/slots?model={quote(model)}")
+
+    def wake(self, model: str) -> None:
+        # It wakes by itself on a request (or never sleeps): nothing to call.
+        raise self._http.error(f"{self.SERVICE} has no wake call (it wakes on a request)")
 
     def unload(self, model: str) -> None:
         try:
@@ -51,28 +62,19 @@ class LlamaServerClient(ServiceClient):
 
     # ------------------------------------------------------------------ reads
 
+    def _models(self) -> list[tuple[str, str, int | None]]:
+        return self._http.json("GET", "/models", _model_list, retry=Retry.TRANSIENT)
+
     def _router(self) -> ServedState:
-        entries = self._http.json("GET", "/models", _model_list, retry=Retry.TRANSIENT)
-        models: list[ServedModel] = []
-        for name, state, size in entries:
-            busy: bool | None = None
-            if state in ("loaded", "sleeping"):
-                busy = self._slots_busy(f"/slots?model={quote(name)}")
-            models.append(ServedModel(name, state, busy, size))
-        any_busy = any(m.busy for m in models) or (
-            None if any(m.busy is None and m.is_resident for m in models) else False
-        )
-        return ServedState(tuple(models), can_unload=True, mode="router", busy=any_busy)
+        models = tuple(ServedModel(name, state, None, size) for name, state, size in self._models())
+        return ServedState(models, can_unload=True, mode="router")
 
     def _single(self, props: dict[str, Any]) -> ServedState:
         names = self._http.json("GET", "/v1/models", _model_ids, retry=Retry.TRANSIENT)
         name = names[0] if names else str(props.get("model_path") or "model")
         loading = self._loading()
         state = "loading" if loading else "sleeping" if props.get("is_sleeping") else "loaded"
-        busy = None if loading else self._slots_busy("/slots")
-        return ServedState(
-            (ServedModel(name, state, busy),), can_unload=False, mode="single-model", busy=busy
-        )
+        return ServedState((ServedModel(name, state),), can_unload=False, mode="single-model")
 
     def _loading(self) -> bool:
         try:

@@ -53,6 +53,10 @@ class LlamaSwapClient(ServiceClient):
             return None
         return any(slots)
 
+    def wake(self, model: str) -> None:
+        # It wakes by itself on a request (or never sleeps): nothing to call.
+        raise self._http.error(f"{self.SERVICE} has no wake call (it wakes on a request)")
+
     def unload(self, model: str) -> None:
         try:
             self._http.request(

@@ -20,6 +20,7 @@ from supervisor.model import (
     Decision,
     Episode,
     FreeComfy,
+    FreeJobs,
     FreeResult,
     HealWait,
     Observation,
@@ -28,6 +29,7 @@ from supervisor.model import (
     RestartComfy,
     UnloadModel,
     UnloadOllama,
+    WakeModel,
 )
 from supervisor.policy.episodes import advance_episodes, open_episodes
 from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead, model_ok
@@ -38,6 +40,7 @@ from supervisor.policy.triggers import (
     free_over_threshold,
     track_models,
     unload_for_comfy,
+    wake_sleeping,
 )
 
 FAST_WAKE_S = 0.5
@@ -54,6 +57,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
     free_for_new_models(p)
     free_over_threshold(p)
     unload_for_comfy(p)
+    wake_sleeping(p)
     open_episodes(p)
 
     # Keep "said once" notes only while their condition holds.
@@ -67,7 +71,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
 
     if p.episodes or p.new_models:
         p.soon()
-    if any(has_work(c) for c in p.comfys.values()):
+    if any(has_work(c) for c in p.comfys.values()) or any(j.has_work for j in p.jobs.values()):
         p.soon(BUSY_WAKE_S)
     fast = min(settings.check_interval_s, FAST_WAKE_S)
     wake = settings.check_interval_s
@@ -89,6 +93,11 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
         noted=frozenset(p.noted),
         backoffs=backoffs,
         heal_waits=tuple(p.heal_waits.values()),
+        last_job_free_at=tuple(
+            sorted(
+                (k, t) for k, t in p.job_free_at.items() if now - t < settings.min_free_interval_s
+            )
+        ),
     )
     return Decision(tuple(p.actions), next_state, tuple(p.notes), wake, tuple(p.skipped))
 
@@ -129,6 +138,7 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     restarts, heals = dict(state.last_restart_at), dict(state.last_heal_at)
     backoffs = {b.key: b for b in state.backoffs}
     waits = {w.key: w for w in state.heal_waits}
+    job_frees = dict(state.last_job_free_at)
     if isinstance(action, FreeComfy):
         ep = episodes.get(action.target)
         if ep is None:
@@ -146,6 +156,10 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         restarts[action.target] = max(at, restarts.get(action.target, at))
     elif isinstance(action, UnloadOllama | UnloadModel):
         last_unload_at = max(at, last_unload_at if last_unload_at is not None else at)
+    elif isinstance(action, FreeJobs):
+        job_frees[action.target] = max(at, job_frees.get(action.target, at))
+    elif isinstance(action, WakeModel):
+        pass  # judged by the next reading: still sleeping with requests waiting -> again
     else:
         key = f"{action.target}|{action.model}"
         heals[key] = max(at, heals.get(key, at))
@@ -179,4 +193,5 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         last_heal_at=tuple(sorted(heals.items())),
         backoffs=tuple(backoffs.values()),
         heal_waits=tuple(waits.values()),
+        last_job_free_at=tuple(sorted(job_frees.items())),
     )

@@ -22,6 +22,7 @@ from supervisor.config import Settings
 from supervisor.model import (
     ComfyObservation,
     GpuMemory,
+    JobServerObservation,
     ModelServerObservation,
     OllamaModel,
     OllamaObservation,
@@ -64,7 +65,7 @@ def estimate_reclaimable(comfy: ComfyObservation) -> int:
 
 
 def service_gpus(
-    svc: ComfyObservation | OllamaObservation | ModelServerObservation,
+    svc: ComfyObservation | OllamaObservation | ModelServerObservation | JobServerObservation,
 ) -> tuple[str, ...]:
     """GPUs the service uses: where it holds memory, else what Docker granted; () = all."""
     return svc.gpu_uuids or svc.status.spec.gpu_uuids

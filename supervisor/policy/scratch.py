@@ -18,6 +18,7 @@ from supervisor.model import (
     Episode,
     GpuMemory,
     HealWait,
+    JobServerObservation,
     ModelServerObservation,
     Observation,
     OllamaObservation,
@@ -68,6 +69,10 @@ class Pass:
     wake: list[float] = field(default_factory=list)
     # The model servers of the other registry kinds (llama-server, llama-swap ...), by key.
     servers: dict[str, ModelServerObservation] = field(default_factory=dict)
+    # The job servers of the other registry kinds (A1111/Forge, InvokeAI ...), by key,
+    # and when each was last freed (one free per VRAM_MIN_FREE_INTERVAL each).
+    jobs: dict[str, JobServerObservation] = field(default_factory=dict)
+    job_free_at: dict[str, float] = field(default_factory=dict)
 
     def emit(self, action: Action) -> None:
         if action not in self.actions:
@@ -85,6 +90,9 @@ class Pass:
 
     def soon(self, seconds: float = 0.0) -> None:
         self.wake.append(seconds)
+
+    def jobs_on(self, gpu: GpuMemory) -> list[JobServerObservation]:
+        return [j for j in self.jobs.values() if shares_gpu(service_gpus(j), (gpu.uuid,))]
 
     def comfys_on(self, gpu: GpuMemory) -> list[ComfyObservation]:
         return [c for c in self.comfys.values() if shares_gpu(service_gpus(c), (gpu.uuid,))]
@@ -144,6 +152,9 @@ def start_pass(obs: Observation, state: PolicyState, settings: Settings, now: fl
     )
     for m in obs.model_servers:
         p.servers.setdefault(m.status.spec.key, m)
+    for j in obs.job_servers:
+        p.jobs.setdefault(j.status.spec.key, j)
+    p.job_free_at = dict(state.last_job_free_at)
     if len(gpus) < len(obs.gpus):
         p.skip("ignored GPU reading(s) with impossible figures")
     return p

@@ -29,15 +29,19 @@ from __future__ import annotations
 
 from supervisor.model import (
     ComfyObservation,
+    FreeJobs,
+    JobServerObservation,
     ModelServerObservation,
     OllamaObservation,
     ServedModel,
     ServiceSpec,
     UnloadModel,
     UnloadOllama,
+    WakeModel,
 )
 from supervisor.policy.episodes import want_free
 from supervisor.policy.guards import (
+    MIN_RECLAIMABLE_BYTES,
     expiry_key,
     has_work,
     model_ok,
@@ -135,6 +139,9 @@ def free_for_new_models(p: Pass) -> None:
             ]
             g = max(shared, key=lambda g: g.used_percent, default=None)
             want_free(p, c, reason, g.uuid if g else None)
+        for j in p.jobs.values():
+            if shares_gpu(service_gpus(j), service_gpus(o)):
+                want_free_jobs(p, j, reason)
 
 
 def free_over_threshold(p: Pass) -> None:
@@ -146,6 +153,55 @@ def free_over_threshold(p: Pass) -> None:
             )
             for c in p.comfys_on(g):
                 want_free(p, c, reason, g.uuid)
+            for j in p.jobs_on(g):
+                want_free_jobs(p, j, reason, g.uuid)
+
+
+def want_free_jobs(p: Pass, j: JobServerObservation, reason: str, gpu: str | None = None) -> None:
+    """Free an idle job server of the other kinds: only while it is known to be idle (its
+    frees do not wait for a running job), when it can be freed, holds more than a free
+    would be worth (when known), and at most once per VRAM_MIN_FREE_INTERVAL each."""
+    key, st = j.status.spec.key, j.state
+    if not (j.status.is_running and j.status.is_reachable) or st is None:
+        return
+    if not st.can_free:
+        p.skip(f"Not freeing {key} ({reason}): {j.title} has no free call")
+        return
+    if st.busy is not False:
+        what = "has work" if st.busy else "may have work (its queue is unknown)"
+        p.skip(f"Not freeing {key} ({reason}): it {what}; it is freed only when idle")
+        return
+    if j.vram_bytes is not None and j.vram_bytes < MIN_RECLAIMABLE_BYTES:
+        return
+    last = p.job_free_at.get(key)
+    if last is not None and p.now - last < p.settings.min_free_interval_s:
+        left = p.settings.min_free_interval_s - (p.now - last)
+        p.skip(f"Not freeing {key} yet ({reason}): rate limit, {left:.0f} s left")
+        p.soon(left)
+        return
+    p.job_free_at[key] = p.now
+    p.emit(FreeJobs(key, reason, gpu))
+
+
+def wake_sleeping(p: Pass) -> None:
+    """A sleeping model that requests wait for (vLLM queues them until woken, and never
+    wakes by itself): free the idle job servers on its GPUs, then wake it (`WakeModel`)."""
+    for key, m in p.servers.items():
+        st = m.state
+        if st is None or not st.can_wake or not st.waiting or not m.status.is_reachable:
+            continue
+        for x in m.models:
+            if x.state != "sleeping" or (key, x.name) in p.unloaded:
+                continue
+            reason = f"{st.waiting} request(s) wait for sleeping model {x.name} on {key}"
+            for c in p.comfys.values():
+                if shares_gpu(service_gpus(c), service_gpus(m)):
+                    want_free(p, c, reason, None)
+            for j in p.jobs.values():
+                if shares_gpu(service_gpus(j), service_gpus(m)):
+                    want_free_jobs(p, j, reason)
+            p.emit(WakeModel(key, x.name, reason))
+            p.soon()
 
 
 def unload_for_comfy(p: Pass) -> None:
@@ -153,7 +209,10 @@ def unload_for_comfy(p: Pass) -> None:
     for g in p.gpus:
         if g.used_percent < s.threshold_percent:
             continue
-        busy = [c for c in p.comfys_on(g) if has_work(c)]
+        busy: list[ComfyObservation | JobServerObservation] = [
+            c for c in p.comfys_on(g) if has_work(c)
+        ]
+        busy += [j for j in p.jobs_on(g) if j.has_work]
         if not busy:
             continue
         cands = [
@@ -217,7 +276,9 @@ def unload_for_comfy(p: Pass) -> None:
             estimate -= held if held is not None else estimate
 
 
-def _outranks_all(p: Pass, spec: ServiceSpec, busy: list[ComfyObservation]) -> bool:
+def _outranks_all(
+    p: Pass, spec: ServiceSpec, busy: list[ComfyObservation | JobServerObservation]
+) -> bool:
     return all(p.settings.outranks(spec, c.status.spec) for c in busy)
 
 

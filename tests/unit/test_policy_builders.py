@@ -18,6 +18,7 @@ from supervisor.model import (
     Decision,
     Episode,
     FreeComfy,
+    FreeJobs,
     FreeResult,
     FreeStage,
     GpuMemory,
@@ -34,6 +35,7 @@ from supervisor.model import (
     UnloadModel,
     UnloadOllama,
     VramSource,
+    WakeModel,
 )
 from supervisor.policy import decide
 from supervisor.units import GIB
@@ -209,6 +211,10 @@ def _identity(a: object) -> tuple[str, str]:
         return ("comfy", a.target)
     if isinstance(a, UnloadOllama | HealOllama | UnloadModel):
         return ("model", f"{a.target}|{a.model}")
+    if isinstance(a, WakeModel):
+        return ("wake", f"{a.target}|{a.model}")
+    if isinstance(a, FreeJobs):
+        return ("jobs", a.target)
     raise AssertionError(f"unknown action {a!r}")
 
 

@@ -13,6 +13,9 @@ from test_policy_builders import NOW, baseline, comfy, gpu, model, ollama, run, 
 from supervisor.config import Settings
 from supervisor.model import (
     ComfyObservation,
+    FreeJobs,
+    JobServerObservation,
+    JobState,
     ModelServerObservation,
     Observation,
     OllamaObservation,
@@ -23,6 +26,7 @@ from supervisor.model import (
     ServiceStatus,
     UnloadModel,
     VramSource,
+    WakeModel,
 )
 from supervisor.units import GIB
 
@@ -233,3 +237,103 @@ def test_the_unload_names_the_situation() -> None:
     (action,) = d.actions
     assert isinstance(action, UnloadModel)
     assert action.reason == "comfyui/comfyui has work and GPU 0 is at 83% (threshold 75%)"
+
+
+# --------------------------------------------------------------------------- job servers
+WEBUI = "sd-webui/webui"
+
+
+def job_server(
+    busy: bool | None = False,
+    *,
+    can_free: bool = True,
+    vram: float | None = 6,
+    reachable: bool = True,
+    name: str = "webui",
+) -> JobServerObservation:
+    spec = ServiceSpec("sd-webui", name, "http://127.0.0.1:7860", f"id-{name}")
+    status = ServiceStatus(spec, is_running=True, is_reachable=reachable)
+    state = JobState(busy, can_free) if reachable else None
+    return JobServerObservation(
+        status, "sd-webui", state, int(vram * GIB) if vram is not None else None
+    )
+
+
+def jobs_summary(d: object) -> list[str]:
+    return [
+        f"freejobs:{a.target}" if isinstance(a, FreeJobs) else f"{type(a).__name__}:{a.target}"
+        for a in d.actions  # type: ignore[attr-defined]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("services", "state", "expected"),
+    [
+        pytest.param(
+            (job_server(),), baseline(), [f"freejobs:{WEBUI}"], id="over-threshold-idle-is-freed"
+        ),
+        pytest.param((job_server(True),), baseline(), [], id="busy-is-never-freed"),
+        pytest.param((job_server(None),), baseline(), [], id="unknown-work-is-never-freed"),
+        pytest.param((job_server(can_free=False),), baseline(), [], id="no-free-call"),
+        pytest.param((job_server(vram=0.1),), baseline(), [], id="holds-too-little"),
+        pytest.param((job_server(reachable=False),), baseline(), [], id="unreadable"),
+        pytest.param(
+            (job_server(),),
+            replace(baseline(), last_job_free_at=((WEBUI, NOW - 5),)),
+            [],
+            id="rate-limited-per-server",
+        ),
+        pytest.param(
+            (job_server(),),
+            replace(baseline(), last_job_free_at=((WEBUI, NOW - 31),)),
+            [f"freejobs:{WEBUI}"],
+            id="after-the-interval-again",
+        ),
+        pytest.param(
+            (job_server(True), server(QWEN)),
+            knowing(server(QWEN)),
+            [f"UnloadModel:{SWAP}"],
+            id="a-busy-job-server-makes-idle-models-unload",
+        ),
+    ],
+)
+def test_job_servers(services: tuple[object, ...], state: PolicyState, expected: list[str]) -> None:
+    observation = replace(
+        observe(*services),
+        job_servers=tuple(s for s in services if isinstance(s, JobServerObservation)),
+    )
+    assert jobs_summary(run(observation, state, Settings())) == expected
+
+
+def test_a_new_model_frees_an_idle_job_server_below_the_threshold() -> None:
+    observation = replace(observe(server(QWEN, GEMMA), used=10), job_servers=(job_server(),))
+    d = run(observation, knowing(server(QWEN)), Settings())
+    assert jobs_summary(d) == [f"freejobs:{WEBUI}"]
+    assert d.actions[0].reason == "new llama-swap model(s) gemma on llama-swap/swap"  # type: ignore[union-attr]
+
+
+def test_a_sleeping_model_with_waiting_requests_is_woken_after_room_is_made() -> None:
+    vllm = ModelServerObservation(
+        ServiceStatus(
+            ServiceSpec("vllm", "vllm", "http://127.0.0.1:8000", "id-v"), True, is_reachable=True
+        ),
+        "vLLM",
+        ServedState((served("qwen", state="sleeping"),), can_unload=True, waiting=2, can_wake=True),
+    )
+    observation = replace(observe(vllm, comfy(), used=10), job_servers=(job_server(),))
+    d = run(observation, knowing(vllm), Settings())
+    kinds = sorted(type(a).__name__ for a in d.actions)
+    assert kinds == ["FreeComfy", "FreeJobs", "WakeModel"]
+    wake = next(a for a in d.actions if isinstance(a, WakeModel))
+    assert wake.reason == "2 request(s) wait for sleeping model qwen on vllm/vllm"
+
+
+def test_no_wake_without_waiting_requests() -> None:
+    vllm = ModelServerObservation(
+        ServiceStatus(
+            ServiceSpec("vllm", "vllm", "http://127.0.0.1:8000", "id-v"), True, is_reachable=True
+        ),
+        "vLLM",
+        ServedState((served("qwen", state="sleeping"),), can_unload=True, waiting=0, can_wake=True),
+    )
+    assert run(observe(vllm, used=10), knowing(vllm), Settings()).actions == ()

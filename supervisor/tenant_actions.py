@@ -1,0 +1,205 @@
+"""Act on the tenants of the registry's other kinds, verified: unload (or put to sleep) an
+idle model of a model server (llama-server's router, llama-swap, vLLM ...), wake a
+sleeping one, free an idle job server (A1111/Forge, InvokeAI ...).
+
+Policy:
+- Never cut a request off: these servers' unloads do not wait for in-flight requests
+  (tenants.md §1-2), so the model's busy state is read again at the moment of acting
+  (`ModelServerApi.busy`, right before the unload, under the actor's lock). Busy, or
+  busy unknown (no slots endpoint, a read that failed): no unload, a FAILED outcome
+  that says why.
+- Verified like every action: the model must leave the server's list of running models
+  within VRAM_VERIFY_TIMEOUT (llama-server's router unloads asynchronously: the child
+  exits after its stop timeout), and the free VRAM of the GPUs the server uses is read
+  before and after (reported as the freed bytes in the log line).
+- A job server's free does not wait for a running job either (A1111's unload moves the
+  weights away under it): its state is read again at the moment of acting, and only a
+  known-idle server is freed. Verified by the free VRAM of its GPUs (and its own figure,
+  when it reports one): FREED when VRAM came back within VRAM_VERIFY_TIMEOUT, PINNED when
+  nothing did, FAILED when the call failed or it was busy.
+- A wake is verified by the model leaving the "sleeping" state.
+- VRAM_DRY_RUN: log "DRY RUN: would ..." and send nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from supervisor.errors import ServiceError
+from supervisor.model import FreeJobs, FreeResult, Outcome, UnloadModel, WakeModel
+from supervisor.units import format_bytes
+
+if TYPE_CHECKING:
+    from supervisor.actions import Actor
+    from supervisor.ports import ModelServerApi
+
+# A rise of the free VRAM smaller than this is noise, not a free (as `actions`).
+MIN_RISE_BYTES = 256 * 1024**2
+
+
+def unload(actor: Actor, action: UnloadModel) -> Outcome:
+    start = actor.clock()
+    target = actor.targets().model_servers.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, detail="the model server is not running")
+    spec, server = target
+    what = f"model {action.model} on {spec.key}"
+    if actor.settings.dry_run:
+        return actor.dry(action, f"unload {what}")
+    log = logger.bind(target=action.target, model=action.model)
+
+    def failed(detail: str) -> Outcome:
+        return Outcome(action, start, ok=False, detail=detail, duration_s=actor.clock() - start)
+
+    try:
+        busy = server.busy(action.model)
+    except ServiceError as exc:
+        busy, error = None, str(exc)
+    else:
+        error = ""
+    if busy is not False:
+        why = "it is serving a request" if busy else "whether it serves a request is unknown"
+        log.info(f"Not unloading {what}: {why}{f' ({error})' if error else ''}")
+        return failed(f"not unloaded: {why}")
+    gpus = spec.gpu_uuids
+    before = actor.probe.free_bytes(gpus)
+    try:
+        actor.announce_unload(action.model)
+        server.unload(action.model)
+    except ServiceError as exc:
+        log.warning(f"Could not unload {what}: {exc}")
+        return failed(str(exc))
+    deadline = start + actor.settings.verify_timeout_s
+    gone = _wait_gone(actor, server, action.model, deadline)
+    after = actor.probe.free_bytes(gpus)
+    took = actor.clock() - start
+    freed = after - before if after is not None and before is not None else None
+    if gone:
+        log.info(
+            f"Unloaded {what} in {took:.1f} s"
+            + (f" ({format_bytes(max(0, freed))} of VRAM came back)" if freed is not None else "")
+            + f": {action.reason}"
+        )
+    else:
+        log.warning(f"{what} is still running {took:.1f} s after the unload")
+    return Outcome(
+        action,
+        start,
+        ok=gone,
+        before_bytes=before,
+        after_bytes=after,
+        detail="" if gone else "still running",
+        duration_s=took,
+    )
+
+
+def _wait_gone(actor: Actor, server: ModelServerApi, model: str, deadline: float) -> bool:
+    """Poll the server until `model` no longer holds VRAM there (True) or `deadline`."""
+    while True:
+        try:
+            resident = any(m.name == model and m.is_resident for m in server.served().models)
+        except ServiceError as exc:
+            logger.debug(f"Reading the model server after an unload failed: {exc}")
+            resident = True
+        if not resident:
+            return True
+        if actor.clock() >= deadline or not actor.wait(actor.poll_s):
+            return False
+
+
+def wake(actor: Actor, action: WakeModel) -> Outcome:
+    start = actor.clock()
+    target = actor.targets().model_servers.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, detail="the model server is not running")
+    spec, server = target
+    what = f"model {action.model} on {spec.key}"
+    if actor.settings.dry_run:
+        return actor.dry(action, f"wake {what}")
+    log = logger.bind(target=action.target, model=action.model)
+    try:
+        server.wake(action.model)
+    except ServiceError as exc:
+        log.warning(f"Could not wake {what}: {exc}")
+        return Outcome(action, start, ok=False, detail=str(exc), duration_s=actor.clock() - start)
+    deadline = start + actor.settings.verify_timeout_s
+    while True:
+        try:
+            awake = not any(
+                m.name == action.model and m.state == "sleeping" for m in server.served().models
+            )
+        except ServiceError:
+            awake = False
+        if awake or actor.clock() >= deadline or not actor.wait(actor.poll_s):
+            break
+    took = actor.clock() - start
+    if awake:
+        log.info(f"Woke {what} in {took:.1f} s: {action.reason}")
+    else:
+        log.warning(f"{what} still sleeps {took:.1f} s after the wake")
+    return Outcome(
+        action, start, ok=awake, detail="" if awake else "still sleeping", duration_s=took
+    )
+
+
+def free_jobs(actor: Actor, action: FreeJobs) -> Outcome:
+    start = actor.clock()
+    target = actor.targets().job_servers.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, result=FreeResult.FAILED, detail="not running")
+    spec, server = target
+    if actor.settings.dry_run:
+        return actor.dry(action, f"free {spec.key}")
+    log = logger.bind(target=action.target)
+
+    def report(
+        result: FreeResult, detail: str = "", before: int | None = None, after: int | None = None
+    ) -> Outcome:
+        return Outcome(
+            action,
+            start,
+            ok=result is FreeResult.FREED,
+            result=result,
+            before_bytes=before,
+            after_bytes=after,
+            detail=detail,
+            duration_s=actor.clock() - start,
+        )
+
+    try:
+        state = server.jobs()
+    except ServiceError as exc:
+        return report(FreeResult.FAILED, str(exc))
+    if state.busy is not False:
+        why = "it has work" if state.busy else "its queue is unknown"
+        log.info(f"Not freeing {spec.key}: {why}")
+        return report(FreeResult.FAILED, f"not freed: {why}")
+    gpus = (action.gpu_uuid,) if action.gpu_uuid else spec.gpu_uuids
+    before = actor.probe.free_bytes(gpus)
+    try:
+        server.free()
+    except ServiceError as exc:
+        log.warning(f"Could not free {spec.key}: {exc}")
+        return report(FreeResult.FAILED, str(exc))
+    deadline = start + actor.settings.verify_timeout_s
+    after = before
+    while True:
+        after = actor.probe.free_bytes(gpus)
+        if before is None or after is None or after - before >= MIN_RISE_BYTES:
+            break
+        if actor.clock() >= deadline or not actor.wait(actor.poll_s):
+            break
+    if before is None or after is None:
+        log.info(f"Freed {spec.key} (VRAM could not be read to verify): {action.reason}")
+        return report(FreeResult.FREED, "not verified: no VRAM reading", before, after)
+    rose = after - before
+    if rose >= MIN_RISE_BYTES:
+        log.info(
+            f"Freed {spec.key}: {format_bytes(rose)} of VRAM came back in "
+            f"{actor.clock() - start:.1f} s: {action.reason}"
+        )
+        return report(FreeResult.FREED, "", before, after)
+    log.warning(f"Freed {spec.key}, but no VRAM came back within the verify timeout")
+    return report(FreeResult.PINNED, "no VRAM came back", before, after)
