@@ -15,6 +15,7 @@ from loguru import logger
 from supervisor.docker.discovery import DockerAdapter, find_own_container_id, gpu_ids
 from supervisor.errors import DockerUnavailable
 from supervisor.model import Role, ServiceHealth
+from supervisor.tenants import roles
 
 # --------------------------------------------------------------------------- the fake SDK
 
@@ -408,7 +409,7 @@ def test_a_bad_label_leaves_the_container_out_and_is_logged_once(
         assert [s.spec.name for s in adapter_.list_services()] == ["ollama"]
     assert warnings == [
         "container comfy: label vram-supervisor.role='comfy' is not valid: expected one of: "
-        "ollama, comfyui, llama-server, llama-swap; the container is ignored"
+        f"{', '.join(roles())}; the container is ignored"
     ]
 
     # The user fixes one mistake and makes another: that is news, logged again once.

@@ -67,3 +67,14 @@ def test_docs_name_no_undeclared_variable_or_label(path: Path) -> None:
         assert name in known_vars, f"{path.name} mentions undeclared variable {name}"
     for key in set(re.findall(r"\bvram-supervisor\.[a-z][a-z_-]*[a-z]\b", text)):
         assert key in known_labels, f"{path.name} mentions undeclared label {key}"
+
+
+def test_every_tenant_kind_has_a_row_in_the_configuration_reference() -> None:
+    from supervisor.tenants import kinds
+
+    text = REFERENCE.read_text()
+    section = text.split("### Tenant kinds", 1)[1].split("\n## ", 1)[0]
+    rows = _rows(section, r"[a-z0-9-]+")
+    assert set(rows) == set(kinds()), "docs/configuration.md tenant kinds drifted"
+    for role, kind in kinds().items():
+        assert rows[role][2] == str(kind.default_port), role

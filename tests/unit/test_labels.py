@@ -14,6 +14,7 @@ from supervisor.labels import (
     unknown_labels,
 )
 from supervisor.model import Role, ServiceSpec
+from supervisor.tenants import kinds
 
 DERIVED = "http://derived:1"
 
@@ -33,12 +34,9 @@ def test_every_label_is_declared_once_with_the_prefix_and_documented() -> None:
 
 
 def test_default_ports_are_the_services_own_defaults() -> None:
-    assert DEFAULT_PORTS == {
-        Role.OLLAMA: 11434,
-        Role.COMFYUI: 8188,
-        "llama-server": 8080,
-        "llama-swap": 8080,
-    }
+    assert {role: kind.default_port for role, kind in kinds().items()} == DEFAULT_PORTS
+    assert DEFAULT_PORTS[Role.OLLAMA] == 11434 and DEFAULT_PORTS[Role.COMFYUI] == 8188
+    assert DEFAULT_PORTS["llama-server"] == 8080 and DEFAULT_PORTS["llama-swap"] == 8080
 
 
 @pytest.mark.parametrize(
