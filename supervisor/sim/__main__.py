@@ -9,13 +9,17 @@
                                       [--no-models-autoload] [--stop-timeout 10]]
                                      [--fit on|off] [--fit-target 1024] [--fit-ctx 4096]
                                      [-c CTX] [-np 4] [--sleep-idle-seconds N] [--metrics]
+    python -m supervisor.sim llama-swap [--port 8080] --config JSON-or-path
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
 
 llama-server: with `-m` one model (a catalog name, or a path whose stem is one) loads at
 start (single mode; its VRAM is held under this process's PID); without it the server is a
 router over `--models`, each model a child process with its own PID, loaded by
-`POST /models/load` or on demand (supervisor/sim/llama_server.py).
+`POST /models/load` or on demand (supervisor/sim/llama_server.py). llama-swap: `--config`
+takes llama-swap's config keys as JSON (models with ttl/aliases/name/description/
+unloadTimeout, groups with swap/exclusive/persistent/members, globalTTL), plus the sim's
+`model` (catalog name), `size_bytes` and `ctx_size` per model (supervisor/sim/llama_swap.py).
 
 The fake NVML library reads the file named by SIM_GPU_STATE (default
 /var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
@@ -34,6 +38,7 @@ defaults to 127.0.0.1; SIGTERM and SIGINT stop the servers within a fraction of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -46,9 +51,10 @@ from types import FrameType
 from supervisor.sim.catalog import load_catalog, parse_env_keep_alive
 from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
-from supervisor.sim.gpu import GIB, MIB, open_gpu
+from supervisor.sim.gpu import GIB, MIB, MemoryGpu, open_gpu
 from supervisor.sim.httpbase import SimServer
 from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig, resolve_spec
+from supervisor.sim.llama_swap import FakeLlamaSwap, LlamaSwapConfig, parse_swap_config
 from supervisor.sim.nvml_build import BuildError, build_fake_nvml
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
@@ -68,7 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "mode",
-        choices=["ollama", "comfyui", "all", "llama-server", "healthcheck", "build-nvml"],
+        choices=[
+            "ollama",
+            "comfyui",
+            "all",
+            "llama-server",
+            "llama-swap",
+            "healthcheck",
+            "build-nvml",
+        ],
     )
     parser.add_argument("target", nargs="?", help="healthcheck: URL to GET; build-nvml: a dir")
     parser.add_argument("--host", default="127.0.0.1")
@@ -109,8 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     llama.add_argument("-np", "--parallel", type=int, default=4)
     llama.add_argument("--sleep-idle-seconds", type=float, default=-1.0)
     llama.add_argument("--metrics", action="store_true")
+    parser.add_argument("--config", help="llama-swap: its config as inline JSON or a path")
     add_profile_argument(parser)
     return parser
+
+
+def _llama_swap_config(args: argparse.Namespace) -> LlamaSwapConfig:
+    if not args.config:
+        raise ValueError("llama-swap needs --config (inline JSON or a path)")
+    return dataclasses.replace(parse_swap_config(args.config), time_scale=args.time_scale)
 
 
 def _llama_server_config(args: argparse.Namespace) -> LlamaServerConfig:
@@ -221,6 +242,12 @@ def run(args: argparse.Namespace) -> int:
             kind = "router" if llama.is_router else "single model"
             print(f"sim: fake llama-server listening on {servers[-1].url}", flush=True)
             print(f"sim: llama-server {kind}", flush=True)
+        if args.mode == "llama-swap":
+            swap = FakeLlamaSwap(gpu, catalog, _llama_swap_config(args))
+            closers.append(swap.close)
+            port = args.port if args.port is not None else 8080
+            servers.append(swap.serve(args.host, port, verbose=args.verbose))
+            print(f"sim: fake llama-swap listening on {servers[-1].url}", flush=True)
         snap = gpu.snapshot()
         print(f"sim: GPU {snap.name} {snap.uuid}, {snap.total_bytes / GIB:.1f} GiB", flush=True)
         while not stop.wait(0.5):
@@ -273,6 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 resolve_spec(catalog, name)
         except ValueError as exc:
             print(f"llama-server: {exc}", file=sys.stderr)
+            return 2
+    if args.mode == "llama-swap":
+        try:
+            FakeLlamaSwap(MemoryGpu(), load_catalog(args.catalog), _llama_swap_config(args)).close()
+        except (ValueError, OSError) as exc:
+            print(f"llama-swap: --config: {exc}", file=sys.stderr)
             return 2
     return run(args)
 

@@ -72,13 +72,12 @@ COMPLETION_ROUTES = (
     "/completions",
     "/completion",
 )
+EMBEDDING_ROUTES = ("/v1/embeddings", "/embedding", "/embeddings")
 MODEL_POST_ROUTES = (
     *COMPLETION_ROUTES,
+    *EMBEDDING_ROUTES,
     "/v1/responses",
     "/v1/messages",
-    "/v1/embeddings",
-    "/embedding",
-    "/embeddings",
     "/infill",
     "/tokenize",
     "/detokenize",
@@ -662,8 +661,38 @@ class LlamaChild:
                 ex.send(200, self.metrics_text().encode(), "text/plain; version=0.0.4")
         elif method == "POST" and path in COMPLETION_ROUTES:
             self._complete(ex)
+        elif method == "POST" and path in EMBEDDING_ROUTES:
+            self._embed(ex)
         else:
             send_error(ex, 404, "File Not Found")
+
+    def _embed(self, ex: Exchange) -> None:
+        try:
+            body = ex.json()
+        except BadJson as exc:
+            send_error(ex, 400, f"Failed to parse JSON: {exc}")
+            return
+        body = body if isinstance(body, dict) else {}
+        text = json.dumps(body.get("input", body.get("content", "")))
+        try:
+            with self.generate(max(1, len(text) // 4), 1) as task:
+                for _ in task.tokens():
+                    pass
+        except LoadFailed as exc:
+            send_error(ex, 500, str(exc))
+            return
+        except CutOff as exc:
+            raise ClientGone("the model was unloaded during the request") from exc
+        vector = [round(math.sin(i + len(text)), 6) for i in range(8)]
+        ex.send_json(
+            200,
+            {
+                "object": "list",
+                "model": str(body.get("model") or self.name),
+                "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                "usage": {"prompt_tokens": task.n_prompt, "total_tokens": task.n_prompt},
+            },
+        )
 
     def _slots(self, ex: Exchange) -> None:
         if not self.config.slots:

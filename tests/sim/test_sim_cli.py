@@ -203,3 +203,28 @@ def test_llama_server_mode_rejects_an_unknown_model(spawn: Callable[..., SimProc
 def parent_pid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_llama_swap_mode_starts_a_model_under_a_child_pid(
+    spawn: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    state = str(tmp_path / "gpu.json")
+    config = '{"models": {"chat": {"model": "llama3.2:latest", "aliases": ["gpt"]}}}'
+    sim = spawn("llama-swap", "--config", config, "--gpu-state", state, "--time-scale", "0.01",
+                "--port", "0")  # fmt: skip
+    url = sim.urls["llama-swap"]
+    gpu = FileGpu(state)
+    try:
+        with httpx.Client(timeout=30) as client:
+            assert client.get(f"{url}/health").text == "OK"
+            body = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+            assert client.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+            [row] = client.get(f"{url}/running").json()["running"]
+            assert row["model"] == "chat" and row["state"] == "ready"
+            [pid] = dict(gpu.processes())
+            assert pid != sim.proc.pid and parent_pid(pid) == sim.proc.pid
+            assert client.get(f"{url}/unload").text == "OK"
+            assert gpu.processes() == []
+        assert sim.stop() == 0
+    finally:
+        gpu.close()
