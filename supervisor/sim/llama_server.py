@@ -645,12 +645,13 @@ class LlamaChild:
             else:
                 ex.send_json(200, {"status": "ok"})
             return
+        if method == "GET" and path in ("/v1/models", "/models"):  # also while loading
+            ex.send_json(200, self.models_json())
+            return
         if self.state == "loading":
             send_error(ex, 503, "Loading model")
             return
-        if method == "GET" and path in ("/v1/models", "/models"):
-            ex.send_json(200, self.models_json())
-        elif method == "GET" and path == "/props":
+        if method == "GET" and path == "/props":
             ex.send_json(200, self.props_json())
         elif method == "GET" and path == "/slots":
             self._slots(ex)

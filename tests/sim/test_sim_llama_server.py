@@ -75,6 +75,9 @@ def test_single_mode_health_is_503_while_loading_then_200(
     url = host.llama_server_url
     resp = client.get(f"{url}/health")
     assert error(resp) == (503, "Loading model", "unavailable_error")
+    assert error(client.get(f"{url}/props")) == (503, "Loading model", "unavailable_error")
+    listed = client.get(f"{url}/v1/models").json()  # answers while loading, meta null
+    assert listed["data"][0]["id"] == SMALL and listed["data"][0]["meta"] is None
     wait_until(lambda: client.get(f"{url}/health").status_code == 200, what="loaded")
     assert client.get(f"{url}/health").json() == {"status": "ok"}
 
@@ -114,7 +117,7 @@ def test_the_model_path_is_the_id_without_an_alias(
 def test_a_generation_shows_in_slots_and_metrics_while_it_runs(
     make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
 ) -> None:
-    host = single(make_host, metrics=True, token_s=1.0, ctx_size=4096)  # 10 ms a token
+    host = single(make_host, metrics=True, token_s=2.0, ctx_size=4096)  # 20 ms a token
     url = host.llama_server_url
     wait_until(lambda: client.get(f"{url}/health").status_code == 200)
     result: list[httpx.Response] = []

@@ -134,7 +134,7 @@ def test_a_swap_waits_for_the_busy_model_to_drain(
     swap = host.fake_llama_swap
     assert chat(client, url, "chat", max_tokens=1).status_code == 200
     busy, busy_out = in_background(
-        lambda: chat(httpx.Client(timeout=30), url, "chat", max_tokens=60)
+        lambda: chat(httpx.Client(timeout=30), url, "chat", max_tokens=200)
     )
     wait_until(lambda: swap.inflight("chat") == 1, what="in flight")
     other, other_out = in_background(lambda: chat(httpx.Client(timeout=30), url, "small"))
@@ -279,16 +279,16 @@ def test_aliases_and_upstream_reach_the_model(make_host: MakeHost, client: httpx
 def test_ttl_unloads_an_idle_model_but_not_a_busy_one(
     make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
 ) -> None:
-    config = {"models": {"chat": {**MODELS["chat"], "ttl": 30}}}  # 0.3 s real
+    config = {"models": {"chat": {**MODELS["chat"], "ttl": 100}}}  # 1 s real
     host = swap_host(make_host, config, token_s=5.0)  # 50 ms real a token
     url = host.llama_swap_url
     assert host.fake_llama_swap is not None
     swap = host.fake_llama_swap
     assert running(client, host) == {}
-    resp = chat(client, url, "chat", max_tokens=12)  # 0.6 s in flight, longer than the ttl
+    resp = chat(client, url, "chat", max_tokens=30)  # 1.5 s in flight, longer than the ttl
     assert resp.status_code == 200
     assert swap.state("chat") == "ready"  # not unloaded while it ran
-    assert running(client, host)["chat"]["ttl"] == 30
+    assert running(client, host)["chat"]["ttl"] == 100
     wait_until(lambda: swap.state("chat") == "stopped", what="ttl unload")
 
 
