@@ -427,8 +427,9 @@ class LlamaChild:
                     continue
                 self.state = "sleeping"
                 self.stats.sleeps += 1
+                # Under the lock, so a wake cannot allocate before this release.
+                self.gpu.release(f"{self.owner}:model")
                 self._cond.notify_all()
-            self.gpu.release(f"{self.owner}:model")
 
     def ensure_awake(self) -> None:
         """Block until the model is loaded; wake it if sleeping (raises LoadFailed)."""
@@ -1134,8 +1135,10 @@ class FakeLlamaServer:
             if autoload != "true":
                 send_error(ex, 400, "model is not loaded")
                 return None
-            if child is not None:  # still exiting: wait, then load afresh
-                child.wait_state("stopped", "failed")
+            if child is not None:  # still exiting: wait until it is gone, then load afresh
+                old = child
+                with self._lock:
+                    self._lock.wait_for(lambda: entry.child is not old)
             child = self.load(name)
         state = child.wait_state("loaded", "sleeping", "failed", "stopped")
         if state not in ("loaded", "sleeping"):

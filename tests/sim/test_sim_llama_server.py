@@ -464,3 +464,40 @@ def test_router_sleeping_child_reports_sleeping_and_keeps_its_context(
     assert vram_of(host, child.pid) == 256 * MIB
     assert chat(client, url, SMALL, max_tokens=1).status_code == 200
     assert status(client, host, SMALL) == "loaded"
+
+
+def test_a_request_beyond_the_slots_is_deferred(
+    make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
+) -> None:
+    host = single(make_host, parallel=1, metrics=True, token_s=2.0, ctx_size=4096)
+    url = host.llama_server_url
+    wait_until(lambda: client.get(f"{url}/health").status_code == 200)
+    workers = [
+        threading.Thread(target=lambda: chat(httpx.Client(timeout=30), url, max_tokens=50))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def deferred() -> bool:
+        return "llamacpp:requests_deferred 1" in client.get(f"{url}/metrics").text
+
+    wait_until(deferred, what="one request deferred")
+    assert "llamacpp:requests_processing 1" in client.get(f"{url}/metrics").text
+    full = client.get(f"{url}/slots", params={"fail_on_no_slot": 1})
+    assert error(full) == (503, "no slot available", "unavailable_error")
+    for worker in workers:
+        worker.join(10)
+    assert "llamacpp:tokens_predicted_total 100" in client.get(f"{url}/metrics").text
+
+
+def test_router_unloading_a_loading_model_kills_it_at_once(
+    make_host: MakeHost, client: httpx.Client, wait_until: WaitUntil
+) -> None:
+    host = router(make_host, load_base_s=300.0, child_exit_s=300.0)  # 3 s real each
+    url = host.llama_server_url
+    client.post(f"{url}/models/load", json={"model": SMALL})
+    assert status(client, host, SMALL) == "loading"
+    assert client.post(f"{url}/models/unload", json={"model": SMALL}).status_code == 200
+    wait_until(lambda: status(client, host, SMALL) == "unloaded", timeout_s=2.0)
+    assert host.gpu.used_bytes() == 0
