@@ -973,15 +973,15 @@ class FakeLlamaServer:
 
     def _status(self, entry: _Entry) -> dict[str, Any]:
         child = entry.child
-        value = "unloaded"
-        if child is not None:
+        value, failed, exit_code = "unloaded", entry.failed, entry.exit_code
+        if child is not None and child.state in ("failed", "stopped"):
+            failed, exit_code = child.state == "failed", child.exit_code  # exited just now
+        elif child is not None:  # an exiting child counts as loaded until it is gone
             value = {"loading": "loading", "sleeping": "sleeping"}.get(child.state, "loaded")
-            if child.state == "waking":
-                value = "loaded"
         status: dict[str, Any] = {"value": value, "args": entry.args}
-        if value == "unloaded" and entry.failed:
+        if value == "unloaded" and failed:
             status["failed"] = True
-            status["exit_code"] = entry.exit_code
+            status["exit_code"] = exit_code
         return status
 
     def _list(self, ex: Exchange) -> None:

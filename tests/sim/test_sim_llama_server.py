@@ -501,3 +501,16 @@ def test_router_unloading_a_loading_model_kills_it_at_once(
     assert client.post(f"{url}/models/unload", json={"model": SMALL}).status_code == 200
     wait_until(lambda: status(client, host, SMALL) == "unloaded", timeout_s=2.0)
     assert host.gpu.used_bytes() == 0
+
+
+def test_router_a_failed_load_shows_failed_and_exit_code(
+    held_host: Callable[..., SimHost], client: httpx.Client, wait_until: WaitUntil
+) -> None:
+    host = held_host(22 * GIB, models=(MID,), fit=False, ctx_size=4096)
+    url = host.llama_server_url
+    resp = chat(client, url, MID)  # autoload, and the child dies out of memory
+    assert error(resp) == (500, f"model name={MID} failed to load", "server_error")
+    wait_until(lambda: status(client, host, MID) == "unloaded")
+    entry = models(client, host)[MID]["status"]
+    assert entry["failed"] is True and entry["exit_code"] == 1
+    assert host.gpu.used_bytes() == 22 * GIB
