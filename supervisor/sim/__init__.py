@@ -1,4 +1,5 @@
-"""A simulated GPU host: a shared fake GPU, a fake Ollama and a fake ComfyUI.
+"""A simulated GPU host: a shared fake GPU, a fake Ollama and a fake ComfyUI (and, on
+request, a fake llama.cpp llama-server and a fake llama-swap).
 
 Stdlib only, so it runs in a bare container with just this package installed. Use
 `SimHost` in tests, the demo and benchmarks; `python -m supervisor.sim` runs the fakes as
@@ -11,6 +12,8 @@ from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
 from supervisor.sim.gpu import FileGpu, GpuSnapshot, MemoryGpu, SimGpu, open_gpu
 from supervisor.sim.host import SimHost
+from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig
+from supervisor.sim.llama_swap import FakeLlamaSwap, LlamaSwapConfig, parse_swap_config
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
 from supervisor.sim.profiles import DEFAULT_PROFILE, PROFILES, sim_profile
@@ -22,9 +25,13 @@ __all__ = [
     "CheckpointSpec",
     "ComfyConfig",
     "FakeComfyUI",
+    "FakeLlamaServer",
+    "FakeLlamaSwap",
     "FakeOllama",
     "FileGpu",
     "GpuSnapshot",
+    "LlamaServerConfig",
+    "LlamaSwapConfig",
     "MemoryGpu",
     "ModelSpec",
     "OllamaConfig",
@@ -33,5 +40,6 @@ __all__ = [
     "load_catalog",
     "ollama_config",
     "open_gpu",
+    "parse_swap_config",
     "sim_profile",
 ]

@@ -1,11 +1,25 @@
-"""Run the fakes as a process: `python -m supervisor.sim ollama|comfyui|all|healthcheck`.
+"""Run the fakes as a process: `python -m supervisor.sim MODE`.
 
     python -m supervisor.sim ollama  [--host 127.0.0.1] [--port 11434] [options]
     python -m supervisor.sim comfyui [--host 127.0.0.1] [--port 8188] [--highvram] [--pinned]
                                      [--cpu] [--disable-dynamic-vram] [--vram-headroom GB]
     python -m supervisor.sim all     [--ollama-port 11434] [--comfyui-port 8188]
+    python -m supervisor.sim llama-server [--port 8080] [-m MODEL [--alias NAME]]
+                                     [--models M1,M2,... [--models-max 4]
+                                      [--no-models-autoload] [--stop-timeout 10]]
+                                     [--fit on|off] [--fit-target 1024] [--fit-ctx 4096]
+                                     [-c CTX] [-np 4] [--sleep-idle-seconds N] [--metrics]
+    python -m supervisor.sim llama-swap [--port 8080] --config JSON-or-path
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
+
+llama-server: with `-m` one model (a catalog name, or a path whose stem is one) loads at
+start (single mode; its VRAM is held under this process's PID); without it the server is a
+router over `--models`, each model a child process with its own PID, loaded by
+`POST /models/load` or on demand (supervisor/sim/llama_server.py). llama-swap: `--config`
+takes llama-swap's config keys as JSON (models with ttl/aliases/name/description/
+unloadTimeout, groups with swap/exclusive/persistent/members, globalTTL), plus the sim's
+`model` (catalog name), `size_bytes` and `ctx_size` per model (supervisor/sim/llama_swap.py).
 
 The fake NVML library reads the file named by SIM_GPU_STATE (default
 /var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
@@ -24,6 +38,7 @@ defaults to 127.0.0.1; SIGTERM and SIGINT stop the servers within a fraction of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -36,8 +51,10 @@ from types import FrameType
 from supervisor.sim.catalog import load_catalog, parse_env_keep_alive
 from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
-from supervisor.sim.gpu import GIB, MIB, open_gpu
+from supervisor.sim.gpu import GIB, MIB, MemoryGpu, open_gpu
 from supervisor.sim.httpbase import SimServer
+from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig, resolve_spec
+from supervisor.sim.llama_swap import FakeLlamaSwap, LlamaSwapConfig, parse_swap_config
 from supervisor.sim.nvml_build import BuildError, build_fake_nvml
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
@@ -55,7 +72,18 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("mode", choices=["ollama", "comfyui", "all", "healthcheck", "build-nvml"])
+    parser.add_argument(
+        "mode",
+        choices=[
+            "ollama",
+            "comfyui",
+            "all",
+            "llama-server",
+            "llama-swap",
+            "healthcheck",
+            "build-nvml",
+        ],
+    )
     parser.add_argument("target", nargs="?", help="healthcheck: URL to GET; build-nvml: a dir")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="port of a single service")
@@ -81,8 +109,52 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unload-delay", type=float, default=None, help="seconds (Ollama)")
     parser.add_argument("--timeout", type=float, default=3.0, help="healthcheck timeout, s")
     parser.add_argument("--verbose", action="store_true", help="access logs on stderr")
+    llama = parser.add_argument_group("llama-server (flags as the real server's)")
+    llama.add_argument("-m", "--model", help="single mode: the model to serve")
+    llama.add_argument("--alias", help="single mode: the id /v1/models shows")
+    llama.add_argument("--models", default="", help="router mode: comma-separated models")
+    llama.add_argument("--models-max", type=int, default=4, help="router: 0 = unlimited")
+    llama.add_argument("--no-models-autoload", action="store_true")
+    llama.add_argument("--stop-timeout", type=float, default=10.0, help="router: seconds")
+    llama.add_argument("--fit", choices=["on", "off"], default="on")
+    llama.add_argument("--fit-target", type=int, default=1024, help="MiB kept free")
+    llama.add_argument("--fit-ctx", type=int, default=4096)
+    llama.add_argument("-c", "--ctx-size", type=int, default=0, help="0 = trained context")
+    llama.add_argument("-np", "--parallel", type=int, default=4)
+    llama.add_argument("--sleep-idle-seconds", type=float, default=-1.0)
+    llama.add_argument("--metrics", action="store_true")
+    parser.add_argument("--config", help="llama-swap: its config as inline JSON or a path")
     add_profile_argument(parser)
     return parser
+
+
+def _llama_swap_config(args: argparse.Namespace) -> LlamaSwapConfig:
+    if not args.config:
+        raise ValueError("llama-swap needs --config (inline JSON or a path)")
+    return dataclasses.replace(parse_swap_config(args.config), time_scale=args.time_scale)
+
+
+def _llama_server_config(args: argparse.Namespace) -> LlamaServerConfig:
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.model is None and not models:
+        raise ValueError("llama-server needs -m/--model (single mode) or --models (router)")
+    return LlamaServerConfig(
+        model=args.model,
+        alias=args.alias,
+        models=models,
+        models_max=args.models_max,
+        models_autoload=not args.no_models_autoload,
+        stop_timeout_s=args.stop_timeout,
+        fit=args.fit == "on",
+        fit_target_mib=args.fit_target,
+        fit_ctx=args.fit_ctx,
+        ctx_size=args.ctx_size,
+        parallel=args.parallel,
+        sleep_idle_s=args.sleep_idle_seconds,
+        metrics=args.metrics,
+        time_scale=args.time_scale,
+        pid=os.getpid() if args.model is not None else None,
+    )
 
 
 def _ollama_config(args: argparse.Namespace) -> OllamaConfig:
@@ -162,6 +234,20 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"sim: fake ComfyUI listening on {servers[-1].url}", flush=True)
             print(f"sim: ComfyUI {comfy_config.version}, {mode}", flush=True)
+        if args.mode == "llama-server":
+            llama = FakeLlamaServer(gpu, catalog, _llama_server_config(args))
+            closers.append(llama.close)
+            port = args.port if args.port is not None else 8080
+            servers.append(llama.serve(args.host, port, verbose=args.verbose))
+            kind = "router" if llama.is_router else "single model"
+            print(f"sim: fake llama-server listening on {servers[-1].url}", flush=True)
+            print(f"sim: llama-server {kind}", flush=True)
+        if args.mode == "llama-swap":
+            swap = FakeLlamaSwap(gpu, catalog, _llama_swap_config(args))
+            closers.append(swap.close)
+            port = args.port if args.port is not None else 8080
+            servers.append(swap.serve(args.host, port, verbose=args.verbose))
+            print(f"sim: fake llama-swap listening on {servers[-1].url}", flush=True)
         snap = gpu.snapshot()
         print(f"sim: GPU {snap.name} {snap.uuid}, {snap.total_bytes / GIB:.1f} GiB", flush=True)
         while not stop.wait(0.5):
@@ -206,6 +292,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProfileError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    if args.mode == "llama-server":
+        try:
+            config = _llama_server_config(args)
+            catalog = load_catalog(args.catalog)
+            for name in (config.model,) if config.model else config.models:
+                resolve_spec(catalog, name)
+        except ValueError as exc:
+            print(f"llama-server: {exc}", file=sys.stderr)
+            return 2
+    if args.mode == "llama-swap":
+        try:
+            FakeLlamaSwap(MemoryGpu(), load_catalog(args.catalog), _llama_swap_config(args)).close()
+        except (ValueError, OSError) as exc:
+            print(f"llama-swap: --config: {exc}", file=sys.stderr)
+            return 2
     return run(args)
 
 

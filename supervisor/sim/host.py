@@ -1,5 +1,8 @@
 """`SimHost`: a whole simulated GPU host (GPU, fake Ollama, fake ComfyUI) in threads.
 
+A fake llama.cpp `llama-server` and a fake llama-swap join on request (`llama_server=` /
+`llama_swap=` configs; off by default) on the same GPU; `time_scale` overrides theirs too.
+
 For tests, the demo and benchmarks: everything binds 127.0.0.1 on ephemeral ports, starts
 in well under a second and stops cleanly. Ollama and ComfyUI share one `SimGpu`, so memory
 one of them holds is memory the other cannot use, exactly as on a real card.
@@ -17,6 +20,8 @@ from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
 from supervisor.sim.gpu import GIB, SimGpu, open_gpu
 from supervisor.sim.httpbase import SimServer
+from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig
+from supervisor.sim.llama_swap import FakeLlamaSwap, LlamaSwapConfig
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import OllamaConfig, ollama_config
 from supervisor.sim.profiles import parse_profile, sim_profile
@@ -46,6 +51,8 @@ class SimHost:
         start_comfyui: bool = True,
         host: str = "127.0.0.1",
         profile: str | None = None,
+        llama_server: LlamaServerConfig | None = None,
+        llama_swap: LlamaSwapConfig | None = None,
     ) -> None:
         self._host = host
         self.profile = parse_profile(profile, "profile") if profile else sim_profile(os.environ)
@@ -68,6 +75,16 @@ class SimHost:
         self._comfyui_server: SimServer | None = None
         self._start_ollama = start_ollama
         self._start_comfyui = start_comfyui
+        self.llama_server_config = (
+            dataclasses.replace(llama_server, time_scale=time_scale) if llama_server else None
+        )
+        self.fake_llama_server: FakeLlamaServer | None = None
+        self._llama_server: SimServer | None = None
+        self.llama_swap_config = (
+            dataclasses.replace(llama_swap, time_scale=time_scale) if llama_swap else None
+        )
+        self.fake_llama_swap: FakeLlamaSwap | None = None
+        self._llama_swap: SimServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -77,6 +94,14 @@ class SimHost:
             self._ollama_server = self.fake_ollama.serve(self._host, 0)
         if self._start_comfyui and self.fake_comfyui is None:
             self._start_comfy(0)
+        if self.llama_server_config is not None and self.fake_llama_server is None:
+            self.fake_llama_server = FakeLlamaServer(
+                self.gpu, self.catalog, self.llama_server_config
+            )
+            self._llama_server = self.fake_llama_server.serve(self._host, 0)
+        if self.llama_swap_config is not None and self.fake_llama_swap is None:
+            self.fake_llama_swap = FakeLlamaSwap(self.gpu, self.catalog, self.llama_swap_config)
+            self._llama_swap = self.fake_llama_swap.serve(self._host, 0)
         return self
 
     def _start_comfy(self, port: int) -> None:
@@ -97,7 +122,27 @@ class SimHost:
         self.stop_comfyui()
         self._start_comfy(int(port))
 
+    def stop_llama_server(self) -> None:
+        """Like stopping the llama-server container: its children exit, VRAM comes back."""
+        if self._llama_server is not None:
+            self._llama_server.stop()
+            self._llama_server = None
+        if self.fake_llama_server is not None:
+            self.fake_llama_server.close()
+        self.fake_llama_server = None
+
+    def stop_llama_swap(self) -> None:
+        """Like stopping the llama-swap container: its upstreams exit, VRAM comes back."""
+        if self._llama_swap is not None:
+            self._llama_swap.stop()
+            self._llama_swap = None
+        if self.fake_llama_swap is not None:
+            self.fake_llama_swap.close()
+        self.fake_llama_swap = None
+
     def stop(self) -> None:
+        self.stop_llama_server()
+        self.stop_llama_swap()
         for server in (self._ollama_server, self._comfyui_server):
             if server is not None:
                 server.stop()
@@ -131,3 +176,15 @@ class SimHost:
         if self._comfyui_server is None:
             raise RuntimeError("the fake ComfyUI is not running")
         return self._comfyui_server.url
+
+    @property
+    def llama_server_url(self) -> str:
+        if self._llama_server is None:
+            raise RuntimeError("the fake llama-server is not running")
+        return self._llama_server.url
+
+    @property
+    def llama_swap_url(self) -> str:
+        if self._llama_swap is None:
+            raise RuntimeError("the fake llama-swap is not running")
+        return self._llama_swap.url

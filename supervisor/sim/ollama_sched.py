@@ -51,13 +51,9 @@ sim will really unload.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +62,7 @@ from typing import Any
 
 from supervisor.sim.catalog import FOREVER, ModelSpec
 from supervisor.sim.gpu import GIB, MIB, SimGpu
+from supervisor.sim.process import StandInProcess as _RunnerProcess
 
 _POLL_S = 0.01  # how often a waiting load checks its client (real seconds)
 
@@ -143,27 +140,6 @@ def tier_context(total_bytes: int) -> int:
 
 def batch_surcharge(num_ctx: int) -> int:
     return LARGE_BATCH_BYTES if num_ctx > LARGE_CONTEXT else SMALL_BATCH_BYTES
-
-
-class _RunnerProcess:
-    """A stand-in `llama-server` child whose PID NVML shows: `cat` reading a pipe from
-    this process, so it also ends when the simulator dies, however it dies."""
-
-    def __init__(self) -> None:
-        cat = shutil.which("cat")
-        argv = [cat] if cat else [sys.executable, "-c", "import sys; sys.stdin.read()"]
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.pid = self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=5)
 
 
 @dataclass

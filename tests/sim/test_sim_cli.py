@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from supervisor.sim.__main__ import healthcheck
+from supervisor.sim.gpu import FileGpu
 
 REPO = Path(__file__).parents[2]
 WaitUntil = Callable[..., None]
@@ -30,7 +31,9 @@ class SimProcess:
         self.urls: dict[str, str] = {}
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if found := re.search(r"fake (Ollama|ComfyUI) listening on (\S+)", line):
+            if found := re.search(
+                r"fake (Ollama|ComfyUI|llama-server|llama-swap) listening on (\S+)", line
+            ):
                 self.urls[found.group(1)] = found.group(2)
             if line.startswith("sim: GPU "):
                 return
@@ -153,3 +156,75 @@ def test_a_bad_profile_exits_2_naming_where_it_came_from(
     monkeypatch.setenv("VRAM_SIM_PROFILE", "next")
     bad_env = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=30)
     assert bad_env.returncode == 2 and "VRAM_SIM_PROFILE='next'" in bad_env.stderr
+
+
+def test_llama_server_mode_single_and_router_attribute_vram_by_pid(
+    spawn: Callable[..., SimProcess], tmp_path: Path, wait_until: WaitUntil
+) -> None:
+    state = str(tmp_path / "gpu.json")
+    common = ("--gpu-state", state, "--time-scale", "0.01", "--port", "0")
+    single = spawn(
+        "llama-server", "-m", "llama3.2:latest", "--alias", "chat", "-c", "4096", *common
+    )
+    routed = spawn("llama-server", "--models", "llama3.1:8b", "--models-max", "1", *common)
+    one, many = single.urls["llama-server"], routed.urls["llama-server"]
+    gpu = FileGpu(state)
+    try:
+        with httpx.Client(timeout=30) as client:
+            wait_until(lambda: client.get(f"{one}/health").status_code == 200)
+            assert client.get(f"{one}/v1/models").json()["data"][0]["id"] == "chat"
+            assert single.proc.pid in dict(gpu.processes())  # single mode: its own PID
+            assert client.get(f"{many}/props").json()["role"] == "router"
+            load = client.post(f"{many}/models/load", json={"model": "llama3.1:8b"})
+            assert load.json() == {"success": True}
+            wait_until(
+                lambda: (
+                    client.get(f"{many}/models").json()["data"][0]["status"]["value"] == "loaded"
+                )
+            )
+            pids = set(dict(gpu.processes())) - {single.proc.pid}
+            assert len(pids) == 1 and routed.proc.pid not in pids  # a child's PID
+            [child] = pids
+            assert parent_pid(child) == routed.proc.pid
+        assert routed.stop() == 0 and single.stop() == 0
+        assert gpu.processes() == []
+    finally:
+        gpu.close()
+
+
+def test_llama_server_mode_rejects_an_unknown_model(spawn: Callable[..., SimProcess]) -> None:
+    run = [sys.executable, "-m", "supervisor.sim", "llama-server", "--port", "0"]
+    bad = subprocess.run([*run, "-m", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "model 'nope' is not in the simulator's catalog" in bad.stderr
+    none = subprocess.run(run, cwd=REPO, capture_output=True, text=True)
+    assert none.returncode == 2 and "-m/--model" in none.stderr
+
+
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_llama_swap_mode_starts_a_model_under_a_child_pid(
+    spawn: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    state = str(tmp_path / "gpu.json")
+    config = '{"models": {"chat": {"model": "llama3.2:latest", "aliases": ["gpt"]}}}'
+    sim = spawn("llama-swap", "--config", config, "--gpu-state", state, "--time-scale", "0.01",
+                "--port", "0")  # fmt: skip
+    url = sim.urls["llama-swap"]
+    gpu = FileGpu(state)
+    try:
+        with httpx.Client(timeout=30) as client:
+            assert client.get(f"{url}/health").text == "OK"
+            body = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+            assert client.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+            [row] = client.get(f"{url}/running").json()["running"]
+            assert row["model"] == "chat" and row["state"] == "ready"
+            [pid] = dict(gpu.processes())
+            assert pid != sim.proc.pid and parent_pid(pid) == sim.proc.pid
+            assert client.get(f"{url}/unload").text == "OK"
+            assert gpu.processes() == []
+        assert sim.stop() == 0
+    finally:
+        gpu.close()
