@@ -163,6 +163,7 @@ def run(settings: Settings) -> int:
     server: StatusServer | None = None
     gate: Any = None
     image_gate: Any = None
+    model_gates: list[Any] = []
     binding = ""
     try:
         if settings.http_port is not None:
@@ -193,13 +194,17 @@ def run(settings: Settings) -> int:
             image_gate = _start_image_gate(settings, daemon, gate)
             if image_gate is not None:
                 metrics.watch_comfyui_gate(image_gate.stats)
+        for role, port in settings.model_gates or ():
+            binding = f"VRAM_MODEL_GATES={role}={port} (on {settings.gate_host})"
+            model_gates.append(_start_model_gate(settings, daemon, role, port))
     except OSError as exc:
         logger.error(
             f"Cannot start: {binding}: {exc}. Is another supervisor (or another program) "
             "using that port? Choose another one."
         )
-        if gate is not None:
-            gate.stop(timeout_s=0.5)
+        for started in [gate, image_gate, *model_gates]:
+            if started is not None:
+                started.stop(timeout_s=0.5)
         if server is not None:
             server.close()
         daemon.close()
@@ -225,10 +230,9 @@ def run(settings: Settings) -> int:
         logger.info("Stopping")
         daemon.stop()
         loop.join(SHUTDOWN_GRACE_S)  # an in-flight request may still be waiting: don't
-        if image_gate is not None:
-            image_gate.stop(timeout_s=0.5)
-        if gate is not None:
-            gate.stop(timeout_s=0.5)
+        for started in [image_gate, gate, *model_gates]:
+            if started is not None:
+                started.stop(timeout_s=0.5)
         if server is not None:
             server.close()
         daemon.close()
@@ -252,6 +256,26 @@ def _start_gate(settings: Settings, daemon: Daemon) -> Any:
     from supervisor.gate import start_gate
 
     return start_gate(settings, daemon.room_maker, daemon.current_ollama)
+
+
+def _start_model_gate(settings: Settings, daemon: Daemon, role: str, port: int) -> Any:
+    """A model-server gate (VRAM_MODEL_GATES): in front of the first running server of
+    `role`, freeing the idle job servers on its GPUs before it loads a model."""
+    from supervisor.gate.servers import ServerGate
+    from supervisor.tenants import kind_of
+
+    kind = kind_of(role)
+    gate = ServerGate(
+        title=kind.title,
+        routes=kind.routes,
+        current=lambda: daemon.current_server(role),
+        room=daemon.job_room_freer,
+        host=settings.gate_host,
+        port=port,
+        wait_s=settings.gate_wait_s,
+    )
+    gate.start()
+    return gate
 
 
 def _start_image_gate(settings: Settings, daemon: Daemon, ollama_gate: Any) -> Any:

@@ -192,6 +192,30 @@ def _services() -> tuple[Callable[[str, str], Any], str]:
     return parse, accepted
 
 
+def _gates() -> tuple[Callable[[str, str], Any], str]:
+    accepted = (
+        "a comma-separated list of role=port pairs, one per role, e.g. llama-swap=8081 "
+        "(ports 1-65535); roles: " + ", ".join(r for r in roles() if r not in _OWN_GATES)
+    )
+
+    def parse(name: str, raw: str) -> Any:
+        pairs: list[tuple[str, int]] = []
+        for entry in raw.split(","):
+            role, sep, port = entry.partition("=")
+            role, port = role.strip().lower(), port.strip()
+            ok = sep and role in roles() and role not in _OWN_GATES and port.isdecimal()
+            if not ok or not 1 <= int(port) <= 65535 or role in dict(pairs):
+                raise ConfigError(name, raw, f"{accepted} (bad entry {entry.strip()!r})")
+            pairs.append((role, int(port)))
+        return tuple(pairs)
+
+    return parse, accepted
+
+
+# Roles whose gates have variables of their own (VRAM_GATE_PORT, VRAM_COMFYUI_GATE_PORT).
+_OWN_GATES = frozenset({"ollama", "comfyui"})
+
+
 @dataclass(frozen=True)
 class Variable:
     name: str
@@ -362,6 +386,15 @@ VARIABLES: tuple[Variable, ...] = (
         "Longest time the gate holds a request while making room, then forwards anyway.",
     ),
     _var(
+        "VRAM_MODEL_GATES",
+        "model_gates",
+        "",
+        _gates(),
+        "Enable a gate in front of model servers of other kinds: on each port, a reverse "
+        "proxy to the first running server of that role that frees the idle job servers "
+        "on its GPUs before it loads a model, bound to VRAM_GATE_HOST; unset: none.",
+    ),
+    _var(
         "VRAM_COMFYUI_GATE_PORT",
         "comfyui_gate_port",
         "",
@@ -402,6 +435,7 @@ class Settings:
     gate_host: str = "0.0.0.0"
     gate_wait_s: float = 30.0
     comfyui_gate_port: int | None = None
+    model_gates: tuple[tuple[str, int], ...] | None = None  # VRAM_MODEL_GATES: (role, port)
 
     @property
     def needs_docker(self) -> bool:

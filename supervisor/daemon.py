@@ -28,10 +28,11 @@ from supervisor.config import Settings
 from supervisor.metrics import Metrics
 from supervisor.model import Action, Decision, FreeResult, Observation, Outcome, PolicyState
 from supervisor.observe import Observer
-from supervisor.ports import ComfyApi, DockerApi, EventSource, GpuReader, OllamaApi
+from supervisor.ports import ComfyApi, DockerApi, EventSource, GpuReader, ModelServerApi, OllamaApi
 from supervisor.probe import LiveProbe
 from supervisor.room import ComfyRoomMaker
 from supervisor.room_image import OllamaRoomMaker
+from supervisor.room_server import JobRoomFreer
 from supervisor.snapshot import docker_word, observation_json, outcome_json
 
 Decide = Callable[[Observation, PolicyState, Settings, float], Decision]
@@ -111,6 +112,8 @@ class Daemon:
         )
         self._external: list[Outcome] = []  # the gate's outcomes, folded in by the loop
         self.room_maker = ComfyRoomMaker(self.actor, clock, on_outcome=self._gate_outcome)
+        # The model-server gates' RoomMaker: frees idle job servers before such a load.
+        self.job_room_freer = JobRoomFreer(self.actor, clock, on_outcome=self._gate_outcome)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -167,6 +170,14 @@ class Daemon:
         """The Ollama the gate forwards to: the first running one (fixed URL or container)."""
         ollamas = self._observer.targets.ollamas
         return next(iter(ollamas.values()))[1] if ollamas else None
+
+    def current_server(self, role: str) -> tuple[str, str, ModelServerApi] | None:
+        """Where a model-server gate forwards: (key, base URL, client) of the first running
+        model server of `role` (fixed URL or container); None: none runs now."""
+        for key, (spec, api) in self._observer.targets.model_servers.items():
+            if spec.role == role:
+                return key, spec.url, api
+        return None
 
     def current_comfyui_url(self) -> str | None:
         """Where the image gate forwards: the first running ComfyUI (fixed URL or container)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,15 +65,17 @@ def parse_load_request(
     content_type: bytes | None,
     body: bytes,
     json_values: int = DEFAULT_JSON_VALUES,
+    normalise: Callable[[str], str] = normalise_model_name,
 ) -> LoadRequest | None:
     """The load a request to a load endpoint asks for; None when the body names no model
     (or none Ollama could have). Refused (413, 400) for a body too big or too deep to
-    parse."""
+    parse. `normalise`: how the server names models (Ollama's name:tag by default; the
+    other kinds use the name as sent)."""
     if content_type is not None and content_type.lower().startswith(b"multipart/form-data"):
         model = _multipart_field(body, content_type)
         if model is None or not _is_model_name(model):
             return None
-        return LoadRequest(normalise_model_name(model))
+        return LoadRequest(normalise(model))
     values = body.count(b",") + body.count(b"{") + body.count(b"[")
     if values > json_values:
         limit = f"{json_values} values (commas, objects and arrays)"
@@ -92,7 +95,7 @@ def parse_load_request(
     options = options if isinstance(options, dict) else {}
     unload_field = _UNLOAD_FIELD.get(path)
     return LoadRequest(
-        model=normalise_model_name(model),
+        model=normalise(model),
         num_ctx=_positive_int(options.get("num_ctx")),
         is_unload=unload_field is not None
         and not data.get(unload_field)

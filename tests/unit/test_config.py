@@ -38,6 +38,11 @@ CASES: dict[str, tuple[str, object, str]] = {
     "VRAM_GATE_HOST": ("::", "::", "x/y"),
     "VRAM_GATE_WAIT": ("10", 10.0, "-1"),
     "VRAM_COMFYUI_GATE_PORT": ("8189", 8189, "port"),
+    "VRAM_MODEL_GATES": (
+        "llama-swap=8081, llama-server=8082",
+        (("llama-swap", 8081), ("llama-server", 8082)),
+        "ollama=11435",  # Ollama's gate is VRAM_GATE_PORT
+    ),
 }
 
 DEFAULTS = Settings()
@@ -218,3 +223,12 @@ def _spec(role: str, priority: int = 0) -> ServiceSpec:
 )
 def test_rank_for_n_tenants(priority: str, a: ServiceSpec, b: ServiceSpec, outranks: bool) -> None:
     assert Settings(priority=priority).outranks(a, b) is outranks
+
+
+@pytest.mark.parametrize(
+    "raw", ["llama-swap=0", "llama-swap=x", "llama-swap=8081,llama-swap=8082", "vllm2=1", "="]
+)
+def test_a_bad_model_gate_entry_is_named(raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"VRAM_MODEL_GATES": raw})
+    assert "VRAM_MODEL_GATES" in str(info.value) and "bad entry" in str(info.value)

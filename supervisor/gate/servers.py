@@ -1,0 +1,143 @@
+"""The gate in front of a model server of the registry's other kinds (llama-swap,
+llama-server, vLLM ...): make room before a load, as the Ollama gate does for Ollama.
+
+Enabled per role with VRAM_MODEL_GATES (`role=port` pairs); each gate forwards to the
+first running server of its role (a discovered container or a fixed URL), bound to
+VRAM_GATE_HOST. Policy:
+- The requests that make the server load a model are its kind's `ModelRoutes`: POST
+  routes whose JSON body (or multipart form) names the model in `model`. Those bodies are
+  read whole (with the Ollama gate's limits); everything else is relayed at once,
+  untouched (GET routes that name a model in the query are not gated).
+- A request for a model the server does not list as loaded (`served()`, cached for
+  SERVED_TTL_S) is held while the RoomMaker frees the idle job servers on the server's
+  GPUs (ComfyUI with its soft free, the other job servers with theirs), for at most
+  VRAM_GATE_WAIT; then it is forwarded, with or without the room. These servers' APIs do
+  not say what a model needs before it loads, so no estimate is made: the room is what
+  the idle job servers hold. A request is never refused or changed; when the server
+  cannot be read it goes on at once.
+- Held loads go one at a time; requests for loaded models never wait behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from loguru import logger
+
+from supervisor.errors import ServiceError
+from supervisor.gate.admission import Forward, make_room_within
+from supervisor.gate.core import Proxy
+from supervisor.gate.http11 import Fields, Limits, header_value
+from supervisor.gate.load_request import LoadRequest, parse_load_request
+from supervisor.gate.stats import Counters
+from supervisor.ports import ModelServerApi
+from supervisor.tenants import ModelRoutes
+
+log = logger.bind(component="gate")
+
+SERVED_TTL_S = 0.5  # how long a read of the server's models is reused
+
+
+class ServerRoomMaker(Protocol):
+    """What a model-server gate needs of its RoomMaker (room_server.JobRoomFreer)."""
+
+    def make_room(self, server_key: str, *, reason: str, deadline_s: float) -> bool: ...
+
+
+def _as_sent(model: str) -> str:
+    return model
+
+
+class ServerGate(Proxy):
+    """`Proxy` in front of one model server of a registry kind; see the module doc."""
+
+    def __init__(
+        self,
+        *,
+        title: str,
+        routes: ModelRoutes,
+        current: Callable[[], tuple[str, str, ModelServerApi] | None],
+        room: ServerRoomMaker,
+        host: str = "127.0.0.1",
+        port: int,
+        wait_s: float = 30.0,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream_name = title
+        self._current = current  # () -> (service key, base URL, client) of the server now
+        super().__init__(
+            upstream_url=lambda: c[1] if (c := self._current()) is not None else None,
+            host=host,
+            port=port,
+            limits=limits,
+            stats=Counters(),
+        )
+        self._routes = routes
+        self._room = room
+        self._wait_s = wait_s
+        self._clock = clock
+        self._served: tuple[float, str, frozenset[str]] | None = None  # (at, key, loaded)
+        self._one_at_a_time: asyncio.Lock | None = None
+
+    def stats(self) -> Any:
+        return self._stats
+
+    def _reads_body(self, method: bytes, route: bytes) -> bool:
+        where = self._routes.names_model(method.decode("latin-1"), route.decode("latin-1"))
+        return where in ("body", "form")
+
+    def _parse(self, route: bytes, fields: Fields, body: bytes) -> object | None:
+        content_type = header_value(fields, b"content-type")
+        return parse_load_request(
+            route, content_type, body, self._limits.json_values, normalise=_as_sent
+        )
+
+    async def _admit(self, request: object, forward: Forward) -> bool:
+        assert isinstance(request, LoadRequest)
+        loop = asyncio.get_running_loop()
+        current = self._current()
+        if current is None:
+            return await forward(None)
+        key, _, api = current
+        loaded = await loop.run_in_executor(self._executor, self._loaded, key, api)
+        if loaded is None or request.model in loaded:
+            return await forward(None)
+        if self._one_at_a_time is None:
+            self._one_at_a_time = asyncio.Lock()
+        async with self._one_at_a_time:
+            loaded = await loop.run_in_executor(self._executor, self._loaded, key, api, True)
+            if loaded is not None and request.model not in loaded:
+                reason = f"gate: load of {request.model} on {key}"
+                log.info(f"Gate: {request.model} is not loaded on {key}; making room first")
+
+                async def call(fn: Callable[[], bool]) -> bool:
+                    return await loop.run_in_executor(self._executor, fn)
+
+                await make_room_within(
+                    call,
+                    lambda: self._room.make_room(key, reason=reason, deadline_s=self._wait_s),
+                    self._wait_s,
+                    self._stats,
+                    request.model,
+                )
+                self._served = None
+            return await forward(None)
+
+    def _loaded(self, key: str, api: ModelServerApi, fresh: bool = False) -> frozenset[str] | None:
+        """The models the server has loaded or is loading (None: it cannot be read)."""
+        cached = self._served
+        now = self._clock()
+        if not fresh and cached is not None and cached[1] == key and now - cached[0] < SERVED_TTL_S:
+            return cached[2]
+        try:
+            state = api.served()
+        except ServiceError as exc:
+            log.debug(f"Gate: cannot read {key}: {exc}")
+            return None
+        loaded = frozenset(m.name for m in state.models if m.is_resident)
+        self._served = (now, key, loaded)
+        return loaded
