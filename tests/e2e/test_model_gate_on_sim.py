@@ -1,0 +1,85 @@
+"""End to end without Docker: the real CLI with VRAM_SERVICES and VRAM_MODEL_GATES against
+the simulated host with a fake llama-swap beside ComfyUI. An idle ComfyUI holds 10 GiB;
+a load sent straight to llama-swap then fits by leaving part of the model on the CPU
+(llama-server's --fit), while the same load sent through the gate finds ComfyUI freed
+first and lands wholly on the GPU. A model already loaded is forwarded without a free."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from supervisor.sim import SimHost
+from supervisor.sim.llama_swap import LlamaSwapConfig, SwapModel
+from supervisor.units import GIB
+from tests.e2e.test_supervisor_on_sim import (
+    comfy_held,
+    free_port,
+    hold_comfy_vram,
+    start_supervisor,
+    stop,
+)
+
+BIG = "big"  # qwen2.5:32b upstream: about 20 GiB of the 24 GiB card
+
+
+@pytest.fixture
+def sim() -> Iterator[SimHost]:
+    config = LlamaSwapConfig(models=(SwapModel(BIG, "qwen2.5:32b"),))
+    with SimHost(time_scale=0.1, llama_swap=config) as host:
+        yield host
+
+
+def chat(client: httpx.Client, url: str) -> None:
+    body = {"model": BIG, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = client.post(f"{url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+def test_a_load_through_the_gate_finds_comfyui_freed_first(sim: SimHost) -> None:
+    swap = sim.fake_llama_swap
+    assert swap is not None
+    with httpx.Client(timeout=120) as client:
+        # Without the gate: ComfyUI's 10 GiB stay, the model is fitted around them.
+        hold_comfy_vram(client, sim)
+        chat(client, sim.llama_swap_url)
+        child = swap.child(BIG)
+        assert child is not None and child.offloaded_bytes > 0
+        assert client.get(f"{sim.llama_swap_url}/unload").status_code == 200
+
+        gate_port = free_port()
+        sup = start_supervisor(
+            sim,
+            VRAM_SERVICES=f"llama-swap={sim.llama_swap_url}",
+            VRAM_MODEL_GATES=f"llama-swap={gate_port}",
+            VRAM_GATE_HOST="127.0.0.1",
+            VRAM_GATE_WAIT="10",
+            VRAM_THRESHOLD="95",
+            VRAM_AGGRESSIVE_THRESHOLD="99",
+        )
+        try:
+            sup.wait_for("llama-swap gate listening")
+            sup.wait_for("VRAM source: api")
+            hold_comfy_vram(client, sim)
+            assert comfy_held(client, sim) >= 10 * GIB
+            gate = f"http://127.0.0.1:{gate_port}"
+            chat(client, gate)
+            child = swap.child(BIG)
+            assert child is not None and child.offloaded_bytes == 0, sup.log()
+            assert comfy_held(client, sim) < 1 * GIB
+            sup.wait_for(f"Gate: {BIG} is not loaded on llama-swap/llama-swap; making room first")
+
+            # Loaded now: the next request goes straight on (no second free).
+            frees = sup.log().count("making room first")
+            started = time.monotonic()
+            chat(client, gate)
+            assert time.monotonic() - started < 5
+            assert sup.log().count("making room first") == frees
+            status = sup.status()
+            (server,) = status["model_servers"]
+            assert server["key"] == "llama-swap/llama-swap" and server["can_unload"] is True
+        finally:
+            assert stop(sup) == 0, sup.log()
