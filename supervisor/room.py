@@ -36,7 +36,7 @@ from loguru import logger
 
 from supervisor.actions import Actor, Targets, holds_nothing
 from supervisor.errors import ServiceError
-from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Priority
+from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome
 from supervisor.ollama_profile import OllamaProfile, Resident, evictable_bytes, ollama_profile
 from supervisor.ports import ComfyApi
 
@@ -99,8 +99,13 @@ class ComfyRoomMaker:
             return True
         targets = self._actor.targets()
         gpus = set(targets.ollama_gpus)
-        priority = self._actor.settings.priority
+        settings = self._actor.settings
+        priority = settings.priority
+        # The gate's Ollama (the first running one): its rank decides whether a busy
+        # ComfyUI's work protects it (VRAM_PRIORITY, the vram-supervisor.priority label).
+        ollama = next(iter(targets.ollamas.values()), None)
         for key, (spec, comfy) in targets.comfyuis.items():
+            cut = ollama is not None and settings.outranks(ollama[0], spec)
             if gpus and spec.gpu_uuids and not gpus & set(spec.gpu_uuids):
                 continue  # another GPU: freeing it gives Ollama nothing
             # A fresh reading (its container's PIDs listed again: the loop's may predate
@@ -118,7 +123,7 @@ class ComfyRoomMaker:
                 # Under ollama a busy ComfyUI is freed at once (its flags act when its
                 # prompt ends), unless it holds nothing yet: a free now finds nothing to
                 # verify, so its work is waited for, as under the other priorities.
-                if busy and (priority is not Priority.OLLAMA or empty):
+                if busy and (not cut or empty):
                     model = reason.removeprefix(GATE_REASON_PREFIX)
                     logger.info(
                         f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
@@ -141,7 +146,7 @@ class ComfyRoomMaker:
                     return result
                 # Short of room because a prompt started between the look and the free (its
                 # flags wait for it): wait for it like for any work, while time is left.
-                if priority is Priority.OLLAMA or not _is_busy(comfy) or self._clock() >= end:
+                if cut or not _is_busy(comfy) or self._clock() >= end:
                     break
         return False
 

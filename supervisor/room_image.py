@@ -27,7 +27,7 @@ from loguru import logger
 from supervisor.actions import NOTHING_HELD_BYTES, Actor
 from supervisor.errors import ServiceError
 from supervisor.gate.admission import model_key
-from supervisor.model import Outcome, Priority, UnloadOllama
+from supervisor.model import Outcome, UnloadOllama
 from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
 
@@ -95,15 +95,23 @@ class OllamaRoomMaker:
         end = self._clock() + deadline_s
         if self._covers(need_bytes):
             return True
-        if self._actor.settings.priority is Priority.OLLAMA:
+        targets = self._actor.targets()
+        comfy_key, comfy_gpus = self._comfy()
+        comfy = targets.comfyuis.get(comfy_key) if comfy_key is not None else None
+        settings = self._actor.settings
+        # VRAM_PRIORITY: an Ollama that ranks above the ComfyUI keeps its models.
+        yielding = {
+            key: target
+            for key, target in targets.ollamas.items()
+            if comfy is None or not settings.outranks(target[0], comfy[0])
+        }
+        if targets.ollamas and not yielding:
             logger.info(
-                f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY=ollama keeps"
-                " them (the job may run in low-VRAM mode)"
+                f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY="
+                f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
             )
             return False
-        targets = self._actor.targets()
-        _key, comfy_gpus = self._comfy()
-        for key, (spec, ollama) in targets.ollamas.items():
+        for key, (spec, ollama) in yielding.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue  # another GPU: unloading it gives ComfyUI nothing
             try:

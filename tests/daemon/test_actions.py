@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from supervisor.actions import Actor, Reading, Targets
-from supervisor.config import Settings
+from supervisor.config import Settings, load_settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
     FreeComfy,
@@ -524,6 +524,18 @@ def test_room_maker_leaves_a_busy_comfyui_alone_unless_priority_ollama(world: Wo
     assert world.comfy.free_calls == []
     actor, _ = make_actor(world, settings=Settings(priority=Priority.OLLAMA))
     # Under ollama priority the flags are set and the gate waits for the prompt to end.
+    assert ComfyRoomMaker(actor, world.clock).make_room(need, reason="gate", deadline_s=30)
+    assert world.comfy.free_calls == [(True, False)]
+
+
+@pytest.mark.parametrize("raw", ["ollama", "ollama,comfyui", " Ollama "])
+def test_room_maker_reads_the_priority_as_the_environment_gives_it(world: World, raw: str) -> None:
+    # VRAM_PRIORITY from the environment is plain text, not the Priority enum: the gate
+    # must rank by it all the same (Ollama above ComfyUI: a busy ComfyUI is flagged).
+    settings, _ = load_settings({"VRAM_PRIORITY": raw})
+    world.comfy.start_prompt(seconds=5)
+    need = world.gpu.free_bytes + 8 * GIB
+    actor, _ = make_actor(world, settings=settings)
     assert ComfyRoomMaker(actor, world.clock).make_room(need, reason="gate", deadline_s=30)
     assert world.comfy.free_calls == [(True, False)]
 
