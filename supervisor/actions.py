@@ -13,6 +13,10 @@ Policy:
   container is no longer running (one the user stopped is never started). Afterwards it
   reads the VRAM like a free: FREED only if it dropped, else PINNED.
 - `VRAM_DRY_RUN`: log "DRY RUN: would ..." and send nothing.
+- The safety limit: at most MAX_ACTIONS_PER_SERVICE_PER_MIN actions on one service in
+  any minute, whoever asks (the loop, the gates, a heal's own frees), on top of the
+  policy's rate limits; one over it is not sent and reported FAILED with a "skipped: ..."
+  detail, logged as a warning. Every action method checks it first (`capped`).
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   frees), so two frees never overlap. A heal holds it only for its free and its unload,
   not while Ollama unloads and reloads the model (see `ollama_actions`). Adapter errors
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,6 +68,9 @@ SETTLE_S = 1.0
 # A preload dies with its client; give it the time OLLAMA_LOAD_TIMEOUT gives a stall.
 PRELOAD_TIMEOUT_S = 300.0
 RESTART_STOP_TIMEOUT_S = 10.0
+# The safety limit on actions per service per minute (see the module doc); read at each
+# check, so a benchmark in compressed time can scale it.
+MAX_ACTIONS_PER_SERVICE_PER_MIN = 6
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,8 @@ class Actor:
         self._sleep = sleep or self._stop.wait
         self.poll_s = poll_s
         self.preload_timeout_s = preload_timeout_s
+        self._cap_lock = threading.Lock()
+        self._action_times: dict[str, deque[float]] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -175,12 +185,8 @@ class Actor:
                     return self.free_comfy(action)
                 if isinstance(action, RestartComfy):
                     return self.restart_comfy(action)
-                if isinstance(action, UnloadModel):
-                    return tenant_actions.unload(self, action)
-                if isinstance(action, WakeModel):
-                    return tenant_actions.wake(self, action)
-                if isinstance(action, FreeJobs):
-                    return tenant_actions.free_jobs(self, action)
+                if isinstance(action, UnloadModel | WakeModel | FreeJobs):
+                    return self.capped(action) or tenant_actions.execute(self, action)
                 return self.unload_ollama(action)
         except Exception as exc:  # a bug or an adapter breaking its contract
             logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
@@ -191,6 +197,22 @@ class Actor:
                 result=FreeResult.FAILED,
                 detail=f"internal error: {exc}",
             )
+
+    def capped(self, action: Action) -> Outcome | None:
+        """The safety limit (module doc): None when `action` may run (it is counted), else
+        the FAILED outcome to report instead. Safe from any thread."""
+        now = self.clock()
+        with self._cap_lock:
+            times = self._action_times.setdefault(action.target, deque())
+            while times and now - times[0] > 60.0:
+                times.popleft()
+            if len(times) < MAX_ACTIONS_PER_SERVICE_PER_MIN:
+                times.append(now)
+                return None
+            count = len(times)
+        why = f"already {count} actions on it in the last minute (safety limit)"
+        logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
+        return Outcome(action, now, ok=False, result=FreeResult.FAILED, detail=f"skipped: {why}")
 
     def announce_unload(self, model: str) -> None:
         """Tell the listeners (the gate) an unload of `model` is about to be sent."""
@@ -222,6 +244,8 @@ class Actor:
         """One verified free. `wait_pending_s` > 0 keeps watching while a prompt runs (the
         gate waits for the flags to act); 0 reports PENDING as soon as a prompt is seen.
         `verify_s` caps the whole watch (default VRAM_VERIFY_TIMEOUT)."""
+        if (refused := self.capped(action)) is not None:
+            return refused
         start = self.clock()
         target = self.targets().comfyuis.get(action.target)
         if target is None:
@@ -331,6 +355,8 @@ class Actor:
     # ------------------------------------------------------------------ ComfyUI restart
 
     def restart_comfy(self, action: RestartComfy) -> Outcome:
+        if (refused := self.capped(action)) is not None:
+            return refused
         start = self.clock()
         log = logger.bind(target=action.target)
 
@@ -440,9 +466,13 @@ class Actor:
     # ------------------------------------------------------------------ Ollama
 
     def unload_ollama(self, action: UnloadOllama) -> Outcome:
+        if (refused := self.capped(action)) is not None:
+            return refused
         return ollama_actions.unload(self, action)
 
     def heal_ollama(self, action: HealOllama) -> Outcome:
+        if (refused := self.capped(action)) is not None:
+            return refused
         if action.reload_only:
             return ollama_actions.reload_after_wait(self, action)
         return ollama_actions.heal(self, action)

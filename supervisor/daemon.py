@@ -4,8 +4,9 @@ Policy:
 - Each pass re-reads everything it needs (`observe.Observer`: Docker, the services' APIs,
   NVML), so a lost or duplicated Docker event cannot corrupt state; events only wake the
   loop early. Docker being unreachable never stops the loop (see `observe`).
-- A safety limit caps actions per service per minute on top of the policy's own rate
-  limits, so a flapping or lying service cannot cause an action storm.
+- The Actor's safety limit caps actions per service per minute (the loop's, the gates'
+  and a heal's own), on top of the policy's own rate limits, so a flapping or lying
+  service cannot cause an action storm (`actions`).
 - Every outcome, the gate's included, is folded into the policy state with `record()`; an
   action not carried out (safety limit, stopping) is recorded as a FAILED outcome with a
   "skipped: ..." detail, so the policy does not wait on it.
@@ -38,7 +39,6 @@ from supervisor.snapshot import docker_word, observation_json, outcome_json
 Decide = Callable[[Observation, PolicyState, Settings, float], Decision]
 Record = Callable[[PolicyState, Outcome, float], PolicyState]
 
-MAX_ACTIONS_PER_SERVICE_PER_MIN = 6
 RECENT_ACTIONS = 50
 # Reads one pass may wait on, each up to VRAM_REQUEST_TIMEOUT (a client retries once).
 READS_PER_PASS = 4
@@ -94,7 +94,6 @@ class Daemon:
         self._state = PolicyState()
         self._last_obs: Observation | None = None
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ACTIONS)
-        self._action_times: dict[str, deque[float]] = {}
         self.last_pass_at: float | None = None  # monotonic
         self.last_pass_wall: float | None = None
         self.busy_since: float | None = None  # monotonic start of the running action
@@ -212,7 +211,6 @@ class Daemon:
             logger.debug(why)
         for action in decision.actions:
             refusal = "the supervisor is stopping" if self._stop.is_set() else None
-            refusal = refusal or self._over_limit(action)
             if refusal is not None:
                 self._skip(action, refusal)
                 continue
@@ -234,19 +232,6 @@ class Daemon:
             if self._events is not None:
                 self.metrics.set_docker_reconnects(self._events.reconnects)
         return decision
-
-    def _over_limit(self, action: Action) -> str | None:
-        """Why the safety limit refuses this action (None: it may run, and it is counted)."""
-        now = self._clock()
-        times = self._action_times.setdefault(action.target, deque())
-        while times and now - times[0] > 60.0:
-            times.popleft()
-        if len(times) >= MAX_ACTIONS_PER_SERVICE_PER_MIN:
-            why = f"already {len(times)} actions on it in the last minute (safety limit)"
-            logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
-            return why
-        times.append(now)
-        return None
 
     def _skip(self, action: Action, why: str) -> None:
         """Tell the policy an action it decided was not carried out, so the episode it

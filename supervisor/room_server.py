@@ -6,7 +6,7 @@ Policy:
   with the model server (a server whose GPUs are unknown shares every GPU).
 - A ComfyUI is freed with its soft free (`/free` unload_models, verified like the loop's);
   one that a fresh reading shows holding nothing beyond its CUDA context is passed over.
-  A job server of another kind gets its own free (`tenant_actions.free_jobs`, which
+  A job server of another kind gets its own free (`FreeJobs` through the Actor, which
   re-reads that it is idle first).
 - Running work is never cut: a ComfyUI with a running or pending prompt is passed over,
   unless the model server ranks above it (VRAM_PRIORITY, the vram-supervisor.priority
@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from supervisor import tenant_actions
 from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeJobs, FreeResult, FreeStage, Outcome
@@ -82,7 +81,7 @@ class JobRoomFreer:
             if not _shares(spec.gpu_uuids, job_spec.gpu_uuids):
                 continue
             outcome = self._locked(
-                end, functools.partial(tenant_actions.free_jobs, self._actor, FreeJobs(key, reason))
+                end, functools.partial(self._actor.execute, FreeJobs(key, reason))
             )
             freed |= outcome is not None and outcome.result is FreeResult.FREED
         return freed

@@ -39,6 +39,16 @@ if TYPE_CHECKING:
 MIN_RISE_BYTES = 256 * 1024**2
 
 
+def execute(actor: Actor, action: UnloadModel | WakeModel | FreeJobs) -> Outcome:
+    """Carry out one action on a tenant of the other kinds (the Actor checked the safety
+    limit and holds its lock)."""
+    if isinstance(action, UnloadModel):
+        return unload(actor, action)
+    if isinstance(action, WakeModel):
+        return wake(actor, action)
+    return free_jobs(actor, action)
+
+
 def unload(actor: Actor, action: UnloadModel) -> Outcome:
     start = actor.clock()
     target = actor.targets().model_servers.get(action.target)

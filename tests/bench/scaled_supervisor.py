@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from supervisor import cli, daemon
+from supervisor import actions, cli
 
 
 def run_scaled(variable: str) -> int:
@@ -26,8 +26,8 @@ def run_scaled(variable: str) -> int:
     if not 0 < scale <= 1:
         print(f"{variable} must be in (0, 1], not {scale}", file=sys.stderr)
         return 2
-    daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN = math.ceil(
-        daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN / scale
+    actions.MAX_ACTIONS_PER_SERVICE_PER_MIN = math.ceil(
+        actions.MAX_ACTIONS_PER_SERVICE_PER_MIN / scale
     )
     return cli.main(["run"])
 

@@ -758,3 +758,28 @@ def test_room_maker_stops_waiting_for_a_busy_comfyui_on_shutdown(
     assert world.comfy.free_calls == []  # the running generation was left alone
     assert has(logs, "Gate: stopped waiting for ComfyUI comfyui: shutting down")
     assert not has(logs, "still has work at the deadline")
+
+
+def test_the_safety_limit_counts_every_caller_of_the_actor(world: World) -> None:
+    """The gate's frees and a heal's own frees go to the Actor directly, not through the
+    loop: the safety limit is the Actor's, so they count too, and a storm from any caller
+    stops at MAX_ACTIONS_PER_SERVICE_PER_MIN per service per minute."""
+    from supervisor.actions import MAX_ACTIONS_PER_SERVICE_PER_MIN
+
+    actor, _ = make_actor(world)
+    maker = ComfyRoomMaker(actor, world.clock)
+    outcomes = [
+        actor.free_comfy(FreeComfy("comfyui/comfyui", FreeStage.SOFT, "gate"))
+        for _ in range(MAX_ACTIONS_PER_SERVICE_PER_MIN + 3)
+    ]
+    assert len(world.comfy.free_calls) == MAX_ACTIONS_PER_SERVICE_PER_MIN
+    skipped = [o for o in outcomes if o.detail.startswith("skipped:")]
+    assert len(skipped) == 3 and all(o.result is FreeResult.FAILED for o in skipped)
+    # The gate then gives up on that ComfyUI instead of freeing it again.
+    need = world.gpu.free_bytes + 8 * GIB
+    assert not maker.make_room(need, reason="gate", deadline_s=1)
+    assert len(world.comfy.free_calls) == MAX_ACTIONS_PER_SERVICE_PER_MIN
+    # A minute later the service may be acted on again.
+    world.clock.sleep(61)
+    actor.free_comfy(FreeComfy("comfyui/comfyui", FreeStage.SOFT, "gate"))
+    assert len(world.comfy.free_calls) == MAX_ACTIONS_PER_SERVICE_PER_MIN + 1

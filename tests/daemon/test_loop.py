@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 
 from supervisor import policy
+from supervisor.actions import MAX_ACTIONS_PER_SERVICE_PER_MIN
 from supervisor.config import Settings
-from supervisor.daemon import MAX_ACTIONS_PER_SERVICE_PER_MIN, Daemon
+from supervisor.daemon import Daemon
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
     ComfyQueue,
