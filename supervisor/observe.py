@@ -116,6 +116,10 @@ def _ollama_gpus(ollamas: list[OllamaObservation]) -> tuple[str, ...]:
     return tuple(sorted({u for o in running for u in o.gpu_uuids}))
 
 
+# How long a replaced client stays open for threads that took it from an earlier `targets`.
+RETIRE_S = 60.0
+
+
 def _runs_jobs(spec: ServiceSpec) -> bool:
     """A job server of the registry (A1111/Forge, InvokeAI ...), not a model server."""
     return kind_of(spec.role).can(Capability.RUNS_JOBS)
@@ -167,6 +171,7 @@ class Observer:
         # Per ComfyUI key: (container id, version, mode) last logged.
         self._comfy_seen: dict[str, tuple[str | None, str, ComfyMode]] = {}
         self._server_seen: dict[str, tuple[str | None, str, bool]] = {}
+        self._retired: list[tuple[float, object]] = []  # (when, client) closed RETIRE_S later
         # Fixed endpoints (VRAM_OLLAMA_URL, VRAM_COMFYUI_URL, VRAM_SERVICES): a role's first
         # is named after the role, its further ones role-2, role-3 ...
         self._fixed: list[ServiceSpec] = []
@@ -230,6 +235,9 @@ class Observer:
     def close(self) -> None:
         for service in self._services.values():
             close_quietly(service.client)
+        for _, client in self._retired:
+            close_quietly(client)
+        self._retired = []
         if self._gpu is not None:
             close_quietly(self._gpu)
         if self._docker is not None:
@@ -475,9 +483,22 @@ class Observer:
             service = self._services.pop(key)
             if service.is_running and service.spec.is_container:
                 logger.warning(f"Lost {service.spec.role} container {service.spec.name} (removed)")
-            close_quietly(service.client)
+            self._retire(service.client, now)
         for key, (spec, is_running, health) in wanted.items():
             self._update_service(key, spec, is_running, health)
+        # Clients replaced at least RETIRE_S ago: no thread still uses one by now.
+        keep = [(at, c) for at, c in self._retired if now - at < RETIRE_S]
+        for at, client in self._retired:
+            if now - at >= RETIRE_S:
+                close_quietly(client)
+        self._retired = keep
+
+    def _retire(self, client: object, now: float) -> None:
+        """A client of a service that went or was replaced: the gates and the actor may
+        still hold it from the last `targets` (an immutable snapshot per pass), so it is
+        closed RETIRE_S later, not now (a closed httpx client raises RuntimeError)."""
+        if client is not None:
+            self._retired.append((now, client))
 
     def _list_docker(self, now: float) -> None:
         # Cleared before listing: an event that arrives while the listing is under way
@@ -521,7 +542,7 @@ class Observer:
         # without ever being seen stopped: treat it as new all the same, with a fresh
         # client and failure count, so it is announced and judged on its own.
         if service.spec.url != spec.url or service.spec.container_id != spec.container_id:
-            close_quietly(service.client)
+            self._retire(service.client, self._clock())
             service.client = None
             service.version = None  # a recreated container may be an upgrade: read it again
             was_running = False

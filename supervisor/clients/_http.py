@@ -114,6 +114,10 @@ class JsonHttp:
             kwargs["timeout"] = timeout
 
         def send() -> httpx.Response:
+            if self._client.is_closed:
+                # A client replaced by a newer one (its service was recreated) that a
+                # thread still held: httpx would raise RuntimeError, outside the contract.
+                raise httpx.ConnectError("the client was closed (the service was replaced)")
             return self._client.request(method, path, **kwargs)
 
         try:

@@ -69,3 +69,16 @@ def test_a_slow_server_times_out_and_a_preload_waits_longer(fake_ollama: Any, se
             client.ps()
         client.preload("qwen3:8b", timeout_s=10)  # the read timeout is the preload's own
     assert "qwen3:8b" in fake_ollama.loaded
+
+
+def test_a_closed_client_raises_service_error_not_runtime_error(
+    fake_ollama: Any, serve: Any
+) -> None:
+    """A gate thread may still hold the client of a service the observer replaced (its
+    container was recreated); the call must fail inside the ServiceError contract."""
+    with serve(fake_ollama) as url:
+        client = OllamaClient(url, retry_wait=wait_none())
+        assert client.ps() == ()
+        client.close()
+        with pytest.raises(ServiceError, match="the client was closed"):
+            client.ps()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -273,3 +274,42 @@ def test_a_dynamic_vram_figure_without_nvml_is_an_estimate_and_none_when_ollama_
     world.comfy.dynamic_vram = False
     [comfy] = daemon.observe().comfyuis
     assert comfy.vram_bytes is not None and not comfy.vram_is_estimate
+
+
+def test_a_replaced_client_stays_open_for_threads_that_still_hold_it(world: World) -> None:
+    """A recreated container gets a new client; the old one may still be in use by a gate
+    thread that took it from the previous `targets`, so it is closed only RETIRE_S later
+    (and every one is closed when the supervisor stops)."""
+    from supervisor.observe import RETIRE_S
+
+    made: list[Any] = []
+
+    class Tracked:
+        def __init__(self) -> None:
+            self.closed_at: float | None = None
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(world.comfy, name)
+
+        def close(self) -> None:
+            self.closed_at = world.clock.now
+
+    def make(url: str) -> Any:
+        made.append(Tracked())
+        return made[-1]
+
+    daemon = world.daemon(comfy_client=make)
+    daemon.observe()
+    first = made[0]
+    held = daemon.actor.targets().comfyuis["comfyui/comfyui"][1]  # what a gate would hold
+    assert held is first
+    container = world.docker.containers["comfyui"]
+    container.spec = replace(container.spec, container_id="id-comfyui-recreated")
+    daemon.on_docker_event("start comfyui")
+    daemon.observe()
+    assert len(made) == 2 and first.closed_at is None  # still usable by its holder
+    world.clock.sleep(RETIRE_S + 1)
+    daemon.observe()
+    assert first.closed_at is not None and made[1].closed_at is None
+    daemon.close()
+    assert made[1].closed_at is not None
