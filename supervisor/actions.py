@@ -31,9 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
 
 from loguru import logger
 
@@ -50,13 +48,11 @@ from supervisor.model import (
     HealOllama,
     Outcome,
     RestartComfy,
-    ServiceSpec,
     UnloadModel,
     UnloadOllama,
     WakeModel,
 )
-from supervisor.ollama_profile import OllamaProfile
-from supervisor.ports import ComfyApi, DockerApi, JobServerApi, ModelServerApi, OllamaApi
+from supervisor.ports import ComfyApi, DockerApi, Probe, Reading, Targets
 from supervisor.units import MIB, format_bytes
 
 # A drop smaller than this is noise (allocator jitter), not a free.
@@ -71,47 +67,6 @@ RESTART_STOP_TIMEOUT_S = 10.0
 # The safety limit on actions per service per minute (see the module doc); read at each
 # check, so a benchmark in compressed time can scale it.
 MAX_ACTIONS_PER_SERVICE_PER_MIN = 6
-
-
-@dataclass(frozen=True)
-class Reading:
-    """VRAM attributed to one ComfyUI. `is_device_wide`: the GPU's used bytes (other
-    processes included), because nothing narrower could be read."""
-
-    bytes: int
-    is_device_wide: bool = False
-
-
-class Probe(Protocol):
-    """Fresh VRAM readings for verification (implemented by the daemon over NVML/APIs)."""
-
-    def comfy_reading(self, key: str, *, fresh_pids: bool = False) -> Reading | None:
-        """What one ComfyUI holds. `fresh_pids`: list its container's PIDs again first
-        (after a restart its processes are new)."""
-        ...
-
-    def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
-        """Free VRAM on the best of these GPUs (where a model would land); () = any GPU."""
-        ...
-
-
-@dataclass(frozen=True)
-class Targets:
-    """The services that may be acted on now (running ones only), by ServiceSpec.key."""
-
-    comfyuis: Mapping[str, tuple[ServiceSpec, ComfyApi]] = field(default_factory=dict)
-    ollamas: Mapping[str, tuple[ServiceSpec, OllamaApi]] = field(default_factory=dict)
-    # GPUs Ollama can load onto (granted, else where it holds memory); () = unknown/all.
-    ollama_gpus: tuple[str, ...] = ()
-    # ComfyUIs whose API has not answered for several passes in a row: a hung ComfyUI may
-    # be restarted although its queue cannot be read (the policy's dead-API rule).
-    dead_comfyuis: frozenset[str] = frozenset()
-    # What each Ollama does (generation, estimate params, fit target), by key.
-    ollama_profiles: Mapping[str, OllamaProfile] = field(default_factory=dict)
-    # The model servers of the other registry kinds (llama-server, llama-swap ...).
-    model_servers: Mapping[str, tuple[ServiceSpec, ModelServerApi]] = field(default_factory=dict)
-    # The job servers of the other registry kinds (A1111/Forge, InvokeAI ...).
-    job_servers: Mapping[str, tuple[ServiceSpec, JobServerApi]] = field(default_factory=dict)
 
 
 def holds_nothing(reading: Reading | None) -> bool:

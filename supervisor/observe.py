@@ -34,7 +34,6 @@ from dataclasses import replace
 
 from loguru import logger
 
-from supervisor.actions import Targets
 from supervisor.config import Settings
 from supervisor.model import (
     ComfyMode,
@@ -62,6 +61,7 @@ from supervisor.ports import (
     GpuReader,
     ModelServerApi,
     OllamaApi,
+    Targets,
 )
 from supervisor.reads import Read, Service, close_quietly, noisy, read_all
 from supervisor.tenants import Capability, kind_of, make_client

@@ -34,17 +34,13 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeStage, HealOllama, OllamaModel, Outcome, UnloadOllama
-from supervisor.ports import OllamaApi
+from supervisor.ports import ActorPort, OllamaApi
 from supervisor.units import MIB, format_bytes
-
-if TYPE_CHECKING:
-    from supervisor.actions import Actor
 
 # Ollama waits up to 5 s for VRAM to recover after an unload; we wait as long.
 RECOVERY_WAIT_S = 5.0
@@ -86,7 +82,7 @@ def _find(ollama: OllamaApi, model: str) -> OllamaModel | None:
     return next((m for m in ollama.ps() if m.name == model), None)
 
 
-def _wait_gone(actor: Actor, ollama: OllamaApi, model: str, deadline: float) -> bool:
+def _wait_gone(actor: ActorPort, ollama: OllamaApi, model: str, deadline: float) -> bool:
     """The unload is asynchronous: the model leaves /api/ps when its runner stops."""
     while True:
         try:
@@ -98,7 +94,7 @@ def _wait_gone(actor: Actor, ollama: OllamaApi, model: str, deadline: float) -> 
             return False
 
 
-def _wait_recovered(actor: Actor, gpus: tuple[str, ...], target_free: int) -> None:
+def _wait_recovered(actor: ActorPort, gpus: tuple[str, ...], target_free: int) -> None:
     deadline = actor.clock() + RECOVERY_WAIT_S
     while actor.clock() < deadline and actor.wait(actor.poll_s):
         free = actor.probe.free_bytes(gpus)
@@ -107,7 +103,7 @@ def _wait_recovered(actor: Actor, gpus: tuple[str, ...], target_free: int) -> No
 
 
 def _wait_room(
-    actor: Actor, ollama: OllamaApi, model: str, gpus: tuple[str, ...], need: int
+    actor: ActorPort, ollama: OllamaApi, model: str, gpus: tuple[str, ...], need: int
 ) -> OllamaModel | None:
     """Wait (VRAM_VERIFY_TIMEOUT at most) until `need` bytes are free for the reload; the
     model as a request loaded it meanwhile, else None (room, or the time is up)."""
@@ -126,7 +122,7 @@ def _wait_room(
             return None
 
 
-def unload(actor: Actor, action: UnloadOllama) -> Outcome:
+def unload(actor: ActorPort, action: UnloadOllama) -> Outcome:
     """Unload one model and watch /api/ps until it is gone."""
     start = actor.clock()
     target = actor.targets().ollamas.get(action.target)
@@ -167,7 +163,7 @@ def unload(actor: Actor, action: UnloadOllama) -> Outcome:
     )
 
 
-def heal(actor: Actor, action: HealOllama) -> Outcome:
+def heal(actor: ActorPort, action: HealOllama) -> Outcome:
     """Free the room, unload the spilled model, wait until VRAM is back, load it again."""
     start = actor.clock()
     targets = actor.targets()
@@ -249,7 +245,7 @@ def heal(actor: Actor, action: HealOllama) -> Outcome:
     return _judge(actor, action, start, model.gpu_fraction, model.size_vram_bytes, healed)
 
 
-def _awaiting(actor: Actor, action: HealOllama, model: OllamaModel, start: float) -> Outcome:
+def _awaiting(actor: ActorPort, action: HealOllama, model: OllamaModel, start: float) -> Outcome:
     """A request keeps the model busy: leave the unload armed (Ollama unloads the model
     when the request ends) and let the policy reload it then, with the keep-alive that
     withdrawing the unload would send (`restore_keep_alive`)."""
@@ -272,7 +268,7 @@ def _awaiting(actor: Actor, action: HealOllama, model: OllamaModel, start: float
 
 
 def _judge(
-    actor: Actor,
+    actor: ActorPort,
     action: HealOllama,
     start: float,
     before_fraction: float,
@@ -314,7 +310,7 @@ def _judge(
     )
 
 
-def reload_after_wait(actor: Actor, action: HealOllama) -> Outcome:
+def reload_after_wait(actor: ActorPort, action: HealOllama) -> Outcome:
     """The second half of a heal whose unload waited for a request (`reload_only`): the
     model left /api/ps -> free the ComfyUIs the policy names again, preload, verify. Still
     loaded (`withdraw`) -> withdraw the armed unload. Loaded again by a request before
@@ -356,7 +352,7 @@ def reload_after_wait(actor: Actor, action: HealOllama) -> Outcome:
 GROWN_BYTES = 256 * MIB  # a ComfyUI that grew by more than this took memory back
 
 
-def _comfy_held(actor: Actor, action: HealOllama) -> dict[str, int]:
+def _comfy_held(actor: ActorPort, action: HealOllama) -> dict[str, int]:
     """What each ComfyUI of the heal holds right after its free (unknown ones left out)."""
     held = {}
     for key in action.free_first:
@@ -366,7 +362,7 @@ def _comfy_held(actor: Actor, action: HealOllama) -> dict[str, int]:
     return held
 
 
-def _grown_since(actor: Actor, held: dict[str, int]) -> tuple[str, ...]:
+def _grown_since(actor: ActorPort, held: dict[str, int]) -> tuple[str, ...]:
     grown = []
     for key, then in held.items():
         reading = actor.probe.comfy_reading(key)
@@ -375,7 +371,7 @@ def _grown_since(actor: Actor, held: dict[str, int]) -> tuple[str, ...]:
     return tuple(grown)
 
 
-def _free_first(actor: Actor, action: HealOllama) -> None:
+def _free_first(actor: ActorPort, action: HealOllama) -> None:
     """Hard-free the ComfyUIs the policy named for this heal (caller holds the lock)."""
     comfyuis = actor.targets().comfyuis
     for key in action.free_first:
@@ -384,7 +380,7 @@ def _free_first(actor: Actor, action: HealOllama) -> None:
 
 
 def _withdraw_unload(
-    actor: Actor,
+    actor: ActorPort,
     ollama: OllamaApi,
     model: OllamaModel,
     fail: Callable[[str], Outcome],

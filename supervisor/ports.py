@@ -8,21 +8,27 @@ Adapters own their retries; callers treat an error as "this reading is missing t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from supervisor.model import (
+    Action,
     ComfyQueue,
     ComfyStats,
     ContainerState,
+    FreeComfy,
     GpuMemory,
     JobState,
     OllamaModel,
+    Outcome,
     ServedState,
+    ServiceSpec,
 )
 
 if TYPE_CHECKING:  # ollama_profile -> estimate -> ports: types only
+    from supervisor.config import Settings
     from supervisor.ollama_profile import OllamaProfile
 
 
@@ -188,3 +194,79 @@ class RoomMaker(Protocol):
         """Free ComfyUI (soft, then hard) until free VRAM covers `need_bytes` or
         `deadline_s` seconds pass. True when the room is there."""
         ...
+
+
+# --------------------------------------------------------------------------- acting
+# What the action modules (`actions`, `ollama_actions`, `tenant_actions`) share: the
+# services that may be acted on now, fresh VRAM readings for verification, and the face of
+# the Actor the per-kind action modules call back into (`ActorPort`), so that they depend
+# on this module only and `actions` alone imports them.
+
+
+@dataclass(frozen=True)
+class Reading:
+    """VRAM attributed to one ComfyUI. `is_device_wide`: the GPU's used bytes (other
+    processes included), because nothing narrower could be read."""
+
+    bytes: int
+    is_device_wide: bool = False
+
+
+class Probe(Protocol):
+    """Fresh VRAM readings for verification (implemented by the daemon over NVML/APIs)."""
+
+    def comfy_reading(self, key: str, *, fresh_pids: bool = False) -> Reading | None:
+        """What one ComfyUI holds. `fresh_pids`: list its container's PIDs again first
+        (after a restart its processes are new)."""
+        ...
+
+    def free_bytes(self, gpu_uuids: tuple[str, ...] = ()) -> int | None:
+        """Free VRAM on the best of these GPUs (where a model would land); () = any GPU."""
+        ...
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The services that may be acted on now (running ones only), by ServiceSpec.key."""
+
+    comfyuis: Mapping[str, tuple[ServiceSpec, ComfyApi]] = field(default_factory=dict)
+    ollamas: Mapping[str, tuple[ServiceSpec, OllamaApi]] = field(default_factory=dict)
+    # GPUs Ollama can load onto (granted, else where it holds memory); () = unknown/all.
+    ollama_gpus: tuple[str, ...] = ()
+    # ComfyUIs whose API has not answered for several passes in a row: a hung ComfyUI may
+    # be restarted although its queue cannot be read (the policy's dead-API rule).
+    dead_comfyuis: frozenset[str] = frozenset()
+    # What each Ollama does (generation, estimate params, fit target), by key.
+    ollama_profiles: Mapping[str, OllamaProfile] = field(default_factory=dict)
+    # The model servers of the other registry kinds (llama-server, llama-swap ...).
+    model_servers: Mapping[str, tuple[ServiceSpec, ModelServerApi]] = field(default_factory=dict)
+    # The job servers of the other registry kinds (A1111/Forge, InvokeAI ...).
+    job_servers: Mapping[str, tuple[ServiceSpec, JobServerApi]] = field(default_factory=dict)
+
+
+class ActorPort(Protocol):
+    """What the per-kind action modules use of the Actor (`actions.Actor` implements it)."""
+
+    settings: Settings
+    probe: Probe
+    poll_s: float
+    preload_timeout_s: float
+    targets: Callable[[], Targets]
+    clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+
+    @property
+    def lock(self) -> AbstractContextManager[bool]: ...
+
+    @property
+    def is_stopping(self) -> bool: ...
+
+    def wait(self, seconds: float) -> bool: ...
+
+    def dry(self, action: Action, what: str) -> Outcome: ...
+
+    def announce_unload(self, model: str) -> None: ...
+
+    def free_comfy(
+        self, action: FreeComfy, *, wait_pending_s: float = 0.0, verify_s: float | None = None
+    ) -> Outcome: ...

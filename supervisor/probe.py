@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from supervisor.actions import Reading
 from supervisor.errors import ServiceError
 from supervisor.model import ComfyMode, ComfyStats, OllamaModel
 from supervisor.policy import CUDA_CONTEXT_BYTES
+from supervisor.ports import Reading
 from supervisor.vram.api import (
     comfy_dynamic_bound,
     comfy_mode,

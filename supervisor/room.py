@@ -34,11 +34,11 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from supervisor.actions import Actor, Targets, holds_nothing
+from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome
 from supervisor.ollama_profile import OllamaProfile, Resident, evictable_bytes, ollama_profile
-from supervisor.ports import ComfyApi
+from supervisor.ports import ComfyApi, Targets
 
 # How often a busy ComfyUI's /queue is read while the gate waits for it to become idle.
 IDLE_POLL_S = 0.25

@@ -23,23 +23,18 @@ Policy:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from loguru import logger
 
 from supervisor.errors import ServiceError
 from supervisor.model import FreeJobs, FreeResult, Outcome, UnloadModel, WakeModel
+from supervisor.ports import ActorPort, ModelServerApi
 from supervisor.units import format_bytes
-
-if TYPE_CHECKING:
-    from supervisor.actions import Actor
-    from supervisor.ports import ModelServerApi
 
 # A rise of the free VRAM smaller than this is noise, not a free (as `actions`).
 MIN_RISE_BYTES = 256 * 1024**2
 
 
-def execute(actor: Actor, action: UnloadModel | WakeModel | FreeJobs) -> Outcome:
+def execute(actor: ActorPort, action: UnloadModel | WakeModel | FreeJobs) -> Outcome:
     """Carry out one action on a tenant of the other kinds (the Actor checked the safety
     limit and holds its lock)."""
     if isinstance(action, UnloadModel):
@@ -49,7 +44,7 @@ def execute(actor: Actor, action: UnloadModel | WakeModel | FreeJobs) -> Outcome
     return free_jobs(actor, action)
 
 
-def unload(actor: Actor, action: UnloadModel) -> Outcome:
+def unload(actor: ActorPort, action: UnloadModel) -> Outcome:
     start = actor.clock()
     target = actor.targets().model_servers.get(action.target)
     if target is None:
@@ -105,7 +100,7 @@ def unload(actor: Actor, action: UnloadModel) -> Outcome:
     )
 
 
-def _wait_gone(actor: Actor, server: ModelServerApi, model: str, deadline: float) -> bool:
+def _wait_gone(actor: ActorPort, server: ModelServerApi, model: str, deadline: float) -> bool:
     """Poll the server until `model` no longer holds VRAM there (True) or `deadline`."""
     while True:
         try:
@@ -119,7 +114,7 @@ def _wait_gone(actor: Actor, server: ModelServerApi, model: str, deadline: float
             return False
 
 
-def wake(actor: Actor, action: WakeModel) -> Outcome:
+def wake(actor: ActorPort, action: WakeModel) -> Outcome:
     start = actor.clock()
     target = actor.targets().model_servers.get(action.target)
     if target is None:
@@ -154,7 +149,7 @@ def wake(actor: Actor, action: WakeModel) -> Outcome:
     )
 
 
-def free_jobs(actor: Actor, action: FreeJobs) -> Outcome:
+def free_jobs(actor: ActorPort, action: FreeJobs) -> Outcome:
     start = actor.clock()
     target = actor.targets().job_servers.get(action.target)
     if target is None:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.actions import Actor, Reading, Targets
+from supervisor.actions import Actor
 from supervisor.config import Settings, load_settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
@@ -24,6 +24,7 @@ from supervisor.model import (
 )
 from supervisor.ollama_actions import reload_keep_alive, restore_keep_alive
 from supervisor.ollama_profile import ollama_profile
+from supervisor.ports import Reading, Targets
 from supervisor.room import ComfyRoomMaker
 from supervisor.units import format_bytes
 from tests.daemon.conftest import World, has

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from supervisor.actions import Actor, Reading, Targets
+from supervisor.actions import Actor
 from supervisor.config import Settings
 from supervisor.model import HealOllama, Outcome, Role, ServiceSpec
+from supervisor.ports import Reading, Targets
 from tests.daemon.conftest import has
 from tests.daemon.fakes import GIB, MIB, FakeClock, FakeComfy, FakeGpu, FakeOllama
 

@@ -78,3 +78,16 @@ def test_policy_source_never_reads_the_clock(source: Path) -> None:
     text = source.read_text()
     for forbidden in ("import time", "from time", "monotonic(", "datetime.now", "time.time"):
         assert forbidden not in text
+
+
+@pytest.mark.parametrize("module", ["supervisor.ollama_actions", "supervisor.tenant_actions"])
+def test_per_kind_action_modules_do_not_import_the_actor(module: str) -> None:
+    # One direction only: actions (the Actor) imports them; they see it through
+    # ports.ActorPort. (The import cycle actions <-> ollama_actions is gone.)
+    code = PROBE.format(module=module, forbidden=set(FORBIDDEN))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    ours = json.loads(done.stdout.splitlines()[1])
+    assert "supervisor.actions" not in ours and "supervisor.observe" not in ours
