@@ -71,11 +71,12 @@ async def make_room_within(
     wait_s: float,
     stats: WaitCounters,
     what: str,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Run a RoomMaker's `make_room` (through `call`, off the event loop) for at most
     `wait_s` and a grace; count the wait, and the request forwarded without the room."""
     stats.waits_total += 1
-    started = time.monotonic()
+    started = clock()
     try:
         async with asyncio.timeout(wait_s + MAKE_ROOM_GRACE_S):
             is_room = await call(make_room)
@@ -84,7 +85,7 @@ async def make_room_within(
     except Exception as exc:
         log.warning(f"Gate: making room for {what} failed: {exc}")
         is_room = False
-    waited_s = time.monotonic() - started
+    waited_s = clock() - started
     stats.wait_seconds_total += waited_s
     if not is_room:
         stats.forwarded_anyway_total += 1
@@ -106,7 +107,9 @@ class Admission:
         ps_ttl_s: float,
         ps_max_stale_s: float,
         load_hold_max_s: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock  # monotonic seconds: /api/ps ages and doomed models' deadlines
         self._ollama = ollama
         self._room = room
         self._executor = executor
@@ -128,7 +131,7 @@ class Admission:
 
     def doom(self, key: str) -> None:
         """The supervisor is about to unload `key` (event loop thread only)."""
-        self._doomed[key] = time.monotonic() + DOOMED_S
+        self._doomed[key] = self._clock() + DOOMED_S
         if self._ps_models is not None:
             self._ps_models.pop(key, None)
 
@@ -216,7 +219,7 @@ class Admission:
             reason=f"gate: load of {model}",  # room.py reads the model name back from it
             deadline_s=self._wait_s,
         )
-        await make_room_within(self._call, make_room, self._wait_s, self._stats, model)
+        await make_room_within(self._call, make_room, self._wait_s, self._stats, model, self._clock)
 
     async def _estimate(
         self, load: LoadRequest, key: str, params: EstimateParams
@@ -252,7 +255,7 @@ class Admission:
         """Whether Ollama has the model loaded; None when /api/ps cannot be read."""
         doomed_until = self._doomed.get(key)
         if doomed_until is not None:
-            if time.monotonic() < doomed_until:
+            if self._clock() < doomed_until:
                 await self._refresh_ps()
                 if self._ps_models is not None and key not in self._ps_models:
                     # gone: from now on /api/ps tells the truth (pop: requests for the
@@ -260,7 +263,7 @@ class Admission:
                     self._doomed.pop(key, None)
                 return False
             self._doomed.pop(key, None)
-        age_s = time.monotonic() - self._ps_at
+        age_s = self._clock() - self._ps_at
         if is_fresh or age_s > self._ps_max_stale_s:
             await self._refresh_ps()
         elif age_s > self._ps_ttl_s:
@@ -300,7 +303,7 @@ class Admission:
                     self._seen[key] = SeenSize(entry.size_bytes, entry.context_length)
             self._ps_models = resident
         finally:
-            self._ps_at = time.monotonic()
+            self._ps_at = self._clock()
 
     # ------------------------------------------------------------------ blocking calls
 

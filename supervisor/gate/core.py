@@ -557,6 +557,7 @@ class Gate(Proxy):
         connect_timeout_s: float = 10.0,
         load_hold_max_s: float = 300.0,
         limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(
             upstream_url=upstream_url,
@@ -575,6 +576,7 @@ class Gate(Proxy):
             ps_ttl_s=ps_ttl_s,
             ps_max_stale_s=ps_max_stale_s,
             load_hold_max_s=load_hold_max_s,
+            clock=clock,
         )
         # Models with a load request in flight through this gate: serving a request.
         self._in_flight: dict[str, int] = {}

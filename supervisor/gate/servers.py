@@ -123,6 +123,7 @@ class ServerGate(Proxy):
                     self._wait_s,
                     self._stats,
                     request.model,
+                    self._clock,
                 )
                 self._served = None
             return await forward(None)

@@ -373,3 +373,39 @@ def test_two_requests_for_a_doomed_model_that_left_ps_both_get_an_answer() -> No
             )
 
     assert asyncio.run(both()) == [False, False]
+
+
+def test_admission_ages_its_notices_on_the_clock_it_is_given() -> None:
+    """The admission reads no clock of its own: a model the supervisor unloads counts as
+    not resident until DOOMED_S on the injected clock, then /api/ps is believed again."""
+    from supervisor.model import OllamaModel
+
+    now = [1000.0]
+
+    class StillListed:
+        def ps(self) -> tuple[OllamaModel, ...]:
+            return (OllamaModel("llama3.2:latest", 2 * 1024**3, 2 * 1024**3),)
+
+    async def check() -> list[bool | None]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            gate = admission.Admission(
+                ollama=StillListed(),  # type: ignore[arg-type]
+                room=None,  # type: ignore[arg-type]
+                executor=pool,
+                stats=Counters(),
+                wait_s=1.0,
+                params=EstimateParams(),
+                ps_ttl_s=0.5,
+                ps_max_stale_s=2.0,
+                load_hold_max_s=1.0,
+                clock=lambda: now[0],
+            )
+            gate.doom("llama3.2:latest")
+            seen = [await gate.is_resident("llama3.2:latest")]
+            now[0] += admission.DOOMED_S - 1
+            seen.append(await gate.is_resident("llama3.2:latest"))
+            now[0] += 2  # past the notice: the listing is believed
+            seen.append(await gate.is_resident("llama3.2:latest"))
+            return seen
+
+    assert asyncio.run(check()) == [False, False, True]
