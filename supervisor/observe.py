@@ -35,6 +35,7 @@ from dataclasses import replace
 from loguru import logger
 
 from supervisor.config import Settings
+from supervisor.errors import DockerUnavailable, NvmlUnavailable
 from supervisor.model import (
     ComfyMode,
     ComfyObservation,
@@ -63,7 +64,7 @@ from supervisor.ports import (
     OllamaApi,
     Targets,
 )
-from supervisor.reads import Read, Service, close_quietly, noisy, read_all
+from supervisor.reads import Read, Service, close_quietly, contract_break, noisy, read_all
 from supervisor.tenants import Capability, kind_of, make_client
 from supervisor.vram.api import (
     comfy_dynamic_bound,
@@ -172,6 +173,8 @@ class Observer:
         self._comfy_seen: dict[str, tuple[str | None, str, ComfyMode]] = {}
         self._server_seen: dict[str, tuple[str | None, str, bool]] = {}
         self._retired: list[tuple[float, object]] = []  # (when, client) closed RETIRE_S later
+        # Adapter bugs (exceptions outside the contract) already said at ERROR.
+        self.broken_seen: set[tuple[str, str]] = set()
         # Fixed endpoints (VRAM_OLLAMA_URL, VRAM_COMFYUI_URL, VRAM_SERVICES): a role's first
         # is named after the role, its further ones role-2, role-3 ...
         self._fixed: list[ServiceSpec] = []
@@ -213,8 +216,10 @@ class Observer:
             return
         try:
             self._pids[key] = self._docker.container_pids(container_id)
-        except Exception as exc:  # DockerUnavailable; a container still restarting
+        except DockerUnavailable as exc:  # a container still restarting, or Docker gone
             logger.debug(f"docker top {key} failed: {exc}")
+        except Exception as exc:
+            contract_break("docker top", exc, self.broken_seen)
 
     @property
     def targets(self) -> Targets:
@@ -250,6 +255,10 @@ class Observer:
         self._refresh_services(at)
         running = [s for s in self._services.values() if s.is_running]
         reads = dict(zip([s.spec.key for s in running], read_all(running, self._stop), strict=True))
+        for service in running:
+            broken = reads[service.spec.key].broken
+            if broken is not None:
+                contract_break(f"The client of {service.spec.key}", broken, self.broken_seen)
         self._count_failures(running, reads)
         for service in running:
             version = reads[service.spec.key].version
@@ -510,6 +519,8 @@ class Observer:
                 self._docker = self._docker_factory()
             containers = self._docker.list_services()
         except Exception as exc:  # DockerUnavailable, or a factory that cannot connect
+            if not isinstance(exc, DockerUnavailable):
+                contract_break("The Docker adapter", exc, self.broken_seen)
             self._docker_failures += 1
             if noisy(self._docker_failures):
                 logger.warning(
@@ -595,7 +606,9 @@ class Observer:
                 gpus, processes = self._gpu.gpus(), self._gpu.processes()
                 source = VramSource.NVML
                 self._nvml_failures = 0
-            except Exception as exc:  # NvmlUnavailable, or a reader breaking its contract
+            except Exception as exc:
+                if not isinstance(exc, NvmlUnavailable):
+                    contract_break("The NVML reader", exc, self.broken_seen)
                 self._nvml_failures += 1
                 if noisy(self._nvml_failures):
                     logger.warning(f"NVML reading failed: {exc}; using the services' APIs")
@@ -633,8 +646,10 @@ class Observer:
                 try:
                     assert self._docker is not None and s.spec.container_id is not None
                     pids[s.spec.key] = self._docker.container_pids(s.spec.container_id)
-                except Exception as exc:  # DockerUnavailable; a gone container
+                except DockerUnavailable as exc:  # a gone container, or Docker gone
                     logger.debug(f"docker top {s.spec.name} failed: {exc}")
+                except Exception as exc:
+                    contract_break("docker top", exc, self.broken_seen)
             self._pids = pids
             owned = {pid for pids_ in pids.values() for pid in pids_}
             self._foreign_pids = {p.pid for p in processes if p.pid not in owned}

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from supervisor.errors import ServiceError
+from supervisor.errors import NvmlUnavailable, ServiceError
 from supervisor.model import ComfyMode, ComfyStats, OllamaModel
 from supervisor.policy import CUDA_CONTEXT_BYTES
 from supervisor.ports import Reading
+from supervisor.reads import contract_break
 from supervisor.vram.api import (
     comfy_dynamic_bound,
     comfy_mode,
@@ -55,8 +56,10 @@ class LiveProbe:
                     return Reading(sum(known))
                 # No process listed (WSL2, Docker Desktop) or none with a memory figure
                 # (WDDM): that is no reading, not 0 bytes. Ask ComfyUI instead.
-            except Exception as exc:
+            except NvmlUnavailable as exc:
                 logger.debug(f"NVML process reading failed: {exc}")
+            except Exception as exc:
+                contract_break("The NVML reader", exc, self._observer.broken_seen)
         target = self._observer.targets.comfyuis.get(key)
         if target is not None:
             try:
@@ -70,8 +73,10 @@ class LiveProbe:
         if gpu is not None:
             try:
                 return Reading(sum(g.used_bytes for g in gpu.gpus()), is_device_wide=True)
-            except Exception as exc:
+            except NvmlUnavailable as exc:
                 logger.debug(f"NVML device reading failed: {exc}")
+            except Exception as exc:
+                contract_break("The NVML reader", exc, self._observer.broken_seen)
         return None
 
     def _dynamic_reading(self, stats: ComfyStats) -> Reading:
@@ -100,8 +105,10 @@ class LiveProbe:
                 if chosen:
                     # Of several, the model lands on the one with the most free memory.
                     return max(g.free_bytes for g in chosen)
-            except Exception as exc:
+            except NvmlUnavailable as exc:
                 logger.debug(f"NVML device reading failed: {exc}")
+            except Exception as exc:
+                contract_break("The NVML reader", exc, self._observer.broken_seen)
         for _, comfy in self._observer.targets.comfyuis.values():
             try:
                 stats = comfy.system_stats()

@@ -61,6 +61,7 @@ class Read:
     version: str | None = None  # Ollama's, when it was read this time
     served: ServedState | None = None  # a model server of another registry kind
     jobs: JobState | None = None  # a job server of another registry kind
+    broken: Exception | None = None  # the client raised outside its contract (a bug)
 
 
 def read_service(service: Service) -> Read:
@@ -98,7 +99,7 @@ def read_service(service: Service) -> Read:
     except ServiceError as exc:
         return Read(error=str(exc))
     except Exception as exc:  # an adapter breaking its contract must not stop the loop
-        return Read(error=f"unexpected {type(exc).__name__}: {exc}")
+        return Read(error=f"unexpected {type(exc).__name__}: {exc}", broken=exc)
 
 
 class Interrupted(Exception):
@@ -133,6 +134,22 @@ def read_all(services: list[Service], stop: threading.Event | None = None) -> li
         if stop is not None and stop.is_set():
             raise Interrupted("stopping")
     return list(results)
+
+
+def contract_break(what: str, exc: Exception, seen: set[tuple[str, str]]) -> None:
+    """An adapter raised something outside its contract (not one of `errors.py`): a bug.
+    The reading is treated as missing, like a typed failure, but said loudly: at ERROR
+    with its traceback, once per place and exception type in `seen` (the Observer's: a
+    bug repeats every pass), later at DEBUG."""
+    key = (what, type(exc).__name__)
+    if key in seen:
+        logger.debug(f"{what} failed again (outside its contract): {exc!r}")
+        return
+    seen.add(key)
+    logger.opt(exception=exc).error(
+        f"{what} raised {type(exc).__name__} outside its contract (a bug; the reading is "
+        f"treated as missing): {exc}"
+    )
 
 
 def close_quietly(thing: object) -> None:
