@@ -23,7 +23,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -102,42 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_daemon(settings: Settings, metrics: Metrics | None = None) -> Daemon:
-    """The real adapters behind the daemon. Docker is neither imported nor built when both
-    services have fixed URLs."""
-    from loguru import logger
+    """The daemon with its real adapters (assembly.build_daemon)."""
+    from supervisor.assembly import build_daemon as build
 
-    from supervisor.clients.comfyui import ComfyClient
-    from supervisor.clients.ollama import OllamaClient
-    from supervisor.daemon import Daemon
-    from supervisor.errors import NvmlUnavailable
-    from supervisor.ports import DockerApi, EventSource, GpuReader
-
-    gpu: GpuReader | None = None
-    try:
-        from supervisor.vram.nvml import NvmlReader
-
-        gpu = NvmlReader()
-    except NvmlUnavailable as exc:
-        logger.info(f"NVML is not available ({exc}); VRAM figures come from the services' APIs")
-    docker: DockerApi | None = None
-    events: EventSource | None = None
-    if settings.needs_docker:
-        from supervisor.docker.discovery import DockerAdapter
-        from supervisor.docker.events import DockerEvents
-
-        docker = DockerAdapter(timeout_s=settings.request_timeout_s)
-        events = DockerEvents(timeout_s=settings.request_timeout_s)
-    timeout = settings.request_timeout_s
-    adapter = docker
-    return Daemon(
-        settings,
-        ollama_client=lambda url: OllamaClient(url, timeout),
-        comfy_client=lambda url: ComfyClient(url, timeout),
-        docker=(lambda: adapter) if adapter is not None else None,
-        events=events,
-        gpu=gpu,
-        metrics=metrics,
-    )
+    return build(settings, metrics)
 
 
 # ----------------------------------------------------------------------------- run
@@ -147,7 +115,7 @@ def run(settings: Settings) -> int:
     from loguru import logger
     from prometheus_client import CollectorRegistry
 
-    from supervisor.http import StatusServer
+    from supervisor.assembly import Assembly
     from supervisor.metrics import Metrics
 
     logger.info(
@@ -159,55 +127,14 @@ def run(settings: Settings) -> int:
     )
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    daemon = build_daemon(settings, metrics)
-    server: StatusServer | None = None
-    gate: Any = None
-    image_gate: Any = None
-    model_gates: list[Any] = []
-    binding = ""
+    assembly = Assembly(settings, metrics=metrics, registry=registry)
     try:
-        if settings.http_port is not None:
-            binding = f"VRAM_HTTP_PORT={settings.http_port} (on {settings.http_host})"
-            server = StatusServer(
-                settings.http_host,
-                settings.http_port,
-                health=daemon.health,
-                snapshot=daemon.snapshot,
-                registry=registry,
-            )
-            server.start()
-            logger.info(
-                f"Serving /healthz, /status and /metrics on {settings.http_host}:{server.port}"
-            )
-        if settings.gate_port is not None:
-            binding = f"VRAM_GATE_PORT={settings.gate_port} (on {settings.gate_host})"
-            gate = _start_gate(settings, daemon)
-            if gate is not None:
-                metrics.watch_gate(gate.stats)
-                daemon.gate_status = _gate_status(settings, gate)
-                # A model the supervisor unloads stops counting as resident for the gate.
-                daemon.actor.unload_listeners.append(gate.forget_resident)
-        if settings.comfyui_gate_port is not None:
-            binding = (
-                f"VRAM_COMFYUI_GATE_PORT={settings.comfyui_gate_port} (on {settings.gate_host})"
-            )
-            image_gate = _start_image_gate(settings, daemon, gate)
-            if image_gate is not None:
-                metrics.watch_comfyui_gate(image_gate.stats)
-        for role, port in settings.model_gates or ():
-            binding = f"VRAM_MODEL_GATES={role}={port} (on {settings.gate_host})"
-            model_gates.append(_start_model_gate(settings, daemon, role, port))
+        assembly.start()
     except OSError as exc:
         logger.error(
-            f"Cannot start: {binding}: {exc}. Is another supervisor (or another program) "
-            "using that port? Choose another one."
+            f"Cannot start: {assembly.binding}: {exc}. Is another supervisor (or another "
+            "program) using that port? Choose another one."
         )
-        for started in [gate, image_gate, *model_gates]:
-            if started is not None:
-                started.stop(timeout_s=0.5)
-        if server is not None:
-            server.close()
-        daemon.close()
         return EXIT_STARTUP
 
     should_exit = threading.Event()
@@ -215,76 +142,22 @@ def run(settings: Settings) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         # Flags only: the main loop below does the work (uvicorn's habit).
         should_exit.set()
-        daemon.stop()
+        assembly.daemon.stop()
 
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal went
     previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
-    loop = threading.Thread(target=daemon.run, name="loop", daemon=True)
-    loop.start()
     try:
         while not should_exit.wait(0.5):
-            if not loop.is_alive():
+            if assembly.loop is not None and not assembly.loop.is_alive():
                 logger.error("The loop ended unexpectedly; exiting")
                 break
     finally:
         logger.info("Stopping")
-        daemon.stop()
-        loop.join(SHUTDOWN_GRACE_S)  # an in-flight request may still be waiting: don't
-        for started in [image_gate, gate, *model_gates]:
-            if started is not None:
-                started.stop(timeout_s=0.5)
-        if server is not None:
-            server.close()
-        daemon.close()
+        # An in-flight request may still be waiting: the loop gets a grace.
+        assembly.stop(loop_grace_s=SHUTDOWN_GRACE_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
-
-
-def _gate_status(settings: Settings, gate: Any) -> Callable[[], dict[str, Any]]:
-    """The gate's entry of /status, read at request time."""
-    from supervisor.snapshot import gate_json
-
-    return lambda: gate_json(
-        gate.stats(), host=settings.gate_host, port=gate.port, wait_s=settings.gate_wait_s
-    )
-
-
-def _start_gate(settings: Settings, daemon: Daemon) -> Any:
-    """The Ollama gate (VRAM_GATE_PORT): makes room through the daemon's RoomMaker and
-    forwards to whichever Ollama the daemon currently knows."""
-    from supervisor.gate import start_gate
-
-    return start_gate(settings, daemon.room_maker, daemon.current_ollama)
-
-
-def _start_model_gate(settings: Settings, daemon: Daemon, role: str, port: int) -> Any:
-    """A model-server gate (VRAM_MODEL_GATES): in front of the first running server of
-    `role`, freeing the idle job servers on its GPUs before it loads a model."""
-    from supervisor.gate.servers import ServerGate
-    from supervisor.tenants import kind_of
-
-    kind = kind_of(role)
-    gate = ServerGate(
-        title=kind.title,
-        routes=kind.routes,
-        current=lambda: daemon.current_server(role),
-        room=daemon.job_room_freer,
-        host=settings.gate_host,
-        port=port,
-        wait_s=settings.gate_wait_s,
-    )
-    gate.start()
-    return gate
-
-
-def _start_image_gate(settings: Settings, daemon: Daemon, ollama_gate: Any) -> Any:
-    """The image gate (VRAM_COMFYUI_GATE_PORT): unloads idle Ollama models before a
-    ComfyUI job, never one the Ollama gate has a request in flight for."""
-    from supervisor.gate import start_comfy_gate
-
-    busy = ollama_gate.busy_models if ollama_gate is not None else frozenset
-    return start_comfy_gate(settings, daemon.image_room_maker(busy), daemon.current_comfyui_url)
 
 
 # ----------------------------------------------------------------------------- status

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import time
 import uuid
 from types import TracebackType
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from supervisor.assembly import Assembly
 from supervisor.config import Settings
 from supervisor.daemon import Daemon
 from supervisor.sim import SimHost, ollama_config, sim_profile
@@ -75,7 +75,7 @@ class World:
         self.http = httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
         self.daemon: Daemon | None = None
         self.gate: Any = None
-        self._loop: threading.Thread | None = None
+        self.assembly: Assembly | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,10 +83,6 @@ class World:
         self.host.start()
 
     def start_supervisor(self) -> None:
-        from supervisor.clients.comfyui import ComfyClient
-        from supervisor.clients.ollama import OllamaClient
-        from supervisor.gate import start_gate
-
         settings = Settings(
             ollama_url=self.host.ollama_url,
             comfyui_url=self.host.comfyui_url,
@@ -98,29 +94,16 @@ class World:
             gate_port=0,  # any free port; the gate reports the one it got
             gate_wait_s=20.0,
         )
-        timeout = settings.request_timeout_s
-        # What cli.build_daemon builds for two fixed URLs, minus NVML (see the docstring).
-        self.daemon = Daemon(
-            settings,
-            ollama_client=lambda url: OllamaClient(url, timeout),
-            comfy_client=lambda url: ComfyClient(url, timeout),
-            gpu=None,
-        )
-        self.gate = start_gate(settings, self.daemon.room_maker, self.daemon.current_ollama)
-        if self.gate is not None:
-            self.daemon.actor.unload_listeners.append(self.gate.forget_resident)
-        self._loop = threading.Thread(target=self.daemon.run, name="demo-loop", daemon=True)
-        self._loop.start()
+        # What `vram-supervisor run` assembles for two fixed URLs, minus NVML (see the
+        # docstring) and the status server.
+        self.assembly = Assembly(settings, nvml=False)
+        self.assembly.start()
+        self.daemon = self.assembly.daemon
+        self.gate = self.assembly.gate
 
     def close(self) -> None:
-        if self.daemon is not None:
-            self.daemon.stop()
-        if self._loop is not None:
-            self._loop.join(3.0)
-        if self.gate is not None:
-            self.gate.stop(timeout_s=1.0)
-        if self.daemon is not None:
-            self.daemon.close()
+        if self.assembly is not None:
+            self.assembly.stop(loop_grace_s=3.0)
         self.http.close()
         self.host.stop()
 
