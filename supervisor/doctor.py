@@ -1,7 +1,10 @@
 """The `doctor` command: check Docker, each service API, NVML and the local endpoint.
 
 One line per check, OK/WARN/FAIL, each failure with a concrete fix. Essential (a FAIL):
-Docker when it is needed, a labelled container per role, every service API answering.
+Docker when it is needed, every service API answering, and an Ollama and a ComfyUI unless
+at least two tenants of any kinds share the GPU (then a missing one is a WARN). Each
+tenant of the registry's other kinds is described by its kind: its mode, what it has
+loaded or whether it works, and whether it can be unloaded or freed.
 Not essential (a WARN): NVML (the API source works without it), a stopped container, an
 unhealthy running supervisor, and no VRAM reading at all (no NVML and no ComfyUI on a
 CUDA device): the supervisor then runs but cannot see, so the result is not "all good".
@@ -12,6 +15,7 @@ Heavy imports (docker, httpx, pynvml) happen inside, as in `cli`.
 
 from __future__ import annotations
 
+import functools
 import os
 import urllib.error
 from collections.abc import Callable, Sequence
@@ -44,13 +48,14 @@ def _api_answers(what: str, url: str, describe: Callable[[], str], variable: str
         return False
 
 
-def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bool:
-    """Docker reachable, and a running container per role without a fixed URL (added to
-    `urls`). False when something essential failed."""
+def _discover(settings: Settings, urls: dict[str, list[tuple[str, str]]]) -> bool:
+    """Docker reachable, and the running labelled containers of every role without a
+    fixed URL (added to `urls`). False when something essential failed."""
     from supervisor.docker.discovery import DockerAdapter
     from supervisor.errors import DockerUnavailable
 
     ok = True
+    fixed = set(urls)
     adapter = DockerAdapter(timeout_s=settings.request_timeout_s)
     try:
         adapter.ping()
@@ -60,34 +65,53 @@ def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bo
             f"Docker reachable ({os.environ.get('DOCKER_HOST') or 'default socket'})"
             f", {len(containers)} labelled container(s)",
         )
-        for role in (Role.OLLAMA, Role.COMFYUI):
-            if urls[role]:
+        for c in containers:
+            if c.spec.role in fixed:
                 continue
-            found = [c for c in containers if c.spec.role is role]
-            for c in found:
-                if c.is_running:
-                    urls[role].append((f"{role} container {c.spec.name}", c.spec.url))
-                else:
-                    _line("WARN", f"{role} container {c.spec.name} is {c.status}")
-            if not found:
-                ok = False
+            if c.is_running:
+                urls.setdefault(c.spec.role, []).append(
+                    (f"{c.spec.role} container {c.spec.name}", c.spec.url)
+                )
+            else:
+                _line("WARN", f"{c.spec.role} container {c.spec.name} is {c.status}")
+        for role in (Role.OLLAMA, Role.COMFYUI):
+            if role not in urls and not any(c.spec.role == role for c in containers):
                 _line(
-                    "FAIL",
+                    "WARN" if len(urls) >= 2 else "FAIL",
                     f"no container labelled vram-supervisor.role={role}",
                     f"add label vram-supervisor.role={role} to the {role} container, "
-                    f"or set VRAM_{role.name}_URL",
+                    f"or set VRAM_{role.name}_URL"
+                    + ("" if len(urls) < 2 else " (not needed: other tenants share the GPU)"),
                 )
+                ok &= len(urls) >= 2
     except DockerUnavailable as exc:
         ok = False
         _line(
             "FAIL",
             f"Docker is not reachable: {exc}",
             "mount /var/run/docker.sock (-v /var/run/docker.sock:/var/run/docker.sock:ro)"
-            " or set DOCKER_HOST; or set both VRAM_OLLAMA_URL and VRAM_COMFYUI_URL",
+            " or set DOCKER_HOST; or give the services fixed URLs (VRAM_SERVICES)",
         )
     finally:
         adapter.close()
     return ok
+
+
+def _describe_tenant(role: str, client: object) -> str:
+    """What a server of the registry's other kinds says of itself, for one doctor line."""
+    from supervisor.tenants import Capability, kind_of
+
+    kind = kind_of(role)
+    if kind.can(Capability.RUNS_JOBS):
+        jobs = client.jobs()  # type: ignore[attr-defined]
+        work = {True: "has work", False: "idle", None: "work unknown"}[jobs.busy]
+        free = "can be freed between jobs" if jobs.can_free else "has no free call"
+        return f"{kind.title}{f' ({jobs.mode})' if jobs.mode else ''}, {work}, {free}"
+    served = client.served()  # type: ignore[attr-defined]
+    loaded = sum(1 for m in served.models if m.is_resident)
+    how = "idle models can be unloaded" if served.can_unload else "no unload: observed only"
+    mode = f" ({served.mode})" if served.mode else ""
+    return f"{kind.title}{mode}, {loaded} model(s) loaded, {how}"
 
 
 def _check_nvml() -> bool:
@@ -129,17 +153,21 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
     _line("OK", f"settings parsed (vram-supervisor {__version__})")
     for warning in warnings:
         _line("WARN", warning)
-    urls: dict[Role, list[tuple[str, str]]] = {Role.OLLAMA: [], Role.COMFYUI: []}
-    for role, url in ((Role.OLLAMA, settings.ollama_url), (Role.COMFYUI, settings.comfyui_url)):
-        if url:
-            urls[role].append((f"{role} (VRAM_{role.name}_URL)", url))
+    urls: dict[str, list[tuple[str, str]]] = {}
+    given = [("ollama", settings.ollama_url, "VRAM_OLLAMA_URL")]
+    given += [("comfyui", settings.comfyui_url, "VRAM_COMFYUI_URL")]
+    given += [(role, url, "VRAM_SERVICES") for role, url in settings.services or ()]
+    for role, fixed_url, source in given:
+        if fixed_url:
+            urls.setdefault(role, []).append((f"{role} ({source})", fixed_url))
     ok = True
     if not settings.needs_docker:
-        _line("OK", "Docker not needed: VRAM_OLLAMA_URL and VRAM_COMFYUI_URL are both set")
+        which = "VRAM_SERVICES" if settings.services else "VRAM_OLLAMA_URL and VRAM_COMFYUI_URL"
+        _line("OK", f"Docker not needed: fixed URLs ({which})")
     else:
         ok = _discover(settings, urls)
     timeout = settings.request_timeout_s
-    for what, url in urls[Role.OLLAMA]:
+    for what, url in urls.get(Role.OLLAMA, []):
         from supervisor.clients.ollama import OllamaClient
 
         with OllamaClient(url, timeout) as ollama:
@@ -151,7 +179,7 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
 
             ok &= _api_answers(what, url, describe_ollama, "VRAM_OLLAMA_URL")
     devices: list[str] = []
-    for what, url in urls[Role.COMFYUI]:
+    for what, url in urls.get(Role.COMFYUI, []):
         from supervisor.clients.comfyui import ComfyClient
         from supervisor.vram.api import describe_comfy
 
@@ -164,6 +192,24 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
                 return f"{describe_comfy(stats)}, {format_bytes(stats.vram_total_bytes)} {size}"
 
             ok &= _api_answers(what, url, describe, "VRAM_COMFYUI_URL")
+    for role, found in urls.items():
+        if role in (Role.OLLAMA, Role.COMFYUI):
+            continue
+        from supervisor.tenants import make_client
+
+        for what, url in found:
+            client = make_client(role, url, timeout_s=timeout)
+            try:
+                describe = functools.partial(_describe_tenant, role, client)
+                ok &= _api_answers(what, url, describe, "VRAM_SERVICES")
+            finally:
+                client.close()
+    if sum(len(v) for v in urls.values()) < 2:
+        _line(
+            "WARN",
+            "fewer than two tenants found: there is nothing to share the GPU with",
+            "label every GPU service (vram-supervisor.role) or list them in VRAM_SERVICES",
+        )
     nvml = _check_nvml()
     blind = not nvml and "cuda" not in devices
     if blind:

@@ -487,3 +487,39 @@ def test_a_host_that_cannot_be_encoded_exits_2(var: str) -> None:
     assert result.returncode == 2
     assert var in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_doctor_describes_tenants_of_other_kinds() -> None:
+    """A llama-swap and a llama-server in single-model mode beside ComfyUI, by
+    VRAM_SERVICES: no Docker needed, each described by its kind, no Ollama required."""
+    from supervisor.sim.llama_server import LlamaServerConfig
+    from supervisor.sim.llama_swap import LlamaSwapConfig, SwapModel
+
+    swap = LlamaSwapConfig(models=(SwapModel("chat", "llama3.2:latest"),))
+    single = LlamaServerConfig(model="llama3.2:latest")
+    with SimHost(time_scale=0.01, llama_swap=swap, llama_server=single) as host:
+        services = (
+            f"llama-swap={host.llama_swap_url},llama-server={host.llama_server_url},"
+            f"comfyui={host.comfyui_url}"
+        )
+        result = cli("doctor", VRAM_SERVICES=services, VRAM_HTTP_PORT="0")
+    assert result.returncode == 0, result.stdout
+    out = result.stdout
+    assert "OK   Docker not needed: fixed URLs (VRAM_SERVICES)" in out
+    assert "OK   llama-swap (VRAM_SERVICES) at " in out
+    assert "llama-swap, 0 model(s) loaded, idle models can be unloaded" in out
+    assert "llama-server (single-model), 1 model(s) loaded, no unload: observed only" in out
+    assert "OK   comfyui (VRAM_SERVICES) at " in out  # VRAM_SERVICES, not VRAM_COMFYUI_URL
+    assert "no container labelled" not in out
+
+
+def test_doctor_fails_on_a_tenant_that_does_not_answer() -> None:
+    result = cli(
+        "doctor",
+        VRAM_SERVICES=f"llama-swap=http://127.0.0.1:{free_port()}",
+        VRAM_HTTP_PORT="0",
+        VRAM_REQUEST_TIMEOUT="1",
+    )
+    assert result.returncode != 0
+    assert "FAIL llama-swap (VRAM_SERVICES) at http://127.0.0.1:" in result.stdout
+    assert "fewer than two tenants found" in result.stdout
