@@ -15,6 +15,10 @@ VRAM_GATE_HOST. Policy:
   not say what a model needs before it loads, so no estimate is made: the room is what
   the idle job servers hold. A request is never refused or changed; when the server
   cannot be read it goes on at once.
+- A model that sleeps (a kind that sleeps and must be woken, `ServedState.can_wake`:
+  vLLM queues requests while asleep and never wakes by itself) is woken by the gate after
+  the room is made, before the request is forwarded (`ModelServerApi.wake`); a wake that
+  fails is logged and the request goes on (the server answers it as it would directly).
 - Held loads go one at a time; requests for loaded models never wait behind them.
 """
 
@@ -80,7 +84,8 @@ class ServerGate(Proxy):
         self._room = room
         self._wait_s = wait_s
         self._clock = clock
-        self._served: tuple[float, str, frozenset[str]] | None = None  # (at, key, loaded)
+        # (at, key, loaded or loading models, sleeping models that must be woken)
+        self._served: tuple[float, str, frozenset[str], frozenset[str]] | None = None
         self._one_at_a_time: asyncio.Lock | None = None
 
     def stats(self) -> Any:
@@ -103,14 +108,14 @@ class ServerGate(Proxy):
         if current is None:
             return await forward(None)
         key, _, api = current
-        loaded = await loop.run_in_executor(self._executor, self._loaded, key, api)
-        if loaded is None or request.model in loaded:
+        read = await loop.run_in_executor(self._executor, self._loaded, key, api)
+        if read is None or request.model in read[0]:
             return await forward(None)
         if self._one_at_a_time is None:
             self._one_at_a_time = asyncio.Lock()
         async with self._one_at_a_time:
-            loaded = await loop.run_in_executor(self._executor, self._loaded, key, api, True)
-            if loaded is not None and request.model not in loaded:
+            read = await loop.run_in_executor(self._executor, self._loaded, key, api, True)
+            if read is not None and request.model not in read[0]:
                 reason = f"gate: load of {request.model} on {key}"
                 log.info(f"Gate: {request.model} is not loaded on {key}; making room first")
 
@@ -126,19 +131,32 @@ class ServerGate(Proxy):
                     self._clock,
                 )
                 self._served = None
+                if request.model in read[1]:
+                    await loop.run_in_executor(self._executor, self._wake, key, api, request.model)
             return await forward(None)
 
-    def _loaded(self, key: str, api: ModelServerApi, fresh: bool = False) -> frozenset[str] | None:
-        """The models the server has loaded or is loading (None: it cannot be read)."""
+    def _loaded(
+        self, key: str, api: ModelServerApi, fresh: bool = False
+    ) -> tuple[frozenset[str], frozenset[str]] | None:
+        """The models the server has loaded or is loading, and those asleep that the
+        supervisor must wake (None: it cannot be read)."""
         cached = self._served
         now = self._clock()
         if not fresh and cached is not None and cached[1] == key and now - cached[0] < SERVED_TTL_S:
-            return cached[2]
+            return cached[2], cached[3]
         try:
             state = api.served()
         except ServiceError as exc:
             log.debug(f"Gate: cannot read {key}: {exc}")
             return None
         loaded = frozenset(m.name for m in state.models if m.is_resident)
-        self._served = (now, key, loaded)
-        return loaded
+        asleep = frozenset(m.name for m in state.models if m.state == "sleeping" and state.can_wake)
+        self._served = (now, key, loaded, asleep)
+        return loaded, asleep
+
+    def _wake(self, key: str, api: ModelServerApi, model: str) -> None:
+        try:
+            api.wake(model)
+            log.info(f"Gate: woke {model} on {key} after making room")
+        except ServiceError as exc:
+            log.warning(f"Gate: could not wake {model} on {key}: {exc}; forwarding anyway")

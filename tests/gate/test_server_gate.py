@@ -1,0 +1,144 @@
+"""The gate in front of a model server of another kind (gate/servers.py), with an
+in-process server state and RoomMaker around a real upstream (the simulator's
+llama-server): a load of a model that is not loaded makes room first, one at a time; a
+loaded model goes straight on; a sleeping model that must be woken is woken after the room
+is made; a server that cannot be read does not hold anything."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from supervisor.errors import ServiceError
+from supervisor.gate.servers import ServerGate
+from supervisor.model import ServedModel, ServedState
+from supervisor.sim import SimHost
+from supervisor.sim.llama_server import LlamaServerConfig
+from supervisor.tenants import kind_of
+
+
+class Server:
+    """A model server's state as the gate reads it (`ports.ModelServerApi`)."""
+
+    def __init__(self, state: str | None, *, can_wake: bool = False) -> None:
+        self.state = state  # None: unreadable
+        self.can_wake = can_wake
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+
+    def served(self) -> ServedState:
+        if self.state is None:
+            raise ServiceError("llama-swap", "refused")
+        models = (ServedModel("m", self.state),) if self.state != "none" else ()
+        return ServedState(models, can_unload=True, can_wake=self.can_wake)
+
+    def busy(self, model: str) -> bool | None:
+        return False
+
+    def unload(self, model: str) -> None:
+        raise AssertionError("the gate never unloads")
+
+    def wake(self, model: str) -> None:
+        with self.lock:
+            self.events.append(f"wake {model}")
+        self.state = "loaded"
+
+    def close(self) -> None:
+        pass
+
+
+class Room:
+    def __init__(self, server: Server, seconds: float = 0.0) -> None:
+        self.server, self.seconds = server, seconds
+        self.calls: list[str] = []
+
+    def make_room(self, server_key: str, *, reason: str, deadline_s: float) -> bool:
+        with self.server.lock:
+            self.server.events.append(f"room {reason}")
+        self.calls.append(server_key)
+        time.sleep(self.seconds)
+        return True
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    with SimHost(time_scale=0.01, llama_server=LlamaServerConfig(model="llama3.2:latest")) as h:
+        yield h.llama_server_url
+
+
+def gate_for(upstream: str, server: Server, room: Room) -> ServerGate:
+    kind = kind_of("llama-swap")
+    gate = ServerGate(
+        title=kind.title,
+        routes=kind.routes,
+        current=lambda: ("llama-swap/swap", upstream, server),  # type: ignore[return-value]
+        room=room,
+        port=0,
+        wait_s=5.0,
+    )
+    gate.start()
+    return gate
+
+
+def chat(gate: ServerGate, model: str = "m") -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return httpx.post(f"http://127.0.0.1:{gate.port}/v1/chat/completions", json=body, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("state", "can_wake", "events"),
+    [
+        ("none", False, ["room gate: load of m on llama-swap/swap"]),
+        ("loaded", False, []),
+        ("starting", False, []),  # already loading: making room now would be too late
+        ("sleeping", True, ["room gate: load of m on llama-swap/swap", "wake m"]),
+        ("sleeping", False, ["room gate: load of m on llama-swap/swap"]),  # wakes itself
+        (None, False, []),  # unreadable: never held
+    ],
+)
+def test_what_the_gate_does_before_a_load(
+    upstream: str, state: str | None, can_wake: bool, events: list[str]
+) -> None:
+    server = Server(state, can_wake=can_wake)
+    gate = gate_for(upstream, server, Room(server))
+    try:
+        assert chat(gate).status_code == 200
+    finally:
+        gate.stop()
+    assert server.events == events
+
+
+def test_requests_that_load_nothing_pass_untouched(upstream: str) -> None:
+    server = Server("none")
+    room = Room(server)
+    gate = gate_for(upstream, server, room)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{gate.port}/health", timeout=10).status_code == 200
+        models = httpx.get(f"http://127.0.0.1:{gate.port}/v1/models", timeout=10)
+        assert models.status_code == 200 and models.json()["data"]
+    finally:
+        gate.stop()
+    assert room.calls == []
+
+
+def test_held_loads_go_one_at_a_time(upstream: str) -> None:
+    server = Server("none")
+    room = Room(server, seconds=0.3)
+    gate = gate_for(upstream, server, room)
+    try:
+        with_threads = [threading.Thread(target=chat, args=(gate,)) for _ in range(3)]
+        started = time.monotonic()
+        for t in with_threads:
+            t.start()
+        for t in with_threads:
+            t.join(30)
+        took = time.monotonic() - started
+    finally:
+        gate.stop()
+    # Each held load re-reads the server after the previous one: still not loaded here,
+    # so each makes room in turn (never two at once).
+    assert len(room.calls) == 3 and took >= 0.9
