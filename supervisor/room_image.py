@@ -27,7 +27,7 @@ from loguru import logger
 from supervisor.actions import NOTHING_HELD_BYTES, Actor
 from supervisor.errors import ServiceError
 from supervisor.gate.admission import model_key
-from supervisor.model import OllamaModel, Outcome, UnloadOllama
+from supervisor.model import Outcome, UnloadOllama
 from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
 
@@ -91,10 +91,10 @@ class OllamaRoomMaker:
             if not self._actor.wait(self._actor.poll_s):
                 return
 
-    def _idle(self, reason: str | None) -> tuple[bool, list[tuple[str, list[OllamaModel]]]]:
-        """The Ollama models on the ComfyUI's GPU that may be unloaded for it, per Ollama,
-        soonest expiry first: (whether any Ollama yields at all, [(key, models)]). Logs
-        why models are passed over when `reason` is given."""
+    def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
+        end = self._clock() + deadline_s
+        if self._covers(need_bytes):
+            return True
         targets = self._actor.targets()
         comfy_key, comfy_gpus = self._comfy()
         comfy = targets.comfyuis.get(comfy_key) if comfy_key is not None else None
@@ -106,8 +106,11 @@ class OllamaRoomMaker:
             if comfy is None or not settings.outranks(target[0], comfy[0])
         }
         if targets.ollamas and not yielding:
-            return False, []
-        found: list[tuple[str, list[OllamaModel]]] = []
+            logger.info(
+                f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY="
+                f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
+            )
+            return False
         for key, (spec, ollama) in yielding.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue  # another GPU: unloading it gives ComfyUI nothing
@@ -129,34 +132,10 @@ class OllamaRoomMaker:
                 key=lambda m: expiry_key(m, wall),
             )
             skipped = [m.name for m in models if m not in idle and m.size_vram_bytes > 0]
-            if skipped and reason is not None:
+            if skipped:
                 logger.info(
                     f"Gate: not unloading {', '.join(skipped)} for {reason}: serving a request"
                 )
-            found.append((key, idle))
-        return True, found
-
-    def reclaimable_bytes(self) -> int | None:
-        """What unloading every Ollama model that may be unloaded for the ComfyUI would
-        give back (0 when none may be); None: unknown."""
-        yields, found = self._idle(None)
-        if not yields:
-            return 0
-        return sum(m.size_vram_bytes for _, idle in found for m in idle)
-
-    def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
-        end = self._clock() + deadline_s
-        if self._covers(need_bytes):
-            return True
-        yields, found = self._idle(reason)
-        if not yields:
-            logger.info(
-                f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY="
-                f"{self._actor.settings.priority} keeps them (the job may run in low-VRAM mode)"
-            )
-            return False
-        _comfy_key, comfy_gpus = self._comfy()
-        for key, idle in found:
             for m in idle:
                 left = end - self._clock()
                 if left <= 0 or not self._actor.lock.acquire(timeout=left):

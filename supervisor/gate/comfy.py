@@ -50,12 +50,7 @@ MIN_GROWTH_BYTES = 256 * 1024**2  # growth below this: the models were already l
 # Free VRAM below this during a job: the job was squeezed (its growth is only a floor).
 SQUEEZED_BYTES = 1024**3
 SQUEEZED_EXTRA_BYTES = 2 * 1024**3
-# An unknown job (a set of model files not seen run yet) may need this much: a Flux-class
-# model with its workspace (~19 GiB). As much of it as idle models can give is made.
-UNKNOWN_JOB_CAP_BYTES = 20 * 1024**3
-WATCH_EVERY_S = 0.5  # how often ComfyUI's VRAM is read after a prompt went on ...
-WATCH_FAST_S = 0.1  # ... and how often in its first WATCH_FAST_FOR_S (short jobs peak early)
-WATCH_FAST_FOR_S = 10.0
+WATCH_EVERY_S = 0.5  # how often ComfyUI's VRAM is read after a prompt went on
 WATCH_S = 600.0  # for how long at most (a new prompt ends it sooner)
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
 
@@ -65,7 +60,6 @@ class JobRoomMaker(Protocol):
 
     def free_bytes(self) -> int | None: ...
     def held_bytes(self) -> int | None: ...
-    def reclaimable_bytes(self) -> int | None: ...
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool: ...
 
 
@@ -134,9 +128,7 @@ class PromptAdmission:
 
     The need of a job is learned per set of model files: the most ComfyUI's VRAM grew by
     while the job ran (NVML's per-process reading, else the device figures), plus a margin
-    (`learned_need`). A set not seen run yet is unknown (ComfyUI's API gives no file
-    sizes): it gets all the room idle models can give, up to UNKNOWN_JOB_CAP_BYTES, and at
-    least `default_need_bytes`."""
+    (`learned_need`). Without that: `default_need_bytes`."""
 
     def __init__(
         self,
@@ -185,33 +177,23 @@ class PromptAdmission:
         finally:
             release()
 
-    def need_of(
-        self, job: PromptJob, room: int | None = None, reclaimable: int | None = None
-    ) -> tuple[int, str]:
-        """The job's need and where it comes from. `room` (free VRAM plus ComfyUI's own
-        models) and `reclaimable` (what the idle models could give back) size an unknown
-        job's need: all the room there can be, up to UNKNOWN_JOB_CAP_BYTES."""
+    def need_of(self, job: PromptJob) -> tuple[int, str]:
         learned = self.learned.get(job.files)
         if learned is not None:
             return learned, "learned from its earlier runs"
-        if room is None or reclaimable is None:
-            return self._default_need, "the default (not seen run yet)"
-        need = max(self._default_need, min(room + reclaimable, UNKNOWN_JOB_CAP_BYTES))
-        return need, "not seen run yet: all the room idle models can give"
+        return self._default_need, "the default"
 
     async def _learn(self, job: PromptJob, held_before: int) -> None:
-        """Watch what ComfyUI holds while the job runs (every WATCH_FAST_S for its first
-        WATCH_FAST_FOR_S, then every WATCH_EVERY_S, for WATCH_S or until the next prompt):
-        its largest growth over `held_before` is what the job took (see `learned_need`)."""
+        """Watch what ComfyUI holds while the job runs (every WATCH_EVERY_S, for WATCH_S
+        or until the next prompt): its largest growth over `held_before` is what the job
+        took (see `learned_need`)."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        end = started + WATCH_S
+        end = loop.time() + WATCH_S
         prior = self.learned.get(job.files)
         peak = 0
         is_squeezed = False
         while loop.time() < end:
-            fast = loop.time() - started < WATCH_FAST_FOR_S
-            await asyncio.sleep(WATCH_FAST_S if fast else WATCH_EVERY_S)
+            await asyncio.sleep(WATCH_EVERY_S)
             held = await self._call_or_none(self._room.held_bytes)
             room = await self._call_or_none(self._room.free_bytes)
             if held is None:
@@ -225,10 +207,7 @@ class PromptAdmission:
                 log.debug(f"Gate: a ComfyUI job with {job.label} takes about {_gib(need)}")
 
     async def _make_room_for(self, job: PromptJob, room: int | None) -> None:
-        reclaimable = None
-        if job.files not in self.learned:
-            reclaimable = await self._call_or_none(self._room.reclaimable_bytes)
-        need, basis = self.need_of(job, room, reclaimable)
+        need, basis = self.need_of(job)
         if room is not None and room >= need:
             log.debug(
                 f"Gate: ComfyUI job ({job.label}) needs about {_gib(need)}; room {_gib(room)}"
