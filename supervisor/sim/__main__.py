@@ -4,6 +4,7 @@
     python -m supervisor.sim comfyui [--host 127.0.0.1] [--port 8188] [--highvram] [--pinned]
                                      [--cpu] [--disable-dynamic-vram] [--vram-headroom GB]
     python -m supervisor.sim all     [--ollama-port 11434] [--comfyui-port 8188]
+    python -m supervisor.sim invokeai [--port 9090] [--model-gib GB]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
 
@@ -47,6 +48,7 @@ from supervisor.sim.profiles import (
     profile_from_args,
     sim_profile,
 )
+from supervisor.sim.tenant_modes import EXTRA_ARGUMENTS, EXTRA_MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("mode", choices=["ollama", "comfyui", "all", "healthcheck", "build-nvml"])
+    parser.add_argument(
+        "mode", choices=["ollama", "comfyui", "all", "healthcheck", "build-nvml", *EXTRA_MODES]
+    )
     parser.add_argument("target", nargs="?", help="healthcheck: URL to GET; build-nvml: a dir")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="port of a single service")
@@ -82,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=3.0, help="healthcheck timeout, s")
     parser.add_argument("--verbose", action="store_true", help="access logs on stderr")
     add_profile_argument(parser)
+    for add_arguments in EXTRA_ARGUMENTS:
+        add_arguments(parser)
     return parser
 
 
@@ -162,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"sim: fake ComfyUI listening on {servers[-1].url}", flush=True)
             print(f"sim: ComfyUI {comfy_config.version}, {mode}", flush=True)
+        if args.mode in EXTRA_MODES:
+            fake, server = EXTRA_MODES[args.mode](gpu, args)
+            closers.append(fake.close)
+            servers.append(server)
         snap = gpu.snapshot()
         print(f"sim: GPU {snap.name} {snap.uuid}, {snap.total_bytes / GIB:.1f} GiB", flush=True)
         while not stop.wait(0.5):

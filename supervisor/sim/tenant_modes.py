@@ -1,0 +1,31 @@
+"""The `python -m supervisor.sim` modes of the registry's other tenant kinds: each is a
+function (gpu, args) -> (fake, started server) plus the options it adds to the parser."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from supervisor.sim.gpu import SimGpu
+from supervisor.sim.httpbase import SimServer
+from supervisor.sim.invokeai import VERSION as INVOKEAI_VERSION
+from supervisor.sim.invokeai import FakeInvokeAI, InvokeConfig
+
+
+def _invokeai_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("invokeai")
+    group.add_argument("--model-gib", type=float, default=6.5, help="InvokeAI: size of a model, GB")
+
+
+def _invokeai(gpu: SimGpu, args: argparse.Namespace) -> tuple[Any, SimServer]:
+    fake = FakeInvokeAI(gpu, InvokeConfig(time_scale=args.time_scale, model_gib=args.model_gib))
+    server = fake.serve(args.host, args.port if args.port is not None else 9090, args.verbose)
+    print(f"sim: fake InvokeAI {INVOKEAI_VERSION} listening on {server.url}", flush=True)
+    return fake, server
+
+
+EXTRA_MODES: dict[str, Callable[[SimGpu, argparse.Namespace], tuple[Any, SimServer]]] = {
+    "invokeai": _invokeai,
+}
+EXTRA_ARGUMENTS: list[Callable[[argparse.ArgumentParser], None]] = [_invokeai_arguments]
