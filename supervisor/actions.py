@@ -44,6 +44,7 @@ from supervisor.model import (
     FreeStage,
     HealOllama,
     Outcome,
+    ReloadJobs,
     RestartComfy,
     ServiceSpec,
     UnloadModel,
@@ -181,6 +182,8 @@ class Actor:
                     return tenant_actions.wake(self, action)
                 if isinstance(action, FreeJobs):
                     return tenant_actions.free_jobs(self, action)
+                if isinstance(action, ReloadJobs):
+                    return tenant_actions.reload_jobs(self, action)
                 return self.unload_ollama(action)
         except Exception as exc:  # a bug or an adapter breaking its contract
             logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
