@@ -5,6 +5,8 @@
                                      [--cpu] [--disable-dynamic-vram] [--vram-headroom GB]
     python -m supervisor.sim all     [--ollama-port 11434] [--comfyui-port 8188]
     python -m supervisor.sim invokeai [--port 9090] [--model-gib GB]
+    python -m supervisor.sim sd-webui [--port 7860] [--variant a1111|forge|sdnext] [--api]
+                                      [--checkpoint-gib GB]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
 
