@@ -24,7 +24,8 @@ unknown path, 405 for a known path with another method, 422 for a body it cannot
 
 The process holds a CUDA context from its first model load to its exit; a model in the
 cache holds its weights in VRAM (and a RAM copy, `keep_ram_copy_of_weights`). A run locks
-its model for the run's duration. `/sim/state` (the simulator's own) shows the cache.
+its model for the run's duration. `/sim/state` (also `/sim/stats`, the simulator's own)
+shows the cache, the empty calls and whether an item runs, in one snapshot.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class FakeInvokeAI:
 
     def route(self, method: str, path: str) -> Route | None:
         parts = path.strip("/").split("/")
-        if parts[:1] == ["sim"] and path == "/sim/state":
+        if path in ("/sim/state", "/sim/stats"):
             return self._only(method, "GET", self.sim_state)
         if parts[:1] != ["api"]:
             return None
@@ -264,9 +265,11 @@ class FakeInvokeAI:
         ex.send_json(200, {"version": VERSION, "highlights": []})
 
     def sim_state(self, ex: Exchange) -> None:
-        with self._cache_lock:
+        with self._cache_lock, self._lock:
             cache = {k: {"bytes": e.size, "locked": e.locks > 0} for k, e in self._cache.items()}
-        ex.send_json(200, {"cache": cache, "empty_calls": self.empty_calls})
+            state = {"cache": cache, "empty_calls": self.empty_calls}
+            state["processing"] = self._current is not None
+        ex.send_json(200, state)
 
     # ------------------------------------------------------------------ the processor
 

@@ -34,7 +34,8 @@ is always on); FastAPI's `{"detail": ...}` errors:
   "steps", "queued", "uptime", "eta"}`, "running" while a job runs).
 
 The process holds a CUDA context from start to exit. A1111 and SD.Next load the default
-checkpoint at start; Forge loads it at the first job. `/sim/state` is the simulator's own.
+checkpoint at start; Forge loads it at the first job. `/sim/state` (also `/sim/stats`) is
+the simulator's own.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class FakeSdWebUI:
     # ------------------------------------------------------------------ serving
 
     def route(self, method: str, path: str) -> Route | None:
-        if path == "/sim/state":
+        if path in ("/sim/state", "/sim/stats"):
             return self._only(method, "GET", self.sim_state)
         if path == "/internal/pending-tasks" and self.variant == "forge":
             return self._only(method, "GET", self.pending_tasks)
