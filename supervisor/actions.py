@@ -47,6 +47,7 @@ from supervisor.model import (
     FreeStage,
     HealOllama,
     Outcome,
+    ReloadJobs,
     RestartComfy,
     UnloadModel,
     UnloadOllama,
@@ -140,7 +141,7 @@ class Actor:
                     return self.free_comfy(action)
                 if isinstance(action, RestartComfy):
                     return self.restart_comfy(action)
-                if isinstance(action, UnloadModel | WakeModel | FreeJobs):
+                if isinstance(action, UnloadModel | WakeModel | FreeJobs | ReloadJobs):
                     return self.capped(action) or tenant_actions.execute(self, action)
                 return self.unload_ollama(action)
         except Exception as exc:  # a bug or an adapter breaking its contract

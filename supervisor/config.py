@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from supervisor.errors import ConfigError
 from supervisor.model import LogFormat, ServiceSpec
-from supervisor.tenants import roles
+from supervisor.tenants import Capability, kinds, roles
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -192,10 +192,20 @@ def _services() -> tuple[Callable[[str, str], Any], str]:
     return parse, accepted
 
 
+def _gated_roles() -> list[str]:
+    """The roles a model-server gate can front: kinds that load models on request, other
+    than Ollama (whose gate is VRAM_GATE_PORT)."""
+    return [
+        role
+        for role, kind in kinds().items()
+        if kind.can(Capability.LOADS_MODELS) and role not in _OWN_GATES
+    ]
+
+
 def _gates() -> tuple[Callable[[str, str], Any], str]:
     accepted = (
         "a comma-separated list of role=port pairs, one per role, e.g. llama-swap=8081 "
-        "(ports 1-65535); roles: " + ", ".join(r for r in roles() if r not in _OWN_GATES)
+        "(ports 1-65535); roles: " + ", ".join(_gated_roles())
     )
 
     def parse(name: str, raw: str) -> Any:
@@ -203,7 +213,7 @@ def _gates() -> tuple[Callable[[str, str], Any], str]:
         for entry in raw.split(","):
             role, sep, port = entry.partition("=")
             role, port = role.strip().lower(), port.strip()
-            ok = sep and role in roles() and role not in _OWN_GATES and port.isdecimal()
+            ok = sep and role in _gated_roles() and port.isdecimal()
             if not ok or not 1 <= int(port) <= 65535 or role in dict(pairs):
                 raise ConfigError(name, raw, f"{accepted} (bad entry {entry.strip()!r})")
             pairs.append((role, int(port)))

@@ -314,6 +314,10 @@ class JobState:
     mode: str = ""  # which product or variant, for `status` (e.g. "forge")
     vram_bytes: int | None = None  # what it says it holds (its own torch figures)
     models: tuple[str, ...] = ()  # the models (checkpoints) it has loaded, when it says
+    # A free parked its weights in CPU RAM and its next job will not move them back by
+    # itself (A1111's unload-checkpoint): the bytes to reload (0: size unknown), put back
+    # with `ReloadJobs` once its GPU has room for them. None: nothing parked.
+    parked_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -443,7 +447,26 @@ class FreeJobs:
     gpu_uuid: str | None = None
 
 
-Action = FreeComfy | RestartComfy | UnloadOllama | HealOllama | UnloadModel | WakeModel | FreeJobs
+@dataclass(frozen=True)
+class ReloadJobs:
+    """Put back the weights an earlier free parked in CPU RAM of an idle job server whose
+    next job would not (`JobState.parked_bytes`; A1111's reload-checkpoint), once its GPU
+    has room; the actor checks it is still idle first."""
+
+    target: str
+    reason: str
+
+
+Action = (
+    FreeComfy
+    | RestartComfy
+    | UnloadOllama
+    | HealOllama
+    | UnloadModel
+    | WakeModel
+    | FreeJobs
+    | ReloadJobs
+)
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,15 @@ class JobServerApi(Protocol):
     def close(self) -> None: ...
 
 
+class ReloadingJobServerApi(JobServerApi, Protocol):
+    """A job server whose free can park its weights in CPU RAM (`JobState.parked_bytes`),
+    to be put back before its next job is fast (A1111)."""
+
+    def reload(self) -> None:
+        """Move the parked weights back to the GPU (only called while it is idle)."""
+        ...
+
+
 class GpuReader(Protocol):
     """Device and process memory (`vram/nvml.py`)."""
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from loguru import logger
 
 from supervisor.errors import ServiceError
-from supervisor.model import FreeJobs, FreeResult, Outcome, UnloadModel, WakeModel
+from supervisor.model import FreeJobs, FreeResult, Outcome, ReloadJobs, UnloadModel, WakeModel
 from supervisor.ports import ActorPort, ModelServerApi
 from supervisor.units import format_bytes
 
@@ -34,13 +34,15 @@ from supervisor.units import format_bytes
 MIN_RISE_BYTES = 256 * 1024**2
 
 
-def execute(actor: ActorPort, action: UnloadModel | WakeModel | FreeJobs) -> Outcome:
+def execute(actor: ActorPort, action: UnloadModel | WakeModel | FreeJobs | ReloadJobs) -> Outcome:
     """Carry out one action on a tenant of the other kinds (the Actor checked the safety
     limit and holds its lock)."""
     if isinstance(action, UnloadModel):
         return unload(actor, action)
     if isinstance(action, WakeModel):
         return wake(actor, action)
+    if isinstance(action, ReloadJobs):
+        return reload_jobs(actor, action)
     return free_jobs(actor, action)
 
 
@@ -208,3 +210,47 @@ def free_jobs(actor: ActorPort, action: FreeJobs) -> Outcome:
         return report(FreeResult.FREED, "", before, after)
     log.warning(f"Freed {spec.key}, but no VRAM came back within the verify timeout")
     return report(FreeResult.PINNED, "no VRAM came back", before, after)
+
+
+def reload_jobs(actor: ActorPort, action: ReloadJobs) -> Outcome:
+    """Put back the weights a free parked in CPU RAM (A1111's reload-checkpoint): only while
+    the job server is still known idle; verified by its state no longer saying parked."""
+    start = actor.clock()
+    target = actor.targets().job_servers.get(action.target)
+    if target is None:
+        return Outcome(action, start, ok=False, detail="not running")
+    spec, server = target
+    if actor.settings.dry_run:
+        return actor.dry(action, f"reload {spec.key}")
+    log = logger.bind(target=action.target)
+
+    def report(ok: bool, detail: str = "") -> Outcome:
+        return Outcome(action, start, ok=ok, detail=detail, duration_s=actor.clock() - start)
+
+    reload = getattr(server, "reload", None)
+    if not callable(reload):
+        return report(False, "it has no reload call")
+    try:
+        state = server.jobs()
+    except ServiceError as exc:
+        return report(False, str(exc))
+    if state.busy is not False:
+        why = "it has work" if state.busy else "its queue is unknown"
+        log.info(f"Not reloading {spec.key}: {why}")
+        return report(False, f"not reloaded: {why}")
+    if state.parked_bytes is None:
+        return report(True, "nothing parked any more")
+    try:
+        reload()
+        after = server.jobs()
+    except ServiceError as exc:
+        log.warning(f"Could not reload {spec.key}: {exc}")
+        return report(False, str(exc))
+    if after.parked_bytes is not None:
+        log.warning(f"Reloaded {spec.key}, but it still reports its weights parked")
+        return report(False, "still parked")
+    log.info(
+        f"Reloaded {spec.key}'s weights to the GPU in {actor.clock() - start:.1f} s: "
+        f"{action.reason}"
+    )
+    return report(True)

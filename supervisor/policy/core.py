@@ -26,6 +26,7 @@ from supervisor.model import (
     Observation,
     Outcome,
     PolicyState,
+    ReloadJobs,
     RestartComfy,
     UnloadModel,
     UnloadOllama,
@@ -38,6 +39,7 @@ from supervisor.policy.scratch import Pass, start_pass, usable_ollama
 from supervisor.policy.triggers import (
     free_for_new_models,
     free_over_threshold,
+    reload_parked,
     track_models,
     unload_for_comfy,
     wake_sleeping,
@@ -58,6 +60,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
     free_over_threshold(p)
     unload_for_comfy(p)
     wake_sleeping(p)
+    reload_parked(p)
     open_episodes(p)
 
     # Keep "said once" notes only while their condition holds.
@@ -156,7 +159,7 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         restarts[action.target] = max(at, restarts.get(action.target, at))
     elif isinstance(action, UnloadOllama | UnloadModel):
         last_unload_at = max(at, last_unload_at if last_unload_at is not None else at)
-    elif isinstance(action, FreeJobs):
+    elif isinstance(action, FreeJobs | ReloadJobs):
         job_frees[action.target] = max(at, job_frees.get(action.target, at))
     elif isinstance(action, WakeModel):
         pass  # judged by the next reading: still sleeping with requests waiting -> again

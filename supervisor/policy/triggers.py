@@ -33,6 +33,7 @@ from supervisor.model import (
     JobServerObservation,
     ModelServerObservation,
     OllamaObservation,
+    ReloadJobs,
     ServedModel,
     ServiceSpec,
     UnloadModel,
@@ -50,6 +51,7 @@ from supervisor.policy.guards import (
     shares_gpu,
 )
 from supervisor.policy.scratch import Pass, usable_ollama
+from supervisor.units import format_bytes
 
 
 def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
@@ -181,6 +183,46 @@ def want_free_jobs(p: Pass, j: JobServerObservation, reason: str, gpu: str | Non
         return
     p.job_free_at[key] = p.now
     p.emit(FreeJobs(key, reason, gpu))
+
+
+def reload_parked(p: Pass) -> None:
+    """Put back the weights a free parked in CPU RAM of a job server whose next job would
+    not (`JobState.parked_bytes`, A1111), so that its next job is fast: only while it is
+    known idle, not in a pass that frees it or sees a new model, once every GPU it uses has
+    room for them under VRAM_THRESHOLD, and at most one free or reload of it per
+    VRAM_MIN_FREE_INTERVAL."""
+    s = p.settings
+    freeing = {a.target for a in p.actions if isinstance(a, FreeJobs)}
+    for key, j in p.jobs.items():
+        st = j.state
+        if st is None or st.parked_bytes is None or key in freeing:
+            continue
+        if not (j.status.is_running and j.status.is_reachable) or st.busy is not False:
+            continue
+        gpus = p.gpus_of(service_gpus(j))
+        if not gpus or p.new_models:
+            continue
+        what = f"{key} ({j.title}: its weights wait in CPU RAM since a free)"
+        full = [
+            g
+            for g in gpus
+            if g.used_bytes + st.parked_bytes > g.total_bytes * s.threshold_percent / 100.0
+        ]
+        if full:
+            g = full[0]
+            p.skip(
+                f"Not reloading {what} yet: GPU {g.index} has no room for "
+                f"{format_bytes(st.parked_bytes)} under the threshold ({s.threshold_percent:g}%)"
+            )
+            continue
+        last = p.job_free_at.get(key)
+        if last is not None and p.now - last < s.min_free_interval_s:
+            left = s.min_free_interval_s - (p.now - last)
+            p.skip(f"Not reloading {what} yet: rate limit, {left:.0f} s left")
+            p.soon(left)
+            continue
+        p.job_free_at[key] = p.now
+        p.emit(ReloadJobs(key, f"GPU has room again for its {format_bytes(st.parked_bytes)}"))
 
 
 def wake_sleeping(p: Pass) -> None:

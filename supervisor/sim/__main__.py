@@ -10,6 +10,9 @@
                                      [--fit on|off] [--fit-target 1024] [--fit-ctx 4096]
                                      [-c CTX] [-np 4] [--sleep-idle-seconds N] [--metrics]
     python -m supervisor.sim llama-swap [--port 8080] --config JSON-or-path
+    python -m supervisor.sim invokeai [--port 9090] [--model-gib GB]
+    python -m supervisor.sim sd-webui [--port 7860] [--variant a1111|forge|sdnext] [--api]
+                                      [--checkpoint-gib GB]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
 
@@ -64,6 +67,7 @@ from supervisor.sim.profiles import (
     profile_from_args,
     sim_profile,
 )
+from supervisor.sim.tenant_modes import EXTRA_ARGUMENTS, EXTRA_MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
             "llama-swap",
             "healthcheck",
             "build-nvml",
+            *EXTRA_MODES,
         ],
     )
     parser.add_argument("target", nargs="?", help="healthcheck: URL to GET; build-nvml: a dir")
@@ -125,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     llama.add_argument("--metrics", action="store_true")
     parser.add_argument("--config", help="llama-swap: its config as inline JSON or a path")
     add_profile_argument(parser)
+    for add_arguments in EXTRA_ARGUMENTS:
+        add_arguments(parser)
     return parser
 
 
@@ -248,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
             port = args.port if args.port is not None else 8080
             servers.append(swap.serve(args.host, port, verbose=args.verbose))
             print(f"sim: fake llama-swap listening on {servers[-1].url}", flush=True)
+        if args.mode in EXTRA_MODES:
+            fake, server = EXTRA_MODES[args.mode](gpu, args)
+            closers.append(fake.close)
+            servers.append(server)
         snap = gpu.snapshot()
         print(f"sim: GPU {snap.name} {snap.uuid}, {snap.total_bytes / GIB:.1f} GiB", flush=True)
         while not stop.wait(0.5):

@@ -27,6 +27,7 @@ from supervisor.model import (
     OllamaModel,
     OllamaObservation,
     PolicyState,
+    ReloadJobs,
     RestartComfy,
     Role,
     ServiceHealth,
@@ -213,7 +214,7 @@ def _identity(a: object) -> tuple[str, str]:
         return ("model", f"{a.target}|{a.model}")
     if isinstance(a, WakeModel):
         return ("wake", f"{a.target}|{a.model}")
-    if isinstance(a, FreeJobs):
+    if isinstance(a, FreeJobs | ReloadJobs):
         return ("jobs", a.target)
     raise AssertionError(f"unknown action {a!r}")
 

@@ -337,3 +337,63 @@ def test_no_wake_without_waiting_requests() -> None:
         ServedState((served("qwen", state="sleeping"),), can_unload=True, waiting=0, can_wake=True),
     )
     assert run(observe(vllm, used=10), knowing(vllm), Settings()).actions == ()
+
+
+def parked_server(
+    busy: bool | None = False, parked: float | None = 6.5, *, name: str = "webui"
+) -> JobServerObservation:
+    """A job server whose last free parked its weights in CPU RAM (A1111)."""
+    spec = ServiceSpec("sd-webui", name, "http://127.0.0.1:7860", f"id-{name}")
+    status = ServiceStatus(spec, is_running=True, is_reachable=True)
+    parked_bytes = int(parked * GIB) if parked is not None else None
+    state = JobState(busy, True, mode="a1111", parked_bytes=parked_bytes)
+    return JobServerObservation(status, "SD web UI", state, int(0.4 * GIB))
+
+
+@pytest.mark.parametrize(
+    ("job", "used", "state", "expected"),
+    [
+        pytest.param(parked_server(), 8, baseline(), ["ReloadJobs"], id="room-again-reloads"),
+        pytest.param(parked_server(), 12.5, baseline(), [], id="no-room-under-the-threshold"),
+        pytest.param(parked_server(parked=0), 12.5, baseline(), ["ReloadJobs"], id="size-unknown"),
+        pytest.param(parked_server(True), 8, baseline(), [], id="busy-is-never-reloaded"),
+        pytest.param(parked_server(None), 8, baseline(), [], id="unknown-work-not-reloaded"),
+        pytest.param(parked_server(parked=None), 8, baseline(), [], id="nothing-parked"),
+        pytest.param(
+            parked_server(),
+            8,
+            replace(baseline(), last_job_free_at=((WEBUI, NOW - 5),)),
+            [],
+            id="not-right-after-its-free",
+        ),
+        pytest.param(
+            parked_server(),
+            8,
+            replace(baseline(), last_job_free_at=((WEBUI, NOW - 31),)),
+            ["ReloadJobs"],
+            id="after-the-interval",
+        ),
+    ],
+)
+def test_parked_weights_are_reloaded_once_there_is_room(
+    job: JobServerObservation, used: float, state: PolicyState, expected: list[str]
+) -> None:
+    """A1111's free parks its weights in CPU RAM and its next job does not move them back:
+    the policy reloads them (ReloadJobs) while the server is idle, once its GPU has room
+    for them under VRAM_THRESHOLD (75 % of 24 GiB = 18 GiB), one action on it per
+    VRAM_MIN_FREE_INTERVAL."""
+    observation = replace(observe(used=used), job_servers=(job,))
+    d = run(observation, state, Settings())
+    assert [type(a).__name__ for a in d.actions] == expected
+    if expected:
+        assert d.state.last_job_free_at == ((WEBUI, NOW),)
+    elif used == 12.5 and job.state and job.state.parked_bytes:
+        assert any("no room for 6.5 GiB" in s for s in d.reasons_skipped), d.reasons_skipped
+
+
+def test_a_new_model_frees_and_does_not_reload_in_the_same_pass() -> None:
+    observation = replace(
+        observe(server(QWEN, GEMMA), used=8), job_servers=(parked_server(parked=6.5),)
+    )
+    d = run(observation, knowing(server(QWEN)), Settings())
+    assert [type(a).__name__ for a in d.actions] == ["FreeJobs"]  # its context, no reload
