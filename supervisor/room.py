@@ -118,7 +118,7 @@ class ComfyRoomMaker:
                 # Under ollama a busy ComfyUI is freed at once (its flags act when its
                 # prompt ends), unless it holds nothing yet: a free now finds nothing to
                 # verify, so its work is waited for, as under the other priorities.
-                if busy and (priority is not Priority.OLLAMA or empty):
+                if busy and (priority != Priority.OLLAMA or empty):
                     model = reason.removeprefix(GATE_REASON_PREFIX)
                     logger.info(
                         f"Gate: waiting for ComfyUI {spec.name} to finish its work before "
@@ -141,7 +141,7 @@ class ComfyRoomMaker:
                     return result
                 # Short of room because a prompt started between the look and the free (its
                 # flags wait for it): wait for it like for any work, while time is left.
-                if priority is Priority.OLLAMA or not _is_busy(comfy) or self._clock() >= end:
+                if priority == Priority.OLLAMA or not _is_busy(comfy) or self._clock() >= end:
                     break
         return False
 

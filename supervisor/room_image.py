@@ -95,7 +95,7 @@ class OllamaRoomMaker:
         end = self._clock() + deadline_s
         if self._covers(need_bytes):
             return True
-        if self._actor.settings.priority is Priority.OLLAMA:
+        if self._actor.settings.priority == Priority.OLLAMA:
             logger.info(
                 f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY=ollama keeps"
                 " them (the job may run in low-VRAM mode)"
