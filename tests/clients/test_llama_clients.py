@@ -188,11 +188,11 @@ def test_router_busy_never_loads_or_wakes_a_model(make_host: MakeHost) -> None:
         assert c.busy("no-such-model") is None
         fake.load(SMALL)
         wait_until(lambda: by_name(c.served(), SMALL).state == "sleeping", what="sleeping")
-        sleeps = fake.children()[SMALL].stats.wakes
+        wakes = fake.children()[SMALL].stats.wakes
         assert c.busy(SMALL) is None  # sleeping: `/slots` would wake it
         time.sleep(0.1)
         assert by_name(c.served(), SMALL).state == "sleeping"
-        assert fake.children()[SMALL].stats.wakes == sleeps
+        assert fake.children()[SMALL].stats.wakes == wakes
 
 
 def test_router_busy_is_unknown_without_slots(make_host: MakeHost) -> None:
