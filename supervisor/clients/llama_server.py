@@ -9,8 +9,9 @@ Policy:
 - The mode is read on every `served()` from `GET /props`: a router answers
   `role: "router"`. Router: `GET /models` lists every model with `status.value`
   (unloaded, loading, loaded, sleeping, downloading; `failed` when it says so).
-  Single-model: `GET /v1/models` names the model, `/props` says whether it sleeps, and
-  `/health` 503 means it is still loading; it has no unload. A server started with
+  Single-model: `GET /v1/models` names the model (it answers while loading), `/props`
+  says whether it sleeps, and a 503 from `/props` or `/health` means it is still loading
+  (a router answers `/props` as soon as it is up); it has no unload. A server started with
   `--no-slots` answers 501: busy is then unknown (None), and the model is never unloaded.
 - `unload(model)`: `POST /models/unload {"model": ...}` (router only). It returns before
   the child has exited: the caller verifies by reading again. "model is not running" is
@@ -34,13 +35,17 @@ class LlamaServerClient(ServiceClient):
     SERVICE = "llama-server"
 
     def served(self) -> ServedState:
-        props = self._http.json("GET", "/props", _props, retry=Retry.TRANSIENT)
+        props = self._props()
+        if props is None:
+            return self._single({}, loading=True)
         if props.get("role") == "router":
             return self._router()
         return self._single(props)
 
     def busy(self, model: str) -> bool | None:
-        props = self._http.json("GET", "/props", _props, retry=Retry.TRANSIENT)
+        props = self._props()
+        if props is None:
+            return None  # a single-model server still loading: no slots to read yet
         if props.get("role") != "router":
             return self._slots_busy("/slots")
         states = {name: state for name, state, _ in self._models()}
@@ -62,6 +67,16 @@ class LlamaServerClient(ServiceClient):
 
     # ------------------------------------------------------------------ reads
 
+    def _props(self) -> dict[str, Any] | None:
+        """`GET /props`; None when it answers 503 (a single-model server loading its model:
+        its middleware answers 503 "Loading model" to everything but `/v1/models`)."""
+        try:
+            return self._http.json("GET", "/props", _props, retry=Retry.TRANSIENT)
+        except ServiceError as exc:
+            if "HTTP 503" in str(exc):
+                return None
+            raise
+
     def _models(self) -> list[tuple[str, str, int | None]]:
         return self._http.json("GET", "/models", _model_list, retry=Retry.TRANSIENT)
 
@@ -69,10 +84,10 @@ class LlamaServerClient(ServiceClient):
         models = tuple(ServedModel(name, state, None, size) for name, state, size in self._models())
         return ServedState(models, can_unload=True, mode="router")
 
-    def _single(self, props: dict[str, Any]) -> ServedState:
+    def _single(self, props: dict[str, Any], *, loading: bool = False) -> ServedState:
         names = self._http.json("GET", "/v1/models", _model_ids, retry=Retry.TRANSIENT)
         name = names[0] if names else str(props.get("model_path") or "model")
-        loading = self._loading()
+        loading = loading or self._loading()
         state = "loading" if loading else "sleeping" if props.get("is_sleeping") else "loaded"
         return ServedState((ServedModel(name, state),), can_unload=False, mode="single-model")
 

@@ -10,6 +10,10 @@ micro-benchmarks (gate overhead, idle CPU and memory, Docker event reaction). Pr
 tables, writes docs/benchmarks.svg and the generated part of docs/benchmarks.md, and keeps
 the raw results and the supervisors' logs under .cache/bench/.
 
+`--workload llama-swap` runs the same events with the chats sent to a fake llama-swap
+instead (tests/bench/llama_swap.py: modes none, supervisor, isolated) and prints its
+table; it never rewrites docs/.
+
 Simulated time runs `--time-scale` times real time (0.05: 10 simulated minutes take 30 s);
 the supervisor's time settings are scaled by the same factor (supervisor_proc.py).
 """
@@ -32,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from supervisor.sim import SimHost
+from tests.bench.llama_swap import SWAP_MODES, SwapResult, pool_swap, run_swap_mode, swap_table
 from tests.bench.micro import MicroResult, run_micro
 from tests.bench.modes import MODES, ModeResult, run_mode
 from tests.bench.report import (
@@ -266,6 +271,84 @@ def run_modes(
     return [groups[m] for m in modes]
 
 
+def run_swap_modes(
+    modes: Sequence[str],
+    events: list[Event],
+    duration_s: float,
+    time_scale: float,
+    repeat: int,
+    results_dir: Path,
+    profile: str,
+) -> list[SwapResult]:
+    """The llama-swap workload: like `run_modes`, every mode at once in each round."""
+    groups: dict[str, list[SwapResult]] = {m: [] for m in modes}
+    for round_no in range(1, repeat + 1):
+        print(f"\n== llama-swap {profile} round {round_no}/{repeat} ...", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, len(modes))) as pool:
+            futures = {
+                m: pool.submit(
+                    run_swap_mode,
+                    m,
+                    events,
+                    duration_s,
+                    time_scale,
+                    log_path=results_dir / f"supervisor-llama-swap-{profile}-{m}-{round_no}.log",
+                    profile=profile,
+                )
+                for m in modes
+            }
+            for m, future in futures.items():
+                result = future.result()
+                groups[m].append(result)
+                print(
+                    f"   {m}: {result.chats_ok}/{result.chats_sent} chats, "
+                    f"{result.images_done} images, {result.wall_s:.0f} s",
+                    flush=True,
+                )
+    return [pool_swap(groups[m]) for m in modes]
+
+
+def main_llama_swap(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else []
+    modes = modes or list(SWAP_MODES)
+    unknown = [m for m in modes if m not in SWAP_MODES]
+    if unknown:
+        parser.error(
+            f"--workload llama-swap: unknown mode(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(SWAP_MODES)}"
+        )
+    # One generation (the ComfyUI side only differs): 2026 unless --profile names one.
+    given = "--profile" in " ".join(args.argv)
+    profile = args.profile.split(",")[0].strip() if given else "2026"
+    if profile not in PROFILE_TITLES:
+        parser.error(f"--profile {args.profile!r}: accepted: 2025 or 2026")
+    started = time.monotonic()
+    duration_s = args.minutes * 60
+    events = make_workload(args.seed, duration_s)
+    print(f"Machine: {machine()}")
+    print(describe_workload(events, args.minutes, args.seed))
+    print(scaling_note(args.time_scale), flush=True)
+    pooled = run_swap_modes(
+        modes, events, duration_s, args.time_scale, args.repeat, args.results, profile
+    )
+    runtime_s = time.monotonic() - started
+    print(f"\nllama-swap + ComfyUI ({comfy_mode(profile)}):\n" + swap_table(pooled))
+    args.results.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "workload": "llama-swap",
+        "seed": args.seed,
+        "minutes": args.minutes,
+        "time_scale": args.time_scale,
+        "repeat": args.repeat,
+        "runtime_s": runtime_s,
+        "profile": profile,
+        "modes": {r.mode: r.to_json() for r in pooled},
+    }
+    (args.results / "results-llama-swap.json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(f"\nRaw results in {args.results}; docs/ left alone. Runtime: {runtime_s:.0f} s")
+    return 0
+
+
 def _short(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
@@ -298,7 +381,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where benchmarks.md/.svg go (default docs/, written only by a full run)",
     )
     parser.add_argument("--results", type=Path, default=ROOT / ".cache" / "bench")
+    parser.add_argument(
+        "--workload",
+        choices=("ollama", "llama-swap"),
+        default="ollama",
+        help="whose chats: Ollama's (default), or a llama-swap's (modes none, supervisor, "
+        "isolated; prints its table, never rewrites docs/)",
+    )
     args = parser.parse_args(args_list)
+    args.argv = args_list
+    if args.workload == "llama-swap":
+        if "--modes" not in " ".join(args_list):
+            args.modes = ""
+        return main_llama_swap(args, parser)
     modes = [] if args.micro else [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import run
+from tests.bench.llama_swap import run_swap_mode, swap_table
 from tests.bench.modes import ModeResult, run_mode
 from tests.bench.report import (
     ROWS,
@@ -75,3 +76,27 @@ def test_full_benchmark(tmp_path: Path) -> None:
     code = run.main(["--docs", str(tmp_path), "--results", str(tmp_path / "raw")])
     assert code == 0
     print((tmp_path / "benchmarks.md").read_text())
+
+
+def test_the_llama_swap_workload_is_accounted_for_exactly() -> None:
+    """`--workload llama-swap`: the same events, chats through the fake llama-swap; every
+    chat answered with the tokens asked, every upstream's tokens counted once, every image
+    job done; the bound loads every upstream wholly on the GPU."""
+    events = make_workload(3, 60.0, chat_gap_s=8.0, image_gap_s=25.0)
+    chats = [e for e in events if isinstance(e, ChatEvent)]
+    images = [e for e in events if isinstance(e, ImageEvent)]
+    results = [
+        run_swap_mode(mode, events, 60.0, time_scale=0.02, drain_s=300.0)
+        for mode in ("none", "isolated")
+    ]
+    for result in results:
+        assert result.errors == [], result.errors
+        assert result.chats_ok == result.chats_sent == len(chats)
+        assert result.tokens == sum(e.num_predict for e in chats)
+        assert 0 <= result.tokens_full <= result.tokens
+        assert 1 <= result.loads <= len(chats) and 0 <= result.loads_full <= result.loads
+        assert result.images_done == len(images) and result.cut_off == 0
+    bound = results[1]
+    assert bound.loads_full == bound.loads and bound.images_lowvram == 0
+    table = swap_table(results)
+    assert "1.00x / 1.00x" in table and table.count("\n") == 12

@@ -157,7 +157,11 @@ def median(values: list[float]) -> float | None:
 
 
 class Driver:
-    """Plays a workload in real time against `ollama_url` (what clients use) and ComfyUI."""
+    """Plays a workload in real time against `ollama_url` (what clients use) and ComfyUI.
+
+    `chat_api="openai"`: chats go to `/v1/chat/completions` of `ollama_url` instead (a
+    llama-swap or llama-server), with `max_tokens`; the answer's `usage.completion_tokens`
+    is the eval count (these servers report no decode time: `eval_s` stays 0)."""
 
     def __init__(
         self,
@@ -167,7 +171,11 @@ class Driver:
         *,
         drain_s: float = 240.0,
         on_end_of_schedule: Callable[[], None] | None = None,
+        chat_api: str = "ollama",
     ) -> None:
+        if chat_api not in ("ollama", "openai"):
+            raise ValueError(f"chat_api must be 'ollama' or 'openai', not {chat_api!r}")
+        self.chat_api = chat_api
         self.ollama_url = ollama_url
         self.comfyui_url = comfyui_url
         self.scale = time_scale
@@ -218,6 +226,9 @@ class Driver:
         return side
 
     def _chat(self, event: ChatEvent, side: ClientSide) -> None:
+        if self.chat_api == "openai":
+            self._openai_chat(event, side)
+            return
         body = {
             "model": event.model,
             "messages": [{"role": "user", "content": " ".join(["word"] * event.words)}],
@@ -239,6 +250,31 @@ class Driver:
                     eval_count=int(data.get("eval_count", 0)),
                     eval_s=int(data.get("eval_duration", 0)) / 1e9,
                     load_s=int(data.get("load_duration", 0)) / 1e9,
+                )
+        except httpx.HTTPError as exc:
+            took = (time.monotonic() - sent) / self.scale
+            result = ChatResult(event, False, took, error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            side.chats.append(result)
+
+    def _openai_chat(self, event: ChatEvent, side: ClientSide) -> None:
+        body = {
+            "model": event.model,
+            "messages": [{"role": "user", "content": " ".join(["word"] * event.words)}],
+            "max_tokens": event.num_predict,
+        }
+        sent = time.monotonic()
+        try:
+            r = self._client.post(f"{self.ollama_url}/v1/chat/completions", json=body)
+            took = (time.monotonic() - sent) / self.scale
+            if r.status_code != 200:
+                result = ChatResult(
+                    event, False, took, error=f"HTTP {r.status_code}: {r.text[:200]}"
+                )
+            else:
+                usage = r.json().get("usage") or {}
+                result = ChatResult(
+                    event, True, took, eval_count=int(usage.get("completion_tokens", 0))
                 )
         except httpx.HTTPError as exc:
             took = (time.monotonic() - sent) / self.scale

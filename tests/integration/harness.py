@@ -147,7 +147,7 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str, pause_s: f
 class SimApi:
     """What tests ask a simulated service, wherever it runs (container or host process)."""
 
-    role: str  # "ollama" | "comfyui"
+    role: str  # "ollama" | "comfyui" | "llama-server" | "llama-swap"
     name: str
     port: int
 
@@ -177,7 +177,9 @@ class SimApi:
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
         # Not a path the supervisor uses: access logs then tell who asked what.
-        path = "/api/version" if self.role == "ollama" else "/sim/stats"
+        # (llama-server and llama-swap: /health, which the supervisor reads only of a
+        # single-model llama-server.)
+        path = {"ollama": "/api/version", "comfyui": "/sim/stats"}.get(self.role, "/health")
 
         def answers() -> bool:
             return httpx.get(f"{self.url}{path}", timeout=2).status_code == 200
