@@ -15,7 +15,9 @@ Policy:
 - `VRAM_DRY_RUN`: log "DRY RUN: would ..." and send nothing.
 - The safety limit: at most MAX_ACTIONS_PER_SERVICE_PER_MIN actions on one service in
   any minute, whoever asks (the loop, the gates, a heal's own frees), on top of the
-  policy's rate limits; one over it is not sent and reported FAILED with a "skipped: ..."
+  policy's rate limits; an action refused at the moment of acting without sending
+  anything (the model serves a request, the job server has work) does not count; one
+  over it is not sent and reported FAILED with a "skipped: ..."
   detail, logged as a warning. Every action method checks it first (`capped`).
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   frees), so two frees never overlap. A heal holds it only for its free and its unload,
@@ -142,7 +144,13 @@ class Actor:
                 if isinstance(action, RestartComfy):
                     return self.restart_comfy(action)
                 if isinstance(action, UnloadModel | WakeModel | FreeJobs | ReloadJobs):
-                    return self.capped(action) or tenant_actions.execute(self, action)
+                    refused = self.capped(action)
+                    if refused is not None:
+                        return refused
+                    outcome = tenant_actions.execute(self, action)
+                    if not outcome.sent:
+                        self._uncount(action.target)  # nothing reached the service
+                    return outcome
                 return self.unload_ollama(action)
         except Exception as exc:  # a bug or an adapter breaking its contract
             logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
@@ -169,6 +177,13 @@ class Actor:
         why = f"already {count} actions on it in the last minute (safety limit)"
         logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
         return Outcome(action, now, ok=False, result=FreeResult.FAILED, detail=f"skipped: {why}")
+
+    def _uncount(self, target: str) -> None:
+        """Take back the count of an action that sent nothing (refused when acted on)."""
+        with self._cap_lock:
+            times = self._action_times.get(target)
+            if times:
+                times.pop()
 
     def announce_unload(self, model: str) -> None:
         """Tell the listeners (the gate) an unload of `model` is about to be sent."""

@@ -487,6 +487,9 @@ class Outcome:
     # policy reloads the model once it leaves /api/ps, with this keep-alive.
     awaiting_unload: bool = False
     keep_alive: int | str | None = None
+    # False: nothing was sent to the service (refused at the moment of acting, e.g. the
+    # model serves a request): the safety limit does not count it.
+    sent: bool = True
 
 
 @dataclass(frozen=True)

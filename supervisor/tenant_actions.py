@@ -57,8 +57,9 @@ def unload(actor: ActorPort, action: UnloadModel) -> Outcome:
         return actor.dry(action, f"unload {what}")
     log = logger.bind(target=action.target, model=action.model)
 
-    def failed(detail: str) -> Outcome:
-        return Outcome(action, start, ok=False, detail=detail, duration_s=actor.clock() - start)
+    def failed(detail: str, sent: bool = True) -> Outcome:
+        took = actor.clock() - start
+        return Outcome(action, start, ok=False, detail=detail, duration_s=took, sent=sent)
 
     try:
         busy = server.busy(action.model)
@@ -69,7 +70,7 @@ def unload(actor: ActorPort, action: UnloadModel) -> Outcome:
     if busy is not False:
         why = "it is serving a request" if busy else "whether it serves a request is unknown"
         log.info(f"Not unloading {what}: {why}{f' ({error})' if error else ''}")
-        return failed(f"not unloaded: {why}")
+        return failed(f"not unloaded: {why}", sent=False)
     gpus = spec.gpu_uuids
     before = actor.probe.free_bytes(gpus)
     try:
@@ -162,7 +163,11 @@ def free_jobs(actor: ActorPort, action: FreeJobs) -> Outcome:
     log = logger.bind(target=action.target)
 
     def report(
-        result: FreeResult, detail: str = "", before: int | None = None, after: int | None = None
+        result: FreeResult,
+        detail: str = "",
+        before: int | None = None,
+        after: int | None = None,
+        sent: bool = True,
     ) -> Outcome:
         return Outcome(
             action,
@@ -173,6 +178,7 @@ def free_jobs(actor: ActorPort, action: FreeJobs) -> Outcome:
             after_bytes=after,
             detail=detail,
             duration_s=actor.clock() - start,
+            sent=sent,
         )
 
     try:
@@ -182,7 +188,7 @@ def free_jobs(actor: ActorPort, action: FreeJobs) -> Outcome:
     if state.busy is not False:
         why = "it has work" if state.busy else "its queue is unknown"
         log.info(f"Not freeing {spec.key}: {why}")
-        return report(FreeResult.FAILED, f"not freed: {why}")
+        return report(FreeResult.FAILED, f"not freed: {why}", sent=False)
     gpus = (action.gpu_uuid,) if action.gpu_uuid else spec.gpu_uuids
     before = actor.probe.free_bytes(gpus)
     try:
@@ -224,8 +230,9 @@ def reload_jobs(actor: ActorPort, action: ReloadJobs) -> Outcome:
         return actor.dry(action, f"reload {spec.key}")
     log = logger.bind(target=action.target)
 
-    def report(ok: bool, detail: str = "") -> Outcome:
-        return Outcome(action, start, ok=ok, detail=detail, duration_s=actor.clock() - start)
+    def report(ok: bool, detail: str = "", sent: bool = True) -> Outcome:
+        took = actor.clock() - start
+        return Outcome(action, start, ok=ok, detail=detail, duration_s=took, sent=sent)
 
     reload = getattr(server, "reload", None)
     if not callable(reload):
@@ -237,7 +244,7 @@ def reload_jobs(actor: ActorPort, action: ReloadJobs) -> Outcome:
     if state.busy is not False:
         why = "it has work" if state.busy else "its queue is unknown"
         log.info(f"Not reloading {spec.key}: {why}")
-        return report(False, f"not reloaded: {why}")
+        return report(False, f"not reloaded: {why}", sent=False)
     if state.parked_bytes is None:
         return report(True, "nothing parked any more")
     try:

@@ -339,14 +339,6 @@ def test_ollama_and_llama_swap_both_yield_for_an_image_job_ollama_first() -> Non
     assert log.index("Unloaded Ollama model llama3.1:8b") < log.index("Unloaded model big")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refused unload (the model serves a request) counts toward the daemon's safety "
-    "limit (6 actions per service a minute) and the policy asks again every "
-    "VRAM_MIN_FREE_INTERVAL, since llama-swap's read cannot tell busy: with a short "
-    "interval a long generation uses the limit up, and the idle model is then not "
-    "unloaded for up to a minute while the image job runs short of room",
-)
 def test_refused_unloads_do_not_hold_back_the_unload_once_the_model_is_idle(
     swap_sim: SimHost,
 ) -> None:
