@@ -1,4 +1,5 @@
-"""The image gate's `ports.RoomMaker`: unload idle Ollama models before a ComfyUI job.
+"""The image gate's `ports.RoomMaker`: unload idle models (Ollama's first, then those of the
+other model servers: llama-swap, llama-server ...) before a ComfyUI job.
 
 ComfyUI loads a job's models from the VRAM free when the job starts; short of it, it loads
 part of them (low-VRAM, or Dynamic VRAM paging) and the job runs slower (api-facts 2.7,
@@ -10,6 +11,8 @@ Policy:
 - Short of the need, the Ollama models on that GPU are unloaded one at a time through the
   Actor (the same verified unload as the loop, which tells the Ollama gate first), soonest
   expiry first, until the room covers the need or the deadline passes.
+- Then the idle models of the other model servers on that GPU (`UnloadModel` through the
+  Actor, which reads again that the model serves no request before it unloads it).
 - Never a model serving a request: one the Ollama gate has a request in flight for, or
   one still listed past its expires_at (api-facts gotcha 6). Never under
   VRAM_PRIORITY=ollama: Ollama keeps its models and the job may run in low-VRAM mode.
@@ -27,7 +30,7 @@ from loguru import logger
 from supervisor.actions import NOTHING_HELD_BYTES, Actor
 from supervisor.errors import ServiceError
 from supervisor.gate.admission import model_key
-from supervisor.model import Outcome, UnloadOllama
+from supervisor.model import Outcome, UnloadModel, UnloadOllama
 from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
 
@@ -105,12 +108,19 @@ class OllamaRoomMaker:
             for key, target in targets.ollamas.items()
             if comfy is None or not settings.outranks(target[0], comfy[0])
         }
+        # The model servers of the other kinds (llama-swap, llama-server ...), likewise.
+        others = {
+            key: target
+            for key, target in targets.model_servers.items()
+            if comfy is None or not settings.outranks(target[0], comfy[0])
+        }
         if targets.ollamas and not yielding:
             logger.info(
                 f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY="
                 f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
             )
-            return False
+            if not others:
+                return False
         for key, (spec, ollama) in yielding.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue  # another GPU: unloading it gives ComfyUI nothing
@@ -152,6 +162,34 @@ class OllamaRoomMaker:
                     return False
                 if outcome.ok and free_before is not None:
                     self._wait_recovered(comfy_gpus, free_before + m.size_vram_bytes * 9 // 10, end)
+                if self._covers(need_bytes):
+                    return True
+        for key, (spec, server) in others.items():
+            if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
+                continue
+            try:
+                state = server.served()
+            except ServiceError as exc:
+                logger.debug(f"Gate: cannot read {key}: {exc}")
+                continue
+            if not state.can_unload:
+                continue
+            for x in state.models:
+                if not x.is_resident or x.is_loading or x.busy is True:
+                    continue
+                left = end - self._clock()
+                if left <= 0 or not self._actor.lock.acquire(timeout=left):
+                    return False
+                try:
+                    if self._covers(need_bytes):
+                        return True
+                    # The actor reads again that the model serves no request, first.
+                    outcome = self._actor.execute(UnloadModel(key, x.name, reason))
+                finally:
+                    self._actor.lock.release()
+                self._on_outcome(outcome)
+                if outcome.dry_run:
+                    return False
                 if self._covers(need_bytes):
                     return True
         return self._covers(need_bytes)

@@ -83,3 +83,37 @@ def test_a_load_through_the_gate_finds_comfyui_freed_first(sim: SimHost) -> None
             assert server["key"] == "llama-swap/llama-swap" and server["can_unload"] is True
         finally:
             assert stop(sup) == 0, sup.log()
+
+
+def test_the_image_gate_unloads_an_idle_llama_swap_model_first(sim: SimHost) -> None:
+    """An idle llama-swap model (about 20 GiB) holds the card: an image job sent straight
+    to ComfyUI runs in low-VRAM mode; the same job through the image gate finds the model
+    unloaded first (the actor read that it served no request) and runs on the GPU."""
+    from tests.e2e.test_image_gate_on_sim import run_job
+
+    swap = sim.fake_llama_swap
+    assert swap is not None
+    with httpx.Client(timeout=120) as client:
+        chat(client, sim.llama_swap_url)
+        assert swap.state(BIG) == "ready"
+        direct = run_job(client, sim.comfyui_url, sim)
+        assert direct["jobs_lowvram"] == 1
+        gate_port = free_port()
+        sup = start_supervisor(
+            sim,
+            VRAM_SERVICES=f"llama-swap={sim.llama_swap_url}",
+            VRAM_COMFYUI_GATE_PORT=str(gate_port),
+            VRAM_GATE_HOST="127.0.0.1",
+            VRAM_GATE_WAIT="10",
+            VRAM_THRESHOLD="99",  # only the gate acts here, not the loop's trigger 4
+            VRAM_AGGRESSIVE_THRESHOLD="99",
+        )
+        try:
+            sup.wait_for("ComfyUI gate listening")
+            sup.wait_for("VRAM source: api")
+            gated = run_job(client, f"http://127.0.0.1:{gate_port}", sim)
+            assert gated["jobs_lowvram"] == 1, sup.log()  # no new low-VRAM job
+            assert swap.state(BIG) == "stopped"
+            sup.wait_for(f"Unloaded model {BIG} on llama-swap/llama-swap")
+        finally:
+            assert stop(sup) == 0, sup.log()
