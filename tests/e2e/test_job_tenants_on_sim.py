@@ -128,6 +128,9 @@ def test_a_model_load_frees_idle_job_servers_and_a1111_is_reloaded_later(
         try:
             sup.wait_for("Using sd-webui at")
             sup.wait_for("Using invokeai at")
+            # The first pass read Ollama's /api/ps (its baseline) before the load: the load
+            # is then a new model (else it may land before that read, and count as there).
+            sup.wait_for("VRAM source:")
             load_model(client, host)
             sup.wait_for("New Ollama model(s) detected")
             sup.wait_for("Freed sd-webui/sd-webui")
@@ -161,6 +164,9 @@ def test_busy_job_servers_are_never_freed_while_their_jobs_run(
         sup = start(host, fake_nvml)
         try:
             sup.wait_for("Using invokeai at")
+            # The first pass read Ollama's /api/ps (its baseline) before the load: the load
+            # is then a new model (else it may land before that read, and count as there).
+            sup.wait_for("VRAM source:")
             job = threading.Thread(
                 target=lambda: results.append(
                     httpx.post(
