@@ -123,6 +123,8 @@ class Actor:
         self._stop = stop or threading.Event()
         # Called with a model name just before an unload is sent (the gate forgets it).
         self.unload_listeners: list[Callable[[str], None]] = []
+        # (server key, model) of requests in flight through the model-server gates.
+        self.in_flight_sources: list[Callable[[], frozenset[tuple[str, str]]]] = []
         # Sleeping on the stop event makes a verify loop end at once on SIGTERM.
         self._sleep = sleep or self._stop.wait
         self.poll_s = poll_s
@@ -177,6 +179,16 @@ class Actor:
         why = f"already {count} actions on it in the last minute (safety limit)"
         logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
         return Outcome(action, now, ok=False, result=FreeResult.FAILED, detail=f"skipped: {why}")
+
+    def serving(self, target: str) -> frozenset[str]:
+        """The models of model server `target` with a request in flight through a gate."""
+        found: set[str] = set()
+        for source in list(self.in_flight_sources):
+            try:
+                found |= {model for key, model in source() if key == target}
+            except Exception as exc:  # a gate's bug must not stop the action
+                logger.debug(f"A gate's in-flight reading failed: {exc}")
+        return frozenset(found)
 
     def _uncount(self, target: str) -> None:
         """Take back the count of an action that sent nothing (refused when acted on)."""

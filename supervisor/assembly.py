@@ -144,7 +144,10 @@ class Assembly:
                 self.metrics.watch_comfyui_gate(self.image_gate.stats)
         for role, port in s.model_gates or ():
             self.binding = f"VRAM_MODEL_GATES={role}={port} (on {s.gate_host})"
-            self.model_gates.append(self._model_gate(role, port))
+            model_gate = self._model_gate(role, port)
+            self.model_gates.append(model_gate)
+            # A model with a request in flight through it is never unloaded.
+            daemon.actor.in_flight_sources.append(model_gate.in_flight)
 
     def _model_gate(self, role: str, port: int) -> Any:
         """In front of the first running server of `role`, freeing the idle job servers

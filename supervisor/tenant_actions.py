@@ -61,6 +61,9 @@ def unload(actor: ActorPort, action: UnloadModel) -> Outcome:
         took = actor.clock() - start
         return Outcome(action, start, ok=False, detail=detail, duration_s=took, sent=sent)
 
+    if action.model in actor.serving(action.target):
+        log.info(f"Not unloading {what}: it is serving a request (through the gate)")
+        return failed("not unloaded: it is serving a request (through the gate)", sent=False)
     try:
         busy = server.busy(action.model)
     except ServiceError as exc:

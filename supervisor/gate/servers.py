@@ -20,11 +20,15 @@ VRAM_GATE_HOST. Policy:
   the room is made, before the request is forwarded (`ModelServerApi.wake`); a wake that
   fails is logged and the request goes on (the server answers it as it would directly).
 - Held loads go one at a time; requests for loaded models never wait behind them.
+- The models with a request in flight through the gate are serving one: the supervisor
+  never unloads them (`in_flight`, read by the Actor before an unload), which closes the
+  race of a busy check that a request just arriving does not show yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -86,10 +90,19 @@ class ServerGate(Proxy):
         self._clock = clock
         # (at, key, loaded or loading models, sleeping models that must be woken)
         self._served: tuple[float, str, frozenset[str], frozenset[str]] | None = None
+        # (server key, model) -> requests in flight through this gate: serving a request.
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._in_flight_lock = threading.Lock()
         self._one_at_a_time: asyncio.Lock | None = None
 
     def stats(self) -> Any:
         return self._stats
+
+    def in_flight(self) -> frozenset[tuple[str, str]]:
+        """(server key, model) of the requests in flight through the gate now: those
+        models serve a request and must not be unloaded (safe from any thread)."""
+        with self._in_flight_lock:
+            return frozenset(self._in_flight)
 
     def _reads_body(self, method: bytes, route: bytes) -> bool:
         where = self._routes.names_model(method.decode("latin-1"), route.decode("latin-1"))
@@ -103,10 +116,26 @@ class ServerGate(Proxy):
 
     async def _admit(self, request: object, forward: Forward) -> bool:
         assert isinstance(request, LoadRequest)
-        loop = asyncio.get_running_loop()
         current = self._current()
         if current is None:
             return await forward(None)
+        entry = (current[0], request.model)
+        with self._in_flight_lock:
+            self._in_flight[entry] = self._in_flight.get(entry, 0) + 1
+        try:
+            return await self._admit_to(current, request, forward)
+        finally:
+            with self._in_flight_lock:
+                left = self._in_flight[entry] - 1
+                if left:
+                    self._in_flight[entry] = left
+                else:
+                    del self._in_flight[entry]
+
+    async def _admit_to(
+        self, current: tuple[str, str, ModelServerApi], request: LoadRequest, forward: Forward
+    ) -> bool:
+        loop = asyncio.get_running_loop()
         key, _, api = current
         read = await loop.run_in_executor(self._executor, self._loaded, key, api)
         if read is None or request.model in read[0]:

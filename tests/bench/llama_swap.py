@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from supervisor.sim import SimHost
 from supervisor.sim.llama_server import LlamaChild
 from supervisor.sim.llama_swap import parse_swap_config
-from tests.bench.supervisor_proc import Supervisor, scaled_settings, start_supervisor
+from tests.bench.supervisor_proc import Supervisor, free_port, scaled_settings, start_supervisor
 from tests.bench.workload import (
     GIB,
     GPU_TOTAL_GIB,
@@ -51,6 +54,7 @@ from tests.bench.workload import (
 SWAP_MODES: dict[str, str] = {
     "none": "no supervisor",
     "supervisor": "vram-supervisor",
+    "gate": "vram-supervisor + model gate + image gate",
     "isolated": "bound: a GPU per service",
 }
 CTX = 4096
@@ -182,16 +186,27 @@ def run_swap_mode(
     ):
         upstreams = Upstreams(host)
         comfyui_url = comfy_host.comfyui_url if isolated else host.comfyui_url
+        chat_url, image_url = host.llama_swap_url, comfyui_url
         sup: Supervisor | None = None
-        if mode == "supervisor":
+        if mode in ("supervisor", "gate"):
             settings = scaled_settings(time_scale)
             settings["VRAM_SERVICES"] = f"llama-swap={host.llama_swap_url},comfyui={comfyui_url}"
+            model_gate_port = free_port()
+            if mode == "gate":
+                settings["VRAM_MODEL_GATES"] = f"llama-swap={model_gate_port}"
             sup = start_supervisor(
-                ollama_url=None, comfyui_url=None, settings=settings, time_scale=time_scale
+                ollama_url=None,
+                comfyui_url=None,
+                settings=settings,
+                time_scale=time_scale,
+                image_gate=mode == "gate",
             )
-        driver = Driver(
-            host.llama_swap_url, comfyui_url, time_scale, drain_s=drain_s, chat_api="openai"
-        )
+            if mode == "gate":
+                # Clients use the gates: chats the model gate, image jobs the image gate.
+                chat_url = f"http://127.0.0.1:{model_gate_port}"
+                image_url = f"http://127.0.0.1:{sup.image_gate_port}"
+                _wait_answers(f"{chat_url}/health")
+        driver = Driver(chat_url, image_url, time_scale, drain_s=drain_s, chat_api="openai")
         try:
             side = driver.run(events, duration_s)
             comfy = driver._client.get(f"{comfyui_url}/sim/stats").json()
@@ -222,6 +237,19 @@ def run_swap_mode(
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 log_path.write_text("\n".join(messages) + "\n")
     return result
+
+
+def _wait_answers(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
+        time.sleep(0.1)
 
 
 def _pct(part: int, whole: int) -> str:
@@ -274,7 +302,9 @@ def swap_table(groups: list[SwapResult]) -> str:
     row(
         "llama-swap models unloaded by the supervisor (not sent: busy)",
         lambda g: (
-            f"{g.model_unloads} ({g.unloads_refused_busy})" if g.mode == "supervisor" else "-"
+            f"{g.model_unloads} ({g.unloads_refused_busy})"
+            if g.mode in ("supervisor", "gate")
+            else "-"
         ),
     )
     row("requests cut off by an unload", lambda g: str(g.cut_off))

@@ -11,7 +11,7 @@ tables, writes docs/benchmarks.svg and the generated part of docs/benchmarks.md,
 the raw results and the supervisors' logs under .cache/bench/.
 
 `--workload llama-swap` runs the same events with the chats sent to a fake llama-swap
-instead (tests/bench/llama_swap.py: modes none, supervisor, isolated) and prints its
+instead (tests/bench/llama_swap.py: modes none, supervisor, gate, isolated) and prints its
 table; it never rewrites docs/.
 
 Simulated time runs `--time-scale` times real time (0.05: 10 simulated minutes take 30 s);
@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workload",
         choices=("ollama", "llama-swap"),
         default="ollama",
-        help="whose chats: Ollama's (default), or a llama-swap's (modes none, supervisor, "
+        help="whose chats: Ollama's (default), or a llama-swap's (modes none, supervisor, gate, "
         "isolated; prints its table, never rewrites docs/)",
     )
     args = parser.parse_args(args_list)

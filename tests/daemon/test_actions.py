@@ -19,7 +19,10 @@ from supervisor.model import (
     Priority,
     RestartComfy,
     Role,
+    ServedModel,
+    ServedState,
     ServiceSpec,
+    UnloadModel,
     UnloadOllama,
 )
 from supervisor.ollama_actions import reload_keep_alive, restore_keep_alive
@@ -784,3 +787,55 @@ def test_the_safety_limit_counts_every_caller_of_the_actor(world: World) -> None
     world.clock.sleep(61)
     actor.free_comfy(FreeComfy("comfyui/comfyui", FreeStage.SOFT, "gate"))
     assert len(world.comfy.free_calls) == MAX_ACTIONS_PER_SERVICE_PER_MIN + 1
+
+
+class _Server:
+    """A model server (`ports.ModelServerApi`) whose `/slots` shows nothing yet: a request
+    that has just reached it is not processing."""
+
+    def __init__(self) -> None:
+        self.unloads: list[str] = []
+
+    def served(self) -> ServedState:
+        models = () if self.unloads else (ServedModel("qwen", "ready"),)
+        return ServedState(models, can_unload=True)
+
+    def busy(self, model: str) -> bool | None:
+        return False
+
+    def unload(self, model: str) -> None:
+        self.unloads.append(model)
+
+    def wake(self, model: str) -> None:
+        raise AssertionError("not a sleeping kind")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_model_with_a_request_in_flight_through_a_gate_is_never_unloaded(
+    world: World, logs: list[str]
+) -> None:
+    """Seen in the llama-swap benchmark with the gates: a chat that had just reached
+    llama-swap through the model gate did not show in its upstream's /slots yet, the
+    image gate's unload went ahead and cut it off. What is in flight through a gate is
+    serving a request whatever the server's own figure says, and refusing sends nothing
+    (the safety limit does not count it)."""
+    server = _Server()
+    spec = ServiceSpec("llama-swap", "swap", "http://127.0.0.1:8080", "id-swap")
+    targets = Targets(model_servers={"llama-swap/swap": (spec, server)})
+    actor = Actor(
+        Settings(),
+        probe=GpuProbe(world.gpu, world.comfy),
+        targets=lambda: targets,
+        clock=world.clock,
+        sleep=world.clock.sleep,
+    )
+    in_flight = {("llama-swap/swap", "qwen")}
+    actor.in_flight_sources.append(lambda: frozenset(in_flight))
+    refused = actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
+    assert not refused.ok and not refused.sent and server.unloads == []
+    assert has(logs, "Not unloading model qwen on llama-swap/swap: it is serving a request")
+    in_flight.clear()  # the chat ended
+    done = actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
+    assert done.ok and server.unloads == ["qwen"]
