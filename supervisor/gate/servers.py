@@ -19,7 +19,8 @@ VRAM_GATE_HOST. Policy:
   vLLM queues requests while asleep and never wakes by itself) is woken by the gate after
   the room is made, before the request is forwarded (`ModelServerApi.wake`); a wake that
   fails is logged and the request goes on (the server answers it as it would directly).
-- Held loads go one at a time; requests for loaded models never wait behind them.
+- Held loads go one at a time (the next once the previous one's answer has begun);
+  requests for loaded models never wait behind them.
 - The models with a request in flight through the gate are serving one: the supervisor
   never unloads them (`in_flight`, read by the Actor before an unload), which closes the
   race of a busy check that a request just arriving does not show yet.
@@ -142,7 +143,19 @@ class ServerGate(Proxy):
             return await forward(None)
         if self._one_at_a_time is None:
             self._one_at_a_time = asyncio.Lock()
-        async with self._one_at_a_time:
+        lock = self._one_at_a_time
+        await lock.acquire()
+        is_released = False
+
+        def release() -> None:
+            # The next held load goes once this one's answer has begun (the server has the
+            # model, or said why not): not after the whole answer, which may be minutes.
+            nonlocal is_released
+            if not is_released:
+                is_released = True
+                lock.release()
+
+        try:
             read = await loop.run_in_executor(self._executor, self._loaded, key, api, True)
             if read is not None and request.model not in read[0]:
                 reason = f"gate: load of {request.model} on {key}"
@@ -162,7 +175,9 @@ class ServerGate(Proxy):
                 self._served = None
                 if request.model in read[1]:
                     await loop.run_in_executor(self._executor, self._wake, key, api, request.model)
-            return await forward(None)
+            return await forward(release)
+        finally:
+            release()
 
     def _loaded(
         self, key: str, api: ModelServerApi, fresh: bool = False
