@@ -112,6 +112,7 @@ class SoakRun:
     unlabelled_actions: list[str] = field(default_factory=list)  # what reached them
     unlabelled_requests: int = 0  # requests (of anyone) that reached them by their old URL
     docker_events: int = 0  # events the engine emitted during the bursts
+    notes: list[str] = field(default_factory=list)  # what the report should mention
 
     def sim(self, t: float) -> float:
         """A monotonic time as simulated seconds of the schedule since the start."""
@@ -466,7 +467,7 @@ def soak_on(
             progress,
         )
         # Drain: the last answers come in (simulated minutes), then the last figures.
-        checkpoint(run, clients, sampler, "end")
+        checkpoint(run, clients, sampler, "end", getattr(injector, "settle", None))
         run.ended = time.monotonic()
         sup = holder["sup"]
         try:
@@ -571,7 +572,8 @@ def _drive(
                 active.append(fault)
             progress(f"   {_hms(fault.at_s)} fault: {fault.describe()}, {fault.duration_s:.0f} s")
         if checkpoints and now_s >= checkpoints[0][1]:
-            checkpoint(run, clients, sampler, checkpoints.pop(0)[0])
+            settle = getattr(injector, "settle", None)
+            checkpoint(run, clients, sampler, checkpoints.pop(0)[0], settle)
             progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
         if now_s >= next_sample:
             sampler.sample()
@@ -602,12 +604,20 @@ def _drive(
         fault.real_end = time.monotonic()
 
 
-def checkpoint(run: SoakRun, clients: Clients, sampler: Sampler, name: str) -> None:
+def checkpoint(
+    run: SoakRun,
+    clients: Clients,
+    sampler: Sampler,
+    name: str,
+    settle: Callable[[], None] | None = None,
+) -> None:
     """The supervisor's RSS, threads and descriptors at a quiet moment: the schedule stands
     still until no chat is in flight (at most QUIET_WAIT simulated seconds) and the clients
     close their idle connections, so sockets that clients hold open are not counted as
     growth; then the least of five readings (a pass's read threads come and go)."""
     paused = time.monotonic()
+    if settle is not None:  # a fault still under way in the background ends first
+        settle()
     deadline = paused + max(5.0, QUIET_WAIT_S * run.time_scale)
     while clients.inflight and time.monotonic() < deadline:
         time.sleep(0.05)
