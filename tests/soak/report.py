@@ -297,25 +297,14 @@ def evaluate(run: SoakRun) -> Figures:
     fig.resources = [(n, *by_name[n]) for n in ("start", "middle", "end") if n in by_name]
     complete = len(fig.resources) == 3
     growth = end.rss - start.rss
-    rss = Target(
-        "RSS growth, start to end",
-        f"{growth / MIB:+.1f} MiB",
-        "< 5 MB",
-        complete and growth < RSS_GROWTH_LIMIT,
-    )
-    if run.docker:
-        # Open (docs/soak.md, "Findings"): with containers coming and going the RSS grows
-        # by about 5 MiB per 100 short-lived labelled containers, not in Python objects
-        # (tracemalloc) and not glibc's arenas (MALLOC_ARENA_MAX=2 changes nothing); a
-        # figure here until it is explained, a target of the fixed-URL form.
-        fig.facts.append(
-            (
-                "RSS growth, start / middle / end (open finding, not a target of this form)",
-                " / ".join(f"{s.rss / MIB:.1f} MiB" for _, s, _ in fig.resources),
-            )
+    fig.targets.append(
+        Target(
+            "RSS growth, start to end",
+            f"{growth / MIB:+.1f} MiB",
+            "< 5 MB",
+            complete and growth < RSS_GROWTH_LIMIT,
         )
-    else:
-        fig.targets.append(rss)
+    )
     fig.targets.append(
         Target(
             "threads, start to end",
