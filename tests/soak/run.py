@@ -618,7 +618,7 @@ def checkpoint(
     paused = time.monotonic()
     if settle is not None:  # a fault still under way in the background ends first
         settle()
-    deadline = paused + max(5.0, QUIET_WAIT_S * run.time_scale)
+    deadline = time.monotonic() + max(5.0, QUIET_WAIT_S * run.time_scale)
     while clients.inflight and time.monotonic() < deadline:
         time.sleep(0.05)
     if not clients.inflight:
