@@ -68,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--burst", type=int, default=100, help="containers per event burst (--docker)"
     )
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="--docker: other faults wait for a running event burst to end",
+    )
     args = parser.parse_args(args_list)
     if not 0 < args.time_scale <= 1:
         parser.error("--time-scale must be in (0, 1]")
@@ -92,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fault_gap_s=args.fault_gap,
                 workdir=Path(work),
                 burst=args.burst,
+                overlap=not args.one_at_a_time,
                 progress=lambda line: print(line, flush=True),
             )
         else:

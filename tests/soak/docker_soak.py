@@ -292,12 +292,15 @@ class DockerSoakHost:
 class DockerInjector:
     """Starts and ends the Docker faults; records what reached an unlabelled container."""
 
-    def __init__(self, host: DockerSoakHost, run: SoakRun):
+    def __init__(self, host: DockerSoakHost, run: SoakRun, overlap: bool = True):
         self.host = host
         self.run = run
+        self.overlap = overlap  # False: every fault waits for a running burst to end
         self._burst: threading.Thread | None = None
 
     def start(self, fault: Fault) -> None:
+        if not self.overlap:
+            self.wait_burst()
         h, role = self.host, fault.target
         if fault.kind == "recreate":
             old = h.current[role].container.id
@@ -398,6 +401,7 @@ def run_docker_soak(
     fault_gap_s: float,
     workdir: Path,
     burst: int = 100,
+    overlap: bool = True,
     sample_s: float = 60.0,
     checkpoints: tuple[tuple[str, float], ...] = CHECKPOINTS,
     progress: Callable[[str], None] = print,
@@ -416,7 +420,7 @@ def run_docker_soak(
         def start() -> Supervisor:
             return start_supervisor(host, run, clock_file, docker_host)
 
-        injector = DockerInjector(host, run)
+        injector = DockerInjector(host, run, overlap)
         try:
             return soak_on(
                 run,
