@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "".join(json.dumps({"sim_s": round(run.sim(t), 1), **entry}) + "\n" for t, entry in run.log)
     )
     save_raw(run, args.results / "results.json")
-    if args.docs is not None or (args.hours >= 24 and not args.docker):
+    if not args.docker and (args.docs is not None or args.hours >= 24):
         docs = args.docs or ROOT / "docs"
         (docs / "soak.svg").write_text(svg_chart(run, title))
         update_markdown(docs / "soak.md", text + "\n\n![Soak chart](soak.svg)")
