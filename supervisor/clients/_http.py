@@ -17,7 +17,9 @@ Policy:
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, Self, TypeVar
@@ -50,6 +52,16 @@ _TRANSIENT: tuple[type[Exception], ...] = (
 _NOT_SENT: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
+@functools.cache
+def shared_tls() -> ssl.SSLContext:
+    """One TLS context (httpx's default one) for every client of the process. httpx builds
+    a context per client otherwise, with the whole CA bundle, even for an http:// URL:
+    about 1 MiB of native memory each, which the allocator keeps after the client closes,
+    so a supervisor that met many short-lived labelled containers (each gets a client)
+    grew by tens of MiB (docs/soak.md). Contexts are safe to share between threads."""
+    return httpx.create_ssl_context()
+
+
 class Retry(Enum):
     TRANSIENT = "transient"
     CONNECT = "connect"
@@ -80,7 +92,9 @@ class JsonHttp:
         self.timeout_s = timeout_s
         self._attempts = attempts
         self._wait: WaitBaseT = retry_wait if retry_wait is not None else DEFAULT_RETRY_WAIT
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        self._client = httpx.Client(
+            base_url=self.base_url, timeout=timeout_s, transport=transport, verify=shared_tls()
+        )
 
     def close(self) -> None:
         self._client.close()

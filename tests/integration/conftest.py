@@ -28,6 +28,8 @@ Ports on 127.0.0.1 (host network). Take a block and record it here:
   18901-18999  free
   19400-19499  image socket access (test_image_socket_access.py: 19401, 19405, 19406) and
                the Swarm stack (test_swarm.py: 19411-19415)
+  19600-19699  the soak's Docker-backed form (tests/soak/docker_soak.py: 19601 Ollama,
+               19602 ComfyUI, 19699 where the event bursts' labelled containers point)
 
 Fixtures (names other test authors can use)
   docker_host     str, session: the DOCKER_HOST in use (also exported to os.environ)

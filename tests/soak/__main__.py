@@ -37,6 +37,15 @@ def update_markdown(path: Path, generated: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{generated}\n{END}{tail}")
 
 
+def docker_host() -> str:
+    """$DOCKER_HOST, else the private engine's socket (tests/lib/dockerd.sh), else Docker's."""
+    private = Path(os.environ.get("VRAM_DOCKERD_DIR", "/tmp/vram-supervisor-dockerd"))
+    sock = private / "docker.sock"
+    return os.environ.get("DOCKER_HOST") or (
+        f"unix://{sock}" if sock.exists() else "unix:///var/run/docker.sock"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__)
@@ -51,6 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, default=ROOT / ".cache" / "soak")
     parser.add_argument("--docs", type=Path, default=None, help="where soak.md/.svg go")
+    parser.add_argument(
+        "--docker",
+        action="store_true",
+        help="the Docker-backed form: labelled sim containers on DOCKER_HOST, Docker faults",
+    )
+    parser.add_argument(
+        "--burst", type=int, default=100, help="containers per event burst (--docker)"
+    )
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="--docker: other faults wait for a running event burst to end",
+    )
     args = parser.parse_args(args_list)
     if not 0 < args.time_scale <= 1:
         parser.error("--time-scale must be in (0, 1]")
@@ -63,15 +85,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args.results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vram-soak-") as work:
-        run = run_soak(
-            hours=args.hours,
-            time_scale=args.time_scale,
-            rate=args.rate,
-            seed=args.seed,
-            fault_gap_s=args.fault_gap,
-            workdir=Path(work),
-            progress=lambda line: print(line, flush=True),
-        )
+        if args.docker:
+            from tests.soak.docker_soak import run_docker_soak
+
+            run = run_docker_soak(
+                docker_host=docker_host(),
+                hours=args.hours,
+                time_scale=args.time_scale,
+                rate=args.rate,
+                seed=args.seed,
+                fault_gap_s=args.fault_gap,
+                workdir=Path(work),
+                burst=args.burst,
+                overlap=not args.one_at_a_time,
+                progress=lambda line: print(line, flush=True),
+            )
+        else:
+            run = run_soak(
+                hours=args.hours,
+                time_scale=args.time_scale,
+                rate=args.rate,
+                seed=args.seed,
+                fault_gap_s=args.fault_gap,
+                workdir=Path(work),
+                progress=lambda line: print(line, flush=True),
+            )
     fig = evaluate(run)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = COMMAND + ("" if not args_list else " " + " ".join(args_list))
@@ -88,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "".join(json.dumps({"sim_s": round(run.sim(t), 1), **entry}) + "\n" for t, entry in run.log)
     )
     save_raw(run, args.results / "results.json")
-    if args.docs is not None or args.hours >= 24:
+    if not args.docker and (args.docs is not None or args.hours >= 24):
         docs = args.docs or ROOT / "docs"
         (docs / "soak.svg").write_text(svg_chart(run, title))
         update_markdown(docs / "soak.md", text + "\n\n![Soak chart](soak.svg)")

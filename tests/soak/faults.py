@@ -32,6 +32,17 @@ SERVICE_KINDS = ("crash", "hang", "garbage", "error", "slow")
 # The Ollama faults that make the upstream of the gate "not up" (a slow Ollama is up).
 OLLAMA_DOWN_KINDS = ("crash", "hang", "garbage", "error")
 
+# The Docker-backed form's faults (tests/soak/docker_soak.py).
+DOCKER_KINDS: dict[str, str] = {
+    "recreate": "the container is removed and created again: same name, new id",
+    "rename": "the container is renamed, later renamed back",
+    "user_stop": "the user stops the container, later starts it again",
+    "unlabel": "the container is recreated without its role label, later with it",
+    "event_burst": "short-lived containers, labelled and not: hundreds of Docker events",
+}
+# Faults that leave the gate without an Ollama to forward to.
+DOCKER_DOWN_KINDS = ("recreate", "user_stop", "unlabel")
+
 
 @dataclass
 class Fault:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 
-from tests.soak.faults import KINDS, OLLAMA_DOWN_KINDS, Fault
+from tests.soak.faults import DOCKER_DOWN_KINDS, KINDS, OLLAMA_DOWN_KINDS, Fault
 from tests.soak.run import (
     GRACE_REAL_S,
     RSS_GROWTH_LIMIT,
@@ -19,6 +19,7 @@ from tests.soak.run import (
 )
 
 MIB = 1024 * 1024
+DOCKER_POOL_BOUND = 2 * 25 + 1  # docker.constants.DEFAULT_NUM_POOLS per client, the events
 
 
 @dataclass
@@ -63,13 +64,24 @@ def _max_per_window(times: Sequence[float], width: float) -> int:
     return best
 
 
+def _target_or_fact(fig: Figures, run: SoakRun, target: Target) -> None:
+    """Spills and heals are targets of the fixed-URL form; the Docker-backed form's faults
+    (containers coming and going, recreated with nothing loaded) are about discovery, and
+    there they are reported as figures."""
+    if run.docker:
+        fig.facts.append((f"{target.name} (a target of the fixed-URL form)", target.value))
+    else:
+        fig.targets.append(target)
+
+
 def evaluate(run: SoakRun) -> Figures:
     fig = Figures()
     scale = run.time_scale
     all_faults = [f for f in run.faults if f.real_start is not None]
+    down_kinds = (*OLLAMA_DOWN_KINDS, *DOCKER_DOWN_KINDS)
     ollama_down = _windows(
         run,
-        [f for f in all_faults if f.target == "ollama" and f.kind in OLLAMA_DOWN_KINDS],
+        [f for f in all_faults if f.target == "ollama" and f.kind in down_kinds],
         GRACE_REAL_S,
     )
     any_fault = _windows(run, [f for f in all_faults if f.duration_s > 0], GRACE_REAL_S)
@@ -123,13 +135,37 @@ def evaluate(run: SoakRun) -> Figures:
     restarts = sum(1 for e in log if "Restarted ComfyUI" in str(e.get("message", "")))
     fig.targets.append(
         Target(
-            "ComfyUI restarts during a running prompt (fixed URLs: no container to restart)",
+            "ComfyUI restarts by the supervisor, during a running prompt or not"
+            if run.docker
+            else "ComfyUI restarts during a running prompt (fixed URLs: no container to restart)",
             str(restarts),
             "0",
             restarts == 0,
         )
     )
-    fig.facts.append(("actions on unlabelled containers", "n/a in the fixed-URL form (no Docker)"))
+    if run.docker:
+        unlabelled = run.unlabelled_actions
+        fig.targets.append(
+            Target(
+                "actions on unlabelled containers (their proxy, their own counters, the log)",
+                str(len(unlabelled)),
+                "0",
+                not unlabelled,
+            )
+        )
+        fig.errors += unlabelled[:5]
+        fig.facts.append(("Docker events of the bursts' containers", str(run.docker_events)))
+        fig.facts.append(
+            (
+                "requests that reached an unlabelled container by its old URL (chats and "
+                "reads, of anyone)",
+                str(run.unlabelled_requests),
+            )
+        )
+    else:
+        fig.facts.append(
+            ("actions on unlabelled containers", "n/a in the fixed-URL form (no Docker)")
+        )
 
     # The gate.
     lost = [c for c in run.chats if c.outcome == "lost"]
@@ -197,13 +233,15 @@ def evaluate(run: SoakRun) -> Figures:
             spilled_busy += partial
         else:
             spilled_clean += partial
-    fig.targets.append(
+    _target_or_fact(
+        fig,
+        run,
         Target(
             "frees needed and never sent (loads spilled with nothing broken, ComfyUI idle)",
             str(spilled_clean),
             "0",
             spilled_clean == 0,
-        )
+        ),
     )
     total_loads = samples[-1].loads if samples else 0
     total_full = samples[-1].loads_full if samples else 0
@@ -227,13 +265,15 @@ def evaluate(run: SoakRun) -> Figures:
         for name in list(clean_spill):
             if name not in cur.spilled:
                 del clean_spill[name]
-    fig.targets.append(
+    _target_or_fact(
+        fig,
+        run,
         Target(
             f"heals that never converged (spilled > {SPILL_LIMIT_S:.0f} s with nothing broken)",
             str(len(stuck)) + (f": {', '.join(stuck[:3])}" if stuck else ""),
             "0",
             not stuck,
-        )
+        ),
     )
     heals = {
         r: int(
@@ -273,14 +313,39 @@ def evaluate(run: SoakRun) -> Figures:
             complete and end.threads <= start.threads,
         )
     )
-    fig.targets.append(
-        Target(
-            "open file descriptors, start to end",
-            f"{start.fds} -> {end.fds}",
-            "no growth",
-            complete and end.fds <= start.fds,
+    if not run.docker:
+        fig.targets.append(
+            Target(
+                "open file descriptors, start to end",
+                f"{start.fds} -> {end.fds}",
+                "no growth",
+                complete and end.fds <= start.fds,
+            )
         )
-    )
+    else:
+        # The Docker SDK keeps one idle connection per API path it asked lately (a pool
+        # per URL, at most DEFAULT_NUM_POOLS = 25 per client, the oldest closed): counted
+        # apart, against that bound; every other descriptor must not grow.
+        def docker_fds(s: Sample) -> int:
+            return sum(n for k, n in s.fd_kinds.items() if k.startswith("unix socket to"))
+
+        fig.targets.append(
+            Target(
+                "open file descriptors but the Docker socket's, start to end",
+                f"{start.fds - docker_fds(start)} -> {end.fds - docker_fds(end)}",
+                "no growth",
+                complete and end.fds - docker_fds(end) <= start.fds - docker_fds(start),
+            )
+        )
+        most = max((docker_fds(s) for _, s, _ in fig.resources), default=0)
+        fig.targets.append(
+            Target(
+                "connections to the Docker socket, start / middle / end",
+                " / ".join(str(docker_fds(s)) for _, s, _ in fig.resources),
+                f"<= {DOCKER_POOL_BOUND} (the SDK's pools: 25 per client, 2 clients)",
+                complete and most <= DOCKER_POOL_BOUND,
+            )
+        )
     unhealthy = [s for s in during if not s.healthy and not _overlaps(s.t - 1, s.t, any_fault)]
     fig.facts.append(
         (
@@ -323,7 +388,13 @@ def markdown(run: SoakRun, fig: Figures, *, header: str = "") -> str:
         f"{run.hours:g} simulated hours in {wall / 60:.1f} min of wall time (time scale "
         f"{run.time_scale:g}), seed {run.seed}, the benchmark's mixed workload at {run.rate:g} "
         f"times its rate, {len(run.faults)} faults (mean gap {run.fault_gap_s:g} simulated s). "
-        f"Fixed URLs (no Docker). Supervisor settings: "
+        + (
+            "Docker-backed: labelled sim containers on a real engine, discovered by the "
+            "supervisor. "
+            if run.docker
+            else "Fixed URLs (no Docker). "
+        )
+        + "Supervisor settings: "
         + ", ".join(f"{k}={v}" for k, v in sorted(run.settings.items()))
         + ", the gate on, the safety limit scaled to 6 actions per simulated minute.",
         "",
@@ -357,10 +428,12 @@ def markdown(run: SoakRun, fig: Figures, *, header: str = "") -> str:
     ]
     if fig.errors:
         lines += ["", "Errors seen:", ""] + [f"- `{e}`" for e in fig.errors]
+    if run.notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in run.notes[:10]]
     lines += ["", "Faults injected (simulated time from the start):", ""]
     lines += ["| at | fault | lasted (s) |", "| --- | --- | --- |"]
     lines += [f"| {_hms(f.at_s)} | {f.describe()} | {f.duration_s:.0f} |" for f in run.faults]
-    counts = {k: sum(1 for f in run.faults if f.kind == k) for k in KINDS}
+    counts = {k: sum(1 for f in run.faults if f.kind == k) for k in (run.kinds or KINDS)}
     lines += ["", "By kind: " + ", ".join(f"{k} {n}" for k, n in counts.items()) + "."]
     return "\n".join(lines)
 

@@ -104,6 +104,15 @@ class SoakRun:
         default_factory=list
     )  # name, figures, in flight
     paused_s: float = 0.0  # real seconds the schedule stood still for checkpoints
+    # The Docker-backed form (tests/soak/docker_soak.py): the sims run in labelled
+    # containers on a real engine and the supervisor discovers them.
+    docker: bool = False
+    model_names: dict[str, str] = field(default_factory=dict)  # workload model -> served
+    kinds: dict[str, str] = field(default_factory=dict)  # the fault kinds of this form
+    unlabelled_actions: list[str] = field(default_factory=list)  # what reached them
+    unlabelled_requests: int = 0  # requests (of anyone) that reached them by their old URL
+    docker_events: int = 0  # events the engine emitted during the bursts
+    notes: list[str] = field(default_factory=list)  # what the report should mention
 
     def sim(self, t: float) -> float:
         """A monotonic time as simulated seconds of the schedule since the start."""
@@ -120,17 +129,21 @@ def supervisor_settings(time_scale: float) -> dict[str, str]:
     return settings
 
 
-def start_supervisor(host: SoakHost, run: SoakRun, clock_file: Path) -> Supervisor:
+def start_supervisor(
+    host: Any, run: SoakRun, clock_file: Path, docker_host: str | None = None
+) -> Supervisor:
+    """With `docker_host`, it discovers the services on that engine (no fixed URLs)."""
     http_port, gate_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAM_")}
+    env.pop("DOCKER_CONTEXT", None)
+    if docker_host is None:
+        env.update(VRAM_OLLAMA_URL=host.ollama_url, VRAM_COMFYUI_URL=host.comfyui_url)
     env.update(
         PYTHONPATH=str(ROOT),
-        DOCKER_HOST="unix:///nonexistent/vram-supervisor-soak.sock",
+        DOCKER_HOST=docker_host or "unix:///nonexistent/vram-supervisor-soak.sock",
         VRAM_HTTP_HOST="127.0.0.1",
         VRAM_HTTP_PORT=str(http_port),
         VRAM_LOG_FORMAT="json",
-        VRAM_OLLAMA_URL=host.ollama_url,
-        VRAM_COMFYUI_URL=host.comfyui_url,
         VRAM_GATE_PORT=str(gate_port),
         VRAM_GATE_HOST="127.0.0.1",
         SOAK_TIME_SCALE=f"{run.time_scale:g}",
@@ -181,11 +194,30 @@ def _tcp_sockets(pid: int) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _unix_peers() -> dict[str, str]:
+    """Unix socket inode -> the path its peer listens on (`ss -xn`; {} without ss): a
+    client's end of a connection to the Docker socket shows as "to /path/docker.sock"."""
+    try:
+        out = subprocess.run(
+            ["ss", "-xn"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    peers: dict[str, str] = {}
+    for row in out.splitlines()[1:]:
+        f = row.split()
+        # Netid State Recv-Q Send-Q Local-path Local-inode Peer-path Peer-inode
+        if len(f) >= 8 and f[4].startswith("/"):
+            peers[f[7]] = f[4]
+    return peers
+
+
 def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
     """Open descriptors by kind: pipe, anon_inode:[eventpoll], a file's path, or a TCP
     socket by state and by which of `ports` (port -> name) it listens on or talks to."""
     kinds: dict[str, int] = {}
     tcp = _tcp_sockets(pid) if ports is not None else {}
+    unix = _unix_peers() if ports is not None else {}
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
@@ -202,6 +234,8 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
                     kind = f"from a client of {ports[local]} ({state})"
                 else:
                     kind = f"to {ports.get(remote, remote)} ({state})"
+            elif inode in unix:
+                kind = f"unix socket to {unix[inode]}"
             kinds[kind] = kinds.get(kind, 0) + 1
     except OSError:
         pass
@@ -230,7 +264,7 @@ class Clients:
     """Chat clients through the gate (one thread each, as independent clients), image jobs
     straight to ComfyUI."""
 
-    def __init__(self, run: SoakRun, host: SoakHost, gate_url: Callable[[], str]) -> None:
+    def __init__(self, run: SoakRun, host: Any, gate_url: Callable[[], str]) -> None:
         self.run = run
         self.host = host
         self.gate_url = gate_url
@@ -316,9 +350,7 @@ class Clients:
 
 
 class Sampler:
-    def __init__(
-        self, run: SoakRun, host: SoakHost, clients: Clients, sup: Callable[[], Supervisor]
-    ):
+    def __init__(self, run: SoakRun, host: Any, clients: Clients, sup: Callable[[], Supervisor]):
         self.run = run
         self.host = host
         self.clients = clients
@@ -384,8 +416,39 @@ def run_soak(
     clock_file = workdir / "clock-offset"
     host = SoakHost(workdir, catalog=catalog(), time_scale=time_scale, gpu_gib=GPU_TOTAL_GIB)
     injector = Injector(host, clock_file)
+    return soak_on(
+        run,
+        host,
+        injector,
+        lambda: start_supervisor(host, run, clock_file),
+        duration_s=duration_s,
+        sample_s=sample_s,
+        checkpoints=checkpoints,
+        progress=progress,
+    )
+
+
+def soak_on(
+    run: SoakRun,
+    host: Any,
+    injector: Any,
+    start: Callable[[], Supervisor],
+    *,
+    duration_s: float,
+    sample_s: float,
+    checkpoints: tuple[tuple[str, float], ...],
+    progress: Callable[[str], None],
+) -> SoakRun:
+    """The run itself on a host that is up (either form): the supervisor (`start`), the
+    workload, the faults (`injector.start/end`), the samples and checkpoints; `host.close()`
+    at the end. `host` has `direct_url(service)`, `proxy(service)`, `ollama_proxy`,
+    `comfy_proxy` and `close()`, as SoakHost."""
     holder: dict[str, Supervisor] = {}
-    holder["sup"] = start_supervisor(host, run, clock_file)
+    try:
+        holder["sup"] = start()
+    except BaseException:
+        host.close()
+        raise
     clients = Clients(run, host, lambda: holder["sup"].gate_url)
     sampler = Sampler(run, host, clients, lambda: holder["sup"])
     try:
@@ -398,13 +461,13 @@ def run_soak(
             clients,
             sampler,
             holder,
-            clock_file,
+            start,
             duration_s,
             sample_s,
             progress,
         )
         # Drain: the last answers come in (simulated minutes), then the last figures.
-        checkpoint(run, clients, sampler, "end")
+        checkpoint(run, clients, sampler, "end", getattr(injector, "settle", None))
         run.ended = time.monotonic()
         sup = holder["sup"]
         try:
@@ -444,12 +507,12 @@ def run_soak(
 def _drive(
     checkpoint_at: tuple[tuple[str, float], ...],
     run: SoakRun,
-    host: SoakHost,
-    injector: Injector,
+    host: Any,
+    injector: Any,  # start(fault) / end(fault)
     clients: Clients,
     sampler: Sampler,
     holder: dict[str, Supervisor],
-    clock_file: Path,
+    restart: Callable[[], Supervisor],
     duration_s: float,
     sample_s: float,
     progress: Callable[[str], None],
@@ -480,7 +543,10 @@ def _drive(
             # lengths already keeps its decode busy all the time).
             hour_events = [
                 ChatEvent(
-                    e.at_s + offset, e.model, max(16, round(e.num_predict / run.rate)), e.words
+                    e.at_s + offset,
+                    run.model_names.get(e.model, e.model),
+                    max(16, round(e.num_predict / run.rate)),
+                    e.words,
                 )
                 if isinstance(e, ChatEvent)
                 else ImageEvent(e.at_s + offset, e.checkpoint, e.steps)
@@ -506,7 +572,8 @@ def _drive(
                 active.append(fault)
             progress(f"   {_hms(fault.at_s)} fault: {fault.describe()}, {fault.duration_s:.0f} s")
         if checkpoints and now_s >= checkpoints[0][1]:
-            checkpoint(run, clients, sampler, checkpoints.pop(0)[0])
+            settle = getattr(injector, "settle", None)
+            checkpoint(run, clients, sampler, checkpoints.pop(0)[0], settle)
             progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
         if now_s >= next_sample:
             sampler.sample()
@@ -516,7 +583,7 @@ def _drive(
             if code is not None:  # target 0; counted, then started again to go on
                 run.supervisor_exits.append((time.monotonic(), code))
                 progress(f"   {_hms(now_s)} THE SUPERVISOR EXITED with {code}; starting it again")
-                holder["sup"] = start_supervisor(host, run, clock_file)
+                holder["sup"] = restart()
         if now_s >= next_progress:
             s = run.samples[-1]
             progress(
@@ -537,13 +604,21 @@ def _drive(
         fault.real_end = time.monotonic()
 
 
-def checkpoint(run: SoakRun, clients: Clients, sampler: Sampler, name: str) -> None:
+def checkpoint(
+    run: SoakRun,
+    clients: Clients,
+    sampler: Sampler,
+    name: str,
+    settle: Callable[[], None] | None = None,
+) -> None:
     """The supervisor's RSS, threads and descriptors at a quiet moment: the schedule stands
     still until no chat is in flight (at most QUIET_WAIT simulated seconds) and the clients
     close their idle connections, so sockets that clients hold open are not counted as
     growth; then the least of five readings (a pass's read threads come and go)."""
     paused = time.monotonic()
-    deadline = paused + max(5.0, QUIET_WAIT_S * run.time_scale)
+    if settle is not None:  # a fault still under way in the background ends first
+        settle()
+    deadline = time.monotonic() + max(5.0, QUIET_WAIT_S * run.time_scale)
     while clients.inflight and time.monotonic() < deadline:
         time.sleep(0.05)
     if not clients.inflight:

@@ -33,7 +33,32 @@ def _follow(path: Path) -> None:
         time.sleep(0.05)
 
 
+def _trace_memory(path: Path, after_s: float) -> None:
+    """Diagnosis: where the memory that grew after `after_s` was allocated, written to
+    `path` at exit (SOAK_TRACEMALLOC=path, SOAK_TRACEMALLOC_AFTER=seconds)."""
+    import atexit
+    import tracemalloc
+
+    tracemalloc.start(12)
+    first: list[tracemalloc.Snapshot] = []
+    threading.Timer(after_s, lambda: first.append(tracemalloc.take_snapshot())).start()
+
+    def dump() -> None:
+        if not first:
+            return
+        diff = tracemalloc.take_snapshot().compare_to(first[0], "traceback")
+        with path.open("w") as out:
+            for stat in diff[:12]:
+                out.write(f"{stat.size_diff / 1024:.0f} KiB in {stat.count_diff} blocks\n")
+                out.write("\n".join(stat.traceback.format()[-12:]) + "\n\n")
+
+    atexit.register(dump)
+
+
 def main() -> int:
+    if os.environ.get("SOAK_TRACEMALLOC"):
+        after = float(os.environ.get("SOAK_TRACEMALLOC_AFTER", "20"))
+        _trace_memory(Path(os.environ["SOAK_TRACEMALLOC"]), after)
     clock_file = os.environ.get("SOAK_CLOCK_FILE")
     if clock_file:
         time.time = _stepped_time

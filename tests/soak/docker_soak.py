@@ -1,0 +1,437 @@
+"""The soak's Docker-backed form: the real supervisor discovers labelled sim containers on a
+real Docker engine, while Docker itself is what breaks.
+
+    .venv/bin/python -m tests.soak --docker --hours 2     # see docs/soak.md
+
+The host: the simulator's Ollama and ComfyUI, each in a host-network container of the
+offline base image with this checkout mounted (tests/integration/harness.py's `Sims`), on
+one file-backed 24 GiB GPU that the supervisor reads through the fake NVML library. Each
+carries `vram-supervisor.role` and a `vram-supervisor.url` that points at a counting proxy
+(tests/soak/proxy.py, always in pass mode) in front of the container's fixed port: every
+action that reaches the service is counted with its time, as in the fixed-URL form. The
+supervisor (`python -m supervisor run` with the gate) is given DOCKER_HOST and no URL.
+
+The faults (one at a time, in seeded rounds, as faults.py's): a container recreated (same
+name, new id), renamed (and renamed back), stopped by the user (started again later),
+recreated without its role label (and later with it), and a burst of short-lived
+containers, labelled and not, that makes hundreds of Docker events. The run, the figures
+and the targets are the fixed-URL form's (run.py's `soak_on`, report.py's `evaluate`),
+plus "actions on unlabelled containers".
+
+The Docker daemon restart is not among them: it is tested once, on a private engine, by
+tests/integration/test_supervisor_zz_daemon_restart.py.
+
+Other supervisors and labelled services on the engine (not this soak's) are paused for the
+run, as the integration harness's `isolated_engine` does, and unpaused after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+from docker.errors import APIError, DockerException, NotFound
+from docker.models.containers import Container
+
+from supervisor.sim.nvml_build import STATE_ENV, build_fake_nvml
+from tests.bench.supervisor_proc import Supervisor
+from tests.integration.harness import (
+    HARNESS_LABEL,
+    ROLE_LABEL,
+    RUN_ID,
+    URL_LABEL,
+    Sim,
+    Sims,
+    _is_foreign_actor,
+)
+from tests.soak.faults import DOCKER_KINDS, Fault
+from tests.soak.proxy import FaultProxy, ProxyLoop
+from tests.soak.run import (
+    CHECKPOINTS,
+    SoakRun,
+    soak_on,
+    start_supervisor,
+    supervisor_settings,
+)
+
+BASE_IMAGE = "vram-supervisor-base:bookworm"
+SOAK_LABEL = "vram-supervisor-tests.soak"
+# Fixed ports of this form on 127.0.0.1 (see tests/integration/conftest.py's table).
+OLLAMA_PORT, COMFYUI_PORT, NOBODY_PORT = 19601, 19602, 19699
+# The simulator's catalog has no gemma2:27b; its biggest model plays the big one.
+MODEL_NAMES = {"gemma2:27b": "qwen2.5:32b"}
+
+
+def make_docker_faults(seed: int, duration_s: float, mean_gap_s: float, burst: int) -> list[Fault]:
+    """As faults.make_faults: rounds of every kind once, in a seeded order."""
+    rng = random.Random(f"docker-faults-{seed}")
+    # First a burst: it fills the Docker SDK's connection pools (one per API path, up to
+    # 25) before the start checkpoint, as the fixed-URL form lets its thread pools fill.
+    faults: list[Fault] = [Fault(60.0, "event_burst", duration_s=120.0)]
+    faults[0].params["containers"] = burst
+    t = faults[0].end_s + rng.expovariate(1 / mean_gap_s) + 30.0
+    order: list[str] = []
+    targets = ("ollama", "comfyui")
+    first = {kind: rng.randrange(2) for kind in DOCKER_KINDS}
+    while True:
+        if not order:
+            order = list(DOCKER_KINDS)
+            rng.shuffle(order)
+        kind = order.pop()
+        fault = Fault(round(t, 1), kind)
+        if kind != "event_burst":  # each target in turn, the first drawn
+            done = sum(1 for f in faults if f.kind == kind)
+            fault.target = targets[(done + first[kind]) % 2]
+        else:
+            fault.params["containers"] = burst
+        if kind in ("rename", "user_stop", "unlabel"):
+            fault.duration_s = round(rng.uniform(60, 300), 1)
+        elif kind == "event_burst":
+            fault.duration_s = 120.0  # the burst runs in the background meanwhile
+        if fault.end_s > duration_s - 120:
+            break
+        faults.append(fault)
+        t = fault.end_s + rng.expovariate(1 / mean_gap_s) + 30.0
+    return faults
+
+
+class DockerSoakHost:
+    """The two sim containers, their counting proxies, the GPU state, the burst."""
+
+    def __init__(self, client: docker.DockerClient, workdir: Path, time_scale: float):
+        self.client = client
+        self.state_dir = workdir / "gpu-state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.libdir = build_fake_nvml(workdir / "nvml").parent
+        self.session = uuid.uuid4().hex[:8]
+        self.created: list[Container] = []
+        self._lock = threading.Lock()
+        self.sims = Sims(self._run, BASE_IMAGE, self.state_dir, time_scale=time_scale)
+        self._loop = ProxyLoop()
+        self._closed = False
+        self.ollama_proxy: FaultProxy = self._loop.proxy("ollama", ("127.0.0.1", OLLAMA_PORT))
+        self.comfy_proxy: FaultProxy = self._loop.proxy("comfyui", ("127.0.0.1", COMFYUI_PORT))
+        self.names = {r: f"vs-soak-{self.session}-{r}" for r in ("ollama", "comfyui")}
+        self.current: dict[str, Sim] = {}
+        self.down: set[str] = set()
+        self.paused: list[Container] = []
+        try:
+            self._pause_others()
+            for role in ("ollama", "comfyui"):
+                self.current[role] = self._start(role, labelled=True)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ containers
+
+    def _run(self, image: str, command: list[str] | None = None, **kwargs: Any) -> Container:
+        kwargs["detach"] = True
+        labels = {**(kwargs.get("labels") or {}), SOAK_LABEL: self.session}
+        if ROLE_LABEL in labels:  # the URL label points at the proxy, not at the port
+            labels[URL_LABEL] = self.proxy(labels[ROLE_LABEL]).url
+        kwargs["labels"] = labels
+        container: Container = self.client.containers.run(image, command, **kwargs)
+        with self._lock:
+            self.created.append(container)
+        return container
+
+    def _start(self, role: str, *, labelled: bool) -> Sim:
+        port = OLLAMA_PORT if role == "ollama" else COMFYUI_PORT
+        return self.sims.start(role, name=self.names[role], port=port, labelled=labelled)
+
+    def _remove(self, role: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.current[role].container.remove(force=True)
+
+    def _pause_others(self) -> None:
+        for container in self.client.containers.list():
+            if (container.labels or {}).get(SOAK_LABEL):
+                continue
+            if _is_foreign_actor(container):
+                with contextlib.suppress(APIError, NotFound):
+                    container.pause()
+                    self.paused.append(container)
+
+    # ------------------------------------------------------------------ faults
+
+    def recreate(self, role: str, *, labelled: bool = True) -> None:
+        self.down.add(role)
+        self._remove(role)
+        self.current[role] = self._start(role, labelled=labelled)
+        self.down.discard(role)
+
+    def rename(self, role: str, suffix: str) -> str:
+        """Rename the container to its name + `suffix`; returns the name it has now."""
+        container = self.current[role].container
+        wanted = self.names[role] + suffix
+        container.reload()
+        if container.name != wanted:
+            container.rename(wanted)
+            container.reload()
+        return str(container.name)
+
+    def user_stop(self, role: str) -> None:
+        self.down.add(role)
+        self.current[role].container.stop(timeout=5)
+
+    def user_start(self, role: str) -> None:
+        self.current[role].container.start()
+        self.current[role].wait_ready(30)
+        self.down.discard(role)
+
+    def frees_requested(self, role: str) -> int:
+        """The frees the fake ComfyUI itself counts (0 for an Ollama: its own counter of
+        unloads counts its model switches too, so the proxy's count of unload requests is
+        the one that tells)."""
+        if role == "ollama":
+            return 0
+        return int(self.current[role].get("/sim/stats")["frees_requested"])
+
+    def burst(self, count: int) -> None:
+        """`count` short-lived containers, every other one labelled as a ComfyUI at a port
+        where nothing answers: each is created, started, dies and is removed."""
+        per_thread = [list(range(i, count, 3)) for i in range(3)]
+
+        def work(indexes: list[int]) -> None:
+            for i in indexes:
+                labels = {
+                    HARNESS_LABEL: RUN_ID,
+                    SOAK_LABEL: self.session,
+                    f"{SOAK_LABEL}-burst": self.session,
+                }
+                if i % 2 == 0:
+                    labels[ROLE_LABEL] = "comfyui"
+                    labels["vram-supervisor.url"] = f"http://127.0.0.1:{NOBODY_PORT}"
+                try:
+                    c = self.client.containers.run(
+                        BASE_IMAGE,
+                        ["true"],
+                        name=f"vs-soak-{self.session}-burst-{i}",
+                        labels=labels,
+                        network_mode="host",
+                        detach=True,
+                    )
+                    c.wait(timeout=30)
+                    c.remove(force=True)
+                except (DockerException, httpx.HTTPError, OSError) as exc:
+                    print(f"burst container {i}: {exc}")
+
+        threads = [threading.Thread(target=work, args=(ix,), daemon=True) for ix in per_thread]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+
+    def counted_burst(self, count: int) -> int:
+        """`burst(count)`, counting the events the engine streams for its containers
+        meanwhile (a `since` query would see only the engine's last 256 events)."""
+        seen = [0]
+        stream = self.client.events(
+            decode=True, filters={"label": f"{SOAK_LABEL}-burst={self.session}"}
+        )
+
+        def count_them() -> None:
+            with contextlib.suppress(DockerException, httpx.HTTPError, OSError, ValueError):
+                for _ in stream:
+                    seen[0] += 1
+
+        counter = threading.Thread(target=count_them, daemon=True)
+        counter.start()
+        try:
+            self.burst(count)
+            time.sleep(1.0)  # the last events arrive
+        finally:
+            with contextlib.suppress(Exception):  # closing a stream may raise anything
+                stream.close()
+            counter.join(5)
+        return seen[0]
+
+    # ------------------------------------------------------------------ SoakHost's face
+
+    def proxy(self, service: str) -> FaultProxy:
+        return self.ollama_proxy if service == "ollama" else self.comfy_proxy
+
+    def direct_url(self, service: str) -> str | None:
+        if service in self.down:
+            return None
+        return f"http://127.0.0.1:{OLLAMA_PORT if service == 'ollama' else COMFYUI_PORT}"
+
+    def nvml_env(self) -> dict[str, str]:
+        return {"LD_LIBRARY_PATH": str(self.libdir), STATE_ENV: str(self.state_dir / "gpu.json")}
+
+    def close(self) -> None:
+        """Removes every container of this run, unpauses the others (may run twice)."""
+        with self._lock:
+            created = list(self.created)
+        for container in created:
+            with contextlib.suppress(APIError, NotFound):
+                container.remove(force=True)
+        for container in self.client.containers.list(
+            all=True, filters={"label": f"{SOAK_LABEL}={self.session}"}
+        ):
+            with contextlib.suppress(APIError, NotFound):
+                container.remove(force=True)
+        for container in self.paused:
+            with contextlib.suppress(APIError, NotFound):
+                container.unpause()
+        self.paused = []
+        if not self._closed:
+            self._closed = True
+            self._loop.close()
+
+
+class DockerInjector:
+    """Starts and ends the Docker faults; records what reached an unlabelled container."""
+
+    def __init__(self, host: DockerSoakHost, run: SoakRun, overlap: bool = True):
+        self.host = host
+        self.run = run
+        self.overlap = overlap  # False: every fault waits for a running burst to end
+        self._burst: threading.Thread | None = None
+
+    def start(self, fault: Fault) -> None:
+        if not self.overlap:
+            self.wait_burst()
+        h, role = self.host, fault.target
+        if fault.kind == "recreate":
+            old = h.current[role].container.id
+            h.recreate(role)
+            fault.params["new_id"] = (h.current[role].container.id or "")[:12]
+            assert old != h.current[role].container.id
+        elif fault.kind == "rename":
+            if not h.rename(role, "-renamed").endswith("-renamed"):
+                raise RuntimeError(f"docker rename of the {role} container did not take")
+        elif fault.kind == "user_stop":
+            h.user_stop(role)
+        elif fault.kind == "unlabel":
+            h.recreate(role, labelled=False)
+            fault.params["unlabelled_at"] = time.monotonic()
+            fault.params["requests_before"] = h.proxy(role).stats.requests
+        elif fault.kind == "event_burst":
+            self.wait_burst()  # one burst at a time (other faults may meet a long one)
+            self._burst = threading.Thread(target=self._run_burst, args=(fault,), daemon=True)
+            self._burst.start()
+        fault.real_end = time.monotonic()  # done (the schedule waited for it)
+
+    def end(self, fault: Fault) -> None:
+        h, role = self.host, fault.target
+        if fault.kind == "rename":
+            h.rename(role, "")
+        elif fault.kind == "user_stop":
+            h.user_start(role)
+        elif fault.kind == "unlabel":
+            self._check_unlabelled(fault)
+            h.recreate(role)
+
+    def _run_burst(self, fault: Fault) -> None:
+        """The burst, in the background (the schedule goes on), then its events counted."""
+        events = self.host.counted_burst(int(fault.params["containers"]))
+        fault.params["events"] = events
+        self.run.docker_events += events
+
+    def wait_burst(self) -> None:
+        """Until the running burst is over (also before a checkpoint: `settle`)."""
+        if self._burst is not None:
+            self._burst.join(600)
+            self._burst = None
+
+    settle = wait_burst
+
+    def _check_unlabelled(self, fault: Fault) -> None:
+        """Nothing may act on the unlabelled container: no unload or free at its proxy
+        since it was created, none counted by the fake itself, no action line about it."""
+        role, since = fault.target, float(fault.params.pop("unlabelled_at"))
+        name = self.host.names[role]
+        found = [
+            f"{m.kind} at the {role} proxy"
+            for m in self.host.proxy(role).stats.mutations
+            if m.at >= since and m.kind in ("free", "unload")
+        ]
+        self.run.unlabelled_requests += self.host.proxy(role).stats.requests - int(
+            fault.params.pop("requests_before")
+        )
+        try:
+            if frees := self.host.frees_requested(role):
+                found.append(f"{role}'s own count of frees requested: {frees}")
+        except (httpx.HTTPError, ValueError, KeyError) as exc:  # the proxy and log still tell
+            self.run.notes.append(f"{fault.describe()}: its own counters unreadable: {exc}")
+        for at, entry in self.run.log:
+            message = str(entry.get("message", ""))
+            if at >= since and name in message and _is_action(message):
+                found.append(f"log: {message[:160]}")
+        self.run.unlabelled_actions += [f"{fault.describe()}: {f}" for f in found]
+
+
+def _is_action(message: str) -> bool:
+    return message.startswith(("Freed", "Restarted", "Unloaded", "Interrupted", "Healed"))
+
+
+def engine(docker_host: str) -> docker.DockerClient:
+    client = docker.DockerClient(base_url=docker_host, timeout=120)
+    client.ping()
+    client.images.get(BASE_IMAGE)
+    return client
+
+
+@contextlib.contextmanager
+def _client(docker_host: str) -> Iterator[docker.DockerClient]:
+    client = engine(docker_host)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run_docker_soak(
+    *,
+    docker_host: str,
+    hours: float,
+    time_scale: float,
+    rate: float,
+    seed: int,
+    fault_gap_s: float,
+    workdir: Path,
+    burst: int = 100,
+    overlap: bool = True,
+    sample_s: float = 60.0,
+    checkpoints: tuple[tuple[str, float], ...] = CHECKPOINTS,
+    progress: Callable[[str], None] = print,
+) -> SoakRun:
+    duration_s = hours * 3600
+    run = SoakRun(hours, time_scale, rate, seed, fault_gap_s, docker=True)
+    run.settings = supervisor_settings(time_scale)
+    run.model_names = dict(MODEL_NAMES)
+    run.kinds = dict(DOCKER_KINDS)
+    run.faults = make_docker_faults(seed, duration_s, fault_gap_s, burst)
+    clock_file = workdir / "clock-offset"
+    clock_file.write_text("0")
+    with _client(docker_host) as client:
+        host = DockerSoakHost(client, workdir, time_scale)
+
+        def start() -> Supervisor:
+            return start_supervisor(host, run, clock_file, docker_host)
+
+        injector = DockerInjector(host, run, overlap)
+        try:
+            return soak_on(
+                run,
+                host,
+                injector,
+                start,
+                duration_s=duration_s,
+                sample_s=sample_s,
+                checkpoints=checkpoints,
+                progress=progress,
+            )
+        finally:
+            injector.wait_burst()
+            host.close()  # again (soak_on's is bounded): no container is left behind
