@@ -165,9 +165,22 @@ class Actor:
             )
 
     def capped(self, action: Action) -> Outcome | None:
-        """The safety limit (module doc): None when `action` may run (it is counted), else
-        the FAILED outcome to report instead. Safe from any thread."""
+        """Whether `action` may run now: None when it may (it is counted by the safety
+        limit), else the FAILED outcome to report instead, sent nothing: over the safety
+        limit (module doc), or its container no longer carries its role label (it was
+        recreated without it, or removed, since the last listing: a container that opted
+        out is never acted on). Safe from any thread."""
         now = self.clock()
+        if (gone := self._not_ours(action.target)) is not None:
+            logger.info(f"Not acting on {action.target}: {gone}")
+            return Outcome(
+                action,
+                now,
+                ok=False,
+                result=FreeResult.FAILED,
+                detail=f"skipped: {gone}",
+                sent=False,
+            )
         with self._cap_lock:
             times = self._action_times.setdefault(action.target, deque())
             while times and now - times[0] > 60.0:
@@ -179,6 +192,35 @@ class Actor:
         why = f"already {count} actions on it in the last minute (safety limit)"
         logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
         return Outcome(action, now, ok=False, result=FreeResult.FAILED, detail=f"skipped: {why}")
+
+    def _not_ours(self, target: str) -> str | None:
+        """Why the container behind `target` may not be acted on any more (None: it may,
+        or it is a fixed URL, or Docker cannot say now: the listing of a moment ago
+        stands)."""
+        t = self.targets()
+        found = (
+            t.comfyuis.get(target)
+            or t.ollamas.get(target)
+            or t.model_servers.get(target)
+            or t.job_servers.get(target)
+        )
+        spec = found[0] if found is not None else None
+        docker = self._docker()
+        if spec is None or spec.container_id is None or docker is None:
+            return None
+        try:
+            role = docker.role_label(spec.container_id)
+        except DockerUnavailable as exc:
+            logger.debug(f"Cannot check the label of {target} before acting: {exc}")
+            return None
+        if role is None:
+            return (
+                f"its container {spec.container_id[:12]} is gone (removed or recreated) or "
+                "no longer carries the vram-supervisor.role label"
+            )
+        if role != spec.role:
+            return f"its container {spec.container_id[:12]} now has the role label {role!r}"
+        return None
 
     def serving(self, target: str) -> frozenset[str]:
         """The models of model server `target` with a request in flight through a gate."""

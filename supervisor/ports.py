@@ -170,6 +170,11 @@ class DockerApi(Protocol):
 
     def restart(self, container_id: str, timeout_s: float) -> None: ...
 
+    def role_label(self, container_id: str) -> str | None:
+        """The container's `vram-supervisor.role` label as it is now (inspect); None when
+        the container is gone or carries none."""
+        ...
+
 
 class EventSource(Protocol):
     """Follows the Docker events stream in the background and calls `on_event` for each

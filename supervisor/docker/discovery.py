@@ -236,6 +236,16 @@ class DockerAdapter:
                 f"Docker top of container {container_id[:12]} gave an unreadable answer: {top!r}"
             ) from exc
 
+    def role_label(self, container_id: str) -> str | None:
+        with self._calling(f"inspect of container {container_id[:12]}"):
+            try:
+                attrs = self._get_client().api.inspect_container(container_id)
+            except docker.errors.NotFound:
+                return None
+        labels = ((attrs or {}).get("Config") or {}).get("Labels") or {}
+        value = labels.get(ROLE.key) if isinstance(labels, dict) else None
+        return value.strip().lower() if isinstance(value, str) else None
+
     def restart(self, container_id: str, timeout_s: float) -> None:
         with self._calling(f"restart of container {container_id[:12]}"):
             # The API takes whole seconds; round up so the stop timeout is never shortened.

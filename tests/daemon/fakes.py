@@ -365,6 +365,7 @@ class FakeContainer:
     status: str = "running"
     pids: tuple[int, ...] = ()
     pids_fn: Callable[[], tuple[int, ...]] | None = None
+    unlabelled: bool = False  # its role label was removed (recreated without it)
 
 
 class FakeDocker:
@@ -421,6 +422,14 @@ class FakeDocker:
             if c.spec.container_id == container_id:
                 return c.pids_fn() if c.pids_fn else c.pids
         raise DockerUnavailable(f"no such container {container_id}")
+
+    def role_label(self, container_id: str) -> str | None:
+        if self.fail:
+            raise self.fail
+        for c in self.containers.values():
+            if c.spec.container_id == container_id:
+                return None if c.unlabelled else str(c.spec.role)
+        return None
 
     def restart(self, container_id: str, timeout_s: float) -> None:
         if self.fail:

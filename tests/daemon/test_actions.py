@@ -73,9 +73,13 @@ def make_actor(
     cid = "id-comfyui" if container else None
     if docker is not None and "comfyui" not in docker.containers:
         docker.add(Role.COMFYUI, "comfyui", w.comfy.base_url, pids=(w.comfy.pid,))
+    if docker is not None and "ollama" not in docker.containers:
+        docker.add(Role.OLLAMA, "ollama", w.ollama.base_url)
     targets = Targets(
         comfyuis={COMFY: (ServiceSpec(Role.COMFYUI, "comfyui", w.comfy.base_url, cid), w.comfy)},
-        ollamas={OLLAMA: (ServiceSpec(Role.OLLAMA, "ollama", w.ollama.base_url, "id-o"), w.ollama)},
+        ollamas={
+            OLLAMA: (ServiceSpec(Role.OLLAMA, "ollama", w.ollama.base_url, "id-ollama"), w.ollama)
+        },
         ollama_profiles={OLLAMA: ollama_profile(ollama_version, {}, w.gpu.total_bytes)},
     )
     actor = Actor(
@@ -839,3 +843,23 @@ def test_a_model_with_a_request_in_flight_through_a_gate_is_never_unloaded(
     in_flight.clear()  # the chat ended
     done = actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
     assert done.ok and server.unloads == ["qwen"]
+
+
+def test_a_container_that_lost_its_role_label_is_never_acted_on(
+    world: World, logs: list[str]
+) -> None:
+    """Found by the Docker-backed soak: a ComfyUI recreated without its role label was
+    freed 0.3 s before the next listing noticed (during an event burst the listing runs
+    1-2 s behind the engine). The Actor reads the label again right before acting: a
+    container that opted out is never acted on, and that sends nothing."""
+    docker = FakeDocker()
+    actor, _ = make_actor(world, docker=docker)
+    docker.containers["comfyui"].unlabelled = True
+    outcome = actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "GPU over the threshold"))
+    assert not outcome.ok and not outcome.sent and world.comfy.free_calls == []
+    assert "no longer carries the vram-supervisor.role label" in outcome.detail
+    assert actor.execute(RestartComfy(COMFY, "pinned")).sent is False
+    assert docker.restarts == []
+    docker.containers["comfyui"].unlabelled = False  # relabelled: acted on again
+    assert actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "again")).sent
+    assert world.comfy.free_calls == [(True, False)]

@@ -66,6 +66,7 @@ def ours(adapter: DockerAdapter, *names: str) -> dict[str, ContainerState]:
 
 def test_discovers_labelled_containers_on_the_host_network(
     adapter: DockerAdapter,
+    docker_client: docker.DockerClient,
     run_container: Callable[..., Container],
     base_image: str,
     wait_healthy: Callable[..., None],
@@ -115,10 +116,17 @@ def test_discovers_labelled_containers_on_the_host_network(
     assert found[comfy].pid in pids or ours(adapter, comfy)[comfy].pid in pids
     assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
 
+    # The label as it is now (what the Actor reads right before acting).
+    assert adapter.role_label(comfy_c.id) == "comfyui"
+    plain_id = docker_client.containers.get(plain).id
+    assert adapter.role_label(plain_id) is None
+
     comfy_c.stop(timeout=5)
     stopped = ours(adapter, comfy)[comfy]
     assert stopped.status == "exited" and not stopped.is_running and stopped.pid == 0
     assert adapter.container_pids(comfy_c.id) == ()
+    comfy_c.remove()
+    assert adapter.role_label(comfy_c.id) is None  # gone
 
 
 def test_restart_gives_a_new_process_and_recreate_a_new_id(
