@@ -6,6 +6,7 @@
     python -m supervisor.sim all     [--ollama-port 11434] [--comfyui-port 8188]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
+    python -m supervisor.sim vllm --help         # a fake vLLM (its own options: sim/vllm.py)
 
 The fake NVML library reads the file named by SIM_GPU_STATE (default
 /var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
@@ -179,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["vllm"]:  # a mode with options of its own (supervisor/sim/vllm.py)
+        from supervisor.sim import vllm
+
+        return vllm.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.profile is None:
