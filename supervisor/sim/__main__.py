@@ -7,6 +7,7 @@
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
     python -m supervisor.sim vllm --help         # a fake vLLM (its own options: sim/vllm.py)
+    python -m supervisor.sim speaches --help     # a fake speaches (sim/speaches.py)
 
 The fake NVML library reads the file named by SIM_GPU_STATE (default
 /var/lib/vram-sim/gpu.json): put DIR on LD_LIBRARY_PATH and pynvml sees the simulated GPU.
@@ -185,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from supervisor.sim import vllm
 
         return vllm.main(argv[1:])
+    if argv[:1] == ["speaches"]:  # a mode with options of its own (supervisor/sim/speaches.py)
+        from supervisor.sim import speaches
+
+        return speaches.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.profile is None:
