@@ -85,14 +85,14 @@ def start(world: World) -> Supervisor:
     return sup
 
 
-def submit_comfy_job(client: httpx.Client, url: str, seconds: float) -> None:
+def submit_comfy_job(client: httpx.Client, url: str, seconds: float, model_gib: int = 8) -> None:
     job = {
         "prompt": {
             "9": {
                 "class_type": "SimJob",
                 "inputs": {
-                    "ckpt_name": "sim-8.safetensors",
-                    "model_gib": 8,
+                    "ckpt_name": f"sim-{model_gib}.safetensors",
+                    "model_gib": model_gib,
                     "workspace_gib": 1,
                     "seconds": seconds,
                     "steps": 4,
@@ -202,6 +202,39 @@ def test_a_comfyui_job_puts_idle_vllm_to_sleep_never_a_busy_one_and_a_request_wa
     [server] = snapshot["model_servers"]
     assert server["kind"] == "vLLM" and server["mode"] == "sleep mode", server
     assert "Traceback" not in sup.log()
+
+
+def test_a_sleeping_vllm_is_woken_only_when_its_room_is_back(world: World) -> None:
+    """A bigger ComfyUI job runs while vLLM sleeps: the card has no room for vLLM's
+    reservation, and a wake then would fail inside vLLM (CUDA out of memory, the fake
+    dies of it). The request waits in vLLM's queue until the job ends and ComfyUI is
+    freed; then vLLM is woken and the request answered."""
+    vllm, comfy_url = world.vllm, world.host.comfyui_url
+    sup = start(world)
+    try:
+        with httpx.Client(timeout=30) as client:
+            submit_comfy_job(client, comfy_url, seconds=30)  # 3 s: puts vLLM to sleep
+            submit_comfy_job(client, comfy_url, seconds=150, model_gib=12)  # then 15 s
+            sup.wait_for(f"Unloaded model {MODEL} on vllm/vllm")
+            until(
+                lambda: world.host.gpu.free_bytes() < vllm.reserve_bytes - vllm.context_bytes,
+                "the second job to take vLLM's room",
+                sup,
+            )
+            request = complete(world.vllm_url, 10)
+            sup.wait_for(f"Not waking {MODEL} on vllm/vllm yet: its sleep gave back 14.2 GiB")
+            assert vllm.sleeping and vllm.waiting == 1 and not vllm.dead.is_set()
+            assert not comfy_idle(client, comfy_url)
+            woke = sup.wait_for(f"Woke model {MODEL} on vllm/vllm", timeout_s=60)
+            answer = request()
+            assert answer["choices"][0]["finish_reason"] == "length"
+            assert not vllm.dead.is_set() and vllm.held_bytes() == vllm.reserve_bytes
+            freed = [at for at, line in sup.lines if "Freed ComfyUI memory" in line]
+            assert freed and min(freed) < woke, sup.log()
+            assert "Skipping WakeModel" not in sup.log()  # no storm of refused wakes
+    finally:
+        code = stop(sup)
+    assert code == 0, sup.log()
 
 
 def test_an_old_engine_is_never_put_to_sleep(world: World) -> None:
