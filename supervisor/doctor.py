@@ -5,7 +5,9 @@ Docker when it is needed, a labelled container per role, every service API answe
 Not essential (a WARN): NVML (the API source works without it), a stopped container, an
 unhealthy running supervisor, and no VRAM reading at all (no NVML and no ComfyUI on a
 CUDA device): the supervisor then runs but cannot see, so the result is not "all good".
-Each ComfyUI's version and memory mode (classic, Dynamic VRAM, CPU) is shown.
+Each ComfyUI's version and memory mode (classic, Dynamic VRAM, CPU) is shown, and each
+service of the registry's other kinds (VRAM_SERVICES, labelled containers) with its kind
+and mode (e.g. whether a model server can sleep or unload).
 It only reads: it never frees, restarts or loads anything.
 Heavy imports (docker, httpx, pynvml) happen inside, as in `cli`.
 """
@@ -44,9 +46,14 @@ def _api_answers(what: str, url: str, describe: Callable[[], str], variable: str
         return False
 
 
-def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bool:
+def _discover(
+    settings: Settings,
+    urls: dict[Role, list[tuple[str, str]]],
+    others: list[tuple[str, str, str]] | None = None,
+) -> bool:
     """Docker reachable, and a running container per role without a fixed URL (added to
-    `urls`). False when something essential failed."""
+    `urls`; running containers of the other kinds to `others`). False when something
+    essential failed."""
     from supervisor.docker.discovery import DockerAdapter
     from supervisor.errors import DockerUnavailable
 
@@ -60,6 +67,14 @@ def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bo
             f"Docker reachable ({os.environ.get('DOCKER_HOST') or 'default socket'})"
             f", {len(containers)} labelled container(s)",
         )
+        for c in containers:
+            if others is not None and c.spec.role not in (Role.OLLAMA, Role.COMFYUI):
+                if c.is_running:
+                    others.append(
+                        (f"{c.spec.role} container {c.spec.name}", c.spec.role, c.spec.url)
+                    )
+                else:
+                    _line("WARN", f"{c.spec.role} container {c.spec.name} is {c.status}")
         for role in (Role.OLLAMA, Role.COMFYUI):
             if urls[role]:
                 continue
@@ -88,6 +103,31 @@ def _discover(settings: Settings, urls: dict[Role, list[tuple[str, str]]]) -> bo
     finally:
         adapter.close()
     return ok
+
+
+def _check_other(what: str, role: str, url: str, timeout_s: float) -> bool:
+    """A service of the registry's other kinds: its kind, its mode, what it holds."""
+    from supervisor.tenants import Capability, kind_of, make_client
+
+    kind = kind_of(role)
+    client = make_client(role, url, timeout_s=timeout_s)
+
+    def describe() -> str:
+        if kind.can(Capability.RUNS_JOBS):
+            jobs = client.jobs()
+            work = {True: "has work", False: "idle", None: "work unknown"}[jobs.busy]
+            how = "freed between jobs" if jobs.can_free else "no free call: observed only"
+            return f"{kind.title}{f' ({jobs.mode})' if jobs.mode else ''}: {work}; {how}"
+        served = client.served()
+        how = "idle models can be unloaded" if served.can_unload else "no unload: observed only"
+        models = ", ".join(f"{m.name} {m.state}" for m in served.models) or "no model loaded"
+        mode = f" ({served.mode})" if served.mode else ""
+        return f"{kind.title}{mode}: {models}; {how}"
+
+    try:
+        return _api_answers(what, url, describe, "VRAM_SERVICES")
+    finally:
+        client.close()
 
 
 def _check_nvml() -> bool:
@@ -133,11 +173,17 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
     for role, url in ((Role.OLLAMA, settings.ollama_url), (Role.COMFYUI, settings.comfyui_url)):
         if url:
             urls[role].append((f"{role} (VRAM_{role.name}_URL)", url))
+    others: list[tuple[str, str, str]] = []
+    for name, fixed in settings.services or ():
+        if name in (Role.OLLAMA, Role.COMFYUI):
+            urls[Role(name)].append((f"{name} (VRAM_SERVICES)", fixed))
+        else:
+            others.append((f"{name} (VRAM_SERVICES)", name, fixed))
     ok = True
     if not settings.needs_docker:
-        _line("OK", "Docker not needed: VRAM_OLLAMA_URL and VRAM_COMFYUI_URL are both set")
+        _line("OK", "Docker not needed: fixed URLs are set")
     else:
-        ok = _discover(settings, urls)
+        ok = _discover(settings, urls, others)
     timeout = settings.request_timeout_s
     for what, url in urls[Role.OLLAMA]:
         from supervisor.clients.ollama import OllamaClient
@@ -164,6 +210,8 @@ def run_doctor(settings: Settings, warnings: Sequence[str]) -> bool:
                 return f"{describe_comfy(stats)}, {format_bytes(stats.vram_total_bytes)} {size}"
 
             ok &= _api_answers(what, url, describe, "VRAM_COMFYUI_URL")
+    for what, kind, fixed in others:
+        ok &= _check_other(what, kind, fixed, timeout)
     nvml = _check_nvml()
     blind = not nvml and "cuda" not in devices
     if blind:
