@@ -102,7 +102,7 @@ def test_an_old_engine_is_never_put_to_sleep(start: Start) -> None:
 def test_running_and_queued_requests_make_it_busy(start: Start) -> None:
     fake, client = start(max_num_seqs=1, tokens_per_s=10.0, time_scale=1.0)
     url = client.base_url
-    first, _ = send(fake, url, 20)  # 2 s
+    first, _ = send(fake, url, 50)  # 5 s
     until(lambda: fake.running == 1, "a running request")
     state = client.served()
     assert state.busy is True and state.models[0].busy is True and state.waiting == 0
@@ -137,7 +137,7 @@ def test_a_sleep_lets_a_request_that_slipped_in_finish(start: Start) -> None:
     """The busy check comes first, but a request may arrive just after it: the sleep is
     sent with mode=wait, so the request finishes instead of being aborted."""
     fake, client = start(tokens_per_s=20.0, time_scale=1.0)
-    thread, out = send(fake, client.base_url, 10)  # 0.5 s
+    thread, out = send(fake, client.base_url, 40)  # 2 s
     until(lambda: fake.running == 1, "a running request")
     client.unload(MODEL)
     thread.join()

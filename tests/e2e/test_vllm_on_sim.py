@@ -167,11 +167,11 @@ def test_a_comfyui_job_puts_idle_vllm_to_sleep_never_a_busy_one_and_a_request_wa
     sup = start(world)
     try:
         with httpx.Client(timeout=30) as client:
-            # 1. A request runs on vLLM (8 s) while a ComfyUI job starts and takes the GPU
+            # 1. A request runs on vLLM (15 s) while a ComfyUI job starts and takes the GPU
             # over the threshold: vLLM is not put to sleep while the request runs.
-            busy_request = complete(world.vllm_url, 800)
+            busy_request = complete(world.vllm_url, 1500)
             until(lambda: vllm.running == 1, "the vLLM request to run", sup)
-            submit_comfy_job(client, comfy_url, seconds=200)  # 20 s at time_scale 0.1
+            submit_comfy_job(client, comfy_url, seconds=250)  # 25 s at time_scale 0.1
             until(lambda: pressed(sup, True), "a pass that saw both at work", sup)
             two_more_passes(sup)
             assert vllm.running == 1, "the request ended too early for this test"

@@ -101,10 +101,10 @@ def test_vllm_sleeps_for_a_comfyui_job_never_while_busy_and_wakes_for_a_request(
     sup.wait_for(f"{vllm.name}: vLLM (sleep mode); its idle models can be unloaded")
     key = f"vllm/{vllm.name}"
 
-    # 1. A request runs (8 s) while a ComfyUI job takes the GPU over the threshold.
-    busy_request = complete(vllm, 800)
+    # 1. A request runs (15 s) while a ComfyUI job takes the GPU over the threshold.
+    busy_request = complete(vllm, 1500)
     wait_until(lambda: stats(vllm)["running"] == 1, 10, "the vLLM request to run")
-    comfy_submit(comfy, model_gib=8, seconds=250)  # 25 s at the harness's time scale
+    comfy_submit(comfy, model_gib=8, seconds=300)  # 30 s at the harness's time scale
     wait_until(lambda: pressed_while_busy(sup), 30, "a pass that saw both at work")
     sup.wait_passes(2)
     assert stats(vllm)["running"] == 1, "the request ended too early for this test"

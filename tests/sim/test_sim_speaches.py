@@ -20,7 +20,8 @@ WHISPER = "Systran/faster-whisper-large-v3"
 @pytest.fixture
 def sim() -> Iterator[tuple[FakeSpeaches, str, MemoryGpu]]:
     gpu = MemoryGpu(24 * GIB)
-    fake = FakeSpeaches(gpu, SpeachesConfig(time_scale=0.01, request_s=30.0, stt_ttl_s=100.0))
+    # A request takes 3 s; models stay until unloaded (TTL -1).
+    fake = FakeSpeaches(gpu, SpeachesConfig(time_scale=0.01, request_s=300.0, stt_ttl_s=-1))
     server = fake.serve()
     yield fake, server.url, gpu
     server.stop()
@@ -32,7 +33,7 @@ def transcribe(url: str) -> httpx.Response:
         f"{url}/v1/audio/transcriptions",
         files={"file": ("a.wav", b"RIFF....", "audio/wav")},
         data={"model": WHISPER},
-        timeout=10,
+        timeout=30,
     )
 
 
@@ -57,9 +58,10 @@ def test_a_request_loads_its_model_which_cannot_be_unloaded_while_in_use(
     sim: tuple[FakeSpeaches, str, MemoryGpu],
 ) -> None:
     fake, url, gpu = sim
+    fake.config.stt_ttl_s = 100.0  # 1 s once idle
     out: dict[str, httpx.Response] = {}
     thread = threading.Thread(target=lambda: out.setdefault("r", transcribe(url)), daemon=True)
-    thread.start()  # 30 s x 0.01 = 0.3 s
+    thread.start()  # 300 s x 0.01 = 3 s
     deadline = time.monotonic() + 5
     while httpx.get(f"{url}/api/ps").json() != {"models": [WHISPER]}:
         assert time.monotonic() < deadline
@@ -70,7 +72,7 @@ def test_a_request_loads_its_model_which_cannot_be_unloaded_while_in_use(
     assert out["r"].json() == {"text": "simulated transcription"}
     assert gpu.used_bytes() == MODELS[WHISPER]
     # Idle now: its TTL (100 s x 0.01) unloads it by itself.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while httpx.get(f"{url}/api/ps").json() != {"models": []}:
         assert time.monotonic() < deadline, "the TTL never unloaded the model"
         time.sleep(0.01)

@@ -175,7 +175,7 @@ def answers(url: str) -> bool:
 
 def test_an_old_engine_crashes_when_put_to_sleep_during_a_request(start: Start) -> None:
     fake, url = start(engine="old", time_scale=1.0, tokens_per_s=10.0)
-    thread, out = in_thread(lambda: complete(url, max_tokens=20))
+    thread, out = in_thread(lambda: complete(url, max_tokens=40))  # 4 s
     until(lambda: fake.running == 1, "a running request")
     with pytest.raises(httpx.HTTPError):
         httpx.post(f"{url}/sleep?level=1", timeout=5)
@@ -187,7 +187,7 @@ def test_an_old_engine_crashes_when_put_to_sleep_during_a_request(start: Start) 
 @pytest.mark.parametrize(("mode", "finish"), [("abort", "abort"), ("wait", "length")])
 def test_sleep_modes_on_a_running_request(start: Start, mode: str, finish: str) -> None:
     fake, url = start(time_scale=1.0, tokens_per_s=20.0)
-    thread, out = in_thread(lambda: complete(url, max_tokens=10))  # 0.5 s
+    thread, out = in_thread(lambda: complete(url, max_tokens=60))  # 3 s
     until(lambda: fake.running == 1, "a running request")
     query = "level=1" if mode == "abort" else f"level=1&mode={mode}"  # abort: the default
     assert httpx.post(f"{url}/sleep?{query}", timeout=10).status_code == 200
