@@ -321,8 +321,8 @@ class FakeVllm:
                     self.wakes += 1
                 self._cond.notify_all()
         if oom:
+            self._die(oom)  # the memory is back by the time the client reads the answer
             ex.send_json(500, _error(oom, "InternalServerError", 500))
-            self._die(oom)
             return
         self._say("awake")
         ex.send_empty(200)
@@ -351,8 +351,8 @@ class FakeVllm:
             )
             return
         if self.sleeping and self.config.engine == "old":
-            ex.send_json(500, _error(ILLEGAL_ACCESS, "InternalServerError", 500))
             self._die(f"{ILLEGAL_ACCESS} (a request while asleep)")
+            ex.send_json(500, _error(ILLEGAL_ACCESS, "InternalServerError", 500))
             return
         try:
             finish = self._run(max_tokens)
@@ -503,6 +503,8 @@ def main(argv: Sequence[str]) -> int:
         )
         while not stop.wait(0.2) and not vllm.dead.is_set():
             pass
+        if vllm.dead.is_set():
+            time.sleep(0.5)  # the answer to the request that killed it goes out first
         server.stop()
         vllm.close()
         return 1 if vllm.dead.is_set() else 0
