@@ -557,6 +557,9 @@ class PolicyState:
     heal_waits: tuple[HealWait, ...] = ()  # heals waiting for their unload (a busy model)
     # (job server key, when) of the latest free of each job server of the other kinds.
     last_job_free_at: tuple[tuple[str, float], ...] = ()
+    # ("server key|model", bytes) of the models this supervisor put to sleep: what each
+    # sleep gave back, so a wake waits until that much is free again (SLEEPS).
+    slept_bytes: tuple[tuple[str, int], ...] = ()
 
     def restart_at(self, key: str) -> float | None:
         return dict(self.last_restart_at).get(key)

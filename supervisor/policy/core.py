@@ -33,7 +33,13 @@ from supervisor.model import (
     WakeModel,
 )
 from supervisor.policy.episodes import advance_episodes, open_episodes
-from supervisor.policy.guards import EPISODE_STALE_S, has_work, is_api_dead, model_ok
+from supervisor.policy.guards import (
+    EPISODE_STALE_S,
+    MIN_RECLAIMABLE_BYTES,
+    has_work,
+    is_api_dead,
+    model_ok,
+)
 from supervisor.policy.heal import follow_heal_waits, heal_spilled
 from supervisor.policy.scratch import Pass, start_pass, usable_ollama
 from supervisor.policy.triggers import (
@@ -63,6 +69,16 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
     reload_parked(p)
     open_episodes(p)
 
+    # Forget what a sleep gave back once its model is read and no longer sleeps.
+    for key in list(p.slept):
+        server, _, name = key.partition("|")
+        m = p.servers.get(server)
+        if m is None or (
+            m.state is not None
+            and not any(x.name == name and x.state == "sleeping" for x in m.models)
+        ):
+            del p.slept[key]
+
     # Keep "said once" notes only while their condition holds.
     for key in p.noted - p.keep_noted:
         if key.startswith("dead|") and key[5:] in p.comfys and not is_api_dead(p.comfys[key[5:]]):
@@ -71,6 +87,8 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
             okey = key.split("|")[1]
             if okey not in p.ollamas or usable_ollama(p.ollamas[okey]):
                 p.noted.discard(key)
+        elif key.startswith("wakeroom|"):
+            p.noted.discard(key)  # woken, or no longer waited for: say it again next time
 
     if p.episodes or p.new_models:
         p.soon()
@@ -101,6 +119,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
                 (k, t) for k, t in p.job_free_at.items() if now - t < settings.min_free_interval_s
             )
         ),
+        slept_bytes=tuple(sorted(p.slept.items())),
     )
     return Decision(tuple(p.actions), next_state, tuple(p.notes), wake, tuple(p.skipped))
 
@@ -142,6 +161,7 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
     backoffs = {b.key: b for b in state.backoffs}
     waits = {w.key: w for w in state.heal_waits}
     job_frees = dict(state.last_job_free_at)
+    slept = dict(state.slept_bytes)
     if isinstance(action, FreeComfy):
         ep = episodes.get(action.target)
         if ep is None:
@@ -159,10 +179,19 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         restarts[action.target] = max(at, restarts.get(action.target, at))
     elif isinstance(action, UnloadOllama | UnloadModel):
         last_unload_at = max(at, last_unload_at if last_unload_at is not None else at)
+        gave = (
+            outcome.after_bytes - outcome.before_bytes
+            if outcome.after_bytes is not None and outcome.before_bytes is not None
+            else 0
+        )
+        if isinstance(action, UnloadModel) and outcome.ok and gave >= MIN_RECLAIMABLE_BYTES:
+            slept[f"{action.target}|{action.model}"] = gave  # kept only while it sleeps
     elif isinstance(action, FreeJobs | ReloadJobs):
         job_frees[action.target] = max(at, job_frees.get(action.target, at))
     elif isinstance(action, WakeModel):
-        pass  # judged by the next reading: still sleeping with requests waiting -> again
+        # Judged by the next reading: still sleeping with requests waiting -> again.
+        if outcome.ok:
+            slept.pop(f"{action.target}|{action.model}", None)
     else:
         key = f"{action.target}|{action.model}"
         heals[key] = max(at, heals.get(key, at))
@@ -197,4 +226,5 @@ def record(state: PolicyState, outcome: Outcome, now: float) -> PolicyState:
         backoffs=tuple(backoffs.values()),
         heal_waits=tuple(waits.values()),
         last_job_free_at=tuple(sorted(job_frees.items())),
+        slept_bytes=tuple(sorted(slept.items())),
     )

@@ -73,6 +73,7 @@ class Pass:
     # and when each was last freed (one free per VRAM_MIN_FREE_INTERVAL each).
     jobs: dict[str, JobServerObservation] = field(default_factory=dict)
     job_free_at: dict[str, float] = field(default_factory=dict)
+    slept: dict[str, int] = field(default_factory=dict)  # PolicyState.slept_bytes
 
     def emit(self, action: Action) -> None:
         if action not in self.actions:
@@ -155,6 +156,7 @@ def start_pass(obs: Observation, state: PolicyState, settings: Settings, now: fl
     for j in obs.job_servers:
         p.jobs.setdefault(j.status.spec.key, j)
     p.job_free_at = dict(state.last_job_free_at)
+    p.slept = dict(state.slept_bytes)
     if len(gpus) < len(obs.gpus):
         p.skip("ignored GPU reading(s) with impossible figures")
     return p

@@ -53,6 +53,9 @@ from supervisor.policy.guards import (
 from supervisor.policy.scratch import Pass, usable_ollama
 from supervisor.units import format_bytes
 
+# How soon to look again while a sleeping model waits for its room.
+ROOM_RECHECK_S = 2.0
+
 
 def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
     """New models per Ollama, and the next known-model set. An unreadable /api/ps keeps
@@ -227,7 +230,10 @@ def reload_parked(p: Pass) -> None:
 
 def wake_sleeping(p: Pass) -> None:
     """A sleeping model that requests wait for (vLLM queues them until woken, and never
-    wakes by itself): free the idle job servers on its GPUs, then wake it (`WakeModel`)."""
+    wakes by itself): free the idle job servers on its GPUs, then wake it (`WakeModel`)
+    once its GPUs have as much free as its sleep gave back (when this supervisor put it
+    to sleep and measured that): a wake without room fails inside the server (a CUDA
+    out-of-memory error that may end it), while its queued requests can wait."""
     for key, m in p.servers.items():
         st = m.state
         if st is None or not st.can_wake or not st.waiting or not m.status.is_reachable:
@@ -242,6 +248,17 @@ def wake_sleeping(p: Pass) -> None:
             for j in p.jobs.values():
                 if shares_gpu(service_gpus(j), service_gpus(m)):
                     want_free_jobs(p, j, reason)
+            need = p.slept.get(f"{key}|{x.name}")
+            gpus = [g for g in p.gpus if shares_gpu(service_gpus(m), (g.uuid,))]
+            free = min(g.free_bytes for g in gpus) if gpus else None
+            if need is not None and free is not None and free < need:
+                p.note_once(
+                    f"wakeroom|{key}|{x.name}",
+                    f"Not waking {x.name} on {key} yet: its sleep gave back "
+                    f"{format_bytes(need)}, {format_bytes(free)} is free ({reason})",
+                )
+                p.soon(ROOM_RECHECK_S)
+                continue
             p.emit(WakeModel(key, x.name, reason))
             p.soon()
 

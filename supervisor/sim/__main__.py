@@ -15,6 +15,8 @@
                                       [--checkpoint-gib GB]
     python -m supervisor.sim healthcheck URL     # exit 0 if GET URL answers 200
     python -m supervisor.sim build-nvml DIR      # DIR/libnvidia-ml.so.1 reading --gpu-state
+    python -m supervisor.sim vllm --help         # a fake vLLM (its own options: sim/vllm.py)
+    python -m supervisor.sim speaches --help     # a fake speaches (sim/speaches.py)
 
 llama-server: with `-m` one model (a catalog name, or a path whose stem is one) loads at
 start (single mode; its VRAM is held under this process's PID); without it the server is a
@@ -276,6 +278,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["vllm"]:  # a mode with options of its own (supervisor/sim/vllm.py)
+        from supervisor.sim import vllm
+
+        return vllm.main(argv[1:])
+    if argv[:1] == ["speaches"]:  # a mode with options of its own (supervisor/sim/speaches.py)
+        from supervisor.sim import speaches
+
+        return speaches.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.profile is None:

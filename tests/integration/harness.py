@@ -299,8 +299,10 @@ class Sims:
         health_flag: str | None = None,
         restart_policy: dict[str, Any] | None = None,
         extra: tuple[str, ...] = (),
+        environment: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Everything `run_container` needs; recreate tests reuse it for a twin."""
+        """Everything `run_container` needs; recreate tests reuse it for a twin.
+        `environment` adds to the sims' environment (e.g. VLLM_SERVER_DEV_MODE=1)."""
         all_labels = {HARNESS_LABEL: RUN_ID, **(labels or {})}
         if labelled:
             all_labels[ROLE_LABEL] = role
@@ -322,6 +324,7 @@ class Sims:
                 "OLLAMA_KEEP_ALIVE": "-1",
                 # The services' generation (2026 unless the test run names another).
                 "VRAM_SIM_PROFILE": os.environ.get("VRAM_SIM_PROFILE") or "2026",
+                **(environment or {}),
             },
         }
         if health_flag is not None:

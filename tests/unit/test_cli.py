@@ -523,3 +523,43 @@ def test_doctor_fails_on_a_tenant_that_does_not_answer() -> None:
     assert result.returncode != 0
     assert "FAIL llama-swap (VRAM_SERVICES) at http://127.0.0.1:" in result.stdout
     assert "fewer than two tenants found" in result.stdout
+
+
+def test_doctor_names_the_kind_and_mode_of_every_other_service() -> None:
+    """Services of the registry's other kinds (here from VRAM_SERVICES) get a line each:
+    their kind, their mode (a vLLM without sleep mode is observed only), their models."""
+    from supervisor.sim.gpu import GIB, MemoryGpu
+    from supervisor.sim.speaches import FakeSpeaches, SpeachesConfig
+    from supervisor.sim.vllm import FakeVllm, VllmConfig
+
+    gpu = MemoryGpu(24 * GIB)
+    vllm = FakeVllm(gpu, VllmConfig(model="qwen", enable_sleep_mode=True, dev_mode=False))
+    speaches = FakeSpeaches(gpu, SpeachesConfig())
+    servers = [vllm.serve(), speaches.serve()]
+    down = f"http://127.0.0.1:{free_port()}"
+    try:
+        services = f"vllm={servers[0].url},speaches={servers[1].url},vllm={down}"
+        result = cli(
+            "doctor",
+            VRAM_SERVICES=services,
+            VRAM_REQUEST_TIMEOUT="1",
+            VRAM_HTTP_PORT=str(free_port()),
+            VRAM_HTTP_HOST="127.0.0.1",
+        )
+    finally:
+        for server in servers:
+            server.stop()
+        vllm.close()
+        speaches.close()
+    out = result.stdout
+    assert "OK   Docker not needed: fixed URLs (VRAM_SERVICES)" in out
+    assert (
+        f"OK   vllm (VRAM_SERVICES) at {servers[0].url} answers (vLLM (no sleep mode), "
+        "1 model(s) loaded, no unload: observed only)"
+    ) in out
+    assert (
+        f"OK   speaches (VRAM_SERVICES) at {servers[1].url} answers (speaches, 0 model(s) "
+        "loaded, idle models can be unloaded)"
+    ) in out
+    assert f"FAIL vllm (VRAM_SERVICES) at {down}: vLLM at {down}: GET /v1/models" in out
+    assert result.returncode == 1, out

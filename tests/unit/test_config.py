@@ -154,7 +154,10 @@ def test_host_names_that_cannot_be_encoded_are_refused(name: str, raw: str) -> N
 @pytest.mark.parametrize(
     "raw, why",
     [
-        ("llama-swap=http://127.0.0.1:8080,vllm=http://127.0.0.1:8000", "'vllm=http"),
+        (
+            "llama-swap=http://127.0.0.1:8080,no-such-server=http://127.0.0.1:8000",
+            "'no-such-server=http",
+        ),
         ("comfyui=ftp://x", "bad URL in 'comfyui=ftp://x'"),
         ("comfyui=http://127.0.0.1:8188,,", "bad entry ''"),
     ],

@@ -19,6 +19,7 @@ from supervisor.model import (
     ModelServerObservation,
     Observation,
     OllamaObservation,
+    Outcome,
     PolicyState,
     ServedModel,
     ServedState,
@@ -28,6 +29,7 @@ from supervisor.model import (
     VramSource,
     WakeModel,
 )
+from supervisor.policy import record
 from supervisor.units import GIB
 
 SWAP = "llama-swap/swap"
@@ -397,3 +399,63 @@ def test_a_new_model_frees_and_does_not_reload_in_the_same_pass() -> None:
     )
     d = run(observation, knowing(server(QWEN)), Settings())
     assert [type(a).__name__ for a in d.actions] == ["FreeJobs"]  # its context, no reload
+
+
+def sleeping_vllm(waiting: int = 1, state: str = "sleeping") -> ModelServerObservation:
+    return ModelServerObservation(
+        ServiceStatus(
+            ServiceSpec("vllm", "vllm", "http://127.0.0.1:8000", "id-v"), True, is_reachable=True
+        ),
+        "vLLM",
+        ServedState(
+            (served("qwen", state=state),), can_unload=True, waiting=waiting, can_wake=True
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "slept_gib, used_gib, expected",
+    [
+        (None, 20, ["FreeComfy", "WakeModel"]),  # never measured (slept by someone else)
+        (14, 20, ["FreeComfy"]),  # 4 GiB free, 14 needed: room is made, no wake yet
+        (14, 10, ["FreeComfy", "WakeModel"]),  # 14 GiB free: woken
+    ],
+)
+def test_a_sleeping_model_is_woken_only_when_what_its_sleep_gave_back_is_free(
+    slept_gib: int | None, used_gib: float, expected: list[str]
+) -> None:
+    vllm = sleeping_vllm()
+    state = knowing(vllm)
+    if slept_gib is not None:
+        state = replace(state, slept_bytes=(("vllm/vllm|qwen", slept_gib * GIB),))
+    d = run(observe(vllm, comfy(), used=used_gib), state, Settings())
+    assert sorted(type(a).__name__ for a in d.actions) == expected
+    if "WakeModel" not in expected:
+        assert any("Not waking qwen on vllm/vllm yet: its sleep gave back 14.0 GiB" in n
+                   for n in d.notes), d.notes  # fmt: skip
+        assert d.state.slept_bytes == (("vllm/vllm|qwen", 14 * GIB),)
+        # Said once while it lasts.
+        again = run(observe(vllm, comfy(), used=used_gib), d.state, Settings())
+        assert not any("Not waking" in n for n in again.notes)
+
+
+def test_what_a_sleep_gave_back_is_recorded_and_forgotten_once_awake() -> None:
+    unload = UnloadModel("vllm/vllm", "qwen", "room for a job")
+    slept = record(
+        baseline(),
+        Outcome(unload, NOW, ok=True, before_bytes=2 * GIB, after_bytes=16 * GIB),
+        NOW,
+    )
+    assert slept.slept_bytes == (("vllm/vllm|qwen", 14 * GIB),)
+    # A failed sleep, or one that gave nothing back, is not recorded.
+    for outcome in (
+        Outcome(unload, NOW, ok=False, before_bytes=2 * GIB, after_bytes=16 * GIB),
+        Outcome(unload, NOW, ok=True, before_bytes=2 * GIB, after_bytes=2 * GIB),
+    ):
+        assert record(baseline(), outcome, NOW).slept_bytes == ()
+    woken = record(slept, Outcome(WakeModel("vllm/vllm", "qwen", "x"), NOW, ok=True), NOW)
+    assert woken.slept_bytes == ()
+    # Woken by someone else: the next pass that reads it awake forgets the figure.
+    awake = sleeping_vllm(waiting=0, state="loaded")
+    d = run(observe(awake, used=20), replace(knowing(awake), slept_bytes=slept.slept_bytes))
+    assert d.state.slept_bytes == ()
