@@ -34,9 +34,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from supervisor.sim import SimHost
-from tests.bench.llama_swap import SWAP_MODES, SwapResult, pool_swap, run_swap_mode, swap_table
+from tests.bench.llama_swap import SWAP_MODES, pool_swap, run_swap_mode, swap_table
 from tests.bench.micro import MicroResult, run_micro
 from tests.bench.modes import MODES, ModeResult, run_mode
 from tests.bench.report import (
@@ -48,6 +49,7 @@ from tests.bench.report import (
     update_markdown,
 )
 from tests.bench.supervisor_proc import ROOT, TIME_SETTINGS_S, scaled_settings
+from tests.bench.vllm_workload import VLLM_MODES, pool_vllm, run_vllm_mode, vllm_table
 from tests.bench.workload import (
     CHAT_MEAN_GAP_S,
     GIB,
@@ -271,7 +273,16 @@ def run_modes(
     return [groups[m] for m in modes]
 
 
-def run_swap_modes(
+# The workloads whose chats go to another model server than Ollama: their modes, how one
+# mode runs, how runs pool, their table and title.
+SIDE_WORKLOADS: dict[str, tuple[dict[str, str], Any, Any, Any, str]] = {
+    "llama-swap": (SWAP_MODES, run_swap_mode, pool_swap, swap_table, "llama-swap + ComfyUI"),
+    "vllm": (VLLM_MODES, run_vllm_mode, pool_vllm, vllm_table, "vLLM + ComfyUI"),
+}
+
+
+def run_side_modes(
+    workload: str,
     modes: Sequence[str],
     events: list[Event],
     duration_s: float,
@@ -279,20 +290,22 @@ def run_swap_modes(
     repeat: int,
     results_dir: Path,
     profile: str,
-) -> list[SwapResult]:
-    """The llama-swap workload: like `run_modes`, every mode at once in each round."""
-    groups: dict[str, list[SwapResult]] = {m: [] for m in modes}
+) -> list[Any]:
+    """A side workload (llama-swap, vLLM): like `run_modes`, every mode at once in each
+    round."""
+    _, run_mode, pool, _, _ = SIDE_WORKLOADS[workload]
+    groups: dict[str, list[Any]] = {m: [] for m in modes}
     for round_no in range(1, repeat + 1):
-        print(f"\n== llama-swap {profile} round {round_no}/{repeat} ...", flush=True)
-        with ThreadPoolExecutor(max_workers=max(1, len(modes))) as pool:
+        print(f"\n== {workload} {profile} round {round_no}/{repeat} ...", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, len(modes))) as executor:
             futures = {
-                m: pool.submit(
-                    run_swap_mode,
+                m: executor.submit(
+                    run_mode,
                     m,
                     events,
                     duration_s,
                     time_scale,
-                    log_path=results_dir / f"supervisor-llama-swap-{profile}-{m}-{round_no}.log",
+                    log_path=results_dir / f"supervisor-{workload}-{profile}-{m}-{round_no}.log",
                     profile=profile,
                 )
                 for m in modes
@@ -305,17 +318,19 @@ def run_swap_modes(
                     f"{result.images_done} images, {result.wall_s:.0f} s",
                     flush=True,
                 )
-    return [pool_swap(groups[m]) for m in modes]
+    return [pool(groups[m]) for m in modes]
 
 
-def main_llama_swap(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def main_side(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    workload = args.workload
+    known, _, _, table, title = SIDE_WORKLOADS[workload]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else []
-    modes = modes or list(SWAP_MODES)
-    unknown = [m for m in modes if m not in SWAP_MODES]
+    modes = modes or list(known)
+    unknown = [m for m in modes if m not in known]
     if unknown:
         parser.error(
-            f"--workload llama-swap: unknown mode(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(SWAP_MODES)}"
+            f"--workload {workload}: unknown mode(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(known)}"
         )
     # One generation (the ComfyUI side only differs): 2026 unless --profile names one.
     given = "--profile" in " ".join(args.argv)
@@ -328,14 +343,14 @@ def main_llama_swap(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     print(f"Machine: {machine()}")
     print(describe_workload(events, args.minutes, args.seed))
     print(scaling_note(args.time_scale), flush=True)
-    pooled = run_swap_modes(
-        modes, events, duration_s, args.time_scale, args.repeat, args.results, profile
+    pooled = run_side_modes(
+        workload, modes, events, duration_s, args.time_scale, args.repeat, args.results, profile
     )
     runtime_s = time.monotonic() - started
-    print(f"\nllama-swap + ComfyUI ({comfy_mode(profile)}):\n" + swap_table(pooled))
+    print(f"\n{title} ({comfy_mode(profile)}):\n" + table(pooled))
     args.results.mkdir(parents=True, exist_ok=True)
     raw = {
-        "workload": "llama-swap",
+        "workload": workload,
         "seed": args.seed,
         "minutes": args.minutes,
         "time_scale": args.time_scale,
@@ -344,7 +359,7 @@ def main_llama_swap(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         "profile": profile,
         "modes": {r.mode: r.to_json() for r in pooled},
     }
-    (args.results / "results-llama-swap.json").write_text(json.dumps(raw, indent=2) + "\n")
+    (args.results / f"results-{workload}.json").write_text(json.dumps(raw, indent=2) + "\n")
     print(f"\nRaw results in {args.results}; docs/ left alone. Runtime: {runtime_s:.0f} s")
     return 0
 
@@ -383,17 +398,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument(
         "--workload",
-        choices=("ollama", "llama-swap"),
+        choices=("ollama", "llama-swap", "vllm"),
         default="ollama",
-        help="whose chats: Ollama's (default), or a llama-swap's (modes none, supervisor, gate, "
+        help="whose chats: Ollama's (default), a llama-swap's or a vLLM's (modes none, "
+        "supervisor, gate (llama-swap only), "
         "isolated; prints its table, never rewrites docs/)",
     )
     args = parser.parse_args(args_list)
     args.argv = args_list
-    if args.workload == "llama-swap":
+    if args.workload in SIDE_WORKLOADS:
         if "--modes" not in " ".join(args_list):
             args.modes = ""
-        return main_llama_swap(args, parser)
+        return main_side(args, parser)
     modes = [] if args.micro else [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

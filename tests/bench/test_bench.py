@@ -25,6 +25,7 @@ from tests.bench.report import (
     results_table,
     svg_chart,
 )
+from tests.bench.vllm_workload import run_vllm_mode, vllm_table
 from tests.bench.workload import ChatEvent, ImageEvent, make_workload
 
 
@@ -100,3 +101,27 @@ def test_the_llama_swap_workload_is_accounted_for_exactly() -> None:
     assert bound.loads_full == bound.loads and bound.images_lowvram == 0
     table = swap_table(results)
     assert "1.00x / 1.00x" in table and table.count("\n") == 12
+
+
+def test_the_vllm_workload_sleeps_and_wakes_without_losing_a_chat() -> None:
+    """`--workload vllm`: every chat to one vLLM with sleep mode, image jobs to ComfyUI on
+    the same GPU. With the supervisor every chat is answered, none aborted, vLLM never
+    dies, and every sleep is matched by a wake once chats come back; without it vLLM never
+    sleeps."""
+    events = make_workload(3, 60.0, chat_gap_s=8.0, image_gap_s=25.0)
+    chats = [e for e in events if isinstance(e, ChatEvent)]
+    images = [e for e in events if isinstance(e, ImageEvent)]
+    results = [
+        run_vllm_mode(mode, events, 60.0, time_scale=0.02, drain_s=300.0)
+        for mode in ("none", "supervisor")
+    ]
+    for result in results:
+        assert result.errors == [], result.errors
+        assert result.chats_ok == result.chats_sent == len(chats)
+        assert result.images_done == len(images)
+        assert result.aborted == 0 and result.deaths == 0
+    none, sup = results
+    assert none.sleeps == none.wakes == 0
+    assert sup.wakes <= sup.sleeps <= sup.wakes + 1
+    table = vllm_table(results)
+    assert table.count("\n") == 10
