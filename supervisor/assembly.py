@@ -22,7 +22,7 @@ from loguru import logger
 from supervisor.config import Settings
 from supervisor.daemon import Daemon
 from supervisor.metrics import Metrics
-from supervisor.ports import DockerApi, EventSource, GpuReader
+from supervisor.ports import DockerApi, EventSource, GpuReader, ModelServerApi
 
 
 def build_daemon(
@@ -153,13 +153,24 @@ class Assembly:
         """In front of the first running server of `role`, freeing the idle job servers
         on its GPUs before it loads a model (VRAM_MODEL_GATES)."""
         from supervisor.gate.servers import ServerGate
-        from supervisor.tenants import kind_of
+        from supervisor.tenants import kind_of, make_client
 
         kind = kind_of(role)
+        # Before the loop's first pass knows it, the first fixed URL of the role (if any):
+        # a request right after the start is forwarded, not answered 502.
+        fixed_url = next((url for r, url in self.settings.fixed_services if r == role), None)
+        fallback = None
+        if fixed_url is not None:
+            client = make_client(role, fixed_url, timeout_s=self.settings.request_timeout_s)
+            fallback = (f"{role}/{role}", fixed_url, client)
+
+        def current() -> tuple[str, str, ModelServerApi] | None:
+            return self.daemon.current_server(role) or fallback
+
         gate = ServerGate(
             title=kind.title,
             routes=kind.routes,
-            current=lambda: self.daemon.current_server(role),
+            current=current,
             room=self.daemon.job_room_freer,
             host=self.settings.gate_host,
             port=port,

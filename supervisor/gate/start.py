@@ -79,6 +79,15 @@ def start_gate(
         def current_ollama() -> OllamaApi | None:
             return fixed
 
+    elif settings.ollama_url:
+        # Before the loop's first pass knows the Ollama of a fixed URL, the gate still
+        # forwards there (a request right after the start is not answered 502).
+        known = current_ollama
+        fallback = OllamaClient(settings.ollama_url, settings.request_timeout_s)
+
+        def current_ollama() -> OllamaApi | None:
+            return known() or fallback
+
     ollama = CurrentOllama(current_ollama)
     gate = Gate(
         upstream_url=ollama.url,
@@ -103,7 +112,14 @@ def start_comfy_gate(
     if settings.comfyui_gate_port is None:
         return None
     upstream: str | Callable[[], str | None]
-    if current_comfyui is not None:
+    if current_comfyui is not None and settings.comfyui_url:
+        # Before the loop's first pass knows it, the fixed URL (not a 502 right after start).
+        known, fixed_url = current_comfyui, settings.comfyui_url
+
+        def upstream() -> str | None:
+            return known() or fixed_url
+
+    elif current_comfyui is not None:
         upstream = current_comfyui
     elif settings.comfyui_url:
         upstream = settings.comfyui_url
