@@ -268,6 +268,9 @@ class ComfyObservation:
 # States of a served model that hold (or are taking) its VRAM; "sleeping" keeps only a
 # process's context and "stopping" is on its way out.
 RESIDENT_STATES = frozenset({"loaded", "loading", "ready", "starting"})
+# A model server's processes holding less than this share of its one model's weights: the
+# model runs partly on the CPU (ModelServerObservation.spilled).
+SPILL_SHARE = 0.9
 LOADING_STATES = frozenset({"loading", "starting"})
 
 
@@ -333,6 +336,19 @@ class ModelServerObservation:
     @property
     def models(self) -> tuple[ServedModel, ...]:
         return self.state.models if self.state is not None else ()
+
+    @property
+    def spilled(self) -> tuple[ServedModel, float] | None:
+        """(model, share of its weights on the GPU) when the server's processes hold less
+        VRAM (NVML) than the weights of the one model it has loaded: llama.cpp's `--fit`
+        left part of them in system RAM. Judged only with one loaded model of known size
+        and an NVML figure (the KV cache and context come on top of the weights, so a
+        model wholly on the GPU always shows more than its size); None otherwise."""
+        loaded = [m for m in self.models if m.is_resident and not m.is_loading]
+        if self.vram_bytes is None or len(loaded) != 1 or not loaded[0].size_bytes:
+            return None
+        share = self.vram_bytes / loaded[0].size_bytes
+        return (loaded[0], share) if share < SPILL_SHARE else None
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,12 @@ def server_json(m: ModelServerObservation) -> dict[str, Any]:
         "can_unload": state.can_unload if state else None,
         "busy": state.busy if state else None,
         "models": models if state is not None else None,
+        # (model, share of its weights on the GPU) when it runs partly on the CPU (NVML).
+        "spilled": (
+            {"model": m.spilled[0].name, "gpu_percent": round(100 * m.spilled[1], 1)}
+            if m.spilled is not None
+            else None
+        ),
     }
 
 

@@ -141,6 +141,12 @@ def render_status(snap: dict[str, Any]) -> str:
             lines.append(f"    {x['name']:<30} {x['state']:<9} {busy}{size}")
         if m.get("models") == []:
             lines.append("    (no model loaded)")
+        if m.get("spilled"):
+            sp = m["spilled"]
+            lines.append(
+                f"    {sp['model']} runs partly on the CPU: {sp['gpu_percent']}% of its "
+                "weights on the GPU   <- spilled"
+            )
     if job_servers:
         lines.append("")
         lines.append("Other job servers:")

@@ -45,6 +45,7 @@ from supervisor.policy.scratch import Pass, start_pass, usable_ollama
 from supervisor.policy.triggers import (
     free_for_new_models,
     free_over_threshold,
+    note_server_spills,
     reload_parked,
     track_models,
     unload_for_comfy,
@@ -65,6 +66,7 @@ def decide(obs: Observation, state: PolicyState, settings: Settings, now: float)
     free_for_new_models(p)
     free_over_threshold(p)
     unload_for_comfy(p)
+    note_server_spills(p)
     wake_sleeping(p)
     reload_parked(p)
     open_episodes(p)

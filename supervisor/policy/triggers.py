@@ -127,6 +127,28 @@ def _track_servers(p: Pass, known: set[tuple[str, str]], seen: set[str]) -> None
         known |= {(key, n) for n in names}
 
 
+def note_server_spills(p: Pass) -> None:
+    """A model of another kind's server that runs partly on the CPU (NVML against its
+    size, `ModelServerObservation.spilled`) is said once, with why it is not healed: the
+    placement is fixed when the model loads, and these servers load on a client's request
+    (a reload by the supervisor would cut requests off or race the client's next load).
+    The frees that make room before loads (triggers 1, 2 and the gate) are what prevents
+    it."""
+    for key, m in p.servers.items():
+        found = m.spilled
+        if found is None:
+            continue
+        model, share = found
+        size = format_bytes(model.size_bytes)
+        p.note_once(
+            f"spill|{key}|{model.name}",
+            f"{m.title} model {model.name} on {key} runs partly on the CPU: its processes "
+            f"hold {share:.0%} of its {size} of weights on the GPU (NVML); it stays so until "
+            "it is loaded again. Not healed (its server reloads on a client's request); "
+            "the gate in front of it (VRAM_MODEL_GATES) makes room before its next load",
+        )
+
+
 def free_for_new_models(p: Pass) -> None:
     for okey, names in p.new_models.items():
         o: OllamaObservation | ModelServerObservation

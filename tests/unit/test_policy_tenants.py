@@ -459,3 +459,38 @@ def test_what_a_sleep_gave_back_is_recorded_and_forgotten_once_awake() -> None:
     awake = sleeping_vllm(waiting=0, state="loaded")
     d = run(observe(awake, used=20), replace(knowing(awake), slept_bytes=slept.slept_bytes))
     assert d.state.slept_bytes == ()
+
+
+@pytest.mark.parametrize(
+    ("models", "vram", "spilled"),
+    [
+        ((served("qwen", state="loaded", size=9),), 10.5, None),  # weights + KV: on the GPU
+        ((served("qwen", state="loaded", size=9),), 6.0, ("qwen", 6 / 9)),  # --fit offloaded
+        ((served("qwen", state="loaded", size=9),), None, None),  # no NVML: cannot judge
+        ((served("qwen", state="loaded"),), 2.0, None),  # size unknown
+        (
+            (served("qwen", state="loaded", size=9), served("phi", state="loaded", size=2)),
+            3.0,
+            None,
+        ),
+        ((served("qwen", state="loading", size=9),), 1.0, None),  # still loading
+    ],
+)
+def test_a_model_that_runs_partly_on_the_cpu_is_seen(
+    models: tuple[ServedModel, ...], vram: float | None, spilled: tuple[str, float] | None
+) -> None:
+    m = server(*models, role="llama-server", vram=vram)
+    found = m.spilled
+    assert (None if found is None else (found[0].name, pytest.approx(found[1]))) == spilled
+
+
+def test_a_spilled_model_is_said_once_and_not_acted_on() -> None:
+    m = server(served("qwen", state="loaded", size=9), role="llama-server", name="llama", vram=6)
+    state = knowing(m)
+    first = run(observe(m, used=10), state, Settings())
+    assert first.actions == ()
+    (note,) = [n for n in first.notes if "runs partly on the CPU" in n]
+    assert note.startswith("llama-server model qwen on llama-server/llama runs partly on the CPU")
+    assert "67% of its 9.0 GiB" in note
+    again = run(observe(m, used=10), first.state, Settings())
+    assert not [n for n in again.notes if "runs partly on the CPU" in n]
