@@ -420,3 +420,74 @@ def test_comfyui_modes_and_estimates_show() -> None:
     ]
     assert segments[0].attrs["data-estimate"] == "true"
     assert bar.find("span", data_legend="comfyui/dyn").text.endswith("dyn 8.0 GiB (estimate)")
+
+
+def other_kinds_status() -> dict[str, Any]:
+    """One GPU; a llama-server whose one model runs partly on the CPU, and an idle A1111."""
+    status = mode_status()
+    status["comfyui"] = []
+    common = {
+        "url": "http://127.0.0.1:1",
+        "container_id": None,
+        "running": True,
+        "state": "answers",
+        "health": "none",
+        "reachable": True,
+        "failed_checks": 0,
+        "error": None,
+        "priority": 0,
+        "gpu_uuids": [],
+    }
+    status["model_servers"] = [
+        {
+            **common,
+            "key": "llama-server/llama",
+            "name": "llama",
+            "role": "llama-server",
+            "kind": "llama-server",
+            "vram_bytes": 6 * GIB,
+            "vram": "6.0 GiB",
+            "mode": "router",
+            "can_unload": True,
+            "busy": None,
+            "models": [{"name": "qwen", "state": "loaded", "busy": None, "size_bytes": 9 * GIB}],
+            "spilled": {"model": "qwen", "gpu_percent": 66.7},
+        },
+    ]
+    status["job_servers"] = [
+        {**common, "key": "sd-webui/webui", "name": "webui", "role": "sd-webui",
+         "kind": "sd-webui", "vram_bytes": 5 * GIB, "vram": "5.0 GiB", "mode": "a1111",
+         "can_free": True, "busy": False, "queued": 0, "models": ["sd_xl_base_1.0"]},
+    ]  # fmt: skip
+    return status
+
+
+def test_tenants_of_other_kinds_show_with_their_state() -> None:
+    binary = chromium()
+    server = StatusServer(
+        "127.0.0.1",
+        0,
+        health=lambda: (True, {}),
+        snapshot=other_kinds_status,
+        registry=CollectorRegistry(),
+    )
+    server.start()
+    try:
+        page = parse(dump_dom(binary, f"http://127.0.0.1:{server.port}/ui/"))
+    finally:
+        server.close()
+    llama, webui = page.find("table", id="tenants").find_all("tr", data_key=None)
+    assert llama.attrs["data-key"] == "llama-server/llama"
+    assert "llama-server" in llama.text and "read before an unload" in llama.text
+    assert "router; idle models can be unloaded" in llama.text
+    assert "qwen (loaded)" in llama.text and "66.7% on GPU (spilled)" in llama.text
+    assert llama.find("span", class_="spilled")
+    assert "sd-webui" in webui.text and "idle" in webui.text
+    assert "a1111; freed between jobs" in webui.text and "sd_xl_base_1.0" in webui.text
+    [bar] = page.find_all("div", data_uuid=None)
+    assert [s.attrs["data-tenant"] for s in bar.find_all("div", data_tenant=None)] == [
+        "llama-server/llama",
+        "sd-webui/webui",
+        "(other)",
+        "(free)",
+    ]
