@@ -177,9 +177,14 @@ class SimApi:
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
         # Not a path the supervisor uses: access logs then tell who asked what.
-        # (llama-server and llama-swap: /health, which the supervisor reads only of a
-        # single-model llama-server.)
-        path = {"ollama": "/api/version", "comfyui": "/sim/stats"}.get(self.role, "/health")
+        # (llama-server, llama-swap, vLLM, speaches: /health, which the supervisor reads
+        # only of a single-model llama-server; the image servers' fakes: /sim/stats.)
+        path = {
+            "ollama": "/api/version",
+            "comfyui": "/sim/stats",
+            "sd-webui": "/sim/stats",
+            "invokeai": "/sim/stats",
+        }.get(self.role, "/health")
 
         def answers() -> bool:
             return httpx.get(f"{self.url}{path}", timeout=2).status_code == 200
