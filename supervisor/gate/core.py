@@ -65,6 +65,11 @@ START_TIMEOUT_S = 10.0
 LOOP_ERROR_LOG_EVERY_S = 10.0  # the same asyncio error is logged at most this often
 
 
+# Threads for the gate's blocking calls (the services' APIs, the RoomMaker), all started
+# with the gate.
+CALL_THREADS = 4
+
+
 class _Client:
     """One client connection and the task serving it. `in_exchange`: a request is being
     served, so a disconnect must cancel it."""
@@ -117,7 +122,9 @@ class Proxy:
         self._ws_idle_s = ws_idle_s
         self._limits = limits or Limits()
         self._pool = Pool(limits=self._limits, connect_timeout_s=connect_timeout_s)
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gate-calls")
+        self._executor = ThreadPoolExecutor(
+            max_workers=CALL_THREADS, thread_name_prefix="gate-calls"
+        )
         # Any counters with requests_total and upstream_errors_total (loop thread only).
         self._stats: Any = stats if stats is not None else Counters()
         # Loop-thread state.
@@ -153,7 +160,18 @@ class Proxy:
             raise OSError(f"the gate did not start listening within {START_TIMEOUT_S:g} s")
         if self._start_error is not None:
             raise self._start_error
+        self._start_call_threads()
         log.info(f"{self.upstream_name} gate listening on {self._host}:{self._port}")
+
+    def _start_call_threads(self) -> None:
+        """Start every thread of the blocking-call pool now: a pool starts them one by one
+        as calls overlap, so the process's thread count would creep up over days to the
+        bound (not a leak, but indistinguishable from one for whoever watches it)."""
+        barrier = threading.Barrier(CALL_THREADS + 1)
+        for _ in range(CALL_THREADS):
+            self._executor.submit(barrier.wait, START_TIMEOUT_S)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(START_TIMEOUT_S)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop listening and close every connection (in-flight requests are cut)."""
