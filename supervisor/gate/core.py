@@ -55,7 +55,7 @@ from supervisor.gate.http11 import (
 )
 from supervisor.gate.load_request import LOAD_PATHS, LoadRequest, parse_load_request
 from supervisor.gate.relay import ClientGone, Exchange, Origin, Pool, UpstreamError, relay
-from supervisor.gate.stats import Counters, GateStats
+from supervisor.gate.stats import Counters, GateStats, InFlight
 from supervisor.gate.tunnel import WS_IDLE_S, is_upgrade, tunnel
 from supervisor.ports import OllamaApi, RoomMaker
 
@@ -597,8 +597,7 @@ class Gate(Proxy):
             clock=clock,
         )
         # Models with a load request in flight through this gate: serving a request.
-        self._in_flight: dict[str, int] = {}
-        self._in_flight_lock = threading.Lock()
+        self._in_flight: InFlight[str] = InFlight()
 
     def forget_resident(self, model: str) -> None:
         """The supervisor is about to unload `model`: stop treating it as resident, so the
@@ -613,8 +612,7 @@ class Gate(Proxy):
     def busy_models(self) -> frozenset[str]:
         """Models (`model_key`) with a request in flight through the gate now: they are
         serving a request (safe from any thread)."""
-        with self._in_flight_lock:
-            return frozenset(self._in_flight)
+        return self._in_flight.keys()
 
     def stats(self) -> GateStats:
         """A snapshot of the counters (safe from any thread)."""
@@ -629,20 +627,10 @@ class Gate(Proxy):
 
     async def _admit(self, request: object, forward: Forward) -> bool:
         assert isinstance(request, LoadRequest)
-        key = model_key(request.model)
-        with self._in_flight_lock:
-            self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        try:
+        with self._in_flight.holding(model_key(request.model)):
             if not request.needs_room:
                 return await forward(None)
             return await self._admission.admit(request, forward)
-        finally:
-            with self._in_flight_lock:
-                left = self._in_flight[key] - 1
-                if left:
-                    self._in_flight[key] = left
-                else:
-                    del self._in_flight[key]
 
     def _on_stop(self) -> None:
         self._admission.close()

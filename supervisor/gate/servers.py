@@ -29,7 +29,6 @@ VRAM_GATE_HOST. Policy:
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,7 +40,7 @@ from supervisor.gate.admission import Forward, make_room_within
 from supervisor.gate.core import Proxy
 from supervisor.gate.http11 import Fields, Limits, header_value
 from supervisor.gate.load_request import LoadRequest, parse_load_request
-from supervisor.gate.stats import Counters
+from supervisor.gate.stats import Counters, InFlight
 from supervisor.ports import ModelServerApi
 from supervisor.tenants import ModelRoutes
 
@@ -92,8 +91,7 @@ class ServerGate(Proxy):
         # (at, key, loaded or loading models, sleeping models that must be woken)
         self._served: tuple[float, str, frozenset[str], frozenset[str]] | None = None
         # (server key, model) -> requests in flight through this gate: serving a request.
-        self._in_flight: dict[tuple[str, str], int] = {}
-        self._in_flight_lock = threading.Lock()
+        self._in_flight: InFlight[tuple[str, str]] = InFlight()
         self._one_at_a_time: asyncio.Lock | None = None
 
     def stats(self) -> Any:
@@ -102,8 +100,7 @@ class ServerGate(Proxy):
     def in_flight(self) -> frozenset[tuple[str, str]]:
         """(server key, model) of the requests in flight through the gate now: those
         models serve a request and must not be unloaded (safe from any thread)."""
-        with self._in_flight_lock:
-            return frozenset(self._in_flight)
+        return self._in_flight.keys()
 
     def _reads_body(self, method: bytes, route: bytes) -> bool:
         where = self._routes.names_model(method.decode("latin-1"), route.decode("latin-1"))
@@ -120,18 +117,8 @@ class ServerGate(Proxy):
         current = self._current()
         if current is None:
             return await forward(None)
-        entry = (current[0], request.model)
-        with self._in_flight_lock:
-            self._in_flight[entry] = self._in_flight.get(entry, 0) + 1
-        try:
+        with self._in_flight.holding((current[0], request.model)):
             return await self._admit_to(current, request, forward)
-        finally:
-            with self._in_flight_lock:
-                left = self._in_flight[entry] - 1
-                if left:
-                    self._in_flight[entry] = left
-                else:
-                    del self._in_flight[entry]
 
     async def _admit_to(
         self, current: tuple[str, str, ModelServerApi], request: LoadRequest, forward: Forward

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -27,3 +33,30 @@ class Counters:
     wait_seconds_total: float = 0.0
     forwarded_anyway_total: int = 0
     upstream_errors_total: int = 0
+
+
+class InFlight(Generic[K]):
+    """Requests in flight through a gate, counted per key (a model): those models serve a
+    request. `with in_flight.holding(key):` around a request; `keys()` from any thread."""
+
+    def __init__(self) -> None:
+        self._counts: dict[K, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self, key: K) -> Iterator[None]:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._counts[key] - 1
+                if left:
+                    self._counts[key] = left
+                else:
+                    del self._counts[key]
+
+    def keys(self) -> frozenset[K]:
+        with self._lock:
+            return frozenset(self._counts)

@@ -97,8 +97,9 @@ class SwapResult:
         return asdict(self)
 
 
-def pool_swap(results: list[SwapResult]) -> SwapResult:
-    out = SwapResult(results[0].mode, results[0].label, results[0].profile, runs=0)
+def pool_into(out: Any, results: list[Any]) -> Any:
+    """Pool runs of one mode into `out` (its `runs` 0): counts and lists added, errors
+    merged; `mode`, `label` and `profile` are out's."""
     for r in results:
         for name, value in asdict(r).items():
             if name in ("mode", "label", "profile"):
@@ -108,6 +109,12 @@ def pool_swap(results: list[SwapResult]) -> SwapResult:
             else:
                 setattr(out, name, getattr(out, name) + value)
     return out
+
+
+def pool_swap(results: list[SwapResult]) -> SwapResult:
+    first = results[0]
+    pooled: SwapResult = pool_into(SwapResult(first.mode, first.label, first.profile, 0), results)
+    return pooled
 
 
 def swap_config() -> Any:

@@ -28,7 +28,7 @@ import httpx
 
 from supervisor.sim import SimHost
 from supervisor.sim.vllm import FakeVllm, VllmConfig
-from tests.bench.llama_swap import _pair, _ratio
+from tests.bench.llama_swap import _pair, _ratio, pool_into
 from tests.bench.supervisor_proc import Supervisor, scaled_settings, start_supervisor
 from tests.bench.workload import (
     GPU_TOTAL_GIB,
@@ -77,16 +77,8 @@ class VllmResult:
 
 
 def pool_vllm(results: list[VllmResult]) -> VllmResult:
-    out = VllmResult(results[0].mode, results[0].label, runs=0)
-    for r in results:
-        for name, value in asdict(r).items():
-            if name in ("mode", "label"):
-                continue
-            if name == "errors":
-                out.errors = sorted(set(out.errors) | set(value))
-            else:
-                setattr(out, name, getattr(out, name) + value)
-    return out
+    pooled: VllmResult = pool_into(VllmResult(results[0].mode, results[0].label, 0), results)
+    return pooled
 
 
 def run_vllm_mode(
