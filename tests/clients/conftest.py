@@ -1,10 +1,11 @@
-"""Hand-written fake Ollama and ComfyUI servers for the client tests.
+"""Fake Ollama and ComfyUI servers for the client tests.
 
-Each fake is a function from httpx.Request to httpx.Response that answers like the real
-server does according to /work/shared/reference/api-facts.md (§1 Ollama, §2 ComfyUI):
-the same JSON shapes, done_reason values, 404 error bodies and the empty 200 of /free.
-`serve()` puts any such handler behind a real HTTP server on 127.0.0.1 in a thread, so
-the same fake also answers over a socket.
+Ollama is the simulator's own fake (`supervisor.sim.ollama`, the one model of Ollama the
+whole project tests against), on a real socket; ComfyUI a hand-written function from
+httpx.Request to httpx.Response that answers as /work/shared/reference/api-facts.md §2 says
+(the same JSON shapes, the empty 200 of /free). Both are MockTransport handlers; canned
+answers for odd or broken servers are handlers too. `serve()` puts any handler behind a real
+HTTP server on 127.0.0.1 in a thread, so the same fake also answers over a socket.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from tenacity import wait_none
 from supervisor.clients._http import ServiceClient
 from supervisor.clients.comfyui import ComfyClient
 from supervisor.clients.ollama import OllamaClient
+from supervisor.sim.catalog import Catalog, ModelSpec
+from supervisor.sim.gpu import open_gpu
+from supervisor.sim.httpbase import Exchange, Route
+from supervisor.sim.ollama import FakeOllama
+from supervisor.sim.ollama_sched import ollama_config
 
 Handler = Callable[[httpx.Request], httpx.Response]
 C = TypeVar("C", bound=ServiceClient)
@@ -35,152 +41,95 @@ COMFY_URL = "http://comfy.test:8188"
 
 # --------------------------------------------------------------------------- Ollama
 
+# The models the Ollama tests find installed: llama3.2 with no Modelfile context, qwen3:8b
+# with `PARAMETER num_ctx 8192` (what `ollama show` then reports in `parameters`).
+LLAMA = ModelSpec(
+    "llama3.2:latest",
+    2019393189,
+    parameter_size="3.2B",
+    block_count=28,
+    embedding_length=3072,
+    head_count=24,
+    head_count_kv=8,
+)
+QWEN = ModelSpec(
+    "qwen3:8b",
+    5225376047,
+    family="qwen3",
+    block_count=36,
+    context_length=40960,
+    embedding_length=4096,
+    head_count=32,
+    head_count_kv=8,
+    num_ctx=8192,
+)
 
-@dataclass
-class Installed:
-    name: str  # as /api/tags shows it (name:tag)
-    size: int  # on-disk bytes (/api/tags)
-    runner_size: int  # RAM + VRAM of a loaded runner (/api/ps size); all on GPU when loaded here
-    arch: str = "llama"
-    parameters: str = ""
 
+class SimOllama:
+    """The simulator's fake Ollama (supervisor.sim) on a real socket on 127.0.0.1, a 24 GiB
+    simulated GPU of its own and the catalog above; loads take no time.
 
-@dataclass
-class FakeOllama:
-    """Ollama ≥ 0.12 as api-facts §1 describes it (loading is instant here)."""
+    Calling it with an `httpx.Request` forwards the request to that server and returns its
+    answer, so it is a MockTransport handler like the canned ones (and `Flaky` can wrap it),
+    while the client under test keeps its own base URL in messages. Every request the server
+    received is in `requests` as (method, path, JSON body or None).
+    """
 
-    installed: dict[str, Installed] = field(default_factory=dict)
-    loaded: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (size, size_vram)
-    version: str = "0.12.5"
-    has_context_length: bool = True  # False: v0.9.6 and older (no context_length in ps)
-    requests: list[tuple[str, str, Any]] = field(default_factory=list)
-
-    def install(self, name: str, size: int, runner_size: int | None = None, **kw: Any) -> None:
-        self.installed[name] = Installed(
-            name, size, size if runner_size is None else runner_size, **kw
+    def __init__(self, version: str = "0.12.5", models: tuple[ModelSpec, ...] = (LLAMA, QWEN)):
+        self.gpu = open_gpu(None, 24 * GIB)
+        self.catalog = Catalog(models=models)
+        config = ollama_config(  # real time (a 5-minute keep-alive lasts 5 minutes)
+            "2025", version=version, load_base_s=0.0, load_bytes_per_s=1e15, unload_delay_s=0.0
         )
+        self.fake = FakeOllama(self.gpu, self.catalog, config)
+        self.requests: list[tuple[str, str, Any]] = []
+        self.server = self.fake.serve("127.0.0.1", 0)
+        route = self.server.router
+
+        def recording(method: str, path: str) -> Route | None:
+            found = route(method, path)
+            if found is None:
+                return None
+
+            def record(ex: Exchange) -> None:
+                self.requests.append((ex.method, ex.path, ex.json()))
+                found(ex)
+
+            return record
+
+        self.server.router = recording
+        self.url = self.server.url
+        self._http = httpx.Client(base_url=self.url, timeout=30)
+
+    @property
+    def loaded(self) -> dict[str, tuple[int, int]]:
+        """name -> (size, size_vram) of every model /api/ps would list."""
+        return {r.name: (r.size_bytes, r.size_vram) for r in self.fake.sched.loaded()}
+
+    def spec(self, name: str) -> ModelSpec:
+        found = self.catalog.model(name)
+        assert found is not None, name
+        return found
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content) if request.content else None
-        self.requests.append((request.method, request.url.path, body))
-        route = (request.method, request.url.path)
-        if route == ("GET", "/"):
-            return httpx.Response(200, text="Ollama is running")
-        if route == ("GET", "/api/version"):
-            return httpx.Response(200, json={"version": self.version})
-        if route == ("GET", "/api/ps"):
-            return httpx.Response(200, json={"models": [self._ps_entry(n) for n in self.loaded]})
-        if route == ("GET", "/api/tags"):
-            return httpx.Response(
-                200, json={"models": [self._tag_entry(m) for m in self.installed.values()]}
+        answer = self._http.send(
+            self._http.build_request(
+                request.method,
+                request.url.raw_path.decode(),
+                content=request.content,
+                headers={"Content-Type": request.headers.get("Content-Type", "")},
             )
-        if route == ("POST", "/api/show"):
-            return self._show(body)
-        if route == ("POST", "/api/generate"):
-            return self._generate(body)
-        return httpx.Response(404, text="404 page not found")
-
-    def _find(self, name: str) -> Installed | None:
-        if ":" not in name.rsplit("/", 1)[-1]:
-            name += ":latest"
-        return self.installed.get(name)
-
-    def _not_found(self, name: str) -> httpx.Response:
-        return httpx.Response(404, json={"error": f"model '{name}' not found"})
-
-    def _details(self, m: Installed) -> dict[str, Any]:
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": m.arch,
-            "families": [m.arch],
-            "parameter_size": "3.2B",
-            "quantization_level": "Q4_K_M",
-        }
-
-    def _ps_entry(self, name: str) -> dict[str, Any]:
-        m = self.installed[name]
-        size, size_vram = self.loaded[name]
-        entry: dict[str, Any] = {
-            "name": name,
-            "model": name,
-            "size": size,
-            "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-            "details": self._details(m),
-            "expires_at": "2026-08-21T18:53:22.123-07:00",
-            "size_vram": size_vram,
-        }
-        if self.has_context_length:
-            entry["context_length"] = 4096
-        return entry
-
-    def _tag_entry(self, m: Installed) -> dict[str, Any]:
-        return {
-            "name": m.name,
-            "model": m.name,
-            "modified_at": "2026-08-01T10:00:00.000000000Z",
-            "size": m.size,
-            "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-            "details": self._details(m),
-        }
-
-    def _show(self, body: Any) -> httpx.Response:
-        name = (body or {}).get("model") or (body or {}).get("name") or ""
-        if not name:
-            return httpx.Response(400, json={"error": "model is required"})
-        m = self._find(name)
-        if m is None:
-            return self._not_found(name)
-        a = m.arch
+        )
         return httpx.Response(
-            200,
-            json={
-                "license": "LLAMA 3.2 COMMUNITY LICENSE AGREEMENT",
-                "modelfile": f"FROM /root/.ollama/models/blobs/sha256-x\n{m.parameters}",
-                "parameters": m.parameters,
-                "template": "{{ .Prompt }}",
-                "details": self._details(m),
-                "model_info": {
-                    "general.architecture": a,
-                    "general.file_type": 15,
-                    "general.parameter_count": 3212749888,
-                    f"{a}.attention.head_count": 24,
-                    f"{a}.attention.head_count_kv": 8,
-                    f"{a}.attention.key_length": 128,
-                    f"{a}.attention.layer_norm_rms_epsilon": 0.00001,
-                    f"{a}.attention.value_length": 128,
-                    f"{a}.block_count": 28,
-                    f"{a}.context_length": 131072,
-                    f"{a}.embedding_length": 3072,
-                    f"{a}.rope.freq_base": 500000,
-                    "tokenizer.ggml.model": "gpt2",
-                    "tokenizer.ggml.tokens": [],  # arrays > 5 are emptied without verbose
-                },
-                "tensors": [{"name": "token_embd.weight", "type": "Q6_K", "shape": [3072, 128256]}],
-                "capabilities": ["completion", "tools"],
-                "modified_at": "2026-08-01T10:00:00.000000000Z",
-            },
+            answer.status_code,
+            content=answer.content,
+            headers={"Content-Type": answer.headers.get("Content-Type", "")},
         )
 
-    def _generate(self, body: Any) -> httpx.Response:
-        name = body.get("model", "")
-        m = self._find(name)
-        if m is None:
-            return self._not_found(name)
-        answer = {
-            "model": m.name,
-            "created_at": "2026-08-21T18:48:22.123Z",
-            "response": "",
-            "done": True,
-        }
-        if body.get("prompt"):
-            raise AssertionError("the supervisor never sends prompts")
-        if body.get("keep_alive") == 0:
-            # Unload answers at once, even when the model is not loaded (api-facts 1.6).
-            self.loaded.pop(m.name, None)
-            return httpx.Response(200, json={**answer, "done_reason": "unload"})
-        self.loaded[m.name] = (m.runner_size, m.runner_size)
-        return httpx.Response(200, json={**answer, "done_reason": "load"})
+    def close(self) -> None:
+        self._http.close()
+        self.server.stop()
+        self.fake.close()
 
 
 # --------------------------------------------------------------------------- ComfyUI
@@ -271,15 +220,22 @@ class FakeComfy:
 
 
 @pytest.fixture
-def fake_ollama() -> FakeOllama:
-    fake = FakeOllama()
-    fake.install("llama3.2:latest", size=2019393189, runner_size=3400000000)
-    fake.install(
-        "qwen3:8b",
-        size=5225376047,
-        parameters='num_ctx                        8192\nstop "<|im_end|>"',
-    )
-    return fake
+def sim_ollama() -> Iterator[Callable[..., SimOllama]]:
+    """`make(version=..., models=...)`: a SimOllama, stopped at teardown."""
+    made: list[SimOllama] = []
+
+    def make(**kw: Any) -> SimOllama:
+        made.append(SimOllama(**kw))
+        return made[-1]
+
+    yield make
+    for sim in made:
+        sim.close()
+
+
+@pytest.fixture
+def fake_ollama(sim_ollama: Callable[..., SimOllama]) -> SimOllama:
+    return sim_ollama()
 
 
 @pytest.fixture

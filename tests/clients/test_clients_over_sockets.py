@@ -22,12 +22,16 @@ def _closed_port() -> int:
     return port  # closed again: connecting is refused
 
 
-def test_ollama_round_trip_over_http(fake_ollama: Any, serve: Any) -> None:
-    with serve(fake_ollama) as url, OllamaClient(url, retry_wait=wait_none()) as client:
+def test_ollama_round_trip_over_http(fake_ollama: Any) -> None:
+    with OllamaClient(fake_ollama.url, retry_wait=wait_none()) as client:
         assert client.version() == "0.12.5"
         client.preload("llama3.2", timeout_s=30)
         (model,) = client.ps()
-        assert (model.name, model.size_vram_bytes) == ("llama3.2:latest", 3400000000)
+        assert (model.name, model.size_vram_bytes) == (
+            "llama3.2:latest",
+            fake_ollama.loaded["llama3.2:latest"][1],
+        )
+        assert model.size_vram_bytes > fake_ollama.spec("llama3.2").size_bytes  # weights + KV
         client.unload("llama3.2:latest")
         assert client.ps() == ()
         with pytest.raises(ServiceError, match="model 'ghost:latest' is not installed"):
@@ -76,7 +80,7 @@ def test_a_closed_client_raises_service_error_not_runtime_error(
 ) -> None:
     """A gate thread may still hold the client of a service the observer replaced (its
     container was recreated); the call must fail inside the ServiceError contract."""
-    with serve(fake_ollama) as url:
+    with serve(fake_ollama) as url:  # the sim behind one more server, closed after the test
         client = OllamaClient(url, retry_wait=wait_none())
         assert client.ps() == ()
         client.close()
