@@ -1,20 +1,16 @@
-"""Fake Ollama and ComfyUI servers for the client tests.
+"""Ollama and ComfyUI for the client tests: the simulator's own fakes (`supervisor.sim`,
+the one model of each service the whole project tests against) on real sockets.
 
-Ollama is the simulator's own fake (`supervisor.sim.ollama`, the one model of Ollama the
-whole project tests against), on a real socket; ComfyUI a hand-written function from
-httpx.Request to httpx.Response that answers as /work/shared/reference/api-facts.md §2 says
-(the same JSON shapes, the empty 200 of /free). Both are MockTransport handlers; canned
-answers for odd or broken servers are handlers too. `serve()` puts any handler behind a real
-HTTP server on 127.0.0.1 in a thread, so the same fake also answers over a socket.
+Each is also a MockTransport handler (it forwards to its server), as are the canned answers
+for odd, old or broken servers; `serve()` puts any handler behind a real HTTP server on
+127.0.0.1 in a thread.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
@@ -25,9 +21,11 @@ from tenacity import wait_none
 from supervisor.clients._http import ServiceClient
 from supervisor.clients.comfyui import ComfyClient
 from supervisor.clients.ollama import OllamaClient
-from supervisor.sim.catalog import Catalog, ModelSpec
-from supervisor.sim.gpu import open_gpu
-from supervisor.sim.httpbase import Exchange, Route
+from supervisor.sim.catalog import Catalog, CheckpointSpec, ModelSpec
+from supervisor.sim.comfyui import FakeComfyUI
+from supervisor.sim.comfyui_worker import ComfyConfig
+from supervisor.sim.gpu import SimGpu, open_gpu
+from supervisor.sim.httpbase import Exchange, Route, SimServer
 from supervisor.sim.ollama import FakeOllama
 from supervisor.sim.ollama_sched import ollama_config
 
@@ -65,9 +63,9 @@ QWEN = ModelSpec(
 )
 
 
-class SimOllama:
-    """The simulator's fake Ollama (supervisor.sim) on a real socket on 127.0.0.1, a 24 GiB
-    simulated GPU of its own and the catalog above; loads take no time.
+class SimService:
+    """One of the simulator's fakes on a real socket on 127.0.0.1, with a 24 GiB simulated
+    GPU of its own.
 
     Calling it with an `httpx.Request` forwards the request to that server and returns its
     answer, so it is a MockTransport handler like the canned ones (and `Flaky` can wrap it),
@@ -75,16 +73,10 @@ class SimOllama:
     received is in `requests` as (method, path, JSON body or None).
     """
 
-    def __init__(self, version: str = "0.12.5", models: tuple[ModelSpec, ...] = (LLAMA, QWEN)):
-        self.gpu = open_gpu(None, 24 * GIB)
-        self.catalog = Catalog(models=models)
-        config = ollama_config(  # real time (a 5-minute keep-alive lasts 5 minutes)
-            "2025", version=version, load_base_s=0.0, load_bytes_per_s=1e15, unload_delay_s=0.0
-        )
-        self.fake = FakeOllama(self.gpu, self.catalog, config)
+    def __init__(self, fake: Any, server: SimServer, gpu: SimGpu) -> None:
+        self.fake, self.server, self.gpu = fake, server, gpu
         self.requests: list[tuple[str, str, Any]] = []
-        self.server = self.fake.serve("127.0.0.1", 0)
-        route = self.server.router
+        route = server.router
 
         def recording(method: str, path: str) -> Route | None:
             found = route(method, path)
@@ -97,19 +89,9 @@ class SimOllama:
 
             return record
 
-        self.server.router = recording
-        self.url = self.server.url
+        server.router = recording
+        self.url = server.url
         self._http = httpx.Client(base_url=self.url, timeout=30)
-
-    @property
-    def loaded(self) -> dict[str, tuple[int, int]]:
-        """name -> (size, size_vram) of every model /api/ps would list."""
-        return {r.name: (r.size_bytes, r.size_vram) for r in self.fake.sched.loaded()}
-
-    def spec(self, name: str) -> ModelSpec:
-        found = self.catalog.model(name)
-        assert found is not None, name
-        return found
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         answer = self._http.send(
@@ -132,88 +114,58 @@ class SimOllama:
         self.fake.close()
 
 
-# --------------------------------------------------------------------------- ComfyUI
+class SimOllama(SimService):
+    """The simulator's fake Ollama (`supervisor.sim.ollama`) of the 2025 generation with the
+    catalog above; loads take no time, keep-alives run in real time."""
+
+    def __init__(self, version: str = "0.12.5", models: tuple[ModelSpec, ...] = (LLAMA, QWEN)):
+        gpu = open_gpu(None, 24 * GIB)
+        self.catalog = Catalog(models=models)
+        config = ollama_config(  # real time (a 5-minute keep-alive lasts 5 minutes)
+            "2025", version=version, load_base_s=0.0, load_bytes_per_s=1e15, unload_delay_s=0.0
+        )
+        fake = FakeOllama(gpu, self.catalog, config)
+        super().__init__(fake, fake.serve("127.0.0.1", 0), gpu)
+
+    @property
+    def loaded(self) -> dict[str, tuple[int, int]]:
+        """name -> (size, size_vram) of every model /api/ps would list."""
+        return {r.name: (r.size_bytes, r.size_vram) for r in self.fake.sched.loaded()}
+
+    def spec(self, name: str) -> ModelSpec:
+        found = self.catalog.model(name)
+        assert found is not None, name
+        return found
 
 
-@dataclass
-class FakeComfy:
-    """ComfyUI 0.3.64 as api-facts §2 describes it, on a 24 GiB CUDA device."""
+# A checkpoint whose job runs ten real minutes: a job stays running while a test looks.
+SLOW = CheckpointSpec("slow.safetensors", 2 * GIB, seconds=600.0)
 
-    vram_total: int = 25393692672
-    driver_free: int = 17 * GIB
-    torch_reserved: int = 3 * GIB
-    torch_cached: int = 512 * 1024**2
-    running: list[str] = field(default_factory=list)  # prompt ids
-    pending: list[str] = field(default_factory=list)
-    flags: list[dict[str, Any]] = field(default_factory=list)  # every /free body received
-    interrupts: int = 0
-    requests: list[tuple[str, str]] = field(default_factory=list)
 
-    def stats_json(self) -> dict[str, Any]:
-        return {
-            "system": {
-                "os": "posix",
-                "ram_total": 67108864000,
-                "ram_free": 50000000000,
-                "comfyui_version": "0.3.64",
-                "required_frontend_version": "1.27.10",
-                "installed_templates_version": "0.1.94",
-                "required_templates_version": "0.1.94",
-                "python_version": "3.12.3 (main, Feb  4 2025, 14:48:35) [GCC 13.3.0]",
-                "pytorch_version": "2.8.0+cu128",
-                "embedded_python": False,
-                "argv": ["main.py", "--listen", "0.0.0.0"],
-            },
-            "devices": [
-                {
-                    "name": "cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync",
-                    "type": "cuda",
-                    "index": 0,
-                    "vram_total": self.vram_total,
-                    # vram_free counts torch's cache as free (api-facts 2.2)
-                    "vram_free": self.driver_free + self.torch_cached,
-                    "torch_vram_total": self.torch_reserved,
-                    "torch_vram_free": self.torch_cached,
-                }
-            ],
+class SimComfy(SimService):
+    """The simulator's fake ComfyUI (`supervisor.sim.comfyui`), 0.3.64 (2025) unless a
+    profile says otherwise; its one checkpoint's jobs run for ten minutes."""
+
+    def __init__(self, profile: str = "2025") -> None:
+        gpu = open_gpu(None, 24 * GIB)
+        fake = FakeComfyUI(gpu, Catalog(checkpoints=(SLOW,)), ComfyConfig.for_profile(profile))
+        super().__init__(fake, fake.serve("127.0.0.1", 0), gpu)
+
+    def submit(self) -> str:
+        """Queue one job; returns its prompt id."""
+        job = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SLOW.name}},
+            "2": {"class_type": "KSampler", "inputs": {"steps": 20}},
+            "3": {"class_type": "SaveImage", "inputs": {}},
         }
+        answer = self._http.post("/prompt", json={"prompt": job})
+        assert answer.status_code == 200, answer.text
+        prompt_id: str = answer.json()["prompt_id"]
+        return prompt_id
 
-    def _item(self, number: int, prompt_id: str) -> list[Any]:
-        return [
-            number,
-            prompt_id,
-            {"3": {"class_type": "KSampler", "inputs": {}}},
-            {"client_id": "x"},
-            ["9"],
-        ]
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path.removeprefix("/api")  # every route also lives under /api
-        self.requests.append((request.method, path))
-        route = (request.method, path)
-        if route == ("GET", "/system_stats"):
-            return httpx.Response(200, json=self.stats_json())
-        if route == ("GET", "/queue"):
-            return httpx.Response(
-                200,
-                json={
-                    "queue_running": [self._item(i, p) for i, p in enumerate(self.running)],
-                    "queue_pending": [self._item(100 + i, p) for i, p in enumerate(self.pending)],
-                },
-            )
-        if route == ("POST", "/free"):
-            try:
-                body = json.loads(request.content)  # the handler calls request.json()
-            except ValueError:
-                return httpx.Response(
-                    500, text="500 Internal Server Error\n\nServer got itself in trouble"
-                )
-            self.flags.append(body)
-            return httpx.Response(200)  # always, at once, empty body
-        if route == ("POST", "/interrupt"):
-            self.interrupts += 1
-            return httpx.Response(200)
-        return httpx.Response(404, text="404: Not Found")
+    def received(self, path: str) -> list[Any]:
+        """The bodies of the requests that reached `path` (with or without /api)."""
+        return [body for _, p, body in self.requests if p.removeprefix("/api") == path]
 
 
 # --------------------------------------------------------------------------- wiring
@@ -222,11 +174,12 @@ class FakeComfy:
 @pytest.fixture
 def sim_ollama() -> Iterator[Callable[..., SimOllama]]:
     """`make(version=..., models=...)`: a SimOllama, stopped at teardown."""
-    made: list[SimOllama] = []
+    made: list[SimService] = []
 
     def make(**kw: Any) -> SimOllama:
-        made.append(SimOllama(**kw))
-        return made[-1]
+        sim = SimOllama(**kw)
+        made.append(sim)
+        return sim
 
     yield make
     for sim in made:
@@ -239,8 +192,10 @@ def fake_ollama(sim_ollama: Callable[..., SimOllama]) -> SimOllama:
 
 
 @pytest.fixture
-def fake_comfy() -> FakeComfy:
-    return FakeComfy()
+def fake_comfy() -> Iterator[SimComfy]:
+    sim = SimComfy()
+    yield sim
+    sim.close()
 
 
 def _client_factory(cls: type[C], base_url: str) -> Iterator[Callable[..., C]]:

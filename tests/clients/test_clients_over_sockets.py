@@ -38,14 +38,14 @@ def test_ollama_round_trip_over_http(fake_ollama: Any) -> None:
             client.unload("ghost")
 
 
-def test_comfy_round_trip_over_http(fake_comfy: Any, serve: Any) -> None:
-    with serve(fake_comfy) as url, ComfyClient(url, retry_wait=wait_none()) as client:
-        assert client.system_stats().torch_reserved_bytes == fake_comfy.torch_reserved
+def test_comfy_round_trip_over_http(fake_comfy: Any) -> None:
+    with ComfyClient(fake_comfy.url, retry_wait=wait_none()) as client:
+        assert client.system_stats().vram_total_bytes == fake_comfy.gpu.total_bytes
         assert client.queue() == ComfyQueue(0, 0)
         client.free(unload_models=True, free_memory=True)
         client.interrupt()
-    assert fake_comfy.flags == [{"unload_models": True, "free_memory": True}]
-    assert fake_comfy.interrupts == 1
+    assert fake_comfy.received("/free") == [{"unload_models": True, "free_memory": True}]
+    assert len(fake_comfy.received("/interrupt")) == 1
 
 
 def test_connection_refused(serve: Any) -> None:
