@@ -42,6 +42,12 @@ class ModelSpec:
     head_count_kv: int = 8
     capabilities: tuple[str, ...] = ("completion", "tools")
     gpu_tokens_per_s: float = 0.0  # 0: derived from the size
+    num_ctx: int | None = None  # the Modelfile's `PARAMETER num_ctx`; None: not set
+
+    @property
+    def parameters(self) -> str:
+        """/api/show `parameters`: the Modelfile's PARAMETER lines, name padded to 30."""
+        return "" if self.num_ctx is None else f"{'num_ctx':<30} {self.num_ctx}"
 
     @property
     def digest(self) -> str:

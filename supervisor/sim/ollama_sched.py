@@ -231,7 +231,7 @@ class Scheduler:
         return self._stats.setdefault(name, ModelStats())
 
     def default_ctx(self) -> int:
-        """The context a request without `num_ctx` gets (Modelfiles set none here)."""
+        """The context a request gets when neither it nor the Modelfile sets `num_ctx`."""
         cfg = self.config
         if cfg.context_by_vram:
             return tier_context(self.gpu.total_bytes - cfg.gpu_overhead_bytes)
@@ -372,7 +372,7 @@ class Scheduler:
         return math.inf if runner.keep_alive_s == FOREVER else self.real_s(runner.keep_alive_s)
 
     def _needs_reload(self, runner: Runner, num_ctx: int | None, num_gpu: int | None) -> bool:
-        ctx = runner.spec.effective_ctx(num_ctx or self.default_ctx())
+        ctx = runner.spec.effective_ctx(num_ctx or runner.spec.num_ctx or self.default_ctx())
         asked = runner.requested_ctx or runner.num_ctx
         return ctx != asked or (num_gpu is not None and num_gpu != runner.num_gpu)
 
@@ -442,7 +442,7 @@ class Scheduler:
         gone: Callable[[], bool],
     ) -> Runner:
         cfg = self.config
-        ctx = spec.effective_ctx(num_ctx or self.default_ctx())
+        ctx = spec.effective_ctx(num_ctx or spec.num_ctx or self.default_ctx())
         requested_ctx = ctx
         if num_gpu != 0:
             if cfg.is_2026:
@@ -457,7 +457,7 @@ class Scheduler:
             need, granted = self._place(spec, ctx, num_gpu, owner, pid)
             if granted is None:  # 2026: out of memory with an explicit num_gpu
                 self._evict_all(gone)
-                auto = num_ctx is None and cfg.context_by_vram
+                auto = num_ctx is None and spec.num_ctx is None and cfg.context_by_vram
                 if auto and ctx > 4096:
                     ctx = 32768 if ctx > 32768 else 4096
                 need, granted = self._place(spec, ctx, num_gpu, owner, pid)

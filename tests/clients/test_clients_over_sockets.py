@@ -22,26 +22,30 @@ def _closed_port() -> int:
     return port  # closed again: connecting is refused
 
 
-def test_ollama_round_trip_over_http(fake_ollama: Any, serve: Any) -> None:
-    with serve(fake_ollama) as url, OllamaClient(url, retry_wait=wait_none()) as client:
+def test_ollama_round_trip_over_http(fake_ollama: Any) -> None:
+    with OllamaClient(fake_ollama.url, retry_wait=wait_none()) as client:
         assert client.version() == "0.12.5"
         client.preload("llama3.2", timeout_s=30)
         (model,) = client.ps()
-        assert (model.name, model.size_vram_bytes) == ("llama3.2:latest", 3400000000)
+        assert (model.name, model.size_vram_bytes) == (
+            "llama3.2:latest",
+            fake_ollama.loaded["llama3.2:latest"][1],
+        )
+        assert model.size_vram_bytes > fake_ollama.spec("llama3.2").size_bytes  # weights + KV
         client.unload("llama3.2:latest")
         assert client.ps() == ()
         with pytest.raises(ServiceError, match="model 'ghost:latest' is not installed"):
             client.unload("ghost")
 
 
-def test_comfy_round_trip_over_http(fake_comfy: Any, serve: Any) -> None:
-    with serve(fake_comfy) as url, ComfyClient(url, retry_wait=wait_none()) as client:
-        assert client.system_stats().torch_reserved_bytes == fake_comfy.torch_reserved
+def test_comfy_round_trip_over_http(fake_comfy: Any) -> None:
+    with ComfyClient(fake_comfy.url, retry_wait=wait_none()) as client:
+        assert client.system_stats().vram_total_bytes == fake_comfy.gpu.total_bytes
         assert client.queue() == ComfyQueue(0, 0)
         client.free(unload_models=True, free_memory=True)
         client.interrupt()
-    assert fake_comfy.flags == [{"unload_models": True, "free_memory": True}]
-    assert fake_comfy.interrupts == 1
+    assert fake_comfy.received("/free") == [{"unload_models": True, "free_memory": True}]
+    assert len(fake_comfy.received("/interrupt")) == 1
 
 
 def test_connection_refused(serve: Any) -> None:
@@ -76,7 +80,7 @@ def test_a_closed_client_raises_service_error_not_runtime_error(
 ) -> None:
     """A gate thread may still hold the client of a service the observer replaced (its
     container was recreated); the call must fail inside the ServiceError contract."""
-    with serve(fake_ollama) as url:
+    with serve(fake_ollama) as url:  # the sim behind one more server, closed after the test
         client = OllamaClient(url, retry_wait=wait_none())
         assert client.ps() == ()
         client.close()

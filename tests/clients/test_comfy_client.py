@@ -1,7 +1,10 @@
-"""ComfyClient against a fake ComfyUI that answers as api-facts §2 says."""
+"""ComfyClient against the simulator's fake ComfyUI (api-facts §2), and against canned
+answers of other generations and of broken servers."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,19 +18,32 @@ URL = "http://comfy.test:8188"
 GIB = 1024**3
 
 
+def wait_for(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
 def test_system_stats_reads_the_device_in_bytes(fake_comfy: Any, comfy_client: Any) -> None:
-    stats = comfy_client(fake_comfy).system_stats()
+    client = comfy_client(fake_comfy)
+    fake_comfy.submit()  # a job loads its checkpoint: torch reserves memory
+    wait_for(lambda: client.system_stats().torch_reserved_bytes > 2 * GIB)
+    stats = client.system_stats()
+    raw = httpx.get(f"{fake_comfy.url}/system_stats").json()
+    device, system = raw["devices"][0], raw["system"]
     assert stats == ComfyStats(
-        device_name="cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync",
+        device_name=device["name"],
         device_type="cuda",
-        vram_total_bytes=25393692672,
-        vram_free_bytes=17 * GIB + 512 * 1024**2,
-        torch_reserved_bytes=3 * GIB,
-        torch_cached_bytes=512 * 1024**2,
+        vram_total_bytes=device["vram_total"],
+        vram_free_bytes=device["vram_free"],
+        torch_reserved_bytes=device["torch_vram_total"],
+        torch_cached_bytes=device["torch_vram_free"],
         version="0.3.64",
-        argv=("main.py", "--listen", "0.0.0.0"),
+        argv=tuple(system["argv"]),
         packages=(),
     )
+    assert stats.vram_total_bytes == 24 * GIB
     assert stats.mode is ComfyMode.CLASSIC  # 0.3.64 has no Dynamic VRAM
 
 
@@ -126,9 +142,9 @@ def test_queue_counts_running_and_pending(fake_comfy: Any, comfy_client: Any) ->
     client = comfy_client(fake_comfy)
     assert client.queue() == ComfyQueue(running=0, pending=0)
     assert not client.queue().is_busy
-    fake_comfy.running = ["p1"]
-    fake_comfy.pending = ["p2", "p3"]
-    assert client.queue() == ComfyQueue(running=1, pending=2)
+    for _ in range(3):
+        fake_comfy.submit()
+    wait_for(lambda: client.queue() == ComfyQueue(running=1, pending=2))
     assert client.queue().is_busy
 
 
@@ -138,7 +154,9 @@ def test_free_sends_exactly_the_flags_given(
     fake_comfy: Any, comfy_client: Any, unload_models: bool, free_memory: bool
 ) -> None:
     comfy_client(fake_comfy).free(unload_models=unload_models, free_memory=free_memory)
-    assert fake_comfy.flags == [{"unload_models": unload_models, "free_memory": free_memory}]
+    assert fake_comfy.received("/free") == [
+        {"unload_models": unload_models, "free_memory": free_memory}
+    ]
 
 
 def test_free_with_an_empty_200_is_success(comfy_client: Any) -> None:
@@ -156,8 +174,7 @@ def test_free_with_an_empty_200_is_success(comfy_client: Any) -> None:
 
 def test_interrupt_posts_to_interrupt(fake_comfy: Any, comfy_client: Any) -> None:
     comfy_client(fake_comfy).interrupt()
-    assert fake_comfy.interrupts == 1
-    assert fake_comfy.requests == [("POST", "/interrupt")]
+    assert [(m, p) for m, p, _ in fake_comfy.requests] == [("POST", "/interrupt")]
 
 
 def _raise(exc_type: type[httpx.TransportError]) -> Any:
@@ -240,7 +257,7 @@ def test_reads_and_free_are_retried(fake_comfy: Any, comfy_client: Any, flaky: A
     handler.errors.append(httpx.ReadTimeout)
     client.free(unload_models=True, free_memory=True)
     assert handler.calls == 4
-    assert fake_comfy.flags == [{"unload_models": True, "free_memory": True}]
+    assert fake_comfy.received("/free") == [{"unload_models": True, "free_memory": True}]
 
 
 def test_a_delivered_interrupt_is_not_repeated(
@@ -253,7 +270,7 @@ def test_a_delivered_interrupt_is_not_repeated(
     handler = flaky(fake_comfy, httpx.ConnectError)
     comfy_client(handler).interrupt()
     assert handler.calls == 2
-    assert fake_comfy.interrupts == 1
+    assert len(fake_comfy.received("/interrupt")) == 1
 
 
 def test_api_prefixed_base_url_works(fake_comfy: Any, comfy_client: Any) -> None:

@@ -1,4 +1,5 @@
-"""OllamaClient against a fake Ollama that answers as api-facts §1 says."""
+"""OllamaClient against the simulator's fake Ollama (api-facts §1), and against canned
+answers of odd, old or broken servers."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from supervisor.clients.ollama import OllamaClient, normalise_model_name
 from supervisor.errors import ServiceError
 from supervisor.model import OllamaModel
 from supervisor.ports import ModelFacts, TaggedModel
+from supervisor.sim.catalog import ModelSpec
 
 URL = "http://ollama.test:11434"
+GIB = 1024**3
 
 
 # --------------------------------------------------------------------------- names
@@ -59,41 +62,48 @@ def test_base_url_loses_its_trailing_slash(fake_ollama: Any, ollama_client: Any)
 
 
 def test_ps_lists_loaded_models(fake_ollama: Any, ollama_client: Any) -> None:
-    fake_ollama.loaded["llama3.2:latest"] = (3400000000, 3400000000)
-    fake_ollama.loaded["qwen3:8b"] = (6000000000, 4000000000)  # partly on the CPU
-    models = ollama_client(fake_ollama).ps()
-    assert models == (
-        OllamaModel(
-            name="llama3.2:latest",
-            size_bytes=3400000000,
-            size_vram_bytes=3400000000,
-            digest="a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-            context_length=4096,
-            expires_at="2026-08-21T18:53:22.123-07:00",
-        ),
-        OllamaModel(
-            name="qwen3:8b",
-            size_bytes=6000000000,
-            size_vram_bytes=4000000000,
-            digest="a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-            context_length=4096,
-            expires_at="2026-08-21T18:53:22.123-07:00",
-        ),
+    client = ollama_client(fake_ollama)
+    # Another process holds all but 4 GiB: qwen3:8b (~6.8 GiB at 8192) goes partly to the
+    # CPU. Once it is gone, llama3.2 (~2.7 GiB) fits beside it.
+    fake_ollama.gpu.allocate("outsider", 1, fake_ollama.gpu.free_bytes() - 4 * GIB)
+    client.preload("qwen3:8b", timeout_s=30)
+    fake_ollama.gpu.release("outsider")
+    client.preload("llama3.2", timeout_s=30)
+    raw = {m["name"]: m for m in httpx.get(f"{fake_ollama.url}/api/ps").json()["models"]}
+    models = {m.name: m for m in client.ps()}
+    assert set(models) == {"llama3.2:latest", "qwen3:8b"}
+    for name, model in models.items():
+        entry = raw[name]
+        assert model == OllamaModel(
+            name=name,
+            size_bytes=entry["size"],
+            size_vram_bytes=entry["size_vram"],
+            digest=fake_ollama.spec(name).digest,
+            context_length=entry["context_length"],
+            expires_at=entry["expires_at"],
+        )
+    # The context each runner got: the server's default, and the Modelfile's num_ctx.
+    assert (models["llama3.2:latest"].context_length, models["qwen3:8b"].context_length) == (
+        4096,
+        8192,
     )
-    assert not models[0].is_spilled
-    assert models[1].is_spilled
+    assert not models["llama3.2:latest"].is_spilled
+    assert models["qwen3:8b"].is_spilled
+    assert 0 < models["qwen3:8b"].size_vram_bytes < models["qwen3:8b"].size_bytes
 
 
 def test_ps_with_nothing_loaded(fake_ollama: Any, ollama_client: Any) -> None:
     assert ollama_client(fake_ollama).ps() == ()
 
 
-def test_ps_on_old_builds_without_context_length(fake_ollama: Any, ollama_client: Any) -> None:
-    fake_ollama.has_context_length = False  # v0.9.6 and older (api-facts 1.2)
-    fake_ollama.loaded["llama3.2:latest"] = (3400000000, 3400000000)
-    (model,) = ollama_client(fake_ollama).ps()
+def test_ps_on_old_builds_without_context_length(sim_ollama: Any, ollama_client: Any) -> None:
+    old = sim_ollama(version="0.9.6")  # v0.9.6 and older have no context_length (api-facts 1.2)
+    client = ollama_client(old)
+    client.preload("llama3.2", timeout_s=30)
+    (model,) = client.ps()
+    assert "context_length" not in httpx.get(f"{old.url}/api/ps").json()["models"][0]
     assert model.context_length is None
-    assert model.size_vram_bytes == 3400000000
+    assert model.size_vram_bytes == model.size_bytes == old.loaded["llama3.2:latest"][1]
 
 
 @pytest.mark.parametrize(
@@ -120,20 +130,21 @@ def test_tags_lists_installed_models_with_disk_size(fake_ollama: Any, ollama_cli
         TaggedModel("llama3.2:latest", 2019393189),
         TaggedModel("qwen3:8b", 5225376047),
     )
+    assert fake_ollama.loaded == {}  # listing loads nothing
 
 
 def test_show_reads_arch_keys_and_num_ctx(fake_ollama: Any, ollama_client: Any) -> None:
     facts = ollama_client(fake_ollama).show("qwen3:8b")
     assert facts == ModelFacts(
         name="qwen3:8b",
-        context_length=131072,
-        block_count=28,
-        embedding_length=3072,
-        head_count=24,
+        context_length=40960,
+        block_count=36,
+        embedding_length=4096,
+        head_count=32,
         head_count_kv=8,
         key_length=128,
         value_length=128,
-        num_ctx=8192,
+        num_ctx=8192,  # from the Modelfile's PARAMETER line in `parameters`
     )
     assert fake_ollama.requests[-1] == (
         "POST",
@@ -149,9 +160,15 @@ def test_show_without_num_ctx_parameter(fake_ollama: Any, ollama_client: Any) ->
     assert facts.block_count == 28
 
 
-def test_show_uses_the_reported_architecture(fake_ollama: Any, ollama_client: Any) -> None:
-    fake_ollama.install("gemma3:4b", size=3338801804, arch="gemma3")
-    assert ollama_client(fake_ollama).show("gemma3:4b").block_count == 28
+def test_show_uses_the_reported_architecture(sim_ollama: Any, ollama_client: Any) -> None:
+    gemma = ModelSpec("gemma3:4b", 3338801804, family="gemma3", block_count=34)
+    sim = sim_ollama(models=(gemma,))
+    # The keys are "gemma3.block_count" etc.: read under the reported architecture.
+    assert (
+        "gemma3.block_count"
+        in httpx.post(f"{sim.url}/api/show", json={"model": "gemma3:4b"}).json()["model_info"]
+    )
+    assert ollama_client(sim).show("gemma3:4b").block_count == 34
 
 
 def test_show_per_layer_arrays_and_missing_model_info(ollama_client: Any) -> None:
@@ -185,8 +202,8 @@ def test_show_of_a_model_that_is_not_installed(fake_ollama: Any, ollama_client: 
 def test_unload_sends_keep_alive_zero_and_the_model_leaves_ps(
     fake_ollama: Any, ollama_client: Any
 ) -> None:
-    fake_ollama.loaded["llama3.2:latest"] = (3400000000, 3400000000)
     client = ollama_client(fake_ollama)
+    client.preload("llama3.2", timeout_s=30)
     client.unload("llama3.2")
     assert fake_ollama.requests[-1] == (
         "POST",
@@ -198,6 +215,7 @@ def test_unload_sends_keep_alive_zero_and_the_model_leaves_ps(
 
 def test_unloading_a_model_that_is_not_loaded_is_fine(fake_ollama: Any, ollama_client: Any) -> None:
     ollama_client(fake_ollama).unload("qwen3:8b")  # done_reason "unload", a no-op
+    assert fake_ollama.loaded == {}
 
 
 def test_unloading_a_model_that_is_not_installed(fake_ollama: Any, ollama_client: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from supervisor.sim import SimHost, ollama_config
+from supervisor.sim import Catalog, ModelSpec, SimHost, ollama_config
 from supervisor.sim.gpu import GIB, MIB
 from supervisor.sim.profiles import ProfileError, sim_profile
 
@@ -133,6 +133,33 @@ def test_ollama_context_length_overrides_the_tier(
     host = make_host(ollama=ollama_config("2026", num_ctx=8192, context_by_vram=False))
     load(client, host, "llama3.1:8b")
     assert ps(client, host)[0]["context_length"] == 8192
+
+
+@pytest.mark.parametrize("profile", ["2026", "2025"])
+def test_a_modelfile_num_ctx_beats_the_default_and_a_request_beats_both(
+    make_host: MakeHost, client: httpx.Client, profile: str
+) -> None:
+    """Request options, then the Modelfile's PARAMETER num_ctx, then the server's default
+    (the VRAM tier or OLLAMA_CONTEXT_LENGTH) (api-facts 1.5)."""
+    model = ModelSpec("tuned:8b", 4 * GIB, num_ctx=8192)
+    host = make_host(profile=profile, catalog=Catalog(models=(model,)))
+    shown = client.post(f"{host.ollama_url}/api/show", json={"model": "tuned:8b"}).json()
+    assert shown["parameters"].split() == ["num_ctx", "8192"]
+    assert "PARAMETER num_ctx 8192" in shown["modelfile"]
+    load(client, host, "tuned:8b")
+    assert ps(client, host)[0]["context_length"] == 8192
+    asked = {"model": "tuned:8b", "prompt": "hi", "stream": False, "options": {"num_ctx": 2048}}
+    assert client.post(f"{host.ollama_url}/api/generate", json=asked).status_code == 200
+    assert ps(client, host)[0]["context_length"] == 2048  # reloaded with the request's
+
+
+@pytest.mark.parametrize(("version", "has_it"), [("0.9.6", False), ("0.9.7", True)])
+def test_ps_has_context_length_from_0_9_7_on(
+    make_host: MakeHost, client: httpx.Client, version: str, has_it: bool
+) -> None:
+    host = make_host(ollama=ollama_config("2025", version=version))
+    load(client, host, "llama3.1:8b")
+    assert ("context_length" in ps(client, host)[0]) is has_it
 
 
 def test_fitting_keeps_the_fit_target_free_and_spills_the_rest(
