@@ -150,27 +150,33 @@ class Assembly:
             daemon.actor.in_flight_sources.append(model_gate.in_flight)
 
     def _model_gate(self, role: str, port: int) -> Any:
-        """In front of the first running server of `role`, freeing the idle job servers
-        on its GPUs before it loads a model (VRAM_MODEL_GATES)."""
+        """In front of the running servers of `role` (routing by model), freeing the idle
+        job servers on their GPUs before one loads a model (VRAM_MODEL_GATES)."""
         from supervisor.gate.servers import ServerGate
         from supervisor.tenants import kind_of, make_client
 
         kind = kind_of(role)
-        # Before the loop's first pass knows it, the first fixed URL of the role (if any):
-        # a request right after the start is forwarded, not answered 502.
-        fixed_url = next((url for r, url in self.settings.fixed_services if r == role), None)
-        fallback = None
-        if fixed_url is not None:
-            client = make_client(role, fixed_url, timeout_s=self.settings.request_timeout_s)
-            fallback = (f"{role}/{role}", fixed_url, client)
+        # Before the loop's first pass knows them, the fixed URLs of the role (if any): a
+        # request right after the start is forwarded, not answered 502.
+        # Named as the observer names them: the role, then role-2, role-3 ...
+        urls = [url for r, url in self.settings.fixed_services if r == role]
+        timeout_s = self.settings.request_timeout_s
+        fallback = [
+            (
+                f"{role}/{role if i == 0 else f'{role}-{i + 1}'}",
+                url,
+                make_client(role, url, timeout_s=timeout_s),
+            )
+            for i, url in enumerate(urls)
+        ]
 
-        def current() -> tuple[str, str, ModelServerApi] | None:
-            return self.daemon.current_server(role) or fallback
+        def servers() -> list[tuple[str, str, ModelServerApi]]:
+            return self.daemon.current_servers(role) or fallback
 
         gate = ServerGate(
             title=kind.title,
             routes=kind.routes,
-            current=current,
+            servers=servers,
             room=self.daemon.job_room_freer,
             host=self.settings.gate_host,
             port=port,

@@ -401,8 +401,9 @@ VARIABLES: tuple[Variable, ...] = (
         "",
         _gates(),
         "Enable a gate in front of model servers of other kinds: on each port, a reverse "
-        "proxy to the first running server of that role that frees the idle job servers "
-        "on its GPUs before it loads a model, bound to VRAM_GATE_HOST; unset: none.",
+        "proxy to the running servers of that role (each load to the server that offers "
+        "its model) that frees the idle job servers on their GPUs before one loads a "
+        "model, bound to VRAM_GATE_HOST; unset: none.",
     ),
     _var(
         "VRAM_COMFYUI_GATE_PORT",

@@ -170,13 +170,14 @@ class Daemon:
         ollamas = self._observer.targets.ollamas
         return next(iter(ollamas.values()))[1] if ollamas else None
 
-    def current_server(self, role: str) -> tuple[str, str, ModelServerApi] | None:
-        """Where a model-server gate forwards: (key, base URL, client) of the first running
-        model server of `role` (fixed URL or container); None: none runs now."""
-        for key, (spec, api) in self._observer.targets.model_servers.items():
-            if spec.role == role:
-                return key, spec.url, api
-        return None
+    def current_servers(self, role: str) -> list[tuple[str, str, ModelServerApi]]:
+        """Where a model-server gate forwards: (key, base URL, client) of every running
+        model server of `role` (fixed URLs and containers), in the order they are known."""
+        return [
+            (key, spec.url, api)
+            for key, (spec, api) in self._observer.targets.model_servers.items()
+            if spec.role == role
+        ]
 
     def current_comfyui_url(self) -> str | None:
         """Where the image gate forwards: the first running ComfyUI (fixed URL or container)."""

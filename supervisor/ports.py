@@ -105,6 +105,11 @@ class ModelServerApi(Protocol):
         without side effects (else None)."""
         ...
 
+    def models(self) -> tuple[str, ...]:
+        """Every model it would serve a request for now, loaded or not (what a gate in
+        front of several servers routes by); read without loading or waking anything."""
+        ...
+
     def busy(self, model: str) -> bool | None:
         """Whether `model` serves a request now, read just before an unload; None when it
         cannot be told (then it is never unloaded)."""

@@ -324,3 +324,9 @@ def _timeout_seconds(
         return default_s
     limit = timeout.connect if isinstance(exc, httpx.ConnectTimeout) else timeout.read
     return limit if limit is not None else default_s
+
+
+def model_ids(data: Any) -> list[str]:
+    """`GET /v1/models` of an OpenAI-compatible server: the `id` of every entry."""
+    entries = items(obj(data, "/v1/models").get("data"), "/v1/models data")
+    return [text(obj(e, "/v1/models entry").get("id"), "/v1/models id") for e in entries]

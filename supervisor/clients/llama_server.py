@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from supervisor.clients._http import Retry, ServiceClient, ShapeError, items, obj, text
+from supervisor.clients._http import Retry, ServiceClient, ShapeError, items, model_ids, obj, text
 from supervisor.errors import ServiceError
 from supervisor.model import ServedModel, ServedState
 
@@ -41,6 +41,10 @@ class LlamaServerClient(ServiceClient):
         if props.get("role") == "router":
             return self._router()
         return self._single(props)
+
+    def models(self) -> tuple[str, ...]:
+        # A router's list has every model it can load; a single-model server's its one.
+        return tuple(self._http.json("GET", "/v1/models", model_ids, retry=Retry.TRANSIENT))
 
     def busy(self, model: str) -> bool | None:
         props = self._props()
@@ -85,7 +89,7 @@ class LlamaServerClient(ServiceClient):
         return ServedState(models, can_unload=True, mode="router")
 
     def _single(self, props: dict[str, Any], *, loading: bool = False) -> ServedState:
-        names = self._http.json("GET", "/v1/models", _model_ids, retry=Retry.TRANSIENT)
+        names = self.models()
         name = names[0] if names else str(props.get("model_path") or "model")
         loading = loading or self._loading()
         state = "loading" if loading else "sleeping" if props.get("is_sleeping") else "loaded"
@@ -129,11 +133,6 @@ def _model_list(data: Any) -> list[tuple[str, str, int | None]]:
         size = meta.get("size") if isinstance(meta, dict) else None
         out.append((name, state, size if isinstance(size, int) and size > 0 else None))
     return out
-
-
-def _model_ids(data: Any) -> list[str]:
-    entries = items(obj(data, "/v1/models").get("data"), "/v1/models data")
-    return [text(obj(e, "/v1/models entry").get("id"), "/v1/models id") for e in entries]
 
 
 def parse_slots(data: Any) -> list[bool]:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from supervisor.clients._http import Retry, ServiceClient, items, obj, text
+from supervisor.clients._http import Retry, ServiceClient, items, model_ids, obj, text
 from supervisor.clients.llama_server import parse_slots
 from supervisor.errors import ServiceError
 from supervisor.model import ServedModel, ServedState
@@ -40,6 +40,10 @@ class LlamaSwapClient(ServiceClient):
         running = self._http.json("GET", "/running", _running, retry=Retry.TRANSIENT)
         models = tuple(ServedModel(name, state) for name, state in running)
         return ServedState(models, can_unload=True, mode="", busy=None)
+
+    def models(self) -> tuple[str, ...]:
+        # Every model of its configuration, running or not (`status` says which).
+        return tuple(self._http.json("GET", "/v1/models", model_ids, retry=Retry.TRANSIENT))
 
     def busy(self, model: str) -> bool | None:
         running = dict(self._http.json("GET", "/running", _running, retry=Retry.TRANSIENT))

@@ -39,6 +39,11 @@ class SpeachesClient(ServiceClient):
         names = self._http.json("GET", "/api/ps", _loaded, retry=Retry.TRANSIENT)
         return ServedState(tuple(ServedModel(n, "loaded") for n in names), can_unload=True)
 
+    def models(self) -> tuple[str, ...]:
+        # Only the loaded ones: what else it could load (its model registry) is not read
+        # (tenants.md gives no listing of installed models that is safe to call).
+        return tuple(m.name for m in self.served().models)
+
     def busy(self, model: str) -> bool | None:
         return False  # the server refuses (409) to unload a model in use: see the module doc
 

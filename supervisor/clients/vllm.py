@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.clients._http import Retry, ServiceClient, ShapeError, items, obj, text
+from supervisor.clients._http import Retry, ServiceClient, ShapeError, model_ids, obj, text
 from supervisor.errors import ServiceError
 from supervisor.model import ServedModel, ServedState
 
@@ -69,7 +69,7 @@ class VllmClient(ServiceClient):
     SERVICE = "vLLM"
 
     def served(self) -> ServedState:
-        names = self._http.json("GET", "/v1/models", _model_ids, retry=Retry.TRANSIENT)
+        names = self.models()
         if not names:
             raise self._http.error("GET /v1/models lists no model")
         sleeping = self._is_sleeping()
@@ -91,9 +91,11 @@ class VllmClient(ServiceClient):
             models, can_unload=queues, mode=mode, busy=busy, waiting=waiting, can_wake=True
         )
 
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._http.json("GET", "/v1/models", model_ids, retry=Retry.TRANSIENT))
+
     def busy(self, model: str) -> bool | None:
-        names = self._http.json("GET", "/v1/models", _model_ids, retry=Retry.TRANSIENT)
-        if model not in names:
+        if model not in self.models():
             return None
         requests = self._requests()
         if requests is None:
@@ -164,11 +166,6 @@ def parse_requests(body: str) -> Requests:
     if missing:
         raise ShapeError(f"/metrics has no {', '.join(missing)}")
     return Requests(int(found[RUNNING]), int(found[WAITING]))
-
-
-def _model_ids(data: Any) -> list[str]:
-    entries = items(obj(data, "/v1/models").get("data"), "/v1/models data")
-    return [text(obj(e, "/v1/models entry").get("id"), "/v1/models id") for e in entries]
 
 
 def _is_sleeping(data: Any) -> bool:

@@ -48,8 +48,17 @@ from supervisor.ports import OllamaApi, RoomMaker
 log = logger.bind(component="gate")
 
 T = TypeVar("T")
-# Forwards the request; its argument (if not None) is called when the answer's head arrives.
-Forward = Callable[[Callable[[], None] | None], Awaitable[bool]]
+
+
+class Forward(Protocol):
+    """Forwards the request; `on_head` (if not None) is called when the answer's head
+    arrives. `upstream_url`: another server than the gate's own upstream (a gate in front
+    of several servers routes by model)."""
+
+    def __call__(
+        self, on_head: Callable[[], None] | None, upstream_url: str | None = None
+    ) -> Awaitable[bool]: ...
+
 
 PS_WAIT_S = 3.0  # longest a request waits for a fresh /api/ps before going on without
 DOOMED_S = 30.0  # the longest a model the supervisor unloads counts as not resident

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
@@ -392,8 +392,14 @@ class Proxy:
             if load is None:
                 return await self._forward(ex, body, origin)
 
-            def forward(on_head: Callable[[], None] | None) -> Awaitable[bool]:
-                return self._forward(ex, body, origin, on_head)
+            async def forward(
+                on_head: Callable[[], None] | None, upstream_url: str | None = None
+            ) -> bool:
+                target = origin if upstream_url is None else self._origin_at(upstream_url)
+                if target is None:
+                    self._stats.upstream_errors_total += 1
+                    return await self._reply_502(ex, f"{upstream_url!r} is not a usable URL")
+                return await self._forward(ex, body, target, on_head)
 
             return await self._admit(load, forward)
         except Refused as exc:  # also from a request body that broke while streamed
@@ -474,8 +480,9 @@ class Proxy:
 
     def _origin(self) -> Origin | None:
         url = self._upstream()
-        if not url:
-            return None
+        return self._origin_at(url) if url else None
+
+    def _origin_at(self, url: str) -> Origin | None:
         origin = self._origins.get(url)
         if origin is None:
             try:

@@ -1,9 +1,15 @@
 """The gate in front of a model server of the registry's other kinds (llama-swap,
 llama-server, vLLM ...): make room before a load, as the Ollama gate does for Ollama.
 
-Enabled per role with VRAM_MODEL_GATES (`role=port` pairs); each gate forwards to the
-first running server of its role (a discovered container or a fixed URL), bound to
+Enabled per role with VRAM_MODEL_GATES (`role=port` pairs); each gate stands in front of
+every running server of its role (discovered containers and fixed URLs), bound to
 VRAM_GATE_HOST. Policy:
+- Routing: a load request goes to the server of the role that lists its model
+  (`ModelServerApi.models()`: every model it would serve, loaded or not; each server's
+  list is reused for MODELS_TTL_S), the first in order when several do; when none lists
+  it (or none can be read), to the first server, which answers as it would directly.
+  Everything else (requests that name no model) goes to the first server. With one
+  server of the role nothing is read for routing.
 - The requests that make the server load a model are its kind's `ModelRoutes`: POST
   routes whose JSON body (or multipart form) names the model in `model`. Those bodies are
   read whole (with the Ollama gate's limits); everything else is relayed at once,
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from loguru import logger
@@ -47,6 +53,10 @@ from supervisor.tenants import ModelRoutes
 log = logger.bind(component="gate")
 
 SERVED_TTL_S = 0.5  # how long a read of the server's models is reused
+MODELS_TTL_S = 5.0  # how long a server's list of the models it serves is reused (routing)
+
+# A server the gate can forward to: (service key, base URL, client).
+Server = tuple[str, str, ModelServerApi]
 
 
 class ServerRoomMaker(Protocol):
@@ -67,7 +77,7 @@ class ServerGate(Proxy):
         *,
         title: str,
         routes: ModelRoutes,
-        current: Callable[[], tuple[str, str, ModelServerApi] | None],
+        servers: Callable[[], Sequence[Server]],
         room: ServerRoomMaker,
         host: str = "127.0.0.1",
         port: int,
@@ -76,9 +86,9 @@ class ServerGate(Proxy):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream_name = title
-        self._current = current  # () -> (service key, base URL, client) of the server now
+        self._servers = servers  # () -> the running servers of the role now, in order
         super().__init__(
-            upstream_url=lambda: c[1] if (c := self._current()) is not None else None,
+            upstream_url=lambda: s[0][1] if (s := self._servers()) else None,
             host=host,
             port=port,
             limits=limits,
@@ -92,6 +102,8 @@ class ServerGate(Proxy):
         self._served: tuple[float, str, frozenset[str], frozenset[str]] | None = None
         # (server key, model) -> requests in flight through this gate: serving a request.
         self._in_flight: InFlight[tuple[str, str]] = InFlight()
+        # server key -> (at, the models it serves): routing (executor threads)
+        self._lists: dict[str, tuple[float, frozenset[str]]] = {}
         self._one_at_a_time: asyncio.Lock | None = None
 
     def stats(self) -> Any:
@@ -114,20 +126,24 @@ class ServerGate(Proxy):
 
     async def _admit(self, request: object, forward: Forward) -> bool:
         assert isinstance(request, LoadRequest)
-        current = self._current()
-        if current is None:
+        servers = self._servers()
+        if not servers:
             return await forward(None)
-        with self._in_flight.holding((current[0], request.model)):
-            return await self._admit_to(current, request, forward)
+        target = servers[0]
+        if len(servers) > 1:
+            loop = asyncio.get_running_loop()
+            target = await loop.run_in_executor(
+                self._executor, self._owner, tuple(servers), request.model
+            )
+        with self._in_flight.holding((target[0], request.model)):
+            return await self._admit_to(target, request, forward)
 
-    async def _admit_to(
-        self, current: tuple[str, str, ModelServerApi], request: LoadRequest, forward: Forward
-    ) -> bool:
+    async def _admit_to(self, target: Server, request: LoadRequest, forward: Forward) -> bool:
         loop = asyncio.get_running_loop()
-        key, _, api = current
+        key, url, api = target
         read = await loop.run_in_executor(self._executor, self._loaded, key, api)
         if read is None or request.model in read[0]:
-            return await forward(None)
+            return await forward(None, url)
         if self._one_at_a_time is None:
             self._one_at_a_time = asyncio.Lock()
         lock = self._one_at_a_time
@@ -162,9 +178,31 @@ class ServerGate(Proxy):
                 self._served = None
                 if request.model in read[1]:
                     await loop.run_in_executor(self._executor, self._wake, key, api, request.model)
-            return await forward(release)
+            return await forward(release, url)
         finally:
             release()
+
+    def _owner(self, servers: tuple[Server, ...], model: str) -> Server:
+        """The first server that lists `model` among those it serves; else the first."""
+        for server in servers:
+            if model in self._serves(server):
+                return server
+        log.debug(f"Gate: no {self.upstream_name} lists {model}; sending it to the first")
+        return servers[0]
+
+    def _serves(self, server: Server) -> frozenset[str]:
+        key, _, api = server
+        now = self._clock()
+        cached = self._lists.get(key)
+        if cached is not None and now - cached[0] < MODELS_TTL_S:
+            return cached[1]
+        try:
+            names = frozenset(api.models())
+        except ServiceError as exc:
+            log.debug(f"Gate: cannot list the models of {key}: {exc}")
+            names = frozenset()
+        self._lists[key] = (now, names)
+        return names
 
     def _loaded(
         self, key: str, api: ModelServerApi, fresh: bool = False

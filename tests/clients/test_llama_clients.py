@@ -132,6 +132,8 @@ def test_router_served_lists_every_model_with_its_state(make_host: MakeHost) -> 
         assert (first.mode, first.can_unload) == ("router", True)
         assert states(first) == {SMALL: "unloaded", MID: "unloaded"}
         assert all(m.busy is None for m in first.models)  # a read never touches /slots
+        assert set(c.models()) == {SMALL, MID}  # what it would serve, loaded or not
+        assert states(c.served()) == {SMALL: "unloaded", MID: "unloaded"}  # listing loads none
         assert host.fake_llama_server is not None
         host.fake_llama_server.load(SMALL)
         loading = by_name(c.served(), SMALL)
@@ -248,6 +250,8 @@ def test_single_served_while_loading_loaded_and_sleeping(make_host: MakeHost) ->
         wait_until(lambda: c.served().models[0].state == "loaded", what="loaded")
         wait_until(lambda: c.served().models[0].state == "sleeping", what="sleeping")
         assert c.served().models[0].state == "sleeping"  # reading does not wake it
+        assert c.models() == ("chat",)  # nor does listing
+        assert c.served().models[0].state == "sleeping"
 
 
 def test_single_busy_while_a_generation_runs(make_host: MakeHost) -> None:
@@ -285,6 +289,8 @@ def test_swap_served_shows_starting_then_ready(make_host: MakeHost) -> None:
     with swap_client(host) as c:
         empty = c.served()
         assert empty.models == () and empty.can_unload is True
+        assert set(c.models()) == {"chat", "small"}  # its configuration, nothing running
+        assert c.served().models == ()  # listing starts nothing
         out = generate_in_background(url, "gpt-4o", 1)  # by alias: runs "chat"
         wait_until(lambda: c.served().models, what="starting")
         [starting] = c.served().models

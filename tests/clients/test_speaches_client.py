@@ -40,6 +40,7 @@ def test_loaded_models_and_their_unload(speaches: tuple[FakeSpeaches, SpeachesCl
         (ServedModel(WHISPER, "loaded"), ServedModel(KOKORO, "loaded")), can_unload=True
     )
     assert fake.held_bytes() == MODELS[WHISPER] + MODELS[KOKORO]
+    assert client.models() == (WHISPER, KOKORO)  # the loaded ones only
     assert client.busy(WHISPER) is False
     client.unload(WHISPER)
     assert client.served().models == (ServedModel(KOKORO, "loaded"),)

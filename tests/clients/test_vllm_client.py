@@ -80,6 +80,7 @@ def test_an_idle_server_with_sleep_mode(start: Start) -> None:
         can_wake=True,
     )
     assert client.busy(MODEL) is False
+    assert client.models() == (MODEL,)
 
 
 def test_without_dev_mode_there_is_no_sleep_mode_and_no_unload(start: Start) -> None:

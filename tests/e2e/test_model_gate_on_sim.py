@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from supervisor.sim import SimHost
+from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig
 from supervisor.sim.llama_swap import LlamaSwapConfig, SwapModel
 from supervisor.units import GIB
 from tests.e2e.test_supervisor_on_sim import (
@@ -117,3 +118,60 @@ def test_the_image_gate_unloads_an_idle_llama_swap_model_first(sim: SimHost) -> 
             sup.wait_for(f"Unloaded model {BIG} on llama-swap/llama-swap")
         finally:
             assert stop(sup) == 0, sup.log()
+
+
+def test_one_gate_port_routes_each_model_to_the_server_that_has_it() -> None:
+    """Two llama-server routers behind one gate port (VRAM_SERVICES names both): a load of
+    the big model goes to the server that offers it, after ComfyUI was freed, and lands
+    wholly on the GPU; the small model's load goes to the other server. Sent to the first
+    server alone, the big model would be refused as unknown there."""
+    small, big = "llama3.2:latest", "qwen2.5:32b"
+    with (
+        SimHost(time_scale=0.1, llama_server=LlamaServerConfig(models=(small,))) as sim,
+        httpx.Client(timeout=120) as client,
+    ):
+        second = FakeLlamaServer(
+            sim.gpu, sim.catalog, LlamaServerConfig(models=(big,), time_scale=0.1)
+        )
+        second_server = second.serve()
+        first = sim.fake_llama_server
+        assert first is not None
+        try:
+            refused = client.post(
+                f"{sim.llama_server_url}/v1/chat/completions",
+                json={"model": big, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert refused.status_code >= 400  # the first server does not have it
+            gate_port = free_port()
+            sup = start_supervisor(
+                sim,
+                VRAM_SERVICES=(
+                    f"llama-server={sim.llama_server_url},llama-server={second_server.url}"
+                ),
+                VRAM_MODEL_GATES=f"llama-server={gate_port}",
+                VRAM_GATE_HOST="127.0.0.1",
+                VRAM_GATE_WAIT="10",
+                VRAM_THRESHOLD="95",
+                VRAM_AGGRESSIVE_THRESHOLD="99",
+            )
+            try:
+                sup.wait_for("llama-server gate listening")
+                sup.wait_for("VRAM source: api")
+                hold_comfy_vram(client, sim)
+                gate = f"http://127.0.0.1:{gate_port}"
+                for model in (big, small):
+                    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                    answer = client.post(
+                        f"{gate}/v1/chat/completions", json={**body, "max_tokens": 4}
+                    )
+                    assert answer.status_code == 200, answer.text
+                big_child, small_child = second.child(big), first.child(small)
+                assert big_child is not None and big_child.offloaded_bytes == 0, sup.log()
+                assert small_child is not None
+                assert first.child(big) is None and second.child(small) is None
+                sup.wait_for(f"Gate: {big} is not loaded on llama-server/llama-server-2")
+            finally:
+                assert stop(sup) == 0, sup.log()
+        finally:
+            second_server.stop()
+            second.close()

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from supervisor.clients.llama_server import LlamaServerClient
 from supervisor.errors import ServiceError
 from supervisor.gate.servers import ServerGate
 from supervisor.model import ServedModel, ServedState
 from supervisor.sim import SimHost
-from supervisor.sim.llama_server import LlamaServerConfig
+from supervisor.sim.gpu import GIB, open_gpu
+from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig
 from supervisor.tenants import kind_of
 
 
@@ -35,6 +37,9 @@ class Server:
             raise ServiceError("llama-swap", "refused")
         models = (ServedModel("m", self.state),) if self.state != "none" else ()
         return ServedState(models, can_unload=True, can_wake=self.can_wake)
+
+    def models(self) -> tuple[str, ...]:
+        raise AssertionError("one server of the role: nothing is read for routing")
 
     def busy(self, model: str) -> bool | None:
         return False
@@ -75,7 +80,7 @@ def gate_for(upstream: str, server: Server, room: Room) -> ServerGate:
     gate = ServerGate(
         title=kind.title,
         routes=kind.routes,
-        current=lambda: ("llama-swap/swap", upstream, server),  # type: ignore[return-value]
+        servers=lambda: [("llama-swap/swap", upstream, server)],  # type: ignore[list-item]
         room=room,
         port=0,
         wait_s=5.0,
@@ -142,3 +147,99 @@ def test_held_loads_go_one_at_a_time(upstream: str) -> None:
     # Each held load re-reads the server after the previous one: still not loaded here,
     # so each makes room in turn (never two at once).
     assert len(room.calls) == 3 and took >= 0.9
+
+
+# --------------------------------------------------------------------------- routing
+
+
+@pytest.fixture(scope="module")
+def two_servers() -> Iterator[list[tuple[str, str, LlamaServerClient, FakeLlamaServer]]]:
+    """Two single-model llama-servers (the common one-container-per-model set-up) on one
+    simulated GPU: llama3.2 and llama3.1:8b."""
+    gpu = open_gpu(None, 24 * GIB)
+    made = []
+    for name, model in (("small", "llama3.2:latest"), ("big", "llama3.1:8b")):
+        fake = FakeLlamaServer(gpu, config=LlamaServerConfig(model=model, time_scale=0.01))
+        server = fake.serve()
+        made.append(
+            (f"llama-server/{name}", server.url, LlamaServerClient(server.url), fake, server)
+        )
+    for _, _, _, fake, _ in made:
+        assert fake.single is not None
+        fake.single.wait_state("loaded", timeout_s=30)
+    yield [(key, url, client, fake) for key, url, client, fake, _ in made]
+    for _, _, client, fake, server in made:
+        client.close()
+        server.stop()
+        fake.close()
+
+
+def requests_of(fake: FakeLlamaServer) -> int:
+    assert fake.single is not None
+    return fake.single.stats.requests
+
+
+@pytest.mark.parametrize(
+    ("model", "answered_by"),
+    [
+        ("llama3.1:8b", 1),  # the second server lists it
+        ("llama3.2:latest", 0),
+        ("nobody-has-it", 0),  # no server lists it: the first answers, as it would directly
+    ],
+)
+def test_a_load_goes_to_the_server_that_serves_its_model(
+    two_servers: list[tuple[str, str, LlamaServerClient, FakeLlamaServer]],
+    model: str,
+    answered_by: int,
+) -> None:
+    servers = [(key, url, client) for key, url, client, _ in two_servers]
+    fakes = [fake for *_, fake in two_servers]
+    room_calls: list[str] = []
+
+    class Room:
+        def make_room(self, server_key: str, *, reason: str, deadline_s: float) -> bool:
+            room_calls.append(server_key)
+            return True
+
+    kind = kind_of("llama-server")
+    gate = ServerGate(
+        title=kind.title, routes=kind.routes, servers=lambda: servers, room=Room(), port=0
+    )
+    gate.start()
+    before = [requests_of(f) for f in fakes]
+    try:
+        assert chat(gate, model).status_code == 200
+    finally:
+        gate.stop()
+    after = [requests_of(f) for f in fakes]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [
+        1 if i == answered_by else 0 for i in range(2)
+    ]
+    if model != "nobody-has-it":
+        assert room_calls == []  # both single models are loaded: nothing to make room for
+
+
+def test_routing_survives_a_server_whose_list_cannot_be_read(
+    two_servers: list[tuple[str, str, LlamaServerClient, FakeLlamaServer]],
+) -> None:
+    """A server that does not answer its model list is passed over, not fatal."""
+    key, url, client, fake = two_servers[1]
+    dead = LlamaServerClient("http://127.0.0.1:9")  # nothing listens on the discard port
+    servers = [("llama-server/dead", "http://127.0.0.1:9", dead), (key, url, client)]
+
+    class Room:
+        def make_room(self, server_key: str, *, reason: str, deadline_s: float) -> bool:
+            return True
+
+    kind = kind_of("llama-server")
+    gate = ServerGate(
+        title=kind.title, routes=kind.routes, servers=lambda: servers, room=Room(), port=0
+    )
+    gate.start()
+    before = requests_of(fake)
+    try:
+        assert chat(gate, "llama3.1:8b").status_code == 200
+    finally:
+        gate.stop()
+        dead.close()
+    assert requests_of(fake) == before + 1
