@@ -12,7 +12,10 @@ Evaluated per GPU (a service with no GPU list shares every GPU):
    after its `expires_at` (judged with `Observation.wall_at`) is in a long request, so it
    goes last, after unknown expiries and keep_alive forever (about year 2318); it is
    unloaded only when nothing else frees enough. At most one unload round
-   per VRAM_MIN_FREE_INTERVAL (`last_unload_at`). Never under priority `ollama`.
+   per VRAM_MIN_FREE_INTERVAL (`last_unload_at`). Never under priority `ollama`, nor
+   without the gate for ComfyUIs under Dynamic VRAM that do not rank above the Ollama
+   (`pages_rather_than_spill`: their jobs page instead, while a reload during the job
+   would spill).
 
 Model servers of the other registry kinds (llama-server, llama-swap ...; `p.servers`) take
 part in triggers 1 and 4 as Ollama does: a model that appears in their list (loading or
@@ -27,7 +30,9 @@ it ranks above (`Settings.outranks`).
 
 from __future__ import annotations
 
+from supervisor.config import Settings
 from supervisor.model import (
+    ComfyMode,
     ComfyObservation,
     FreeJobs,
     JobServerObservation,
@@ -318,6 +323,17 @@ def unload_for_comfy(p: Pass) -> None:
                 f"Not unloading Ollama models: {situation}, but priority {s.priority} never "
                 "unloads them for ComfyUI"
             )
+        kept = [(o, m) for o, m in yields if pages_rather_than_spill(s, o.status.spec, busy)]
+        if kept:
+            names = ", ".join(sorted({m.name for _, m in kept}))
+            p.skip(
+                f"Not unloading Ollama models ({names}): {situation}, but under Dynamic VRAM "
+                "the job pages its weights (it runs slower), while a chat that loads an "
+                "unloaded model again during the job would spill to the CPU for as long as "
+                "it stays loaded; no gate (VRAM_GATE_PORT) holds such a load until there "
+                "is room"
+            )
+            yields = [om for om in yields if om not in kept]
         if not yields and not others:
             continue
         last = p.state.last_unload_at
@@ -355,6 +371,29 @@ def unload_for_comfy(p: Pass) -> None:
             # Unknown: as if it freed enough (one such unload per round; the next round
             # reads the GPU again after the rate limit).
             estimate -= held if held is not None else estimate
+
+
+def pages_rather_than_spill(
+    s: Settings, ollama: ServiceSpec, busy: list[ComfyObservation | JobServerObservation]
+) -> bool:
+    """Trigger 4 leaves this Ollama's idle models loaded: no gate stands in front of
+    Ollama (VRAM_GATE_PORT unset), every job server with work is a ComfyUI under Dynamic
+    VRAM, and none of them ranks above the Ollama (VRAM_PRIORITY=comfyui, or a higher
+    label, still unloads for it).
+
+    Such a job does not fail for lack of room: comfy-aimdo pages its weights and it runs
+    slower (api-facts-2026 section 2). An unloaded model, though, is loaded again by the
+    next chat for it, and without the gate nothing holds that load until the job ends:
+    llama-server fits it into what the job leaves free and keeps that split, CPU part
+    included, until the model is loaded again (api-facts-2026 section 1), and its requests
+    then keep it busy at CPU speed, so no heal can take effect. A paged job costs less than
+    that. With the gate, the reload waits for room, so the unload stays."""
+    return s.gate_port is None and all(
+        isinstance(c, ComfyObservation)
+        and c.mode is ComfyMode.DYNAMIC
+        and not s.outranks(c.status.spec, ollama)
+        for c in busy
+    )
 
 
 def _outranks_all(

@@ -491,17 +491,23 @@ def test_health_and_snapshot(world: World) -> None:
     assert snap["docker"]["state"] == "ok"
 
 
-def test_unload_for_a_busy_comfyui(world: World, logs: list[str]) -> None:
-    """ComfyUI has work and the GPU is full: idle Ollama models are unloaded."""
+@pytest.mark.parametrize("gate_port", [None, 11435], ids=["no-gate", "gate"])
+def test_unload_for_a_busy_comfyui(world: World, logs: list[str], gate_port: int | None) -> None:
+    """ComfyUI has work and the GPU is full: idle Ollama models are unloaded, except for a
+    Dynamic VRAM ComfyUI without the gate (its job pages; a reload during it would spill)."""
     world.gpu.total_bytes = 20 * GIB
     world.ollama.load("llama3.2:latest")
     world.ollama.load("qwen:latest", size_bytes=3 * GIB)
     world.comfy.start_prompt(120)
-    daemon = world.daemon(settings=replace(Settings(), priority=Settings().priority))
+    daemon = world.daemon(settings=replace(Settings(), gate_port=gate_port))
     daemon.run_once()
     world.clock.sleep(1)
     daemon.run_once()
-    assert world.ollama.unload_calls, logs
+    if world.comfy.dynamic_vram and gate_port is None:
+        assert world.ollama.unload_calls == [], logs
+        assert any("under Dynamic VRAM the job pages its weights" in line for line in logs)
+    else:
+        assert world.ollama.unload_calls, logs
     assert world.comfy.free_calls == []  # a busy ComfyUI is not freed under balanced
     assert Role.OLLAMA  # (keeps the import meaningful for readers of the scenario)
 

@@ -320,8 +320,12 @@ def test_ollama_and_llama_swap_both_yield_for_an_image_job_ollama_first() -> Non
         assert chat(host.llama_swap_url, "big", 1).status_code == 200
         fake = host.fake_llama_swap
         assert fake is not None
+        # With the Ollama gate on: without it, Ollama's idle models stay loaded for a
+        # Dynamic VRAM ComfyUI's job (trigger 4, `pages_rather_than_spill`).
         sup = start(
-            f"ollama={host.ollama_url},llama-swap={host.llama_swap_url},comfyui={host.comfyui_url}"
+            f"ollama={host.ollama_url},llama-swap={host.llama_swap_url},comfyui={host.comfyui_url}",
+            VRAM_GATE_PORT=str(free_port()),
+            VRAM_GATE_HOST="127.0.0.1",
         )
         try:
             snapshot = status_json(sup)

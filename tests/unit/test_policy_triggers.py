@@ -23,6 +23,8 @@ from test_policy_builders import (
 )
 
 from supervisor.model import (
+    ComfyMode,
+    ComfyObservation,
     FreeComfy,
     FreeStage,
     Observation,
@@ -468,3 +470,64 @@ def test_state_is_replaced_not_mutated() -> None:
     assert state == baseline(OLD)
     assert d.state.episodes[0].target == COMFY
     assert d.state.last_episode_at == NOW
+
+
+# --- trigger 4 under Dynamic VRAM: without the gate, idle Ollama models stay loaded
+DYN = ComfyMode.DYNAMIC
+GATE = 11435
+T4_DYNAMIC = [
+    pytest.param([comfy(running=1, mode=DYN)], None, BALANCED, [], id="dynamic-busy-no-gate-keeps"),
+    pytest.param(
+        [comfy(pending=1, mode=DYN)], None, BALANCED, [], id="dynamic-pending-no-gate-keeps"
+    ),
+    pytest.param(
+        [comfy(running=1, mode=DYN)],
+        GATE,
+        BALANCED,
+        ["unload:llama3:8b"],
+        id="dynamic-busy-gate-holds-the-reload-unloads",
+    ),
+    pytest.param(
+        [comfy(running=1)], None, BALANCED, ["unload:llama3:8b"], id="classic-busy-unloads"
+    ),
+    pytest.param(
+        [comfy(running=1, mode=DYN), comfy("comfy2", running=1)],
+        None,
+        BALANCED,
+        ["unload:llama3:8b"],
+        id="a-busy-classic-beside-unloads",
+    ),
+    pytest.param(
+        [comfy(running=1, mode=DYN)],
+        None,
+        COMFY_FIRST,
+        ["unload:llama3:8b"],
+        id="dynamic-busy-comfyui-ranks-above-unloads",
+    ),
+    pytest.param(
+        [comfy(running=1, mode=DYN)],
+        None,
+        OLLAMA_FIRST,
+        ["free:soft:comfyui"],
+        id="dynamic-busy-ollama-first",
+    ),
+]
+
+
+@pytest.mark.parametrize(("comfys", "gate_port", "priority", "expected"), T4_DYNAMIC)
+def test_trigger_4_with_dynamic_vram(
+    comfys: list[ComfyObservation], gate_port: int | None, priority: Priority, expected: list[str]
+) -> None:
+    d = run(
+        obs(OLD, *comfys, gpus=(gpu(20),)),
+        baseline(OLD),
+        settings(priority=priority, gate_port=gate_port),
+    )
+    assert summary(d) == expected
+
+
+def test_trigger_4_says_why_a_dynamic_vram_job_leaves_ollama_models_loaded() -> None:
+    d = run(obs(OLD, comfy(running=1, mode=DYN), gpus=(gpu(20),)), baseline(OLD), settings())
+    assert summary(d) == []
+    assert "Not unloading Ollama models (llama3:8b)" in skipped(d)
+    assert "Dynamic VRAM" in skipped(d) and "VRAM_GATE_PORT" in skipped(d)
