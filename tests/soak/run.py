@@ -112,6 +112,8 @@ class SoakRun:
     unlabelled_actions: list[str] = field(default_factory=list)  # what reached them
     unlabelled_requests: int = 0  # requests (of anyone) that reached them by their old URL
     docker_events: int = 0  # events the engine emitted during the bursts
+    # Why the daemon restarts were left out ("" when they ran, or in the fixed-URL form).
+    daemon_restart_note: str = ""
     notes: list[str] = field(default_factory=list)  # what the report should mention
 
     def sim(self, t: float) -> float:
@@ -564,6 +566,13 @@ def _drive(
                 injector.end(fault)
                 active.remove(fault)
                 fault.real_end = time.monotonic()
+        # A due checkpoint comes after the faults that end and before any fault that starts
+        # in the same step (the loop may have stood a while: a fault's start or end, or an
+        # image job, that took long), so its figures are from before that fault.
+        if checkpoints and now_s >= checkpoints[0][1]:
+            settle = getattr(injector, "settle", None)
+            checkpoint(run, clients, sampler, checkpoints.pop(0)[0], settle)
+            progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
         while pending and pending[0].at_s <= now_s:
             fault = pending.pop(0)
             fault.real_start = fault.real_end = time.monotonic()
@@ -571,10 +580,6 @@ def _drive(
             if fault.duration_s > 0:
                 active.append(fault)
             progress(f"   {_hms(fault.at_s)} fault: {fault.describe()}, {fault.duration_s:.0f} s")
-        if checkpoints and now_s >= checkpoints[0][1]:
-            settle = getattr(injector, "settle", None)
-            checkpoint(run, clients, sampler, checkpoints.pop(0)[0], settle)
-            progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
         if now_s >= next_sample:
             sampler.sample()
             next_sample = now_s + sample_s
