@@ -22,6 +22,7 @@ from tests.soak.run import (
     SPILL_LIMIT_S,
     Sample,
     SoakRun,
+    docker_socket_fds,
 )
 
 MIB = 1024 * 1024
@@ -391,22 +392,21 @@ def evaluate(run: SoakRun) -> Figures:
         # The Docker SDK keeps one idle connection per API path it asked lately (a pool
         # per URL, at most DEFAULT_NUM_POOLS = 25 per client, the oldest closed): counted
         # apart, against that bound; every other descriptor must not grow.
-        def docker_fds(s: Sample) -> int:
-            return sum(n for k, n in s.fd_kinds.items() if k.startswith("unix socket to"))
-
+        others_start = start.fds - docker_socket_fds(start)
+        others_end = end.fds - docker_socket_fds(end)
         fig.targets.append(
             Target(
                 "open file descriptors but the Docker socket's, start to end",
-                f"{start.fds - docker_fds(start)} -> {end.fds - docker_fds(end)}",
+                f"{others_start} -> {others_end}",
                 "no growth",
-                complete and end.fds - docker_fds(end) <= start.fds - docker_fds(start),
+                complete and others_end <= others_start,
             )
         )
-        most = max((docker_fds(s) for _, s, _ in fig.resources), default=0)
+        most = max((docker_socket_fds(s) for _, s, _ in fig.resources), default=0)
         fig.targets.append(
             Target(
                 "connections to the Docker socket, start / middle / end",
-                " / ".join(str(docker_fds(s)) for _, s, _ in fig.resources),
+                " / ".join(str(docker_socket_fds(s)) for _, s, _ in fig.resources),
                 f"<= {DOCKER_POOL_BOUND} (the SDK's pools: 25 per client, 2 clients)",
                 complete and most <= DOCKER_POOL_BOUND,
             )
