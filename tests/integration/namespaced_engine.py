@@ -20,15 +20,19 @@ does not kill it mid-run with no output of the child's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
+from docker.errors import APIError, DockerException, NotFound
 
-from tests.integration.harness import REPO, fail, tail
+from tests.integration.harness import HARNESS_LABEL, REPO, fail, tail
 
 DOCKERD_SH = REPO / "tests" / "lib" / "dockerd.sh"
 DOCKERD_DIR = Path(os.environ.get("VRAM_DOCKERD_DIR", "/tmp/vram-supervisor-dockerd"))
@@ -44,6 +48,56 @@ def engine_is_ours(docker_host: str) -> bool:
     """The engine is dockerd.sh's (started from DOCKERD_DIR): a test may change it."""
     own = f"unix://{DOCKERD_DIR / 'docker.sock'}"
     return docker_host == own and (DOCKERD_DIR / "docker.pid").exists()
+
+
+def engine_answers(docker_host: str) -> bool:
+    try:
+        client = docker.DockerClient(base_url=docker_host, timeout=10)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (DockerException, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def restored_engine(docker_host: str) -> Iterator[None]:
+    """Around code that may stop the private engine: afterwards (even on failure) the engine
+    is up again and the containers of others that ran before (not the harness's, which
+    their own tests remove) run again, so the engine is left as it was found."""
+    if not engine_is_ours(docker_host):
+        fail(f"{docker_host} is not tests/lib/dockerd.sh's engine from {DOCKERD_DIR}")
+    client = docker.DockerClient(base_url=docker_host, timeout=30)
+    try:
+        others = [
+            c.id
+            for c in client.containers.list()
+            if not (c.labels or {}).get(HARNESS_LABEL) and c.status in ("running", "paused")
+        ]
+    finally:
+        client.close()
+    try:
+        yield
+    finally:
+        if not engine_answers(docker_host):
+            dockerd("start")
+        start_again(docker_host, [c for c in others if c])
+
+
+def start_again(docker_host: str, container_ids: list[str]) -> None:
+    """Start those of `container_ids` that exited (a daemon restart stopped them)."""
+    client = docker.DockerClient(base_url=docker_host, timeout=30)
+    try:
+        for container_id in container_ids:
+            try:
+                container = client.containers.get(container_id)
+                if container.status == "exited":
+                    container.start()
+            except (APIError, NotFound) as exc:
+                print(f"could not start {container_id[:12]} again: {exc}")
+    finally:
+        client.close()
 
 
 def dockerd(command: str, env: dict[str, str] | None = None) -> None:

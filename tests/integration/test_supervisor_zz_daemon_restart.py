@@ -18,25 +18,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import docker
 import pytest
-from docker.errors import APIError, DockerException, NotFound
 
 from tests.integration.harness import (
-    HARNESS_LABEL,
     Sims,
     Supervisor,
     comfy_hold_vram,
-    fail,
     freed_on,
     ollama_load,
     wait_until,
 )
 from tests.integration.namespaced_engine import (
     DELEGATING_TIMEOUT_S,
-    DOCKERD_DIR,
     dockerd,
+    engine_answers,
     engine_is_ours,
+    restored_engine,
     run_in_a_namespaced_engine,
 )
 
@@ -46,46 +43,11 @@ pytestmark = [pytest.mark.integration]
 ALWAYS = {"Name": "always"}
 
 
-def engine_answers(docker_host: str) -> bool:
-    try:
-        client = docker.DockerClient(base_url=docker_host, timeout=10)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (DockerException, OSError):
-        return False
-
-
 @pytest.fixture
 def restorable_engine(docker_host: str) -> Iterator[None]:
     """The private engine, which the test may stop: teardown makes sure it is up again."""
-    if not engine_is_ours(docker_host):
-        fail(f"{docker_host} is not tests/lib/dockerd.sh's engine from {DOCKERD_DIR}")
-    client = docker.DockerClient(base_url=docker_host, timeout=30)
-    others = [
-        c.id
-        for c in client.containers.list()
-        if not (c.labels or {}).get(HARNESS_LABEL) and c.status in ("running", "paused")
-    ]
-    client.close()
-
-    yield
-
-    if not engine_answers(docker_host):
-        dockerd("start")
-    # Leave the engine as we found it: others' containers that ran before run again.
-    client = docker.DockerClient(base_url=docker_host, timeout=30)
-    try:
-        for container_id in others:
-            try:
-                container = client.containers.get(container_id)
-                if container.status == "exited":
-                    container.start()
-            except (APIError, NotFound) as exc:
-                print(f"could not start {container_id[:12]} again: {exc}")
-    finally:
-        client.close()
+    with restored_engine(docker_host):
+        yield
 
 
 def docker_state(sup: Supervisor) -> str:

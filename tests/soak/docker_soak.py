@@ -13,13 +13,20 @@ supervisor (`python -m supervisor run` with the gate) is given DOCKER_HOST and n
 
 The faults (one at a time, in seeded rounds, as faults.py's): a container recreated (same
 name, new id), renamed (and renamed back), stopped by the user (started again later),
-recreated without its role label (and later with it), and a burst of short-lived
-containers, labelled and not, that makes hundreds of Docker events. The run, the figures
-and the targets are the fixed-URL form's (run.py's `soak_on`, report.py's `evaluate`),
-plus "actions on unlabelled containers".
+recreated without its role label (and later with it), a burst of short-lived containers,
+labelled and not, that makes hundreds of Docker events, and the Docker daemon restarting.
+The run, the figures and the targets are the fixed-URL form's (run.py's `soak_on`,
+report.py's `evaluate`), plus "actions on unlabelled containers" and the daemon restarts.
 
-The Docker daemon restart is not among them: it is tested once, on a private engine, by
-tests/integration/test_supervisor_zz_daemon_restart.py.
+The daemon restart (tests/lib/dockerd.sh stop, then start) is done only on the private
+engine of tests/lib/dockerd.sh (namespaced_engine.py's `engine_is_ours`), which tests/run
+and CI use; on any other engine (a developer's Docker) it is left out and the report says
+so. The sims carry the restart policy `unless-stopped`, so the engine brings them back, as
+a user's services would. Each restart waits until the supervisor's /status shows Docker
+reachable again (its events stream reconnected) and both services running and reachable
+with their container ids; the seconds that took are in the fault's entry of the report.
+At the end the engine is up again, even on failure, and the containers of others that it
+stopped run again (namespaced_engine.py's `restored_engine`).
 
 Other supervisors and labelled services on the engine (not this soak's) are paused for the
 run, as the integration harness's `isolated_engine` does, and unpaused after it.
@@ -38,6 +45,8 @@ from typing import Any
 
 import docker
 import httpx
+import pytest
+import requests
 from docker.errors import APIError, DockerException, NotFound
 from docker.models.containers import Container
 
@@ -52,7 +61,13 @@ from tests.integration.harness import (
     Sims,
     _is_foreign_actor,
 )
-from tests.soak.faults import DOCKER_KINDS, Fault
+from tests.integration.namespaced_engine import (
+    dockerd,
+    engine_answers,
+    engine_is_ours,
+    restored_engine,
+)
+from tests.soak.faults import DAEMON_RESTART_NOT_RUN, DOCKER_KINDS, FOUND_LIMIT_S, Fault
 from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.run import (
     CHECKPOINTS,
@@ -68,11 +83,29 @@ SOAK_LABEL = "vram-supervisor-tests.soak"
 OLLAMA_PORT, COMFYUI_PORT, NOBODY_PORT = 19601, 19602, 19699
 # The simulator's catalog has no gemma2:27b; its biggest model plays the big one.
 MODEL_NAMES = {"gemma2:27b": "qwen2.5:32b"}
+ROLES = ("ollama", "comfyui")
+RESTART_POLICY = {"Name": "unless-stopped"}
+# A daemon restart: its length in the schedule (simulated s; the schedule stands still for
+# whatever it takes beyond), how long the supervisor may take to show Docker unreachable,
+# and to find both services again once the engine answers (real s; the target).
+RESTART_DURATION_S = 600.0
+NOTICE_LIMIT_S = 15.0
 
 
-def make_docker_faults(seed: int, duration_s: float, mean_gap_s: float, burst: int) -> list[Fault]:
-    """As faults.make_faults: rounds of every kind once, in a seeded order."""
+def make_docker_faults(
+    seed: int,
+    duration_s: float,
+    mean_gap_s: float,
+    burst: int,
+    *,
+    restarts: bool = True,
+    first_restart_s: float = 0.0,
+) -> list[Fault]:
+    """As faults.make_faults: rounds of every kind once, in a seeded order. Without
+    `restarts` no daemon restart; none starts before `first_restart_s` (simulated), so the
+    start checkpoint's figures come before every restart."""
     rng = random.Random(f"docker-faults-{seed}")
+    kinds = [k for k in DOCKER_KINDS if restarts or k != "daemon_restart"]
     # First a burst: it fills the Docker SDK's connection pools (one per API path, up to
     # 25) before the start checkpoint, as the fixed-URL form lets its thread pools fill.
     faults: list[Fault] = [Fault(60.0, "event_burst", duration_s=120.0)]
@@ -83,11 +116,18 @@ def make_docker_faults(seed: int, duration_s: float, mean_gap_s: float, burst: i
     first = {kind: rng.randrange(2) for kind in DOCKER_KINDS}
     while True:
         if not order:
-            order = list(DOCKER_KINDS)
+            order = list(kinds)
             rng.shuffle(order)
         kind = order.pop()
+        if kind == "daemon_restart" and t < first_restart_s:
+            if not order:
+                continue  # this round goes without one
+            order.insert(0, kind)  # later in this round
+            kind = order.pop()
         fault = Fault(round(t, 1), kind)
-        if kind != "event_burst":  # each target in turn, the first drawn
+        if kind == "daemon_restart":
+            fault.duration_s = RESTART_DURATION_S
+        elif kind != "event_burst":  # each target in turn, the first drawn
             done = sum(1 for f in faults if f.kind == kind)
             fault.target = targets[(done + first[kind]) % 2]
         else:
@@ -124,7 +164,7 @@ class DockerSoakHost:
         self.down: set[str] = set()
         self.paused: list[Container] = []
         try:
-            self._pause_others()
+            self.pause_others()
             for role in ("ollama", "comfyui"):
                 self.current[role] = self._start(role, labelled=True)
         except BaseException:
@@ -146,20 +186,29 @@ class DockerSoakHost:
 
     def _start(self, role: str, *, labelled: bool) -> Sim:
         port = OLLAMA_PORT if role == "ollama" else COMFYUI_PORT
-        return self.sims.start(role, name=self.names[role], port=port, labelled=labelled)
+        return self.sims.start(
+            role,
+            name=self.names[role],
+            port=port,
+            labelled=labelled,
+            restart_policy=RESTART_POLICY,  # a daemon restart brings it back
+        )
 
     def _remove(self, role: str) -> None:
         with contextlib.suppress(NotFound):
             self.current[role].container.remove(force=True)
 
-    def _pause_others(self) -> None:
+    def pause_others(self) -> None:
+        """Pause other supervisors and labelled services (again after a daemon restart:
+        one with a restart policy comes back running)."""
         for container in self.client.containers.list():
             if (container.labels or {}).get(SOAK_LABEL):
                 continue
             if _is_foreign_actor(container):
                 with contextlib.suppress(APIError, NotFound):
                     container.pause()
-                    self.paused.append(container)
+                    if all(c.id != container.id for c in self.paused):
+                        self.paused.append(container)
 
     # ------------------------------------------------------------------ faults
 
@@ -272,16 +321,20 @@ class DockerSoakHost:
         """Removes every container of this run, unpauses the others (may run twice)."""
         with self._lock:
             created = list(self.created)
+        # DockerException: the engine may be down (a daemon restart under way); the run's
+        # last close, after the restart, removes what is left.
+        gone = (DockerException, requests.exceptions.ConnectionError)
         for container in created:
-            with contextlib.suppress(APIError, NotFound):
+            with contextlib.suppress(*gone):
                 container.remove(force=True)
-        for container in self.client.containers.list(
-            all=True, filters={"label": f"{SOAK_LABEL}={self.session}"}
-        ):
-            with contextlib.suppress(APIError, NotFound):
-                container.remove(force=True)
+        with contextlib.suppress(*gone):
+            for container in self.client.containers.list(
+                all=True, filters={"label": f"{SOAK_LABEL}={self.session}"}
+            ):
+                with contextlib.suppress(*gone):
+                    container.remove(force=True)
         for container in self.paused:
-            with contextlib.suppress(APIError, NotFound):
+            with contextlib.suppress(*gone):
                 container.unpause()
         self.paused = []
         if not self._closed:
@@ -290,15 +343,28 @@ class DockerSoakHost:
 
 
 class DockerInjector:
-    """Starts and ends the Docker faults; records what reached an unlabelled container."""
+    """Starts and ends the Docker faults; records what reached an unlabelled container, and
+    how the supervisor came through each daemon restart."""
 
-    def __init__(self, host: DockerSoakHost, run: SoakRun, overlap: bool = True):
+    def __init__(
+        self,
+        host: DockerSoakHost,
+        run: SoakRun,
+        overlap: bool = True,
+        *,
+        docker_host: str = "",
+        supervisor: Callable[[], Supervisor] | None = None,
+    ):
         self.host = host
         self.run = run
         self.overlap = overlap  # False: every fault waits for a running burst to end
+        self.docker_host = docker_host
+        self.supervisor = supervisor
         self._burst: threading.Thread | None = None
+        self._restart: threading.Thread | None = None
 
     def start(self, fault: Fault) -> None:
+        self.wait_restart()  # nothing else happens to an engine that is down
         if not self.overlap:
             self.wait_burst()
         h, role = self.host, fault.target
@@ -320,10 +386,21 @@ class DockerInjector:
             self.wait_burst()  # one burst at a time (other faults may meet a long one)
             self._burst = threading.Thread(target=self._run_burst, args=(fault,), daemon=True)
             self._burst.start()
+        elif fault.kind == "daemon_restart":
+            # In the background: the schedule goes on (chats meet the engine down) until
+            # the fault's end, which waits for it.
+            self._restart = threading.Thread(
+                target=self._restart_engine, args=(fault,), daemon=True, name="soak-restart"
+            )
+            self._restart.start()
         fault.real_end = time.monotonic()  # done (the schedule waited for it)
 
     def end(self, fault: Fault) -> None:
         h, role = self.host, fault.target
+        if fault.kind != "daemon_restart":
+            # Not on an engine that is down (a loop that fell behind may end a fault after
+            # the next one, a restart, started).
+            self.wait_restart()
         if fault.kind == "rename":
             h.rename(role, "")
         elif fault.kind == "user_stop":
@@ -331,6 +408,102 @@ class DockerInjector:
         elif fault.kind == "unlabel":
             self._check_unlabelled(fault)
             h.recreate(role)
+        elif fault.kind == "daemon_restart":
+            # Whatever the restart takes beyond its slot, the schedule stands still (as for
+            # a checkpoint), so no simulated time passes unserved and then floods.
+            waited = time.monotonic()
+            self.wait_restart()
+            self.run.paused_s += time.monotonic() - waited
+
+    def wait_restart(self) -> None:
+        if self._restart is not None:
+            self._restart.join(300)
+            self._restart = None
+
+    def _restart_engine(self, fault: Fault) -> None:
+        """tests/lib/dockerd.sh stop; the supervisor shows Docker unreachable; start; then
+        the seconds, from the engine answering again, until /status shows Docker ok (the
+        events stream reconnected) and until both services run and answer with their
+        container ids. /healthz is read throughout. Any failure goes into the fault's
+        entry (`error`), and the engine is started again whatever happened."""
+        # A burst under way ends first (here, not in `start`: a long burst must not hold
+        # the schedule up).
+        h, p = self.host, fault.params
+        waited = time.monotonic()
+        self.wait_burst()
+        if (burst_wait := time.monotonic() - waited) >= 0.1:
+            p["burst_wait_s"] = round(burst_wait, 1)
+        assert self.supervisor is not None
+        sup = self.supervisor()
+        http = httpx.Client(base_url=f"http://127.0.0.1:{sup.http_port}", timeout=2.0)
+        unhealthy = [0]
+
+        def status() -> dict[str, Any]:
+            try:
+                if not http.get("/healthz").is_success:
+                    unhealthy[0] += 1
+                data: dict[str, Any] = http.get("/status").json()
+                return data
+            except (httpx.HTTPError, ValueError):
+                unhealthy[0] += 1
+                return {}
+
+        def wait(check: Callable[[dict[str, Any]], bool], limit_s: float) -> float | None:
+            """Seconds until `check(/status)` held (None: not within `limit_s`)."""
+            began = time.monotonic()
+            while time.monotonic() - began < limit_s:
+                if check(status()):
+                    return round(time.monotonic() - began, 1)
+                time.sleep(0.1)
+            return None
+
+        ids = {role: h.current[role].container.id for role in ROLES}
+        reconnects = int((status().get("docker") or {}).get("reconnects") or 0)
+
+        def docker_ok(s: dict[str, Any]) -> bool:
+            d = s.get("docker") or {}
+            return d.get("state") == "ok" and int(d.get("reconnects") or 0) > reconnects
+
+        def found(s: dict[str, Any]) -> bool:
+            return docker_ok(s) and all(
+                any(
+                    e.get("container_id") == ids[role] and e.get("running") and e.get("reachable")
+                    for e in s.get(role) or []
+                )
+                for role in ROLES
+            )
+
+        h.down.update(ROLES)
+        began = time.monotonic()
+        try:
+            dockerd("stop")
+            p["stop_s"] = round(time.monotonic() - began, 1)
+            noticed = wait(
+                lambda s: (s.get("docker") or {}).get("state") == "unreachable", NOTICE_LIMIT_S
+            )
+            if noticed is None:
+                p["error"] = f"/status did not show Docker unreachable in {NOTICE_LIMIT_S:g} s"
+            dockerd("start")
+            up = time.monotonic()
+            p["down_s"] = round(up - began, 1)
+            p["docker_ok_s"] = wait(docker_ok, 2 * FOUND_LIMIT_S)
+            left = max(0.1, 2 * FOUND_LIMIT_S - (time.monotonic() - up))
+            if wait(found, left) is not None:
+                p["found_s"] = round(time.monotonic() - up, 1)
+            else:
+                p["found_s"] = None
+            for role in ROLES:
+                h.current[role].wait_ready(30)
+            h.pause_others()
+        except (Exception, pytest.fail.Exception) as exc:  # dockerd() fails as a test does
+            p.setdefault("error", f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            if not engine_answers(self.docker_host):
+                with contextlib.suppress(Exception, pytest.fail.Exception):
+                    dockerd("start")
+            h.down.difference_update(ROLES)
+            p["healthz_failed"] = unhealthy[0]
+            http.close()
 
     def _run_burst(self, fault: Fault) -> None:
         """The burst, in the background (the schedule goes on), then its events counted."""
@@ -344,7 +517,10 @@ class DockerInjector:
             self._burst.join(600)
             self._burst = None
 
-    settle = wait_burst
+    def settle(self) -> None:
+        """Before a checkpoint: a burst or a daemon restart under way ends first."""
+        self.wait_restart()
+        self.wait_burst()
 
     def _check_unlabelled(self, fault: Fault) -> None:
         """Nothing may act on the unlabelled container: no unload or free at its proxy
@@ -406,21 +582,77 @@ def run_docker_soak(
     checkpoints: tuple[tuple[str, float], ...] = CHECKPOINTS,
     progress: Callable[[str], None] = print,
 ) -> SoakRun:
+    """The run. Daemon restarts only where the engine is tests/lib/dockerd.sh's (then the
+    whole run is inside `restored_engine`: the engine is up again at the end, whatever
+    happened); elsewhere the report says they were not run."""
+    restarts = engine_is_ours(docker_host)
+    guard = restored_engine(docker_host) if restarts else contextlib.nullcontext()
+    with guard:
+        return _run_docker_soak(
+            docker_host=docker_host,
+            restarts=restarts,
+            hours=hours,
+            time_scale=time_scale,
+            rate=rate,
+            seed=seed,
+            fault_gap_s=fault_gap_s,
+            workdir=workdir,
+            burst=burst,
+            overlap=overlap,
+            sample_s=sample_s,
+            checkpoints=checkpoints,
+            progress=progress,
+        )
+
+
+def _run_docker_soak(
+    *,
+    docker_host: str,
+    restarts: bool,
+    hours: float,
+    time_scale: float,
+    rate: float,
+    seed: int,
+    fault_gap_s: float,
+    workdir: Path,
+    burst: int,
+    overlap: bool,
+    sample_s: float,
+    checkpoints: tuple[tuple[str, float], ...],
+    progress: Callable[[str], None],
+) -> SoakRun:
     duration_s = hours * 3600
     run = SoakRun(hours, time_scale, rate, seed, fault_gap_s, docker=True)
     run.settings = supervisor_settings(time_scale)
     run.model_names = dict(MODEL_NAMES)
-    run.kinds = dict(DOCKER_KINDS)
-    run.faults = make_docker_faults(seed, duration_s, fault_gap_s, burst)
+    run.kinds = {k: v for k, v in DOCKER_KINDS.items() if restarts or k != "daemon_restart"}
+    if not restarts:
+        run.daemon_restart_note = DAEMON_RESTART_NOT_RUN
+        progress(f"   daemon restart: {DAEMON_RESTART_NOT_RUN} ({docker_host})")
+    # The first restart after the start checkpoint (and a minute more), so the resource
+    # figures from start to end span every restart.
+    first_restart_s = (dict(checkpoints).get("start", 0.0) * duration_s) + 60.0
+    run.faults = make_docker_faults(
+        seed,
+        duration_s,
+        fault_gap_s,
+        burst,
+        restarts=restarts,
+        first_restart_s=first_restart_s,
+    )
     clock_file = workdir / "clock-offset"
     clock_file.write_text("0")
     with _client(docker_host) as client:
         host = DockerSoakHost(client, workdir, time_scale)
+        current: dict[str, Supervisor] = {}
 
         def start() -> Supervisor:
-            return start_supervisor(host, run, clock_file, docker_host)
+            current["sup"] = start_supervisor(host, run, clock_file, docker_host)
+            return current["sup"]
 
-        injector = DockerInjector(host, run, overlap)
+        injector = DockerInjector(
+            host, run, overlap, docker_host=docker_host, supervisor=lambda: current["sup"]
+        )
         try:
             return soak_on(
                 run,
@@ -433,5 +665,6 @@ def run_docker_soak(
                 progress=progress,
             )
         finally:
+            injector.wait_restart()
             injector.wait_burst()
             host.close()  # again (soak_on's is bounded): no container is left behind

@@ -39,9 +39,16 @@ DOCKER_KINDS: dict[str, str] = {
     "user_stop": "the user stops the container, later starts it again",
     "unlabel": "the container is recreated without its role label, later with it",
     "event_burst": "short-lived containers, labelled and not: hundreds of Docker events",
+    "daemon_restart": "the Docker engine stops (its containers with it) and starts again; "
+    "their restart policy brings the containers back",
 }
-# Faults that leave the gate without an Ollama to forward to.
-DOCKER_DOWN_KINDS = ("recreate", "user_stop", "unlabel")
+# Faults that leave the gate without an Ollama to forward to (a daemon restart stops both
+# containers: its fault names no target).
+DOCKER_DOWN_KINDS = ("recreate", "user_stop", "unlabel", "daemon_restart")
+DAEMON_RESTART_NOT_RUN = "not run, the engine is not the private test engine"
+# Real seconds the supervisor may take, after a restarted engine answers, to show both
+# services running and reachable again (a target of the Docker-backed form).
+FOUND_LIMIT_S = 30.0
 
 
 @dataclass

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 
-from tests.soak.faults import DOCKER_DOWN_KINDS, KINDS, OLLAMA_DOWN_KINDS, Fault
+from tests.soak.faults import (
+    DOCKER_DOWN_KINDS,
+    FOUND_LIMIT_S,
+    KINDS,
+    OLLAMA_DOWN_KINDS,
+    Fault,
+)
 from tests.soak.run import (
     GRACE_REAL_S,
     RSS_GROWTH_LIMIT,
@@ -16,6 +22,7 @@ from tests.soak.run import (
     SPILL_LIMIT_S,
     Sample,
     SoakRun,
+    docker_socket_fds,
 )
 
 MIB = 1024 * 1024
@@ -74,6 +81,60 @@ def _target_or_fact(fig: Figures, run: SoakRun, target: Target) -> None:
         fig.targets.append(target)
 
 
+def _daemon_restarts(fig: Figures, run: SoakRun, restarts: Sequence[Fault]) -> None:
+    """Each restart must be come through: the supervisor showed Docker unreachable, then
+    Docker ok (its events stream reconnected) and both services running and reachable
+    again within FOUND_LIMIT_S of the engine answering, with /healthz 200 all along."""
+    if run.daemon_restart_note:
+        fig.facts.append(("daemon restart", run.daemon_restart_note))
+        return
+
+    def came_through(f: Fault) -> bool:
+        p = f.params
+        found = p.get("found_s")
+        return (
+            "error" not in p
+            and found is not None
+            and float(found) <= FOUND_LIMIT_S
+            and not p.get("healthz_failed")
+        )
+
+    bad = [f for f in restarts if not came_through(f)]
+    fig.targets.append(
+        Target(
+            "daemon restarts the supervisor came through (noticed Docker gone, /healthz 200 "
+            "throughout, events reconnected, both services found running and reachable)",
+            f"{len(restarts) - len(bad)} of {len(restarts)}",
+            f"all, each found within {FOUND_LIMIT_S:g} s of the engine answering",
+            not bad,
+        )
+    )
+    fig.errors += [f"{f.describe()}"[:200] for f in bad[:3]]
+
+    def seconds(key: str) -> str:
+        values = [f.params.get(key) for f in restarts]
+        return ", ".join("-" if v is None else f"{float(v):.1f}" for v in values) or "-"
+
+    fig.facts.append(
+        (
+            "after each daemon restart, seconds from the engine answering until the "
+            "supervisor's /status showed Docker ok / both services found again",
+            f"{seconds('docker_ok_s')} / {seconds('found_s')} (the engine was down "
+            f"{seconds('down_s')} s)",
+        )
+    )
+    windows = _windows(run, restarts, GRACE_REAL_S)
+    during = [c for c in run.chats if _overlaps(c.start, c.end, windows)]
+    fig.facts.append(
+        (
+            "chats through the gate that overlapped a daemon restart: answered 200 / failed / lost",
+            f"{sum(1 for c in during if c.outcome == 'ok')} / "
+            f"{sum(1 for c in during if c.outcome not in ('ok', 'lost'))} / "
+            f"{sum(1 for c in during if c.outcome == 'lost')}",
+        )
+    )
+
+
 def evaluate(run: SoakRun) -> Figures:
     fig = Figures()
     scale = run.time_scale
@@ -81,7 +142,11 @@ def evaluate(run: SoakRun) -> Figures:
     down_kinds = (*OLLAMA_DOWN_KINDS, *DOCKER_DOWN_KINDS)
     ollama_down = _windows(
         run,
-        [f for f in all_faults if f.target == "ollama" and f.kind in down_kinds],
+        [
+            f
+            for f in all_faults
+            if f.kind in down_kinds and (f.target == "ollama" or f.kind == "daemon_restart")
+        ],
         GRACE_REAL_S,
     )
     any_fault = _windows(run, [f for f in all_faults if f.duration_s > 0], GRACE_REAL_S)
@@ -162,6 +227,7 @@ def evaluate(run: SoakRun) -> Figures:
                 str(run.unlabelled_requests),
             )
         )
+        _daemon_restarts(fig, run, [f for f in all_faults if f.kind == "daemon_restart"])
     else:
         fig.facts.append(
             ("actions on unlabelled containers", "n/a in the fixed-URL form (no Docker)")
@@ -326,22 +392,21 @@ def evaluate(run: SoakRun) -> Figures:
         # The Docker SDK keeps one idle connection per API path it asked lately (a pool
         # per URL, at most DEFAULT_NUM_POOLS = 25 per client, the oldest closed): counted
         # apart, against that bound; every other descriptor must not grow.
-        def docker_fds(s: Sample) -> int:
-            return sum(n for k, n in s.fd_kinds.items() if k.startswith("unix socket to"))
-
+        others_start = start.fds - docker_socket_fds(start)
+        others_end = end.fds - docker_socket_fds(end)
         fig.targets.append(
             Target(
                 "open file descriptors but the Docker socket's, start to end",
-                f"{start.fds - docker_fds(start)} -> {end.fds - docker_fds(end)}",
+                f"{others_start} -> {others_end}",
                 "no growth",
-                complete and end.fds - docker_fds(end) <= start.fds - docker_fds(start),
+                complete and others_end <= others_start,
             )
         )
-        most = max((docker_fds(s) for _, s, _ in fig.resources), default=0)
+        most = max((docker_socket_fds(s) for _, s, _ in fig.resources), default=0)
         fig.targets.append(
             Target(
                 "connections to the Docker socket, start / middle / end",
-                " / ".join(str(docker_fds(s)) for _, s, _ in fig.resources),
+                " / ".join(str(docker_socket_fds(s)) for _, s, _ in fig.resources),
                 f"<= {DOCKER_POOL_BOUND} (the SDK's pools: 25 per client, 2 clients)",
                 complete and most <= DOCKER_POOL_BOUND,
             )

@@ -112,6 +112,8 @@ class SoakRun:
     unlabelled_actions: list[str] = field(default_factory=list)  # what reached them
     unlabelled_requests: int = 0  # requests (of anyone) that reached them by their old URL
     docker_events: int = 0  # events the engine emitted during the bursts
+    # Why the daemon restarts were left out ("" when they ran, or in the fixed-URL form).
+    daemon_restart_note: str = ""
     notes: list[str] = field(default_factory=list)  # what the report should mention
 
     def sim(self, t: float) -> float:
@@ -209,6 +211,10 @@ def _unix_peers() -> dict[str, str]:
         # Netid State Recv-Q Send-Q Local-path Local-inode Peer-path Peer-inode
         if len(f) >= 8 and f[4].startswith("/"):
             peers[f[7]] = f[4]
+        elif len(f) >= 8 and f[1] == "ESTAB" and f[7] == "0":
+            # Connected, and the other end is gone (closed, its process dead): a connection
+            # its holder has not closed yet (e.g. to an engine that stopped).
+            peers.setdefault(f[5], "")
     return peers
 
 
@@ -235,7 +241,7 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
                 else:
                     kind = f"to {ports.get(remote, remote)} ({state})"
             elif inode in unix:
-                kind = f"unix socket to {unix[inode]}"
+                kind = f"unix socket to {unix[inode]}" if unix[inode] else "unix, peer closed"
             kinds[kind] = kinds.get(kind, 0) + 1
     except OSError:
         pass
@@ -564,6 +570,13 @@ def _drive(
                 injector.end(fault)
                 active.remove(fault)
                 fault.real_end = time.monotonic()
+        # A due checkpoint comes after the faults that end and before any fault that starts
+        # in the same step (the loop may have stood a while: a fault's start or end, or an
+        # image job, that took long), so its figures are from before that fault.
+        if checkpoints and now_s >= checkpoints[0][1]:
+            settle = getattr(injector, "settle", None)
+            checkpoint(run, clients, sampler, checkpoints.pop(0)[0], settle)
+            progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
         while pending and pending[0].at_s <= now_s:
             fault = pending.pop(0)
             fault.real_start = fault.real_end = time.monotonic()
@@ -571,10 +584,6 @@ def _drive(
             if fault.duration_s > 0:
                 active.append(fault)
             progress(f"   {_hms(fault.at_s)} fault: {fault.describe()}, {fault.duration_s:.0f} s")
-        if checkpoints and now_s >= checkpoints[0][1]:
-            settle = getattr(injector, "settle", None)
-            checkpoint(run, clients, sampler, checkpoints.pop(0)[0], settle)
-            progress(f"   {_hms(now_s)} checkpoint: {_describe(run.checkpoints[-1])}")
         if now_s >= next_sample:
             sampler.sample()
             next_sample = now_s + sample_s
@@ -624,16 +633,6 @@ def checkpoint(
     if not clients.inflight:
         clients.hang_up()  # idle keep-alive connections are the clients', not a leak
     time.sleep(0.5)
-    readings = []
-    for _ in range(5):
-        sampler.sample()
-        readings.append(run.samples[-1])
-        time.sleep(0.2)
-    best = min(readings, key=lambda s: (s.fds, s.threads, s.rss))
-    # Each figure at its least: a pass's read threads and a verification's sockets come
-    # and go within a second; a leak shows in every reading.
-    best.rss = min(s.rss for s in readings)
-    best.threads = min(s.threads for s in readings)
     sup = sampler.sup()
     ports = {
         sup.http_port: "http",
@@ -641,10 +640,29 @@ def checkpoint(
         sampler.host.ollama_proxy.port: "Ollama",
         sampler.host.comfy_proxy.port: "ComfyUI",
     }
-    best.fd_kinds = fd_kinds(sup.pid, ports)
+    readings = []
+    for _ in range(5):
+        sampler.sample()
+        reading = run.samples[-1]
+        # The descriptors by kind, and their count, from one look (a count taken apart
+        # from the kinds could meet another moment's short-lived socket).
+        reading.fd_kinds = fd_kinds(sup.pid, ports)
+        reading.fds = sum(reading.fd_kinds.values()) or reading.fds
+        readings.append(reading)
+        time.sleep(0.2)
+    best = min(readings, key=lambda s: (s.fds - docker_socket_fds(s), s.fds, s.threads, s.rss))
+    # Each figure at its least: a pass's read threads and a verification's sockets come
+    # and go within a second; a leak shows in every reading.
+    best.rss = min(s.rss for s in readings)
+    best.threads = min(s.threads for s in readings)
     run.checkpoints.append((name, best, clients.inflight))
     if name != "end":
         run.paused_s += time.monotonic() - paused
+
+
+def docker_socket_fds(s: Sample) -> int:
+    """The supervisor's connections to a Docker socket (the SDK's pools), of `s.fd_kinds`."""
+    return sum(n for k, n in s.fd_kinds.items() if k.startswith("unix socket to"))
 
 
 def _describe(cp: tuple[str, Sample, int]) -> str:

@@ -22,10 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.soak.faults import KINDS, make_faults
+from tests.soak.docker_soak import make_docker_faults
+from tests.soak.faults import DAEMON_RESTART_NOT_RUN, FOUND_LIMIT_S, KINDS, Fault, make_faults
 from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.report import _max_per_window, evaluate, markdown, svg_chart
-from tests.soak.run import run_soak
+from tests.soak.run import SoakRun, run_soak
 
 
 def test_the_fault_schedule_is_seeded_and_has_every_kind_early() -> None:
@@ -36,6 +37,52 @@ def test_the_fault_schedule_is_seeded_and_has_every_kind_early() -> None:
     for a, b in itertools.pairwise(faults):
         assert b.at_s >= a.end_s, "one fault at a time"
     assert faults[-1].end_s <= 2 * 3600 - 120
+
+
+def test_daemon_restarts_come_only_where_allowed_and_after_the_start_checkpoint() -> None:
+    faults = make_docker_faults(1, 3 * 3600, 300, 100, first_restart_s=1200)
+    restarts = [f for f in faults if f.kind == "daemon_restart"]
+    assert len(restarts) >= 2, "one a round"
+    assert all(f.at_s >= 1200 for f in restarts)
+    assert all(not f.target and f.duration_s > 0 for f in restarts)
+    for a, b in itertools.pairwise(faults):
+        assert b.at_s >= a.end_s, "one fault at a time"
+    others = make_docker_faults(1, 3 * 3600, 300, 100, restarts=False)
+    assert others and all(f.kind != "daemon_restart" for f in others)
+
+
+def _restart(**params: object) -> Fault:
+    fault = Fault(1000.0, "daemon_restart", duration_s=600.0, params=dict(params))
+    fault.real_start, fault.real_end = 10.0, 20.0
+    return fault
+
+
+def _restart_row(run: SoakRun) -> tuple[str, bool]:
+    target = next(t for t in evaluate(run).targets if t.name.startswith("daemon restarts"))
+    return target.value, target.met
+
+
+def test_the_report_judges_each_daemon_restart_or_says_it_was_not_run() -> None:
+    run = SoakRun(1.0, 0.015, 1.0, 1, 150.0, docker=True)
+    good = {"down_s": 4.6, "docker_ok_s": 0.2, "found_s": 1.3, "healthz_failed": 0}
+    run.faults = [_restart(**good), _restart(**good)]
+    assert _restart_row(run) == ("2 of 2", True)
+    text = markdown(run, evaluate(run))
+    assert "| 0.2, 0.2 / 1.3, 1.3 (the engine was down 4.6, 4.6 s) |" in text
+    assert "found_s=1.3" in text, "each restart's figures in the faults table"
+    for bad in (
+        {**good, "found_s": None},  # never found again
+        {**good, "found_s": FOUND_LIMIT_S + 1},
+        {**good, "healthz_failed": 1},
+        {**good, "error": "tests/lib/dockerd.sh start exited 1"},
+    ):
+        run.faults = [_restart(**good), _restart(**bad)]
+        assert _restart_row(run) == ("1 of 2", False), bad
+
+    run.faults, run.daemon_restart_note = [], DAEMON_RESTART_NOT_RUN
+    fig = evaluate(run)
+    assert not [t for t in fig.targets if t.name.startswith("daemon restarts")]
+    assert f"| daemon restart | {DAEMON_RESTART_NOT_RUN} |" in markdown(run, fig)
 
 
 def test_the_storm_window_counts_the_busiest_minute() -> None:
