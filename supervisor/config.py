@@ -127,6 +127,20 @@ def _port(optional: bool) -> tuple[Callable[[str, str], Any], str]:
     return parse, accepted
 
 
+def _folder() -> tuple[Callable[[str, str], Any], str]:
+    accepted = "an absolute path of a folder, e.g. /comfyui-models, or empty for none"
+
+    def parse(name: str, raw: str) -> Any:
+        value = raw.strip()
+        if not value:
+            return None
+        if not value.startswith("/") or "\0" in value or not value.isprintable():
+            raise ConfigError(name, raw, accepted)
+        return value
+
+    return parse, accepted
+
+
 def _bool() -> tuple[Callable[[str, str], Any], str]:
     return parse_bool, BOOL_ACCEPTED
 
@@ -413,6 +427,14 @@ VARIABLES: tuple[Variable, ...] = (
         "Enable the image gate (a reverse proxy in front of ComfyUI that makes room before "
         "a job) on this port, bound to VRAM_GATE_HOST; unset disables it.",
     ),
+    _var(
+        "VRAM_COMFYUI_MODELS",
+        "comfyui_models_dir",
+        "",
+        _folder(),
+        "ComfyUI's models folder mounted into the supervisor (read-only): the image gate "
+        "sizes a job it has not seen run yet from its model files there; unset: 8 GiB.",
+    ),
 )
 
 
@@ -446,6 +468,7 @@ class Settings:
     gate_host: str = "0.0.0.0"
     gate_wait_s: float = 30.0
     comfyui_gate_port: int | None = None
+    comfyui_models_dir: str | None = None  # VRAM_COMFYUI_MODELS
     model_gates: tuple[tuple[str, int], ...] | None = None  # VRAM_MODEL_GATES: (role, port)
 
     @property

@@ -14,7 +14,9 @@ Policy:
 - Then the idle models of the other model servers on that GPU (`UnloadModel` through the
   Actor, which reads again that the model serves no request before it unloads it).
 - Never a model serving a request: one the Ollama gate has a request in flight for, or
-  one still listed past its expires_at (api-facts gotcha 6). Never under
+  one still listed past its expires_at (api-facts gotcha 6). While such a model holds
+  the room the job needs, it is looked at again every BUSY_POLL_S until the deadline
+  (VRAM_GATE_WAIT) and unloaded once its request is done. Never under
   VRAM_PRIORITY=ollama: Ollama keeps its models and the job may run in low-VRAM mode.
 - The unloads share the Actor's lock with the loop; each one is reported through
   `on_outcome` so the policy counts it. In dry run it stops after the first "would unload".
@@ -33,6 +35,8 @@ from supervisor.gate.admission import model_key
 from supervisor.model import Outcome, UnloadModel, UnloadOllama
 from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
+
+BUSY_POLL_S = 0.25  # how often a model serving a request is looked at again
 
 
 class OllamaRoomMaker:
@@ -95,9 +99,27 @@ class OllamaRoomMaker:
                 return
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
+        """Unload idle models until the room covers `need_bytes`. While the room is short
+        only because a model serves a request, look again every BUSY_POLL_S until the
+        deadline: the job would start paged next to a model that is idle a moment later
+        (a chat ends in seconds, and a prompt queued behind a running job starts later)."""
         end = self._clock() + deadline_s
+        said: set[str] = set()  # models already logged as serving a request
+        while True:
+            done, is_blocked = self._make_room_once(need_bytes, reason, end, said)
+            if done or not is_blocked or self._clock() >= end:
+                return done
+            if not self._actor.wait(min(BUSY_POLL_S, max(0.0, end - self._clock()))):
+                return False
+
+    def _make_room_once(
+        self, need_bytes: int, reason: str, end: float, said: set[str]
+    ) -> tuple[bool, bool]:
+        """One pass over the models: (whether the room covers the need now, whether a
+        model serving a request held some of the room)."""
+        is_blocked = False
         if self._covers(need_bytes):
-            return True
+            return True, is_blocked
         targets = self._actor.targets()
         comfy_key, comfy_gpus = self._comfy()
         comfy = targets.comfyuis.get(comfy_key) if comfy_key is not None else None
@@ -120,7 +142,7 @@ class OllamaRoomMaker:
                 f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
             )
             if not others:
-                return False
+                return False, False
         for key, (spec, ollama) in yielding.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue  # another GPU: unloading it gives ComfyUI nothing
@@ -142,28 +164,30 @@ class OllamaRoomMaker:
                 key=lambda m: expiry_key(m, wall),
             )
             skipped = [m.name for m in models if m not in idle and m.size_vram_bytes > 0]
-            if skipped:
+            is_blocked = is_blocked or bool(skipped)
+            if set(skipped) - said:
+                said.update(skipped)
                 logger.info(
                     f"Gate: not unloading {', '.join(skipped)} for {reason}: serving a request"
                 )
             for m in idle:
                 left = end - self._clock()
                 if left <= 0 or not self._actor.lock.acquire(timeout=left):
-                    return False
+                    return False, False
                 try:
                     if self._covers(need_bytes):
-                        return True
+                        return True, False
                     free_before = self._actor.probe.free_bytes(comfy_gpus)
                     outcome = self._actor.execute(UnloadOllama(key, m.name, reason))
                 finally:
                     self._actor.lock.release()
                 self._on_outcome(outcome)
                 if outcome.dry_run:
-                    return False
+                    return False, False
                 if outcome.ok and free_before is not None:
                     self._wait_recovered(comfy_gpus, free_before + m.size_vram_bytes * 9 // 10, end)
                 if self._covers(need_bytes):
-                    return True
+                    return True, False
         for key, (spec, server) in others.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue
@@ -175,21 +199,24 @@ class OllamaRoomMaker:
             if not state.can_unload:
                 continue
             for x in state.models:
-                if not x.is_resident or x.is_loading or x.busy is True:
+                if not x.is_resident:
+                    continue
+                if x.is_loading or x.busy is True:
+                    is_blocked = True  # serving (or loading for) a request
                     continue
                 left = end - self._clock()
                 if left <= 0 or not self._actor.lock.acquire(timeout=left):
-                    return False
+                    return False, False
                 try:
                     if self._covers(need_bytes):
-                        return True
+                        return True, False
                     # The actor reads again that the model serves no request, first.
                     outcome = self._actor.execute(UnloadModel(key, x.name, reason))
                 finally:
                     self._actor.lock.release()
                 self._on_outcome(outcome)
                 if outcome.dry_run:
-                    return False
+                    return False, False
                 if self._covers(need_bytes):
-                    return True
-        return self._covers(need_bytes)
+                    return True, False
+        return self._covers(need_bytes), is_blocked

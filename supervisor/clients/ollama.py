@@ -19,6 +19,7 @@ Follows api-facts §1. Policy:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ DEFAULT_TAG = "latest"
 _NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)\s*$", re.MULTILINE)
 
 
+@functools.lru_cache(maxsize=1024)  # pure; the gate asks twice per request
 def normalise_model_name(name: str) -> str:
     """The name as Ollama's /api/ps shows it: `model:tag`, `:latest` added when no tag.
 

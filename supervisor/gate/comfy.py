@@ -5,8 +5,10 @@ the VRAM free then; an idle Ollama model holding the card makes the job run in l
 mode or paged (api-facts 2.7, api-facts-2026 section 2). Users point the web UI and API
 clients at the gate instead of ComfyUI.
 Policy:
-- `POST /prompt` (and `/api/prompt`) is read whole. Its need is estimated (`PromptAdmission`)
-  and, when the room is short, the RoomMaker (room_image.py) unloads idle Ollama models
+- `POST /prompt` (and `/api/prompt`) is read whole. Its need is estimated (`PromptAdmission`:
+  learned from the earlier runs of the same model files, else from the files' sizes in
+  ComfyUI's models folder when it is mounted (VRAM_COMFYUI_MODELS), else a default) and,
+  when the room is short, the RoomMaker (room_image.py) unloads idle Ollama models
   first; then the prompt is forwarded unchanged.
 - Prompts go in arrival order: a prompt waiting for room holds later prompts behind it,
   until ComfyUI has answered it (so it has its place in ComfyUI's queue). The wait is
@@ -23,9 +25,11 @@ import asyncio
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
 from loguru import logger
@@ -52,6 +56,10 @@ SQUEEZED_BYTES = 1024**3
 SQUEEZED_EXTRA_BYTES = 2 * 1024**3
 WATCH_EVERY_S = 0.5  # how often ComfyUI's VRAM is read after a prompt went on
 WATCH_S = 600.0  # for how long at most (a new prompt ends it sooner)
+# What a job needs beyond its model files' sizes (read from the models folder): sampling
+# workspace (activations, VAE decode), a base plus a share of the weights.
+FILE_WORKSPACE_BYTES = 1536 * 1024**2
+FILE_WORKSPACE_SHARE = 0.10
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
 
 
@@ -100,6 +108,44 @@ class ComfyCounters:
     websockets_total: int = 0
 
 
+class ModelFolder:
+    """ComfyUI's models folder as the supervisor sees it (VRAM_COMFYUI_MODELS, mounted
+    read-only): the size of a file a prompt names. A node names a file relative to one of
+    the folder's type folders (checkpoints/, diffusion_models/, unet/, clip/, text_encoders/,
+    vae/, loras/ ...), possibly with subfolders (`SDXL/model.safetensors`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def size_of(self, name: str) -> int | None:
+        """The file's size in bytes, the largest where several type folders hold that name;
+        None when not found or the name leaves the folder (absolute, `..`)."""
+        rel = PurePosixPath(name.replace("\\", "/"))
+        if not rel.parts or rel.is_absolute() or ".." in rel.parts or "\0" in name:
+            return None
+        candidates = [self.root / rel]
+        try:
+            with os.scandir(self.root) as entries:
+                candidates += [Path(e.path) / rel for e in entries if e.is_dir()]
+        except OSError:
+            return None
+        sizes = []
+        for path in candidates:
+            try:
+                st = path.stat()
+            except (OSError, ValueError):
+                continue
+            if st.st_size > 0 and path.is_file():
+                sizes.append(st.st_size)
+        return max(sizes) if sizes else None
+
+
+def files_need(sizes: list[int]) -> int:
+    """What a job whose model files weigh `sizes` needs: the weights plus a workspace."""
+    weights = sum(sizes)
+    return weights + FILE_WORKSPACE_BYTES + int(weights * FILE_WORKSPACE_SHARE)
+
+
 def parse_prompt(body: bytes, json_values: int) -> PromptJob | None:
     """The job a `/prompt` body asks for; None when the gate cannot read it (ComfyUI then
     answers it) or it is too large to parse cheaply (then it is not gated)."""
@@ -128,7 +174,9 @@ class PromptAdmission:
 
     The need of a job is learned per set of model files: the most ComfyUI's VRAM grew by
     while the job ran (NVML's per-process reading, else the device figures), plus a margin
-    (`learned_need`). Without that: `default_need_bytes`."""
+    (`learned_need`). Before a first run (or when what was learned is below the files'
+    weights: the reading missed the job's peak), the files' sizes in `models` plus a
+    workspace (`files_need`); without those: `default_need_bytes`."""
 
     def __init__(
         self,
@@ -138,12 +186,14 @@ class PromptAdmission:
         stats: ComfyCounters,
         wait_s: float,
         default_need_bytes: int = DEFAULT_JOB_NEED_BYTES,
+        models: ModelFolder | None = None,
     ) -> None:
         self._room = room
         self._executor = executor
         self._stats = stats
         self._wait_s = wait_s
         self._default_need = default_need_bytes
+        self._models = models
         self._lock = asyncio.Lock()  # FIFO: prompts go in arrival order
         self.learned: dict[tuple[str, ...], int] = {}
         self._watch: asyncio.Task[None] | None = None  # what the last prompt's job takes
@@ -178,9 +228,22 @@ class PromptAdmission:
             release()
 
     def need_of(self, job: PromptJob) -> tuple[int, str]:
+        """The need and what it is based on (reads the models folder: not on the loop)."""
         learned = self.learned.get(job.files)
-        if learned is not None:
+        sizes: list[int] = []
+        if self._models is not None:
+            found = [self._models.size_of(name) for name in job.files]
+            sizes = [size for size in found if size is not None]
+            if len(sizes) < len(found):
+                missing = [n for n, size in zip(job.files, found, strict=True) if size is None]
+                log.debug(f"Gate: not in the models folder: {', '.join(missing)[:200]}")
+        if learned is not None and learned >= sum(sizes):
             return learned, "learned from its earlier runs"
+        if sizes:
+            need = files_need(sizes)
+            if len(sizes) < len(job.files):
+                return max(need, self._default_need), "its files' sizes, some not found"
+            return need, "its files' sizes"
         return self._default_need, "the default"
 
     async def _learn(self, job: PromptJob, held_before: int) -> None:
@@ -207,7 +270,10 @@ class PromptAdmission:
                 log.debug(f"Gate: a ComfyUI job with {job.label} takes about {_gib(need)}")
 
     async def _make_room_for(self, job: PromptJob, room: int | None) -> None:
-        need, basis = self.need_of(job)
+        if self._models is None:
+            need, basis = self.need_of(job)
+        else:
+            need, basis = await self._call(self.need_of, job)
         if room is not None and room >= need:
             log.debug(
                 f"Gate: ComfyUI job ({job.label}) needs about {_gib(need)}; room {_gib(room)}"
@@ -267,6 +333,7 @@ class ComfyGate(Proxy):
         port: int,
         wait_s: float = 30.0,
         default_need_bytes: int = DEFAULT_JOB_NEED_BYTES,
+        models_dir: Path | None = None,
         connect_timeout_s: float = 10.0,
         limits: Limits | None = None,
         ws_idle_s: float = WS_IDLE_S,
@@ -288,6 +355,7 @@ class ComfyGate(Proxy):
             stats=counters,
             wait_s=wait_s,
             default_need_bytes=default_need_bytes,
+            models=ModelFolder(models_dir) if models_dir is not None else None,
         )
 
     def stats(self) -> ComfyGateStats:

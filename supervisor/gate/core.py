@@ -323,8 +323,7 @@ class Proxy:
             if deadline is not None:
                 timeout = max(0.0, deadline - loop.time())
             try:
-                async with asyncio.timeout(timeout):
-                    data = await stream.read()
+                data = await stream.read(timeout)
             except TimeoutError:
                 if deadline is not None:
                     self._refuse(conn, stream, 408, "the request head did not arrive in time")
@@ -634,10 +633,14 @@ class Gate(Proxy):
 
     async def _admit(self, request: object, forward: Forward) -> bool:
         assert isinstance(request, LoadRequest)
-        with self._in_flight.holding(model_key(request.model)):
+        key = model_key(request.model)
+        self._in_flight.add(key)  # not `holding()`: a generator per request costs more
+        try:
             if not request.needs_room:
                 return await forward(None)
             return await self._admission.admit(request, forward)
+        finally:
+            self._in_flight.discard(key)
 
     def _on_stop(self) -> None:
         self._admission.close()

@@ -113,6 +113,7 @@ class Stream(asyncio.Protocol):
         self._is_reading_paused = False
         self._is_writing_paused = False
         self._read_waiter: asyncio.Future[None] | None = None
+        self._is_timed_out = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -167,14 +168,27 @@ class Stream(asyncio.Protocol):
     def buffered(self) -> int:
         return len(self._buffer)
 
-    async def read(self) -> bytes:
-        """Every byte received so far (waits for some); b"" once the peer has closed."""
-        while not self._buffer and not self.is_eof:
-            self._read_waiter = asyncio.get_running_loop().create_future()
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        """Every byte received so far (waits for some); b"" once the peer has closed.
+        TimeoutError when nothing arrives within `timeout_s` (None: no limit). The limit is
+        one timer handle on the loop, not an asyncio.timeout() scope: the gate reads with
+        a limit on every request, and the scope's task bookkeeping costs more."""
+        if not self._buffer and not self.is_eof:
+            loop = asyncio.get_running_loop()
+            timer = None if timeout_s is None else loop.call_later(timeout_s, self._time_out)
+            self._is_timed_out = False
             try:
-                await self._read_waiter
+                while not self._buffer and not self.is_eof:
+                    if self._is_timed_out:
+                        raise TimeoutError
+                    self._read_waiter = loop.create_future()
+                    try:
+                        await self._read_waiter
+                    finally:
+                        self._read_waiter = None
             finally:
-                self._read_waiter = None
+                if timer is not None:
+                    timer.cancel()
         data = bytes(self._buffer)
         self._buffer.clear()
         if self._is_reading_paused and not self.is_lost:
@@ -204,6 +218,12 @@ class Stream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _time_out(self) -> None:
+        self._is_timed_out = True
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
     def _wake_reader(self) -> None:
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
@@ -228,10 +248,7 @@ async def next_event(
 
 async def read_within(stream: Stream, timeout_s: float | None) -> bytes:
     """stream.read(); TimeoutError after `timeout_s` (None: no limit)."""
-    if timeout_s is None:
-        return await stream.read()
-    async with asyncio.timeout(timeout_s):
-        return await stream.read()
+    return await stream.read(timeout_s)
 
 
 # ----------------------------------------------------------------------------- messages

@@ -423,7 +423,7 @@ async def _relay_answer_body(ex: Exchange, up: h11.Connection, stream: Stream, u
         # wait for more, so a stream still goes out piece by piece as it is produced.
         event = await _upstream_event(up, stream, ex, is_answered=True, url=url)
         if isinstance(event, h11.Data):
-            ex.queue(h11.Data(data=event.data))
+            ex.queue(event)  # h11 frames it afresh for the client (chunk marks unused)
         elif isinstance(event, h11.EndOfMessage):
             ex.queue(h11.EndOfMessage())
             await ex.flush()

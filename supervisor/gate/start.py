@@ -9,6 +9,7 @@ without either it stays off with a warning rather than guess an address.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from loguru import logger
 
@@ -129,12 +130,19 @@ def start_comfy_gate(
             "VRAM_COMFYUI_URL. The image gate is off"
         )
         return None
+    models_dir = Path(settings.comfyui_models_dir) if settings.comfyui_models_dir else None
+    if models_dir is not None and not models_dir.is_dir():
+        logger.warning(
+            f"VRAM_COMFYUI_MODELS={settings.comfyui_models_dir!r} is not a folder the "
+            "supervisor can read; the image gate sizes new jobs at 8 GiB until they ran once"
+        )
     gate = ComfyGate(
         upstream_url=upstream,
         room=room,
         host=settings.gate_host,
         port=settings.comfyui_gate_port,
         wait_s=settings.gate_wait_s,
+        models_dir=models_dir,
     )
     gate.start()
     return gate

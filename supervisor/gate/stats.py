@@ -45,17 +45,24 @@ class InFlight(Generic[K]):
 
     @contextlib.contextmanager
     def holding(self, key: K) -> Iterator[None]:
-        with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + 1
+        self.add(key)
         try:
             yield
         finally:
-            with self._lock:
-                left = self._counts[key] - 1
-                if left:
-                    self._counts[key] = left
-                else:
-                    del self._counts[key]
+            self.discard(key)
+
+    def add(self, key: K) -> None:
+        """One more request for `key`; `discard(key)` when it is done."""
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def discard(self, key: K) -> None:
+        with self._lock:
+            left = self._counts[key] - 1
+            if left:
+                self._counts[key] = left
+            else:
+                del self._counts[key]
 
     def keys(self) -> frozenset[K]:
         with self._lock:

@@ -135,6 +135,9 @@ class LoadedModel:
     on_gpu_offload: bool = False  # highvram "unloaded": parked on the GPU itself
 
 
+LOWVRAM_TRACE_CAP = 1000  # entries kept in ComfyStats.lowvram_jobs
+
+
 @dataclass
 class ComfyStats:
     jobs_done: int = 0
@@ -146,6 +149,9 @@ class ComfyStats:
     freed_bytes: int = 0
     latencies_s: list[float] = field(default_factory=list)  # queued -> finished, simulated
     run_s: list[float] = field(default_factory=list)  # execution only, simulated
+    # One entry per job that loaded its weights only in part: what held the GPU then
+    # (`ComfyEngine.lowvram_trace`), for the benchmark to say why.
+    lowvram_jobs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -173,6 +179,9 @@ class ComfyEngine:
         self._history: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.models: dict[str, LoadedModel] = {}
         self.workspace_bytes = 0
+        # The other tenants' models on the same GPU, for the low-VRAM trace (SimHost wires
+        # the fake Ollama's `Scheduler.holders`): model, vram_bytes, busy, loaded_mono.
+        self.neighbours: Callable[[], list[dict[str, Any]]] | None = None
         self.workspace_active = False
         self._saved: dict[str, int] = {}  # filename prefix -> images saved so far
         # /ws: called with (event, data, client_id of the prompt or None); `status` events
@@ -387,12 +396,45 @@ class ComfyEngine:
         load_s = (granted if not fresh else spec.size_bytes) / speed
         return model.gpu_bytes / spec.size_bytes, load_s
 
+    def lowvram_trace(self, spec: CheckpointSpec, job: Job) -> dict[str, Any]:
+        """What held the GPU when `spec` loaded only in part (under `_cond`)."""
+        model = self.models[spec.name]
+        others = self.neighbours() if self.neighbours is not None else []
+        return {
+            "prompt_id": job.prompt_id,
+            "checkpoint": spec.name,
+            "short_bytes": spec.size_bytes - model.gpu_bytes,
+            "free_bytes": self.gpu.free_bytes(),
+            "comfy_other_bytes": sum(
+                m.gpu_bytes for name, m in self.models.items() if name != spec.name
+            ),
+            "workspace_bytes": self.workspace_bytes,
+            "waited_s": round((time.monotonic() - job.queued_mono) / self.config.time_scale, 2),
+            "llm": [
+                {
+                    "model": o["model"],
+                    "vram_bytes": o["vram_bytes"],
+                    "busy": o["busy"],
+                    "since_queued": o["loaded_mono"] > job.queued_mono,
+                }
+                for o in others
+            ],
+        }
+
     def _run_node(self, node: PlanNode, job: Job, fraction: float) -> tuple[bool, float]:
         """Run one node; (whether it ran to its end, the GPU fraction of the weights)."""
         spec = job.plan.checkpoint
         if node.loads:
             with self._cond:  # the HTTP threads read `models` for /system_stats
                 fraction, load_s = self._load(spec)
+                traced = self.stats.lowvram_jobs
+                if (
+                    fraction < 1
+                    and not self.config.cpu
+                    and len(traced) < LOWVRAM_TRACE_CAP
+                    and not (traced and traced[-1]["prompt_id"] == job.prompt_id)
+                ):
+                    traced.append(self.lowvram_trace(spec, job))
             # Loading has no progress hook: an interrupt waits for the load to end.
             if not self._sleep(load_s, interruptible=False):
                 return False, fraction

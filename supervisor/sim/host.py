@@ -94,6 +94,7 @@ class SimHost:
             self._ollama_server = self.fake_ollama.serve(self._host, 0)
         if self._start_comfyui and self.fake_comfyui is None:
             self._start_comfy(0)
+        self._wire_trace()
         if self.llama_server_config is not None and self.fake_llama_server is None:
             self.fake_llama_server = FakeLlamaServer(
                 self.gpu, self.catalog, self.llama_server_config
@@ -107,6 +108,12 @@ class SimHost:
     def _start_comfy(self, port: int) -> None:
         self.fake_comfyui = FakeComfyUI(self.gpu, self.catalog, self.comfyui_config)
         self._comfyui_server = self.fake_comfyui.serve(self._host, port)
+        self._wire_trace()
+
+    def _wire_trace(self) -> None:
+        """ComfyUI's low-VRAM trace names the fake Ollama's models on the GPU then."""
+        if self.fake_comfyui is not None and self.fake_ollama is not None:
+            self.fake_comfyui.engine.neighbours = self.fake_ollama.sched.holders
 
     def stop_comfyui(self) -> None:
         """Like stopping the ComfyUI container: the server goes and its VRAM comes back."""

@@ -254,6 +254,21 @@ class Scheduler:
                 r for r in self._loaded.values() if self.config.list_while_loading or not r.loading
             ]
 
+    def holders(self) -> list[dict[str, Any]]:
+        """The runners holding VRAM: model, vram_bytes, busy (serving or loading for a
+        request), loaded_mono (for the image simulator's low-VRAM trace)."""
+        with self._cond:
+            return [
+                {
+                    "model": r.name,
+                    "vram_bytes": r.size_vram,
+                    "busy": r.refcount > 0 or r.loading,
+                    "loaded_mono": r.loaded_mono,
+                }
+                for r in self._loaded.values()
+                if r.size_vram > 0
+            ]
+
     def acquire(
         self,
         spec: ModelSpec,

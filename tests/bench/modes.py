@@ -45,6 +45,7 @@ from tests.bench.workload import (
     answer_without_nagle,
     catalog,
     median,
+    models_folder,
     percentile,
     sim_stats,
 )
@@ -112,6 +113,11 @@ class ModeResult:
     images_sent: int = 0
     images_done: int = 0
     images_lowvram: int = 0
+    # The low-VRAM jobs by what held the room when the job loaded (`lowvram_cause`).
+    images_lowvram_idle_llm: int = 0
+    images_lowvram_busy_llm: int = 0
+    images_lowvram_other: int = 0
+    lowvram_traces: list[dict[str, Any]] = field(default_factory=list)
     image_latencies_s: list[float] = field(default_factory=list)
     comfy_frees: int = 0  # /free requests ComfyUI received
     comfy_freed_gib: float = 0.0
@@ -239,6 +245,8 @@ def run_mode(
         SimHost(**common, start_comfyui=not isolated) as host,
         # The bound: ComfyUI on a GPU of its own (otherwise a second, idle host).
         SimHost(**common, start_ollama=False, start_comfyui=isolated) as comfy_host,
+        # The image gate reads the checkpoints' sizes from ComfyUI's models folder.
+        models_folder() as models,
     ):
         seed: SeedDesign | None = None
         sup: Supervisor | None = None
@@ -251,6 +259,8 @@ def run_mode(
             settings = scaled_settings(time_scale)
             if mode == "gate-ollama":
                 settings["VRAM_PRIORITY"] = "ollama"
+            if mode == "gate-image":
+                settings["VRAM_COMFYUI_MODELS"] = models
             sup = start_supervisor(
                 ollama_url=host.ollama_url,
                 comfyui_url=comfyui_url,
@@ -338,9 +348,31 @@ def _fill_sim(
     result.spilled_s = float(window.get("spilled_s", totals["spilled_s"]))
     result.images_done = int(comfy["jobs_done"])
     result.images_lowvram = int(comfy["jobs_lowvram"])
+    result.lowvram_traces = list(comfy.get("lowvram_jobs", []))
+    for trace in result.lowvram_traces:
+        cause = lowvram_cause(trace)
+        result.images_lowvram_idle_llm += cause == "idle LLM"
+        result.images_lowvram_busy_llm += cause == "busy LLM"
+        result.images_lowvram_other += cause == "other"
     result.image_latencies_s = [float(x) for x in comfy["latencies_s"]]
     result.comfy_frees = int(comfy["frees_requested"])
     result.comfy_freed_gib = round(int(comfy["freed_bytes"]) / GIB, 1)
+
+
+def lowvram_cause(trace: dict[str, Any]) -> str:
+    """Why a job loaded its weights only in part, from the simulator's trace at its load:
+    "idle LLM" when the idle LLM models on the GPU then held at least the part that did not
+    fit (unloading them would have let it load fully: the image gate's case), "busy LLM"
+    when that took models serving a request too (the gate must not unload them), "other"
+    otherwise (ComfyUI's own memory, the reserve, a checkpoint larger than the card)."""
+    short = int(trace["short_bytes"])
+    idle = sum(int(m["vram_bytes"]) for m in trace["llm"] if not m["busy"])
+    busy = sum(int(m["vram_bytes"]) for m in trace["llm"] if m["busy"])
+    if idle >= short:
+        return "idle LLM"
+    if busy > 0 and idle + busy >= short:
+        return "busy LLM"
+    return "other"
 
 
 def _fill_supervisor(result: ModeResult, sup: Supervisor, metrics: dict[str, float]) -> None:

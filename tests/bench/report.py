@@ -76,6 +76,12 @@ ROWS: tuple[tuple[str, Row], ...] = (
         "image jobs done (of them low-VRAM)",
         lambda r, _: f"{r.images_done} ({r.images_lowvram})",
     ),
+    (
+        "... low-VRAM by what held the room: idle LLM / busy LLM / other",
+        lambda r, _: (
+            f"{r.images_lowvram_idle_llm} / {r.images_lowvram_busy_llm} / {r.images_lowvram_other}"
+        ),
+    ),
     ("image latency p50 / p95 (s)", lambda r, _: _pair(r.image_p50_s, r.image_p95_s)),
     ("ComfyUI /free calls received, per run", _frees),
     ("ComfyUI restarts", lambda r, _: str(r.restarts)),

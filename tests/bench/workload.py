@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import random
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -53,6 +56,19 @@ STEPS = (20, 30)
 
 def catalog() -> Catalog:
     return Catalog(MODELS, CHECKPOINTS)
+
+
+@contextmanager
+def models_folder(checkpoints: tuple[CheckpointSpec, ...] = CHECKPOINTS) -> Iterator[str]:
+    """ComfyUI's models folder as the image gate reads it (VRAM_COMFYUI_MODELS): each
+    checkpoint a sparse file of its size under checkpoints/ (no disk used)."""
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as root:
+        folder = Path(root) / "checkpoints"
+        folder.mkdir()
+        for spec in checkpoints:
+            with (folder / spec.name).open("wb") as f:
+                f.truncate(spec.size_bytes)
+        yield root
 
 
 def answer_without_nagle() -> None:

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -178,3 +179,95 @@ def test_under_priority_ollama_the_job_is_forwarded_without_unloading(sim: SimHo
     assert "VRAM_PRIORITY=ollama keeps them" in sup.log()
     # Forwarded at once, not after VRAM_GATE_WAIT (3 s).
     assert re.search(r"without enough free VRAM after [0-2]\.\d s", sup.log()), sup.log()
+
+
+MID = "qwen2.5:14b"  # about 14.9 GiB loaded (context 32768): leaves about 8.6 GiB
+
+
+def big_job(model_gib: float) -> dict[str, Any]:
+    inputs = {**JOB["prompt"]["3"]["inputs"], "ckpt_name": "big.safetensors"}
+    inputs["model_gib"] = model_gib
+    return {"prompt": {"3": {"class_type": "SimJob", "inputs": inputs}}}
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+def test_a_first_job_is_sized_from_the_models_folder(
+    sim: SimHost, tmp_path: Path, mounted: bool
+) -> None:
+    """A checkpoint the gate has never seen run (8 GiB, plus its workspace) next to an idle
+    model that leaves about 8.6 GiB: the 8 GiB default says it fits, and the job runs in
+    low-VRAM mode; with ComfyUI's models folder mounted (VRAM_COMFYUI_MODELS) the gate
+    reads the file's size, unloads the idle model first, and the job runs wholly on the
+    GPU. The benchmark's paged Flux jobs were this case."""
+    folder = tmp_path / "models"
+    (folder / "checkpoints").mkdir(parents=True)
+    with (folder / "checkpoints" / "big.safetensors").open("wb") as f:
+        f.truncate(8 * 1024**3)  # sparse: only its size is read
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{sim.ollama_url}/api/generate", json={"model": MID, "keep_alive": "1h"})
+        assert r.status_code == 200, r.text
+        extra = {"VRAM_COMFYUI_MODELS": str(folder)} if mounted else {}
+        sup, port = start(sim, **extra)
+        try:
+            before = client.get(f"{sim.comfyui_url}/sim/stats").json()["jobs_done"]
+            r = client.post(f"http://127.0.0.1:{port}/prompt", json=big_job(8.0))
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 60
+            while client.get(f"{sim.comfyui_url}/sim/stats").json()["jobs_done"] == before:
+                assert time.monotonic() < deadline, "the image job did not finish"
+                time.sleep(0.05)
+            stats = client.get(f"{sim.comfyui_url}/sim/stats").json()
+            left = names(client, sim)
+        finally:
+            code = stop(sup)
+    assert code == 0, sup.log()
+    if mounted:
+        assert stats["jobs_lowvram"] == 0, sup.log()
+        assert left == [], sup.log()
+        assert "(its files' sizes)" in sup.log()
+    else:  # what the gate did before it read the folder
+        assert stats["jobs_lowvram"] == 1, sup.log()
+        assert left == [MID], sup.log()
+
+
+def test_a_model_whose_request_ends_during_the_wait_is_unloaded_then(sim: SimHost) -> None:
+    """The model serves a generation when the prompt arrives, and the generation ends a
+    second later (well within VRAM_GATE_WAIT, 3 s): the gate looks again, unloads the model
+    once it is idle, and the job runs wholly on the GPU instead of starting paged next to
+    a model that was idle a moment later (the benchmark's Flux jobs queued behind another
+    job met exactly that)."""
+    ollama_gate = free_port()
+    with httpx.Client(timeout=60) as client:
+        load_idle(client, sim)
+        sup, port = start(sim, VRAM_GATE_PORT=str(ollama_gate))
+        streaming = threading.Event()
+        stop_reading = threading.Event()
+
+        def generate() -> None:
+            body = {"model": BIG, "prompt": "a story", "options": {"num_predict": 100000}}
+            url = f"http://127.0.0.1:{ollama_gate}/api/generate"
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                for _chunk in r.iter_bytes():
+                    streaming.set()
+                    if stop_reading.is_set():
+                        return  # the client leaves: the request ends
+
+        reader = threading.Thread(target=generate, daemon=True)
+        reader.start()
+        try:
+            assert streaming.wait(30), sup.log()
+            threading.Timer(1.0, stop_reading.set).start()
+            started = time.monotonic()
+            stats = run_job(client, f"http://127.0.0.1:{port}", sim)
+            took = time.monotonic() - started
+            left = names(client, sim)
+        finally:
+            stop_reading.set()
+            reader.join(10)
+            code = stop(sup)
+    assert code == 0, sup.log()
+    assert f"Gate: not unloading {BIG} for image gate" in sup.log()
+    assert f"Unloaded Ollama model {BIG}" in sup.log()
+    assert stats["jobs_lowvram"] == 0, sup.log()
+    assert left == [], sup.log()
+    assert took < 10

@@ -8,12 +8,24 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from supervisor.gate.comfy import ComfyGate, PromptJob, learned_need, parse_prompt
+from supervisor.gate.comfy import (
+    DEFAULT_JOB_NEED_BYTES,
+    ComfyCounters,
+    ComfyGate,
+    ModelFolder,
+    PromptAdmission,
+    PromptJob,
+    files_need,
+    learned_need,
+    parse_prompt,
+)
 from supervisor.sim import SimHost
 from supervisor.sim.websocket import CLOSE
 from tests.gate.wsclient import WsClient
@@ -299,3 +311,74 @@ def test_the_gate_learns_what_a_job_takes_while_it_runs(host: SimHost) -> None:
     finally:
         g.stop()
     assert [need for need, _ in room.calls] == [int(6 * GIB * 1.15)]
+
+
+def sparse(path: Path, size: int) -> Path:
+    """A model file of `size` bytes that takes no disk (the gate only reads its size)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_a_first_job_is_sized_from_its_files_in_the_models_folder(
+    host: SimHost, tmp_path: Path
+) -> None:
+    """A job never run before whose checkpoint weighs 12 GiB: with 10 GiB of room the
+    8 GiB default would let it go at once (and run in low-VRAM mode next to an idle LLM);
+    sized from the file in the mounted models folder, room is made first."""
+    sparse(tmp_path / "checkpoints" / "sim-6.safetensors", 12 * GIB)
+    room = FakeRoom(free=10 * GIB)
+    room.release.set()
+    g = ComfyGate(upstream_url=host.comfyui_url, room=room, port=0, models_dir=tmp_path)
+    g.start()
+    try:
+        assert httpx.post(f"http://127.0.0.1:{g.port}/prompt", json=job(), timeout=10).is_success
+    finally:
+        g.stop()
+    assert [need for need, _ in room.calls] == [files_need([12 * GIB])]
+    assert files_need([12 * GIB]) > 13 * GIB  # the weights plus a workspace
+
+
+def test_the_models_folder_finds_files_by_type_folder_and_subfolder(tmp_path: Path) -> None:
+    sparse(tmp_path / "checkpoints" / "SDXL" / "base.safetensors", 7 * GIB)
+    sparse(tmp_path / "unet" / "flux.safetensors", 12 * GIB)
+    sparse(tmp_path / "clip" / "flux.safetensors", 5 * GIB)  # same name: the larger counts
+    sparse(tmp_path.parent / "outside.safetensors", GIB)
+    folder = ModelFolder(tmp_path)
+    assert folder.size_of("SDXL/base.safetensors") == 7 * GIB
+    assert folder.size_of("SDXL\\base.safetensors") == 7 * GIB  # Windows-style, as sent
+    assert folder.size_of("flux.safetensors") == 12 * GIB
+    assert folder.size_of("none.safetensors") is None
+    assert folder.size_of("../outside.safetensors") is None
+    assert folder.size_of(str(tmp_path.parent / "outside.safetensors")) is None
+    assert ModelFolder(tmp_path / "missing").size_of("flux.safetensors") is None
+
+
+def test_the_need_prefers_what_was_learned_unless_it_is_below_the_weights(
+    tmp_path: Path,
+) -> None:
+    sparse(tmp_path / "checkpoints" / "a.safetensors", 10 * GIB)
+    admission = PromptAdmission(
+        room=FakeRoom(),
+        executor=ThreadPoolExecutor(1),
+        stats=ComfyCounters(),
+        wait_s=1,
+        models=ModelFolder(tmp_path),
+    )
+    a = PromptJob(("a.safetensors",))
+    assert admission.need_of(a) == (files_need([10 * GIB]), "its files' sizes")
+    admission.learned[a.files] = 12 * GIB
+    assert admission.need_of(a) == (12 * GIB, "learned from its earlier runs")
+    admission.learned[a.files] = 4 * GIB  # the readings missed the job's peak
+    assert admission.need_of(a)[0] == files_need([10 * GIB])
+    # A file not in the folder: no less than the default.
+    both = PromptJob(("a.safetensors", "b.safetensors"))
+    assert admission.need_of(both) == (
+        max(files_need([10 * GIB]), DEFAULT_JOB_NEED_BYTES),
+        "its files' sizes, some not found",
+    )
+    assert admission.need_of(PromptJob(("b.safetensors",))) == (
+        DEFAULT_JOB_NEED_BYTES,
+        "the default",
+    )
