@@ -36,6 +36,12 @@ GIB = 1024**3
 LLAMA_SERVER_SINCE = (0, 30, 0)
 CONTEXT_TIERS_SINCE = (0, 15, 5)
 FIT_TARGET_BYTES = 1024 * MIB
+# Before 0.30 Ollama places a model by its own layer estimate, which keeps some memory free
+# on the GPU and offloads whole layers; how much it keeps is not in the reference
+# (UNVERIFIED), so a load is given the policy's safety margin (policy.guards, 512 MiB) on
+# top of its size: a model that would fit with a few hundred MiB to spare spills a layer
+# otherwise (found by the soak: 17.03 GiB needed, 17.16 GiB free, spilled).
+LAYER_ESTIMATE_HEADROOM_BYTES = 512 * MIB
 TIER_CONTEXTS = ((47 * GIB, 262144), (23 * GIB, 32768))
 FALLBACK_CONTEXT = 4096
 EVICT_ABOVE = 0.8  # Ollama >= 0.30 evicts its own runners only while need > this x free
@@ -103,6 +109,13 @@ class OllamaProfile:
     params: EstimateParams
     fit_target_bytes: int  # what its loads leave free; 0 before 0.30
     notes: tuple[str, ...] = ()  # settings that could not be read, for the log
+
+    @property
+    def load_headroom_bytes(self) -> int:
+        """What a load must find free beyond the model's size for Ollama to place it whole
+        on the GPU: llama-server's fit target (>= 0.30: it fits layers into the free memory
+        less that target), else the head room of Ollama's own layer estimate."""
+        return self.fit_target_bytes if self.is_llama_server else LAYER_ESTIMATE_HEADROOM_BYTES
 
     @property
     def is_version_known(self) -> bool:

@@ -2,8 +2,9 @@
 
 Policy: only the ComfyUI(s) on Ollama's GPU(s) that hold more than their CUDA context
 are freed, soft then hard, until the room covers the need or the deadline passes.
-- The need the gate asks for includes the fit target of the gate's Ollama (llama-server
-  keeps 1 GiB free when it places layers, Ollama >= 0.30).
+- The need the gate asks for includes what the gate's Ollama keeps free when it places a
+  model (`OllamaProfile.load_headroom_bytes`: llama-server's fit target, 1 GiB, Ollama
+  >= 0.30; before 0.30 the head room of its own layer estimate).
 - The room for a new model: free VRAM, plus the VRAM of those of Ollama's resident models
   that Ollama's own rule evicts for this load (ollama_profile.evictable_bytes): before
   0.30 all of them (a further model must fit fully, api-facts 1.8); from 0.30 only while
@@ -76,7 +77,7 @@ class ComfyRoomMaker:
         return None
 
     def room_for(self, need_bytes: int) -> int | None:
-        """The room for a load of `need_bytes` (fit target included; see the module's
+        """The room for a load of `need_bytes` (head room included; see the module's
         policy): free VRAM on Ollama's GPU, plus what Ollama's own rule would evict.
         None: unknown."""
         targets = self._actor.targets()
@@ -86,7 +87,7 @@ class ComfyRoomMaker:
         if free is None:
             return None
         profile = self.load_profile() or ollama_profile(None)
-        load = max(need_bytes - profile.fit_target_bytes, 0)
+        load = max(need_bytes - profile.load_headroom_bytes, 0)
         return free + evictable_bytes(profile, load, free, _residents(targets))
 
     def _covers(self, need_bytes: int) -> bool:

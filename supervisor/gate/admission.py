@@ -4,12 +4,13 @@ Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at tha
 (api-facts §1.8), so freeing ComfyUI after the load is too late. Policy:
 - A load request for a model not in Ollama's /api/ps is held: estimate the VRAM it needs
   (estimate.py, with the assumptions of the Ollama in use: `RoomMaker.load_profile`, e.g.
-  its default context by VRAM tier), add its fit target (llama-server keeps 1 GiB free),
-  ask the RoomMaker for that unless the room already covers it (free VRAM, plus those of
-  Ollama's resident models its own rule evicts for this load: `RoomMaker.room_for`),
-  then forward. The
-  RoomMaker gets `wait_s` seconds; after that the request goes on anyway,
-  with the log line "Gate: forwarding <model> without enough free VRAM after <s> s".
+  its default context by VRAM tier), add what its loads keep free
+  (`OllamaProfile.load_headroom_bytes`: llama-server's 1 GiB fit target; before 0.30 the
+  head room of Ollama's own layer estimate), ask the RoomMaker for that unless the room
+  already covers it (free VRAM, plus those of Ollama's resident models its own rule evicts
+  for this load: `RoomMaker.room_for`), then forward. The RoomMaker gets `wait_s`
+  seconds; after that the request goes on anyway, with the log line
+  "Gate: forwarding <model> without enough free VRAM after <s> s".
   Nothing is ever refused or changed; without an estimate (model not installed, Ollama
   silent) the request goes on at once and Ollama answers it.
 - Held loads go one at a time (Ollama loads one at a time anyway), and the next one waits
@@ -199,7 +200,9 @@ class Admission:
         model = load.model
         profile = await self._call_or_none(self._room.load_profile)
         params = profile.params if profile is not None else self._params
-        fit_target = profile.fit_target_bytes if profile is not None else 0
+        # llama-server's fit target, or the head room of an older Ollama's layer estimate.
+        headroom = profile.load_headroom_bytes if profile is not None else 0
+        what_room = "fit target" if profile is not None and profile.is_llama_server else "head room"
         estimate = await self._estimate(load, key, params)
         if estimate is None:
             log.info(
@@ -208,8 +211,8 @@ class Admission:
             )
             return
         # Free VRAM, plus Ollama's resident models where it evicts them itself.
-        need = estimate.need_bytes + fit_target
-        fit = f" + fit target {_gib(fit_target)}" if fit_target else ""
+        need = estimate.need_bytes + headroom
+        fit = f" + {what_room} {_gib(headroom)}" if headroom else ""
         room = await self._call_or_none(self._room.room_for, need)
         if room is not None and room >= need:
             log.info(

@@ -16,6 +16,11 @@ from loguru import logger
 from supervisor.estimate import EstimateParams, estimate_need
 from supervisor.gate import admission
 from supervisor.gate.stats import Counters
+from supervisor.ollama_profile import (
+    FIT_TARGET_BYTES,
+    LAYER_ESTIMATE_HEADROOM_BYTES,
+    ollama_profile,
+)
 from tests.gate.fakes import GIB, MIB, Env, FakeOllamaApi, Timeline, Upstream, make_env
 
 
@@ -409,3 +414,37 @@ def test_admission_ages_its_notices_on_the_clock_it_is_given() -> None:
             return seen
 
     assert asyncio.run(check()) == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("version", "headroom"),
+    [
+        ("0.12.6", LAYER_ESTIMATE_HEADROOM_BYTES),  # Ollama's own layer estimate
+        ("0.33.0", FIT_TARGET_BYTES),  # llama-server's fit target
+    ],
+)
+def test_room_that_covers_only_the_bare_estimate_is_not_enough(
+    env: Env, version: str, headroom: int
+) -> None:
+    """Found by the soak: the gate saw "needs about 17.03 GiB; room 17.16 GiB" for an
+    Ollama 0.12 and forwarded at once, ComfyUI idle with 6.5 GiB; Ollama's placement keeps
+    memory free and offloads whole layers, so the model spilled a layer to the CPU. The
+    room must cover what Ollama keeps free as well, or ComfyUI is freed first."""
+    profile = ollama_profile(version, {}, 24 * GIB)
+    env.room.profile = profile
+    facts = FakeOllamaApi(env.upstream).show("llama3.2")
+    bare = estimate_need(
+        weights_bytes=2 * GIB, facts=facts, request_num_ctx=None, seen=None, params=profile.params
+    )
+    assert bare is not None
+    env.room.free = bare.need_bytes + 128 * MIB  # the model itself fits, with little to spare
+
+    assert _generate(env, "llama3.2").status_code == 200
+
+    [call] = env.room.calls
+    assert call.need_bytes == bare.need_bytes + headroom
+    env.upstream.resident.clear()
+    env.room.calls.clear()
+    env.room.free = bare.need_bytes + headroom  # now there is room: nothing to free
+    assert _generate(env, "llama3.2").status_code == 200
+    assert env.room.calls == []

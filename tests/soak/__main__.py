@@ -73,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="--docker: other faults wait for a running event burst to end",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="the supervisor logs at DEBUG (VRAM_DEBUG=true) into the kept log",
+    )
     args = parser.parse_args(args_list)
     if not 0 < args.time_scale <= 1:
         parser.error("--time-scale must be in (0, 1]")
@@ -108,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 fault_gap_s=args.fault_gap,
                 workdir=Path(work),
+                debug=args.debug,
                 progress=lambda line: print(line, flush=True),
             )
     fig = evaluate(run)

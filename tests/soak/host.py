@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from supervisor.sim import Catalog
 from supervisor.sim.comfyui import FakeComfyUI
@@ -27,6 +30,34 @@ OUTSIDER = "outsider:cuda-app"
 NVML_FAULT_ENV = "SIM_NVML_FAULT"
 
 
+@dataclass
+class Placement:
+    """One Ollama load's placement, as the fake Ollama made it: what it needed, what the
+    GPU granted, and who held the rest of the GPU at that moment (owner -> bytes, the new
+    runner left out) and whether ComfyUI was running or holding a job then."""
+
+    t: float  # monotonic
+    model: str
+    need: int
+    granted: int
+    holders: dict[str, int]
+    comfy_jobs: int  # running + pending in ComfyUI at that moment (-1: ComfyUI down)
+
+    @property
+    def spilled(self) -> bool:
+        return self.granted < self.need
+
+    def to_json(self, sim: Any) -> dict[str, Any]:
+        return {
+            "sim_s": round(sim(self.t), 1),
+            "model": self.model,
+            "need_gib": round(self.need / GIB, 2),
+            "granted_gib": round(self.granted / GIB, 2),
+            "holders_gib": {k: round(v / GIB, 2) for k, v in self.holders.items()},
+            "comfy_jobs": self.comfy_jobs,
+        }
+
+
 class SoakHost:
     def __init__(self, workdir: Path, *, catalog: Catalog, time_scale: float, gpu_gib: float):
         self.workdir = workdir
@@ -40,6 +71,7 @@ class SoakHost:
         self.gpu: SimGpu = open_gpu(self.state, int(gpu_gib * GIB))
         self.libdir = build_fake_nvml(workdir / "nvml").parent
         self._lock = threading.Lock()
+        self.placements: list[Placement] = []
         self.ollama: FakeOllama | None = None
         self.comfy: FakeComfyUI | None = None
         self._ollama_server: SimServer | None = None
@@ -55,7 +87,29 @@ class SoakHost:
 
     def _start_ollama(self) -> None:
         self.ollama = FakeOllama(self.gpu, self.catalog, OllamaConfig(time_scale=self.scale))
+        self._record_placements(self.ollama)
         self._ollama_server = self.ollama.serve("127.0.0.1", 0)
+
+    def _record_placements(self, ollama: FakeOllama) -> None:
+        """Every placement the fake Ollama makes lands in `placements`, with who held the
+        GPU then: a spilled load is told apart by what took its room."""
+        sched = ollama.sched
+        place = sched._place
+
+        def recording(spec: Any, ctx: int, num_gpu: int | None, owner: str, pid: int) -> Any:
+            need, granted = place(spec, ctx, num_gpu, owner, pid)
+            holders: dict[str, int] = {}
+            for alloc in self.gpu.snapshot().allocations:
+                if alloc.owner != owner:
+                    holders[alloc.owner] = holders.get(alloc.owner, 0) + alloc.bytes
+            comfy = self.comfy
+            jobs = comfy.engine.remaining() if comfy is not None else -1
+            self.placements.append(
+                Placement(time.monotonic(), spec.name, need, granted or 0, holders, jobs)
+            )
+            return need, granted
+
+        setattr(sched, "_place", recording)  # noqa: B010 (an instance's method, wrapped)
 
     def _start_comfy(self) -> None:
         self.comfy = FakeComfyUI(self.gpu, self.catalog, ComfyConfig(time_scale=self.scale))

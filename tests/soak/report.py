@@ -15,6 +15,7 @@ from tests.soak.faults import (
     OLLAMA_DOWN_KINDS,
     Fault,
 )
+from tests.soak.host import Placement
 from tests.soak.run import (
     GRACE_REAL_S,
     RSS_GROWTH_LIMIT,
@@ -26,6 +27,7 @@ from tests.soak.run import (
 )
 
 MIB = 1024 * 1024
+COMFY_CTX = "comfyui:context"  # the fake ComfyUI's CUDA context on the simulated GPU
 DOCKER_POOL_BOUND = 2 * 25 + 1  # docker.constants.DEFAULT_NUM_POOLS per client, the events
 
 
@@ -69,6 +71,105 @@ def _max_per_window(times: Sequence[float], width: float) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
+
+
+# Why a load spilled to the CPU.
+DURING_FAULT = "during a fault"
+COMFY_BUSY = "ComfyUI busy"
+MISSED_FREE = "missed free"
+NOT_COMFY = "room not ComfyUI's"
+SPILL_CAUSES = (DURING_FAULT, COMFY_BUSY, MISSED_FREE, NOT_COMFY)
+# Simulated seconds before a placement in which a fault or a busy ComfyUI in the
+# supervisor's log count for it: the gate's wait (VRAM_GATE_WAIT, 30 s) and Ollama's own
+# evictions before it places the model (up to 5 s each).
+SPILL_LEAD_S = 60.0
+# What an idle ComfyUI must hold beyond its CUDA context for a free to be worth it (the
+# supervisor's MIN_RECLAIMABLE_BYTES).
+COMFY_RECLAIMABLE_BYTES = 256 * MIB
+
+
+def decision_time(
+    model: str, log: Sequence[tuple[float, str]], at: float, lead: float
+) -> float | None:
+    """When the supervisor last decided about a load of `model` before `at` (within `lead`):
+    the gate judged its room or made room for it, or a heal freed ComfyUI for it or
+    reloaded it. None: no such line."""
+    marks = (
+        f"Gate: {model} needs",
+        f"Gate: making room for {model}",
+        f"(heal {model})",
+        f"Heal of Ollama model {model}",
+    )
+    found = None
+    for t, message in log:
+        if at - lead <= t <= at and any(m in message for m in marks):
+            found = t
+    return found
+
+
+def classify_spill(
+    p: Placement,
+    fault_windows: Sequence[tuple[float, float]],
+    busy_times: Sequence[float],
+    lead: float,
+    image_times: Sequence[float] = (),
+    decided_at: float | None = None,
+) -> str:
+    """Why the load placed at `p` spilled (monotonic times; `lead` in real seconds):
+    - DURING_FAULT: a fault was on within `lead` before it (with its grace);
+    - COMFY_BUSY: ComfyUI had a job running or queued when Ollama placed the model, or
+      the supervisor logged a busy ComfyUI within `lead` before it (under
+      VRAM_PRIORITY=balanced a job is never interrupted), or an image job was handed to
+      ComfyUI after the supervisor's decision about this load (`decided_at`: the gate's
+      judgement of the room, a heal's free) and before the placement: it took the room
+      back (the soak sends image jobs straight to ComfyUI, past any gate);
+    - MISSED_FREE: ComfyUI was idle and held, beyond its CUDA context, enough that freeing
+      it would have let the model fit: a free the supervisor should have sent;
+    - NOT_COMFY: the room was held by others (Ollama's own unloaded memory still coming
+      back, another process); freeing ComfyUI would not have been enough."""
+    if _overlaps(p.t - lead, p.t, fault_windows):
+        return DURING_FAULT
+    if p.comfy_jobs > 0 or any(p.t - lead <= t <= p.t for t in busy_times):
+        return COMFY_BUSY
+    if decided_at is not None and any(decided_at <= t <= p.t for t in image_times):
+        return COMFY_BUSY
+    comfy = sum(
+        n for owner, n in p.holders.items() if owner.startswith("comfyui:") and owner != COMFY_CTX
+    )
+    if comfy >= COMFY_RECLAIMABLE_BYTES and p.granted + comfy >= p.need:
+        return MISSED_FREE
+    return NOT_COMFY
+
+
+def describe_spill(p: Placement, sim_s: float) -> str:
+    holders = ", ".join(f"{o} {n / 2**30:.2f} GiB" for o, n in sorted(p.holders.items()))
+    return (
+        f"{p.model} at {sim_s:.0f} s: {p.need / 2**30:.2f} GiB needed, "
+        f"{p.granted / 2**30:.2f} GiB on the GPU; held: {holders or 'nothing'}"
+    )
+
+
+def spill_windows(
+    samples: Sequence[Sample],
+    fault_windows: Sequence[tuple[float, float]],
+    busy_times: Sequence[float],
+) -> dict[str, int]:
+    """Without placements (the Docker-backed form: the fakes run in containers), partial
+    loads counted per sample window: a window near a fault counts as DURING_FAULT, one with
+    ComfyUI busy (or given a job) around it as COMFY_BUSY, the rest as MISSED_FREE."""
+    counts = dict.fromkeys(SPILL_CAUSES, 0)
+    for prev, cur in itertools.pairwise(samples):
+        partial = (cur.loads - prev.loads) - (cur.loads_full - prev.loads_full)
+        if partial <= 0:
+            continue
+        span = cur.t - prev.t
+        if _overlaps(prev.t - span, cur.t, fault_windows):
+            counts[DURING_FAULT] += partial
+        elif any(prev.t - span <= t <= cur.t + span for t in busy_times):
+            counts[COMFY_BUSY] += partial
+        else:
+            counts[MISSED_FREE] += partial
+    return counts
 
 
 def _target_or_fact(fig: Figures, run: SoakRun, target: Target) -> None:
@@ -275,47 +376,66 @@ def evaluate(run: SoakRun) -> Figures:
     for c in (lost + failed_up + by_ollama_up)[:5]:
         fig.errors.append(f"chat at {run.sim(c.start):.0f} s: {c.outcome} {c.status} {c.detail}")
 
-    # Frees that were needed and never sent: client loads that spilled while nothing was
-    # broken, ComfyUI was given no job around the load (image jobs go straight to ComfyUI
-    # in the soak; one that starts between the gate's free and Ollama's load takes the
-    # room, and under VRAM_PRIORITY=balanced a job is never interrupted), and the gate did
-    # not say it waited for a busy ComfyUI.
+    # Frees that were needed and never sent. In the fixed-URL form every load's placement
+    # is recorded with who held the GPU then (host.Placement), and each spilled load is
+    # judged by that; the Docker-backed form judges by sample windows (spill_windows).
     busy_times = [
         t
         for t, e in run.log
         if "still has work at the deadline" in str(e.get("message", ""))
         or "Gate: waiting for ComfyUI" in str(e.get("message", ""))
-    ] + list(run.image_times)
-    spilled_clean = spilled_busy = spilled_faults = 0
+    ]
     samples = run.samples
-    for prev, cur in itertools.pairwise(samples):
-        partial = (cur.loads - prev.loads) - (cur.loads_full - prev.loads_full)
-        if partial <= 0:
-            continue
-        span = cur.t - prev.t
-        if _overlaps(prev.t - span, cur.t, any_fault):
-            spilled_faults += partial
-        elif any(prev.t - span <= t <= cur.t + span for t in busy_times):
-            spilled_busy += partial
-        else:
-            spilled_clean += partial
+    if run.placements:
+        # The loop's "not freeing ...: ComfyUI has work (1 running, ...)" as well.
+        busy_times += [t for t, e in run.log if " has work (" in str(e.get("message", ""))]
+        spills = [p for p in run.placements if p.spilled]
+        lead = SPILL_LEAD_S * scale
+        messages = [(t, str(e.get("message", ""))) for t, e in run.log]
+        causes = [
+            classify_spill(
+                p,
+                any_fault,
+                busy_times,
+                lead,
+                run.image_times,
+                decision_time(p.model, messages, p.t, lead),
+            )
+            for p in spills
+        ]
+        counts = {c: causes.count(c) for c in SPILL_CAUSES}
+        for p, cause in zip(spills, causes, strict=True):
+            if cause == MISSED_FREE and len(fig.errors) < 10:
+                fig.errors.append(f"missed free: {describe_spill(p, run.sim(p.t))}")
+        fig.facts.append(
+            (
+                "Ollama loads placed fully on the GPU; spilled during faults / while ComfyUI "
+                "had or had just been given a job / with the room held by other than an idle "
+                "ComfyUI (Ollama's own memory coming back, another process)",
+                f"{len(run.placements) - len(spills)}/{len(run.placements)}; "
+                f"{counts[DURING_FAULT]} / {counts[COMFY_BUSY]} / {counts[NOT_COMFY]}",
+            )
+        )
+    else:
+        counts = spill_windows(samples, any_fault, busy_times + list(run.image_times))
+        total_loads = samples[-1].loads if samples else 0
+        total_full = samples[-1].loads_full if samples else 0
+        fig.facts.append(
+            (
+                "Ollama loads fully on GPU; spilled during faults / while ComfyUI ran a job",
+                f"{total_full}/{total_loads}; {counts[DURING_FAULT]} / {counts[COMFY_BUSY]}",
+            )
+        )
     _target_or_fact(
         fig,
         run,
         Target(
-            "frees needed and never sent (loads spilled with nothing broken, ComfyUI idle)",
-            str(spilled_clean),
+            "frees needed and never sent (loads spilled with nothing broken, ComfyUI idle "
+            "and holding the room)",
+            str(counts[MISSED_FREE]),
             "0",
-            spilled_clean == 0,
+            counts[MISSED_FREE] == 0,
         ),
-    )
-    total_loads = samples[-1].loads if samples else 0
-    total_full = samples[-1].loads_full if samples else 0
-    fig.facts.append(
-        (
-            "Ollama loads fully on GPU; spilled during faults / while ComfyUI ran a job",
-            f"{total_full}/{total_loads}; {spilled_faults} / {spilled_busy}",
-        )
     )
 
     # Heals that never converged: a model spilled for longer than SPILL_LIMIT_S of

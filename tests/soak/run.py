@@ -115,6 +115,10 @@ class SoakRun:
     # Why the daemon restarts were left out ("" when they ran, or in the fixed-URL form).
     daemon_restart_note: str = ""
     notes: list[str] = field(default_factory=list)  # what the report should mention
+    # Every Ollama load's placement with who held the GPU then (host.Placement; the
+    # fixed-URL form, where the fakes run in this process).
+    placements: list[Any] = field(default_factory=list)
+    debug: bool = False  # the supervisor logs at DEBUG (VRAM_DEBUG=true)
 
     def sim(self, t: float) -> float:
         """A monotonic time as simulated seconds of the schedule since the start."""
@@ -150,6 +154,7 @@ def start_supervisor(
         VRAM_GATE_HOST="127.0.0.1",
         SOAK_TIME_SCALE=f"{run.time_scale:g}",
         SOAK_CLOCK_FILE=str(clock_file),
+        **({"VRAM_DEBUG": "true"} if run.debug else {}),
         **run.settings,
         **host.nvml_env(),
     )
@@ -411,12 +416,13 @@ def run_soak(
     seed: int,
     fault_gap_s: float,
     workdir: Path,
+    debug: bool = False,
     sample_s: float = 60.0,
     checkpoints: tuple[tuple[str, float], ...] = CHECKPOINTS,
     progress: Callable[[str], None] = print,
 ) -> SoakRun:
     duration_s = hours * 3600
-    run = SoakRun(hours, time_scale, rate, seed, fault_gap_s)
+    run = SoakRun(hours, time_scale, rate, seed, fault_gap_s, debug=debug)
     run.settings = supervisor_settings(time_scale)
     run.faults = make_faults(seed, duration_s, fault_gap_s)
     clock_file = workdir / "clock-offset"
@@ -492,6 +498,7 @@ def soak_on(
             name: [(m.at, m.kind) for m in host.proxy(name).stats.mutations]
             for name in ("ollama", "comfyui")
         }
+        run.placements = list(getattr(host, "placements", []))
 
         # Bounded: with many chats still queued (a host past its capacity), closing the
         # clients' pool and the fakes can take long; the figures are in already.
@@ -694,5 +701,7 @@ def save_raw(run: SoakRun, path: Path) -> None:
         ],
         "metrics": run.metrics,
         "supervisor_exits": run.supervisor_exits,
+        "spilled_loads": [p.to_json(run.sim) for p in run.placements if p.spilled],
+        "image_jobs": [round(run.sim(t), 1) for t in run.image_times],
     }
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")

@@ -24,8 +24,20 @@ import pytest
 
 from tests.soak.docker_soak import make_docker_faults
 from tests.soak.faults import DAEMON_RESTART_NOT_RUN, FOUND_LIMIT_S, KINDS, Fault, make_faults
+from tests.soak.host import Placement
 from tests.soak.proxy import FaultProxy, ProxyLoop
-from tests.soak.report import _max_per_window, evaluate, markdown, svg_chart
+from tests.soak.report import (
+    COMFY_BUSY,
+    DURING_FAULT,
+    MISSED_FREE,
+    NOT_COMFY,
+    _max_per_window,
+    classify_spill,
+    decision_time,
+    evaluate,
+    markdown,
+    svg_chart,
+)
 from tests.soak.run import SoakRun, run_soak
 
 
@@ -89,6 +101,72 @@ def test_the_storm_window_counts_the_busiest_minute() -> None:
     assert _max_per_window([], 60) == 0
     assert _max_per_window([0, 10, 20, 100, 110, 119, 120, 125], 60) == 5
     assert _max_per_window([0, 61, 122], 60) == 1
+
+
+GIB = 1024**3
+CTX = {"comfyui:context": int(0.38 * GIB)}
+SDXL = {**CTX, "comfyui:model:sd_xl_base_1.0.safetensors": int(6.46 * GIB)}
+
+
+@pytest.mark.parametrize(
+    ("holders", "granted_gib", "jobs", "busy_at", "cause"),
+    [
+        # The soak's case: gemma2:27b, 17.03 GiB, got 16.66 GiB beside an idle ComfyUI
+        # holding SDXL: freeing ComfyUI would have let it fit. The supervisor's miss.
+        (SDXL, 16.66, 0, None, MISSED_FREE),
+        # The same while ComfyUI runs or queues a job: balanced never interrupts one.
+        (SDXL, 16.66, 1, None, COMFY_BUSY),
+        # ComfyUI idle at the placement, but the gate logged waiting for it just before.
+        (SDXL, 16.66, 0, 99.0, COMFY_BUSY),
+        # ... long before: it does not count for this load.
+        (SDXL, 16.66, 0, 90.0, MISSED_FREE),
+        # ComfyUI holds only its CUDA context: the room was another's (not a missed free).
+        ({**CTX, "ollama:llama3.1:8b": 6 * GIB}, 16.66, 0, None, NOT_COMFY),
+        # ComfyUI holds a little, far less than the shortfall: freeing it would not do.
+        (
+            {**CTX, "comfyui:model:v1-5.safetensors": 2 * GIB, "outsider:cuda-app": 8 * GIB},
+            8.0,
+            0,
+            None,
+            NOT_COMFY,
+        ),
+    ],
+)
+def test_a_spilled_load_is_judged_by_who_held_the_gpu(
+    holders: dict[str, int], granted_gib: float, jobs: int, busy_at: float | None, cause: str
+) -> None:
+    p = Placement(100.0, "gemma2:27b", int(17.03 * GIB), int(granted_gib * GIB), holders, jobs)
+    assert p.spilled
+    busy = [] if busy_at is None else [busy_at]
+    assert classify_spill(p, [], busy, lead=1.2) == cause
+
+
+def test_an_image_job_between_the_decision_and_the_load_took_the_room() -> None:
+    """The gate judged the room (or a heal freed ComfyUI) and ComfyUI got an image job
+    before Ollama placed the model: the job loaded its checkpoint into that room. The soak
+    sends image jobs straight to ComfyUI, past any gate: not the supervisor's miss. A job
+    handed over before the decision was seen by it, and counts for nothing."""
+    p = Placement(100.0, "gemma2:27b", int(17.03 * GIB), int(16.66 * GIB), SDXL, 0)
+    log = [
+        (95.0, "Gate: qwen2.5:14b needs about 9.66 GiB; room 23.62 GiB"),
+        (99.0, "Gate: gemma2:27b needs about 17.03 GiB + head room 0.50 GiB; room 23.62 GiB"),
+        (99.6, "ComfyUI comfyui is idle but kept its VRAM after the soft free"),
+    ]
+    decided = decision_time("gemma2:27b", log, p.t, lead=1.2)
+    assert decided == 99.0
+    assert classify_spill(p, [], [], 1.2, [99.5], decided) == COMFY_BUSY
+    assert classify_spill(p, [], [], 1.2, [98.5], decided) == MISSED_FREE
+    assert decision_time("gemma2:27b", log, 101.0 + 1.2, lead=1.2) is None  # too long ago
+    # No decision found (a load the gate took for resident): no image job excuses it.
+    assert classify_spill(p, [], [], 1.2, [99.5], None) == MISSED_FREE
+
+
+def test_a_spill_near_a_fault_is_the_fault_s() -> None:
+    p = Placement(100.0, "gemma2:27b", int(17.03 * GIB), int(16.66 * GIB), SDXL, 0)
+    assert classify_spill(p, [(50.0, 99.5)], [], lead=1.2) == DURING_FAULT  # just ended
+    assert classify_spill(p, [(99.9, 120.0)], [], lead=1.2) == DURING_FAULT  # under way
+    assert classify_spill(p, [(50.0, 98.0)], [], lead=1.2) == MISSED_FREE  # long over
+    assert classify_spill(p, [(100.5, 120.0)], [], lead=1.2) == MISSED_FREE  # came after
 
 
 class _Echo(BaseHTTPRequestHandler):

@@ -8,6 +8,7 @@ import pytest
 from supervisor.estimate import estimate_need
 from supervisor.ollama_profile import (
     FIT_TARGET_BYTES,
+    LAYER_ESTIMATE_HEADROOM_BYTES,
     Resident,
     env_subset,
     evictable_bytes,
@@ -35,6 +36,26 @@ MIB = 1024**2
 )
 def test_parse_version(text: str | None, expected: tuple[int, int, int] | None) -> None:
     assert parse_version(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("version", "env", "headroom"),
+    [
+        ("0.33.0", {}, FIT_TARGET_BYTES),  # llama-server keeps its fit target free
+        ("0.33.0", {"LLAMA_ARG_FIT_TARGET": "2048"}, 2 * GIB),
+        ("0.33.0", {"LLAMA_ARG_FIT_TARGET": "0"}, 0),  # told to keep nothing: exact
+        (None, {}, FIT_TARGET_BYTES),  # unknown: llama-server's rules
+        # Before 0.30 no fit target, but Ollama's own layer estimate keeps memory free and
+        # offloads whole layers: a load that fits to the byte spills (found by the soak).
+        ("0.29.9", {}, LAYER_ESTIMATE_HEADROOM_BYTES),
+        ("0.12.6", {}, LAYER_ESTIMATE_HEADROOM_BYTES),
+        ("0.12.6", {"LLAMA_ARG_FIT_TARGET": "2048"}, LAYER_ESTIMATE_HEADROOM_BYTES),
+    ],
+)
+def test_load_headroom_is_what_a_load_keeps_free(
+    version: str | None, env: dict[str, str], headroom: int
+) -> None:
+    assert ollama_profile(version, env, 24 * GIB).load_headroom_bytes == headroom
 
 
 @pytest.mark.parametrize(
