@@ -172,7 +172,9 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
         return Outcome(action, start, ok=False, detail="Ollama is not running or not known")
     spec, ollama = target
     profile = targets.ollama_profiles.get(action.target)
-    fit_target = profile.fit_target_bytes if profile is not None else 0  # kept free by it
+    # What its load keeps free beyond the model (llama-server's fit target from 0.30, the
+    # head room of its own layer estimate before), as the gate counts it.
+    fit_target = profile.load_headroom_bytes if profile is not None else 0
     if actor.settings.dry_run:
         return actor.dry(
             action,

@@ -33,6 +33,7 @@ from supervisor.units import format_bytes
 from tests.daemon.conftest import World, has
 from tests.daemon.fakes import (
     GIB,
+    MIB,
     WALL_EPOCH,
     FakeClock,
     FakeComfy,
@@ -512,6 +513,18 @@ def test_heal_is_refused_when_the_model_cannot_fit(world: World) -> None:
     outcome = actor.execute(HealOllama(OLLAMA, "big:latest", "spilled", ()))
     assert not outcome.ok and "not enough room" in outcome.detail
     assert world.ollama.unload_calls == []  # nothing was torn down for nothing
+
+
+def test_heal_counts_the_head_room_of_an_ollama_before_0_30(world: World) -> None:
+    """Ollama 0.12 keeps memory free when it places a model (its layer estimate): with
+    only 256 MiB beyond the model's size the reload would spill again, so the heal is
+    refused before anything is torn down (the gate counts the same head room)."""
+    size = world.gpu.free_bytes - 256 * MIB
+    world.ollama.load("m:latest", size_bytes=size)
+    actor, _ = make_actor(world, ollama_version="0.12.6")
+    outcome = actor.execute(HealOllama(OLLAMA, "m:latest", "spilled", ()))
+    assert not outcome.ok and "not enough room" in outcome.detail
+    assert world.ollama.unload_calls == []
 
 
 def test_room_maker_frees_until_the_need_is_covered(world: World) -> None:
