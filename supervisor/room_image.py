@@ -37,6 +37,7 @@ from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
 
 BUSY_POLL_S = 0.25  # how often a model serving a request is looked at again
+REFUSED_RETRY_S = 2.0  # a model the actor refused to unload is asked again after this
 
 
 class OllamaRoomMaker:
@@ -104,16 +105,22 @@ class OllamaRoomMaker:
         deadline: the job would start paged next to a model that is idle a moment later
         (a chat ends in seconds, and a prompt queued behind a running job starts later)."""
         end = self._clock() + deadline_s
-        said: set[str] = set()  # models already logged as serving a request
+        said: set[str] = set()  # what was already logged (models serving a request ...)
+        refused: dict[str, float] = {}  # "key|model" -> when the actor last refused it
         while True:
-            done, is_blocked = self._make_room_once(need_bytes, reason, end, said)
+            done, is_blocked = self._make_room_once(need_bytes, reason, end, said, refused)
             if done or not is_blocked or self._clock() >= end:
                 return done
             if not self._actor.wait(min(BUSY_POLL_S, max(0.0, end - self._clock()))):
                 return False
 
     def _make_room_once(
-        self, need_bytes: int, reason: str, end: float, said: set[str]
+        self,
+        need_bytes: int,
+        reason: str,
+        end: float,
+        said: set[str],
+        refused: dict[str, float],
     ) -> tuple[bool, bool]:
         """One pass over the models: (whether the room covers the need now, whether a
         model serving a request held some of the room)."""
@@ -137,10 +144,12 @@ class OllamaRoomMaker:
             if comfy is None or not settings.outranks(target[0], comfy[0])
         }
         if targets.ollamas and not yielding:
-            logger.info(
-                f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY="
-                f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
-            )
+            if "|priority" not in said:  # once per make_room, not once per look
+                said.add("|priority")
+                logger.info(
+                    f"Gate: not unloading Ollama models for {reason}: VRAM_PRIORITY="
+                    f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
+                )
             if not others:
                 return False, False
         for key, (spec, ollama) in yielding.items():
@@ -204,6 +213,9 @@ class OllamaRoomMaker:
                 if x.is_loading or x.busy is True:
                     is_blocked = True  # serving (or loading for) a request
                     continue
+                last = refused.get(f"{key}|{x.name}")
+                if last is not None and self._clock() - last < REFUSED_RETRY_S:
+                    continue  # the actor refused it a moment ago (busy, or busy unknown)
                 left = end - self._clock()
                 if left <= 0 or not self._actor.lock.acquire(timeout=left):
                     return False, False
@@ -215,6 +227,8 @@ class OllamaRoomMaker:
                 finally:
                     self._actor.lock.release()
                 self._on_outcome(outcome)
+                if not outcome.ok:  # asked again after REFUSED_RETRY_S, not on every look
+                    refused[f"{key}|{x.name}"] = self._clock()
                 if outcome.dry_run:
                     return False, False
                 if self._covers(need_bytes):

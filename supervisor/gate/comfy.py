@@ -237,7 +237,10 @@ class PromptAdmission:
             if len(sizes) < len(found):
                 missing = [n for n, size in zip(job.files, found, strict=True) if size is None]
                 log.debug(f"Gate: not in the models folder: {', '.join(missing)[:200]}")
-        if learned is not None and learned >= sum(sizes):
+        # A learned need below its largest file (the weights the job must hold) came from
+        # a run that was squeezed; one below the sum need not be (text encoders leave the
+        # GPU after encoding, weights may run in a smaller type).
+        if learned is not None and learned >= max(sizes, default=0):
             return learned, "learned from its earlier runs"
         if sizes:
             need = files_need(sizes)

@@ -35,6 +35,7 @@ VRAM_GATE_HOST. Policy:
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -104,6 +105,7 @@ class ServerGate(Proxy):
         self._in_flight: InFlight[tuple[str, str]] = InFlight()
         # server key -> (at, the models it serves): routing (executor threads)
         self._lists: dict[str, tuple[float, frozenset[str]]] = {}
+        self._list_reads: dict[str, threading.Lock] = {}  # one reader per server
         self._one_at_a_time: asyncio.Lock | None = None
 
     def stats(self) -> Any:
@@ -184,6 +186,8 @@ class ServerGate(Proxy):
 
     def _owner(self, servers: tuple[Server, ...], model: str) -> Server:
         """The first server that lists `model` among those it serves; else the first."""
+        for gone in set(self._lists) - {key for key, _, _ in servers}:
+            self._lists.pop(gone, None)
         for server in servers:
             if model in self._serves(server):
                 return server
@@ -191,18 +195,27 @@ class ServerGate(Proxy):
         return servers[0]
 
     def _serves(self, server: Server) -> frozenset[str]:
+        """What `server` lists, read at most once per MODELS_TTL_S and by one request at a
+        time (the others use what is known: a server that hangs holds one thread, not
+        all). A failed read keeps the last good list (a llama-server loading its model
+        answers 503 meanwhile: its model is still its own)."""
         key, _, api = server
-        now = self._clock()
         cached = self._lists.get(key)
-        if cached is not None and now - cached[0] < MODELS_TTL_S:
+        if cached is not None and self._clock() - cached[0] < MODELS_TTL_S:
             return cached[1]
+        reading = self._list_reads.setdefault(key, threading.Lock())
+        if not reading.acquire(blocking=False):
+            return cached[1] if cached is not None else frozenset()
         try:
-            names = frozenset(api.models())
-        except ServiceError as exc:
-            log.debug(f"Gate: cannot list the models of {key}: {exc}")
-            names = frozenset()
-        self._lists[key] = (now, names)
-        return names
+            try:
+                names = frozenset(api.models())
+            except ServiceError as exc:
+                log.debug(f"Gate: cannot list the models of {key}: {exc}")
+                names = cached[1] if cached is not None else frozenset()
+            self._lists[key] = (self._clock(), names)  # after the read: it may be slow
+            return names
+        finally:
+            reading.release()
 
     def _loaded(
         self, key: str, api: ModelServerApi, fresh: bool = False

@@ -372,6 +372,14 @@ def test_the_need_prefers_what_was_learned_unless_it_is_below_the_weights(
     assert admission.need_of(a) == (12 * GIB, "learned from its earlier runs")
     admission.learned[a.files] = 4 * GIB  # the readings missed the job's peak
     assert admission.need_of(a)[0] == files_need([10 * GIB])
+    # Several files: a run that needed less than their sum (a text encoder leaves the GPU
+    # after encoding) is believed, as long as it held at least the largest of them.
+    sparse(tmp_path / "clip" / "t5.safetensors", 9 * GIB)
+    flux = PromptJob(("a.safetensors", "t5.safetensors"))
+    admission.learned[flux.files] = 13 * GIB
+    assert admission.need_of(flux) == (13 * GIB, "learned from its earlier runs")
+    admission.learned[flux.files] = 9 * GIB  # below the 10 GiB model: squeezed
+    assert admission.need_of(flux)[0] == files_need([10 * GIB, 9 * GIB])
     # A file not in the folder: no less than the default.
     both = PromptJob(("a.safetensors", "b.safetensors"))
     assert admission.need_of(both) == (

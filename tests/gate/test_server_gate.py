@@ -243,3 +243,75 @@ def test_routing_survives_a_server_whose_list_cannot_be_read(
         gate.stop()
         dead.close()
     assert requests_of(fake) == before + 1
+
+
+class Listing:
+    """A model server whose list of models can fail or hang (routing reads only that)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.fail = False
+        self.hang: threading.Event | None = None
+        self.reads = 0
+
+    def models(self) -> tuple[str, ...]:
+        self.reads += 1
+        if self.hang is not None:
+            self.hang.wait(10)
+        if self.fail:
+            raise ServiceError("llama-server", "HTTP 503: Loading model")
+        return self.names
+
+
+def routing_gate(servers: list[tuple[str, str, Listing]], clock: list[float]) -> ServerGate:
+    kind = kind_of("llama-server")
+    return ServerGate(
+        title=kind.title,
+        routes=kind.routes,
+        servers=lambda: servers,  # type: ignore[arg-type,return-value]
+        room=Room(Server("none")),
+        port=0,
+        clock=lambda: clock[0],
+    )
+
+
+def test_a_server_whose_list_fails_keeps_its_models() -> None:
+    """A llama-server loading its model answers 503 to its list: its model stays its own
+    (not sent to the first server, which would answer with another model)."""
+    a, b = Listing(("small",)), Listing(("big",))
+    servers = [
+        ("llama-server/a", "http://127.0.0.1:1", a),
+        ("llama-server/b", "http://127.0.0.1:2", b),
+    ]
+    clock = [0.0]
+    gate = routing_gate(servers, clock)
+    assert gate._owner(tuple(servers), "big")[0] == "llama-server/b"  # type: ignore[arg-type]
+    b.fail = True
+    clock[0] += 60  # the list is read again, and fails
+    assert gate._owner(tuple(servers), "big")[0] == "llama-server/b"  # type: ignore[arg-type]
+    assert b.reads == 2
+
+
+def test_a_hanging_list_holds_one_reader_only() -> None:
+    """While one request waits for a server's list, the others use what is known at once
+    instead of each waiting (they would fill the gate's threads)."""
+    a, b = Listing(("small",)), Listing(("big",))
+    servers = [
+        ("llama-server/a", "http://127.0.0.1:1", a),
+        ("llama-server/b", "http://127.0.0.1:2", b),
+    ]
+    clock = [0.0]
+    gate = routing_gate(servers, clock)
+    assert gate._owner(tuple(servers), "big")[0] == "llama-server/b"  # type: ignore[arg-type]
+    clock[0] += 60
+    a.hang = threading.Event()
+    slow = threading.Thread(target=gate._owner, args=(tuple(servers), "big"))
+    slow.start()
+    while a.reads < 2:
+        time.sleep(0.01)
+    started = time.monotonic()
+    # a's list is being read: a second request goes on with a's last list, reads b's.
+    assert gate._owner(tuple(servers), "big")[0] == "llama-server/b"  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1 and a.reads == 2
+    a.hang.set()
+    slow.join(10)
