@@ -56,7 +56,7 @@ from types import FrameType
 from supervisor.sim.catalog import load_catalog, parse_env_keep_alive
 from supervisor.sim.comfyui import FakeComfyUI
 from supervisor.sim.comfyui_worker import ComfyConfig
-from supervisor.sim.gpu import GIB, MIB, MemoryGpu, open_gpu
+from supervisor.sim.gpu import GIB, MIB, MemoryGpu, add_gpu_args, gpu_from_args
 from supervisor.sim.httpbase import SimServer
 from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig, resolve_spec
 from supervisor.sim.llama_swap import FakeLlamaSwap, LlamaSwapConfig, parse_swap_config
@@ -96,10 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="port of a single service")
     parser.add_argument("--ollama-port", type=int, default=11434)
     parser.add_argument("--comfyui-port", type=int, default=8188)
-    parser.add_argument("--gpu-state", help="JSON state file shared by processes")
-    parser.add_argument("--gpu-total-gib", type=float, default=None)
-    parser.add_argument("--gpu-name")
-    parser.add_argument("--gpu-uuid")
+    add_gpu_args(parser)
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--highvram", action="store_true")
     parser.add_argument("--pinned", action="store_true")
@@ -204,8 +201,7 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    total = int(args.gpu_total_gib * GIB) if args.gpu_total_gib is not None else None
-    gpu = open_gpu(args.gpu_state, total, name=args.gpu_name, uuid=args.gpu_uuid)
+    gpu = gpu_from_args(args)
     catalog = load_catalog(args.catalog)
     servers: list[SimServer] = []
     closers = []

@@ -21,6 +21,7 @@ as "ollama:llama3.2:latest" or "comfyui:model:sdxl"; one owner's allocations add
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -432,3 +433,17 @@ def open_gpu(
         name=name or DEFAULT_NAME,
         uuid=uuid or DEFAULT_UUID,
     )
+
+
+def add_gpu_args(parser: argparse.ArgumentParser) -> None:
+    """The simulated GPU's options, the same for every fake's command line."""
+    parser.add_argument("--gpu-state", help="JSON state file shared by processes")
+    parser.add_argument("--gpu-total-gib", type=float, default=None)
+    parser.add_argument("--gpu-name")
+    parser.add_argument("--gpu-uuid")
+
+
+def gpu_from_args(args: argparse.Namespace) -> SimGpu:
+    """The GPU `add_gpu_args`' options describe."""
+    total = int(args.gpu_total_gib * GIB) if args.gpu_total_gib is not None else None
+    return open_gpu(args.gpu_state, total, name=args.gpu_name, uuid=args.gpu_uuid)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from urllib.parse import unquote
 
-from supervisor.sim.gpu import GIB, MIB, SimGpu, open_gpu
+from supervisor.sim.gpu import GIB, MIB, SimGpu, add_gpu_args, gpu_from_args
 from supervisor.sim.httpbase import BadJson, Exchange, Route, SimServer
 
 # What each model holds on the GPU when loaded (float16 CTranslate2 / ONNX; plausible
@@ -263,10 +263,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--request-seconds", type=float, default=SpeachesConfig.request_s)
-    p.add_argument("--gpu-state", help="JSON state file shared by processes")
-    p.add_argument("--gpu-total-gib", type=float, default=None)
-    p.add_argument("--gpu-name")
-    p.add_argument("--gpu-uuid")
+    add_gpu_args(p)
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--verbose", action="store_true", help="access logs on stderr")
     return p
@@ -291,8 +288,7 @@ def main(argv: Sequence[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    total = int(args.gpu_total_gib * GIB) if args.gpu_total_gib is not None else None
-    gpu = open_gpu(args.gpu_state, total, name=args.gpu_name, uuid=args.gpu_uuid)
+    gpu = gpu_from_args(args)
     fake = FakeSpeaches(gpu, config)
     server = fake.serve(args.host, args.port, verbose=args.verbose)
     print(f"sim: fake speaches listening on {server.url}", flush=True)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from supervisor.sim.gpu import GIB, SimGpu, open_gpu
+from supervisor.sim.gpu import GIB, SimGpu, add_gpu_args, gpu_from_args
 from supervisor.sim.httpbase import BadJson, Exchange, Route, SimServer
 
 NEW_VERSION = "0.24.1"
@@ -454,10 +454,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokens-per-s", type=float, default=VllmConfig.tokens_per_s)
     p.add_argument("--max-num-seqs", type=int, default=VllmConfig.max_num_seqs)
-    p.add_argument("--gpu-state", help="JSON state file shared by processes")
-    p.add_argument("--gpu-total-gib", type=float, default=None)
-    p.add_argument("--gpu-name")
-    p.add_argument("--gpu-uuid")
+    add_gpu_args(p)
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--verbose", action="store_true", help="access logs on stderr")
     return p
@@ -486,8 +483,7 @@ def main(argv: Sequence[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    total = int(args.gpu_total_gib * GIB) if args.gpu_total_gib is not None else None
-    gpu = open_gpu(args.gpu_state, total, name=args.gpu_name, uuid=args.gpu_uuid)
+    gpu = gpu_from_args(args)
     try:
         try:
             vllm = FakeVllm(gpu, config)
