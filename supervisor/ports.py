@@ -192,16 +192,31 @@ class EventSource(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class LoadRoom:
+    """The room for an Ollama load: VRAM free now on the GPU Ollama uses, and the VRAM of
+    those of Ollama's resident models that its own rule would evict for this load
+    (ollama_profile.evictable_bytes). A load that needs more than `free_bytes` makes
+    Ollama evict (or spill): the gate then doubts what its /api/ps cache says is resident
+    until the load is in."""
+
+    free_bytes: int
+    evictable_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.free_bytes + self.evictable_bytes
+
+
 class RoomMaker(Protocol):
     """Makes room on the GPU before an Ollama load (used by the gate; implemented by the
     daemon on top of the same staged, verified free path as the loop, honouring
     VRAM_PRIORITY and VRAM_DRY_RUN). Thread-safe: the gate calls it from its own threads."""
 
-    def room_for(self, need_bytes: int) -> int | None:
+    def room_for(self, need_bytes: int) -> LoadRoom | None:
         """The room for a load that needs `need_bytes` (the fit target included): free
-        VRAM now on the GPU Ollama uses (None: unknown), plus the VRAM of those of
-        Ollama's resident models that its own rule would evict for this load
-        (ollama_profile.evictable_bytes)."""
+        VRAM now on the GPU Ollama uses, and what Ollama's own rule would evict for this
+        load. None: unknown."""
         ...
 
     def load_profile(self) -> OllamaProfile | None:

@@ -39,7 +39,7 @@ from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
 from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome
 from supervisor.ollama_profile import OllamaProfile, Resident, evictable_bytes, ollama_profile
-from supervisor.ports import ComfyApi, Targets
+from supervisor.ports import ComfyApi, LoadRoom, Targets
 
 # How often a busy ComfyUI's /queue is read while the gate waits for it to become idle.
 IDLE_POLL_S = 0.25
@@ -76,7 +76,7 @@ class ComfyRoomMaker:
             return targets.ollama_profiles.get(key)
         return None
 
-    def room_for(self, need_bytes: int) -> int | None:
+    def room_for(self, need_bytes: int) -> LoadRoom | None:
         """The room for a load of `need_bytes` (head room included; see the module's
         policy): free VRAM on Ollama's GPU, plus what Ollama's own rule would evict.
         None: unknown."""
@@ -88,11 +88,11 @@ class ComfyRoomMaker:
             return None
         profile = self.load_profile() or ollama_profile(None)
         load = max(need_bytes - profile.load_headroom_bytes, 0)
-        return free + evictable_bytes(profile, load, free, _residents(targets))
+        return LoadRoom(free, evictable_bytes(profile, load, free, _residents(targets)))
 
     def _covers(self, need_bytes: int) -> bool:
         room = self.room_for(need_bytes)
-        return room is not None and room >= need_bytes
+        return room is not None and room.total_bytes >= need_bytes
 
     def make_room(self, need_bytes: int, *, reason: str, deadline_s: float) -> bool:
         end = self._clock() + deadline_s
@@ -184,7 +184,7 @@ class ComfyRoomMaker:
                 if outcome.dry_run:
                     return False
                 room = self.room_for(need_bytes)
-                if room is not None and room >= need_bytes:
+                if room is not None and room.total_bytes >= need_bytes:
                     return True
                 if room is None and outcome.result is FreeResult.FREED:
                     return True  # cannot measure the room; the free did its part

@@ -16,7 +16,16 @@ Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at tha
 - Held loads go one at a time (Ollama loads one at a time anyway), and the next one waits
   until the previous model is in (its answer's head arrived, or it shows in /api/ps), so
   it measures free VRAM with that model in place. Requests for resident models never
-  wait behind a held load.
+  wait behind a held load (one waiting for its room).
+- A forwarded load that needs more than the free VRAM makes Ollama evict resident models
+  (or spill). Until that model is in, the gate doubts its /api/ps cache: a request for
+  another model the cache lists as resident waits for the load to be in (at most
+  `load_hold_max_s`) and then asks /api/ps again; a model that was evicted meanwhile is
+  gated like any load, instead of being forwarded "as resident" and loaded beside
+  whatever holds the room (found by the soak: Ollama evicts at once, the cache lags by up
+  to `ps_ttl_s`). Ollama itself serves such a request only after the eviction anyway (its
+  scheduler takes pending requests in order). A /api/ps answer read while such a load was
+  under way is never taken as fresh afterwards.
 - /api/ps is cached for `ps_ttl_s`; a request that finds the cache older refreshes it in
   the background and uses the old answer, unless that is older than `ps_max_stale_s`
   (after an idle spell a model may have expired) or does not list the model (it may have
@@ -44,7 +53,7 @@ from supervisor.estimate import Estimate, EstimateParams, SeenSize, estimate_nee
 from supervisor.gate.load_request import LoadRequest
 from supervisor.gate.stats import Counters
 from supervisor.model import OllamaModel
-from supervisor.ports import OllamaApi, RoomMaker
+from supervisor.ports import LoadRoom, OllamaApi, RoomMaker
 
 log = logger.bind(component="gate")
 
@@ -138,6 +147,10 @@ class Admission:
         # for the gate even while /api/ps still lists them, or a request forwarded "to a
         # resident model" would reload it next to whatever took the room meanwhile.
         self._doomed: dict[str, float] = {}
+        # The forwarded load that may make Ollama evict resident models, until it is in.
+        self._evicting: _Evicting | None = None
+        # Bumped when such a load is in: an /api/ps read begun before is not fresh.
+        self._ps_epoch = 0
 
     def doom(self, key: str) -> None:
         """The supervisor is about to unload `key` (event loop thread only)."""
@@ -153,7 +166,13 @@ class Admission:
         """Forward `load` once there is room for its model (at once when it is resident);
         returns what `forward` returns. `forward` gets a callback for the answer's head."""
         key = load.model.casefold()
-        if await self.is_resident(key) is not False:
+        resident = await self.is_resident(key)
+        evicting = self._evicting
+        if resident and evicting is not None and evicting.key != key:
+            # Ollama may be evicting this model for that load: look again once it is in.
+            await self._wait_loaded(evicting)
+            resident = await self.is_resident(key)
+        if resident is not False:
             return await forward(None)
         await self._load_lock.acquire()
         release = _once(self._load_lock.release)
@@ -163,8 +182,11 @@ class Admission:
                 release()  # a load queued before this one brought it in
                 return await forward(None)
             self._stats.gated_total += 1
-            await self._make_room_for(load, key)
+            may_evict = await self._make_room_for(load, key)
             self._doomed.pop(key, None)  # this load brings it back, with the room made
+            if may_evict:
+                evicting = self._evicting = _Evicting(key, asyncio.Event())
+                release = _once(functools.partial(self._loaded, evicting, release))
             head_seen = asyncio.Event()
             holder = asyncio.get_running_loop().create_task(
                 self._hold_until_loaded(key, head_seen, release)
@@ -174,6 +196,23 @@ class Admission:
             release()
             if holder is not None:
                 holder.cancel()
+
+    def _loaded(self, evicting: _Evicting, release: Callable[[], None]) -> None:
+        """The load that may have evicted is in (or given up on): what /api/ps said before
+        is not fresh, and requests waiting on it look again."""
+        if self._evicting is evicting:
+            self._evicting = None
+        self._ps_epoch += 1
+        self._ps_at = -math.inf
+        evicting.done.set()
+        release()
+
+    async def _wait_loaded(self, evicting: _Evicting) -> None:
+        try:
+            async with asyncio.timeout(self._load_hold_max_s):
+                await evicting.done.wait()
+        except TimeoutError:
+            pass
 
     async def _hold_until_loaded(
         self, key: str, head_seen: asyncio.Event, release: Callable[[], None]
@@ -196,7 +235,10 @@ class Admission:
         finally:
             release()
 
-    async def _make_room_for(self, load: LoadRequest, key: str) -> None:
+    async def _make_room_for(self, load: LoadRequest, key: str) -> bool:
+        """Make room for the load (or give up at the deadline); returns whether Ollama may
+        evict resident models for it (it needs more than the free VRAM, or that is
+        unknown)."""
         model = load.model
         profile = await self._call_or_none(self._room.load_profile)
         params = profile.params if profile is not None else self._params
@@ -209,20 +251,21 @@ class Admission:
                 f"Gate: no VRAM estimate for {model} (not installed, or Ollama did not say);"
                 " forwarding it as is"
             )
-            return
+            return False
         # Free VRAM, plus Ollama's resident models where it evicts them itself.
         need = estimate.need_bytes + headroom
         fit = f" + {what_room} {_gib(headroom)}" if headroom else ""
-        room = await self._call_or_none(self._room.room_for, need)
-        if room is not None and room >= need:
+        room: LoadRoom | None = await self._call_or_none(self._room.room_for, need)
+        if room is not None and room.total_bytes >= need:
             log.info(
                 f"Gate: {model} needs about {_gib(estimate.need_bytes)}{fit}"
-                f" ({_basis(estimate)}); room {_gib(room)}"
+                f" ({_basis(estimate)}); room {_gib(room.total_bytes)}"
             )
-            return
+            return room.free_bytes < need
+        shown = _gib(room.total_bytes) if room is not None else "unknown"
         log.info(
             f"Gate: making room for {model}: needs about {_gib(estimate.need_bytes)}{fit}"
-            f" ({_basis(estimate)}), room {_gib(room) if room is not None else 'unknown'}"
+            f" ({_basis(estimate)}), room {shown}"
             " (free VRAM plus what Ollama evicts itself)"
         )
         make_room = functools.partial(
@@ -232,6 +275,7 @@ class Admission:
             deadline_s=self._wait_s,
         )
         await make_room_within(self._call, make_room, self._wait_s, self._stats, model, self._clock)
+        return True
 
     async def _estimate(
         self, load: LoadRequest, key: str, params: EstimateParams
@@ -300,6 +344,7 @@ class Admission:
             pass
 
     async def _read_ps(self) -> None:
+        epoch = self._ps_epoch
         try:
             models = await self._call(self._ollama.ps)
         except Exception as exc:
@@ -315,7 +360,8 @@ class Admission:
                     self._seen[key] = SeenSize(entry.size_bytes, entry.context_length)
             self._ps_models = resident
         finally:
-            self._ps_at = self._clock()
+            # Begun before an evicting load was in: use it, but never as fresh.
+            self._ps_at = self._clock() if self._ps_epoch == epoch else -math.inf
 
     # ------------------------------------------------------------------ blocking calls
 
@@ -328,6 +374,16 @@ class Admission:
         except Exception as exc:
             log.debug(f"Gate: {getattr(fn, '__name__', fn)} failed: {exc}")
             return None
+
+
+class _Evicting:
+    """A forwarded load of `key` that may make Ollama evict others; `done` once it is in."""
+
+    __slots__ = ("done", "key")
+
+    def __init__(self, key: str, done: asyncio.Event) -> None:
+        self.key = key
+        self.done = done
 
 
 def model_key(name: str) -> str:

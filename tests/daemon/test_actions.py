@@ -27,7 +27,7 @@ from supervisor.model import (
 )
 from supervisor.ollama_actions import reload_keep_alive, restore_keep_alive
 from supervisor.ollama_profile import ollama_profile
-from supervisor.ports import Reading, Targets
+from supervisor.ports import LoadRoom, Reading, Targets
 from supervisor.room import ComfyRoomMaker
 from supervisor.units import format_bytes
 from tests.daemon.conftest import World, has
@@ -584,7 +584,7 @@ def test_room_counts_ollamas_resident_models_when_it_has_any(
     free = world.gpu.free_bytes
     actor, _ = make_actor(world, ollama_version=version)
     maker = ComfyRoomMaker(actor, world.clock)
-    assert maker.room_for(free + short_by) == free + (4 * GIB if loaded else 0)
+    assert maker.room_for(free + short_by) == LoadRoom(free, 4 * GIB if loaded else 0)
     assert maker.make_room(free + short_by, reason="gate: load of m:latest", deadline_s=30)
     assert world.comfy.free_calls == freed
 
@@ -599,7 +599,7 @@ def test_room_counts_resident_models_only_where_that_ollama_evicts_them(
     free = world.gpu.free_bytes
     actor, _ = make_actor(world, ollama_version=version)
     maker = ComfyRoomMaker(actor, world.clock)
-    assert maker.room_for(free // 2) == free + counted
+    assert maker.room_for(free // 2) == LoadRoom(free, counted)
     assert maker.load_profile() is not None
     assert maker.load_profile().fit_target_bytes == (0 if version == "0.12.6" else 1024**3)  # type: ignore[union-attr]
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from supervisor.config import Settings
 from supervisor.daemon import Daemon
 from supervisor.model import HealOllama, Role
+from supervisor.ports import LoadRoom
 from tests.daemon.fakes import (
     GIB,
     FakeClock,
@@ -74,7 +75,8 @@ def test_gate_judges_ollamas_gpu_and_leaves_a_comfyui_on_another_gpu_alone() -> 
     h.gpus[0].held[9999] = 20 * GIB  # something else fills GPU 0: 4 GiB free
     daemon = h.daemon()
     daemon.observe()
-    assert daemon.room_maker.room_for(8 * GIB) == h.gpus[0].free_bytes == 4 * GIB
+    assert h.gpus[0].free_bytes == 4 * GIB
+    assert daemon.room_maker.room_for(8 * GIB) == LoadRoom(4 * GIB)
     assert not daemon.room_maker.make_room(8 * GIB, reason="gate: load", deadline_s=5)
     assert h.comfy.free_calls == []
 
@@ -84,7 +86,7 @@ def test_with_several_ollama_gpus_room_is_the_best_of_those_not_of_every_gpu() -
     h.gpus[0].held[9999] = 20 * GIB  # GPU 0: 4 GiB free; GPU 1: 12.7 GiB; GPU 2: 24 GiB
     daemon = h.daemon()
     daemon.observe()
-    assert daemon.room_maker.room_for(GIB) == h.gpus[1].free_bytes
+    assert daemon.room_maker.room_for(GIB) == LoadRoom(h.gpus[1].free_bytes)
     need = h.gpus[1].free_bytes + 4 * GIB  # more than GPU 1 has, less than GPU 2 has
     assert daemon.room_maker.make_room(need, reason="gate: load", deadline_s=30)
     assert h.comfy.free_calls == [(True, False)]  # GPU 2 is no room for Ollama: freed

@@ -25,7 +25,7 @@ from supervisor.clients.ollama import normalise_model_name
 from supervisor.gate import Gate
 from supervisor.model import OllamaModel
 from supervisor.ollama_profile import OllamaProfile
-from supervisor.ports import ModelFacts, TaggedModel
+from supervisor.ports import LoadRoom, ModelFacts, TaggedModel
 
 GIB = 1024**3
 MIB = 1024**2
@@ -81,6 +81,9 @@ class Upstream:
     installed: dict[str, Installed] = field(default_factory=dict)
     resident: set[str] = field(default_factory=set)
     load_s: float = 0.0
+    # Models kept at once: a load beyond it evicts the others first, as Ollama does for a
+    # model that does not fit beside them (None: no limit).
+    max_resident: int | None = None
     chunks: int = 3
     hold: threading.Event | None = None  # set: streams go on after their first chunk
     close_after_each: bool = False  # drop keep-alive connections without saying so
@@ -192,8 +195,8 @@ class FakeRoom:
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def room_for(self, need_bytes: int) -> int | None:
-        return self.free
+    def room_for(self, need_bytes: int) -> LoadRoom | None:
+        return None if self.free is None else LoadRoom(self.free)
 
     def load_profile(self) -> OllamaProfile | None:
         return self.profile
@@ -401,6 +404,12 @@ class _Handler(BaseHTTPRequestHandler):
         with self.up.lock:
             is_loaded = name in self.up.resident
         if not is_loaded:
+            with self.up.lock:
+                cap = self.up.max_resident
+                if cap is not None and len(self.up.resident) >= cap:
+                    for gone in sorted(self.up.resident):
+                        self.up.timeline.add("evicted", gone)
+                    self.up.resident.clear()
             self.up.timeline.add("load_start", name)
             if not self._wait(self.up.load_s, None, f"load {name}"):
                 return

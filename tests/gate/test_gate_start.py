@@ -11,11 +11,12 @@ import pytest
 
 from supervisor.config import Settings
 from supervisor.gate import start_comfy_gate, start_gate
+from supervisor.ports import LoadRoom
 from supervisor.sim import SimHost
 
 
 class NoRoom:
-    def room_for(self, need_bytes: int) -> int | None:
+    def room_for(self, need_bytes: int) -> LoadRoom | None:
         return None
 
     def load_profile(self) -> None:

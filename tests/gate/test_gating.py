@@ -257,6 +257,80 @@ def test_resident_requests_do_not_wait_behind_a_gated_load(env: Env) -> None:
         assert gated.result(timeout=10).status_code == 200
 
 
+def _wait_for(cond: object, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.01)
+    assert cond(), what  # type: ignore[operator]
+
+
+def test_a_model_ollama_evicts_for_a_gated_load_is_not_forwarded_as_resident(
+    env: Env,
+) -> None:
+    """Found by the soak: a gated load made Ollama evict another model, and a request for
+    that model, arriving while the gate's /api/ps cache still listed it, went straight
+    to Ollama "as resident" with no room judged; Ollama loaded it beside an idle ComfyUI
+    and it spilled. It must wait for the load that evicts to be in, find the model gone,
+    and get its room made like any load."""
+    env.upstream.resident.add("qwen3:8b")
+    env.upstream.max_resident = 1  # the next load evicts qwen3:8b
+    env.upstream.load_s = 0.4
+    assert _generate(env, "qwen3:8b").status_code == 200  # the cache lists qwen3:8b
+    with ThreadPoolExecutor(2) as pool:
+        gated = pool.submit(_generate, env, "llama3.2")
+        _wait_for(lambda: "evicted" in env.timeline.whats(), "the gated load never started")
+
+        again = _generate(env, "qwen3:8b")  # well within the cache's 0.5 s
+
+        assert again.status_code == 200
+        assert gated.result(timeout=10).status_code == 200
+    reasons = [c.reason for c in env.room.calls]
+    assert reasons == ["gate: load of llama3.2:latest", "gate: load of qwen3:8b"]
+    # qwen3:8b's room was judged only once llama3.2 was in.
+    assert env.timeline.index("loaded", "llama3.2:latest") < env.timeline.index(
+        "make_room", "gate: load of qwen3:8b"
+    )
+
+
+def test_a_resident_model_waits_out_a_load_that_may_evict_then_goes_on_as_resident(
+    env: Env,
+) -> None:
+    """The doubt costs a resident request at most the other model's load: when Ollama
+    kept it (the load fitted beside it after all) it is forwarded with no room made."""
+    env.upstream.resident.add("qwen3:8b")
+    env.upstream.load_s = 0.4
+    assert _generate(env, "qwen3:8b").status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        gated = pool.submit(_generate, env, "llama3.2")
+        _wait_for(lambda: "load_start" in env.timeline.whats(), "the gated load never started")
+
+        again = _generate(env, "qwen3:8b")
+
+        assert again.status_code == 200
+        assert gated.result(timeout=10).status_code == 200
+    assert [c.reason for c in env.room.calls] == ["gate: load of llama3.2:latest"]
+    assert env.timeline.whats().count("load_start") == 1  # qwen3:8b was never reloaded
+
+
+def test_a_load_that_fits_in_free_vram_does_not_hold_resident_requests(env: Env) -> None:
+    """With the free VRAM alone enough for the load, Ollama evicts nothing for it, so a
+    request for a resident model goes on at once while it loads."""
+    env.room.free = 64 * GIB
+    env.upstream.resident.add("qwen3:8b")
+    env.upstream.load_s = 2.0
+    assert _generate(env, "qwen3:8b").status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        gated = pool.submit(_generate, env, "llama3.2")
+        _wait_for(lambda: "load_start" in env.timeline.whats(), "the gated load never started")
+
+        again = _generate(env, "qwen3:8b")
+
+        assert again.status_code == 200
+        assert "loaded" not in env.timeline.whats(), "waited for the other model's load"
+        assert gated.result(timeout=10).status_code == 200
+    assert env.room.calls == []
+
+
 def test_loads_of_missing_models_are_serialised(env: Env) -> None:
     env.upstream.load_s = 0.3
     with ThreadPoolExecutor(2) as pool:

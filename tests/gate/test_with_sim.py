@@ -14,6 +14,7 @@ import pytest
 from supervisor.clients.ollama import OllamaClient
 from supervisor.gate import Gate
 from supervisor.ollama_profile import OllamaProfile, ollama_profile
+from supervisor.ports import LoadRoom
 from supervisor.sim import SimHost
 from supervisor.sim.gpu import GIB
 
@@ -27,8 +28,8 @@ class SimComfyRoom:
         self.host = host
         self.calls: list[int] = []
 
-    def room_for(self, need_bytes: int) -> int | None:
-        return self.host.gpu.free_bytes()
+    def room_for(self, need_bytes: int) -> LoadRoom | None:
+        return LoadRoom(self.host.gpu.free_bytes())
 
     def load_profile(self) -> OllamaProfile | None:
         return ollama_profile(self.host.ollama_config.version, {}, self.host.gpu.total_bytes)
