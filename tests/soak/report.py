@@ -83,6 +83,17 @@ SPILL_CAUSES = (DURING_FAULT, COMFY_BUSY, MISSED_FREE, NOT_COMFY)
 # supervisor's log count for it: the gate's wait (VRAM_GATE_WAIT, 30 s) and Ollama's own
 # evictions before it places the model (up to 5 s each).
 SPILL_LEAD_S = 60.0
+# Simulated seconds before a placement in which the supervisor's last decision about that
+# load is looked for: the gate's wait for a busy ComfyUI (VRAM_GATE_WAIT) and Ollama's
+# queue after the forward can take it past SPILL_LEAD_S (82 s in a 24-hour run).
+DECISION_LOOKBACK_S = 180.0
+# The supervisor's lines that say ComfyUI had work (under VRAM_PRIORITY=balanced a job is
+# never interrupted, and a free waits for it).
+BUSY_LINES = (
+    "still has work at the deadline",
+    "Gate: waiting for ComfyUI",
+    "free takes effect when it ends",  # "ComfyUI <name> is running a prompt: the ..."
+)
 # What an idle ComfyUI must hold beyond its CUDA context for a free to be worth it (the
 # supervisor's MIN_RECLAIMABLE_BYTES).
 COMFY_RECLAIMABLE_BYTES = 256 * MIB
@@ -118,8 +129,9 @@ def classify_spill(
     """Why the load placed at `p` spilled (monotonic times; `lead` in real seconds):
     - DURING_FAULT: a fault was on within `lead` before it (with its grace);
     - COMFY_BUSY: ComfyUI had a job running or queued when Ollama placed the model, or
-      the supervisor logged a busy ComfyUI within `lead` before it (under
-      VRAM_PRIORITY=balanced a job is never interrupted), or an image job was handed to
+      the supervisor logged a busy ComfyUI within `lead` before it or since its last
+      decision about this load (under VRAM_PRIORITY=balanced a job is never
+      interrupted: the gate forwards after its wait), or an image job was handed to
       ComfyUI after the supervisor's decision about this load (`decided_at`: the gate's
       judgement of the room, a heal's free) and before the placement: it took the room
       back (the soak sends image jobs straight to ComfyUI, past any gate);
@@ -129,7 +141,8 @@ def classify_spill(
       back, another process); freeing ComfyUI would not have been enough."""
     if _overlaps(p.t - lead, p.t, fault_windows):
         return DURING_FAULT
-    if p.comfy_jobs > 0 or any(p.t - lead <= t <= p.t for t in busy_times):
+    since = p.t - lead if decided_at is None else min(p.t - lead, decided_at)
+    if p.comfy_jobs > 0 or any(since <= t <= p.t for t in busy_times):
         return COMFY_BUSY
     if decided_at is not None and any(decided_at <= t <= p.t for t in image_times):
         return COMFY_BUSY
@@ -380,10 +393,7 @@ def evaluate(run: SoakRun) -> Figures:
     # is recorded with who held the GPU then (host.Placement), and each spilled load is
     # judged by that; the Docker-backed form judges by sample windows (spill_windows).
     busy_times = [
-        t
-        for t, e in run.log
-        if "still has work at the deadline" in str(e.get("message", ""))
-        or "Gate: waiting for ComfyUI" in str(e.get("message", ""))
+        t for t, e in run.log if any(line in str(e.get("message", "")) for line in BUSY_LINES)
     ]
     samples = run.samples
     if run.placements:
@@ -399,7 +409,7 @@ def evaluate(run: SoakRun) -> Figures:
                 busy_times,
                 lead,
                 run.image_times,
-                decision_time(p.model, messages, p.t, lead),
+                decision_time(p.model, messages, p.t, DECISION_LOOKBACK_S * scale),
             )
             for p in spills
         ]

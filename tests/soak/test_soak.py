@@ -27,6 +27,7 @@ from tests.soak.faults import DAEMON_RESTART_NOT_RUN, FOUND_LIMIT_S, KINDS, Faul
 from tests.soak.host import Placement
 from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.report import (
+    BUSY_LINES,
     COMFY_BUSY,
     DURING_FAULT,
     MISSED_FREE,
@@ -159,6 +160,31 @@ def test_an_image_job_between_the_decision_and_the_load_took_the_room() -> None:
     assert decision_time("gemma2:27b", log, 101.0 + 1.2, lead=1.2) is None  # too long ago
     # No decision found (a load the gate took for resident): no image job excuses it.
     assert classify_spill(p, [], [], 1.2, [99.5], None) == MISSED_FREE
+
+
+def test_a_busy_comfyui_since_the_gate_began_to_wait_excuses_a_late_placement() -> None:
+    """Found by the 24-hour soak: the gate waited for a busy ComfyUI, forwarded at its
+    deadline, and Ollama placed the model 82 simulated seconds after the wait began,
+    beyond the one-minute look-back: a busy ComfyUI, judged a missed free. A busy line
+    since the supervisor's last decision about the load counts, however long ago."""
+    lead = 60.0
+    p = Placement(200.0, "gemma2:27b", int(17.03 * GIB), int(16.66 * GIB), SDXL, 0)
+    log = [
+        (117.0, "Gate: making room for gemma2:27b: needs about 17.03 GiB, room 10.0 GiB"),
+        (118.0, "Gate: waiting for ComfyUI comfyui to finish its work before making room"),
+    ]
+    decided = decision_time("gemma2:27b", log, p.t, 180.0)
+    assert decided == 117.0
+    assert classify_spill(p, [], [118.0], lead, (), decided) == COMFY_BUSY
+    # Without that decision, a busy line that old does not count.
+    assert classify_spill(p, [], [118.0], lead, (), None) == MISSED_FREE
+    # A busy spell before the decision was seen by it: it excuses nothing.
+    assert classify_spill(p, [], [110.0], lead, (), decided) == MISSED_FREE
+
+
+def test_a_hard_free_waiting_for_a_running_prompt_is_a_busy_comfyui() -> None:
+    line = "ComfyUI comfyui is running a prompt: the hard free takes effect when it ends"
+    assert any(b in line for b in BUSY_LINES)
 
 
 def test_a_spill_near_a_fault_is_the_fault_s() -> None:
