@@ -275,7 +275,9 @@ class Admission:
             deadline_s=self._wait_s,
         )
         await make_room_within(self._call, make_room, self._wait_s, self._stats, model, self._clock)
-        return True
+        # Freeing ComfyUI usually leaves the free VRAM enough: then Ollama evicts nothing.
+        room = await self._call_or_none(self._room.room_for, need)
+        return room is None or room.free_bytes < need
 
     async def _estimate(
         self, load: LoadRequest, key: str, params: EstimateParams

@@ -190,6 +190,7 @@ class FakeRoom:
         self.result = True
         self.block: threading.Event | None = None
         self.sleep_to_deadline = False
+        self.frees: int | None = None  # set: make_room leaves this much free
         self.calls: list[RoomCall] = []
         self.active = 0
         self.max_active = 0
@@ -215,6 +216,8 @@ class FakeRoom:
         finally:
             with self._lock:
                 self.active -= 1
+        if self.frees is not None:
+            self.free = self.frees
         self.timeline.add("room_made" if self.result else "room_not_made", reason)
         return self.result  # `free` stays: the load that follows takes the room
 
