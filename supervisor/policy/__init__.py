@@ -9,8 +9,10 @@ config, units only; a test checks every module of this package in a fresh interp
 
 The package, in the order one pass runs it (`core.decide`):
 - `scratch`   the pass's working state; cleans the observation.
-- `triggers`  1. new Ollama models, 2. a GPU over VRAM_THRESHOLD, 4. unload Ollama models
-              for a busy ComfyUI.
+- `triggers`  1. new models, 2. a GPU over VRAM_THRESHOLD, 4. unload idle models for a
+              busy ComfyUI or job server.
+- `servers`   the model servers of every kind (Ollama, llama-server ...) as triggers 1 and
+              4 read them: resident model names, unload candidates.
 - `heal`      3. Ollama models spilled to the CPU: heal, or free room for them.
 - `episodes`  per-ComfyUI free episodes (soft -> hard -> restart), rate limit, restarts.
 - `guards`    judgements of one reading: what a free returns, may it be freed or

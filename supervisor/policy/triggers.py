@@ -1,4 +1,4 @@
-"""Triggers 1, 2 and 4: new Ollama models, a GPU over the threshold, a busy ComfyUI (pure).
+"""Triggers 1, 2 and 4: new models, a GPU over the threshold, a busy ComfyUI (pure).
 
 Evaluated per GPU (a service with no GPU list shares every GPU):
 1. New model(s) in an Ollama's /api/ps since its previous read (an Ollama's first read is a
@@ -17,13 +17,18 @@ Evaluated per GPU (a service with no GPU list shares every GPU):
    (`pages_rather_than_spill`: their jobs page instead, while a reload during the job
    would spill).
 
-Model servers of the other registry kinds (llama-server, llama-swap ...; `p.servers`) take
-part in triggers 1 and 4 as Ollama does: a model that appears in their list (loading or
-loaded) frees the idle ComfyUIs sharing its GPU, and their idle models are unloaded for a
-ComfyUI with work (`UnloadModel`), after Ollama's, one per round when what a model holds
-is not known (the actor re-reads that it serves no request before unloading it).
-VRAM_PRIORITY decides per pair: a model server's models are never unloaded for a ComfyUI
-it ranks above (`Settings.outranks`).
+Triggers 1 and 4 run over every model server alike, Ollama and the other registry kinds
+(llama-server, llama-swap ...; `p.servers`), through the views of `servers.py`:
+`ResidentModels` for 1 (a model that appears in a server's list frees the idle ComfyUIs
+and job servers sharing its GPU; for the other kinds a model listed as loading counts),
+`UnloadCandidate` for 4 (one loop over the candidates in unload order: Ollama's first by
+expiry as above, then the other kinds' idle loaded models, largest first, unloaded with
+`UnloadModel`, one per round when what a model holds is not known; the actor re-reads
+that it serves no request before unloading it). VRAM_PRIORITY decides per pair: a model
+server's models are never unloaded for a ComfyUI it ranks above (`Settings.outranks`).
+What differs by kind is in the candidate: what an unload gives back, the order, the
+action, whether skips name the kind (Ollama's) and whether a reload would spill without
+the gate (`pages_rather_than_spill`, Ollama's).
 
 (Trigger 3, spilled models, is `heal.py`.) Frees go through `episodes.want_free`.
 """
@@ -36,26 +41,19 @@ from supervisor.model import (
     ComfyObservation,
     FreeJobs,
     JobServerObservation,
-    ModelServerObservation,
-    OllamaObservation,
     ReloadJobs,
-    ServedModel,
     ServiceSpec,
-    UnloadModel,
-    UnloadOllama,
     WakeModel,
 )
 from supervisor.policy.episodes import want_free
 from supervisor.policy.guards import (
     MIN_RECLAIMABLE_BYTES,
-    expiry_key,
     has_work,
-    model_ok,
-    seems_busy,
     service_gpus,
     shares_gpu,
 )
-from supervisor.policy.scratch import Pass, usable_ollama
+from supervisor.policy.scratch import Pass
+from supervisor.policy.servers import UnloadCandidate, resident_models, unload_candidates
 from supervisor.units import format_bytes
 
 # How soon to look again while a sleeping model waits for its room.
@@ -63,42 +61,40 @@ ROOM_RECHECK_S = 2.0
 
 
 def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
-    """New models per Ollama, and the next known-model set. An unreadable /api/ps keeps
-    what was known (no false "new" later); a stopped Ollama forgets its models."""
+    """New models per model server (Ollama and the other kinds, `servers.ResidentModels`),
+    and the next known-model set. A server's first read is a baseline; an unreadable one
+    keeps what was known (no false "new" later); a stopped one forgets its models."""
     seen = set(p.state.seen_ollamas)
     known: set[tuple[str, str]] = set()
-    many = len(p.ollamas) > 1
-    for key, o in p.ollamas.items():
+    for r in resident_models(p):
+        key = r.key
         prev = {m for k, m in p.state.known_models if k == key}
-        if not o.status.is_running:
+        if not r.is_running:
             if prev:
                 p.soon()  # the model list changed
             continue
-        if not usable_ollama(o) or o.models is None:
+        if r.names is None:
             known |= {(key, m) for m in prev}
             continue
-        names = list(dict.fromkeys(m.name for m in o.models))
         if p.state.is_initialised and key in seen:
-            new = [n for n in names if n not in prev]
+            new = [n for n in r.names if n not in prev]
             if new:
                 p.new_models[key] = new
                 # A new load of a model healed before (it left /api/ps and a client loaded
                 # it again): the heal cooldown was for the earlier load. Ollama >= 0.30
                 # spills a further model often, so each load may need its heal; heals that
                 # did not help still back off (heal.py).
-                for name in new:
+                for name in new if r.heals else ():
                     p.heal_at.pop(f"{key}|{name}", None)
-                where = f" on {key}" if many else ""
-                p.notes.append(f"New Ollama model(s) detected: {', '.join(new)}{where}")
-            if set(names) != prev:
+                p.notes.append(f"New {r.title} model(s) detected: {', '.join(new)}{r.note_where}")
+            if set(r.names) != prev:
                 p.soon()
         seen.add(key)
-        known |= {(key, n) for n in names}
-    if p.obs.docker_ok is False:  # discovery failed: absent Ollamas are not gone
+        known |= {(key, n) for n in r.names}
+    if p.obs.docker_ok is False:  # discovery failed: absent servers are not gone
         known |= {
             (k, m) for k, m in p.state.known_models if k not in p.ollamas and k not in p.servers
         }
-    _track_servers(p, known, seen)
     # A model whose heal waits for its unload leaves /api/ps only to be reloaded by the
     # heal: its return is not a new model (no free for it, no "detected" note).
     for w in p.state.heal_waits:
@@ -106,30 +102,6 @@ def track_models(p: Pass) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
         if waiting_on is not None and waiting_on.status.is_running:
             known.add((w.target, w.model))
     return frozenset(known), frozenset(seen)
-
-
-def _track_servers(p: Pass, known: set[tuple[str, str]], seen: set[str]) -> None:
-    """`track_models` for the model servers of the other kinds: a model listed as loading
-    or loaded that was not before is new (their first read is a baseline)."""
-    for key, m in p.servers.items():
-        prev = {name for k, name in p.state.known_models if k == key}
-        if not m.status.is_running:
-            if prev:
-                p.soon()
-            continue
-        if m.state is None or not m.status.is_reachable:
-            known |= {(key, name) for name in prev}
-            continue
-        names = list(dict.fromkeys(x.name for x in m.models if x.is_resident))
-        if p.state.is_initialised and key in seen:
-            new = [n for n in names if n not in prev]
-            if new:
-                p.new_models[key] = new
-                p.notes.append(f"New {m.title} model(s) detected: {', '.join(new)} on {key}")
-            if set(names) != prev:
-                p.soon()
-        seen.add(key)
-        known |= {(key, n) for n in names}
 
 
 def note_server_spills(p: Pass) -> None:
@@ -155,24 +127,18 @@ def note_server_spills(p: Pass) -> None:
 
 
 def free_for_new_models(p: Pass) -> None:
-    for okey, names in p.new_models.items():
-        o: OllamaObservation | ModelServerObservation
-        if okey in p.ollamas:
-            o = p.ollamas[okey]
-            reason = f"new Ollama model(s) {', '.join(names)}"
-        else:
-            o = p.servers[okey]
-            reason = f"new {o.title} model(s) {', '.join(names)} on {okey}"
+    servers = {r.key: r for r in resident_models(p)}
+    for key, names in p.new_models.items():
+        r = servers[key]
+        reason = f"new {r.title} model(s) {', '.join(names)}{r.reason_where}"
         for c in p.comfys.values():
-            if not shares_gpu(service_gpus(c), service_gpus(o)):
+            if not shares_gpu(service_gpus(c), r.gpus):
                 continue
-            shared = [
-                g for g in p.gpus_of(service_gpus(c)) if shares_gpu(service_gpus(o), (g.uuid,))
-            ]
+            shared = [g for g in p.gpus_of(service_gpus(c)) if shares_gpu(r.gpus, (g.uuid,))]
             g = max(shared, key=lambda g: g.used_percent, default=None)
             want_free(p, c, reason, g.uuid if g else None)
         for j in p.jobs.values():
-            if shares_gpu(service_gpus(j), service_gpus(o)):
+            if shares_gpu(service_gpus(j), r.gpus):
                 want_free_jobs(p, j, reason)
 
 
@@ -301,76 +267,58 @@ def unload_for_comfy(p: Pass) -> None:
         busy += [j for j in p.jobs_on(g) if j.has_work]
         if not busy:
             continue
-        cands = [
-            (o, m)
-            for o in p.ollamas.values()
-            if usable_ollama(o) and shares_gpu(service_gpus(o), (g.uuid,))
-            for m in o.models or ()
-            if model_ok(m) and m.size_vram_bytes > 0
-        ]
-        cands = [(o, m) for o, m in cands if (o.status.spec.key, m.name) not in p.healed]
-        others = _server_candidates(p, g.uuid)
-        if not cands and not others:
+        cands = unload_candidates(p, g.uuid)
+        if not cands:
             continue
         names = ", ".join(c.status.spec.key for c in busy)
         situation = f"{names} has work and GPU {g.index} is at {g.used_percent:.0f}%"
         # VRAM_PRIORITY per pair: a model server keeps its models for a ComfyUI it
         # ranks above; it unloads for any busy ComfyUI it does not.
-        yields = [(o, m) for o, m in cands if not _outranks_all(p, o.status.spec, busy)]
-        others = [(m, x) for m, x in others if not _outranks_all(p, m.status.spec, busy)]
-        if cands and not yields:
+        yields = [c for c in cands if not _outranks_all(p, c.spec, busy)]
+        for kind in _named_kinds(cands):
+            if not any(c.title == kind for c in yields if c.named_in_skips):
+                p.skip(
+                    f"Not unloading {kind} models: {situation}, but priority {s.priority} "
+                    "never unloads them for ComfyUI"
+                )
+        kept = [
+            c for c in yields if c.spills_without_gate and pages_rather_than_spill(s, c.spec, busy)
+        ]
+        for kind in _named_kinds(kept):
+            names = ", ".join(sorted({c.model for c in kept if c.title == kind}))
             p.skip(
-                f"Not unloading Ollama models: {situation}, but priority {s.priority} never "
-                "unloads them for ComfyUI"
-            )
-        kept = [(o, m) for o, m in yields if pages_rather_than_spill(s, o.status.spec, busy)]
-        if kept:
-            names = ", ".join(sorted({m.name for _, m in kept}))
-            p.skip(
-                f"Not unloading Ollama models ({names}): {situation}, but under Dynamic VRAM "
+                f"Not unloading {kind} models ({names}): {situation}, but under Dynamic VRAM "
                 "the job pages its weights (it runs slower), while a chat that loads an "
                 "unloaded model again during the job would spill to the CPU for as long as "
                 "it stays loaded; no gate (VRAM_GATE_PORT) holds such a load until there "
                 "is room"
             )
-            yields = [om for om in yields if om not in kept]
-        if not yields and not others:
+        yields = [c for c in yields if c not in kept]
+        if not yields:
             continue
         last = p.state.last_unload_at
         if last is not None and p.now - last < s.min_free_interval_s:
             left = s.min_free_interval_s - (p.now - last)
-            what = "Ollama models" if yields else "models"
+            what = next((f"{c.title} models" for c in yields if c.named_in_skips), "models")
             p.skip(f"Not unloading {what} yet ({situation}): rate limit, {left:.0f} s left")
             p.soon(left)
             continue
         target = g.total_bytes * s.threshold_percent / 100.0
         estimate = g.used_bytes
-        wall = p.obs.wall_at
         why = f"{situation} (threshold {s.threshold_percent:g}%)"
-        for o, m in sorted(yields, key=lambda om: expiry_key(om[1], wall)):
+        for c in yields:  # in unload order (`servers.Order`)
             if estimate < target:
                 break
-            okey = o.status.spec.key
-            if (okey, m.name) not in p.unloaded:
-                p.unloaded.add((okey, m.name))
+            if (c.key, c.model) not in p.unloaded:
+                p.unloaded.add((c.key, c.model))
                 detail = why
-                if seems_busy(m, wall):
+                if c.seems_busy:
                     detail += "; it seems in use (expires_at passed), nothing else frees enough"
-                p.emit(UnloadOllama(okey, m.name, detail))
+                p.emit(c.action(detail))
                 p.last_unload_at = p.now
-            estimate -= m.size_vram_bytes
-        for server, x in others:
-            if estimate < target:
-                break
-            key = server.status.spec.key
-            if (key, x.name) not in p.unloaded:
-                p.unloaded.add((key, x.name))
-                p.emit(UnloadModel(key, x.name, why))
-                p.last_unload_at = p.now
-            held = _held(server, x)
             # Unknown: as if it freed enough (one such unload per round; the next round
             # reads the GPU again after the rate limit).
-            estimate -= held if held is not None else estimate
+            estimate -= c.gives_back if c.gives_back is not None else estimate
 
 
 def pages_rather_than_spill(
@@ -402,31 +350,6 @@ def _outranks_all(
     return all(p.settings.outranks(spec, c.status.spec) for c in busy)
 
 
-def _server_candidates(p: Pass, gpu_uuid: str) -> list[tuple[ModelServerObservation, ServedModel]]:
-    """Idle loaded models of the other kinds' model servers on this GPU that can be
-    unloaded: loaded (not loading or sleeping), not known to be busy (the actor checks
-    again right before the unload), the server answered and has an unload call. Largest
-    known first, then unknown sizes, by name (a stable order)."""
-    found = [
-        (m, x)
-        for m in p.servers.values()
-        if m.status.is_running
-        and m.status.is_reachable
-        and m.state is not None
-        and m.state.can_unload
-        and shares_gpu(service_gpus(m), (gpu_uuid,))
-        for x in m.models
-        if x.is_resident and not x.is_loading and x.busy is not True
-    ]
-    return sorted(found, key=lambda mx: (-(_held(*mx) or 0), mx[0].status.spec.key, mx[1].name))
-
-
-def _held(server: ModelServerObservation, model: ServedModel) -> int | None:
-    """What unloading `model` gives back: its size as the server reports it, else an
-    even share of what NVML attributes to the server; None when neither is known."""
-    if model.size_bytes:
-        return model.size_bytes
-    resident = [x for x in server.models if x.is_resident]
-    if server.vram_bytes is not None and resident:
-        return server.vram_bytes // len(resident)
-    return None
+def _named_kinds(cands: list[UnloadCandidate]) -> list[str]:
+    """The kinds among these candidates that skips name, in the order first seen."""
+    return list(dict.fromkeys(c.title for c in cands if c.named_in_skips))
