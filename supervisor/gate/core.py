@@ -11,7 +11,8 @@ Policy (the Ollama gate's; the image gate keeps the same limits and errors):
   into; everything else is relayed at once, untouched, and never waits for a load.
 - A client that disconnects cancels its request, wherever it is: waiting for room,
   waiting for Ollama, or streaming (a load dies with its client, api-facts gotcha 4).
-- No Ollama known, or Ollama unreachable: 502 with {"error": "..."}. A request the gate
+- No Ollama known, or Ollama unreachable: 502 with {"error": "..."}; the error names the
+  service, never its address (the upstream URL and the cause go to the log only). A request the gate
   refuses: 400, 405, 413, 431, 501, 503 or 505 with {"error": "..."}, and the connection
   is closed.
 - Every buffer, wait and the number of connections is bounded (http11.Limits,
@@ -395,9 +396,9 @@ class Proxy:
                 on_head: Callable[[], None] | None, upstream_url: str | None = None
             ) -> bool:
                 target = origin if upstream_url is None else self._origin_at(upstream_url)
-                if target is None:
+                if target is None:  # `_origin_at` logged the URL and why
                     self._stats.upstream_errors_total += 1
-                    return await self._reply_502(ex, f"{upstream_url!r} is not a usable URL")
+                    return await self._reply_502(ex, self._unreachable())
                 return await self._forward(ex, body, target, on_head)
 
             return await self._admit(load, forward)
@@ -492,9 +493,15 @@ class Proxy:
             self._origins[url] = origin
         return origin
 
+    def _unreachable(self) -> str:
+        """The 502's error when the upstream could not be reached or broke: the client
+        learns which service, never its internal address (that, and the cause, are in
+        the supervisor's log)."""
+        return f"could not reach {self.upstream_name}; the supervisor's log says why"
+
     async def _reply_502(self, ex: Exchange, message: str) -> bool:
         """502 with the error; True when the connection may go on (the whole request was
-        read)."""
+        read). `message` reaches the client: no internal address in it."""
         keep_alive = ex.client.their_state is h11.DONE and ex.req.http_version == b"1.1"
         body = error_body(f"vram-supervisor gate: {message}")
         close = not keep_alive
@@ -519,7 +526,7 @@ class Proxy:
             self._stats.upstream_errors_total += 1
             what = f"{quoted(ex.req.method, 16)} {quoted(ex.path)}"
             self._upstream_failed(f"{self.upstream_name} did not answer {what}: {exc}")
-            return await self._reply_502(ex, str(exc))
+            return await self._reply_502(ex, self._unreachable())
         self._upstream_answered(origin)
         return True
 
@@ -552,7 +559,7 @@ class Proxy:
             self._stats.upstream_errors_total += 1
             what = f"the WebSocket {quoted(ex.path)}"
             self._upstream_failed(f"{self.upstream_name} did not answer {what}: {exc}")
-            await self._reply_502(ex, str(exc))
+            await self._reply_502(ex, self._unreachable())
             return False
         self._upstream_answered(origin)
         return False
