@@ -186,6 +186,17 @@ class Proxy:
 
     close = stop  # the name cli uses for everything it shuts down
 
+    def is_serving(self) -> bool:
+        """Whether it started and still listens (safe from any thread)."""
+        thread = self._thread
+        return (
+            thread is not None
+            and thread.is_alive()
+            and self._start_error is None
+            and self._stopping is not None
+            and not self._stopping.is_set()
+        )
+
     # ------------------------------------------------------------------ hooks
 
     def _reads_body(self, method: bytes, route: bytes) -> bool:
