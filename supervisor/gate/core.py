@@ -103,6 +103,8 @@ class Proxy:
 
     upstream_name = "the upstream"  # for logs and error answers
     allows_upgrade = False  # relay `Upgrade: websocket` requests (tunnel.py)
+    # GET routes (no query) the subclass may answer itself (`_own_answer`).
+    own_routes: frozenset[bytes] = frozenset()
 
     def __init__(
         self,
@@ -210,6 +212,11 @@ class Proxy:
     async def _admit(self, request: object, forward: Forward) -> bool:
         """Forward (`forward(on_head)`) when the request may go on; returns its result."""
         return await forward(None)
+
+    async def _own_answer(self, ex: Exchange) -> bytes | None:
+        """The JSON body of a 200 the gate answers itself for a GET of `own_routes`
+        (with no body); None: forward the request as any other."""
+        return None
 
     def _on_stop(self) -> None:
         """Called on the loop thread when the proxy stops."""
@@ -401,6 +408,11 @@ class Proxy:
                     raise Refused(400, "an Upgrade request with a body")
                 return await self._tunnel(ex, origin)
             if load is None:
+                own = self.own_routes
+                if own and body == b"" and req.method == b"GET" and route in own:
+                    answer = await self._own_answer(ex)
+                    if answer is not None:
+                        return await self._reply_json(ex, 200, answer)
                 return await self._forward(ex, body, origin)
 
             async def forward(
@@ -513,11 +525,15 @@ class Proxy:
     async def _reply_502(self, ex: Exchange, message: str) -> bool:
         """502 with the error; True when the connection may go on (the whole request was
         read). `message` reaches the client: no internal address in it."""
+        return await self._reply_json(ex, 502, error_body(f"vram-supervisor gate: {message}"))
+
+    async def _reply_json(self, ex: Exchange, status: int, body: bytes) -> bool:
+        """An answer of the gate's own with a JSON body; True when the connection may go
+        on (the whole request was read)."""
         keep_alive = ex.client.their_state is h11.DONE and ex.req.http_version == b"1.1"
-        body = error_body(f"vram-supervisor gate: {message}")
-        close = not keep_alive
-        headers = error_headers(body, close=close)
-        await ex.send(h11.Response(status_code=502, headers=headers, reason=b"Bad Gateway"))
+        headers = error_headers(body, close=not keep_alive)
+        reason = HTTPStatus(status).phrase.encode()
+        await ex.send(h11.Response(status_code=status, headers=headers, reason=reason))
         await ex.send(h11.Data(data=body))
         await ex.send(h11.EndOfMessage())
         return keep_alive
