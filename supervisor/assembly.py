@@ -131,6 +131,8 @@ class Assembly:
                 daemon.gate_status = lambda: gate_json(
                     gate.stats(), host=s.gate_host, port=gate.port, wait_s=s.gate_wait_s
                 )
+                # The policy counts Ollama as gated only while this gate serves.
+                daemon.ollama_gate_serving = gate.is_serving
                 # A model the supervisor unloads stops counting as resident for the gate.
                 daemon.actor.unload_listeners.append(gate.forget_resident)
         if s.comfyui_gate_port is not None:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from loguru import logger
@@ -87,6 +88,10 @@ class Daemon:
             metrics.watch_docker_events(lambda: bool(source.connected))
         # Set by cli when the gate runs: its state for /status (see snapshot.gate_json).
         self.gate_status: Callable[[], dict[str, Any]] | None = None
+        # Set by the assembly once the Ollama gate started: whether it serves now
+        # (`Observation.ollama_gated`). VRAM_GATE_PORT alone does not make Ollama gated.
+        self.ollama_gate_serving: Callable[[], bool] | None = None
+        self._said_gate_off = False  # logged that VRAM_GATE_PORT is set but no gate serves
         self._clock = clock
         self._wall = wall_clock
         self._wake = threading.Event()
@@ -204,6 +209,7 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.record_outcome(outcome, trigger_at=outcome.at)
         obs = self.observe()
+        self._say_if_the_gate_is_off(obs)
         decision = self._decide(obs, self._state, self.settings, self._clock())
         self._state = decision.state
         for note in decision.notes:
@@ -234,6 +240,19 @@ class Daemon:
                 self.metrics.set_docker_reconnects(self._events.reconnects)
         return decision
 
+    def _say_if_the_gate_is_off(self, obs: Observation) -> None:
+        """Once (again after the gate served meanwhile): VRAM_GATE_PORT is set but no Ollama
+        gate serves, so the policy's trigger 4 acts as it does without a gate."""
+        is_off = self.settings.gate_port is not None and not obs.ollama_gated
+        if is_off and not self._said_gate_off:
+            logger.warning(
+                f"VRAM_GATE_PORT={self.settings.gate_port} is set, but the Ollama gate is not "
+                "serving: trigger 4 acts as it does without a gate (it leaves idle Ollama "
+                "models loaded for a ComfyUI job under Dynamic VRAM, since nothing would hold "
+                "a reload during the job until there is room)"
+            )
+        self._said_gate_off = is_off
+
     def _skip(self, action: Action, why: str) -> None:
         """Tell the policy an action it decided was not carried out, so the episode it
         opened closes now instead of waiting EPISODE_STALE_S for an outcome."""
@@ -250,6 +269,9 @@ class Daemon:
     def observe(self) -> Observation:
         """One observation (also what `status` and `free` use without the loop)."""
         obs = self._observer.observe()
+        serving = self.ollama_gate_serving
+        if serving is not None and serving():
+            obs = replace(obs, ollama_gated=True)
         with self._lock:
             self._last_obs = obs
         return obs

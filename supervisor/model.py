@@ -384,6 +384,9 @@ class Observation:
     job_servers: tuple[JobServerObservation, ...] = ()  # the other registry kinds
     docker_ok: bool | None = None  # None: Docker not in use (fixed URLs only)
     wall_at: float | None = None  # Unix time of the pass (to judge Ollama's expires_at)
+    # The Ollama gate (VRAM_GATE_PORT) serves now: it started and listens. VRAM_GATE_PORT
+    # alone does not say so (a gate that did not start holds no load for room).
+    ollama_gated: bool = False
 
 
 # --------------------------------------------------------------------------- decisions

@@ -16,7 +16,10 @@ Policy:
 - Never a model serving a request: one the Ollama gate has a request in flight for, or
   one still listed past its expires_at (api-facts gotcha 6). While such a model holds
   the room the job needs, it is looked at again every BUSY_POLL_S until the deadline
-  (VRAM_GATE_WAIT) and unloaded once its request is done. Never under
+  (VRAM_GATE_WAIT) and unloaded once its request is done. When even those models (with
+  the ones the actor refused a moment ago) could not make the room, their sizes all
+  known, nothing is waited for: the job goes on at once (it would page all the same,
+  only later). Never under
   VRAM_PRIORITY=ollama: Ollama keeps its models and the job may run in low-VRAM mode.
 - The unloads share the Actor's lock with the loop; each one is reported through
   `on_outcome` so the policy counts it. In dry run it stops after the first "would unload".
@@ -35,9 +38,23 @@ from supervisor.gate.admission import model_key
 from supervisor.model import Outcome, UnloadModel, UnloadOllama
 from supervisor.ollama_actions import RECOVERY_WAIT_S
 from supervisor.policy.guards import expiry_key, seems_busy
+from supervisor.units import format_bytes
 
 BUSY_POLL_S = 0.25  # how often a model serving a request is looked at again
 REFUSED_RETRY_S = 2.0  # a model the actor refused to unload is asked again after this
+
+
+class _HeldBack:
+    """The models one look could not unload yet (serving a request, or refused by the
+    actor a moment ago) and what they hold together (None: some size is unknown)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.bytes: int | None = 0
+
+    def add(self, name: str, size: int | None) -> None:
+        self.names.append(name)
+        self.bytes = None if size is None or self.bytes is None else self.bytes + size
 
 
 class OllamaRoomMaker:
@@ -108,11 +125,26 @@ class OllamaRoomMaker:
         said: set[str] = set()  # what was already logged (models serving a request ...)
         refused: dict[str, float] = {}  # "key|model" -> when the actor last refused it
         while True:
-            done, is_blocked = self._make_room_once(need_bytes, reason, end, said, refused)
-            if done or not is_blocked or self._clock() >= end:
+            done, held_back = self._make_room_once(need_bytes, reason, end, said, refused)
+            if done or held_back is None or self._clock() >= end:
                 return done
+            if self._short_anyway(need_bytes, held_back, reason):
+                return False
             if not self._actor.wait(min(BUSY_POLL_S, max(0.0, end - self._clock()))):
                 return False
+
+    def _short_anyway(self, need_bytes: int, held_back: _HeldBack, reason: str) -> bool:
+        """Whether the room would fall short even with every model held back now unloaded
+        (each one's size known): then waiting for them only delays the job."""
+        room = self.free_bytes()
+        if held_back.bytes is None or room is None or room + held_back.bytes >= need_bytes:
+            return False
+        logger.info(
+            f"Gate: not waiting for {', '.join(held_back.names)} for {reason}: with them "
+            f"unloaded the room would still be {format_bytes(room + held_back.bytes)} of the "
+            f"{format_bytes(need_bytes)} needed; forwarding now"
+        )
+        return True
 
     def _make_room_once(
         self,
@@ -121,12 +153,14 @@ class OllamaRoomMaker:
         end: float,
         said: set[str],
         refused: dict[str, float],
-    ) -> tuple[bool, bool]:
-        """One pass over the models: (whether the room covers the need now, whether a
-        model serving a request held some of the room)."""
+    ) -> tuple[bool, _HeldBack | None]:
+        """One pass over the models: whether the room covers the need now, and the models
+        a request held back (serving one, or refused by the actor a moment ago; None:
+        none serving a request, so waiting gains nothing)."""
+        held = _HeldBack()
         is_blocked = False
         if self._covers(need_bytes):
-            return True, is_blocked
+            return True, None
         targets = self._actor.targets()
         comfy_key, comfy_gpus = self._comfy()
         comfy = targets.comfyuis.get(comfy_key) if comfy_key is not None else None
@@ -151,7 +185,7 @@ class OllamaRoomMaker:
                     f"{settings.priority} keeps them (the job may run in low-VRAM mode)"
                 )
             if not others:
-                return False, False
+                return False, None
         for key, (spec, ollama) in yielding.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue  # another GPU: unloading it gives ComfyUI nothing
@@ -159,6 +193,7 @@ class OllamaRoomMaker:
                 models = ollama.ps()
             except ServiceError as exc:
                 logger.debug(f"Gate: cannot read /api/ps of {spec.name}: {exc}")
+                held.bytes = None  # what it holds is unknown: waiting may still help
                 continue
             wall = self._actor.wall_clock()
             busy = self._busy_models()
@@ -174,6 +209,9 @@ class OllamaRoomMaker:
             )
             skipped = [m.name for m in models if m not in idle and m.size_vram_bytes > 0]
             is_blocked = is_blocked or bool(skipped)
+            for m in models:
+                if m.name in skipped:
+                    held.add(m.name, m.size_vram_bytes)
             if set(skipped) - said:
                 said.update(skipped)
                 logger.info(
@@ -182,21 +220,23 @@ class OllamaRoomMaker:
             for m in idle:
                 left = end - self._clock()
                 if left <= 0 or not self._actor.lock.acquire(timeout=left):
-                    return False, False
+                    return False, None
                 try:
                     if self._covers(need_bytes):
-                        return True, False
+                        return True, None
                     free_before = self._actor.probe.free_bytes(comfy_gpus)
                     outcome = self._actor.execute(UnloadOllama(key, m.name, reason))
                 finally:
                     self._actor.lock.release()
                 self._on_outcome(outcome)
                 if outcome.dry_run:
-                    return False, False
+                    return False, None
+                if not outcome.ok:
+                    held.add(m.name, m.size_vram_bytes)  # tried again at the next look
                 if outcome.ok and free_before is not None:
                     self._wait_recovered(comfy_gpus, free_before + m.size_vram_bytes * 9 // 10, end)
                 if self._covers(need_bytes):
-                    return True, False
+                    return True, None
         for key, (spec, server) in others.items():
             if comfy_gpus and spec.gpu_uuids and not set(comfy_gpus) & set(spec.gpu_uuids):
                 continue
@@ -204,6 +244,7 @@ class OllamaRoomMaker:
                 state = server.served()
             except ServiceError as exc:
                 logger.debug(f"Gate: cannot read {key}: {exc}")
+                held.bytes = None  # what it holds is unknown: waiting may still help
                 continue
             if not state.can_unload:
                 continue
@@ -212,16 +253,18 @@ class OllamaRoomMaker:
                     continue
                 if x.is_loading or x.busy is True:
                     is_blocked = True  # serving (or loading for) a request
+                    held.add(x.name, None if x.is_loading else x.size_bytes)
                     continue
                 last = refused.get(f"{key}|{x.name}")
                 if last is not None and self._clock() - last < REFUSED_RETRY_S:
+                    held.add(x.name, x.size_bytes)  # may be unloaded at the next try
                     continue  # the actor refused it a moment ago (busy, or busy unknown)
                 left = end - self._clock()
                 if left <= 0 or not self._actor.lock.acquire(timeout=left):
-                    return False, False
+                    return False, None
                 try:
                     if self._covers(need_bytes):
-                        return True, False
+                        return True, None
                     # The actor reads again that the model serves no request, first.
                     outcome = self._actor.execute(UnloadModel(key, x.name, reason))
                 finally:
@@ -229,8 +272,11 @@ class OllamaRoomMaker:
                 self._on_outcome(outcome)
                 if not outcome.ok:  # asked again after REFUSED_RETRY_S, not on every look
                     refused[f"{key}|{x.name}"] = self._clock()
+                    held.add(x.name, x.size_bytes)
                 if outcome.dry_run:
-                    return False, False
+                    return False, None
                 if self._covers(need_bytes):
-                    return True, False
-        return self._covers(need_bytes), is_blocked
+                    return True, None
+        if self._covers(need_bytes):
+            return True, None
+        return False, held if is_blocked else None

@@ -11,7 +11,8 @@ Policy (the Ollama gate's; the image gate keeps the same limits and errors):
   into; everything else is relayed at once, untouched, and never waits for a load.
 - A client that disconnects cancels its request, wherever it is: waiting for room,
   waiting for Ollama, or streaming (a load dies with its client, api-facts gotcha 4).
-- No Ollama known, or Ollama unreachable: 502 with {"error": "..."}. A request the gate
+- No Ollama known, or Ollama unreachable: 502 with {"error": "..."}; the error names the
+  service, never its address (the upstream URL and the cause go to the log only). A request the gate
   refuses: 400, 405, 413, 431, 501, 503 or 505 with {"error": "..."}, and the connection
   is closed.
 - Every buffer, wait and the number of connections is bounded (http11.Limits,
@@ -102,6 +103,8 @@ class Proxy:
 
     upstream_name = "the upstream"  # for logs and error answers
     allows_upgrade = False  # relay `Upgrade: websocket` requests (tunnel.py)
+    # GET routes (no query) the subclass may answer itself (`_own_answer`).
+    own_routes: frozenset[bytes] = frozenset()
 
     def __init__(
         self,
@@ -185,6 +188,17 @@ class Proxy:
 
     close = stop  # the name cli uses for everything it shuts down
 
+    def is_serving(self) -> bool:
+        """Whether it started and still listens (safe from any thread)."""
+        thread = self._thread
+        return (
+            thread is not None
+            and thread.is_alive()
+            and self._start_error is None
+            and self._stopping is not None
+            and not self._stopping.is_set()
+        )
+
     # ------------------------------------------------------------------ hooks
 
     def _reads_body(self, method: bytes, route: bytes) -> bool:
@@ -198,6 +212,11 @@ class Proxy:
     async def _admit(self, request: object, forward: Forward) -> bool:
         """Forward (`forward(on_head)`) when the request may go on; returns its result."""
         return await forward(None)
+
+    async def _own_answer(self, ex: Exchange) -> bytes | None:
+        """The JSON body of a 200 the gate answers itself for a GET of `own_routes`
+        (with no body); None: forward the request as any other."""
+        return None
 
     def _on_stop(self) -> None:
         """Called on the loop thread when the proxy stops."""
@@ -389,15 +408,20 @@ class Proxy:
                     raise Refused(400, "an Upgrade request with a body")
                 return await self._tunnel(ex, origin)
             if load is None:
+                own = self.own_routes
+                if own and body == b"" and req.method == b"GET" and route in own:
+                    answer = await self._own_answer(ex)
+                    if answer is not None:
+                        return await self._reply_json(ex, 200, answer)
                 return await self._forward(ex, body, origin)
 
             async def forward(
                 on_head: Callable[[], None] | None, upstream_url: str | None = None
             ) -> bool:
                 target = origin if upstream_url is None else self._origin_at(upstream_url)
-                if target is None:
+                if target is None:  # `_origin_at` logged the URL and why
                     self._stats.upstream_errors_total += 1
-                    return await self._reply_502(ex, f"{upstream_url!r} is not a usable URL")
+                    return await self._reply_502(ex, self._unreachable())
                 return await self._forward(ex, body, target, on_head)
 
             return await self._admit(load, forward)
@@ -492,14 +516,24 @@ class Proxy:
             self._origins[url] = origin
         return origin
 
+    def _unreachable(self) -> str:
+        """The 502's error when the upstream could not be reached or broke: the client
+        learns which service, never its internal address (that, and the cause, are in
+        the supervisor's log)."""
+        return f"could not reach {self.upstream_name}; the supervisor's log says why"
+
     async def _reply_502(self, ex: Exchange, message: str) -> bool:
         """502 with the error; True when the connection may go on (the whole request was
-        read)."""
+        read). `message` reaches the client: no internal address in it."""
+        return await self._reply_json(ex, 502, error_body(f"vram-supervisor gate: {message}"))
+
+    async def _reply_json(self, ex: Exchange, status: int, body: bytes) -> bool:
+        """An answer of the gate's own with a JSON body; True when the connection may go
+        on (the whole request was read)."""
         keep_alive = ex.client.their_state is h11.DONE and ex.req.http_version == b"1.1"
-        body = error_body(f"vram-supervisor gate: {message}")
-        close = not keep_alive
-        headers = error_headers(body, close=close)
-        await ex.send(h11.Response(status_code=502, headers=headers, reason=b"Bad Gateway"))
+        headers = error_headers(body, close=not keep_alive)
+        reason = HTTPStatus(status).phrase.encode()
+        await ex.send(h11.Response(status_code=status, headers=headers, reason=reason))
         await ex.send(h11.Data(data=body))
         await ex.send(h11.EndOfMessage())
         return keep_alive
@@ -519,7 +553,7 @@ class Proxy:
             self._stats.upstream_errors_total += 1
             what = f"{quoted(ex.req.method, 16)} {quoted(ex.path)}"
             self._upstream_failed(f"{self.upstream_name} did not answer {what}: {exc}")
-            return await self._reply_502(ex, str(exc))
+            return await self._reply_502(ex, self._unreachable())
         self._upstream_answered(origin)
         return True
 
@@ -552,7 +586,7 @@ class Proxy:
             self._stats.upstream_errors_total += 1
             what = f"the WebSocket {quoted(ex.path)}"
             self._upstream_failed(f"{self.upstream_name} did not answer {what}: {exc}")
-            await self._reply_502(ex, str(exc))
+            await self._reply_502(ex, self._unreachable())
             return False
         self._upstream_answered(origin)
         return False

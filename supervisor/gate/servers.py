@@ -10,6 +10,13 @@ VRAM_GATE_HOST. Policy:
   it (or none can be read), to the first server, which answers as it would directly.
   Everything else (requests that name no model) goes to the first server. With one
   server of the role nothing is read for routing.
+- The model list (`GET /v1/models`, `GET /models`: LIST_ROUTES) with several servers is
+  answered by the gate: it asks every server (the client's headers, its query, at once,
+  each within LIST_TIMEOUT_S and LIST_MAX_BYTES) and answers
+  `{"object": "list", "data": [...]}` with every entry of those that answered 200 with
+  an OpenAI list, in server order, an id listed twice kept once (the first server's
+  entry). A server that fails is left out (logged at debug); when none answers, the
+  request goes to the first server, which answers as it would directly.
 - The requests that make the server load a model are its kind's `ModelRoutes`: POST
   routes whose JSON body (or multipart form) names the model in `model`. Those bodies are
   read whole (with the Ollama gate's limits); everything else is relayed at once,
@@ -35,18 +42,22 @@ VRAM_GATE_HOST. Policy:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import httpx
 from loguru import logger
 
+from supervisor.clients._http import shared_tls
 from supervisor.errors import ServiceError
 from supervisor.gate.admission import Forward, make_room_within
 from supervisor.gate.core import Proxy
-from supervisor.gate.http11 import Fields, Limits, header_value
+from supervisor.gate.http11 import REQUEST_DROP, Fields, Limits, connection_tokens, header_value
 from supervisor.gate.load_request import LoadRequest, parse_load_request
+from supervisor.gate.relay import Exchange
 from supervisor.gate.stats import Counters, InFlight
 from supervisor.ports import ModelServerApi
 from supervisor.tenants import ModelRoutes
@@ -55,6 +66,11 @@ log = logger.bind(component="gate")
 
 SERVED_TTL_S = 0.5  # how long a read of the server's models is reused
 MODELS_TTL_S = 5.0  # how long a server's list of the models it serves is reused (routing)
+LIST_ROUTES = frozenset({b"/v1/models", b"/models"})  # answered with every server's models
+LIST_TIMEOUT_S = 5.0  # each server's list, whole, within this
+LIST_MAX_BYTES = 8 * 1024 * 1024  # a longer list is left out
+# Not sent on to the servers when the gate asks them for their lists itself.
+_LIST_DROP = REQUEST_DROP | {b"accept-encoding"}
 
 # A server the gate can forward to: (service key, base URL, client).
 Server = tuple[str, str, ModelServerApi]
@@ -72,6 +88,8 @@ def _as_sent(model: str) -> str:
 
 class ServerGate(Proxy):
     """`Proxy` in front of one model server of a registry kind; see the module doc."""
+
+    own_routes = LIST_ROUTES
 
     def __init__(
         self,
@@ -184,6 +202,33 @@ class ServerGate(Proxy):
         finally:
             release()
 
+    async def _own_answer(self, ex: Exchange) -> bytes | None:
+        """With several servers, the union of their model lists (see the module doc)."""
+        servers = self._servers()
+        if len(servers) < 2:
+            return None
+        tokens = connection_tokens(ex.fields)
+        headers = [
+            (name, value)
+            for low, name, value in ex.fields
+            if low not in _LIST_DROP and low not in tokens
+        ]
+        path = ex.path.decode("latin-1")
+        async with httpx.AsyncClient(verify=shared_tls(), timeout=LIST_TIMEOUT_S) as client:
+            lists = await asyncio.gather(
+                *(_model_list(client, key, url, path, headers) for key, url, _ in servers)
+            )
+        entries: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for listed in lists:
+            for entry in listed or ():
+                if entry["id"] not in seen:
+                    seen.add(entry["id"])
+                    entries.append(entry)
+        if all(listed is None for listed in lists):
+            return None
+        return json.dumps({"object": "list", "data": entries}).encode()
+
     def _owner(self, servers: tuple[Server, ...], model: str) -> Server:
         """The first server that lists `model` among those it serves; else the first."""
         for gone in set(self._lists) - {key for key, _, _ in servers}:
@@ -242,3 +287,30 @@ class ServerGate(Proxy):
             log.info(f"Gate: woke {model} on {key} after making room")
         except ServiceError as exc:
             log.warning(f"Gate: could not wake {model} on {key}: {exc}; forwarding anyway")
+
+
+async def _model_list(
+    client: httpx.AsyncClient, key: str, url: str, path: str, headers: list[tuple[bytes, bytes]]
+) -> list[dict[str, Any]] | None:
+    """The entries of one server's OpenAI model list (`data`, each with a string `id`);
+    None when it does not answer one in time (logged at debug)."""
+    try:
+        async with asyncio.timeout(LIST_TIMEOUT_S):
+            async with client.stream("GET", url.rstrip("/") + path, headers=headers) as r:
+                if r.status_code != 200:
+                    raise ValueError(f"HTTP {r.status_code}")
+                body = bytearray()
+                async for piece in r.aiter_bytes():
+                    body += piece
+                    if len(body) > LIST_MAX_BYTES:
+                        raise ValueError(f"a list over {LIST_MAX_BYTES} bytes")
+        data = json.loads(body)
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
+        ):
+            raise ValueError("not an OpenAI model list")
+        return entries
+    except (httpx.HTTPError, TimeoutError, ValueError) as exc:  # JSONDecodeError too
+        log.debug(f"Gate: left the models of {key} out of the list: {exc or type(exc).__name__}")
+        return None

@@ -13,7 +13,8 @@ Evaluated per GPU (a service with no GPU list shares every GPU):
    goes last, after unknown expiries and keep_alive forever (about year 2318); it is
    unloaded only when nothing else frees enough. At most one unload round
    per VRAM_MIN_FREE_INTERVAL (`last_unload_at`). Never under priority `ollama`, nor
-   without the gate for ComfyUIs under Dynamic VRAM that do not rank above the Ollama
+   without a serving Ollama gate (`Observation.ollama_gated`, not VRAM_GATE_PORT alone)
+   for ComfyUIs under Dynamic VRAM that do not rank above the Ollama
    (`pages_rather_than_spill`: their jobs page instead, while a reload during the job
    would spill).
 
@@ -281,17 +282,22 @@ def unload_for_comfy(p: Pass) -> None:
                     f"Not unloading {kind} models: {situation}, but priority {s.priority} "
                     "never unloads them for ComfyUI"
                 )
+        gated = p.obs.ollama_gated
         kept = [
-            c for c in yields if c.spills_without_gate and pages_rather_than_spill(s, c.spec, busy)
+            c
+            for c in yields
+            if c.spills_without_gate and pages_rather_than_spill(gated, s, c.spec, busy)
         ]
+        no_gate = "no gate (VRAM_GATE_PORT)"
+        if s.gate_port is not None:
+            no_gate = "no gate (VRAM_GATE_PORT is set, but the gate is not serving)"
         for kind in _named_kinds(kept):
             names = ", ".join(sorted({c.model for c in kept if c.title == kind}))
             p.skip(
                 f"Not unloading {kind} models ({names}): {situation}, but under Dynamic VRAM "
                 "the job pages its weights (it runs slower), while a chat that loads an "
                 "unloaded model again during the job would spill to the CPU for as long as "
-                "it stays loaded; no gate (VRAM_GATE_PORT) holds such a load until there "
-                "is room"
+                f"it stays loaded; {no_gate} holds such a load until there is room"
             )
         yields = [c for c in yields if c not in kept]
         if not yields:
@@ -322,10 +328,14 @@ def unload_for_comfy(p: Pass) -> None:
 
 
 def pages_rather_than_spill(
-    s: Settings, ollama: ServiceSpec, busy: list[ComfyObservation | JobServerObservation]
+    gated: bool,
+    s: Settings,
+    ollama: ServiceSpec,
+    busy: list[ComfyObservation | JobServerObservation],
 ) -> bool:
-    """Trigger 4 leaves this Ollama's idle models loaded: no gate stands in front of
-    Ollama (VRAM_GATE_PORT unset), every job server with work is a ComfyUI under Dynamic
+    """Trigger 4 leaves this Ollama's idle models loaded: no gate serves in front of
+    Ollama (`gated`: `Observation.ollama_gated`; VRAM_GATE_PORT unset, or set but the gate
+    did not start), every job server with work is a ComfyUI under Dynamic
     VRAM, and none of them ranks above the Ollama (VRAM_PRIORITY=comfyui, or a higher
     label, still unloads for it).
 
@@ -336,7 +346,7 @@ def pages_rather_than_spill(
     included, until the model is loaded again (api-facts-2026 section 1), and its requests
     then keep it busy at CPU speed, so no heal can take effect. A paged job costs less than
     that. With the gate, the reload waits for room, so the unload stays."""
-    return s.gate_port is None and all(
+    return not gated and all(
         isinstance(c, ComfyObservation)
         and c.mode is ComfyMode.DYNAMIC
         and not s.outranks(c.status.spec, ollama)

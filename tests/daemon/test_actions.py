@@ -10,6 +10,7 @@ import pytest
 from supervisor.actions import Actor
 from supervisor.config import Settings, load_settings
 from supervisor.errors import DockerUnavailable, ServiceError
+from supervisor.gate.admission import model_key
 from supervisor.model import (
     FreeComfy,
     FreeResult,
@@ -29,6 +30,7 @@ from supervisor.ollama_actions import reload_keep_alive, restore_keep_alive
 from supervisor.ollama_profile import ollama_profile
 from supervisor.ports import LoadRoom, Reading, Targets
 from supervisor.room import ComfyRoomMaker
+from supervisor.room_image import OllamaRoomMaker
 from supervisor.units import format_bytes
 from tests.daemon.conftest import World, has
 from tests.daemon.fakes import (
@@ -634,6 +636,45 @@ def test_room_maker_waits_for_a_busy_comfyui_to_finish_then_frees_it(
         "llama3.2:latest"
     )
     assert sum(waiting in line for line in logs) == 1
+
+
+@pytest.mark.parametrize("short_by_gib", [8, 2], ids=["busy-model-too-small", "it-covers"])
+def test_image_room_maker_waits_for_a_busy_model_only_when_it_would_make_the_room(
+    world: World, logs: list[str], short_by_gib: int
+) -> None:
+    """A model serving a request holds 4 GiB of the card. When the job is 2 GiB short the
+    image gate waits for the chat to end (5 s), then unloads the model: the job starts
+    unpaged. When it is 8 GiB short, unloading that model would not make the room either:
+    the gate does not look again every 0.25 s until VRAM_GATE_WAIT (30 s) for nothing,
+    it says why and the job goes on at once (before, it was held the whole 30 s)."""
+    world.ollama.load("llama3.2:latest")  # 4 GiB on the GPU
+    chat_ends = world.clock.now + 5
+    actor, _ = make_actor(world)
+
+    def busy() -> frozenset[str]:
+        return frozenset({model_key("llama3.2:latest")} if world.clock.now < chat_ends else ())
+
+    maker = OllamaRoomMaker(actor, busy, world.clock)
+    room = maker.free_bytes()
+    assert room is not None
+    reads: list[float] = []
+    ps = world.ollama.ps
+
+    def counted_ps() -> tuple[OllamaModel, ...]:
+        reads.append(world.clock.now)
+        return ps()
+
+    world.ollama.ps = counted_ps  # type: ignore[method-assign]
+    started = world.clock.now
+    done = maker.make_room(room + short_by_gib * GIB, reason="an image job", deadline_s=30)
+    if short_by_gib == 8:
+        assert not done and world.ollama.unload_calls == []
+        assert world.clock.now - started < 1 and len(reads) == 1
+        assert has(logs, "Gate: not waiting for llama3.2:latest for an image job")
+    else:
+        assert done and world.ollama.unload_calls == ["llama3.2:latest"]
+        assert world.clock.now >= chat_ends
+        assert not has(logs, "Gate: not waiting for")
 
 
 def test_room_maker_waits_for_a_prompt_that_started_between_its_look_and_its_free(

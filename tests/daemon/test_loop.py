@@ -491,24 +491,35 @@ def test_health_and_snapshot(world: World) -> None:
     assert snap["docker"]["state"] == "ok"
 
 
-@pytest.mark.parametrize("gate_port", [None, 11435], ids=["no-gate", "gate"])
-def test_unload_for_a_busy_comfyui(world: World, logs: list[str], gate_port: int | None) -> None:
+@pytest.mark.parametrize(
+    ("gate_port", "serving"),
+    [(None, False), (11435, True), (11435, False)],
+    ids=["no-gate", "gate", "gate-port-set-but-the-gate-did-not-start"],
+)
+def test_unload_for_a_busy_comfyui(
+    world: World, logs: list[str], gate_port: int | None, serving: bool
+) -> None:
     """ComfyUI has work and the GPU is full: idle Ollama models are unloaded, except for a
-    Dynamic VRAM ComfyUI without the gate (its job pages; a reload during it would spill)."""
+    Dynamic VRAM ComfyUI without a serving gate (its job pages; a reload during it would
+    spill). VRAM_GATE_PORT alone is not a gate: one that did not start holds no reload."""
     world.gpu.total_bytes = 20 * GIB
     world.ollama.load("llama3.2:latest")
     world.ollama.load("qwen:latest", size_bytes=3 * GIB)
     world.comfy.start_prompt(120)
     daemon = world.daemon(settings=replace(Settings(), gate_port=gate_port))
+    if serving:
+        daemon.ollama_gate_serving = lambda: True  # as the assembly sets it once started
     daemon.run_once()
     world.clock.sleep(1)
     daemon.run_once()
-    if world.comfy.dynamic_vram and gate_port is None:
+    if world.comfy.dynamic_vram and not serving:
         assert world.ollama.unload_calls == [], logs
         assert any("under Dynamic VRAM the job pages its weights" in line for line in logs)
     else:
         assert world.ollama.unload_calls, logs
     assert world.comfy.free_calls == []  # a busy ComfyUI is not freed under balanced
+    said = sum("the Ollama gate is not serving: trigger 4 acts as" in line for line in logs)
+    assert said == (1 if gate_port is not None and not serving else 0)  # once, not per pass
     assert Role.OLLAMA  # (keeps the import meaningful for readers of the scenario)
 
 

@@ -58,3 +58,25 @@ def test_the_image_gate_forwards_to_the_fixed_url_before_the_first_pass(host: Si
     finally:
         gate.stop()
     assert r.status_code == 200 and r.json()["devices"]
+
+
+def test_the_policy_sees_the_ollama_gate_only_while_it_serves(host: SimHost) -> None:
+    """VRAM_GATE_PORT alone is no gate: the loop's observation says Ollama is gated once
+    the gate listens, and no longer once it stopped (trigger 4 then acts as without one)."""
+    from supervisor.assembly import Assembly
+
+    settings = Settings(
+        ollama_url=host.ollama_url,
+        comfyui_url=host.comfyui_url,
+        gate_port=0,
+        gate_host="127.0.0.1",
+    )
+    assembly = Assembly(settings, nvml=False)
+    assert not assembly.daemon.observe().ollama_gated  # not started yet
+    assembly.start()
+    try:
+        assert assembly.daemon.observe().ollama_gated
+        assembly.gate.stop()
+        assert not assembly.daemon.observe().ollama_gated
+    finally:
+        assembly.stop()

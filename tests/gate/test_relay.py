@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from loguru import logger
 
 from supervisor.gate import Gate
 from tests.gate.fakes import GIB, Env, FakeOllamaApi, FakeRoom, Timeline, Upstream, make_env
@@ -345,9 +346,27 @@ def test_upstream_down_is_a_502_with_a_json_error(
         again = client.get(f"http://127.0.0.1:{dead_gate.port}/api/version")
 
     assert r.status_code == 502
-    assert "cannot connect" in r.json()["error"]
+    assert r.json() == {
+        "error": "vram-supervisor gate: could not reach Ollama; the supervisor's log says why"
+    }
     assert again.status_code == 502  # the connection to the gate stays usable
     assert dead_gate.stats().upstream_errors_total == 2
+
+
+def test_a_502_names_no_internal_address_the_log_does(dead_gate: Gate, dead_url: str) -> None:
+    """The client learns that Ollama could not be reached, not where the supervisor looks
+    for it (an internal address and port); whoever reads the log sees both."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}")
+    try:
+        r = httpx.get(f"http://127.0.0.1:{dead_gate.port}/api/tags", timeout=10)
+    finally:
+        logger.remove(sink)
+
+    assert r.status_code == 502
+    port = dead_url.rsplit(":", 1)[1]
+    assert "127.0.0.1" not in r.text and port not in r.text
+    assert any(f"cannot connect to {dead_url}" in line for line in lines), lines
 
 
 def test_no_known_ollama_is_a_502(timeline: Timeline, upstream: Upstream) -> None:

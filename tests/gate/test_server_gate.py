@@ -6,9 +6,11 @@ is made; a server that cannot be read does not hold anything."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +23,7 @@ from supervisor.sim import SimHost
 from supervisor.sim.gpu import GIB, open_gpu
 from supervisor.sim.llama_server import FakeLlamaServer, LlamaServerConfig
 from supervisor.tenants import kind_of
+from tests.gate.rawnet import RawUpstream, Seen
 
 
 class Server:
@@ -243,6 +246,120 @@ def test_routing_survives_a_server_whose_list_cannot_be_read(
         gate.stop()
         dead.close()
     assert requests_of(fake) == before + 1
+
+
+def list_gate(servers: list[tuple[str, str, LlamaServerClient]]) -> ServerGate:
+    kind = kind_of("llama-server")
+    gate = ServerGate(
+        title=kind.title,
+        routes=kind.routes,
+        servers=lambda: servers,
+        room=Room(Server("none")),
+        port=0,
+    )
+    gate.start()
+    return gate
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/models"])
+def test_the_model_list_through_the_gate_has_every_servers_models(
+    two_servers: list[tuple[str, str, LlamaServerClient, FakeLlamaServer]], path: str
+) -> None:
+    """A client that asks the gate which models there are (Open WebUI's model picker)
+    sees every server's, in server order, an id listed twice once; before, only the first
+    server's list came back, and the second server's model could not be picked."""
+    servers = [(key, url, client) for key, url, client, _ in two_servers]
+    gate = list_gate([*servers, servers[0]])  # the first one again: its model once
+    try:
+        r = httpx.get(f"http://127.0.0.1:{gate.port}{path}", timeout=30)
+    finally:
+        gate.stop()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    listed = r.json()
+    assert listed["object"] == "list"
+    assert [e["id"] for e in listed["data"]] == ["llama3.2:latest", "llama3.1:8b"]
+    assert all(e["object"] == "model" for e in listed["data"])  # each server's entry as is
+
+
+def test_the_model_list_leaves_out_a_server_that_does_not_answer(
+    two_servers: list[tuple[str, str, LlamaServerClient, FakeLlamaServer]],
+) -> None:
+    key, url, client, _ = two_servers[1]
+    dead = LlamaServerClient("http://127.0.0.1:9")  # nothing listens on the discard port
+    gate = list_gate([("llama-server/dead", "http://127.0.0.1:9", dead), (key, url, client)])
+    try:
+        with httpx.Client(timeout=30) as http:
+            r = http.get(f"http://127.0.0.1:{gate.port}/v1/models")
+            again = http.get(f"http://127.0.0.1:{gate.port}/v1/models")  # same connection
+    finally:
+        gate.stop()
+        dead.close()
+    assert r.status_code == 200 and [e["id"] for e in r.json()["data"]] == ["llama3.1:8b"]
+    assert again.status_code == 200
+
+
+def test_with_no_server_answering_the_first_ones_answer_is_passed_on() -> None:
+    dead = [
+        (f"llama-server/dead{i}", f"http://127.0.0.1:{port}", LlamaServerClient("http://x"))
+        for i, port in enumerate((9, 7))
+    ]
+    gate = list_gate(dead)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{gate.port}/v1/models", timeout=30)
+    finally:
+        gate.stop()
+        for _, _, client in dead:
+            client.close()
+    assert r.status_code == 502  # what the first server's address gives, as before
+
+
+def _json_ok(data: object) -> bytes:
+    body = json.dumps(data).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+def test_the_model_list_is_asked_with_the_clients_credentials_and_query() -> None:
+    """Servers started with an API key answer their list only to a client that shows it:
+    the gate asks each with the client's headers (its own Host), and the query goes on
+    (`?reload=1` re-scans a router's sources). An answer that is no model list is left out."""
+
+    def lists(entries: list[dict[str, str]]) -> Any:
+        def script(seen: Seen, sock: object) -> bytes:
+            if (b"authorization", b"Bearer k") not in [(n.lower(), v) for n, v in seen.headers]:
+                return b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+            return _json_ok({"object": "list", "data": entries})
+
+        return script
+
+    a = RawUpstream(script=lists([{"id": "a", "object": "model", "owned_by": "llamacpp"}]))
+    b = RawUpstream(script=lists([{"id": "b", "object": "model", "name": "B"}]))
+    odd = RawUpstream(script=lambda seen, sock: _json_ok({"models": ["c"]}))
+    servers = [(f"llama-server/{u.port}", u.url, LlamaServerClient(u.url)) for u in (a, b, odd)]
+    gate = list_gate(servers)
+    try:
+        url = f"http://127.0.0.1:{gate.port}/v1/models?reload=1"
+        refused = httpx.get(url, timeout=30)
+        r = httpx.get(url, headers={"Authorization": "Bearer k"}, timeout=30)
+    finally:
+        gate.stop()
+        for up in (a, b, odd):
+            up.close()
+        for _, _, client in servers:
+            client.close()
+    assert refused.status_code == 401  # none would list: the first server's answer
+    assert r.status_code == 200
+    assert r.json() == {
+        "object": "list",
+        "data": [
+            {"id": "a", "object": "model", "owned_by": "llamacpp"},
+            {"id": "b", "object": "model", "name": "B"},
+        ],
+    }
+    for up in (a, b):
+        assert {s.target for s in up.seen} == {b"/v1/models?reload=1"}
+        hosts = {v for s in up.seen for n, v in s.headers if n.lower() == b"host"}
+        assert hosts == {f"127.0.0.1:{up.port}".encode()}
 
 
 class Listing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -475,24 +476,50 @@ def test_state_is_replaced_not_mutated() -> None:
 # --- trigger 4 under Dynamic VRAM: without the gate, idle Ollama models stay loaded
 DYN = ComfyMode.DYNAMIC
 GATE = 11435
+# (busy ComfyUIs, VRAM_GATE_PORT, whether the Ollama gate serves, priority, expected)
 T4_DYNAMIC = [
-    pytest.param([comfy(running=1, mode=DYN)], None, BALANCED, [], id="dynamic-busy-no-gate-keeps"),
     pytest.param(
-        [comfy(pending=1, mode=DYN)], None, BALANCED, [], id="dynamic-pending-no-gate-keeps"
+        [comfy(running=1, mode=DYN)], None, False, BALANCED, [], id="dynamic-busy-no-gate-keeps"
+    ),
+    pytest.param(
+        [comfy(pending=1, mode=DYN)],
+        None,
+        False,
+        BALANCED,
+        [],
+        id="dynamic-pending-no-gate-keeps",
     ),
     pytest.param(
         [comfy(running=1, mode=DYN)],
         GATE,
+        True,
         BALANCED,
         ["unload:llama3:8b"],
         id="dynamic-busy-gate-holds-the-reload-unloads",
     ),
     pytest.param(
-        [comfy(running=1)], None, BALANCED, ["unload:llama3:8b"], id="classic-busy-unloads"
+        [comfy(running=1, mode=DYN)],
+        GATE,
+        False,
+        BALANCED,
+        [],
+        id="dynamic-busy-gate-port-set-but-no-gate-serves-keeps",
+    ),
+    pytest.param(
+        [comfy(running=1)], None, False, BALANCED, ["unload:llama3:8b"], id="classic-busy-unloads"
+    ),
+    pytest.param(
+        [comfy(running=1)],
+        GATE,
+        False,
+        BALANCED,
+        ["unload:llama3:8b"],
+        id="classic-busy-gate-not-serving-unloads",
     ),
     pytest.param(
         [comfy(running=1, mode=DYN), comfy("comfy2", running=1)],
         None,
+        False,
         BALANCED,
         ["unload:llama3:8b"],
         id="a-busy-classic-beside-unloads",
@@ -500,6 +527,7 @@ T4_DYNAMIC = [
     pytest.param(
         [comfy(running=1, mode=DYN)],
         None,
+        False,
         COMFY_FIRST,
         ["unload:llama3:8b"],
         id="dynamic-busy-comfyui-ranks-above-unloads",
@@ -507,6 +535,7 @@ T4_DYNAMIC = [
     pytest.param(
         [comfy(running=1, mode=DYN)],
         None,
+        False,
         OLLAMA_FIRST,
         ["free:soft:comfyui"],
         id="dynamic-busy-ollama-first",
@@ -514,12 +543,16 @@ T4_DYNAMIC = [
 ]
 
 
-@pytest.mark.parametrize(("comfys", "gate_port", "priority", "expected"), T4_DYNAMIC)
+@pytest.mark.parametrize(("comfys", "gate_port", "gated", "priority", "expected"), T4_DYNAMIC)
 def test_trigger_4_with_dynamic_vram(
-    comfys: list[ComfyObservation], gate_port: int | None, priority: Priority, expected: list[str]
+    comfys: list[ComfyObservation],
+    gate_port: int | None,
+    gated: bool,
+    priority: Priority,
+    expected: list[str],
 ) -> None:
     d = run(
-        obs(OLD, *comfys, gpus=(gpu(20),)),
+        replace(obs(OLD, *comfys, gpus=(gpu(20),)), ollama_gated=gated),
         baseline(OLD),
         settings(priority=priority, gate_port=gate_port),
     )
@@ -531,3 +564,13 @@ def test_trigger_4_says_why_a_dynamic_vram_job_leaves_ollama_models_loaded() -> 
     assert summary(d) == []
     assert "Not unloading Ollama models (llama3:8b)" in skipped(d)
     assert "Dynamic VRAM" in skipped(d) and "VRAM_GATE_PORT" in skipped(d)
+
+
+def test_trigger_4_says_when_vram_gate_port_is_set_but_no_gate_serves() -> None:
+    d = run(
+        obs(OLD, comfy(running=1, mode=DYN), gpus=(gpu(20),)),
+        baseline(OLD),
+        settings(gate_port=GATE),
+    )
+    assert summary(d) == []
+    assert "VRAM_GATE_PORT is set, but the gate is not serving" in skipped(d)
