@@ -9,7 +9,18 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from test_policy_builders import COMFY, NOW, comfy, gpu
+from test_policy_builders import (
+    COMFY,
+    NOW,
+    baseline,
+    comfy,
+    gpu,
+    model,
+    obs,
+    ollama,
+    run,
+    summary,
+)
 
 from supervisor.config import Settings
 from supervisor.model import (
@@ -32,7 +43,6 @@ from supervisor.policy.jobs import (
     other_job_server,
 )
 from supervisor.policy.scratch import Pass, Want, start_pass
-from supervisor.policy.triggers import pages_rather_than_spill
 from supervisor.units import GIB
 
 WEBUI = "sd-webui/webui"
@@ -284,43 +294,34 @@ def test_a_free_without_a_gpu_names_none() -> None:
 
 # --------------------------------------------------------------------------- trigger 4
 
-OLLAMA_SPEC = ServiceSpec("ollama", "ollama", "http://127.0.0.1:11434", "id-ollama")
-
 
 @pytest.mark.parametrize(
-    ("busy", "gate", "priority", "expected"),
+    ("busy", "unloads"),
     [
         pytest.param(
-            [comfy(running=1, mode=ComfyMode.DYNAMIC)], None, "balanced", True, id="dynamic"
-        ),
-        pytest.param(
-            [comfy(running=1, mode=ComfyMode.DYNAMIC)], 11435, "balanced", False, id="gated"
-        ),
-        pytest.param([comfy(running=1)], None, "balanced", False, id="classic"),
-        pytest.param([job_server(True)], None, "balanced", False, id="other-kind"),
-        pytest.param(
-            [comfy(running=1, mode=ComfyMode.DYNAMIC), job_server(True)],
-            None,
-            "balanced",
+            [comfy(running=1, mode=ComfyMode.DYNAMIC, vram=6, measured=True)],
             False,
+            id="dynamic-pages",
+        ),
+        pytest.param([comfy(running=1)], True, id="classic"),
+        pytest.param([job_server(True)], True, id="other-kind"),
+        pytest.param(
+            [comfy(running=1, mode=ComfyMode.DYNAMIC, vram=6, measured=True), job_server(True)],
+            True,
             id="dynamic-and-other-kind",
-        ),
-        pytest.param(
-            [comfy(running=1, mode=ComfyMode.DYNAMIC)],
-            None,
-            "comfyui",
-            False,
-            id="comfy-ranks-above",
         ),
     ],
 )
-def test_pages_rather_than_spill_asks_every_busy_job_server(
-    busy: list[ComfyObservation | JobServerObservation],
-    gate: int | None,
-    priority: str,
-    expected: bool,
+def test_idle_models_stay_loaded_only_when_every_busy_job_server_pages(
+    busy: list[ComfyObservation | JobServerObservation], unloads: bool
 ) -> None:
-    s = replace(Settings(), gate_port=gate, priority=priority)
-    views = [view_of(x) for x in busy]
-    assert all(v.has_work for v in views)
-    assert pages_rather_than_spill(s, OLLAMA_SPEC, views) is expected
+    # No gate in front of Ollama (VRAM_GATE_PORT unset), GPU 0 at 83 %.
+    o = ollama(model("llama3:8b"))
+    observation = replace(
+        obs(o, *(x for x in busy if isinstance(x, ComfyObservation)), gpus=(gpu(used=20),)),
+        job_servers=tuple(x for x in busy if isinstance(x, JobServerObservation)),
+    )
+    d = run(observation, baseline(o))
+    assert (summary(d) == ["unload:llama3:8b"]) is unloads
+    paging = [r for r in d.reasons_skipped if "under Dynamic VRAM the job pages" in r]
+    assert bool(paging) is not unloads
