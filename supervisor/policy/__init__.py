@@ -13,6 +13,8 @@ The package, in the order one pass runs it (`core.decide`):
               busy ComfyUI or job server.
 - `servers`   the model servers of every kind (Ollama, llama-server ...) as triggers 1 and
               4 read them: resident model names, unload candidates.
+- `jobs`      the job servers of every kind (ComfyUI, A1111 ...) as triggers 1, 2 and 4
+              read them: has work, how a free is asked for.
 - `heal`      3. Ollama models spilled to the CPU: heal, or free room for them.
 - `episodes`  per-ComfyUI free episodes (soft -> hard -> restart), rate limit, restarts.
 - `guards`    judgements of one reading: what a free returns, may it be freed or

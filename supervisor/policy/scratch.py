@@ -92,9 +92,6 @@ class Pass:
     def soon(self, seconds: float = 0.0) -> None:
         self.wake.append(seconds)
 
-    def jobs_on(self, gpu: GpuMemory) -> list[JobServerObservation]:
-        return [j for j in self.jobs.values() if shares_gpu(service_gpus(j), (gpu.uuid,))]
-
     def comfys_on(self, gpu: GpuMemory) -> list[ComfyObservation]:
         return [c for c in self.comfys.values() if shares_gpu(service_gpus(c), (gpu.uuid,))]
 

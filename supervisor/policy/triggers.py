@@ -1,4 +1,4 @@
-"""Triggers 1, 2 and 4: new models, a GPU over the threshold, a busy ComfyUI (pure).
+"""Triggers 1, 2 and 4: new models, a GPU over the threshold, a busy job server (pure).
 
 Evaluated per GPU (a service with no GPU list shares every GPU):
 1. New model(s) in an Ollama's /api/ps since its previous read (an Ollama's first read is a
@@ -31,28 +31,25 @@ What differs by kind is in the candidate: what an unload gives back, the order, 
 action, whether skips name the kind (Ollama's) and whether a reload would spill without
 the gate (`pages_rather_than_spill`, Ollama's).
 
-(Trigger 3, spilled models, is `heal.py`.) Frees go through `episodes.want_free`.
+On the other side, triggers 1, 2 and 4 (and a sleeping model that requests wait for,
+`wake_sleeping`) run over every job server alike, ComfyUI and the other registry kinds
+(A1111/Forge, InvokeAI ...; `p.jobs`), through the `JobServerView`s of `jobs.py`: one
+loop per trigger over the job servers sharing a GPU, the ComfyUIs first, then the
+others, each in reading order. What differs by kind is in the view: what its free is
+(ComfyUI's a staged episode, `episodes.want_free`: soft, hard, restart; the others' one
+`FreeJobs` while known idle, `jobs.want_free_jobs`), whether it has work (trigger 4
+unloads for it), whether its jobs page when VRAM is short (ComfyUI's under Dynamic VRAM)
+and whether a free for a new model names a GPU (ComfyUI's).
+
+(Trigger 3, spilled models, is `heal.py`; it frees ComfyUIs only.)
 """
 
 from __future__ import annotations
 
 from supervisor.config import Settings
-from supervisor.model import (
-    ComfyMode,
-    ComfyObservation,
-    FreeJobs,
-    JobServerObservation,
-    ReloadJobs,
-    ServiceSpec,
-    WakeModel,
-)
-from supervisor.policy.episodes import want_free
-from supervisor.policy.guards import (
-    MIN_RECLAIMABLE_BYTES,
-    has_work,
-    service_gpus,
-    shares_gpu,
-)
+from supervisor.model import FreeJobs, ReloadJobs, ServiceSpec, WakeModel
+from supervisor.policy.guards import service_gpus, shares_gpu
+from supervisor.policy.jobs import JobServerView, job_servers, job_servers_on
 from supervisor.policy.scratch import Pass
 from supervisor.policy.servers import UnloadCandidate, resident_models, unload_candidates
 from supervisor.units import format_bytes
@@ -129,18 +126,13 @@ def note_server_spills(p: Pass) -> None:
 
 def free_for_new_models(p: Pass) -> None:
     servers = {r.key: r for r in resident_models(p)}
+    views = job_servers(p)
     for key, names in p.new_models.items():
         r = servers[key]
         reason = f"new {r.title} model(s) {', '.join(names)}{r.reason_where}"
-        for c in p.comfys.values():
-            if not shares_gpu(service_gpus(c), r.gpus):
-                continue
-            shared = [g for g in p.gpus_of(service_gpus(c)) if shares_gpu(r.gpus, (g.uuid,))]
-            g = max(shared, key=lambda g: g.used_percent, default=None)
-            want_free(p, c, reason, g.uuid if g else None)
-        for j in p.jobs.values():
-            if shares_gpu(service_gpus(j), r.gpus):
-                want_free_jobs(p, j, reason)
+        for v in views:
+            if v.shares(r.gpus):
+                v.free(p, reason, v.gpu_for(p.gpus, r.gpus))
 
 
 def free_over_threshold(p: Pass) -> None:
@@ -150,36 +142,8 @@ def free_over_threshold(p: Pass) -> None:
                 f"GPU {g.index} at {g.used_percent:.0f}% "
                 f"(threshold {p.settings.threshold_percent:g}%)"
             )
-            for c in p.comfys_on(g):
-                want_free(p, c, reason, g.uuid)
-            for j in p.jobs_on(g):
-                want_free_jobs(p, j, reason, g.uuid)
-
-
-def want_free_jobs(p: Pass, j: JobServerObservation, reason: str, gpu: str | None = None) -> None:
-    """Free an idle job server of the other kinds: only while it is known to be idle (its
-    frees do not wait for a running job), when it can be freed, holds more than a free
-    would be worth (when known), and at most once per VRAM_MIN_FREE_INTERVAL each."""
-    key, st = j.status.spec.key, j.state
-    if not (j.status.is_running and j.status.is_reachable) or st is None:
-        return
-    if not st.can_free:
-        p.skip(f"Not freeing {key} ({reason}): {j.title} has no free call")
-        return
-    if st.busy is not False:
-        what = "has work" if st.busy else "may have work (its queue is unknown)"
-        p.skip(f"Not freeing {key} ({reason}): it {what}; it is freed only when idle")
-        return
-    if j.vram_bytes is not None and j.vram_bytes < MIN_RECLAIMABLE_BYTES:
-        return
-    last = p.job_free_at.get(key)
-    if last is not None and p.now - last < p.settings.min_free_interval_s:
-        left = p.settings.min_free_interval_s - (p.now - last)
-        p.skip(f"Not freeing {key} yet ({reason}): rate limit, {left:.0f} s left")
-        p.soon(left)
-        return
-    p.job_free_at[key] = p.now
-    p.emit(FreeJobs(key, reason, gpu))
+            for v in job_servers_on(p, g):
+                v.free(p, reason, g.uuid)
 
 
 def reload_parked(p: Pass) -> None:
@@ -228,6 +192,7 @@ def wake_sleeping(p: Pass) -> None:
     once its GPUs have as much free as its sleep gave back (when this supervisor put it
     to sleep and measured that): a wake without room fails inside the server (a CUDA
     out-of-memory error that may end it), while its queued requests can wait."""
+    views = job_servers(p)
     for key, m in p.servers.items():
         st = m.state
         if st is None or not st.can_wake or not st.waiting or not m.status.is_reachable:
@@ -236,12 +201,9 @@ def wake_sleeping(p: Pass) -> None:
             if x.state != "sleeping" or (key, x.name) in p.unloaded:
                 continue
             reason = f"{st.waiting} request(s) wait for sleeping model {x.name} on {key}"
-            for c in p.comfys.values():
-                if shares_gpu(service_gpus(c), service_gpus(m)):
-                    want_free(p, c, reason, None)
-            for j in p.jobs.values():
-                if shares_gpu(service_gpus(j), service_gpus(m)):
-                    want_free_jobs(p, j, reason)
+            for v in views:
+                if v.shares(service_gpus(m)):
+                    v.free(p, reason)
             need = p.slept.get(f"{key}|{x.name}")
             gpus = [g for g in p.gpus if shares_gpu(service_gpus(m), (g.uuid,))]
             free = min(g.free_bytes for g in gpus) if gpus else None
@@ -262,19 +224,16 @@ def unload_for_comfy(p: Pass) -> None:
     for g in p.gpus:
         if g.used_percent < s.threshold_percent:
             continue
-        busy: list[ComfyObservation | JobServerObservation] = [
-            c for c in p.comfys_on(g) if has_work(c)
-        ]
-        busy += [j for j in p.jobs_on(g) if j.has_work]
+        busy = [v for v in job_servers_on(p, g) if v.has_work]
         if not busy:
             continue
         cands = unload_candidates(p, g.uuid)
         if not cands:
             continue
-        names = ", ".join(c.status.spec.key for c in busy)
+        names = ", ".join(v.key for v in busy)
         situation = f"{names} has work and GPU {g.index} is at {g.used_percent:.0f}%"
-        # VRAM_PRIORITY per pair: a model server keeps its models for a ComfyUI it
-        # ranks above; it unloads for any busy ComfyUI it does not.
+        # VRAM_PRIORITY per pair: a model server keeps its models for a job server it
+        # ranks above; it unloads for any busy job server it does not.
         yields = [c for c in cands if not _outranks_all(p, c.spec, busy)]
         for kind in _named_kinds(cands):
             if not any(c.title == kind for c in yields if c.named_in_skips):
@@ -328,10 +287,7 @@ def unload_for_comfy(p: Pass) -> None:
 
 
 def pages_rather_than_spill(
-    gated: bool,
-    s: Settings,
-    ollama: ServiceSpec,
-    busy: list[ComfyObservation | JobServerObservation],
+    gated: bool, s: Settings, ollama: ServiceSpec, busy: list[JobServerView]
 ) -> bool:
     """Trigger 4 leaves this Ollama's idle models loaded: no gate serves in front of
     Ollama (`gated`: `Observation.ollama_gated`; VRAM_GATE_PORT unset, or set but the gate
@@ -346,18 +302,11 @@ def pages_rather_than_spill(
     included, until the model is loaded again (api-facts-2026 section 1), and its requests
     then keep it busy at CPU speed, so no heal can take effect. A paged job costs less than
     that. With the gate, the reload waits for room, so the unload stays."""
-    return not gated and all(
-        isinstance(c, ComfyObservation)
-        and c.mode is ComfyMode.DYNAMIC
-        and not s.outranks(c.status.spec, ollama)
-        for c in busy
-    )
+    return not gated and all(v.pages_when_short and not s.outranks(v.spec, ollama) for v in busy)
 
 
-def _outranks_all(
-    p: Pass, spec: ServiceSpec, busy: list[ComfyObservation | JobServerObservation]
-) -> bool:
-    return all(p.settings.outranks(spec, c.status.spec) for c in busy)
+def _outranks_all(p: Pass, spec: ServiceSpec, busy: list[JobServerView]) -> bool:
+    return all(p.settings.outranks(spec, v.spec) for v in busy)
 
 
 def _named_kinds(cands: list[UnloadCandidate]) -> list[str]:
