@@ -11,6 +11,7 @@ monotonic clock of the running process unless a name says `wall`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -238,6 +239,41 @@ class ComfyStats:
         return ComfyMode.CLASSIC
 
 
+EVICT_ABOVE = 0.8  # Ollama >= 0.30 evicts its own runners only while need > this x free
+
+
+@dataclass(frozen=True)
+class Resident:
+    """What Ollama's room rule needs of one model in /api/ps."""
+
+    name: str
+    size_vram_bytes: int
+
+
+def evictable_bytes(
+    is_llama_server: bool, need_bytes: int, free_bytes: int, residents: Sequence[Resident]
+) -> int:
+    """VRAM Ollama's own resident models would give back for a load of `need_bytes` with
+    `free_bytes` free (api-facts 1.8, api-facts-2026 section 1): before 0.30 all of it (a
+    further model must fit fully, so Ollama evicts its own until it does); from 0.30
+    (`is_llama_server`) only while the need exceeds 80 % of the free figure, one runner at
+    a time, counted smallest first (the least room: Ollama's figure is stale, so an
+    overestimate here would mean a spill). The gate, the heal's policy and its actor judge
+    the room by this one rule."""
+    if not residents:
+        return 0
+    if not is_llama_server:
+        return sum(r.size_vram_bytes for r in residents)
+    figure = free_bytes
+    freed = 0
+    for resident in sorted(residents, key=lambda r: (r.size_vram_bytes, r.name)):
+        if need_bytes <= EVICT_ABOVE * figure:
+            break
+        freed += resident.size_vram_bytes
+        figure += resident.size_vram_bytes
+    return freed
+
+
 @dataclass(frozen=True)
 class OllamaObservation:
     status: ServiceStatus
@@ -247,6 +283,9 @@ class OllamaObservation:
     version: str | None = None  # /api/version; None: not read yet
     generation: str = ""  # ollama_profile.OllamaProfile.generation, for status
     fit_target_bytes: int = 0  # what its loads leave free (llama-server's fit target)
+    # Its loads run llama-server (Ollama >= 0.30, or a version not known): its own models
+    # are evicted for a load only by the 80 % rule (`evictable_bytes`); before 0.30, all.
+    is_llama_server: bool = True
 
 
 @dataclass(frozen=True)

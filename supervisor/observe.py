@@ -339,6 +339,7 @@ class Observer:
                         version=service.version,
                         generation=profile.generation,
                         fit_target_bytes=profile.fit_target_bytes,
+                        is_llama_server=profile.is_llama_server,
                     )
                 )
             else:

@@ -4,8 +4,10 @@ Policy (the Actor's, see `supervisor.actions`): nothing is trusted on the word o
 Ollama's unload returns before the runner is gone, so both actions watch /api/ps until the
 model leaves it (VRAM_VERIFY_TIMEOUT); a heal also waits up to RECOVERY_WAIT_S for the VRAM
 to come back before it loads the model again, and gives up rather than reload into a GPU
-where the model would spill again; after the unload it waits (VRAM_VERIFY_TIMEOUT at most)
-for room a ComfyUI job took meanwhile before it reloads. Both return an Outcome; adapter
+where the model would spill again (the room: free VRAM, plus what Ollama evicts of its
+other models itself for the reload, `model.evictable_bytes`, as the gate counts it); after
+the unload it waits (VRAM_VERIFY_TIMEOUT at most) for room a ComfyUI job took meanwhile
+before it reloads. Both return an Outcome; adapter
 errors become a failed Outcome, never an exception.
 
 Locking: an unload runs under the Actor's lock (the Actor calls it so). A heal takes the
@@ -38,7 +40,16 @@ from datetime import datetime
 from loguru import logger
 
 from supervisor.errors import ServiceError
-from supervisor.model import FreeComfy, FreeStage, HealOllama, OllamaModel, Outcome, UnloadOllama
+from supervisor.model import (
+    FreeComfy,
+    FreeStage,
+    HealOllama,
+    OllamaModel,
+    Outcome,
+    Resident,
+    UnloadOllama,
+    evictable_bytes,
+)
 from supervisor.ports import ActorPort, OllamaApi
 from supervisor.units import MIB, format_bytes
 
@@ -193,20 +204,35 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
     # Under the lock: what acts on the GPU (the free, the room check, the unload).
     with actor.lock:
         try:
-            model = _find(ollama, action.model)
+            resident = ollama.ps()
         except ServiceError as exc:
             return fail(str(exc))
+        model = next((m for m in resident if m.name == action.model), None)
         if model is None:
             return fail("it is no longer loaded")
         _free_first(actor, action)
         held = _comfy_held(actor, action)
         free = actor.probe.free_bytes(gpus)
-        if free is not None and free + model.size_vram_bytes < model.size_bytes + fit_target:
-            return fail(
-                f"not enough room: {format_bytes(free + model.size_vram_bytes)} would "
-                f"be free, {format_bytes(model.size_bytes + fit_target)} needed; it would "
-                "spill again"
-            )
+        need = model.size_bytes + fit_target
+        # What Ollama evicts of its other models itself for the reload, by its rule (as
+        # the gate counts it): before 0.30 a model that does not fit beside them makes
+        # Ollama unload them, so they are room for it.
+        evicts = 0
+        if free is not None:
+            others = [
+                Resident(m.name, m.size_vram_bytes)
+                for m in resident
+                if m.name != action.model and m.size_vram_bytes > 0
+            ]
+            is_llama_server = profile.is_llama_server if profile is not None else True
+            room = free + model.size_vram_bytes
+            evicts = evictable_bytes(is_llama_server, model.size_bytes, room, others)
+            if room + evicts < need:
+                also = f" (and {format_bytes(evicts)} Ollama evicts)" if evicts else ""
+                return fail(
+                    f"not enough room: {format_bytes(room)} would be free{also}, "
+                    f"{format_bytes(need)} needed; it would spill again"
+                )
         try:
             actor.announce_unload(action.model)
             ollama.unload(action.model)
@@ -220,7 +246,7 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
         now_free = actor.probe.free_bytes(gpus)
-        if now_free is not None and now_free < model.size_bytes + fit_target:
+        if now_free is not None and now_free + evicts < need:
             # Free again only a ComfyUI that took memory back meanwhile (a new job); one
             # that still holds what it held after the first free has nothing more to give
             # (another process took the room), and freeing it would only cost a verify.
@@ -232,7 +258,7 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
             # applies between prompts, api-facts 2.3): wait for the room, at most
             # VRAM_VERIFY_TIMEOUT, rather than reload beside it and spill again. A
             # request that loads the model meanwhile ends the wait; its load is judged.
-            loaded = _wait_room(actor, ollama, action.model, gpus, model.size_bytes + fit_target)
+            loaded = _wait_room(actor, ollama, action.model, gpus, need - evicts)
             if loaded is not None:
                 return _judge(
                     actor, action, start, model.gpu_fraction, model.size_vram_bytes, loaded

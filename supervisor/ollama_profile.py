@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from supervisor.estimate import EstimateParams
+from supervisor.model import Resident
+from supervisor.model import evictable_bytes as model_evictable_bytes
 
 MIB = 1024**2
 GIB = 1024**3
@@ -44,7 +46,6 @@ FIT_TARGET_BYTES = 1024 * MIB
 LAYER_ESTIMATE_HEADROOM_BYTES = 512 * MIB
 TIER_CONTEXTS = ((47 * GIB, 262144), (23 * GIB, 32768))
 FALLBACK_CONTEXT = 4096
-EVICT_ABOVE = 0.8  # Ollama >= 0.30 evicts its own runners only while need > this x free
 SMALL_BATCH_BYTES = 768 * MIB
 LARGE_BATCH_BYTES = 2 * GIB
 LARGE_CONTEXT = 32768
@@ -200,31 +201,9 @@ def ollama_profile(
     return OllamaProfile(version, is_llama_server, by_vram, params, fit_target, tuple(notes))
 
 
-@dataclass(frozen=True)
-class Resident:
-    """What the room rule needs of one model in /api/ps."""
-
-    name: str
-    size_vram_bytes: int
-
-
 def evictable_bytes(
     profile: OllamaProfile, need_bytes: int, free_bytes: int, residents: Sequence[Resident]
 ) -> int:
     """VRAM Ollama's own resident models would give back for a load of `need_bytes` with
-    `free_bytes` free: before 0.30 all of it (a further model must fit fully, so Ollama
-    evicts its own until it does); from 0.30 only while the need exceeds 80 % of the free
-    figure, one runner at a time, counted smallest first (the least room: Ollama's figure
-    is stale, so an overestimate here would mean a spill)."""
-    if not residents:
-        return 0
-    if not profile.is_llama_server:
-        return sum(r.size_vram_bytes for r in residents)
-    figure = free_bytes
-    freed = 0
-    for resident in sorted(residents, key=lambda r: (r.size_vram_bytes, r.name)):
-        if need_bytes <= EVICT_ABOVE * figure:
-            break
-        freed += resident.size_vram_bytes
-        figure += resident.size_vram_bytes
-    return freed
+    `free_bytes` free, by the rule of `profile`'s generation (`model.evictable_bytes`)."""
+    return model_evictable_bytes(profile.is_llama_server, need_bytes, free_bytes, residents)

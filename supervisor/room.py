@@ -37,8 +37,8 @@ from loguru import logger
 
 from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
-from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome
-from supervisor.ollama_profile import OllamaProfile, Resident, evictable_bytes, ollama_profile
+from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Resident
+from supervisor.ollama_profile import OllamaProfile, evictable_bytes, ollama_profile
 from supervisor.ports import ComfyApi, LoadRoom, Targets
 
 # How often a busy ComfyUI's /queue is read while the gate waits for it to become idle.

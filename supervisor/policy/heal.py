@@ -2,8 +2,10 @@
 
 A model that could not fit the GPU anyway is noted once and left alone. Otherwise, with
 VRAM_HEAL, its cooldown passed, no free episode open on that GPU and room that can be made
-(GPU free + the model's own VRAM + what idle ComfyUIs could give back >= size +
-SAFETY_MARGIN_BYTES + the fit target of an Ollama >= 0.30), it is healed: HealOllama frees
+(GPU free + the model's own VRAM + what idle ComfyUIs could give back + what Ollama
+evicts of its other models itself for the reload, by its generation's rule
+(`model.evictable_bytes`: all of them before 0.30) >= size + SAFETY_MARGIN_BYTES + the fit
+target of an Ollama >= 0.30), it is healed: HealOllama frees
 those idle ComfyUIs itself (one heal per GPU per pass) and names the GPU it should land on
 (`gpu_uuid`: the Ollama's GPU, the only GPU, or the GPU of the ComfyUIs it frees; None when
 unknown, as with the API source).
@@ -43,7 +45,9 @@ from supervisor.model import (
     HealWait,
     OllamaModel,
     OllamaObservation,
+    Resident,
     VramSource,
+    evictable_bytes,
 )
 from supervisor.policy.episodes import pinned_hold, want_free
 from supervisor.policy.guards import (
@@ -145,6 +149,14 @@ def _heal_or_wait(p: Pass, o: OllamaObservation, m: OllamaModel) -> None:
         return
     idle = _idle_held(p, g)
     room = g.free_bytes + m.size_vram_bytes + sum(map(estimate_reclaimable, idle))
+    # Ollama's other models that its own rule evicts for the reload (as the gate counts
+    # them): before 0.30 a model that does not fit beside them makes Ollama unload them.
+    others = [
+        Resident(x.name, x.size_vram_bytes)
+        for x in o.models or ()
+        if x.name != m.name and model_ok(x) and x.size_vram_bytes > 0
+    ]
+    room += evictable_bytes(o.is_llama_server, m.size_bytes, room, others)
     cooldown = p.settings.heal_cooldown_s
     last = p.heal_at.get(hkey)
     bo = p.backoffs.get(f"heal|{hkey}")

@@ -217,6 +217,9 @@ class FakeOllama:
         self.default_keep_alive_s = 300.0  # OLLAMA_KEEP_ALIVE's default, 5m
         self.keep_alive_s: dict[str, float] = {}  # each runner's session; <0 forever, 0 armed
         self.preload_keep_alives: list[int | str | None] = []
+        # Ollama before 0.30: a model that does not fit beside the others makes Ollama
+        # unload them first (api-facts 1.8); off: it places what fits beside them.
+        self.evicts_own = False
         clock.tickers.append(self._tick)
 
     def load(
@@ -228,6 +231,12 @@ class FakeOllama:
     ) -> None:
         """What Ollama does on a request: place what fits now, the rest on the CPU."""
         size = size_bytes or self.installed[name]
+        if self.evicts_own and size > self.gpu.free_bytes - margin:
+            for other in [m for m in self.models if m != name]:
+                self._unload_now(other)
+                self.gpu.held.pop(self.pids.get(other, -1), None)
+            for _, pid in self._releasing:  # Ollama waits for their memory to come back
+                self.gpu.held.pop(pid, None)
         on_gpu = max(0, min(size, self.gpu.free_bytes - margin))
         pid = self._next_pid
         self._next_pid += 1

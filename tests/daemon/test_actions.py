@@ -529,6 +529,35 @@ def test_heal_counts_the_head_room_of_an_ollama_before_0_30(world: World) -> Non
     assert world.ollama.unload_calls == []
 
 
+@pytest.mark.parametrize("evicts", [True, False])
+def test_heal_counts_the_models_ollama_evicts_itself_as_room(world: World, evicts: bool) -> None:
+    """Found by the 24-hour soak: a spilled gemma2:27b beside an idle qwen2.5:14b was
+    refused ("not enough room: 14.0 GiB would be free, 17.5 GiB needed") and stayed
+    spilled for 3,400 simulated seconds, while Ollama before 0.30 evicts its other models
+    for a load that does not fit beside them: that room was there. The heal counts them
+    as the gate does, and the reload lands wholly on the GPU."""
+    world.ollama.installed.update({"qwen:14b": 8 * GIB, "big:12b": 12 * GIB})
+    world.ollama.load("qwen:14b")  # beside ComfyUI's 11.3 GiB
+    world.ollama.load("big:12b")  # 0.5 GiB left free beside them: it spills
+    spilled = world.ollama.models["big:12b"]
+    assert spilled.is_spilled
+    world.ollama.evicts_own = evicts
+    actor, _ = make_actor(world, ollama_version="0.12.6" if evicts else "0.33.0")
+
+    outcome = actor.execute(HealOllama(OLLAMA, "big:12b", "spilled", (), spilled.gpu_fraction))
+
+    if evicts:
+        assert outcome.ok and outcome.after_fraction == 1.0, outcome.detail
+        assert "qwen:14b" not in world.ollama.models  # Ollama evicted it for the reload
+    else:
+        # From 0.30 Ollama evicts one runner only while the need is above 80 % of its
+        # free figure: 12 GiB against 4.2 + 0.5 free is, so qwen's 8 GiB count, but not
+        # the 1 GiB fit target on top: refused before anything is torn down.
+        assert not outcome.ok and "not enough room" in outcome.detail
+        assert "8.0 GiB Ollama evicts" in outcome.detail
+        assert world.ollama.unload_calls == []
+
+
 def test_room_maker_frees_until_the_need_is_covered(world: World) -> None:
     actor, _ = make_actor(world)
     seen: list[FreeResult | None] = []

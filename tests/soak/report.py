@@ -185,6 +185,28 @@ def spill_windows(
     return counts
 
 
+def stuck_spills(
+    samples: Sequence[Sample], fault_windows: Sequence[tuple[float, float]]
+) -> list[str]:
+    """Each spell of a model spilled for longer than SPILL_LIMIT_S of simulated time with
+    nothing broken, once ("<model> at <simulated s>", where it passed the limit)."""
+    stuck: list[str] = []
+    clean_spill: dict[str, float] = {}
+    counted: set[str] = set()  # models whose current spell is already listed
+    for prev, cur in itertools.pairwise(samples):
+        for name in set(prev.spilled) & set(cur.spilled):
+            if not _overlaps(prev.t, cur.t, fault_windows):
+                clean_spill[name] = clean_spill.get(name, 0.0) + (cur.sim_s - prev.sim_s)
+                if clean_spill[name] > SPILL_LIMIT_S and name not in counted:
+                    counted.add(name)
+                    stuck.append(f"{name} at {cur.sim_s:.0f} s")
+        for name in list(clean_spill):
+            if name not in cur.spilled:
+                del clean_spill[name]
+                counted.discard(name)
+    return stuck
+
+
 def _target_or_fact(fig: Figures, run: SoakRun, target: Target) -> None:
     """Spills and heals are targets of the fixed-URL form; the Docker-backed form's faults
     (containers coming and going, recreated with nothing loaded) are about discovery, and
@@ -450,17 +472,7 @@ def evaluate(run: SoakRun) -> Figures:
 
     # Heals that never converged: a model spilled for longer than SPILL_LIMIT_S of
     # simulated time with nothing broken.
-    stuck: list[str] = []
-    clean_spill: dict[str, float] = {}
-    for prev, cur in itertools.pairwise(samples):
-        for name in set(prev.spilled) & set(cur.spilled):
-            if not _overlaps(prev.t, cur.t, any_fault):
-                clean_spill[name] = clean_spill.get(name, 0.0) + (cur.sim_s - prev.sim_s)
-                if clean_spill[name] > SPILL_LIMIT_S and name not in stuck:
-                    stuck.append(f"{name} at {cur.sim_s:.0f} s")
-        for name in list(clean_spill):
-            if name not in cur.spilled:
-                del clean_spill[name]
+    stuck = stuck_spills(samples, any_fault)
     _target_or_fact(
         fig,
         run,

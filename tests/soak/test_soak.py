@@ -37,6 +37,7 @@ from tests.soak.report import (
     decision_time,
     evaluate,
     markdown,
+    stuck_spills,
     svg_chart,
 )
 from tests.soak.run import SoakRun, run_soak
@@ -185,6 +186,24 @@ def test_a_busy_comfyui_since_the_gate_began_to_wait_excuses_a_late_placement() 
 def test_a_hard_free_waiting_for_a_running_prompt_is_a_busy_comfyui() -> None:
     line = "ComfyUI comfyui is running a prompt: the hard free takes effect when it ends"
     assert any(b in line for b in BUSY_LINES)
+
+
+def test_a_long_spill_is_listed_once_per_spell() -> None:
+    """The 24-hour run listed one spell of gemma2:27b eight times (once per sample past
+    the limit): a spell counts once, and a second spell counts again."""
+    from tests.soak.run import SPILL_LIMIT_S, Sample
+
+    def sample(sim_s: float, spilled: list[str]) -> Sample:
+        return Sample(sim_s / 50, sim_s, 0, 0, 0, True, 0, 0, spilled, 0, 0)
+
+    step = 60.0
+    n = int(SPILL_LIMIT_S / step) + 8
+    one = [sample(i * step, ["gemma2:27b"]) for i in range(n)]
+    gap = [sample(n * step, [])]
+    two = [sample((n + 1 + i) * step, ["gemma2:27b"]) for i in range(n)]
+    assert len(stuck_spills(one, [])) == 1
+    assert len(stuck_spills(one + gap + two, [])) == 2
+    assert stuck_spills(one[:5], []) == []
 
 
 def test_a_spill_near_a_fault_is_the_fault_s() -> None:

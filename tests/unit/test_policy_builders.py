@@ -68,9 +68,12 @@ def ollama(
     gpus: tuple[str, ...] = (),
     on: tuple[str, ...] = (),
     fit: float = 0,
+    llama_server: bool = True,
 ) -> OllamaObservation:
     """An Ollama; `gpus`: what Docker granted it, `on`: where NVML saw it hold memory,
-    `fit`: the GiB its loads leave free (llama-server's fit target, Ollama >= 0.30)."""
+    `fit`: the GiB its loads leave free (llama-server's fit target, Ollama >= 0.30),
+    `llama_server`: False for an Ollama before 0.30 (it evicts all its own models for a
+    load that does not fit beside them)."""
     spec = ServiceSpec(Role.OLLAMA, name, f"http://{name}:11434", f"id-{name}", gpu_uuids=gpus)
     status = ServiceStatus(spec, is_running=running, is_reachable=running and reachable)
     readable = running and reachable and not unreadable
@@ -79,6 +82,7 @@ def ollama(
         models=tuple(models) if readable else None,
         gpu_uuids=on,
         fit_target_bytes=int(fit * GIB),
+        is_llama_server=llama_server,
     )
 
 

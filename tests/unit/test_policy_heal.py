@@ -96,6 +96,38 @@ CASES = [
         s=settings(threshold_percent=99, aggressive_threshold_percent=99),
         why="4.0 GiB could be made free, 12.5 GiB needed",
     ),
+    # Found by the 24-hour soak: the room Ollama makes itself for the reload, by evicting
+    # its other models, counts (as the gate counts it), for both generations' rules.
+    *(
+        _p(
+            f"room-counts-what-ollama-evicts-itself-{gen}",
+            obs(
+                ollama(model("big:12b", 12, vram=2), model("qwen:14b", 10), llama_server=ls),
+                comfy(held=1),
+                gpus=(gpu(23),),
+            ),
+            ["heal:big:12b[comfyui]"],
+            state=baseline(
+                ollama(model("big:12b", 12, vram=2), model("qwen:14b", 10), llama_server=ls)
+            ),
+            s=settings(threshold_percent=99, aggressive_threshold_percent=99),
+        )
+        for gen, ls in (("2025", False), ("2026", True))
+    ),
+    _p(
+        "what-ollama-evicts-is-not-enough",
+        obs(
+            ollama(model("big:12b", 12, vram=2), model("tiny:1b", 1), llama_server=False),
+            comfy(held=1),
+            gpus=(gpu(23),),
+        ),
+        [],
+        state=baseline(
+            ollama(model("big:12b", 12, vram=2), model("tiny:1b", 1), llama_server=False)
+        ),
+        s=settings(threshold_percent=99, aggressive_threshold_percent=99),
+        why="5.0 GiB could be made free, 12.5 GiB needed",
+    ),
     _p(
         "busy-comfy-needed-balanced-waits",
         obs(OL, comfy(running=1), gpus=(QUIET,)),
