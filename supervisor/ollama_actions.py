@@ -50,6 +50,7 @@ from supervisor.model import (
     UnloadOllama,
     evictable_bytes,
 )
+from supervisor.policy.guards import shares_gpu
 from supervisor.ports import ActorPort, OllamaApi
 from supervisor.units import MIB, format_bytes
 
@@ -211,7 +212,7 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
         if model is None:
             return fail("it is no longer loaded")
         _free_first(actor, action)
-        held = _comfy_held(actor, action)
+        held = _comfy_held(actor, action, gpus)
         free = actor.probe.free_bytes(gpus)
         need = model.size_bytes + fit_target
         # What Ollama evicts of its other models itself for the reload, by its rule (as
@@ -238,6 +239,12 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
             ollama.unload(action.model)
         except ServiceError as exc:
             return fail(f"unload failed: {exc}")
+        if free is not None:
+            log.info(
+                f"Heal of Ollama model {action.model}: unloading it to load it again wholly "
+                f"on the GPU ({format_bytes(room + evicts)} of room for "
+                f"{format_bytes(need)})"
+            )
     # Without the lock: waiting for Ollama and its reload block nothing of ours.
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
         if actor.is_stopping:  # nobody would reload it after the request
@@ -380,10 +387,15 @@ def reload_after_wait(actor: ActorPort, action: HealOllama) -> Outcome:
 GROWN_BYTES = 256 * MIB  # a ComfyUI that grew by more than this took memory back
 
 
-def _comfy_held(actor: ActorPort, action: HealOllama) -> dict[str, int]:
-    """What each ComfyUI of the heal holds right after its free (unknown ones left out)."""
+def _comfy_held(actor: ActorPort, action: HealOllama, gpus: tuple[str, ...]) -> dict[str, int]:
+    """What each ComfyUI on the heal's GPUs holds right after the heal's free (unknown ones
+    left out): the ComfyUIs it freed, and those it did not need to free, since a job that
+    starts during the heal takes the room its reload needs (found by the soak: a reload
+    beside an idle ComfyUI that had loaded SDXL meanwhile spilled again)."""
     held = {}
-    for key in action.free_first:
+    for key, (spec, _) in actor.targets().comfyuis.items():
+        if key not in action.free_first and not shares_gpu(spec.gpu_uuids, gpus):
+            continue
         reading = actor.probe.comfy_reading(key)
         if reading is not None:
             held[key] = reading.bytes

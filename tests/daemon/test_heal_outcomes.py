@@ -187,3 +187,36 @@ def test_a_comfyui_job_started_during_the_unload_is_waited_for_not_spilled_besid
     assert not healed.is_spilled, healed.gpu_fraction
     assert outcome.ok and outcome.after_fraction == 1.0
     assert has(logs, f"Healed Ollama model {MODEL}: 75% -> 100% on GPU")
+
+
+def test_a_comfyui_the_heal_did_not_free_is_freed_when_a_job_fills_it_during_the_heal(
+    logs: list[str],
+) -> None:
+    """Found by the 24-hour soak: a heal that needed no free (ComfyUI held only its
+    context) reloaded beside an idle ComfyUI that had loaded SDXL for a job that came
+    during the heal, and spilled again: only the ComfyUIs it had freed were watched. Every
+    ComfyUI on its GPU is watched now: the one that took the room is freed (when its job
+    ends) and the model comes back whole."""
+    t = Tight()
+    t.comfy.models_bytes = 0  # freed before the heal: the room is there without a free
+    t.comfy._sync()
+    runner_pid = t.ollama.pids[MODEL]
+    started: list[float] = []
+
+    def job(now: float) -> None:
+        if runner_pid not in t.gpu.held and not started:
+            started.append(now)
+            t.comfy.models_bytes = 3 * GIB
+            t.comfy._sync()
+            t.comfy.start_prompt(8.0)
+
+    t.clock.tickers.append(job)
+    spilled = t.ollama.models[MODEL]
+    outcome = t.actor().execute(HealOllama(OLLAMA, MODEL, "spilled", (), spilled.gpu_fraction))
+
+    assert started
+    assert len(t.comfy.free_calls) == 1  # the ComfyUI that grew, freed after its job
+    healed = t.ollama.models[MODEL]
+    assert not healed.is_spilled, healed.gpu_fraction
+    assert outcome.ok and outcome.after_fraction == 1.0
+    assert has(logs, f"Heal of Ollama model {MODEL}: unloading it to load it again")
