@@ -154,7 +154,7 @@ class Actor:
                         self._uncount(action.target)  # nothing reached the service
                     return outcome
                 return self.unload_ollama(action)
-        except Exception as exc:  # a bug or an adapter breaking its contract
+        except Exception as exc:  # noqa: BLE001 - a bug or an adapter's: a failed outcome
             logger.opt(exception=exc).error(f"Action {action!r} crashed: {exc}")
             return Outcome(
                 action,
@@ -228,7 +228,7 @@ class Actor:
         for source in list(self.in_flight_sources):
             try:
                 found |= {model for key, model in source() if key == target}
-            except Exception as exc:  # a gate's bug must not stop the action
+            except Exception as exc:  # noqa: BLE001 - a gate's bug must not stop the action
                 logger.debug(f"A gate's in-flight reading failed: {exc}")
         return frozenset(found)
 
@@ -244,7 +244,7 @@ class Actor:
         for listener in list(self.unload_listeners):
             try:
                 listener(model)
-            except Exception as exc:  # a listener's bug must not stop the unload
+            except Exception as exc:  # noqa: BLE001 - a listener's bug must not stop the unload
                 logger.debug(f"An unload listener failed for {model}: {exc}")
 
     @property

@@ -142,7 +142,7 @@ class Daemon:
         if self._events is not None:
             try:
                 self._events.start(self.on_docker_event)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - events are optional: polling covers them
                 logger.warning(f"Docker events are not followed ({exc}); polling only")
         try:
             while not self._stop.is_set():
@@ -150,7 +150,7 @@ class Daemon:
                 wake_in = self.settings.check_interval_s
                 try:
                     wake_in = self.run_once().wake_in_s
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a failing pass must not end the loop
                     self.pass_started_at = None  # a failed pass is no sign of life
                     if self._stop.is_set():
                         break  # adapters are being closed under us: not worth an error
@@ -161,7 +161,7 @@ class Daemon:
             if self._events is not None:
                 try:
                     self._events.stop()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever stop() does
                     logger.debug(f"Stopping Docker events: {exc}")
 
     def close(self) -> None:
@@ -331,6 +331,6 @@ class Daemon:
             return None
         try:
             return gate_status()
-        except Exception as exc:  # /status must answer even so
+        except Exception as exc:  # noqa: BLE001 - /status must answer even so
             logger.debug(f"Reading the gate's state: {exc}")
             return {"error": str(exc)}

@@ -109,7 +109,7 @@ class _Server(ThreadingHTTPServer):
         self.conn.health_only = health_only
         try:
             self.finish_request(request, client_address)
-        except Exception:
+        except Exception:  # noqa: BLE001 - as socketserver: the thread logs, ends
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)
@@ -173,7 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
         except _CLIENT_LEFT as exc:
             logger.debug(f"HTTP {path}: the client left early ({exc!r})")
             self.close_connection = True
-        except Exception as exc:  # a bug here must not kill the server thread silently
+        except Exception as exc:  # noqa: BLE001 - a bug: answer 500, keep serving
             logger.opt(exception=exc).error(f"HTTP {path} failed: {exc}")
             with contextlib.suppress(*_CLIENT_LEFT):
                 self._send(500, _json({"error": str(exc)}), "application/json")

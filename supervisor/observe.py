@@ -218,7 +218,7 @@ class Observer:
             self._pids[key] = self._docker.container_pids(container_id)
         except DockerUnavailable as exc:  # a container still restarting, or Docker gone
             logger.debug(f"docker top {key} failed: {exc}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - adapter bug: said once, PIDs kept
             contract_break("docker top", exc, self.broken_seen)
 
     @property
@@ -519,7 +519,7 @@ class Observer:
                 assert self._docker_factory is not None
                 self._docker = self._docker_factory()
             containers = self._docker.list_services()
-        except Exception as exc:  # DockerUnavailable, or a factory that cannot connect
+        except Exception as exc:  # noqa: BLE001 - DockerUnavailable, or an adapter bug
             if not isinstance(exc, DockerUnavailable):
                 contract_break("The Docker adapter", exc, self.broken_seen)
             self._docker_failures += 1
@@ -607,7 +607,7 @@ class Observer:
                 gpus, processes = self._gpu.gpus(), self._gpu.processes()
                 source = VramSource.NVML
                 self._nvml_failures = 0
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NvmlUnavailable, or a reader bug
                 if not isinstance(exc, NvmlUnavailable):
                     contract_break("The NVML reader", exc, self.broken_seen)
                 self._nvml_failures += 1
@@ -649,7 +649,7 @@ class Observer:
                     pids[s.spec.key] = self._docker.container_pids(s.spec.container_id)
                 except DockerUnavailable as exc:  # a gone container, or Docker gone
                     logger.debug(f"docker top {s.spec.name} failed: {exc}")
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - adapter bug: said once, pass goes on
                     contract_break("docker top", exc, self.broken_seen)
             self._pids = pids
             owned = {pid for pids_ in pids.values() for pid in pids_}

@@ -58,7 +58,7 @@ class LiveProbe:
                 # (WDDM): that is no reading, not 0 bytes. Ask ComfyUI instead.
             except NvmlUnavailable as exc:
                 logger.debug(f"NVML process reading failed: {exc}")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a reader bug: said once, next source
                 contract_break("The NVML reader", exc, self._observer.broken_seen)
         target = self._observer.targets.comfyuis.get(key)
         if target is not None:
@@ -75,7 +75,7 @@ class LiveProbe:
                 return Reading(sum(g.used_bytes for g in gpu.gpus()), is_device_wide=True)
             except NvmlUnavailable as exc:
                 logger.debug(f"NVML device reading failed: {exc}")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a reader bug: said once, next source
                 contract_break("The NVML reader", exc, self._observer.broken_seen)
         return None
 
@@ -107,7 +107,7 @@ class LiveProbe:
                     return max(g.free_bytes for g in chosen)
             except NvmlUnavailable as exc:
                 logger.debug(f"NVML device reading failed: {exc}")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a reader bug: said once, next source
                 contract_break("The NVML reader", exc, self._observer.broken_seen)
         for _, comfy in self._observer.targets.comfyuis.values():
             try:

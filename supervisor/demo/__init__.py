@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failure, code = str(exc), EXIT_FAILED
             except KeyboardInterrupt:
                 failure, code = "interrupted", EXIT_INTERRUPTED
-            except Exception as exc:  # a bug: say so in the summary, keep the traceback
+            except Exception as exc:  # noqa: BLE001 - a bug: in the summary, traceback kept
                 traceback.print_exc()
                 failure, code = f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED
             scenario.summary(time.monotonic() - started, failure)

@@ -20,7 +20,6 @@ Policy:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -184,8 +183,10 @@ class DockerAdapter:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(Exception):  # must not mask the real error
+            try:
                 client.close()
+            except Exception as exc:  # noqa: BLE001 - must not mask the real error
+                logger.debug(f"Closing the Docker client: {exc}")
 
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:

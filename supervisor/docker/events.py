@@ -28,7 +28,6 @@ Reconnect policy:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -187,7 +186,7 @@ class DockerEvents:
         try:
             for event in stream:
                 self._handle(event)
-        except Exception as exc:  # e.g. StreamParseError on a half-written document
+        except Exception as exc:  # noqa: BLE001 - any break (StreamParseError ...) ends it
             logger.debug("Docker events stream broke: {}", exc)
         finally:
             with self._lock:
@@ -220,7 +219,7 @@ class DockerEvents:
     def _deliver(self, message: str) -> None:
         try:
             self._on_event(message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a handler bug must not end the thread
             logger.exception("Docker event handler failed on {!r}", message)
 
     def _note_connected(self) -> None:
@@ -251,11 +250,13 @@ class DockerEvents:
     def _close_stream(self, stream: _Stream) -> None:
         try:
             stream.close()
-        except Exception as exc:  # already closed, SSH transport, torn socket: all fine
+        except Exception as exc:  # noqa: BLE001 - SSH transport, torn socket: all fine
             logger.debug("Closing the Docker events stream: {}", exc)
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(Exception):
+            try:
                 client.close()
+            except Exception as exc:  # noqa: BLE001 - a new client is built anyway
+                logger.debug("Closing the Docker client of the events stream: {}", exc)

@@ -101,7 +101,7 @@ async def make_room_within(
             is_room = await call(make_room)
     except TimeoutError:
         is_room = False
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the request is forwarded anyway
         log.warning(f"Gate: making room for {what} failed: {exc}")
         is_room = False
     waited_s = clock() - started
@@ -349,7 +349,7 @@ class Admission:
         epoch = self._ps_epoch
         try:
             models = await self._call(self._ollama.ps)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - no /api/ps: not gating
             if self._ps_models is not None:
                 log.debug(f"Gate: cannot read Ollama's /api/ps, not gating for now: {exc}")
             self._ps_models = None
@@ -373,7 +373,7 @@ class Admission:
     async def _call_or_none(self, fn: Callable[..., T], *args: Any) -> T | None:
         try:
             return await self._call(fn, *args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - advice only: the request goes on
             log.debug(f"Gate: {getattr(fn, '__name__', fn)} failed: {exc}")
             return None
 

@@ -302,7 +302,7 @@ class PromptAdmission:
     async def _call_or_none(self, fn: Callable[..., T], *args: Any) -> T | None:
         try:
             return await self._call(fn, *args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a reading is advice: the job goes on
             log.debug(f"Gate: {getattr(fn, '__name__', fn)} failed: {exc}")
             return None
 

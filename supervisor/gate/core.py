@@ -321,7 +321,7 @@ class Proxy:
             pass  # the answer broke mid-way: closing tells the client it is truncated
         except asyncio.CancelledError:
             pass  # the gate stops
-        except Exception as exc:  # a bug: keep serving others, say what happened
+        except Exception as exc:  # noqa: BLE001 - a bug: keep serving others, say what happened
             log.opt(exception=exc).error(f"Gate: unexpected error serving a client: {exc!r}")
         finally:
             stream.close()

@@ -159,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
                 route(ex)
         except ClientGone:
             self.close_connection = True
-        except Exception as exc:  # a bug in the sim must not kill the connection silently
+        except Exception as exc:  # noqa: BLE001 - a sim bug: answer 500, say so
             print(f"sim: {method} {ex.path} failed: {exc!r}", file=sys.stderr)
             if not ex.answered:
                 ex.send_text(500, "500 Internal Server Error\n\nServer got itself in trouble")

@@ -441,12 +441,12 @@ def docker_services(
         try:
             for command in docker_setup:
                 executor.execute(command)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pytest-docker raises a bare Exception
             report = []
             for probe in ("ps -a", "logs --no-color --tail 80"):
                 try:
                     report.append(executor.execute(probe).decode(errors="replace"))
-                except Exception as probe_exc:
+                except Exception as probe_exc:  # noqa: BLE001 - pytest-docker raises Exception
                     report.append(f"({probe} failed: {probe_exc})")
             _fail(f"Bringing up the demo stack failed: {exc}\n" + "\n".join(report))
         yield Services(executor)
@@ -454,7 +454,7 @@ def docker_services(
         for command in docker_cleanup:
             try:
                 executor.execute(command)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - pytest-docker raises a bare Exception
                 print(f"cleanup `{command}` failed: {exc}", file=sys.stderr)
 
 
