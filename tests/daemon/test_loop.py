@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -29,7 +30,7 @@ from supervisor.model import (
 )
 from supervisor.reads import noisy
 from tests.daemon.conftest import World, comfy_api_figure, has
-from tests.daemon.fakes import GIB, NVML_DOWN, FakeComfy
+from tests.daemon.fakes import GIB, NVML_DOWN, FakeComfy, FakeEvents
 
 
 def test_new_ollama_model_frees_comfyui_and_verifies(world: World, logs: list[str]) -> None:
@@ -380,6 +381,51 @@ def test_stop_ends_the_loop_quickly_and_stops_events(world: World) -> None:
     t.join(2)
     assert not t.is_alive() and time.monotonic() - start < 2
     assert world.events.stopped
+
+
+def test_docker_events_that_fail_to_start_or_stop_leave_the_loop_polling(
+    world: World, logs: list[str]
+) -> None:
+    """Following Docker events is optional: the loop lists containers every pass anyway.
+    An event source that raises (even outside any contract) when started is said and the
+    loop polls; one that raises when stopped does not make the shutdown raise."""
+
+    class Broken(FakeEvents):
+        def start(self, on_event: Callable[[str], None]) -> None:
+            raise RuntimeError("events bug")
+
+        def stop(self) -> None:
+            self.stopped = True
+            raise RuntimeError("stop bug")
+
+    passes: list[int] = []
+
+    def counted(obs: Observation, state: PolicyState, settings: Settings, now: float) -> Decision:
+        passes.append(1)
+        return Decision((), state, wake_in_s=0.05)
+
+    world.events = Broken()
+    daemon = world.daemon(
+        decide=counted, record=lambda s, o, n: s, settings=Settings(check_interval_s=0.05)
+    )
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            daemon.run()
+        except BaseException as exc:  # noqa: BLE001 - whatever run() raises fails the test
+            failures.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 5
+    while len(passes) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.stop()
+    t.join(2)
+    assert len(passes) >= 3 and not t.is_alive() and failures == []
+    assert has(logs, "Docker events are not followed (events bug); polling only")
+    assert world.events.stopped and has(logs, "Stopping Docker events: stop bug")
 
 
 def test_stop_interrupts_a_verify_wait(world: World) -> None:

@@ -341,3 +341,29 @@ def test_a_client_leaving_early_is_no_traceback(capfd: Any) -> None:
 
     assert lines == []
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failing_snapshot_is_a_500_with_its_traceback_and_the_server_goes_on() -> None:
+    """A bug behind /status (anything, not only the adapters' errors) answers 500 with
+    the error, is logged at ERROR with its traceback, and the server keeps answering."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR", format="{message}")
+    calls: list[int] = []
+
+    def snapshot() -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a snapshot bug")
+        return {"gpus": []}
+
+    server = _server(snapshot=snapshot)
+    try:
+        code, body = get(server, "/status")
+        assert code == 500 and "a snapshot bug" in json.loads(body)["error"]
+        code, body = get(server, "/status")
+        assert code == 200 and json.loads(body) == {"gpus": []}
+        assert get(server, "/healthz")[0] == 200
+    finally:
+        server.close()
+        logger.remove(sink)
+    assert any("HTTP /status failed" in line and "Traceback" in line for line in lines), lines
