@@ -222,14 +222,16 @@ class Actor:
             return f"its container {spec.container_id[:12]} now has the role label {role!r}"
         return None
 
-    def serving(self, target: str) -> frozenset[str]:
-        """The models of model server `target` with a request in flight through a gate."""
+    def serving(self, target: str) -> frozenset[str] | None:
+        """The models of model server `target` with a request in flight through a gate;
+        None when a gate could not say (then any of them may be serving one)."""
         found: set[str] = set()
         for source in list(self.in_flight_sources):
             try:
                 found |= {model for key, model in source() if key == target}
-            except Exception as exc:  # noqa: BLE001 - a gate's bug must not stop the action
-                logger.debug(f"A gate's in-flight reading failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a gate's bug: say it, act as if unknown
+                logger.opt(exception=exc).warning(f"A gate's in-flight reading failed: {exc}")
+                return None
         return frozenset(found)
 
     def _uncount(self, target: str) -> None:

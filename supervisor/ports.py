@@ -301,7 +301,9 @@ class ActorPort(Protocol):
 
     def announce_unload(self, model: str) -> None: ...
 
-    def serving(self, target: str) -> frozenset[str]: ...
+    def serving(self, target: str) -> frozenset[str] | None:
+        """Models with a request in flight through a gate; None: a gate could not say."""
+        ...
 
     def free_comfy(
         self, action: FreeComfy, *, wait_pending_s: float = 0.0, verify_s: float | None = None

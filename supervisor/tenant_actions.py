@@ -61,7 +61,11 @@ def unload(actor: ActorPort, action: UnloadModel) -> Outcome:
         took = actor.clock() - start
         return Outcome(action, start, ok=False, detail=detail, duration_s=took, sent=sent)
 
-    if action.model in actor.serving(action.target):
+    in_flight = actor.serving(action.target)
+    if in_flight is None:
+        log.info(f"Not unloading {what}: a gate could not say whether it serves a request")
+        return failed("not unloaded: whether it serves a request is unknown", sent=False)
+    if action.model in in_flight:
         log.info(f"Not unloading {what}: it is serving a request (through the gate)")
         return failed("not unloaded: it is serving a request (through the gate)", sent=False)
     try:

@@ -928,6 +928,40 @@ def test_a_model_with_a_request_in_flight_through_a_gate_is_never_unloaded(
     assert done.ok and server.unloads == ["qwen"]
 
 
+def test_a_gate_that_cannot_say_what_is_in_flight_blocks_the_unload(
+    world: World, logs: list[str]
+) -> None:
+    """A gate whose in-flight reading fails (a bug: anything may be raised) cannot say
+    whether the model serves a request through it: the unload is not sent (as when the
+    server cannot tell), the failure is said at WARNING, and once the gate answers
+    again the unload goes ahead."""
+    server = _Server()
+    spec = ServiceSpec("llama-swap", "swap", "http://127.0.0.1:8080", "id-swap")
+    targets = Targets(model_servers={"llama-swap/swap": (spec, server)})
+    actor = Actor(
+        Settings(),
+        probe=GpuProbe(world.gpu, world.comfy),
+        targets=lambda: targets,
+        clock=world.clock,
+        sleep=world.clock.sleep,
+    )
+    broken = [True]
+
+    def in_flight() -> frozenset[tuple[str, str]]:
+        if broken[0]:
+            raise KeyError("a gate bug")
+        return frozenset()
+
+    actor.in_flight_sources.append(in_flight)
+    refused = actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
+    assert not refused.ok and not refused.sent and server.unloads == []
+    assert "unknown" in refused.detail
+    assert has(logs, "A gate's in-flight reading failed: 'a gate bug'")
+    broken[0] = False
+    done = actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
+    assert done.ok and server.unloads == ["qwen"]
+
+
 def test_a_container_that_lost_its_role_label_is_never_acted_on(
     world: World, logs: list[str]
 ) -> None:
