@@ -10,7 +10,7 @@ import pytest
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import ComfyMode, FreeComfy, FreeResult, FreeStage, GpuMemory, VramSource
 from supervisor.observe import resolve_gpu_ids
-from tests.daemon.conftest import World, comfy_api_figure
+from tests.daemon.conftest import World, comfy_api_figure, has
 from tests.daemon.fakes import GIB, FakeComfy
 
 GPUS = (
@@ -313,3 +313,43 @@ def test_a_replaced_client_stays_open_for_threads_that_still_hold_it(world: Worl
     assert first.closed_at is not None and made[1].closed_at is None
     daemon.close()
     assert made[1].closed_at is not None
+
+
+def test_a_client_that_fails_to_close_does_not_break_the_pass(
+    world: World, logs: list[str]
+) -> None:
+    """Closing a retired client happens in the middle of a pass: whatever its close()
+    raises (a bug included) is logged at DEBUG, the pass completes, and the client is
+    not tried again on every later pass."""
+    from supervisor.observe import RETIRE_S
+
+    made: list[Any] = []
+
+    class Unclosable:
+        def __init__(self) -> None:
+            self.close_calls = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(world.comfy, name)
+
+        def close(self) -> None:
+            self.close_calls += 1
+            raise RuntimeError("close bug")
+
+    def make(url: str) -> Any:
+        made.append(Unclosable())
+        return made[-1]
+
+    daemon = world.daemon(comfy_client=make)
+    daemon.observe()
+    container = world.docker.containers["comfyui"]
+    container.spec = replace(container.spec, container_id="id-comfyui-recreated")
+    daemon.on_docker_event("start comfyui")
+    daemon.observe()
+    world.clock.sleep(RETIRE_S + 1)
+    [comfy] = daemon.observe().comfyuis  # the old client's close fails in this pass
+    assert comfy.status.is_running and made[0].close_calls == 1
+    assert has(logs, "close bug")
+    world.clock.sleep(6)
+    daemon.observe()
+    assert made[0].close_calls == 1

@@ -319,6 +319,46 @@ def test_a_broken_document_or_a_failing_callback_does_not_kill_the_thread(
     assert source.is_alive and source.events_seen == 2
 
 
+def test_a_client_or_stream_that_fails_to_close_is_logged_and_changes_nothing(
+    daemon: FakeDaemon, running: list[DockerEvents]
+) -> None:
+    """Closing is best effort: a stream that cannot be cancelled (the SDK raises
+    DockerException on an SSH transport) or a client whose close() raises (anything)
+    is said at DEBUG; the thread reconnects and stop() still ends it without raising."""
+    debug: list[str] = []
+    sink = logger.add(lambda m: debug.append(m.record["message"]), level="DEBUG")
+
+    class StuckStream(FakeStream):
+        def close(self) -> None:
+            self._items.put(_END)  # the reader ends all the same, as the socket goes
+            raise docker.errors.DockerException("Cancellable streams not supported")
+
+    class StuckClient(FakeClient):
+        def events(self, decode: bool | None = None, filters: Any = None) -> FakeStream:
+            stream = StuckStream()
+            daemon.opened.put(stream)
+            return stream
+
+        def close(self) -> None:
+            raise RuntimeError("client close bug")
+
+    source = DockerEvents(client_factory=lambda: StuckClient(daemon), wait=wait_none())
+    running.append(source)
+    got = Recorder()
+    try:
+        source.start(got)
+        daemon.next_stream().end()
+        assert got.next() == "resync"
+        daemon.next_stream()
+        assert got.next() == "resync"  # reconnected with a new client
+        source.stop(timeout_s=TIMEOUT)
+        assert not source.is_alive
+    finally:
+        logger.remove(sink)
+    assert any("client close bug" in m for m in debug), debug
+    assert any("Cancellable streams not supported" in m for m in debug), debug
+
+
 def test_stop_closes_a_blocked_stream_and_ends_the_thread(
     daemon: FakeDaemon, running: list[DockerEvents]
 ) -> None:
