@@ -2,18 +2,30 @@
 alternately on asyncio's loop and on uvloop, a fresh supervisor each round, so drift on a
 shared machine hits both alike. Prints every round and the medians; asserts nothing.
 
+Then the floor under any proxy on that loop (`relay_floor`): a byte relay with no HTTP at
+all (one upstream connection per client connection, bytes copied as they come, in
+protocol callbacks) in this process, in front of the same fake Ollama, alternating with
+direct requests: the loop's and the sockets' share of the gate's overhead.
+
     flock -o /tmp/vram-bench.lock nice .venv/bin/python -m tests.bench.gate_loop --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import threading
+import time
 from collections.abc import Callable
 
-from tests.bench.micro import MicroResult, gate_overhead
-from tests.bench.workload import answer_without_nagle, median
+import httpx
+
+from supervisor.gate.loop import loop_name, new_event_loop
+from supervisor.sim import SimHost
+from tests.bench.micro import RESIDENT_MODEL, MicroResult, gate_overhead
+from tests.bench.workload import GPU_TOTAL_GIB, answer_without_nagle, catalog, median, percentile
 
 LOOPS = ("asyncio", "uvloop")
 
@@ -58,11 +70,133 @@ def table(results: dict[str, list[MicroResult]]) -> str:
     return "\n".join(rows)
 
 
+# --------------------------------------------------------------------------- the floor
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.client.transport is not None
+        self.client.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.client.transport is not None:
+            self.client.transport.close()
+
+
+class _Client(asyncio.Protocol):
+    """One client connection of the byte relay, and its own upstream connection."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.transport: asyncio.Transport | None = None
+        self.upstream: _Upstream | None = None
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, self.upstream = await loop.create_connection(
+            lambda: _Upstream(self), self.host, self.port
+        )
+        assert self.upstream.transport is not None
+        for data in self.pending:
+            self.upstream.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upstream is None or self.upstream.transport is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+
+def relay_floor(choice: str, requests: int) -> dict[str, float | str | None]:
+    """A byte relay on the loop `choice`: its thread's CPU per request (user + system) and
+    the time it adds to a non-streaming generate at p50 and p99."""
+    with SimHost(gpu_total_gib=GPU_TOTAL_GIB, time_scale=0.001, catalog=catalog()) as host:
+        target = httpx.URL(host.ollama_url)
+        assert target.port is not None
+        loop = new_event_loop(choice)
+        ready = threading.Event()
+        stop: list[asyncio.Future[None]] = []
+        ports: list[int] = []
+        cpu: list[float] = []
+
+        def run() -> None:
+            async def serve() -> None:
+                server = await loop.create_server(
+                    lambda: _Client(target.host, target.port or 80), "127.0.0.1", 0
+                )
+                ports.append(server.sockets[0].getsockname()[1])
+                stop.append(loop.create_future())
+                ready.set()
+                async with server:
+                    started = time.thread_time()
+                    await stop[0]
+                    cpu.append(time.thread_time() - started)
+
+            loop.run_until_complete(serve())
+            loop.close()
+
+        thread = threading.Thread(target=run, name="relay-floor", daemon=True)
+        thread.start()
+        ready.wait(10)
+        name = loop_name(loop)
+        bases = {"direct": host.ollama_url, "relay": f"http://127.0.0.1:{ports[0]}"}
+        body = {
+            "model": RESIDENT_MODEL,
+            "prompt": "hi",
+            "stream": False,
+            "options": {"num_predict": 1},
+        }
+        times: dict[str, list[float]] = {"direct": [], "relay": []}
+        with httpx.Client(timeout=30.0) as client:
+            preload = {"model": RESIDENT_MODEL, "keep_alive": -1, "stream": False}
+            client.post(f"{host.ollama_url}/api/generate", json=preload).raise_for_status()
+            for i in range(requests):
+                for which in ("direct", "relay") if i % 2 else ("relay", "direct"):
+                    t0 = time.perf_counter()
+                    client.post(f"{bases[which]}/api/generate", json=body).raise_for_status()
+                    times[which].append(time.perf_counter() - t0)
+        loop.call_soon_threadsafe(stop[0].set_result, None)
+        thread.join(10)
+
+    def added(q: float | None) -> float | None:
+        get: Callable[[list[float]], float | None] = (
+            median if q is None else lambda v: percentile(v, q)
+        )
+        a, b = get(times["relay"]), get(times["direct"])
+        return None if a is None or b is None else round((a - b) * 1000, 3)
+
+    return {
+        "loop": name,
+        "cpu_us": round(cpu[0] / requests * 1e6, 1) if cpu else None,
+        "added_p50_ms": added(None),
+        "added_p99_ms": added(99),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per loop")
     parser.add_argument("--requests", type=int, default=2000, help="non-streaming, per round")
     parser.add_argument("--streams", type=int, default=300, help="streamed, per round")
+    parser.add_argument(
+        "--floor-requests", type=int, default=1500, help="byte relay requests per loop (0: none)"
+    )
     args = parser.parse_args(argv)
     answer_without_nagle()
     results: dict[str, list[MicroResult]] = {loop: [] for loop in LOOPS}
@@ -92,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
             )
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(table(results))
+    if args.floor_requests:
+        floors = [relay_floor(loop, args.floor_requests) for loop in (*LOOPS, *LOOPS[::-1])]
+        print("\nbyte relay (no HTTP), the same requests:")
+        for floor in floors:
+            print(json.dumps(floor))
 
 
 if __name__ == "__main__":
