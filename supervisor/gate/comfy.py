@@ -340,7 +340,7 @@ class ComfyGate(Proxy):
         connect_timeout_s: float = 10.0,
         limits: Limits | None = None,
         ws_idle_s: float = WS_IDLE_S,
-        event_loop: str = "auto",
+        event_loop: str = "asyncio",
     ) -> None:
         counters = ComfyCounters()
         super().__init__(

@@ -17,8 +17,8 @@ Policy (the Ollama gate's; the image gate keeps the same limits and errors):
   is closed.
 - Every buffer, wait and the number of connections is bounded (http11.Limits,
   docs/gate.md "Limits"). Client-supplied strings reach the log quoted and truncated.
-- One event loop on one thread serves every connection (uvloop when installed, else
-  asyncio's own; VRAM_GATE_LOOP, loop.py); blocking Ollama and RoomMaker calls run on a
+- One event loop on one thread serves every connection (asyncio's, or uvloop:
+  VRAM_GATE_LOOP, loop.py); blocking Ollama and RoomMaker calls run on a
   small thread pool owned by the gate.
 """
 
@@ -118,7 +118,7 @@ class Proxy:
         limits: Limits | None = None,
         stats: Any = None,
         ws_idle_s: float = WS_IDLE_S,
-        event_loop: str = "auto",
+        event_loop: str = "asyncio",
     ) -> None:
         self._upstream: Callable[[], str | None] = (
             upstream_url if callable(upstream_url) else functools.partial(str, upstream_url)
@@ -623,7 +623,7 @@ class Gate(Proxy):
         load_hold_max_s: float = 300.0,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        event_loop: str = "auto",
+        event_loop: str = "asyncio",
     ) -> None:
         super().__init__(
             upstream_url=upstream_url,

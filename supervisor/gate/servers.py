@@ -103,7 +103,7 @@ class ServerGate(Proxy):
         wait_s: float = 30.0,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        event_loop: str = "auto",
+        event_loop: str = "asyncio",
     ) -> None:
         self.upstream_name = title
         self._servers = servers  # () -> the running servers of the role now, in order

@@ -1,8 +1,6 @@
-"""The gate's event loop (VRAM_GATE_LOOP): uvloop when installed, asyncio's own when asked
-or when uvloop is missing, and a load and a stream relayed alike on both.
-
-The whole gate folder runs on whichever loop `auto` picks; the project's checks run it
-twice, once with uvloop installed and once without (docs/gate.md, "The event loop")."""
+"""The gate's event loop (VRAM_GATE_LOOP): asyncio's own by default, uvloop when asked
+for and installed (the test extra installs it), asyncio with a warning when uvloop is
+asked for but missing; a load and a stream relayed alike on both."""
 
 from __future__ import annotations
 
@@ -32,20 +30,28 @@ def test_asyncio_asked_for_is_asyncios_own_loop() -> None:
         loop.close()
 
 
-@pytest.mark.parametrize("choice", ["auto", "uvloop"])
-def test_uvloop_when_installed_else_asyncio(choice: str) -> None:
+def test_asyncio_is_the_default() -> None:
+    loop = new_event_loop()
+    try:
+        assert loop_name(loop) == "asyncio"
+    finally:
+        loop.close()
+    assert load_settings({})[0].gate_loop == "asyncio"
+
+
+def test_uvloop_when_installed_else_asyncio_with_a_warning() -> None:
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
-        loop = new_event_loop(choice)
+        loop = new_event_loop("uvloop")
     finally:
         logger.remove(sink)
     try:
         assert loop_name(loop) == ("uvloop" if HAS_UVLOOP else "asyncio")
     finally:
         loop.close()
-    # Asked for by name and missing: said so; `auto` falls back quietly.
-    assert bool(lines) == (choice == "uvloop" and not HAS_UVLOOP)
+    assert bool(lines) == (not HAS_UVLOOP)
+    assert all("VRAM_GATE_LOOP=uvloop" in line for line in lines)
 
 
 def test_an_unknown_loop_is_refused_by_name() -> None:
