@@ -4,9 +4,10 @@ image does not ship it).
 
 The gate's code is the same on both: its transports are used only through the
 asyncio.Transport methods, which uvloop's transports have without deriving from that
-class. uvloop takes about a tenth off the gate thread's CPU per request, but did not
-change the latency the gate adds measurably (docs/benchmarks.md, "Gate overhead:
-uvloop"), so asyncio's loop stays the default.
+class. On uvloop the loop's own share of a request is about halved, but that share is
+small next to the Python above it (h11, the gate's code, the coroutines): the time the
+gate adds did not change measurably (docs/benchmarks.md, "Gate overhead: uvloop"), so
+asyncio's loop stays the default.
 """
 
 from __future__ import annotations
