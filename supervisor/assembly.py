@@ -183,6 +183,7 @@ class Assembly:
             host=self.settings.gate_host,
             port=port,
             wait_s=self.settings.gate_wait_s,
+            event_loop=self.settings.gate_loop,
         )
         gate.start()
         return gate

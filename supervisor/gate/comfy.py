@@ -340,6 +340,7 @@ class ComfyGate(Proxy):
         connect_timeout_s: float = 10.0,
         limits: Limits | None = None,
         ws_idle_s: float = WS_IDLE_S,
+        event_loop: str = "asyncio",
     ) -> None:
         counters = ComfyCounters()
         super().__init__(
@@ -350,6 +351,7 @@ class ComfyGate(Proxy):
             limits=limits,
             stats=counters,
             ws_idle_s=ws_idle_s,
+            event_loop=event_loop,
         )
         self._counters = counters
         self.admission = PromptAdmission(

@@ -17,8 +17,9 @@ Policy (the Ollama gate's; the image gate keeps the same limits and errors):
   is closed.
 - Every buffer, wait and the number of connections is bounded (http11.Limits,
   docs/gate.md "Limits"). Client-supplied strings reach the log quoted and truncated.
-- One asyncio loop on one thread serves every connection; blocking Ollama and RoomMaker
-  calls run on a small thread pool owned by the gate.
+- One event loop on one thread serves every connection (asyncio's, or uvloop:
+  VRAM_GATE_LOOP, loop.py); blocking Ollama and RoomMaker calls run on a
+  small thread pool owned by the gate.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from supervisor.gate.http11 import (
     status_hint,
 )
 from supervisor.gate.load_request import LOAD_PATHS, LoadRequest, parse_load_request
+from supervisor.gate.loop import loop_name, new_event_loop
 from supervisor.gate.relay import ClientGone, Exchange, Origin, Pool, UpstreamError, relay
 from supervisor.gate.stats import Counters, GateStats, InFlight
 from supervisor.gate.tunnel import WS_IDLE_S, is_upgrade, tunnel
@@ -116,6 +118,7 @@ class Proxy:
         limits: Limits | None = None,
         stats: Any = None,
         ws_idle_s: float = WS_IDLE_S,
+        event_loop: str = "asyncio",
     ) -> None:
         self._upstream: Callable[[], str | None] = (
             upstream_url if callable(upstream_url) else functools.partial(str, upstream_url)
@@ -123,6 +126,8 @@ class Proxy:
         self._host = host
         self._port = port
         self._ws_idle_s = ws_idle_s
+        self._event_loop = event_loop  # loop.LOOPS: which event loop the thread runs
+        self._loop_name = ""
         self._limits = limits or Limits()
         self._pool = Pool(limits=self._limits, connect_timeout_s=connect_timeout_s)
         self._executor = ThreadPoolExecutor(
@@ -164,7 +169,8 @@ class Proxy:
         if self._start_error is not None:
             raise self._start_error
         self._start_call_threads()
-        log.info(f"{self.upstream_name} gate listening on {self._host}:{self._port}")
+        where = f"{self._host}:{self._port}"
+        log.info(f"{self.upstream_name} gate listening on {where} ({self._loop_name})")
 
     def _start_call_threads(self) -> None:
         """Start every thread of the blocking-call pool now: a pool starts them one by one
@@ -222,7 +228,8 @@ class Proxy:
         """Called on the loop thread when the proxy stops."""
 
     def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop(self._event_loop)
+        self._loop_name = loop_name(loop)
         loop.set_exception_handler(self._on_loop_error)
         self._loop = loop
         try:
@@ -616,6 +623,7 @@ class Gate(Proxy):
         load_hold_max_s: float = 300.0,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        event_loop: str = "asyncio",
     ) -> None:
         super().__init__(
             upstream_url=upstream_url,
@@ -623,6 +631,7 @@ class Gate(Proxy):
             port=port,
             connect_timeout_s=connect_timeout_s,
             limits=limits,
+            event_loop=event_loop,
         )
         self._admission = Admission(
             ollama=ollama,

@@ -23,6 +23,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import cast
 
 import h11
 
@@ -119,8 +120,9 @@ class Stream(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance() check: uvloop's transports have the asyncio.Transport methods
+        # but do not derive from it (the check failed every connection under uvloop).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.is_idle:

@@ -103,6 +103,7 @@ class ServerGate(Proxy):
         wait_s: float = 30.0,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        event_loop: str = "asyncio",
     ) -> None:
         self.upstream_name = title
         self._servers = servers  # () -> the running servers of the role now, in order
@@ -112,6 +113,7 @@ class ServerGate(Proxy):
             port=port,
             limits=limits,
             stats=Counters(),
+            event_loop=event_loop,
         )
         self._routes = routes
         self._room = room

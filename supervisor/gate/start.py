@@ -97,6 +97,7 @@ def start_gate(
         host=settings.gate_host,
         port=settings.gate_port,
         wait_s=settings.gate_wait_s,
+        event_loop=settings.gate_loop,
     )
     gate.start()
     return gate
@@ -143,6 +144,7 @@ def start_comfy_gate(
         port=settings.comfyui_gate_port,
         wait_s=settings.gate_wait_s,
         models_dir=models_dir,
+        event_loop=settings.gate_loop,
     )
     gate.start()
     return gate

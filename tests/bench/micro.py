@@ -3,7 +3,11 @@
 - Gate overhead: small non-streaming generate requests for a resident model, straight to the
   fake Ollama and through the gate of a running supervisor, alternating one by one so drift
   hits both alike; plus time to the first streamed byte. The fake Ollama runs at a tiny
-  time scale, so the upstream costs almost nothing and the difference is the proxy's.
+  time scale, so the upstream costs almost nothing and the difference is the proxy's. Also
+  the supervisor process's CPU time (utime + stime) per request through the gate, over the
+  non-streaming requests (the gate's thread, plus the supervisor's own slow loop, which is
+  a small share of it at default settings). `settings` (e.g. VRAM_GATE_LOOP) go to that
+  supervisor; `python -m tests.bench.gate_loop` compares the gate's event loops with it.
 - Idle cost: a supervisor at default settings (and one with the gate on) watching an idle
   simulated host; CPU from /proc/<pid>/stat (utime + stime) over a window, RSS from
   /proc/<pid>/status (VmRSS).
@@ -51,6 +55,8 @@ class MicroResult:
     direct_p99_ms: float | None = None
     gate_p50_ms: float | None = None
     gate_p99_ms: float | None = None
+    gate_cpu_us: float | None = None  # supervisor CPU per request through the gate
+    gate_loop: str = ""  # the event loop the gate said it runs on
     stream_requests: int = 0
     ttfb_direct_p50_ms: float | None = None
     ttfb_gate_p50_ms: float | None = None
@@ -77,10 +83,22 @@ def _ms(values: list[float], q: float | None) -> float | None:
 # --------------------------------------------------------------------------- gate overhead
 
 
-def gate_overhead(result: MicroResult, requests: int = 2000, streams: int = 300) -> None:
+def gate_overhead(
+    result: MicroResult,
+    requests: int = 2000,
+    streams: int = 300,
+    settings: dict[str, str] | None = None,
+) -> None:
     with SimHost(gpu_total_gib=GPU_TOTAL_GIB, time_scale=0.001, catalog=catalog()) as host:
-        sup = start_supervisor(ollama_url=host.ollama_url, comfyui_url=host.comfyui_url, gate=True)
+        sup = start_supervisor(
+            ollama_url=host.ollama_url,
+            comfyui_url=host.comfyui_url,
+            gate=True,
+            settings=settings,
+        )
         try:
+            listening = [m for m in sup.messages() if "Ollama gate listening on" in m]
+            result.gate_loop = listening[0].rpartition("(")[2].rstrip(")") if listening else ""
             bases = {"direct": host.ollama_url, "gate": sup.gate_url}
             with httpx.Client(timeout=30.0) as client:
                 preload = {"model": RESIDENT_MODEL, "keep_alive": -1, "stream": False}
@@ -92,7 +110,10 @@ def gate_overhead(result: MicroResult, requests: int = 2000, streams: int = 300)
                     "options": {"num_predict": 1},
                 }
                 times: dict[str, list[float]] = {"direct": [], "gate": []}
+                ticks = 0
                 for i in range(100 + requests):  # the first 100 of each warm up
+                    if i == 100:
+                        ticks = _cpu_ticks(sup.pid)
                     for name in ("direct", "gate") if i % 2 else ("gate", "direct"):
                         t0 = time.perf_counter()
                         r = client.post(f"{bases[name]}/api/generate", json=body)
@@ -100,6 +121,7 @@ def gate_overhead(result: MicroResult, requests: int = 2000, streams: int = 300)
                         r.raise_for_status()
                         if i >= 100:
                             times[name].append(took)
+                cpu_s = (_cpu_ticks(sup.pid) - ticks) / os.sysconf("SC_CLK_TCK")
                 stream_body = {**body, "stream": True, "options": {"num_predict": 8}}
                 firsts: dict[str, list[float]] = {"direct": [], "gate": []}
                 for i in range(20 + streams):
@@ -121,6 +143,7 @@ def gate_overhead(result: MicroResult, requests: int = 2000, streams: int = 300)
         _ms(times["direct"], 99),
     )
     result.gate_p50_ms, result.gate_p99_ms = _ms(times["gate"], None), _ms(times["gate"], 99)
+    result.gate_cpu_us = round(cpu_s / requests * 1e6, 1)
     result.stream_requests = streams
     result.ttfb_direct_p50_ms = _ms(firsts["direct"], None)
     result.ttfb_gate_p50_ms = _ms(firsts["gate"], None)

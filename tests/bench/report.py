@@ -217,6 +217,10 @@ def micro_table(m: MicroResult) -> str:
             f"{_num(m.ttfb_gate_p99_ms, 2)} ms | "
             f"{added(m.ttfb_direct_p99_ms, m.ttfb_gate_p99_ms)} |"
         ),
+        (
+            "| supervisor CPU per non-streaming request through the gate | | | "
+            f"{_num(m.gate_cpu_us, 0)} µs |"
+        ),
     ]
     idle = [
         "",

@@ -37,6 +37,7 @@ CASES: dict[str, tuple[str, object, str]] = {
     "VRAM_GATE_PORT": ("11435", 11435, "port"),
     "VRAM_GATE_HOST": ("::", "::", "x/y"),
     "VRAM_GATE_WAIT": ("10", 10.0, "-1"),
+    "VRAM_GATE_LOOP": ("Asyncio", "asyncio", "trio"),
     "VRAM_COMFYUI_GATE_PORT": ("8189", 8189, "port"),
     "VRAM_COMFYUI_MODELS": ("/comfyui-models", "/comfyui-models", "models"),
     "VRAM_MODEL_GATES": (
