@@ -23,8 +23,9 @@ Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at tha
   `load_hold_max_s`) and then asks /api/ps again; a model that was evicted meanwhile is
   gated like any load, instead of being forwarded "as resident" and loaded beside
   whatever holds the room (found by the soak: Ollama evicts at once, the cache lags by up
-  to `ps_ttl_s`). Ollama itself serves such a request only after the eviction anyway (its
-  scheduler takes pending requests in order). A /api/ps answer read while such a load was
+  to `ps_ttl_s`). The price: such a request waits up to that load's time even for a model
+  Ollama keeps (before 0.30 Ollama queues it behind the eviction anyway; from 0.30 it
+  would serve a runner that stays at once). A /api/ps answer read while such a load was
   under way is never taken as fresh afterwards.
 - /api/ps is cached for `ps_ttl_s`; a request that finds the cache older refreshes it in
   the background and uses the old answer, unless that is older than `ps_max_stale_s`
