@@ -19,14 +19,14 @@ Ollama fixes a model's GPU/CPU split when it loads it, from the VRAM free at tha
   wait behind a held load (one waiting for its room).
 - A forwarded load that needs more than the free VRAM makes Ollama evict resident models
   (or spill). Until that model is in, the gate doubts its /api/ps cache: a request for
-  another model the cache lists as resident waits for the load to be in (at most
-  `load_hold_max_s`) and then asks /api/ps again; a model that was evicted meanwhile is
-  gated like any load, instead of being forwarded "as resident" and loaded beside
-  whatever holds the room (found by the soak: Ollama evicts at once, the cache lags by up
-  to `ps_ttl_s`). The price: such a request waits up to that load's time even for a model
-  Ollama keeps (before 0.30 Ollama queues it behind the eviction anyway; from 0.30 it
-  would serve a runner that stays at once). A /api/ps answer read while such a load was
-  under way is never taken as fresh afterwards.
+  another model the cache lists as resident asks /api/ps afresh (before 0.30, once the
+  load is in, at most `load_hold_max_s`: that Ollama queues the request behind the
+  eviction anyway; from 0.30 at once: Ollama removes a runner from /api/ps as it evicts
+  it and serves one that stays at once); a model that was evicted is gated like any
+  load, instead of being forwarded "as resident" and loaded beside whatever holds the
+  room (found by the soak: Ollama evicts at once, the cache lags by up to `ps_ttl_s`). A
+  /api/ps answer read while such a load was under way is never taken as fresh
+  afterwards.
 - /api/ps is cached for `ps_ttl_s`; a request that finds the cache older refreshes it in
   the background and uses the old answer, unless that is older than `ps_max_stale_s`
   (after an idle spell a model may have expired) or does not list the model (it may have
@@ -170,9 +170,13 @@ class Admission:
         resident = await self.is_resident(key)
         evicting = self._evicting
         if resident and evicting is not None and evicting.key != key:
-            # Ollama may be evicting this model for that load: look again once it is in.
-            await self._wait_loaded(evicting)
-            resident = await self.is_resident(key)
+            # Ollama may be evicting this model for that load: look again, once that load
+            # is in where Ollama queues this request behind it anyway (before 0.30), else
+            # at once (from 0.30 Ollama removes an evicted runner from /api/ps as it
+            # evicts it, and serves a runner that stays at once).
+            if evicting.queues:
+                await self._wait_loaded(evicting)
+            resident = await self.is_resident(key, is_fresh=True)
         if resident is not False:
             return await forward(None)
         await self._load_lock.acquire()
@@ -183,10 +187,10 @@ class Admission:
                 release()  # a load queued before this one brought it in
                 return await forward(None)
             self._stats.gated_total += 1
-            may_evict = await self._make_room_for(load, key)
+            may_evict, queues = await self._make_room_for(load, key)
             self._doomed.pop(key, None)  # this load brings it back, with the room made
             if may_evict:
-                evicting = self._evicting = _Evicting(key, asyncio.Event())
+                evicting = self._evicting = _Evicting(key, asyncio.Event(), queues)
                 release = _once(functools.partial(self._loaded, evicting, release))
             head_seen = asyncio.Event()
             holder = asyncio.get_running_loop().create_task(
@@ -236,12 +240,14 @@ class Admission:
         finally:
             release()
 
-    async def _make_room_for(self, load: LoadRequest, key: str) -> bool:
+    async def _make_room_for(self, load: LoadRequest, key: str) -> tuple[bool, bool]:
         """Make room for the load (or give up at the deadline); returns whether Ollama may
         evict resident models for it (it needs more than the free VRAM, or that is
-        unknown)."""
+        unknown), and whether Ollama queues other requests behind that eviction (before
+        0.30)."""
         model = load.model
         profile = await self._call_or_none(self._room.load_profile)
+        queues = profile is not None and not profile.is_llama_server
         params = profile.params if profile is not None else self._params
         # llama-server's fit target, or the head room of an older Ollama's layer estimate.
         headroom = profile.load_headroom_bytes if profile is not None else 0
@@ -252,7 +258,7 @@ class Admission:
                 f"Gate: no VRAM estimate for {model} (not installed, or Ollama did not say);"
                 " forwarding it as is"
             )
-            return False
+            return False, queues
         # Free VRAM, plus Ollama's resident models where it evicts them itself.
         need = estimate.need_bytes + headroom
         fit = f" + {what_room} {_gib(headroom)}" if headroom else ""
@@ -262,7 +268,7 @@ class Admission:
                 f"Gate: {model} needs about {_gib(estimate.need_bytes)}{fit}"
                 f" ({_basis(estimate)}); room {_gib(room.total_bytes)}"
             )
-            return room.free_bytes < need
+            return room.free_bytes < need, queues
         shown = _gib(room.total_bytes) if room is not None else "unknown"
         log.info(
             f"Gate: making room for {model}: needs about {_gib(estimate.need_bytes)}{fit}"
@@ -278,7 +284,7 @@ class Admission:
         await make_room_within(self._call, make_room, self._wait_s, self._stats, model, self._clock)
         # Freeing ComfyUI usually leaves the free VRAM enough: then Ollama evicts nothing.
         room = await self._call_or_none(self._room.room_for, need)
-        return room is None or room.free_bytes < need
+        return room is None or room.free_bytes < need, queues
 
     async def _estimate(
         self, load: LoadRequest, key: str, params: EstimateParams
@@ -380,13 +386,15 @@ class Admission:
 
 
 class _Evicting:
-    """A forwarded load of `key` that may make Ollama evict others; `done` once it is in."""
+    """A forwarded load of `key` that may make Ollama evict others; `done` once it is in;
+    `queues`: Ollama serves other requests only after it (before 0.30)."""
 
-    __slots__ = ("done", "key")
+    __slots__ = ("done", "key", "queues")
 
-    def __init__(self, key: str, done: asyncio.Event) -> None:
+    def __init__(self, key: str, done: asyncio.Event, queues: bool) -> None:
         self.key = key
         self.done = done
+        self.queues = queues
 
 
 def model_key(name: str) -> str:

@@ -264,14 +264,16 @@ def _wait_for(cond: object, what: str, timeout_s: float = 10.0) -> None:
     assert cond(), what  # type: ignore[operator]
 
 
+@pytest.mark.parametrize("version", ["0.12.6", "0.33.0"])
 def test_a_model_ollama_evicts_for_a_gated_load_is_not_forwarded_as_resident(
-    env: Env,
+    env: Env, version: str
 ) -> None:
     """Found by the soak: a gated load made Ollama evict another model, and a request for
     that model, arriving while the gate's /api/ps cache still listed it, went straight
     to Ollama "as resident" with no room judged; Ollama loaded it beside an idle ComfyUI
     and it spilled. It must wait for the load that evicts to be in, find the model gone,
     and get its room made like any load."""
+    env.room.profile = ollama_profile(version)
     env.upstream.resident.add("qwen3:8b")
     env.upstream.max_resident = 1  # the next load evicts qwen3:8b
     env.upstream.load_s = 0.4
@@ -292,22 +294,27 @@ def test_a_model_ollama_evicts_for_a_gated_load_is_not_forwarded_as_resident(
     )
 
 
-def test_a_resident_model_waits_out_a_load_that_may_evict_then_goes_on_as_resident(
-    env: Env,
+@pytest.mark.parametrize(("version", "waits"), [("0.12.6", True), ("0.33.0", False)])
+def test_a_model_ollama_keeps_goes_on_as_resident_after_a_fresh_look(
+    env: Env, version: str, waits: bool
 ) -> None:
-    """The doubt costs a resident request at most the other model's load: when Ollama
-    kept it (the load fitted beside it after all) it is forwarded with no room made."""
+    """The doubt costs a request for a model Ollama keeps one fresh /api/ps read, and,
+    before 0.30 (whose scheduler queues it behind the eviction anyway), the other
+    model's load; from 0.30 it goes on at once. No room is made for it either way."""
+    env.room.profile = ollama_profile(version)
     env.upstream.resident.add("qwen3:8b")
-    env.upstream.load_s = 0.4
+    env.upstream.load_s = 1.0
     assert _generate(env, "qwen3:8b").status_code == 200
     with ThreadPoolExecutor(2) as pool:
         gated = pool.submit(_generate, env, "llama3.2")
         _wait_for(lambda: "load_start" in env.timeline.whats(), "the gated load never started")
 
         again = _generate(env, "qwen3:8b")
+        loaded_by_then = "loaded" in env.timeline.whats()
 
         assert again.status_code == 200
         assert gated.result(timeout=10).status_code == 200
+    assert loaded_by_then is waits
     assert [c.reason for c in env.room.calls] == ["gate: load of llama3.2:latest"]
     assert env.timeline.whats().count("load_start") == 1  # qwen3:8b was never reloaded
 
