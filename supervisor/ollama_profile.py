@@ -16,7 +16,8 @@ Ollama's behaviour around memory changed twice (api-facts-2026 sections 1 and 3)
 `ollama_profile(version, env, gpu_total_bytes)` turns `GET /api/version`, the Ollama
 container's environment (Docker inspect `Config.Env`) and the GPUs' total memory into an
 `OllamaProfile`: the estimate's assumptions (estimate.EstimateParams), the fit target every
-"fits" judgement adds, and the room rule (`evictable_bytes`). An unknown version (Ollama
+"fits" judgement adds, and which room rule applies (`is_llama_server`, for
+`model.evictable_bytes`). An unknown version (Ollama
 not answering yet, a development build reporting 0.0.0) is taken as the newest behaviour,
 which needs more room: the safer side. Without Docker (fixed URLs) the environment is
 unknown and the documented defaults apply (context by tier, one slot, f16 KV, 1 GiB).
@@ -29,8 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from supervisor.estimate import EstimateParams
-from supervisor.model import Resident
-from supervisor.model import evictable_bytes as model_evictable_bytes
 
 MIB = 1024**2
 GIB = 1024**3
@@ -199,11 +198,3 @@ def ollama_profile(
         batch_bytes=batch_surcharge(ctx) if is_llama_server else 0,
     )
     return OllamaProfile(version, is_llama_server, by_vram, params, fit_target, tuple(notes))
-
-
-def evictable_bytes(
-    profile: OllamaProfile, need_bytes: int, free_bytes: int, residents: Sequence[Resident]
-) -> int:
-    """VRAM Ollama's own resident models would give back for a load of `need_bytes` with
-    `free_bytes` free, by the rule of `profile`'s generation (`model.evictable_bytes`)."""
-    return model_evictable_bytes(profile.is_llama_server, need_bytes, free_bytes, residents)

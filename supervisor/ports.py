@@ -196,7 +196,7 @@ class EventSource(Protocol):
 class LoadRoom:
     """The room for an Ollama load: VRAM free now on the GPU Ollama uses, and the VRAM of
     those of Ollama's resident models that its own rule would evict for this load
-    (ollama_profile.evictable_bytes). A load that needs more than `free_bytes` makes
+    (model.evictable_bytes). A load that needs more than `free_bytes` makes
     Ollama evict (or spill): the gate then doubts what its /api/ps cache says is resident
     until the load is in."""
 

@@ -6,7 +6,7 @@ are freed, soft then hard, until the room covers the need or the deadline passes
   model (`OllamaProfile.load_headroom_bytes`: llama-server's fit target, 1 GiB, Ollama
   >= 0.30; before 0.30 the head room of its own layer estimate).
 - The room for a new model: free VRAM, plus the VRAM of those of Ollama's resident models
-  that Ollama's own rule evicts for this load (ollama_profile.evictable_bytes): before
+  that Ollama's own rule evicts for this load (model.evictable_bytes): before
   0.30 all of them (a further model must fit fully, api-facts 1.8); from 0.30 only while
   the load's need exceeds 80 % of the free memory, smallest first, since otherwise Ollama
   loads beside them and the new model spills (api-facts-2026 section 1). Only ComfyUI's
@@ -37,8 +37,15 @@ from loguru import logger
 
 from supervisor.actions import Actor, holds_nothing
 from supervisor.errors import ServiceError
-from supervisor.model import FreeComfy, FreeResult, FreeStage, Outcome, Resident
-from supervisor.ollama_profile import OllamaProfile, evictable_bytes, ollama_profile
+from supervisor.model import (
+    FreeComfy,
+    FreeResult,
+    FreeStage,
+    Outcome,
+    Resident,
+    evictable_bytes,
+)
+from supervisor.ollama_profile import OllamaProfile, ollama_profile
 from supervisor.ports import ComfyApi, LoadRoom, Targets
 
 # How often a busy ComfyUI's /queue is read while the gate waits for it to become idle.
@@ -88,7 +95,8 @@ class ComfyRoomMaker:
             return None
         profile = self.load_profile() or ollama_profile(None)
         load = max(need_bytes - profile.load_headroom_bytes, 0)
-        return LoadRoom(free, evictable_bytes(profile, load, free, _residents(targets)))
+        residents = _residents(targets)
+        return LoadRoom(free, evictable_bytes(profile.is_llama_server, load, free, residents))
 
     def _covers(self, need_bytes: int) -> bool:
         room = self.room_for(need_bytes)

@@ -900,14 +900,8 @@ class _Server:
         pass
 
 
-def test_a_model_with_a_request_in_flight_through_a_gate_is_never_unloaded(
-    world: World, logs: list[str]
-) -> None:
-    """Seen in the llama-swap benchmark with the gates: a chat that had just reached
-    llama-swap through the model gate did not show in its upstream's /slots yet, the
-    image gate's unload went ahead and cut it off. What is in flight through a gate is
-    serving a request whatever the server's own figure says, and refusing sends nothing
-    (the safety limit does not count it)."""
+def _swap_actor(world: World) -> tuple[Actor, _Server]:
+    """An Actor with one llama-swap (`llama-swap/swap`, a `_Server`) to act on."""
     server = _Server()
     spec = ServiceSpec("llama-swap", "swap", "http://127.0.0.1:8080", "id-swap")
     targets = Targets(model_servers={"llama-swap/swap": (spec, server)})
@@ -918,6 +912,18 @@ def test_a_model_with_a_request_in_flight_through_a_gate_is_never_unloaded(
         clock=world.clock,
         sleep=world.clock.sleep,
     )
+    return actor, server
+
+
+def test_a_model_with_a_request_in_flight_through_a_gate_is_never_unloaded(
+    world: World, logs: list[str]
+) -> None:
+    """Seen in the llama-swap benchmark with the gates: a chat that had just reached
+    llama-swap through the model gate did not show in its upstream's /slots yet, the
+    image gate's unload went ahead and cut it off. What is in flight through a gate is
+    serving a request whatever the server's own figure says, and refusing sends nothing
+    (the safety limit does not count it)."""
+    actor, server = _swap_actor(world)
     in_flight = {("llama-swap/swap", "qwen")}
     actor.in_flight_sources.append(lambda: frozenset(in_flight))
     refused = actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
@@ -935,16 +941,7 @@ def test_a_gate_that_cannot_say_what_is_in_flight_blocks_the_unload(
     whether the model serves a request through it: the unload is not sent (as when the
     server cannot tell), the failure is said at WARNING, and once the gate answers
     again the unload goes ahead."""
-    server = _Server()
-    spec = ServiceSpec("llama-swap", "swap", "http://127.0.0.1:8080", "id-swap")
-    targets = Targets(model_servers={"llama-swap/swap": (spec, server)})
-    actor = Actor(
-        Settings(),
-        probe=GpuProbe(world.gpu, world.comfy),
-        targets=lambda: targets,
-        clock=world.clock,
-        sleep=world.clock.sleep,
-    )
+    actor, server = _swap_actor(world)
     broken = [True]
 
     def in_flight() -> frozenset[tuple[str, str]]:

@@ -161,14 +161,10 @@ def test_a_reload_that_still_spills_reports_its_real_share(logs: list[str]) -> N
     assert not has(logs, "Healed Ollama model")
 
 
-def test_a_comfyui_job_started_during_the_unload_is_waited_for_not_spilled_beside(
-    logs: list[str],
-) -> None:
-    """ComfyUI starts a job (its weights back, 3 GiB) while the spilled runner shuts down:
-    the heal's second hard free applies only when the job ends (api-facts 2.3). Reloading
-    at once would spill again (about 75 %); the heal waits for the room (within
-    VRAM_VERIFY_TIMEOUT) and reloads the model whole."""
-    t = Tight()
+def _job_once_the_runner_is_gone(t: Tight) -> list[float]:
+    """Once the spilled runner's VRAM is back, ComfyUI starts a job that loads 3 GiB of
+    weights and runs 8 s (past the 5 s recovery wait, within the verify timeout); the
+    list gets when it started."""
     runner_pid = t.ollama.pids[MODEL]
     started: list[float] = []
 
@@ -177,9 +173,21 @@ def test_a_comfyui_job_started_during_the_unload_is_waited_for_not_spilled_besid
             started.append(now)
             t.comfy.models_bytes = 3 * GIB
             t.comfy._sync()
-            t.comfy.start_prompt(8.0)  # past the 5 s recovery wait, within the verify timeout
+            t.comfy.start_prompt(8.0)
 
     t.clock.tickers.append(job)
+    return started
+
+
+def test_a_comfyui_job_started_during_the_unload_is_waited_for_not_spilled_beside(
+    logs: list[str],
+) -> None:
+    """ComfyUI starts a job (its weights back, 3 GiB) while the spilled runner shuts down:
+    the heal's second hard free applies only when the job ends (api-facts 2.3). Reloading
+    at once would spill again (about 75 %); the heal waits for the room (within
+    VRAM_VERIFY_TIMEOUT) and reloads the model whole."""
+    t = Tight()
+    started = _job_once_the_runner_is_gone(t)
     outcome = t.heal()
     assert started  # the job did take the room back during the heal
     assert len(t.comfy.free_calls) == 2  # freed again as it grew, applied after its job
@@ -200,17 +208,7 @@ def test_a_comfyui_the_heal_did_not_free_is_freed_when_a_job_fills_it_during_the
     t = Tight()
     t.comfy.models_bytes = 0  # freed before the heal: the room is there without a free
     t.comfy._sync()
-    runner_pid = t.ollama.pids[MODEL]
-    started: list[float] = []
-
-    def job(now: float) -> None:
-        if runner_pid not in t.gpu.held and not started:
-            started.append(now)
-            t.comfy.models_bytes = 3 * GIB
-            t.comfy._sync()
-            t.comfy.start_prompt(8.0)
-
-    t.clock.tickers.append(job)
+    started = _job_once_the_runner_is_gone(t)
     spilled = t.ollama.models[MODEL]
     outcome = t.actor().execute(HealOllama(OLLAMA, MODEL, "spilled", (), spilled.gpu_fraction))
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 from supervisor.estimate import estimate_need
+from supervisor.model import Resident, evictable_bytes
 from supervisor.ollama_profile import (
     FIT_TARGET_BYTES,
     LAYER_ESTIMATE_HEADROOM_BYTES,
-    Resident,
     env_subset,
-    evictable_bytes,
     ollama_profile,
     parse_version,
 )
@@ -198,7 +197,7 @@ def test_room_counts_ollamas_models_only_where_its_rule_evicts_them(
     version: str, need_gib: int, free_gib: int, residents: tuple[Resident, ...], expected_gib: int
 ) -> None:
     profile = ollama_profile(version, {}, 24 * GIB)
-    got = evictable_bytes(profile, need_gib * GIB, free_gib * GIB, residents)
+    got = evictable_bytes(profile.is_llama_server, need_gib * GIB, free_gib * GIB, residents)
     assert got == expected_gib * GIB
 
 
