@@ -9,7 +9,8 @@ Policy:
   call builds a fresh one. There are no retries here: each call is one attempt and the
   daemon's next pass is the retry. A restart in particular is never repeated behind the
   caller's back.
-- Every docker/requests/socket exception becomes `DockerUnavailable` from its cause.
+- Every docker/requests/socket exception becomes `DockerUnavailable` from its cause, its
+  frames released first (`release_failure`: else each failed connect keeps a socket open).
 - A container with a bad label is left out and logged ONCE per container, label and value
   (not every pass); an unknown `vram-supervisor.*` label is logged once as well.
 - The URL of a container without `vram-supervisor.url` follows `labels.derive_url`. To know
@@ -24,6 +25,7 @@ import math
 import os
 import re
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -62,6 +64,27 @@ SWARM_TASK_BLOCK = (
     "it is a Swarm task (Swarm would count a restart as a failed task and start a second "
     "container beside it)"
 )
+
+
+def release_failure(exc: BaseException) -> None:
+    """Lets go of what a failed SDK call's tracebacks hold, now.
+
+    The SDK's unix-socket connection makes its socket in a local variable and keeps it only
+    once `connect()` succeeds; when the daemon is down, the socket stays referenced from
+    the failed frame, which the exception chain keeps in reference cycles that only a full
+    garbage collection breaks. Each failed attempt (each retry while the daemon is down or
+    restarting) so left one descriptor open for as long as the next full collection took.
+    Clearing the frames of the whole chain closes it at once; the messages and the
+    traceback lines stay for the log."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
 
 
 def default_client_factory(base_url: str | None, timeout_s: float) -> ClientFactory:
@@ -197,6 +220,7 @@ class DockerAdapter:
         except DOCKER_ERRORS as exc:
             if not isinstance(exc, docker.errors.APIError):
                 self._drop_client()
+            release_failure(exc)
             raise DockerUnavailable(f"Docker {what} failed: {exc}") from exc
 
     def close(self) -> None:

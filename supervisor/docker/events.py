@@ -38,7 +38,7 @@ from loguru import logger
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_when_event_set
 from tenacity.wait import WaitBaseT, wait_exponential
 
-from supervisor.docker.discovery import ClientFactory, default_client_factory
+from supervisor.docker.discovery import ClientFactory, default_client_factory, release_failure
 from supervisor.labels import ROLE
 
 # Actions that can change what the supervisor should do. `health_status` matches both
@@ -173,6 +173,7 @@ class DockerEvents:
             stream: _Stream = client.events(decode=True, filters=dict(EVENT_FILTERS))
         except Exception as exc:
             self._note_outage(exc)
+            release_failure(exc)  # the failed connect's socket, closed now (see there)
             raise
         with self._lock:
             if self._shutdown.is_set():
@@ -188,6 +189,7 @@ class DockerEvents:
                 self._handle(event)
         except Exception as exc:  # noqa: BLE001 - any break (StreamParseError ...) ends it
             logger.debug("Docker events stream broke: {}", exc)
+            release_failure(exc)
         finally:
             with self._lock:
                 self._stream = None

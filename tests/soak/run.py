@@ -201,55 +201,140 @@ def _tcp_sockets(pid: int) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def _unix_peers() -> dict[str, str]:
-    """Unix socket inode -> the path its peer listens on (`ss -xn`; {} without ss): a
-    client's end of a connection to the Docker socket shows as "to /path/docker.sock"."""
+def _unix_rows() -> list[list[str]]:
+    """`ss -xan` rows split in fields ([] without ss): Netid State Recv-Q Send-Q Local-path
+    Local-inode Peer-path Peer-inode."""
     try:
         out = subprocess.run(
-            ["ss", "-xn"], capture_output=True, text=True, timeout=10, check=False
+            ["ss", "-xan"], capture_output=True, text=True, timeout=10, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return []
+    return [f for f in (row.split() for row in out.splitlines()[1:]) if len(f) >= 8]
+
+
+def _unix_peers(rows: list[list[str]]) -> dict[str, str]:
+    """Unix socket inode -> the path its peer listens on: a client's end of a connection to
+    the Docker socket shows as "to /path/docker.sock" (the server's end of the same
+    connection carries the path and the client's inode)."""
     peers: dict[str, str] = {}
-    for row in out.splitlines()[1:]:
-        f = row.split()
-        # Netid State Recv-Q Send-Q Local-path Local-inode Peer-path Peer-inode
-        if len(f) >= 8 and f[4].startswith("/"):
+    for f in rows:
+        if f[1] == "LISTEN":
+            continue
+        if f[4].startswith("/") and f[7] != "0":
             peers[f[7]] = f[4]
-        elif len(f) >= 8 and f[1] == "ESTAB" and f[7] == "0":
+        elif f[1] == "ESTAB" and f[7] == "0":
             # Connected, and the other end is gone (closed, its process dead): a connection
             # its holder has not closed yet (e.g. to an engine that stopped).
             peers.setdefault(f[5], "")
     return peers
 
 
-def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
-    """Open descriptors by kind: pipe, anon_inode:[eventpoll], a file's path, or a TCP
-    socket by state and by which of `ports` (port -> name) it listens on or talks to."""
-    kinds: dict[str, int] = {}
-    tcp = _tcp_sockets(pid) if ports is not None else {}
-    unix = _unix_peers() if ports is not None else {}
+def _proc_net_inodes(pid: int, table: str, column: int) -> dict[str, list[str]]:
+    """inode -> its row's fields, of /proc/<pid>/net/<table> (the process's namespace)."""
     try:
+        rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+    except OSError:
+        return {}
+    return {f[column]: f for f in (row.split() for row in rows) if len(f) > column}
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux has
+
+
+def _socket_family(pid: int, fd: str) -> str:
+    """The family of a socket that is in no table (a TCP socket never connected, or whose
+    connect failed, is in none), through a copy of the descriptor (pidfd_getfd, Linux >=
+    5.6; the supervisor is our child); "" when that is not allowed here."""
+    import ctypes
+    import socket
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return ""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+        if copy < 0:
+            return ""
+        with socket.socket(fileno=copy) as sock:
+            family = {socket.AF_INET: "TCP/IP", socket.AF_INET6: "TCP/IPv6"}.get(
+                sock.family, str(sock.family)
+            )
+            kind = "stream" if sock.type == socket.SOCK_STREAM else str(sock.type)
+            return f"{family} {kind}"
+    except (OSError, ValueError):
+        return ""
+    finally:
+        os.close(pidfd)
+
+
+def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
+    """Open descriptors by kind: pipe, anon_inode:[eventpoll], a file's path, a TCP socket
+    by state and by which of `ports` (port -> name) it listens on or talks to, a unix
+    socket by its peer (the Docker socket, a socketpair within the process, unconnected),
+    UDP or netlink; a socket in no table by its family (e.g. a TCP socket whose connect
+    failed: such a socket is in no table, and one that stays open is a leak)."""
+    kinds: dict[str, int] = {}
+    detailed = ports is not None
+    tcp = _tcp_sockets(pid) if detailed else {}
+    rows = _unix_rows() if detailed else []
+    unix = _unix_peers(rows)
+    unix_peer = {f[5]: f[7] for f in rows}
+    unix_table = _proc_net_inodes(pid, "unix", 6) if detailed else {}
+    others = [
+        (name, _proc_net_inodes(pid, table, column) if detailed else {})
+        for name, table, column in (
+            ("UDP", "udp", 9),
+            ("UDP", "udp6", 9),
+            ("netlink", "netlink", 9),
+        )
+    ]
+    try:
+        fds = {}
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                fds[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            kind = target.split(":[", 1)[0] if target.startswith(("socket:", "pipe:")) else target
-            inode = target[8:-1] if target.startswith("socket:[") else ""
-            if inode in tcp and ports is not None:
-                state, local, remote = tcp[inode]
-                if state == "listen":
-                    kind = f"listening ({ports.get(local, local)})"
-                elif local in ports:
-                    kind = f"from a client of {ports[local]} ({state})"
-                else:
-                    kind = f"to {ports.get(remote, remote)} ({state})"
-            elif inode in unix:
-                kind = f"unix socket to {unix[inode]}" if unix[inode] else "unix, peer closed"
-            kinds[kind] = kinds.get(kind, 0) + 1
     except OSError:
-        pass
+        return kinds
+    own_inodes = {t[8:-1] for t in fds.values() if t.startswith("socket:[")}
+    for fd, target in fds.items():
+        kind = target.split(":[", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+        inode = target[8:-1] if target.startswith("socket:[") else ""
+        if not inode or not detailed:
+            pass
+        elif inode in tcp and ports is not None:
+            state, local, remote = tcp[inode]
+            if state == "listen":
+                kind = f"listening ({ports.get(local, local)})"
+            elif local in ports:
+                kind = f"from a client of {ports[local]} ({state})"
+            else:
+                kind = f"to {ports.get(remote, remote)} ({state})"
+        elif inode in unix:
+            kind = f"unix socket to {unix[inode]}" if unix[inode] else "unix, peer closed"
+        elif inode in unix_table:
+            if unix_peer.get(inode) in own_inodes:
+                kind = "unix socketpair (both ends in the process)"
+            elif unix_table[inode][5] == "01":
+                kind = "unix socket, unconnected (e.g. its connect failed)"
+            else:
+                kind = "unix socket, connected to a peer without a path"
+        else:
+            found = next((name for name, table in others if inode in table), "")
+            if found:
+                kind = f"{found} socket"
+            else:
+                family = _socket_family(pid, fd)
+                kind = (
+                    f"{family} socket in no table (never connected, or its connect failed)"
+                    if family
+                    else "socket in no table"
+                )
+        kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
 
 

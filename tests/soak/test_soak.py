@@ -242,6 +242,75 @@ def proxied() -> Iterator[FaultProxy]:
         server.server_close()
 
 
+_HOLDER = """
+import socket, sys, time
+pair = socket.socketpair()
+unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    unix.connect(sys.argv[1] + "/absent.sock")
+except OSError:
+    pass
+tcp = socket.socket()
+try:
+    tcp.connect(("127.0.0.1", int(sys.argv[2])))
+except OSError:
+    pass
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+served = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+served.connect(sys.argv[1] + "/served.sock")
+listening = socket.socket()
+listening.bind(("127.0.0.1", 0))
+listening.listen()
+print(listening.getsockname()[1], flush=True)
+time.sleep(60)
+"""
+
+
+def test_each_open_socket_is_named_by_its_kind(tmp_path: Path) -> None:
+    """The checkpoints' descriptors by kind: a failed connect's socket (unix or TCP) left
+    open is a leak, named as such, not a bare "socket" (how the Docker form's one extra
+    descriptor after a daemon restart first showed)."""
+    import subprocess
+    import sys
+
+    from tests.soak.run import fd_kinds
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "served.sock"))
+    server.listen()
+    with socket.socket() as closed:  # a port nobody listens on: connect refused
+        closed.bind(("127.0.0.1", 0))
+        refused = closed.getsockname()[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path), str(refused)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        accepted, _ = server.accept()
+        kinds = fd_kinds(child.pid, {port: "gate"})
+    finally:
+        child.kill()
+        child.wait()
+        server.close()
+    assert kinds.get("unix socketpair (both ends in the process)") == 2, kinds
+    assert kinds.get("unix socket, unconnected (e.g. its connect failed)") == 1, kinds
+    assert kinds.get(f"unix socket to {tmp_path / 'served.sock'}") == 1, kinds
+    assert kinds.get("UDP socket") == 1, kinds
+    assert kinds.get("listening (gate)") == 1, kinds
+    failed_tcp = [k for k in kinds if "in no table" in k]
+    # Its family is read through a copy of the descriptor where the kernel allows it.
+    assert failed_tcp in (
+        ["TCP/IP stream socket in no table (never connected, or its connect failed)"],
+        ["socket in no table"],
+    ), kinds
+    assert not any(k == "socket" for k in kinds), kinds
+    accepted.close()
+
+
 def test_the_proxy_passes_breaks_and_counts(proxied: FaultProxy) -> None:
     url = proxied.url
     with httpx.Client(timeout=2.0) as c:
