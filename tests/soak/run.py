@@ -242,12 +242,19 @@ def _proc_net_inodes(pid: int, table: str, column: int) -> dict[str, list[str]]:
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux has
 
 
-def _socket_family(pid: int, fd: str) -> str:
+def _socket_family(pid: int, fd: str, inode: str) -> str:
     """The family of a socket that is in no table (a TCP socket never connected, or whose
     connect failed, is in none), through a copy of the descriptor (pidfd_getfd, Linux >=
-    5.6; the supervisor is our child); "" when that is not allowed here."""
+    5.6; the supervisor is our child); "" when that is not allowed here.
+
+    The copy is closed at once, whatever it is: the process may have closed that number
+    since it was listed and opened something else under it, such as the simulated GPU's
+    state file while its fake NVML holds a shared flock on it. A copy kept open would keep
+    that lock (it belongs to the open file, which the copy shares) and stall every writer
+    of the file. One of another inode names nothing."""
     import ctypes
     import socket
+    import stat
 
     try:
         pidfd = os.pidfd_open(pid)
@@ -256,9 +263,15 @@ def _socket_family(pid: int, fd: str) -> str:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
-        if copy < 0:
-            return ""
-        with socket.socket(fileno=copy) as sock:
+    finally:
+        os.close(pidfd)
+    if copy < 0:
+        return ""
+    try:
+        found = os.fstat(copy)
+        if not stat.S_ISSOCK(found.st_mode) or str(found.st_ino) != inode:
+            return ""  # the number now names something else
+        with socket.socket(fileno=os.dup(copy)) as sock:
             family = {socket.AF_INET: "TCP/IP", socket.AF_INET6: "TCP/IPv6"}.get(
                 sock.family, str(sock.family)
             )
@@ -267,7 +280,7 @@ def _socket_family(pid: int, fd: str) -> str:
     except (OSError, ValueError):
         return ""
     finally:
-        os.close(pidfd)
+        os.close(copy)
 
 
 def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
@@ -328,7 +341,7 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
             if found:
                 kind = f"{found} socket"
             else:
-                family = _socket_family(pid, fd)
+                family = _socket_family(pid, fd, inode)
                 kind = (
                     f"{family} socket in no table (never connected, or its connect failed)"
                     if family

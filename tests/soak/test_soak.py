@@ -9,7 +9,9 @@ process, and fails on any target missed, printing the whole report. The full run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import shutil
 import socket
 import threading
@@ -309,6 +311,61 @@ def test_each_open_socket_is_named_by_its_kind(tmp_path: Path) -> None:
     ), kinds
     assert not any(k == "socket" for k in kinds), kinds
     accepted.close()
+
+
+_LOCKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_SH)  # as the fake NVML holds the GPU state file while it reads
+print(fd, flush=True)
+sys.stdin.readline()
+os.close(fd)
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_naming_a_descriptor_whose_number_was_reused_keeps_no_copy_and_no_lock(
+    tmp_path: Path,
+) -> None:
+    """Between the listing of a process's descriptors and the look at one of them, that
+    number may come to name a file, such as the simulated GPU's state file under the fake
+    NVML's shared lock: the look names nothing and keeps nothing, or the copy would keep
+    the lock and every writer of the file (each simulated service) would wait forever."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from tests.soak.run import _socket_family
+
+    state = tmp_path / "gpu.json"
+    state.write_text("{}")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        fd = child.stdout.readline().strip()
+        assert _socket_family(child.pid, fd, "12345") == ""  # listed as socket:[12345]
+        ours = []
+        for n in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                ours.append(os.readlink(f"/proc/self/fd/{n}"))
+        assert str(state) not in ours, "a copy of the child's descriptor is still open here"
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "closed"
+        probe = os.open(state, os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the lock lived on
+        finally:
+            os.close(probe)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_the_proxy_passes_breaks_and_counts(proxied: FaultProxy) -> None:
