@@ -63,10 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--docker",
         action="store_true",
-        help="the Docker-backed form: labelled sim containers on DOCKER_HOST, Docker faults",
+        help="the Docker-backed form: labelled sim containers on DOCKER_HOST; Docker faults "
+        "and the fixed-URL form's",
     )
     parser.add_argument(
         "--burst", type=int, default=100, help="containers per event burst (--docker)"
+    )
+    parser.add_argument(
+        "--docker-faults-only",
+        action="store_true",
+        help="--docker: only the Docker faults (not also the services', NVML's, the clock's)",
     )
     parser.add_argument(
         "--one-at-a-time",
@@ -104,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 burst=args.burst,
                 overlap=not args.one_at_a_time,
                 progress=lambda line: print(line, flush=True),
+                service_faults=not args.docker_faults_only,
             )
         else:
             run = run_soak(

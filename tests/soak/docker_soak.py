@@ -6,15 +6,19 @@ real Docker engine, while Docker itself is what breaks.
 The host: the simulator's Ollama and ComfyUI, each in a host-network container of the
 offline base image with this checkout mounted (tests/integration/harness.py's `Sims`), on
 one file-backed 24 GiB GPU that the supervisor reads through the fake NVML library. Each
-carries `vram-supervisor.role` and a `vram-supervisor.url` that points at a counting proxy
-(tests/soak/proxy.py, always in pass mode) in front of the container's fixed port: every
-action that reaches the service is counted with its time, as in the fixed-URL form. The
-supervisor (`python -m supervisor run` with the gate) is given DOCKER_HOST and no URL.
+carries `vram-supervisor.role` and a `vram-supervisor.url` that points at a fault proxy
+(tests/soak/proxy.py) in front of the container's fixed port: every action that reaches the
+service is counted with its time, as in the fixed-URL form. The supervisor (`python -m
+supervisor run` with the gate) is given DOCKER_HOST and no URL.
 
 The faults (one at a time, in seeded rounds, as faults.py's): a container recreated (same
 name, new id), renamed (and renamed back), stopped by the user (started again later),
 recreated without its role label (and later with it), a burst of short-lived containers,
-labelled and not, that makes hundreds of Docker events, and the Docker daemon restarting.
+labelled and not, that makes hundreds of Docker events, and the Docker daemon restarting;
+and (unless `service_faults=False`) every kind of the fixed-URL form, done by faults.py's
+`Injector` on this host: a crash kills the simulator's process, and the container's restart
+policy brings it back; hang, garbage, 500s and slow answers are the proxy's; NVML faults
+go through the fake library's fault file; the outside process allocates on the GPU file.
 The run, the figures and the targets are the fixed-URL form's (run.py's `soak_on`,
 report.py's `evaluate`), plus "actions on unlabelled containers" and the daemon restarts.
 
@@ -35,7 +39,9 @@ run, as the integration harness's `isolated_engine` does, and unpaused after it.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -50,6 +56,7 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 from docker.models.containers import Container
 
+from supervisor.sim.gpu import SimGpu, open_gpu
 from supervisor.sim.nvml_build import STATE_ENV, build_fake_nvml
 from tests.bench.supervisor_proc import Supervisor
 from tests.integration.harness import (
@@ -67,7 +74,16 @@ from tests.integration.namespaced_engine import (
     engine_is_ours,
     restored_engine,
 )
-from tests.soak.faults import DAEMON_RESTART_NOT_RUN, DOCKER_KINDS, FOUND_LIMIT_S, Fault
+from tests.soak.faults import (
+    DAEMON_RESTART_NOT_RUN,
+    DOCKER_KINDS,
+    FOUND_LIMIT_S,
+    KINDS,
+    Fault,
+    Injector,
+    draw_fault,
+)
+from tests.soak.host import NVML_FAULT_ENV, OUTSIDER
 from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.run import (
     CHECKPOINTS,
@@ -100,12 +116,17 @@ def make_docker_faults(
     *,
     restarts: bool = True,
     first_restart_s: float = 0.0,
+    service_faults: bool = False,
 ) -> list[Fault]:
     """As faults.make_faults: rounds of every kind once, in a seeded order. Without
     `restarts` no daemon restart; none starts before `first_restart_s` (simulated), so the
-    start checkpoint's figures come before every restart."""
+    start checkpoint's figures come before every restart. With `service_faults` the
+    fixed-URL form's kinds (faults.KINDS) are in every round too; a crash there is
+    momentary (its restart policy brings the container back at once)."""
     rng = random.Random(f"docker-faults-{seed}")
     kinds = [k for k in DOCKER_KINDS if restarts or k != "daemon_restart"]
+    if service_faults:
+        kinds += list(KINDS)
     # First a burst: it fills the Docker SDK's connection pools (one per API path, up to
     # 25) before the start checkpoint, as the fixed-URL form lets its thread pools fill.
     faults: list[Fault] = [Fault(60.0, "event_burst", duration_s=120.0)]
@@ -125,7 +146,11 @@ def make_docker_faults(
             order.insert(0, kind)  # later in this round
             kind = order.pop()
         fault = Fault(round(t, 1), kind)
-        if kind == "daemon_restart":
+        if kind in KINDS:
+            fault = draw_fault(rng, t, kind)
+            if kind == "crash":
+                fault.duration_s = 0.0  # the restart policy: back as soon as it is up
+        elif kind == "daemon_restart":
             fault.duration_s = RESTART_DURATION_S
         elif kind != "event_burst":  # each target in turn, the first drawn
             done = sum(1 for f in faults if f.kind == kind)
@@ -151,6 +176,9 @@ class DockerSoakHost:
         self.state_dir = workdir / "gpu-state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.libdir = build_fake_nvml(workdir / "nvml").parent
+        self.nvml_fault = workdir / "nvml-fault"
+        self.nvml_fault.unlink(missing_ok=True)
+        self._gpu: SimGpu | None = None  # the outside process's handle, once it runs
         self.session = uuid.uuid4().hex[:8]
         self.created: list[Container] = []
         self._lock = threading.Lock()
@@ -237,6 +265,56 @@ class DockerSoakHost:
         self.current[role].wait_ready(30)
         self.down.discard(role)
 
+    def crash(self, role: str) -> None:
+        """The service's process dies (SIGKILL; its VRAM comes back with it): the container
+        exits, and its restart policy starts it again, as Docker does for a crashed
+        service. Returns once it answers again (new process, nothing loaded)."""
+        sim = self.current[role]
+        container = sim.reload()
+        restarts = int(container.attrs.get("RestartCount") or 0)
+        top = container.top()
+        column = top["Titles"].index("PID")
+        pids = [
+            int(row[column])
+            for row in top.get("Processes") or ()
+            if "supervisor.sim" in row[-1] and "docker-init" not in row[-1]
+        ]
+        if not pids:
+            raise RuntimeError(f"no simulator process in the {role} container: {top}")
+        self.down.add(role)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            attrs = sim.reload().attrs
+            if int(attrs.get("RestartCount") or 0) > restarts and attrs["State"]["Running"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"the {role} container did not come back after its crash")
+        sim.wait_ready(30)
+        self.down.discard(role)
+
+    def come_back(self, role: str) -> None:
+        """Nothing to do: the restart policy brought the crashed service back (`crash`)."""
+
+    def nvml_fail(self, how: str) -> None:
+        self.nvml_fault.write_text("lost" if how == "lost" else "error")
+
+    def nvml_ok(self) -> None:
+        self.nvml_fault.unlink(missing_ok=True)
+
+    def outsider_fill(self, nbytes: int) -> int:
+        """Another program takes VRAM (as much as is free, up to `nbytes`)."""
+        if self._gpu is None:
+            self._gpu = open_gpu(self.state_dir / "gpu.json")
+        return self._gpu.allocate_partial(OUTSIDER, os.getpid(), nbytes)
+
+    def outsider_leave(self) -> None:
+        if self._gpu is not None:
+            self._gpu.release(OUTSIDER)
+
     def frees_requested(self, role: str) -> int:
         """The frees the fake ComfyUI itself counts (0 for an Ollama: its own counter of
         unloads counts its model switches too, so the proxy's count of unload requests is
@@ -315,7 +393,11 @@ class DockerSoakHost:
         return f"http://127.0.0.1:{OLLAMA_PORT if service == 'ollama' else COMFYUI_PORT}"
 
     def nvml_env(self) -> dict[str, str]:
-        return {"LD_LIBRARY_PATH": str(self.libdir), STATE_ENV: str(self.state_dir / "gpu.json")}
+        return {
+            "LD_LIBRARY_PATH": str(self.libdir),
+            STATE_ENV: str(self.state_dir / "gpu.json"),
+            NVML_FAULT_ENV: str(self.nvml_fault),
+        }
 
     def close(self) -> None:
         """Removes every container of this run, unpauses the others (may run twice)."""
@@ -337,6 +419,10 @@ class DockerSoakHost:
             with contextlib.suppress(*gone):
                 container.unpause()
         self.paused = []
+        if self._gpu is not None:
+            self.outsider_leave()
+            self._gpu.close()
+            self._gpu = None
         if not self._closed:
             self._closed = True
             self._loop.close()
@@ -354,9 +440,12 @@ class DockerInjector:
         *,
         docker_host: str = "",
         supervisor: Callable[[], Supervisor] | None = None,
+        clock_file: Path | None = None,
     ):
         self.host = host
         self.run = run
+        # The fixed-URL form's kinds (services, NVML, an outside process, the clock).
+        self.service = Injector(host, clock_file) if clock_file is not None else None
         self.overlap = overlap  # False: every fault waits for a running burst to end
         self.docker_host = docker_host
         self.supervisor = supervisor
@@ -368,7 +457,10 @@ class DockerInjector:
         if not self.overlap:
             self.wait_burst()
         h, role = self.host, fault.target
-        if fault.kind == "recreate":
+        if fault.kind in KINDS:
+            assert self.service is not None, "service faults need the clock file"
+            self.service.start(fault)
+        elif fault.kind == "recreate":
             old = h.current[role].container.id
             h.recreate(role)
             fault.params["new_id"] = (h.current[role].container.id or "")[:12]
@@ -401,7 +493,10 @@ class DockerInjector:
             # Not on an engine that is down (a loop that fell behind may end a fault after
             # the next one, a restart, started).
             self.wait_restart()
-        if fault.kind == "rename":
+        if fault.kind in KINDS:
+            assert self.service is not None
+            self.service.end(fault)
+        elif fault.kind == "rename":
             h.rename(role, "")
         elif fault.kind == "user_stop":
             h.user_start(role)
@@ -583,6 +678,7 @@ def run_docker_soak(
     sample_s: float = 60.0,
     checkpoints: tuple[tuple[str, float], ...] = CHECKPOINTS,
     progress: Callable[[str], None] = print,
+    service_faults: bool = True,
 ) -> SoakRun:
     """The run. Daemon restarts only where the engine is tests/lib/dockerd.sh's (then the
     whole run is inside `restored_engine`: the engine is up again at the end, whatever
@@ -604,6 +700,7 @@ def run_docker_soak(
             sample_s=sample_s,
             checkpoints=checkpoints,
             progress=progress,
+            service_faults=service_faults,
         )
 
 
@@ -622,12 +719,19 @@ def _run_docker_soak(
     sample_s: float,
     checkpoints: tuple[tuple[str, float], ...],
     progress: Callable[[str], None],
+    service_faults: bool,
 ) -> SoakRun:
     duration_s = hours * 3600
     run = SoakRun(hours, time_scale, rate, seed, fault_gap_s, docker=True)
     run.settings = supervisor_settings(time_scale)
     run.model_names = dict(MODEL_NAMES)
     run.kinds = {k: v for k, v in DOCKER_KINDS.items() if restarts or k != "daemon_restart"}
+    if service_faults:
+        run.kinds.update(KINDS)
+        run.kinds["crash"] = (
+            "the service's process dies (SIGKILL, VRAM released); its restart policy "
+            "starts the container again"
+        )
     if not restarts:
         run.daemon_restart_note = DAEMON_RESTART_NOT_RUN
         progress(f"   daemon restart: {DAEMON_RESTART_NOT_RUN} ({docker_host})")
@@ -641,6 +745,7 @@ def _run_docker_soak(
         burst,
         restarts=restarts,
         first_restart_s=first_restart_s,
+        service_faults=service_faults,
     )
     clock_file = workdir / "clock-offset"
     clock_file.write_text("0")
@@ -653,7 +758,12 @@ def _run_docker_soak(
             return current["sup"]
 
         injector = DockerInjector(
-            host, run, overlap, docker_host=docker_host, supervisor=lambda: current["sup"]
+            host,
+            run,
+            overlap,
+            docker_host=docker_host,
+            supervisor=lambda: current["sup"],
+            clock_file=clock_file if service_faults else None,
         )
         try:
             return soak_on(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from tests.soak.host import SoakHost
+from tests.soak.proxy import FaultProxy
 
 GIB = 1024**3
 
@@ -80,6 +80,25 @@ class Fault:
         }
 
 
+def draw_fault(rng: random.Random, t: float, kind: str) -> Fault:
+    """A fault of one of KINDS at simulated `t`: its target and lengths drawn from `rng`."""
+    fault = Fault(round(t, 1), kind)
+    if kind in SERVICE_KINDS:
+        fault.target = rng.choice(["ollama", "comfyui"])
+    if kind == "clock_jump":
+        sign = rng.choice([-1, 1])
+        fault.params["step_s"] = sign * rng.randint(600, 3 * 3600)
+    elif kind == "outsider":
+        fault.duration_s = round(rng.uniform(120, 1200), 1)
+        fault.params["gib"] = rng.randint(2, 12)
+    elif kind == "slow":
+        fault.duration_s = round(rng.uniform(120, 900), 1)
+        fault.params["delay_s"] = round(rng.uniform(0.5, 7.0), 1)
+    else:
+        fault.duration_s = round(rng.uniform(60, 600), 1)
+    return fault
+
+
 def make_faults(seed: int, duration_s: float, mean_gap_s: float) -> list[Fault]:
     rng = random.Random(f"faults-{seed}")
     faults: list[Fault] = []
@@ -89,21 +108,7 @@ def make_faults(seed: int, duration_s: float, mean_gap_s: float) -> list[Fault]:
         if not order:
             order = list(KINDS)
             rng.shuffle(order)
-        kind = order.pop()
-        fault = Fault(round(t, 1), kind)
-        if kind in SERVICE_KINDS:
-            fault.target = rng.choice(["ollama", "comfyui"])
-        if kind == "clock_jump":
-            sign = rng.choice([-1, 1])
-            fault.params["step_s"] = sign * rng.randint(600, 3 * 3600)
-        elif kind == "outsider":
-            fault.duration_s = round(rng.uniform(120, 1200), 1)
-            fault.params["gib"] = rng.randint(2, 12)
-        elif kind == "slow":
-            fault.duration_s = round(rng.uniform(120, 900), 1)
-            fault.params["delay_s"] = round(rng.uniform(0.5, 7.0), 1)
-        else:
-            fault.duration_s = round(rng.uniform(60, 600), 1)
+        fault = draw_fault(rng, t, order.pop())
         if fault.end_s > duration_s - 120:
             break
         faults.append(fault)
@@ -111,10 +116,24 @@ def make_faults(seed: int, duration_s: float, mean_gap_s: float) -> list[Fault]:
     return faults
 
 
-class Injector:
-    """Starts and ends faults on a `SoakHost` (and the supervisor's clock file)."""
+class FaultHost(Protocol):
+    """What the faults of KINDS need of a host: the fixed-URL form's `SoakHost`, or the
+    Docker-backed form's (tests/soak/docker_soak.py), whose "crash" is a killed process
+    that its restart policy brings back, so `come_back` has nothing left to do."""
 
-    def __init__(self, host: SoakHost, clock_file: Path) -> None:
+    def crash(self, service: str) -> None: ...
+    def come_back(self, service: str) -> None: ...
+    def proxy(self, service: str) -> FaultProxy: ...
+    def nvml_fail(self, how: str) -> None: ...
+    def nvml_ok(self) -> None: ...
+    def outsider_fill(self, nbytes: int) -> int: ...
+    def outsider_leave(self) -> None: ...
+
+
+class Injector:
+    """Starts and ends faults of KINDS on a host (and the supervisor's clock file)."""
+
+    def __init__(self, host: FaultHost, clock_file: Path) -> None:
         self.host = host
         self.clock_file = clock_file
         self.clock_offset_s = 0.0
