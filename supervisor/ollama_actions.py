@@ -329,6 +329,14 @@ def _judge(
             f"Partly healed Ollama model {action.model}: {before_pct}% -> {after_pct}% on "
             "GPU; the rest is still on the CPU (another process took part of the room)"
         )
+    elif healed is None:
+        # Not "-> 0% on GPU": the reload answered, and the model left /api/ps before it was
+        # read (Ollama unloaded it again for another model's load, or a crash).
+        log.warning(
+            f"Heal of Ollama model {action.model} did not help: it was no longer loaded "
+            f"when checked after its reload ({before_pct}% on GPU before; Ollama unloaded "
+            "it again, e.g. for another model's load)"
+        )
     else:
         log.warning(
             f"Heal of Ollama model {action.model} did not help: {before_pct}% -> "

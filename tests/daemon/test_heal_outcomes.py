@@ -218,3 +218,34 @@ def test_a_comfyui_the_heal_did_not_free_is_freed_when_a_job_fills_it_during_the
     assert not healed.is_spilled, healed.gpu_fraction
     assert outcome.ok and outcome.after_fraction == 1.0
     assert has(logs, f"Heal of Ollama model {MODEL}: unloading it to load it again")
+
+
+class EvictedAfterReload(FakeOllama):
+    """An Ollama that loads another model right after the heal's reload answered, and
+    evicts the healed one for it (its scheduler's rule, api-facts-2026 1)."""
+
+    def preload(self, model: str, timeout_s: float, keep_alive: int | str | None = None) -> None:
+        super().preload(model, timeout_s, keep_alive)
+        if model in self.models:
+            self._unload_now(model)
+
+
+def test_a_model_gone_again_after_its_reload_is_not_reported_as_0_percent(
+    logs: list[str],
+) -> None:
+    t = Tight()
+    t.ollama.unload(MODEL)  # the same spilled model, in an Ollama that evicts it later
+    t.clock.sleep(t.ollama.release_delay_s)
+    evicting = EvictedAfterReload(t.gpu, t.clock, installed={MODEL: 10 * GIB})
+    evicting.load(MODEL)
+    t.ollama = evicting
+    assert evicting.models[MODEL].gpu_fraction == 0.75
+    outcome = t.heal()
+    assert not outcome.ok and outcome.after_bytes is None
+    assert evicting.preload_calls == [MODEL]
+    assert has(
+        logs,
+        f"Heal of Ollama model {MODEL} did not help: it was no longer loaded when checked "
+        "after its reload (75% on GPU before",
+    )
+    assert not any("-> 0% on GPU" in line for line in logs)
