@@ -72,6 +72,7 @@ def test_a_short_docker_soak_meets_every_target(
         assert "daemon_restart" not in run.kinds
         assert f"| daemon restart | {DAEMON_RESTART_NOT_RUN} |" in report
     assert {("unlabel", "ollama"), ("unlabel", "comfyui")} <= kinds, "both unlabelled"
+    assert ("crash", "ollama") in kinds, "the gate's upstream crashed"
     assert run.docker_events >= 200, f"bursts of hundreds of events, not {run.docker_events}"
     assert len(run.chats) > 200, "a busy host"
     assert sum(1 for c in run.chats if c.outcome == "ok") > 100, "chats answered"

@@ -1,5 +1,5 @@
 """The soak's Docker-backed form: the real supervisor discovers labelled sim containers on a
-real Docker engine, while Docker itself is what breaks.
+real Docker engine, while Docker breaks as well as the services, NVML and the clock.
 
     .venv/bin/python -m tests.soak --docker --hours 2     # see docs/soak.md
 
@@ -39,9 +39,7 @@ run, as the integration harness's `isolated_engine` does, and unpaused after it.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import signal
 import threading
 import time
 import uuid
@@ -56,8 +54,6 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 from docker.models.containers import Container
 
-from supervisor.sim.gpu import SimGpu, open_gpu
-from supervisor.sim.nvml_build import STATE_ENV, build_fake_nvml
 from tests.bench.supervisor_proc import Supervisor
 from tests.integration.harness import (
     HARNESS_LABEL,
@@ -83,7 +79,7 @@ from tests.soak.faults import (
     Injector,
     draw_fault,
 )
-from tests.soak.host import NVML_FAULT_ENV, OUTSIDER
+from tests.soak.host import GpuFaults
 from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.run import (
     CHECKPOINTS,
@@ -116,7 +112,7 @@ def make_docker_faults(
     *,
     restarts: bool = True,
     first_restart_s: float = 0.0,
-    service_faults: bool = False,
+    service_faults: bool = True,
 ) -> list[Fault]:
     """As faults.make_faults: rounds of every kind once, in a seeded order. Without
     `restarts` no daemon restart; none starts before `first_restart_s` (simulated), so the
@@ -135,6 +131,7 @@ def make_docker_faults(
     order: list[str] = []
     targets = ("ollama", "comfyui")
     first = {kind: rng.randrange(2) for kind in DOCKER_KINDS}
+    first_crash = rng.randrange(2) if service_faults else 0
     while True:
         if not order:
             order = list(kinds)
@@ -150,6 +147,8 @@ def make_docker_faults(
             fault = draw_fault(rng, t, kind)
             if kind == "crash":
                 fault.duration_s = 0.0  # the restart policy: back as soon as it is up
+                done = sum(1 for f in faults if f.kind == kind)  # each target in turn
+                fault.target = targets[(done + first_crash) % 2]
         elif kind == "daemon_restart":
             fault.duration_s = RESTART_DURATION_S
         elif kind != "event_burst":  # each target in turn, the first drawn
@@ -175,10 +174,7 @@ class DockerSoakHost:
         self.client = client
         self.state_dir = workdir / "gpu-state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.libdir = build_fake_nvml(workdir / "nvml").parent
-        self.nvml_fault = workdir / "nvml-fault"
-        self.nvml_fault.unlink(missing_ok=True)
-        self._gpu: SimGpu | None = None  # the outside process's handle, once it runs
+        self.gpu_faults = GpuFaults(workdir, self.state_dir / "gpu.json")
         self.session = uuid.uuid4().hex[:8]
         self.created: list[Container] = []
         self._lock = threading.Lock()
@@ -266,54 +262,33 @@ class DockerSoakHost:
         self.down.discard(role)
 
     def crash(self, role: str) -> None:
-        """The service's process dies (SIGKILL; its VRAM comes back with it): the container
-        exits, and its restart policy starts it again, as Docker does for a crashed
-        service. Returns once it answers again (new process, nothing loaded)."""
+        """The service's process dies (SIGKILL, from inside its container: every process
+        there but its init; the fake GPU gives the VRAM back, as a real one does for a dead
+        process); the container exits and its restart policy starts it again, as Docker
+        does for a crashed service. Returns once it answers again (a new process, nothing
+        loaded)."""
         sim = self.current[role]
-        container = sim.reload()
-        restarts = int(container.attrs.get("RestartCount") or 0)
-        top = container.top()
-        column = top["Titles"].index("PID")
-        pids = [
-            int(row[column])
-            for row in top.get("Processes") or ()
-            if "supervisor.sim" in row[-1] and "docker-init" not in row[-1]
-        ]
-        if not pids:
-            raise RuntimeError(f"no simulator process in the {role} container: {top}")
+        restarts = int(sim.reload().attrs.get("RestartCount") or 0)
         self.down.add(role)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # The exec dies with the container: its end, however it is reported, is no failure.
+        with contextlib.suppress(APIError, requests.exceptions.ConnectionError):
+            sim.container.exec_run(["sh", "-c", "kill -KILL -1"])
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            attrs = sim.reload().attrs
-            if int(attrs.get("RestartCount") or 0) > restarts and attrs["State"]["Running"]:
+        while True:
+            state = sim.reload().attrs
+            if int(state.get("RestartCount") or 0) > restarts and state["State"]["Running"]:
                 break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the {role} container was not restarted within 60 s of its crash: "
+                    f"{state['State']}"
+                )
             time.sleep(0.1)
-        else:
-            raise RuntimeError(f"the {role} container did not come back after its crash")
         sim.wait_ready(30)
         self.down.discard(role)
 
     def come_back(self, role: str) -> None:
         """Nothing to do: the restart policy brought the crashed service back (`crash`)."""
-
-    def nvml_fail(self, how: str) -> None:
-        self.nvml_fault.write_text("lost" if how == "lost" else "error")
-
-    def nvml_ok(self) -> None:
-        self.nvml_fault.unlink(missing_ok=True)
-
-    def outsider_fill(self, nbytes: int) -> int:
-        """Another program takes VRAM (as much as is free, up to `nbytes`)."""
-        if self._gpu is None:
-            self._gpu = open_gpu(self.state_dir / "gpu.json")
-        return self._gpu.allocate_partial(OUTSIDER, os.getpid(), nbytes)
-
-    def outsider_leave(self) -> None:
-        if self._gpu is not None:
-            self._gpu.release(OUTSIDER)
 
     def frees_requested(self, role: str) -> int:
         """The frees the fake ComfyUI itself counts (0 for an Ollama: its own counter of
@@ -393,11 +368,7 @@ class DockerSoakHost:
         return f"http://127.0.0.1:{OLLAMA_PORT if service == 'ollama' else COMFYUI_PORT}"
 
     def nvml_env(self) -> dict[str, str]:
-        return {
-            "LD_LIBRARY_PATH": str(self.libdir),
-            STATE_ENV: str(self.state_dir / "gpu.json"),
-            NVML_FAULT_ENV: str(self.nvml_fault),
-        }
+        return self.gpu_faults.nvml_env()
 
     def close(self) -> None:
         """Removes every container of this run, unpauses the others (may run twice)."""
@@ -419,10 +390,7 @@ class DockerSoakHost:
             with contextlib.suppress(*gone):
                 container.unpause()
         self.paused = []
-        if self._gpu is not None:
-            self.outsider_leave()
-            self._gpu.close()
-            self._gpu = None
+        self.gpu_faults.close()
         if not self._closed:
             self._closed = True
             self._loop.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tests.soak.host import GpuFaults
 from tests.soak.proxy import FaultProxy
 
 GIB = 1024**3
@@ -45,6 +46,9 @@ DOCKER_KINDS: dict[str, str] = {
 # Faults that leave the gate without an Ollama to forward to (a daemon restart stops both
 # containers: its fault names no target).
 DOCKER_DOWN_KINDS = ("recreate", "user_stop", "unlabel", "daemon_restart")
+# Faults of no length of their own that take a service down while they are done (the
+# Docker-backed form's: the schedule waits until the service answers again).
+MOMENTARY_DOWN_KINDS = ("recreate", "crash")
 DAEMON_RESTART_NOT_RUN = "not run, the engine is not the private test engine"
 # Real seconds the supervisor may take, after a restarted engine answers, to show both
 # services running and reachable again (a target of the Docker-backed form).
@@ -121,13 +125,11 @@ class FaultHost(Protocol):
     Docker-backed form's (tests/soak/docker_soak.py), whose "crash" is a killed process
     that its restart policy brings back, so `come_back` has nothing left to do."""
 
+    gpu_faults: GpuFaults
+
     def crash(self, service: str) -> None: ...
     def come_back(self, service: str) -> None: ...
     def proxy(self, service: str) -> FaultProxy: ...
-    def nvml_fail(self, how: str) -> None: ...
-    def nvml_ok(self) -> None: ...
-    def outsider_fill(self, nbytes: int) -> int: ...
-    def outsider_leave(self) -> None: ...
 
 
 class Injector:
@@ -146,12 +148,12 @@ class Injector:
         elif fault.kind in ("hang", "garbage", "error", "slow"):
             h.proxy(fault.target).set(fault.kind, float(fault.params.get("delay_s", 0.0)))
         elif fault.kind == "nvml_error":
-            h.nvml_fail("error")
+            h.gpu_faults.nvml_fail("error")
         elif fault.kind == "nvml_lost":
-            h.nvml_fail("lost")
+            h.gpu_faults.nvml_fail("lost")
         elif fault.kind == "outsider":
             fault.params["took_gib"] = round(
-                h.outsider_fill(int(fault.params["gib"]) * GIB) / GIB, 1
+                h.gpu_faults.outsider_fill(int(fault.params["gib"]) * GIB) / GIB, 1
             )
         elif fault.kind == "clock_jump":
             self.clock_offset_s += float(fault.params["step_s"])
@@ -164,6 +166,6 @@ class Injector:
         elif fault.kind in ("hang", "garbage", "error", "slow"):
             h.proxy(fault.target).set("pass")
         elif fault.kind in ("nvml_error", "nvml_lost"):
-            h.nvml_ok()
+            h.gpu_faults.nvml_ok()
         elif fault.kind == "outsider":
-            h.outsider_leave()
+            h.gpu_faults.outsider_leave()

@@ -30,6 +30,52 @@ OUTSIDER = "outsider:cuda-app"
 NVML_FAULT_ENV = "SIM_NVML_FAULT"
 
 
+class GpuFaults:
+    """The GPU side of a soak host, for either form: the fake NVML library (built under
+    `workdir`) and its fault file, and a process outside every tenant that takes VRAM on
+    the GPU state file `state` (through `gpu`, or a handle of its own opened when first
+    needed: the Docker-backed form's services create that file)."""
+
+    def __init__(self, workdir: Path, state: Path, gpu: SimGpu | None = None) -> None:
+        self.state = state
+        self.fault_file = workdir / "nvml-fault"
+        self.fault_file.unlink(missing_ok=True)
+        self.libdir = build_fake_nvml(workdir / "nvml").parent
+        self._gpu = gpu
+        self._own_gpu: SimGpu | None = None
+
+    def nvml_env(self) -> dict[str, str]:
+        """The supervisor's environment for the fake library, its state and fault files."""
+        return {
+            "LD_LIBRARY_PATH": str(self.libdir),
+            STATE_ENV: str(self.state),
+            NVML_FAULT_ENV: str(self.fault_file),
+        }
+
+    def nvml_fail(self, how: str) -> None:
+        self.fault_file.write_text("lost" if how == "lost" else "error")
+
+    def nvml_ok(self) -> None:
+        self.fault_file.unlink(missing_ok=True)
+
+    def outsider_fill(self, nbytes: int) -> int:
+        """Another program takes VRAM (as much as is free, up to `nbytes`)."""
+        if self._gpu is None:
+            self._gpu = self._own_gpu = open_gpu(self.state)
+        return self._gpu.allocate_partial(OUTSIDER, os.getpid(), nbytes)
+
+    def outsider_leave(self) -> None:
+        if self._gpu is not None:
+            self._gpu.release(OUTSIDER)
+
+    def close(self) -> None:
+        """The outside process leaves; a handle of its own is closed."""
+        self.outsider_leave()
+        if self._own_gpu is not None:
+            self._own_gpu.close()
+            self._own_gpu = self._gpu = None
+
+
 @dataclass
 class Placement:
     """One Ollama load's placement, as the fake Ollama made it: what it needed, what the
@@ -66,10 +112,8 @@ class SoakHost:
         self.scale = time_scale
         self.state = workdir / "gpu.json"
         self.state.unlink(missing_ok=True)
-        self.nvml_fault = workdir / "nvml-fault"
-        self.nvml_fault.unlink(missing_ok=True)
         self.gpu: SimGpu = open_gpu(self.state, int(gpu_gib * GIB))
-        self.libdir = build_fake_nvml(workdir / "nvml").parent
+        self.gpu_faults = GpuFaults(workdir, self.state, self.gpu)
         self._lock = threading.Lock()
         self.placements: list[Placement] = []
         self.ollama: FakeOllama | None = None
@@ -168,26 +212,7 @@ class SoakHost:
             return server.url if server is not None else None
 
     def nvml_env(self) -> dict[str, str]:
-        return {
-            "LD_LIBRARY_PATH": str(self.libdir),
-            STATE_ENV: str(self.state),
-            NVML_FAULT_ENV: str(self.nvml_fault),
-        }
-
-    # ------------------------------------------------------------------ GPU faults
-
-    def nvml_fail(self, how: str) -> None:
-        self.nvml_fault.write_text("lost" if how == "lost" else "error")
-
-    def nvml_ok(self) -> None:
-        self.nvml_fault.unlink(missing_ok=True)
-
-    def outsider_fill(self, nbytes: int) -> int:
-        """Another program takes VRAM (as much as is free, up to `nbytes`)."""
-        return self.gpu.allocate_partial(OUTSIDER, os.getpid(), nbytes)
-
-    def outsider_leave(self) -> None:
-        self.gpu.release(OUTSIDER)
+        return self.gpu_faults.nvml_env()
 
     def close(self) -> None:
         self._loop.close()

@@ -263,6 +263,8 @@ def _socket_family(pid: int, fd: str, inode: str) -> str:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+    except (OSError, ValueError):
+        return ""
     finally:
         os.close(pidfd)
     if copy < 0:
@@ -271,7 +273,8 @@ def _socket_family(pid: int, fd: str, inode: str) -> str:
         found = os.fstat(copy)
         if not stat.S_ISSOCK(found.st_mode) or str(found.st_ino) != inode:
             return ""  # the number now names something else
-        with socket.socket(fileno=os.dup(copy)) as sock:
+        with socket.socket(fileno=copy) as sock:  # closes the copy
+            copy = -1
             family = {socket.AF_INET: "TCP/IP", socket.AF_INET6: "TCP/IPv6"}.get(
                 sock.family, str(sock.family)
             )
@@ -280,7 +283,8 @@ def _socket_family(pid: int, fd: str, inode: str) -> str:
     except (OSError, ValueError):
         return ""
     finally:
-        os.close(copy)
+        if copy >= 0:
+            os.close(copy)
 
 
 def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:

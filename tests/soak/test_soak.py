@@ -25,7 +25,14 @@ import httpx
 import pytest
 
 from tests.soak.docker_soak import make_docker_faults
-from tests.soak.faults import DAEMON_RESTART_NOT_RUN, FOUND_LIMIT_S, KINDS, Fault, make_faults
+from tests.soak.faults import (
+    DAEMON_RESTART_NOT_RUN,
+    DOCKER_KINDS,
+    FOUND_LIMIT_S,
+    KINDS,
+    Fault,
+    make_faults,
+)
 from tests.soak.host import Placement
 from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.report import (
@@ -56,15 +63,31 @@ def test_the_fault_schedule_is_seeded_and_has_every_kind_early() -> None:
 
 
 def test_daemon_restarts_come_only_where_allowed_and_after_the_start_checkpoint() -> None:
-    faults = make_docker_faults(1, 3 * 3600, 300, 100, first_restart_s=1200)
+    faults = make_docker_faults(1, 3 * 3600, 300, 100, first_restart_s=1200, service_faults=False)
     restarts = [f for f in faults if f.kind == "daemon_restart"]
     assert len(restarts) >= 2, "one a round"
     assert all(f.at_s >= 1200 for f in restarts)
     assert all(not f.target and f.duration_s > 0 for f in restarts)
     for a, b in itertools.pairwise(faults):
         assert b.at_s >= a.end_s, "one fault at a time"
-    others = make_docker_faults(1, 3 * 3600, 300, 100, restarts=False)
+    others = make_docker_faults(1, 3 * 3600, 300, 100, restarts=False, service_faults=False)
     assert others and all(f.kind != "daemon_restart" for f in others)
+
+
+def test_the_docker_form_has_every_kind_of_both_forms_one_at_a_time() -> None:
+    """Each round of the Docker-backed form has the fixed-URL form's kinds too; its crash
+    (the restart policy brings the container back) takes no time of its own, and its target
+    alternates, so two rounds crash both services."""
+    faults = make_docker_faults(3, 6 * 3600, 60, 40, first_restart_s=1200)
+    assert faults == make_docker_faults(3, 6 * 3600, 60, 40, first_restart_s=1200)
+    assert {f.kind for f in faults} == set(KINDS) | set(DOCKER_KINDS)
+    for a, b in itertools.pairwise(faults):
+        assert b.at_s >= a.end_s, "one fault at a time"
+    crashes = [f for f in faults if f.kind == "crash"]
+    assert len(crashes) >= 2 and all(f.duration_s == 0 for f in crashes)
+    assert {f.target for f in crashes[:2]} == {"ollama", "comfyui"}
+    alone = make_docker_faults(3, 6 * 3600, 60, 40, first_restart_s=1200, service_faults=False)
+    assert {f.kind for f in alone} == set(DOCKER_KINDS)
 
 
 def _restart(**params: object) -> Fault:
