@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from supervisor.clients._http import shared_tls
 from tests.bench.supervisor_proc import ROOT, Supervisor, free_port, scaled_settings
 from tests.bench.workload import (
     CHAT_MEAN_GAP_S,
@@ -374,8 +375,13 @@ def proc_figures(pid: int) -> tuple[int, int, int]:
 
 
 class Clients:
-    """Chat clients through the gate (one thread each, as independent clients), image jobs
-    straight to ComfyUI."""
+    """Chat clients through the gate (one thread and one connection each, as independent
+    clients), image jobs straight to ComfyUI.
+
+    Not one shared pool: under a backlog of hundreds of chats a pool's own limits and races
+    lost chats that never reached the gate, or hung them (a 24-hour Docker-backed run:
+    PoolTimeout at its 400 connections, and two chats whose connection the pool closed
+    while they waited for their answer, httpcore 1.0.9's encode/httpcore#1110)."""
 
     def __init__(self, run: SoakRun, host: Any, gate_url: Callable[[], str]) -> None:
         self.run = run
@@ -385,20 +391,7 @@ class Clients:
         self.inflight = 0
         self.ok = 0
         self.failed = 0
-        self.client = self._new_client()
         self.images = httpx.Client(timeout=5.0)
-
-    @staticmethod
-    def _new_client() -> httpx.Client:
-        return httpx.Client(
-            timeout=httpx.Timeout(10.0, read=CLIENT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=400, max_keepalive_connections=50),
-        )
-
-    def hang_up(self) -> None:
-        """Close the clients' idle keep-alive connections to the gate (a new pool from now)."""
-        old, self.client = self.client, self._new_client()
-        old.close()
 
     def chat(self, event: ChatEvent) -> None:
         with self.lock:
@@ -415,7 +408,10 @@ class Clients:
         start = time.monotonic()
         status, outcome, detail, upstream = 0, "lost", "", False
         try:
-            r = self.client.post(f"{self.gate_url()}/api/chat", json=body)
+            with httpx.Client(
+                timeout=httpx.Timeout(10.0, read=CLIENT_TIMEOUT_S), verify=shared_tls()
+            ) as client:
+                r = client.post(f"{self.gate_url()}/api/chat", json=body)
             status = r.status_code
             upstream = UPSTREAM_HEADER in r.headers
             if status == 200:
@@ -455,7 +451,6 @@ class Clients:
             self.run.image_times.append(time.monotonic())
 
     def close(self) -> None:
-        self.client.close()
         self.images.close()
 
 
@@ -730,17 +725,15 @@ def checkpoint(
     settle: Callable[[], None] | None = None,
 ) -> None:
     """The supervisor's RSS, threads and descriptors at a quiet moment: the schedule stands
-    still until no chat is in flight (at most QUIET_WAIT simulated seconds) and the clients
-    close their idle connections, so sockets that clients hold open are not counted as
-    growth; then the least of five readings (a pass's read threads come and go)."""
+    still until no chat is in flight (at most QUIET_WAIT simulated seconds; a chat's
+    connection closes with it, so no client holds a socket open then); then the least of
+    five readings (a pass's read threads come and go)."""
     paused = time.monotonic()
     if settle is not None:  # a fault still under way in the background ends first
         settle()
     deadline = time.monotonic() + max(5.0, QUIET_WAIT_S * run.time_scale)
     while clients.inflight and time.monotonic() < deadline:
         time.sleep(0.05)
-    if not clients.inflight:
-        clients.hang_up()  # idle keep-alive connections are the clients', not a leak
     time.sleep(0.5)
     sup = sampler.sup()
     ports = {
