@@ -49,7 +49,8 @@ GRACE_REAL_S = 2.0  # after an Ollama fault ends, before the upstream counts as 
 SPILL_LIMIT_S = 1800.0  # simulated: a spill that outlives two heal cooldowns never converged
 RSS_GROWTH_LIMIT = 5 * 1024 * 1024
 CHECKPOINTS = (("start", 0.1), ("middle", 0.5))  # and "end", after the drain
-QUIET_WAIT_S = 1200.0  # simulated: the longest a checkpoint waits for chats to finish
+# Chats held at once through the gate before the schedule starts (see `warm_up_backlog`).
+WARM_UP_CHATS = 400
 
 
 @dataclass
@@ -561,6 +562,7 @@ def soak_on(
     clients = Clients(run, host, lambda: holder["sup"].gate_url)
     sampler = Sampler(run, host, clients, lambda: holder["sup"])
     try:
+        warm_up_backlog(run, host, holder["sup"].gate_url, progress)
         run.started = time.monotonic()
         _drive(
             checkpoints,
@@ -612,6 +614,53 @@ def soak_on(
         closer.start()
         closer.join(30)
     return run
+
+
+def warm_up_backlog(
+    run: SoakRun, host: Any, gate_url: str, progress: Callable[[str], None]
+) -> None:
+    """Before the schedule: WARM_UP_CHATS chats held at once by a hung Ollama, then all
+    answered 502 as the hang ends (not counted among the run's chats).
+
+    The memory a backlog of hundreds of chats takes stays with the process afterwards as
+    the allocator's high-water mark, reused by later backlogs rather than grown again
+    (300 chats held at once, eight times: 38.7 MiB before, then 42.8, 43.9, 44.8, 45.5 and
+    45.5 MiB four more times). A backlog that first came after the start checkpoint would
+    count as growth; one before it sets the mark, so the RSS target measures growth over
+    time, as the Docker form's first burst fills the SDK's connection pools."""
+    proxy = host.ollama_proxy
+    answers: list[str] = []
+    lock = threading.Lock()
+    body = {"model": "llama3.1:8b", "messages": [], "stream": False}
+
+    def chat() -> None:
+        try:
+            with httpx.Client(timeout=60.0, verify=shared_tls()) as client:
+                status = str(client.post(f"{gate_url}/api/chat", json=body).status_code)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        with lock:
+            answers.append(status)
+
+    began = time.monotonic()
+    proxy.set("hang")
+    threads = [threading.Thread(target=chat, daemon=True) for _ in range(WARM_UP_CHATS)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(5.0)
+    finally:
+        proxy.set("pass")  # the proxy closes the held requests: the gate answers them
+    for t in threads:
+        t.join(90)
+    counts = {a: answers.count(a) for a in sorted(set(answers))}
+    line = (
+        f"warm-up: {WARM_UP_CHATS} chats held at once by a hung Ollama, then answered "
+        f"({', '.join(f'{k}: {v}' for k, v in counts.items())}) in "
+        f"{time.monotonic() - began:.0f} s"
+    )
+    run.notes.append(line)
+    progress(f"   {line}")
 
 
 def _drive(
@@ -725,13 +774,14 @@ def checkpoint(
     settle: Callable[[], None] | None = None,
 ) -> None:
     """The supervisor's RSS, threads and descriptors at a quiet moment: the schedule stands
-    still until no chat is in flight (at most QUIET_WAIT simulated seconds; a chat's
-    connection closes with it, so no client holds a socket open then); then the least of
-    five readings (a pass's read threads come and go)."""
+    still until no chat is in flight (the queue drains, as no new chat comes; each chat
+    ends within its client's timeout, answered or not; a chat's connection closes with it,
+    so no client holds a socket open then); then the least of five readings (a pass's read
+    threads come and go)."""
     paused = time.monotonic()
     if settle is not None:  # a fault still under way in the background ends first
         settle()
-    deadline = time.monotonic() + max(5.0, QUIET_WAIT_S * run.time_scale)
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S + 10.0
     while clients.inflight and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
