@@ -301,7 +301,7 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
     rows = _unix_rows() if detailed else []
     unix = _unix_peers(rows)
     unix_peer = {f[5]: f[7] for f in rows}
-    unix_table = _proc_net_inodes(pid, "unix", 6) if detailed else {}
+    unix_state = {f[5]: f[1] for f in rows}  # ss lists unconnected ones too (UNCONN)
     others = [
         (name, _proc_net_inodes(pid, table, column) if detailed else {})
         for name, table, column in (
@@ -335,10 +335,10 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
                 kind = f"to {ports.get(remote, remote)} ({state})"
         elif inode in unix:
             kind = f"unix socket to {unix[inode]}" if unix[inode] else "unix, peer closed"
-        elif inode in unix_table:
+        elif inode in unix_state:
             if unix_peer.get(inode) in own_inodes:
                 kind = "unix socketpair (both ends in the process)"
-            elif unix_table[inode][5] == "01":
+            elif unix_state[inode] == "UNCONN":
                 kind = "unix socket, unconnected (e.g. its connect failed)"
             else:
                 kind = "unix socket, connected to a peer without a path"
