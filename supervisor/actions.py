@@ -19,6 +19,11 @@ Policy:
   anything (the model serves a request, the job server has work) does not count; one
   over it is not sent and reported FAILED with a "skipped: ..."
   detail, logged as a warning. Every action method checks it first (`capped`).
+- Never act on a container that opted out: `capped` reads the role label again right
+  before acting, and a request that acts (`sending`) is retried only while the label is
+  still there: a container recreated without it at the same URL between two attempts
+  would otherwise get the retry. What no check can close: a recreate between the last
+  read of the label and the first attempt (milliseconds, against a recreate's seconds).
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   frees), so two frees never overlap. A heal holds it only for its free and its unload,
   not while Ollama unloads and reloads the model (see `ollama_actions`). Adapter errors
@@ -33,11 +38,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from loguru import logger
 
 from supervisor import ollama_actions, tenant_actions
+from supervisor.clients._http import resend_guard
 from supervisor.config import Settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.model import (
@@ -171,7 +178,7 @@ class Actor:
         recreated without it, or removed, since the last listing: a container that opted
         out is never acted on). Safe from any thread."""
         now = self.clock()
-        if (gone := self._not_ours(action.target)) is not None:
+        if (gone := self.not_ours(action.target)) is not None:
             logger.info(f"Not acting on {action.target}: {gone}")
             return Outcome(
                 action,
@@ -193,7 +200,14 @@ class Actor:
         logger.warning(f"Skipping {type(action).__name__} on {action.target}: {why}")
         return Outcome(action, now, ok=False, result=FreeResult.FAILED, detail=f"skipped: {why}")
 
-    def _not_ours(self, target: str) -> str | None:
+    @contextmanager
+    def sending(self, target: str) -> Iterator[None]:
+        """Around the requests that act on `target`: a failed one is sent again only
+        while its container still carries its role label (module doc)."""
+        with resend_guard(lambda: self.not_ours(target)):
+            yield
+
+    def not_ours(self, target: str) -> str | None:
         """Why the container behind `target` may not be acted on any more (None: it may,
         or it is a fixed URL, or Docker cannot say now: the listing of a moment ago
         stands)."""
@@ -306,7 +320,8 @@ class Actor:
             )
 
         try:
-            comfy.free(unload_models=True, free_memory=hard)
+            with self.sending(action.target):
+                comfy.free(unload_models=True, free_memory=hard)
         except ServiceError as exc:
             log.warning(f"Could not free ComfyUI {spec.name} ({action.stage}): {exc}")
             return report(FreeResult.FAILED, str(exc))

@@ -147,7 +147,8 @@ def unload(actor: ActorPort, action: UnloadOllama) -> Outcome:
     try:
         found = _find(ollama, action.model)
         actor.announce_unload(action.model)
-        ollama.unload(action.model)
+        with actor.sending(action.target):
+            ollama.unload(action.model)
     except ServiceError as exc:
         log.warning(f"Could not unload Ollama model {action.model}: {exc}")
         return Outcome(action, start, ok=False, detail=str(exc), duration_s=actor.clock() - start)
@@ -236,7 +237,8 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
                 )
         try:
             actor.announce_unload(action.model)
-            ollama.unload(action.model)
+            with actor.sending(action.target):
+                ollama.unload(action.model)
         except ServiceError as exc:
             return fail(f"unload failed: {exc}")
         if free is not None:
@@ -248,7 +250,7 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
     # Without the lock: waiting for Ollama and its reload block nothing of ours.
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
         if actor.is_stopping:  # nobody would reload it after the request
-            return _withdraw_unload(actor, ollama, model, fail)
+            return _withdraw_unload(actor, action.target, ollama, model, fail)
         return _awaiting(actor, action, model, start)
     if free is not None:
         _wait_recovered(actor, gpus, free + model.size_vram_bytes * 3 // 4)
@@ -272,8 +274,14 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
                 )
     if actor.is_stopping:
         return fail("the supervisor is stopping")
+    if (gone := actor.not_ours(action.target)) is not None:
+        # Seconds may have passed since the unload: the container may have opted out.
+        return fail(f"not reloaded: {gone}")
     try:
-        ollama.preload(action.model, actor.preload_timeout_s, keep_alive=reload_keep_alive(model))
+        with actor.sending(action.target):
+            ollama.preload(
+                action.model, actor.preload_timeout_s, keep_alive=reload_keep_alive(model)
+            )
         healed = _find(ollama, action.model)
     except ServiceError as exc:
         return fail(f"reload failed: {exc}")
@@ -377,7 +385,7 @@ def reload_after_wait(actor: ActorPort, action: HealOllama) -> Outcome:
     except ServiceError as exc:
         return fail(str(exc))
     if found is not None and action.withdraw:
-        return _withdraw_unload(actor, ollama, found, fail, action.keep_alive)
+        return _withdraw_unload(actor, action.target, ollama, found, fail, action.keep_alive)
     if found is None:
         if action.free_first:
             with actor.lock:
@@ -385,7 +393,8 @@ def reload_after_wait(actor: ActorPort, action: HealOllama) -> Outcome:
         if actor.is_stopping:
             return fail("the supervisor is stopping")
         try:
-            ollama.preload(action.model, actor.preload_timeout_s, keep_alive=action.keep_alive)
+            with actor.sending(action.target):
+                ollama.preload(action.model, actor.preload_timeout_s, keep_alive=action.keep_alive)
             found = _find(ollama, action.model)
         except ServiceError as exc:
             return fail(f"reload failed: {exc}")
@@ -429,6 +438,7 @@ def _free_first(actor: ActorPort, action: HealOllama) -> None:
 
 def _withdraw_unload(
     actor: ActorPort,
+    target: str,
     ollama: OllamaApi,
     model: OllamaModel,
     fail: Callable[[str], Outcome],
@@ -438,7 +448,8 @@ def _withdraw_unload(
     if keep_alive is None:
         keep_alive = restore_keep_alive(model, actor.wall_clock())
     try:
-        ollama.preload(model.name, actor.preload_timeout_s, keep_alive=keep_alive)
+        with actor.sending(target):
+            ollama.preload(model.name, actor.preload_timeout_s, keep_alive=keep_alive)
     except ServiceError as exc:
         return fail(
             "it is still in use by a request, and withdrawing the unload failed "

@@ -301,6 +301,14 @@ class ActorPort(Protocol):
 
     def announce_unload(self, model: str) -> None: ...
 
+    def sending(self, target: str) -> AbstractContextManager[None]:
+        """Around a request that acts on `target`: retried only while it is still ours."""
+        ...
+
+    def not_ours(self, target: str) -> str | None:
+        """Why `target`'s container may no longer be acted on (None: it may)."""
+        ...
+
     def serving(self, target: str) -> frozenset[str] | None:
         """Models with a request in flight through a gate; None: a gate could not say."""
         ...

@@ -82,7 +82,8 @@ def unload(actor: ActorPort, action: UnloadModel) -> Outcome:
     before = actor.probe.free_bytes(gpus)
     try:
         actor.announce_unload(action.model)
-        server.unload(action.model)
+        with actor.sending(action.target):
+            server.unload(action.model)
     except ServiceError as exc:
         log.warning(f"Could not unload {what}: {exc}")
         return failed(str(exc))
@@ -135,7 +136,8 @@ def wake(actor: ActorPort, action: WakeModel) -> Outcome:
         return actor.dry(action, f"wake {what}")
     log = logger.bind(target=action.target, model=action.model)
     try:
-        server.wake(action.model)
+        with actor.sending(action.target):
+            server.wake(action.model)
     except ServiceError as exc:
         log.warning(f"Could not wake {what}: {exc}")
         return Outcome(action, start, ok=False, detail=str(exc), duration_s=actor.clock() - start)
@@ -199,7 +201,8 @@ def free_jobs(actor: ActorPort, action: FreeJobs) -> Outcome:
     gpus = (action.gpu_uuid,) if action.gpu_uuid else spec.gpu_uuids
     before = actor.probe.free_bytes(gpus)
     try:
-        server.free()
+        with actor.sending(action.target):
+            server.free()
     except ServiceError as exc:
         log.warning(f"Could not free {spec.key}: {exc}")
         return report(FreeResult.FAILED, str(exc))

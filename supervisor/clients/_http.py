@@ -11,6 +11,11 @@ Policy:
   retries only when the request provably never reached the server (no connection was
   made); `Retry.NEVER` does not retry. An HTTP error status or a bad body is an answer,
   never retried.
+- A request that acts on a service is retried only while its target may still be acted
+  on: the caller (the Actor) says so with `resend_guard`, checked before each attempt
+  after the first. Between two attempts the container behind the URL may have been
+  replaced by one that opted out (recreated without its label, at the same URL), and the
+  retry would reach that one.
 - Nothing here sleeps except tenacity's wait between attempts; nothing logs above DEBUG:
   the caller decides how loud a missing reading is.
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import Enum
 from typing import Any, Self, TypeVar
 
@@ -50,6 +57,33 @@ _TRANSIENT: tuple[type[Exception], ...] = (
 )
 # The request was never sent: repeating it cannot apply a change twice.
 _NOT_SENT: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+# The check `resend_guard` installs for this thread (None: retries need no permission).
+_RESEND_GUARD: ContextVar[Callable[[], str | None] | None] = ContextVar(
+    "resend_guard", default=None
+)
+
+
+@contextmanager
+def resend_guard(check: Callable[[], str | None]) -> Iterator[None]:
+    """Within the block (in this thread), a request about to be sent again after a failed
+    attempt asks `check()` first: a reason (not None) stops it, and the request raises
+    ServiceError("... failed (...) and was not sent again: <reason>"). The first attempt
+    is sent unasked (the caller checked just before)."""
+    token = _RESEND_GUARD.set(check)
+    try:
+        yield
+    finally:
+        _RESEND_GUARD.reset(token)
+
+
+class _NotResent(Exception):
+    """A retry the resend guard refused (never retried itself)."""
+
+    def __init__(self, why: str, failure: BaseException) -> None:
+        super().__init__(why)
+        self.why, self.failure = why, failure
 
 
 @functools.cache
@@ -127,15 +161,30 @@ class JsonHttp:
         if timeout is not None:
             kwargs["timeout"] = timeout
 
+        failed: list[BaseException] = []
+
         def send() -> httpx.Response:
-            if self._client.is_closed:
-                # A client replaced by a newer one (its service was recreated) that a
-                # thread still held: httpx would raise RuntimeError, outside the contract.
-                raise httpx.ConnectError("the client was closed (the service was replaced)")
-            return self._client.request(method, path, **kwargs)
+            guard = _RESEND_GUARD.get()
+            if failed and guard is not None and (why := guard()) is not None:
+                raise _NotResent(why, failed[-1])
+            try:
+                if self._client.is_closed:
+                    # A client replaced by a newer one (its service was recreated) that a
+                    # thread still held: httpx would raise RuntimeError, outside the
+                    # contract.
+                    raise httpx.ConnectError("the client was closed (the service was replaced)")
+                return self._client.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                failed.append(exc)
+                raise
 
         try:
             response = self._retrying(retry, what)(send)
+        except _NotResent as exc:
+            first = exc.failure
+            raise self.error(
+                f"{what} failed ({type(first).__name__}: {first}) and was not sent again: {exc.why}"
+            ) from first
         except httpx.TimeoutException as exc:
             seconds = _timeout_seconds(exc, timeout, self.timeout_s)
             raise self.error(

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from supervisor.clients._http import resend_guard
 from supervisor.clients.comfyui import ComfyClient
 from supervisor.errors import ServiceError
 from supervisor.model import ComfyMode, ComfyQueue, ComfyStats
@@ -258,6 +259,45 @@ def test_reads_and_free_are_retried(fake_comfy: Any, comfy_client: Any, flaky: A
     client.free(unload_models=True, free_memory=True)
     assert handler.calls == 4
     assert fake_comfy.received("/free") == [{"unload_models": True, "free_memory": True}]
+
+
+def test_a_retry_asks_the_resend_guard_first(
+    fake_comfy: Any, comfy_client: Any, flaky: Any
+) -> None:
+    """Found by the Docker-backed soak: a free whose first attempt met the container being
+    removed was retried 0.25 s later and reached the container recreated without its role
+    label at the same URL. Under `resend_guard` a retry is sent only while the guard allows
+    it; the first attempt is sent unasked; a retry it allows goes out as before."""
+    asked: list[str] = []
+
+    def gone() -> str | None:
+        asked.append("asked")
+        return "its container is gone"
+
+    handler = flaky(fake_comfy, httpx.RemoteProtocolError)
+    client = comfy_client(handler)
+    with (
+        resend_guard(gone),
+        pytest.raises(
+            ServiceError,
+            match=r"POST /free failed \(RemoteProtocolError: simulated\) and was not sent "
+            r"again: its container is gone",
+        ),
+    ):
+        client.free(unload_models=True, free_memory=False)
+    assert handler.calls == 1 and asked == ["asked"]
+    assert fake_comfy.received("/free") == []
+
+    handler.errors.append(httpx.RemoteProtocolError)
+    with resend_guard(lambda: None):
+        client.free(unload_models=True, free_memory=False)
+    assert handler.calls == 3
+    assert fake_comfy.received("/free") == [{"unload_models": True, "free_memory": False}]
+
+    # Outside the block nothing is asked (a read of the loop's, another thread's request).
+    handler.errors.append(httpx.RemoteProtocolError)
+    client.queue()
+    assert handler.calls == 5 and asked == ["asked"]
 
 
 def test_a_delivered_interrupt_is_not_repeated(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
+import httpx
 import pytest
 
 from supervisor.actions import Actor
+from supervisor.clients.comfyui import ComfyClient
+from supervisor.clients.ollama import OllamaClient
 from supervisor.config import Settings, load_settings
 from supervisor.errors import DockerUnavailable, ServiceError
 from supervisor.gate.admission import model_key
@@ -309,6 +312,34 @@ def test_heal_frees_comfyui_unloads_and_reloads_fully(world: World, logs: list[s
     assert world.ollama.preload_keep_alives == [None]
     before = round(spilled.gpu_fraction * 100)
     assert has(logs, f"Healed Ollama model llama3.2:latest: {before}% -> 100% on GPU")
+
+
+def test_heal_does_not_reload_into_a_container_that_opted_out_meanwhile(
+    world: World, logs: list[str]
+) -> None:
+    """A heal waits seconds between its unload and its reload; an Ollama recreated
+    without its role label meanwhile (same URL) gets no reload: that would load a model
+    into a container that opted out."""
+    world.gpu.total_bytes = 14 * GIB
+    world.ollama.load("llama3.2:latest")
+    spilled = world.ollama.models["llama3.2:latest"]
+    docker = FakeDocker()
+    actor, _ = make_actor(world, docker=docker)
+    unload = world.ollama.unload
+
+    def unload_then_opt_out(model: str) -> None:
+        unload(model)
+        docker.containers["ollama"].unlabelled = True
+
+    world.ollama.unload = unload_then_opt_out  # type: ignore[method-assign]
+    outcome = actor.execute(
+        HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
+    )
+    assert world.ollama.unload_calls == ["llama3.2:latest"]
+    assert world.ollama.preload_calls == []
+    assert not outcome.ok
+    assert outcome.detail.startswith("not reloaded: its container id-ollama is gone")
+    assert has(logs, "Could not heal Ollama model llama3.2:latest: not reloaded")
 
 
 def lock_is_free_for_another_thread(actor: Actor) -> bool:
@@ -977,3 +1008,46 @@ def test_a_container_that_lost_its_role_label_is_never_acted_on(
     docker.containers["comfyui"].unlabelled = False  # relabelled: acted on again
     assert actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "again")).sent
     assert world.comfy.free_calls == [(True, False)]
+
+
+@pytest.mark.parametrize("kind", ["comfyui free", "ollama unload"])
+def test_an_action_is_not_retried_on_a_container_recreated_without_its_label(
+    world: World, logs: list[str], kind: str
+) -> None:
+    """Found by the Docker-backed soak (24 h, every fault): the label was read right before
+    a soft free; the free's first attempt met the container being removed (the connection
+    closed unanswered) and its retry, 0.25 s later, reached the container recreated
+    without its label at the same URL. The real client (its retry policy) against a
+    server whose container opts out during the first attempt: the retry is not sent,
+    the outcome says why, and nothing reaches the new container."""
+    docker = FakeDocker()
+    actor, _ = make_actor(world, docker=docker)
+    name = "comfyui" if kind == "comfyui free" else "ollama"
+    acting = "/free" if name == "comfyui" else "/api/generate"
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == acting:
+            sent.append(acting)
+            docker.containers[name].unlabelled = True  # removed, then recreated without it
+            raise httpx.RemoteProtocolError("closed unanswered", request=request)
+        if request.url.path == "/api/ps":
+            return httpx.Response(200, json={"models": []})
+        return httpx.Response(200, json={"queue_running": [], "queue_pending": []})
+
+    spec = actor.targets()
+    if name == "comfyui":
+        comfy = ComfyClient(world.comfy.base_url, transport=httpx.MockTransport(handler))
+        targets = replace(spec, comfyuis={COMFY: (spec.comfyuis[COMFY][0], comfy)})
+        action: FreeComfy | UnloadOllama = FreeComfy(COMFY, FreeStage.SOFT, "new model")
+    else:
+        ollama = OllamaClient(world.ollama.base_url, transport=httpx.MockTransport(handler))
+        targets = replace(spec, ollamas={OLLAMA: (spec.ollamas[OLLAMA][0], ollama)})
+        action = UnloadOllama(OLLAMA, "qwen3:8b", "room for ComfyUI")
+    actor.targets = lambda: targets
+    outcome = actor.execute(action)
+    assert sent == [acting]  # one attempt; the retry would have reached the new container
+    assert not outcome.ok
+    assert "was not sent again: its container id-" in outcome.detail
+    assert "no longer carries the vram-supervisor.role label" in outcome.detail
+    assert has(logs, "not sent again")
