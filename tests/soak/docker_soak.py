@@ -84,6 +84,7 @@ from tests.soak.proxy import FaultProxy, ProxyLoop
 from tests.soak.run import (
     CHECKPOINTS,
     SoakRun,
+    remember_unix_peers,
     soak_on,
     start_supervisor,
     supervisor_settings,
@@ -537,6 +538,9 @@ class DockerInjector:
             )
 
         h.down.update(ROLES)
+        # Where the supervisor's pooled connections lead, before the engine's end of them
+        # closes (then only this tells them from a leak).
+        remember_unix_peers()
         began = time.monotonic()
         try:
             dockerd("stop")

@@ -232,6 +232,18 @@ def _unix_peers(rows: list[list[str]]) -> dict[str, str]:
     return peers
 
 
+# Unix socket inode -> the path its peer listened on, of every connection seen (a
+# connection's end keeps its inode for its life): once the peer is gone, ss no longer
+# tells where a socket led, and this does. Filled by every detailed `fd_kinds` and by
+# `remember_unix_peers` (the Docker form calls it right before it stops the engine).
+_UNIX_PATHS_SEEN: dict[str, str] = {}
+
+
+def remember_unix_peers() -> None:
+    """Note where every connected unix socket of the host leads, now."""
+    _UNIX_PATHS_SEEN.update({k: v for k, v in _unix_peers(_unix_rows()).items() if v})
+
+
 def _proc_net_inodes(pid: int, table: str, column: int) -> dict[str, list[str]]:
     """inode -> its row's fields, of /proc/<pid>/net/<table> (the process's namespace)."""
     try:
@@ -300,6 +312,7 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
     tcp = _tcp_sockets(pid) if detailed else {}
     rows = _unix_rows() if detailed else []
     unix = _unix_peers(rows)
+    _UNIX_PATHS_SEEN.update({k: v for k, v in unix.items() if v})
     unix_peer = {f[5]: f[7] for f in rows}
     unix_state = {f[5]: f[1] for f in rows}  # ss lists unconnected ones too (UNCONN)
     others = [
@@ -334,7 +347,14 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
             else:
                 kind = f"to {ports.get(remote, remote)} ({state})"
         elif inode in unix:
-            kind = f"unix socket to {unix[inode]}" if unix[inode] else "unix, peer closed"
+            if unix[inode]:
+                kind = f"unix socket to {unix[inode]}"
+            elif inode in _UNIX_PATHS_SEEN:
+                # A pooled connection to a server that went away (an engine that
+                # restarted): the pool drops it when it next takes it.
+                kind = f"unix socket to {_UNIX_PATHS_SEEN[inode]}, its server gone"
+            else:
+                kind = "unix, peer closed"
         elif inode in unix_state:
             if unix_peer.get(inode) in own_inodes:
                 kind = "unix socketpair (both ends in the process)"
@@ -813,7 +833,8 @@ def checkpoint(
 
 
 def docker_socket_fds(s: Sample) -> int:
-    """The supervisor's connections to a Docker socket (the SDK's pools), of `s.fd_kinds`."""
+    """The supervisor's connections to a Docker socket (the SDK's pools), of `s.fd_kinds`:
+    those to an engine that restarted too (judged with them against the pools' bound)."""
     return sum(n for k, n in s.fd_kinds.items() if k.startswith("unix socket to"))
 
 
