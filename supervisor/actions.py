@@ -19,11 +19,13 @@ Policy:
   anything (the model serves a request, the job server has work) does not count; one
   over it is not sent and reported FAILED with a "skipped: ..."
   detail, logged as a warning. Every action method checks it first (`capped`).
-- Never act on a container that opted out: `capped` reads the role label again right
-  before acting, and a request that acts (`sending`) is retried only while the label is
-  still there: a container recreated without it at the same URL between two attempts
-  would otherwise get the retry. What no check can close: a recreate between the last
-  read of the label and the first attempt (milliseconds, against a recreate's seconds).
+- Never act on a container that opted out: `capped` reads the role label again before
+  acting, and every request that acts is sent inside `sending`, which reads it once more
+  on entry and pins that container: a failed request is retried only while that very
+  container still carries the label (a container recreated without it at the same URL
+  between two attempts would otherwise get the retry, found by the soak). What no check
+  can close: a recreate between the last read and the first attempt (milliseconds,
+  against a recreate's seconds).
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   frees), so two frees never overlap. A heal holds it only for its free and its unload,
   not while Ollama unloads and reloads the model (see `ollama_actions`). Adapter errors
@@ -58,6 +60,7 @@ from supervisor.model import (
     Outcome,
     ReloadJobs,
     RestartComfy,
+    ServiceSpec,
     UnloadModel,
     UnloadOllama,
     WakeModel,
@@ -202,15 +205,23 @@ class Actor:
 
     @contextmanager
     def sending(self, target: str) -> Iterator[None]:
-        """Around the requests that act on `target`: a failed one is sent again only
-        while its container still carries its role label (module doc)."""
-        with resend_guard(lambda: self.not_ours(target)):
+        """Around the requests that act on `target`: the container behind it now is the
+        one acted on. Its label is read on entry (ServiceError when it opted out: nothing
+        is sent) and again before any retry, which is not sent once that container is
+        gone or lost its label, even if the listing meanwhile dropped it (module doc)."""
+        spec = self._spec(target)
+        if (why := self._spec_not_ours(target, spec)) is not None:
+            raise ServiceError(target, f"not sent: {why}")
+        with resend_guard(lambda: self._spec_not_ours(target, spec)):
             yield
 
     def not_ours(self, target: str) -> str | None:
         """Why the container behind `target` may not be acted on any more (None: it may,
         or it is a fixed URL, or Docker cannot say now: the listing of a moment ago
         stands)."""
+        return self._spec_not_ours(target, self._spec(target))
+
+    def _spec(self, target: str) -> ServiceSpec | None:
         t = self.targets()
         found = (
             t.comfyuis.get(target)
@@ -218,7 +229,9 @@ class Actor:
             or t.model_servers.get(target)
             or t.job_servers.get(target)
         )
-        spec = found[0] if found is not None else None
+        return found[0] if found is not None else None
+
+    def _spec_not_ours(self, target: str, spec: ServiceSpec | None) -> str | None:
         docker = self._docker()
         if spec is None or spec.container_id is None or docker is None:
             return None
@@ -227,6 +240,9 @@ class Actor:
         except DockerUnavailable as exc:
             logger.debug(f"Cannot check the label of {target} before acting: {exc}")
             return None
+        except Exception as exc:  # noqa: BLE001 - an adapter's bug: unknown, so do not act
+            logger.opt(exception=exc).warning(f"Reading the label of {target} failed: {exc}")
+            return f"its label could not be read ({exc})"
         if role is None:
             return (
                 f"its container {spec.container_id[:12]} is gone (removed or recreated) or "

@@ -258,7 +258,8 @@ def reload_jobs(actor: ActorPort, action: ReloadJobs) -> Outcome:
     if state.parked_bytes is None:
         return report(True, "nothing parked any more")
     try:
-        reload()
+        with actor.sending(action.target):
+            reload()
         after = server.jobs()
     except ServiceError as exc:
         log.warning(f"Could not reload {spec.key}: {exc}")

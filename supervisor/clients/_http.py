@@ -59,7 +59,8 @@ _TRANSIENT: tuple[type[Exception], ...] = (
 _NOT_SENT: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
-# The check `resend_guard` installs for this thread (None: retries need no permission).
+# The check `resend_guard` installs for the running context, i.e. this thread's code in
+# the block (None: retries need no permission).
 _RESEND_GUARD: ContextVar[Callable[[], str | None] | None] = ContextVar(
     "resend_guard", default=None
 )
@@ -67,7 +68,8 @@ _RESEND_GUARD: ContextVar[Callable[[], str | None] | None] = ContextVar(
 
 @contextmanager
 def resend_guard(check: Callable[[], str | None]) -> Iterator[None]:
-    """Within the block (in this thread), a request about to be sent again after a failed
+    """Within the block (this thread's; a thread started in it does not inherit it, an
+    asyncio task would), a request about to be sent again after a failed
     attempt asks `check()` first: a reason (not None) stops it, and the request raises
     ServiceError("... failed (...) and was not sent again: <reason>"). The first attempt
     is sent unasked (the caller checked just before)."""

@@ -1010,16 +1010,19 @@ def test_a_container_that_lost_its_role_label_is_never_acted_on(
     assert world.comfy.free_calls == [(True, False)]
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["still listed", "listing dropped it"])
 @pytest.mark.parametrize("kind", ["comfyui free", "ollama unload"])
 def test_an_action_is_not_retried_on_a_container_recreated_without_its_label(
-    world: World, logs: list[str], kind: str
+    world: World, logs: list[str], kind: str, listed: bool
 ) -> None:
     """Found by the Docker-backed soak (24 h, every fault): the label was read right before
     a soft free; the free's first attempt met the container being removed (the connection
     closed unanswered) and its retry, 0.25 s later, reached the container recreated
     without its label at the same URL. The real client (its retry policy) against a
     server whose container opts out during the first attempt: the retry is not sent,
-    the outcome says why, and nothing reaches the new container."""
+    the outcome says why, and nothing reaches the new container; also when the loop's
+    listing meanwhile dropped the container (a gate's free runs beside the loop), since
+    the container acted on is pinned when the action begins."""
     docker = FakeDocker()
     actor, _ = make_actor(world, docker=docker)
     name = "comfyui" if kind == "comfyui free" else "ollama"
@@ -1030,6 +1033,8 @@ def test_an_action_is_not_retried_on_a_container_recreated_without_its_label(
         if request.url.path == acting:
             sent.append(acting)
             docker.containers[name].unlabelled = True  # removed, then recreated without it
+            if not listed:
+                actor.targets = lambda: Targets()
             raise httpx.RemoteProtocolError("closed unanswered", request=request)
         if request.url.path == "/api/ps":
             return httpx.Response(200, json={"models": []})
@@ -1051,3 +1056,61 @@ def test_an_action_is_not_retried_on_a_container_recreated_without_its_label(
     assert "was not sent again: its container id-" in outcome.detail
     assert "no longer carries the vram-supervisor.role label" in outcome.detail
     assert has(logs, "not sent again")
+
+
+def _guards_seen(obj: object, method: str, seen: list[str]) -> None:
+    """Wrap `obj.method` to record, at each call, what the resend guard then in force
+    says once the container has opted out (what a retry of that request would ask)."""
+    from supervisor.clients import _http
+
+    real = getattr(obj, method)
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        guard = _http._RESEND_GUARD.get()
+        seen.append(f"{method}: " + ("no guard" if guard is None else "guarded"))
+        wrapped.guards.append(guard)  # type: ignore[attr-defined]
+        return real(*args, **kwargs)
+
+    wrapped.guards = []  # type: ignore[attr-defined]
+    setattr(obj, method, wrapped)
+
+
+@pytest.mark.parametrize("action", ["comfyui free", "ollama unload", "heal", "tenant unload"])
+def test_every_request_that_acts_is_sent_under_the_resend_guard(world: World, action: str) -> None:
+    """Each state-changing request goes out inside `Actor.sending`: were it retried after
+    its container opted out, the retry would be refused. (The fakes here do not retry;
+    what is checked is the guard in force while each acting request is sent.)"""
+    docker = FakeDocker()
+    seen: list[str] = []
+    if action == "tenant unload":
+        actor, server = _swap_actor(world)
+        docker.add("llama-swap", "swap", "http://127.0.0.1:8080")  # type: ignore[arg-type]
+        actor._docker = lambda: docker
+        _guards_seen(server, "unload", seen)
+        actor.execute(UnloadModel("llama-swap/swap", "qwen", "image gate"))
+        container, calls = "swap", [server.unload]
+    else:
+        world.gpu.total_bytes = 14 * GIB
+        world.ollama.load("llama3.2:latest")
+        actor, _ = make_actor(world, docker=docker)
+        if action == "comfyui free":
+            _guards_seen(world.comfy, "free", seen)
+            actor.execute(FreeComfy(COMFY, FreeStage.SOFT, "new model"))
+            container, calls = "comfyui", [world.comfy.free]
+        elif action == "ollama unload":
+            _guards_seen(world.ollama, "unload", seen)
+            actor.execute(UnloadOllama(OLLAMA, "llama3.2:latest", "room"))
+            container, calls = "ollama", [world.ollama.unload]
+        else:
+            _guards_seen(world.ollama, "unload", seen)
+            _guards_seen(world.ollama, "preload", seen)
+            spilled = world.ollama.models["llama3.2:latest"]
+            actor.execute(
+                HealOllama(OLLAMA, "llama3.2:latest", "spilled", (COMFY,), spilled.gpu_fraction)
+            )
+            container, calls = "ollama", [world.ollama.unload, world.ollama.preload]
+    assert seen and all(entry.endswith("guarded") for entry in seen), seen
+    docker.containers[container].unlabelled = True
+    for call in calls:
+        for guard in call.guards:  # type: ignore[attr-defined]
+            assert "no longer carries the vram-supervisor.role label" in guard()

@@ -540,7 +540,7 @@ class DockerInjector:
         h.down.update(ROLES)
         # Where the supervisor's pooled connections lead, before the engine's end of them
         # closes (then only this tells them from a leak).
-        remember_unix_peers()
+        remember_unix_peers(self.docker_host.removeprefix("unix://"))
         began = time.monotonic()
         try:
             dockerd("stop")

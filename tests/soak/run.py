@@ -232,16 +232,18 @@ def _unix_peers(rows: list[list[str]]) -> dict[str, str]:
     return peers
 
 
-# Unix socket inode -> the path its peer listened on, of every connection seen (a
-# connection's end keeps its inode for its life): once the peer is gone, ss no longer
-# tells where a socket led, and this does. Filled by every detailed `fd_kinds` and by
-# `remember_unix_peers` (the Docker form calls it right before it stops the engine).
+# Unix socket inode -> the socket path it was connected to, of the connections seen to
+# such a path right before its server stopped (`remember_unix_peers`; the Docker form
+# calls it before each engine stop). Once the server end is gone, ss no longer tells where
+# a connection led, and this does: a pooled connection to an engine that restarted,
+# which its pool drops when it next takes it, is told from a leak (one never noted stays
+# "unix, peer closed").
 _UNIX_PATHS_SEEN: dict[str, str] = {}
 
 
-def remember_unix_peers() -> None:
-    """Note where every connected unix socket of the host leads, now."""
-    _UNIX_PATHS_SEEN.update({k: v for k, v in _unix_peers(_unix_rows()).items() if v})
+def remember_unix_peers(path: str) -> None:
+    """Note the connections to the unix socket `path` now (its server is about to stop)."""
+    _UNIX_PATHS_SEEN.update({k: v for k, v in _unix_peers(_unix_rows()).items() if v == path})
 
 
 def _proc_net_inodes(pid: int, table: str, column: int) -> dict[str, list[str]]:
@@ -312,7 +314,6 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
     tcp = _tcp_sockets(pid) if detailed else {}
     rows = _unix_rows() if detailed else []
     unix = _unix_peers(rows)
-    _UNIX_PATHS_SEEN.update({k: v for k, v in unix.items() if v})
     unix_peer = {f[5]: f[7] for f in rows}
     unix_state = {f[5]: f[1] for f in rows}  # ss lists unconnected ones too (UNCONN)
     others = [
@@ -835,7 +836,11 @@ def checkpoint(
 def docker_socket_fds(s: Sample) -> int:
     """The supervisor's connections to a Docker socket (the SDK's pools), of `s.fd_kinds`:
     those to an engine that restarted too (judged with them against the pools' bound)."""
-    return sum(n for k, n in s.fd_kinds.items() if k.startswith("unix socket to"))
+    return sum(
+        n
+        for k, n in s.fd_kinds.items()
+        if k.startswith("unix socket to") and k.split(",")[0].endswith("docker.sock")
+    )
 
 
 def _describe(cp: tuple[str, Sample, int]) -> str:

@@ -345,16 +345,16 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("remembered", [True, False])
+@pytest.mark.parametrize("noted", ["its path", "another path", "nothing"])
 def test_a_connection_whose_server_went_away_is_named_by_where_it_led(
-    tmp_path: Path, remembered: bool
+    tmp_path: Path, noted: str
 ) -> None:
     """Found by the 24-hour Docker-backed run: after a daemon restart one descriptor was
     "unix, peer closed", a connection whose server end is gone (ss then shows no path),
     not counted with the Docker socket's. Where each connection leads is noted before the
     engine stops (`remember_unix_peers`), so such one is named by its path, and counted
     with that socket's connections against the pools' bound; one never seen connected
-    stays unexplained (a leak until shown otherwise)."""
+    stays unexplained (a leak until shown otherwise), as does one to another socket."""
     import subprocess
     import sys
     from types import SimpleNamespace
@@ -362,7 +362,8 @@ def test_a_connection_whose_server_went_away_is_named_by_where_it_led(
 
     from tests.soak.run import Sample, docker_socket_fds, fd_kinds, remember_unix_peers
 
-    path = tmp_path / f"engine-{remembered}.sock"
+    path = tmp_path / noted.replace(" ", "-") / "docker.sock"
+    path.parent.mkdir()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen()
@@ -373,8 +374,10 @@ def test_a_connection_whose_server_went_away_is_named_by_where_it_led(
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "connected"
         accepted, _ = server.accept()
-        if remembered:
-            remember_unix_peers()
+        if noted == "its path":
+            remember_unix_peers(str(path))
+        elif noted == "another path":
+            remember_unix_peers(str(tmp_path / "elsewhere.sock"))
         accepted.close()  # the engine stops: its ends close
         server.close()
         kinds = fd_kinds(child.pid, {})
@@ -382,12 +385,13 @@ def test_a_connection_whose_server_went_away_is_named_by_where_it_led(
         child.kill()
         child.wait()
     gone = f"unix socket to {path}, its server gone"
-    if remembered:
+    named = noted == "its path"
+    if named:
         assert kinds.get(gone) == 1 and "unix, peer closed" not in kinds, kinds
     else:
         assert kinds.get("unix, peer closed") == 1 and gone not in kinds, kinds
     sample = cast(Sample, SimpleNamespace(fd_kinds=kinds))
-    assert docker_socket_fds(sample) == (1 if remembered else 0)
+    assert docker_socket_fds(sample) == (1 if named else 0)
 
 
 _LOCKER = """
