@@ -538,12 +538,24 @@ class DockerInjector:
             )
 
         h.down.update(ROLES)
-        # Where the supervisor's pooled connections lead, before the engine's end of them
-        # closes (then only this tells them from a leak).
-        remember_unix_peers(self.docker_host.removeprefix("unix://"))
+        # Where the supervisor's pooled connections lead, noted until the engine is gone
+        # (its end of them closes then, and only this tells them from a leak): while it
+        # stops its containers the supervisor still calls it, on new connections too.
+        stopped = threading.Event()
+        noter = threading.Thread(
+            target=_note_connections,
+            args=(self.docker_host.removeprefix("unix://"), stopped),
+            daemon=True,
+            name="soak-note-connections",
+        )
+        noter.start()
         began = time.monotonic()
         try:
-            dockerd("stop")
+            try:
+                dockerd("stop")
+            finally:
+                stopped.set()
+                noter.join()
             p["stop_s"] = round(time.monotonic() - began, 1)
             noticed = wait(
                 lambda s: (s.get("docker") or {}).get("state") == "unreachable", NOTICE_LIMIT_S
@@ -614,6 +626,14 @@ class DockerInjector:
             if at >= since and name in message and _is_action(message):
                 found.append(f"log: {message[:160]}")
         self.run.unlabelled_actions += [f"{fault.describe()}: {f}" for f in found]
+
+
+def _note_connections(path: str, stopped: threading.Event) -> None:
+    """`remember_unix_peers(path)` every 50 ms until `stopped`."""
+    while True:
+        remember_unix_peers(path)
+        if stopped.wait(0.05):
+            return
 
 
 def _is_action(message: str) -> bool:

@@ -13,7 +13,10 @@ can make the service misbehave the way real ones do without touching the service
 
 It also records every request that changes the service's state (ComfyUI `POST /free`,
 Ollama unloads and preloads) with the time it arrived, so action storms are counted on the
-service's side, whatever the supervisor's log says.
+service's side, whatever the supervisor's log says; and, for each request carrying the
+soak's chat id (`CHAT_HEADER`), when it reached the service and when the service's answer
+began, so a chat its client gave up on is told apart: lost on the way (by the gate), or
+still waiting for the service.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 MODES = ("pass", "down", "hang", "garbage", "error", "slow")
+CHAT_HEADER = "X-Soak-Chat"  # the soak's id of a chat, on its request
 _HEAD_LIMIT = 64 * 1024
 
 
@@ -39,6 +43,10 @@ class ProxyStats:
     requests: int = 0
     faulted: int = 0
     mutations: list[Mutation] = field(default_factory=list)
+    # chat id -> time.monotonic() it reached the service / the service's answer began
+    # (or the proxy's fault answered it)
+    chats_arrived: dict[str, float] = field(default_factory=dict)
+    chats_answered: dict[str, float] = field(default_factory=dict)
 
 
 class FaultProxy:
@@ -89,12 +97,17 @@ class FaultProxy:
             if head is None:
                 return
             self.stats.requests += 1
+            chat = _header(head, CHAT_HEADER.lower().encode())
+            if chat:
+                self.stats.chats_arrived[chat] = time.monotonic()
             mode, delay = self.mode, self.delay_s
             if mode != "pass":
                 self.stats.faulted += 1
             if mode == "hang":
                 await self._release.wait()
                 return
+            if mode in ("garbage", "error") and chat:
+                self.stats.chats_answered[chat] = time.monotonic()
             if mode == "garbage":
                 _answer(writer, 200, b'{"models": [{"name": 17, "size": "lots"', "text/plain")
                 await writer.drain()
@@ -108,7 +121,7 @@ class FaultProxy:
             if mode == "slow":
                 await asyncio.sleep(delay)
             self._note(head, body)
-            await self._forward(head, body, writer)
+            await self._forward(head, body, writer, chat)
         except (ConnectionError, asyncio.IncompleteReadError, OSError, ValueError):
             pass
         finally:
@@ -139,7 +152,9 @@ class FaultProxy:
         if kind:
             self.stats.mutations.append(Mutation(time.monotonic(), kind))
 
-    async def _forward(self, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _forward(
+        self, head: bytes, body: bytes, writer: asyncio.StreamWriter, chat: str = ""
+    ) -> None:
         try:
             up_r, up_w = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -148,6 +163,8 @@ class FaultProxy:
             up_w.write(_with_close(head) + body)
             await up_w.drain()
             resp_head = await up_r.readuntil(b"\r\n\r\n")
+            if chat:
+                self.stats.chats_answered[chat] = time.monotonic()
             writer.write(_tagged(resp_head))
             while chunk := await up_r.read(65536):
                 writer.write(chunk)
@@ -187,6 +204,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes | None, byt
     length = int(headers.get(b"content-length", b"0") or 0)
     body = await reader.readexactly(length) if length else b""
     return head, body
+
+
+def _header(head: bytes, name: bytes) -> str:
+    """The value of header `name` (lower case) in `head`, "" when absent."""
+    for raw in head.split(b"\r\n")[1:]:
+        key, sep, value = raw.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""
 
 
 def _drop_header(head: bytes, name: bytes) -> bytes:

@@ -18,10 +18,12 @@ from tests.soak.faults import (
 )
 from tests.soak.host import Placement
 from tests.soak.run import (
+    CLIENT_TIMEOUT_S,
     GRACE_REAL_S,
     RSS_GROWTH_LIMIT,
     SAFETY_CAP_PER_MIN,
     SPILL_LIMIT_S,
+    Chat,
     Sample,
     SoakRun,
     docker_socket_fds,
@@ -272,6 +274,15 @@ def _daemon_restarts(fig: Figures, run: SoakRun, restarts: Sequence[Fault]) -> N
     )
 
 
+def _waited(run: SoakRun, waited: list[Chat]) -> str:
+    """How many, and the simulated span of their starts."""
+    if not waited:
+        return "0"
+    first = min(c.start for c in waited)
+    last = max(c.start for c in waited)
+    return f"{len(waited)} (sent between {_hms(run.sim(first))} and {_hms(run.sim(last))})"
+
+
 def evaluate(run: SoakRun) -> Figures:
     fig = Figures()
     scale = run.time_scale
@@ -380,7 +391,8 @@ def evaluate(run: SoakRun) -> Figures:
     lost = [c for c in run.chats if c.outcome == "lost"]
     # A failed answer that Ollama itself gave (the proxy tags every answer it relays or
     # fabricates) is Ollama's; one without the tag is the gate's own.
-    failed = [c for c in run.chats if c.outcome not in ("ok", "lost")]
+    waited = [c for c in run.chats if c.outcome == "waited-for-ollama"]
+    failed = [c for c in run.chats if c.outcome not in ("ok", "lost", "waited-for-ollama")]
     failed_up = [
         c for c in failed if not c.from_upstream and not _overlaps(c.start, c.end, ollama_down)
     ]
@@ -414,6 +426,14 @@ def evaluate(run: SoakRun) -> Figures:
     )
     fig.facts.append(
         ("failed answers Ollama itself gave while no fault was on it", str(len(by_ollama_up)))
+    )
+    fig.facts.append(
+        (
+            f"chats Ollama had not begun to answer when their client gave up "
+            f"({CLIENT_TIMEOUT_S:g} s; the gate had passed them on: Ollama's queue, e.g. "
+            "behind a model at CPU speed)",
+            _waited(run, waited),
+        )
     )
     for c in (lost + failed_up + by_ollama_up)[:5]:
         fig.errors.append(f"chat at {run.sim(c.start):.0f} s: {c.outcome} {c.status} {c.detail}")

@@ -14,6 +14,7 @@ threads and open descriptors, its health, the fake Ollama's counters and what /a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ from tests.bench.workload import (
 )
 from tests.soak.faults import Fault, Injector, make_faults
 from tests.soak.host import SoakHost
-from tests.soak.proxy import UPSTREAM_HEADER
+from tests.soak.proxy import CHAT_HEADER, UPSTREAM_HEADER
 
 SAFETY_CAP_PER_MIN = 6  # daemon.MAX_ACTIONS_PER_SERVICE_PER_MIN, per simulated minute
 CLIENT_TIMEOUT_S = 120.0  # real seconds; far above any hold the gate may make
@@ -58,7 +59,10 @@ class Chat:
     start: float  # monotonic
     end: float
     status: int  # 0: no answer (lost)
-    outcome: str  # ok / bad-answer / 5xx / lost / 4xx
+    # ok / bad-answer / 5xx / 4xx / lost (no answer, and not for want of Ollama's) /
+    # waited-for-ollama (no answer in CLIENT_TIMEOUT_S: Ollama had it and had not begun
+    # its answer, e.g. queued behind another model's requests at CPU speed)
+    outcome: str
     detail: str = ""
     from_upstream: bool = False  # the answer came from Ollama (or its fault), not the gate
 
@@ -414,6 +418,7 @@ class Clients:
         self.ok = 0
         self.failed = 0
         self.images = httpx.Client(timeout=5.0)
+        self._ids = itertools.count(1)
 
     def chat(self, event: ChatEvent) -> None:
         with self.lock:
@@ -427,13 +432,17 @@ class Clients:
             "stream": False,
             "options": {"num_predict": event.num_predict},
         }
+        with self.lock:
+            chat_id = str(next(self._ids))
         start = time.monotonic()
         status, outcome, detail, upstream = 0, "lost", "", False
         try:
             with httpx.Client(
                 timeout=httpx.Timeout(10.0, read=CLIENT_TIMEOUT_S), verify=shared_tls()
             ) as client:
-                r = client.post(f"{self.gate_url()}/api/chat", json=body)
+                r = client.post(
+                    f"{self.gate_url()}/api/chat", json=body, headers={CHAT_HEADER: chat_id}
+                )
             status = r.status_code
             upstream = UPSTREAM_HEADER in r.headers
             if status == 200:
@@ -448,6 +457,20 @@ class Clients:
                 detail = r.text[:160]
         except httpx.HTTPError as exc:
             detail = f"{type(exc).__name__}: {exc}"[:160]
+            stats = self.host.proxy("ollama").stats
+            reached = stats.chats_arrived.get(chat_id)
+            if (
+                isinstance(exc, httpx.ReadTimeout)
+                and reached is not None
+                and chat_id not in stats.chats_answered
+            ):
+                # The gate passed it on; Ollama had not begun to answer when the client
+                # gave up: Ollama's queue, not a chat the gate lost.
+                outcome, upstream = "waited-for-ollama", True
+                detail = (
+                    f"Ollama got it {reached - start:.1f} s after it was sent and had not "
+                    f"begun its answer {time.monotonic() - reached:.0f} s later"
+                )
         chat = Chat(start, time.monotonic(), status, outcome, detail, upstream)
         with self.lock:
             self.run.chats.append(chat)

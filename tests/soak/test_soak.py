@@ -519,3 +519,64 @@ def test_a_short_soak_meets_every_target(tmp_path: Path) -> None:
     assert len(run.chats) > 500, "a busy host"
     assert not fig.failures, report
     ET.fromstring(svg_chart(run, "short soak"))  # the chart is well-formed SVG
+
+
+def test_a_chat_given_up_on_is_lost_only_if_ollama_never_had_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a 24-hour Docker-backed run: 178 chats got no answer within the client's
+    timeout, all sent while Ollama served a model that cannot fit the card at CPU speed
+    (its requests do not wait for a pending load of another model, api-facts 1.3, so the
+    other models' chats queued behind them). The gate had passed each on; Ollama had not
+    begun to answer. The Ollama proxy tells the two apart by the chat's id: a chat Ollama
+    had and did not answer "waited-for-ollama" (not lost, not the gate's 5xx); one that
+    never reached Ollama is lost."""
+    from types import SimpleNamespace
+
+    from tests.bench.workload import ChatEvent
+    from tests.soak import run as soak_run
+
+    accepted: list[socket.socket] = []
+
+    def silent_server() -> tuple[socket.socket, int]:
+        """Accepts, reads, never answers."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                accepted.append(conn)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return listener, int(listener.getsockname()[1])
+
+    ollama, ollama_port = silent_server()
+    gate, gate_port = silent_server()  # a gate that swallows the chat
+    loop = ProxyLoop()
+    try:
+        proxy = loop.proxy("ollama", ("127.0.0.1", ollama_port))
+        host = SimpleNamespace(proxy=lambda role: proxy)
+        monkeypatch.setattr(soak_run, "CLIENT_TIMEOUT_S", 0.5)
+        run = soak_run.SoakRun(hours=1, time_scale=1, rate=1, seed=1, fault_gap_s=60)
+        urls = [proxy.url, f"http://127.0.0.1:{gate_port}"]
+        clients = soak_run.Clients(run, host, lambda: urls[len(run.chats)])
+        for _ in urls:
+            clients._chat(ChatEvent(0.0, "m", 8, 3))
+    finally:
+        loop.close()
+        ollama.close()
+        gate.close()
+        for conn in accepted:
+            conn.close()
+    through_ollama, swallowed = run.chats
+    assert through_ollama.outcome == "waited-for-ollama", through_ollama
+    assert through_ollama.from_upstream  # Ollama's failure, not the gate's
+    assert "Ollama got it" in through_ollama.detail
+    assert swallowed.outcome == "lost", swallowed
+    assert not swallowed.from_upstream
+    assert set(proxy.stats.chats_arrived) == {"1"} and not proxy.stats.chats_answered
