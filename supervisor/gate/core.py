@@ -602,6 +602,12 @@ class Proxy:
         """A WebSocket tunnel opened (loop thread)."""
 
 
+# The longest a gated load waits for the previous one to be in (admission.py), as Ollama
+# gives a load (OLLAMA_LOAD_TIMEOUT); read when a gate is built, so a benchmark in
+# compressed time can scale it (tests/bench/scaled_supervisor.py).
+LOAD_HOLD_MAX_S = 300.0
+
+
 class Gate(Proxy):
     """The Ollama gate: `Proxy` in front of Ollama that makes room before a load."""
 
@@ -620,7 +626,7 @@ class Gate(Proxy):
         ps_ttl_s: float = 0.5,
         ps_max_stale_s: float = 2.0,
         connect_timeout_s: float = 10.0,
-        load_hold_max_s: float = 300.0,
+        load_hold_max_s: float | None = None,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         event_loop: str = "asyncio",
@@ -642,7 +648,7 @@ class Gate(Proxy):
             params=estimate_params or EstimateParams(),
             ps_ttl_s=ps_ttl_s,
             ps_max_stale_s=ps_max_stale_s,
-            load_hold_max_s=load_hold_max_s,
+            load_hold_max_s=LOAD_HOLD_MAX_S if load_hold_max_s is None else load_hold_max_s,
             clock=clock,
         )
         # Models with a load request in flight through this gate: serving a request.

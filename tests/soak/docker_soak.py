@@ -171,8 +171,11 @@ def make_docker_faults(
 class DockerSoakHost:
     """The two sim containers, their counting proxies, the GPU state, the burst."""
 
-    def __init__(self, client: docker.DockerClient, workdir: Path, time_scale: float):
+    def __init__(
+        self, client: docker.DockerClient, workdir: Path, time_scale: float, docker_socket: str
+    ):
         self.client = client
+        self.docker_socket = docker_socket  # its path, whose connections the soak notes
         self.state_dir = workdir / "gpu-state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.gpu_faults = GpuFaults(workdir, self.state_dir / "gpu.json")
@@ -544,7 +547,7 @@ class DockerInjector:
         stopped = threading.Event()
         noter = threading.Thread(
             target=_note_connections,
-            args=(self.docker_host.removeprefix("unix://"), stopped),
+            args=(self.host.docker_socket, stopped),
             daemon=True,
             name="soak-note-connections",
         )
@@ -742,7 +745,7 @@ def _run_docker_soak(
     clock_file = workdir / "clock-offset"
     clock_file.write_text("0")
     with _client(docker_host) as client:
-        host = DockerSoakHost(client, workdir, time_scale)
+        host = DockerSoakHost(client, workdir, time_scale, docker_host.removeprefix("unix://"))
         current: dict[str, Supervisor] = {}
 
         def start() -> Supervisor:

@@ -236,18 +236,22 @@ def _unix_peers(rows: list[list[str]]) -> dict[str, str]:
     return peers
 
 
-# Unix socket inode -> the socket path it was connected to, of the connections seen to
-# such a path right before its server stopped (`remember_unix_peers`; the Docker form
-# calls it before each engine stop). Once the server end is gone, ss no longer tells where
-# a connection led, and this does: a pooled connection to an engine that restarted,
-# which its pool drops when it next takes it, is told from a leak (one never noted stays
-# "unix, peer closed").
-_UNIX_PATHS_SEEN: dict[str, str] = {}
+# Unix socket inode -> (the socket path it was connected to, when it was last seen
+# connected: time.monotonic()), of the connections to such a path seen while noting
+# (`remember_unix_peers`: the Docker form notes the Docker socket's at every sample and
+# every 50 ms while the engine stops). Once the server end is gone, ss no longer tells
+# where a connection led, and this does: a pooled connection to an engine that
+# restarted, which its pool drops when it next takes it, is told from a descriptor never
+# seen connected there ("unix, peer closed").
+_UNIX_PATHS_SEEN: dict[str, tuple[str, float]] = {}
 
 
 def remember_unix_peers(path: str) -> None:
-    """Note the connections to the unix socket `path` now (its server is about to stop)."""
-    _UNIX_PATHS_SEEN.update({k: v for k, v in _unix_peers(_unix_rows()).items() if v == path})
+    """Note the connections to the unix socket `path` now."""
+    now = time.monotonic()
+    _UNIX_PATHS_SEEN.update(
+        {k: (v, now) for k, v in _unix_peers(_unix_rows()).items() if v == path}
+    )
 
 
 def _proc_net_inodes(pid: int, table: str, column: int) -> dict[str, list[str]]:
@@ -357,7 +361,11 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
             elif inode in _UNIX_PATHS_SEEN:
                 # A pooled connection to a server that went away (an engine that
                 # restarted): the pool drops it when it next takes it.
-                kind = f"unix socket to {_UNIX_PATHS_SEEN[inode]}, its server gone"
+                path, seen = _UNIX_PATHS_SEEN[inode]
+                kind = (
+                    f"unix socket to {path}, its server gone (last seen connected "
+                    f"{time.monotonic() - seen:.0f} real s before)"
+                )
             else:
                 kind = "unix, peer closed"
         elif inode in unix_state:
@@ -515,6 +523,8 @@ class Sampler:
     def sample(self) -> None:
         sup = self.sup()
         rss, threads, fds = proc_figures(sup.pid)
+        if socket_path := getattr(self.host, "docker_socket", ""):
+            remember_unix_peers(socket_path)
         try:
             healthy = self.http.get(f"http://127.0.0.1:{sup.http_port}/healthz").is_success
         except httpx.HTTPError:
