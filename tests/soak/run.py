@@ -239,10 +239,10 @@ def _unix_peers(rows: list[list[str]]) -> dict[str, str]:
 # Unix socket inode -> (the socket path it was connected to, when it was last seen
 # connected: time.monotonic()), of the connections to such a path seen while noting
 # (`remember_unix_peers`: the Docker form notes the Docker socket's at every sample and
-# every 50 ms while the engine stops). Once the server end is gone, ss no longer tells
-# where a connection led, and this does: a pooled connection to an engine that
-# restarted, which its pool drops when it next takes it, is told from a descriptor never
-# seen connected there ("unix, peer closed").
+# every 50 ms while the engine stops). Once the server has closed its end, ss no longer
+# tells where a connection led, and this does: a pooled connection whose engine
+# restarted, or closed it after 300 s idle, which its pool drops when it next takes it,
+# is told from a descriptor never seen connected there ("unix, peer closed").
 _UNIX_PATHS_SEEN: dict[str, tuple[str, float]] = {}
 
 
@@ -359,11 +359,12 @@ def fd_kinds(pid: int, ports: dict[int, str] | None = None) -> dict[str, int]:
             if unix[inode]:
                 kind = f"unix socket to {unix[inode]}"
             elif inode in _UNIX_PATHS_SEEN:
-                # A pooled connection to a server that went away (an engine that
-                # restarted): the pool drops it when it next takes it.
+                # A pooled connection its server closed (an engine that restarted, or
+                # one idle for 300 s, which Docker's engine closes): the pool drops it
+                # when it next takes it.
                 path, seen = _UNIX_PATHS_SEEN[inode]
                 kind = (
-                    f"unix socket to {path}, its server gone (last seen connected "
+                    f"unix socket to {path}, closed by its server (last seen connected "
                     f"{time.monotonic() - seen:.0f} real s before)"
                 )
             else:
