@@ -20,12 +20,12 @@ Policy:
   over it is not sent and reported FAILED with a "skipped: ..."
   detail, logged as a warning. Every action method checks it first (`capped`).
 - Never act on a container that opted out: `capped` reads the role label again before
-  acting, and every request that acts is sent inside `sending`, which reads it once more
-  on entry and pins that container: a failed request is retried only while that very
-  container still carries the label (a container recreated without it at the same URL
-  between two attempts would otherwise get the retry, found by the soak). What no check
-  can close: a recreate between the last read and the first attempt (milliseconds,
-  against a recreate's seconds).
+  acting (and a heal reads it again before a request that comes seconds later, after a
+  wait), and every request that acts is sent inside `sending`, which pins that container:
+  a failed request is retried only while that very container still carries the label (a
+  container recreated without it at the same URL between two attempts would otherwise
+  get the retry, found by the soak). What no check can close: a recreate between the
+  last read and the first attempt (milliseconds, against a recreate's seconds).
 - One lock serialises everything that acts on the GPU (the loop's actions and the gate's
   frees), so two frees never overlap. A heal holds it only for its free and its unload,
   not while Ollama unloads and reloads the model (see `ollama_actions`). Adapter errors
@@ -205,13 +205,11 @@ class Actor:
 
     @contextmanager
     def sending(self, target: str) -> Iterator[None]:
-        """Around the requests that act on `target`: the container behind it now is the
-        one acted on. Its label is read on entry (ServiceError when it opted out: nothing
-        is sent) and again before any retry, which is not sent once that container is
+        """Around the requests that act on `target` (its label read just before, by
+        `capped` or `not_ours`): the container behind it now is the one acted on. Its
+        label is read again before any retry, which is not sent once that container is
         gone or lost its label, even if the listing meanwhile dropped it (module doc)."""
         spec = self._spec(target)
-        if (why := self._spec_not_ours(target, spec)) is not None:
-            raise ServiceError(target, f"not sent: {why}")
         with resend_guard(lambda: self._spec_not_ours(target, spec)):
             yield
 

@@ -250,6 +250,8 @@ def heal(actor: ActorPort, action: HealOllama) -> Outcome:
     # Without the lock: waiting for Ollama and its reload block nothing of ours.
     if not _wait_gone(actor, ollama, action.model, actor.clock() + actor.settings.verify_timeout_s):
         if actor.is_stopping:  # nobody would reload it after the request
+            if (gone := actor.not_ours(action.target)) is not None:
+                return fail(f"the unload is not withdrawn: {gone}")
             return _withdraw_unload(actor, action.target, ollama, model, fail)
         return _awaiting(actor, action, model, start)
     if free is not None:
@@ -390,6 +392,9 @@ def reload_after_wait(actor: ActorPort, action: HealOllama) -> Outcome:
         if action.free_first:
             with actor.lock:
                 _free_first(actor, action)
+            # The frees took up to a verification each: the container may have opted out.
+            if (gone := actor.not_ours(action.target)) is not None:
+                return fail(f"not reloaded: {gone}")
         if actor.is_stopping:
             return fail("the supervisor is stopping")
         try:

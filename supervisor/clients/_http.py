@@ -183,10 +183,10 @@ class JsonHttp:
         try:
             response = self._retrying(retry, what)(send)
         except _NotResent as exc:
-            first = exc.failure
+            last = exc.failure
             raise self.error(
-                f"{what} failed ({type(first).__name__}: {first}) and was not sent again: {exc.why}"
-            ) from first
+                f"{what} failed ({type(last).__name__}: {last}) and was not sent again: {exc.why}"
+            ) from last
         except httpx.TimeoutException as exc:
             seconds = _timeout_seconds(exc, timeout, self.timeout_s)
             raise self.error(

@@ -441,8 +441,7 @@ class Clients:
             "stream": False,
             "options": {"num_predict": event.num_predict},
         }
-        with self.lock:
-            chat_id = str(next(self._ids))
+        chat_id = str(next(self._ids))  # count's next is atomic
         start = time.monotonic()
         status, outcome, detail, upstream = 0, "lost", "", False
         try:
