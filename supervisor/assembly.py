@@ -184,6 +184,7 @@ class Assembly:
             port=port,
             wait_s=self.settings.gate_wait_s,
             event_loop=self.settings.gate_loop,
+            express_lane=self.settings.gate_express,
         )
         gate.start()
         return gate

@@ -202,6 +202,27 @@ class Admission:
             if holder is not None:
                 holder.cancel()
 
+    def admits_now(self, key: str) -> bool:
+        """Whether a load of `key` would go on at once, known without waiting: /api/ps,
+        read at most `ps_max_stale_s` ago, lists it, no other model's load may be evicting
+        it, and the supervisor is not unloading it (what `admit` forwards at once). False
+        also when only waiting could tell (then `admit` decides)."""
+        evicting = self._evicting
+        models = self._ps_models
+        if (
+            key in self._doomed
+            or (evicting is not None and evicting.key != key)
+            or models is None
+            or key not in models
+        ):
+            return False
+        age_s = self._clock() - self._ps_at
+        if age_s > self._ps_max_stale_s:
+            return False
+        if age_s > self._ps_ttl_s:
+            self._refresh_soon()  # stale but recent: never make a resident request wait
+        return True
+
     def _loaded(self, evicting: _Evicting, release: Callable[[], None]) -> None:
         """The load that may have evicted is in (or given up on): what /api/ps said before
         is not fresh, and requests waiting on it look again."""

@@ -341,6 +341,7 @@ class ComfyGate(Proxy):
         limits: Limits | None = None,
         ws_idle_s: float = WS_IDLE_S,
         event_loop: str = "asyncio",
+        express_lane: bool = True,
     ) -> None:
         counters = ComfyCounters()
         super().__init__(
@@ -352,6 +353,7 @@ class ComfyGate(Proxy):
             stats=counters,
             ws_idle_s=ws_idle_s,
             event_loop=event_loop,
+            express_lane=express_lane,
         )
         self._counters = counters
         self.admission = PromptAdmission(

@@ -39,6 +39,7 @@ import h11
 from loguru import logger
 
 from supervisor.estimate import EstimateParams
+from supervisor.gate import express
 from supervisor.gate.admission import Admission, Forward, model_key
 from supervisor.gate.http11 import (
     Fields,
@@ -65,6 +66,9 @@ from supervisor.ports import OllamaApi, RoomMaker
 log = logger.bind(component="gate")
 
 START_TIMEOUT_S = 10.0
+# The longest the express lane waits for the rest of a request whose start came (its body
+# in a second write, as httpx sends it); then the general path reads it.
+EXPRESS_WAIT_S = 0.05
 LOOP_ERROR_LOG_EVERY_S = 10.0  # the same asyncio error is logged at most this often
 
 
@@ -75,19 +79,46 @@ CALL_THREADS = 4
 
 class _Client:
     """One client connection and the task serving it. `in_exchange`: a request is being
-    served, so a disconnect must cancel it."""
+    served, so a disconnect must cancel it; `express`: the express lane serves one."""
 
-    __slots__ = ("in_exchange", "is_gone", "stream", "task")
+    __slots__ = ("express", "in_exchange", "is_gone", "lane", "partial", "stream", "task", "wait")
 
     def __init__(self, stream: Stream, task: asyncio.Task[Any]) -> None:
         self.stream = stream
         self.task = task
         self.in_exchange = False
         self.is_gone = False
+        self.express: express.Exchange | None = None
+        self.lane: Callable[[bytes], bool] | None = None  # the express lane's entry
+        # The start of a request the express lane waits to see whole, and the timer after
+        # which it leaves it to the general path.
+        self.partial: bytes | None = None
+        self.wait: asyncio.TimerHandle | None = None
         stream.on_lost = self._on_lost
 
+    def take_partial(self) -> bytes | None:
+        """The start of a request the express lane waited for, no longer waited for."""
+        partial, self.partial = self.partial, None
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
+        self.stream.hold = False
+        return partial
+
+    def leave_partial(self) -> None:
+        """Hand the start of a request the express lane waited for to the general path."""
+        partial = self.take_partial()
+        if partial is not None:
+            self.stream.give_back(partial)
+        self.stream.wake()
+
     def _on_lost(self) -> None:
-        if self.in_exchange and not self.is_gone:
+        if self.partial is not None:
+            self.take_partial()  # the rest will never come
+            self.stream.wake()
+        if self.express is not None:
+            self.express.client_gone()
+        elif self.in_exchange and not self.is_gone:
             self.is_gone = True
             self.task.cancel()
 
@@ -119,6 +150,7 @@ class Proxy:
         stats: Any = None,
         ws_idle_s: float = WS_IDLE_S,
         event_loop: str = "asyncio",
+        express_lane: bool = True,
     ) -> None:
         self._upstream: Callable[[], str | None] = (
             upstream_url if callable(upstream_url) else functools.partial(str, upstream_url)
@@ -127,6 +159,7 @@ class Proxy:
         self._port = port
         self._ws_idle_s = ws_idle_s
         self._event_loop = event_loop  # loop.LOOPS: which event loop the thread runs
+        self._express_lane = express_lane  # serve plain requests in callbacks (express.py)
         self._loop_name = ""
         self._limits = limits or Limits()
         self._pool = Pool(limits=self._limits, connect_timeout_s=connect_timeout_s)
@@ -219,6 +252,12 @@ class Proxy:
         """Forward (`forward(on_head)`) when the request may go on; returns its result."""
         return await forward(None)
 
+    def _admit_now(self, request: object) -> Callable[[], None] | None:
+        """For the express lane: when `request` (what `_parse` found) may go on at once
+        without waiting for anything, a callable to call when its answer has ended; None:
+        it takes the general path (`_admit`)."""
+        return None
+
     async def _own_answer(self, ex: Exchange) -> bytes | None:
         """The JSON body of a 200 the gate answers itself for a GET of `own_routes`
         (with no body); None: forward the request as any other."""
@@ -303,10 +342,11 @@ class Proxy:
         assert task is not None
         client = _Client(stream, task)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head_bytes)
+        client.lane = functools.partial(self._express, client)
         try:
             while True:
                 try:
-                    event = await self._read_head(conn, stream)
+                    event = await self._read_head(conn, stream, client.lane)
                 except h11.RemoteProtocolError as exc:
                     self._refuse(conn, stream, status_hint(exc), f"malformed request: {exc}")
                     break
@@ -334,10 +374,13 @@ class Proxy:
             stream.close()
             self._clients.discard(task)
 
-    async def _read_head(self, conn: h11.Connection, stream: Stream) -> object:
+    async def _read_head(
+        self, conn: h11.Connection, stream: Stream, express_lane: Callable[[bytes], bool]
+    ) -> object:
         """The next request head: a connection idle for `idle_client_s` is closed, and a
         head must arrive whole within `head_timeout_s` of its first byte (slow clients
-        cannot hold a connection forever)."""
+        cannot hold a connection forever). Meanwhile, requests that arrive whole and plain
+        go by the express lane (`_express`) without waking this task."""
         loop = asyncio.get_running_loop()
         limits = self._limits
         deadline: float | None = None
@@ -348,15 +391,116 @@ class Proxy:
             timeout = limits.idle_client_s
             if deadline is not None:
                 timeout = max(0.0, deadline - loop.time())
+            elif self._express_lane and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                stream.on_data = express_lane
             try:
                 data = await stream.read(timeout)
             except TimeoutError:
                 if deadline is not None:
                     self._refuse(conn, stream, 408, "the request head did not arrive in time")
                 return None
+            finally:
+                stream.on_data = None
             if deadline is None:
                 deadline = loop.time() + limits.head_timeout_s
             conn.receive_data(data)
+
+    def _express(self, client: _Client, data: bytes) -> bool:
+        """Take `data` for the express lane: serve it (express.py) when it is one whole,
+        plain request that may go on at once and an idle upstream connection is at hand,
+        or wait up to EXPRESS_WAIT_S for the rest of what may be one. False: the general
+        path reads it (nothing was done with it)."""
+        partial, client.partial = client.partial, None
+        if partial is not None:
+            data = partial + data
+        req = express.read_request(data, self._limits)
+        if isinstance(req, express.Incomplete):
+            client.partial = data
+            client.stream.hold = True  # the end, or an idle limit, waits for it too
+            if client.wait is None:  # counted from its first byte
+                loop = asyncio.get_running_loop()
+                client.wait = loop.call_later(EXPRESS_WAIT_S, client.leave_partial)
+            return True
+        if partial is not None:
+            client.take_partial()  # no longer waited for
+        if req is not None and self._express_serve(client, req):
+            return True
+        if partial is None:
+            return False
+        client.partial = data  # and the general path takes it whole
+        client.leave_partial()
+        return True
+
+    def _express_serve(self, client: _Client, req: express.Request) -> bool:
+        stream = client.stream
+        if stream.is_eof or client.express is not None:
+            return False
+        own = self.own_routes
+        if own and req.method == b"GET" and req.route in own:
+            return False
+        on_end: Callable[[], None] | None = None
+        if self._reads_body(req.method, req.route):
+            try:
+                load = self._parse(req.route, req.fields, req.body)
+            except Exception:  # noqa: BLE001 - the general path answers (or logs) it
+                return False
+            if load is not None:
+                on_end = self._admit_now(load)
+                if on_end is None:
+                    return False
+        origin = self._origin()
+        conn = None if origin is None else self._pool.take_idle(origin)
+        if conn is None:
+            if on_end is not None:
+                on_end()
+            return False
+        self._stats.requests_total += 1
+        stream.on_data = None
+        stream.hold = True  # what follows waits for this answer
+        ended = functools.partial(self._express_ended, client, req, conn.origin, on_end)
+        client.express = express.Exchange(
+            client=stream, conn=conn, req=req, pool=self._pool, limits=self._limits, on_end=ended
+        )
+        client.express.start()
+        return True
+
+    def _express_ended(
+        self,
+        client: _Client,
+        req: express.Request,
+        origin: Origin,
+        on_end: Callable[[], None] | None,
+        ended: express.Ended,
+    ) -> None:
+        client.express = None
+        if on_end is not None:
+            on_end()
+        stream = client.stream
+        if ended.give_back:
+            # A pooled connection the upstream had closed: the general path sends it again
+            # (an idempotent request whose answer had not begun).
+            self._stats.requests_total -= 1  # counted again there
+            stream.give_back(req.raw)
+        elif ended.failure is not None and not ended.answered:
+            self._stats.upstream_errors_total += 1
+            what = f"{quoted(req.method, 16)} {quoted(req.target)}"
+            self._upstream_failed(
+                f"{self.upstream_name} did not answer {what}: {origin.url} {ended.failure}"
+            )
+            body = error_body(f"vram-supervisor gate: {self._unreachable()}")
+            head = b"HTTP/1.1 502 Bad Gateway\r\n" + b"".join(
+                name + b": " + value + b"\r\n" for name, value in error_headers(body, close=False)
+            )
+            with contextlib.suppress(ConnectionError):
+                stream.write(head + b"\r\n" + body)
+        elif ended.is_complete:
+            self._upstream_answered(origin)
+        stream.touched_at = asyncio.get_running_loop().time()
+        stream.hold = False
+        if stream.buffered or stream.is_eof:
+            stream.wake()  # the general path reads what came meanwhile, or the end
+        else:
+            stream.on_data = client.lane
 
     def _refuse(self, conn: h11.Connection, stream: Stream, status: int, message: str) -> None:
         """Answer an error the gate decided itself; the connection is closed after it."""
@@ -630,6 +774,7 @@ class Gate(Proxy):
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         event_loop: str = "asyncio",
+        express_lane: bool = True,
     ) -> None:
         super().__init__(
             upstream_url=upstream_url,
@@ -638,6 +783,7 @@ class Gate(Proxy):
             connect_timeout_s=connect_timeout_s,
             limits=limits,
             event_loop=event_loop,
+            express_lane=express_lane,
         )
         self._admission = Admission(
             ollama=ollama,
@@ -690,6 +836,14 @@ class Gate(Proxy):
             return await self._admission.admit(request, forward)
         finally:
             self._in_flight.discard(key)
+
+    def _admit_now(self, request: object) -> Callable[[], None] | None:
+        assert isinstance(request, LoadRequest)
+        key = model_key(request.model)
+        if request.needs_room and not self._admission.admits_now(key):
+            return None
+        self._in_flight.add(key)
+        return functools.partial(self._in_flight.discard, key)
 
     def _on_stop(self) -> None:
         self._admission.close()

@@ -106,6 +106,17 @@ class Stream(asyncio.Protocol):
     def __init__(self, limit: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.on_lost: Callable[[], None] | None = None
+        # Bytes go to `on_data` first while it is set and nothing is buffered; it returns
+        # whether it took them (the express lane, express.py).
+        self.on_data: Callable[[bytes], bool] | None = None
+        # Told when writing pauses (False) and resumes (True).
+        self.on_writable: Callable[[bool], None] | None = None
+        # While set, bytes (and the end) are buffered without waking the reader: the
+        # express lane is answering a request, and what follows waits for it.
+        self.hold = False
+        # When the express lane last served a request (loop time): the reader's idle limit
+        # counts from then.
+        self.touched_at: float | None = None
         self.is_idle = False
         self.is_eof = False
         self.is_lost = False
@@ -116,6 +127,8 @@ class Stream(asyncio.Protocol):
         self._read_waiter: asyncio.Future[None] | None = None
         self._is_timed_out = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout_s: float | None = None
 
     # asyncio.Protocol
 
@@ -127,6 +140,8 @@ class Stream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.is_idle:
             self.abort()
+            return
+        if self.on_data is not None and not self._buffer and self.on_data(data):
             return
         self._buffer += data
         if len(self._buffer) >= self._limit and not self._is_reading_paused:
@@ -153,12 +168,16 @@ class Stream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._is_writing_paused = True
+        if self.on_writable is not None:
+            self.on_writable(False)
 
     def resume_writing(self) -> None:
         self._is_writing_paused = False
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_writable is not None:
+            self.on_writable(True)
 
     # for the gate
 
@@ -177,7 +196,10 @@ class Stream(asyncio.Protocol):
         a limit on every request, and the scope's task bookkeeping costs more."""
         if not self._buffer and not self.is_eof:
             loop = asyncio.get_running_loop()
-            timer = None if timeout_s is None else loop.call_later(timeout_s, self._time_out)
+            self._timeout_s = timeout_s
+            self.touched_at = None
+            if timeout_s is not None:
+                self._timer = loop.call_later(timeout_s, self._time_out)
             self._is_timed_out = False
             try:
                 while not self._buffer and not self.is_eof:
@@ -189,8 +211,9 @@ class Stream(asyncio.Protocol):
                     finally:
                         self._read_waiter = None
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
         data = bytes(self._buffer)
         self._buffer.clear()
         if self._is_reading_paused and not self.is_lost:
@@ -221,12 +244,32 @@ class Stream(asyncio.Protocol):
             self.transport.abort()
 
     def _time_out(self) -> None:
+        self._timer = None
+        limit, touched_at = self._timeout_s, self.touched_at
+        if limit is not None and (self.hold or touched_at is not None):
+            # The express lane served this connection meanwhile (or serves it now): it was
+            # not idle, so the limit counts from its last request's end.
+            loop = asyncio.get_running_loop()
+            left = limit if self.hold or touched_at is None else touched_at + limit - loop.time()
+            if left > 0:
+                self._timer = loop.call_later(left, self._time_out)
+                return
         self._is_timed_out = True
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
 
+    def wake(self) -> None:
+        """Wake the reader (after `hold`)."""
+        self._wake_reader()
+
+    def give_back(self, data: bytes) -> None:
+        """Put `data` before whatever is buffered (a request the express lane returns)."""
+        self._buffer[:0] = data
+
     def _wake_reader(self) -> None:
+        if self.hold:
+            return
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

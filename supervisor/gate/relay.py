@@ -118,9 +118,10 @@ class Pool:
     connect_timeout_s: float = 10.0
     _idle: dict[Origin, list[Connection]] = field(default_factory=dict)
 
-    async def get(self, origin: Origin, *, is_fresh: bool = False) -> Connection:
+    def take_idle(self, origin: Origin) -> Connection | None:
+        """An idle keep-alive connection to `origin`, the warmest; None when none is."""
         idle = self._idle.get(origin)
-        while idle and not is_fresh:
+        while idle:
             conn = idle.pop()
             if conn.stream.is_eof or conn.stream.buffered:
                 conn.close()
@@ -129,6 +130,13 @@ class Pool:
             conn.stream.on_lost = None
             conn.is_reused = True
             return conn
+        return None
+
+    async def get(self, origin: Origin, *, is_fresh: bool = False) -> Connection:
+        if not is_fresh:
+            conn = self.take_idle(origin)
+            if conn is not None:
+                return conn
         loop = asyncio.get_running_loop()
         limit = self.limits.buffer_bytes
         try:
@@ -155,11 +163,23 @@ class Pool:
             and not stream.buffered
             and not up.trailing_data[0]
         )
+        if is_clean:
+            up.start_next_cycle()
+        self.keep(conn, is_clean=is_clean)
+
+    def keep(self, conn: Connection, *, is_clean: bool = True) -> None:
+        """Keep `conn`, whose exchange ended cleanly (the express lane's judgement, or
+        `put`'s), unless the pool is full or it received or lost anything since."""
+        stream = conn.stream
         idle = self._idle.setdefault(conn.origin, [])
-        if not is_clean or len(idle) >= self.limits.max_idle_upstream:
+        if (
+            not is_clean
+            or stream.is_eof
+            or stream.buffered
+            or len(idle) >= self.limits.max_idle_upstream
+        ):
             conn.close()
             return
-        up.start_next_cycle()
         stream.is_idle = True
 
         def lost() -> None:

@@ -104,6 +104,7 @@ class ServerGate(Proxy):
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         event_loop: str = "asyncio",
+        express_lane: bool = True,
     ) -> None:
         self.upstream_name = title
         self._servers = servers  # () -> the running servers of the role now, in order
@@ -114,6 +115,7 @@ class ServerGate(Proxy):
             limits=limits,
             stats=Counters(),
             event_loop=event_loop,
+            express_lane=express_lane,
         )
         self._routes = routes
         self._room = room

@@ -98,6 +98,7 @@ def start_gate(
         port=settings.gate_port,
         wait_s=settings.gate_wait_s,
         event_loop=settings.gate_loop,
+        express_lane=settings.gate_express,
     )
     gate.start()
     return gate
@@ -145,6 +146,7 @@ def start_comfy_gate(
         wait_s=settings.gate_wait_s,
         models_dir=models_dir,
         event_loop=settings.gate_loop,
+        express_lane=settings.gate_express,
     )
     gate.start()
     return gate

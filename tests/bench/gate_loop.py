@@ -34,6 +34,15 @@ from tests.bench.micro import RESIDENT_MODEL, MicroResult, gate_overhead
 from tests.bench.workload import GPU_TOTAL_GIB, answer_without_nagle, catalog, median, percentile
 
 LOOPS = ("asyncio", "uvloop")
+# What a round compares: the gates' event loop (VRAM_GATE_LOOP), or the express lane on and
+# off (VRAM_GATE_EXPRESS; express.py) on asyncio's loop.
+VARIANTS: dict[str, dict[str, dict[str, str]]] = {
+    "loop": {loop: {"VRAM_GATE_LOOP": loop} for loop in LOOPS},
+    "express": {
+        "h11 only": {"VRAM_GATE_EXPRESS": "false"},
+        "express lane": {"VRAM_GATE_EXPRESS": "true"},
+    },
+}
 
 Measure = tuple[str, str, Callable[[MicroResult], float | None]]
 MEASURES: list[Measure] = [
@@ -60,13 +69,14 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def table(results: dict[str, list[MicroResult]]) -> str:
+    names = list(results)
     rows = [
-        "| measure (median of the rounds; the rounds in brackets) | " + " | ".join(LOOPS) + " |",
-        "| --- |" + " --- |" * len(LOOPS),
+        "| measure (median of the rounds; the rounds in brackets) | " + " | ".join(names) + " |",
+        "| --- |" + " --- |" * len(names),
     ]
     for title, unit, get in MEASURES:
         cells = []
-        for loop in LOOPS:
+        for loop in names:
             values = [v for v in (get(m) for m in results[loop]) if v is not None]
             mid = median(values)
             digits = 0 if unit == "µs" else 2
@@ -297,27 +307,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parsers", action="store_true", help="only h11 against httptools (needs httptools)"
     )
+    parser.add_argument(
+        "--compare",
+        choices=sorted(VARIANTS),
+        default="loop",
+        help="loop: asyncio against uvloop; express: the express lane off and on",
+    )
     args = parser.parse_args(argv)
     if args.parsers:
         print("CPU per proxied request, parsing and framing only (µs):", json.dumps(parsers()))
         return
     answer_without_nagle()
-    results: dict[str, list[MicroResult]] = {loop: [] for loop in LOOPS}
+    variants = VARIANTS[args.compare]
+    names = list(variants)
+    results: dict[str, list[MicroResult]] = {name: [] for name in names}
     for i in range(args.rounds):
-        order = LOOPS if i % 2 == 0 else LOOPS[::-1]
-        for loop in order:
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
             result = MicroResult()
-            gate_overhead(
-                result,
-                requests=args.requests,
-                streams=args.streams,
-                settings={"VRAM_GATE_LOOP": loop},
-            )
+            settings = variants[name]
+            gate_overhead(result, requests=args.requests, streams=args.streams, settings=settings)
+            loop = settings.get("VRAM_GATE_LOOP", "asyncio")
             if result.gate_loop != loop:
                 raise RuntimeError(f"asked for {loop}, the gate runs on {result.gate_loop!r}")
-            results[loop].append(result)
+            results[name].append(result)
             print(
-                f"round {i + 1} {loop}: "
+                f"round {i + 1} {name}: "
                 + json.dumps(
                     {
                         k: v
@@ -329,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(table(results))
-    if args.floor_requests:
+    if args.floor_requests and args.compare == "loop":
         floors = [relay_floor(loop, args.floor_requests) for loop in (*LOOPS, *LOOPS[::-1])]
         print("\nbyte relay (no HTTP), the same requests:")
         for floor in floors:

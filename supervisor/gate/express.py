@@ -1,0 +1,453 @@
+"""The express lane: a plain request that arrived whole, served in protocol callbacks with
+httptools (llhttp, Node.js's HTTP parser, in C) instead of a task stepping through h11.
+
+Most requests through a gate are plain: one request whose head and body came in one read,
+HTTP/1.1, no Transfer-Encoding, Expect or Upgrade, for a route that needs no waiting (a
+pass-through route, or a load of a resident model), and an idle pooled connection to the
+upstream is at hand. Such a request is written to the upstream from the read callback,
+and its answer is framed for the client from the upstream's read callback: no task
+wake-ups, no h11 events. That is most of what the gate adds to a request's latency
+(docs/benchmarks.md, "Gate overhead: the express lane").
+
+Everything else takes the general path (core.py, relay.py, h11), untouched: the express
+lane either takes a request whole before doing anything, or leaves its bytes where the
+general path reads them. It declines (and h11 judges) any request it would have to look
+at twice: a head with a bare CR or LF, a control character, an obs-fold, a header field
+llhttp refuses, a second message in the same read (pipelining), HTTP/1.0, a target not in
+origin form, a method it does not know, Host missing or repeated, Content-Length repeated
+or not plain digits, a Connection header other than `keep-alive`. What it sends upstream
+is written afresh from what it parsed, like the general path's.
+
+The answer: 1xx interim answers pass (101 is refused), framing headers are written
+afresh (chunked stays chunked, a body delimited by closing is chunked for the client),
+hop-by-hop headers are dropped, an answer with both Content-Length and Transfer-Encoding
+or with a transfer coding other than `chunked` is refused (502). The upstream connection
+goes back to the pool only when the answer ended exactly where its framing said and
+nothing else arrived. A client that stops reading pauses the upstream; one that reads
+nothing for `Limits.send_timeout_s` is disconnected. A client that leaves closes the
+upstream connection (Ollama then cancels the request). An upstream that fails before any
+byte of the answer: 502 (a GET or another idempotent request goes again through the
+general path, on a fresh connection when the pooled one was stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httptools
+
+from supervisor.gate.http11 import REQUEST_DROP, RESPONSE_DROP, Fields, Limits, Stream
+
+if TYPE_CHECKING:
+    from supervisor.gate.relay import Connection, Origin, Pool
+
+# Methods the express lane serves (HEAD is not among them: its answer's framing would
+# have to be read against the method; CONNECT and unknown methods go to h11).
+METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+IDEMPOTENT = frozenset({b"GET", b"PUT", b"DELETE", b"OPTIONS"})
+# In a request head: a control character other than HTAB, a CR not before LF, an LF not
+# after CR, or a line that starts with whitespace (obs-fold).
+_ODD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n|\n[ \t]")
+# A field value or reason phrase that may be written on (RFC 9110 §5.5).
+_TEXT = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_DECLINED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+
+
+@dataclass(slots=True)
+class Request:
+    """A plain request, read whole."""
+
+    raw: bytes  # as received, for the general path when the express lane gives it back
+    method: bytes
+    target: bytes  # origin form
+    route: bytes  # the target without its query
+    fields: Fields  # (lower-case name, name, value), values without surrounding blanks
+    body: bytes
+    has_length: bool  # the request carried Content-Length
+
+
+class _RequestReader:
+    """httptools callbacks for one request."""
+
+    __slots__ = ("body", "complete", "fields", "messages", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.fields: Fields = []
+        self.body: list[bytes] = []
+        self.messages = 0
+        self.complete = False
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), name, value.strip(b" \t")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class Incomplete:
+    """`read_request`'s answer for the start of what may be a plain request."""
+
+
+INCOMPLETE = Incomplete()
+
+
+def read_request(data: bytes, limits: Limits) -> Request | Incomplete | None:
+    """The request `data` holds, when it holds exactly one, whole, plain request (see the
+    module's docstring); INCOMPLETE when it may be the start of one (its head, and no more
+    than `Limits.buffer_bytes` of body to come); None: the general path reads it."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        if len(data) < limits.head_bytes and not _ODD_HEAD.search(data.rpartition(b"\r\n")[0]):
+            return INCOMPLETE
+        return None
+    if end + 4 > limits.head_bytes or _ODD_HEAD.search(data, 0, end + 2):
+        return None
+    reader = _RequestReader()
+    parser = httptools.HttpRequestParser(reader)
+    try:
+        parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    if reader.messages != 1 or parser.get_http_version() != "1.1":
+        return None
+    method: bytes = parser.get_method()
+    target = reader.url
+    if method not in METHODS or not target.startswith(b"/"):
+        return None
+    hosts = 0
+    length: bytes | None = None
+    for low, _, value in reader.fields:
+        if low == b"host":
+            hosts += 1
+        elif low == b"content-length":
+            if length is not None or not _DIGITS.fullmatch(value):
+                return None
+            length = value
+        elif low in _DECLINED or (low == b"connection" and value.lower() != b"keep-alive"):
+            return None
+    body = reader.body[0] if len(reader.body) == 1 else b"".join(reader.body)
+    if hosts != 1:
+        return None
+    if not reader.complete:
+        # The body is still coming (a client that writes the head and the body apart).
+        return INCOMPLETE if length is not None and int(length) <= limits.buffer_bytes else None
+    if int(length or b"0") != len(body):
+        return None
+    return Request(
+        raw=data,
+        method=method,
+        target=target,
+        route=target.split(b"?", 1)[0],
+        fields=reader.fields,
+        body=body,
+        has_length=length is not None,
+    )
+
+
+def upstream_request(req: Request, origin: Origin) -> bytes:
+    """The request as the upstream gets it: its own Host, framing written afresh,
+    hop-by-hop fields dropped (the express lane took no Connection tokens but
+    `keep-alive`)."""
+    lines = [
+        b"%s %s%s HTTP/1.1" % (req.method, origin.base_path, req.target),
+        b"Host: " + origin.host_header,
+    ]
+    for low, name, value in req.fields:
+        if low not in REQUEST_DROP:
+            lines.append(name + b": " + value)
+    if req.body or req.has_length:
+        lines.append(b"Content-Length: %d" % len(req.body))
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines) + req.body
+
+
+class Ended:
+    """How an express exchange ended, for the gate: answered (`failure` None), failed
+    before any byte reached the client (`failure` says why; `answered` False), or cut."""
+
+    __slots__ = ("answered", "failure", "give_back", "is_complete")
+
+    def __init__(
+        self, *, failure: str | None, answered: bool, give_back: bool, is_complete: bool = False
+    ) -> None:
+        self.failure = failure
+        self.answered = answered
+        self.give_back = give_back  # the request goes again through the general path
+        self.is_complete = is_complete  # the whole answer came and went to the client
+
+
+class Exchange:
+    """One express request, from the moment it is written upstream to its answer's end.
+    Runs in the protocol callbacks of both connections (event loop thread only)."""
+
+    __slots__ = (
+        "_chunked",
+        "_client",
+        "_conn",
+        "_delimited_by_close",
+        "_fields",
+        "_final",
+        "_is_complete",
+        "_is_ended",
+        "_keep_alive",
+        "_limits",
+        "_messages",
+        "_odd",
+        "_on_end",
+        "_out",
+        "_parser",
+        "_pool",
+        "_reason",
+        "_req",
+        "_send_timer",
+        "_wrote",
+    )
+
+    def __init__(
+        self,
+        *,
+        client: Stream,
+        conn: Connection,
+        req: Request,
+        pool: Pool,
+        limits: Limits,
+        on_end: Callable[[Ended], None],
+    ) -> None:
+        self._client = client
+        self._conn = conn
+        self._req = req
+        self._pool = pool
+        self._limits = limits
+        self._on_end = on_end
+        self._parser = httptools.HttpResponseParser(self)
+        self._fields: Fields = []
+        self._reason = b""
+        self._messages = 0
+        self._final = False  # the final (non-1xx) answer's head was read
+        self._chunked = False  # its body goes to the client chunked
+        self._delimited_by_close = False
+        self._is_complete = False
+        self._keep_alive = False
+        self._is_ended = False
+        self._wrote = False  # a byte went to the client
+        self._odd: str | None = None  # why the answer cannot be relayed
+        self._out: list[bytes] = []
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        up = self._conn.stream
+        up.on_data = self._on_upstream_data
+        up.on_lost = self._on_upstream_lost
+        self._client.on_writable = self._on_client_writable
+        try:
+            up.write(upstream_request(self._req, self._conn.origin))
+        except ConnectionError as exc:
+            self._fail(f"broke the connection: {exc}")
+
+    # ------------------------------------------------------------------ httptools
+
+    def on_message_begin(self) -> None:
+        self._messages += 1
+        if self._is_complete:
+            self._odd = "more bytes than its answer"
+        self._fields = []
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name.lower(), name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        if self._is_complete:
+            return
+        status: int = self._parser.get_status_code()
+        reason = self._reason if _TEXT.fullmatch(self._reason) else b""
+        head = [b"HTTP/1.1 %d %s" % (status, reason)]
+        if status < 200:
+            if status == 101:
+                self._odd = "switched protocols; the gate cannot relay that"
+                return
+            head.extend(name + b": " + value for _, name, value in self._fields)
+            head.append(b"\r\n")
+            self._out.append(b"\r\n".join(head))
+            return
+        self._final = True
+        tokens: frozenset[bytes] = frozenset()
+        length: bytes | None = None
+        coding: bytes | None = None
+        for low, _, value in self._fields:
+            if not _TEXT.fullmatch(value):
+                self._odd = "sent a malformed answer: a header value with control bytes"
+                return
+            if low == b"connection":
+                tokens = tokens | {t.strip().lower() for t in value.split(b",")}
+        for low, name, value in self._fields:
+            if low == b"content-length":
+                length = value
+            elif low == b"transfer-encoding":
+                coding = value
+            elif low not in RESPONSE_DROP and low not in tokens:
+                head.append(name + b": " + value)
+        has_body = status not in (204, 304)
+        if coding is not None:
+            if length is not None:
+                self._odd = "answered with both Content-Length and Transfer-Encoding"
+                return
+            if coding.lower() != b"chunked":
+                self._odd = "sent a malformed answer: a transfer coding other than chunked"
+                return
+            if has_body:
+                self._chunked = True
+                head.append(b"Transfer-Encoding: chunked")
+        elif length is not None:
+            if status != 204:
+                head.append(b"Content-Length: " + length)
+        elif has_body:
+            self._delimited_by_close = self._chunked = True
+            head.append(b"Transfer-Encoding: chunked")
+        head.append(b"\r\n")
+        self._out.append(b"\r\n".join(head))
+
+    def on_body(self, body: bytes) -> None:
+        if self._is_complete or self._odd is not None:
+            return
+        if self._chunked:
+            self._out.append(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self._out.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self._final or self._is_complete:
+            return
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._chunked:
+            self._out.append(b"0\r\n\r\n")
+        self._is_complete = True
+
+    # ------------------------------------------------------------------ connections
+
+    def _on_upstream_data(self, data: bytes) -> bool:
+        if self._is_ended:
+            return True
+        if self._is_complete:
+            self._finish(reuse=False)  # bytes after the answer: never reuse this connection
+            return True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self._is_complete:
+                self._fail(f"sent a malformed answer: {exc}")
+                return True
+            self._odd = "more bytes than its answer"
+        if self._odd is not None and not self._is_complete:
+            self._fail(self._odd)
+            return True
+        if not self._flush():
+            return True
+        if self._is_complete:
+            self._finish(reuse=self._keep_alive and self._odd is None)
+        return True
+
+    def _on_upstream_lost(self) -> None:
+        if self._is_ended:
+            return
+        if self._delimited_by_close and not self._is_complete:
+            self._out.append(b"0\r\n\r\n")  # the answer ends where its connection did
+            self._is_complete = True
+            if self._flush():
+                self._finish(reuse=False)
+            return
+        where = "mid-answer" if self._wrote else "without an answer"
+        self._fail(f"closed the connection {where}")
+
+    def _on_client_writable(self, is_writable: bool) -> None:
+        transport = self._conn.stream.transport
+        if self._is_ended or transport is None:
+            return
+        if is_writable:
+            transport.resume_reading()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+        else:
+            transport.pause_reading()
+            if self._send_timer is None:
+                loop = asyncio.get_running_loop()
+                self._send_timer = loop.call_later(self._limits.send_timeout_s, self.client_gone)
+
+    def client_gone(self) -> None:
+        """The client closed, broke, or read nothing for `send_timeout_s`."""
+        if self._is_ended:
+            return
+        self._conn.close()  # the upstream cancels the request
+        self._client.abort()
+        self._end(Ended(failure=None, answered=True, give_back=False))
+
+    def _flush(self) -> bool:
+        """Write what is framed for the client; False when the client is gone."""
+        out = self._out
+        if not out:
+            return True
+        try:
+            self._client.write(out[0] if len(out) == 1 else b"".join(out))
+        except ConnectionError:
+            self.client_gone()
+            return False
+        out.clear()
+        self._wrote = True
+        return True
+
+    def _fail(self, why: str) -> None:
+        """The upstream broke: 502 when nothing went to the client yet (or, for a stale
+        pooled connection and an idempotent request, the general path tries again), else
+        the client is disconnected (its answer is cut)."""
+        if self._is_ended:
+            return
+        self._conn.close()
+        if self._wrote:
+            self._client.close()
+            self._end(Ended(failure=why, answered=True, give_back=False))
+            return
+        give_back = self._messages == 0 and self._req.method in IDEMPOTENT
+        self._end(Ended(failure=why, answered=False, give_back=give_back))
+
+    def _finish(self, *, reuse: bool) -> None:
+        if self._is_ended:
+            return
+        up = self._conn.stream
+        up.on_data = None
+        up.on_lost = None
+        if reuse:
+            self._pool.keep(self._conn)
+        else:
+            self._conn.close()
+        self._end(Ended(failure=None, answered=True, give_back=False, is_complete=True))
+
+    def _end(self, ended: Ended) -> None:
+        self._is_ended = True
+        up = self._conn.stream
+        up.on_data = None
+        if up.on_lost == self._on_upstream_lost:
+            up.on_lost = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self._client.on_writable = None
+        self._on_end(ended)
