@@ -425,9 +425,9 @@ VARIABLES: tuple[Variable, ...] = (
         "gate_express",
         "true",
         _bool(),
-        "Serve plain requests (whole in one read, no waiting needed) in the gates' express "
-        "lane, parsed by httptools in callbacks; false sends every request the general "
-        "path (h11), at about three times the latency the gate adds.",
+        "Serve plain requests that need no waiting by the gates' express lane (httptools, "
+        "in callbacks); false sends every request by the general path (h11), which adds "
+        "more than twice the latency.",
     ),
     _var(
         "VRAM_MODEL_GATES",

@@ -180,6 +180,11 @@ class _DockerEventsCollector(Collector):
 _GATE_COUNTERS = (
     ("requests_total", "vram_supervisor_gate_requests", "Requests the Ollama gate received."),
     (
+        "express_total",
+        "vram_supervisor_gate_express_requests",
+        "Of those, requests served by the express lane (plain, and nothing to wait for).",
+    ),
+    (
         "gated_total",
         "vram_supervisor_gate_gated_requests",
         "Load requests for a model that was not resident (room checked first).",
@@ -208,6 +213,11 @@ _COMFYUI_GATE_COUNTERS = (
         "requests_total",
         "vram_supervisor_comfyui_gate_requests",
         "Requests the image gate received.",
+    ),
+    (
+        "express_total",
+        "vram_supervisor_comfyui_gate_express_requests",
+        "Of those, requests served by the express lane (plain, and nothing to wait for).",
     ),
     (
         "prompts_total",

@@ -87,6 +87,7 @@ class ComfyGateStats:
     """Counters since start, for /metrics."""
 
     requests_total: int = 0  # every request the gate read
+    express_total: int = 0  # of those, served by the express lane (express.py)
     prompts_total: int = 0  # prompts admitted (POST /prompt with a graph)
     waits_total: int = 0  # prompts held to make room
     wait_seconds_total: float = 0.0  # time spent making room
@@ -100,6 +101,7 @@ class ComfyCounters:
     """The live counters (loop thread only); `ComfyGateStats` is their snapshot."""
 
     requests_total: int = 0
+    express_total: int = 0
     prompts_total: int = 0
     waits_total: int = 0
     wait_seconds_total: float = 0.0

@@ -92,11 +92,11 @@ class _Client:
         self.lane: Callable[[bytes], bool] | None = None  # the express lane's entry
         # The start of a request the express lane waits to see whole, and the timer after
         # which it leaves it to the general path.
-        self.partial: bytes | None = None
+        self.partial: express.RequestReader | None = None
         self.wait: asyncio.TimerHandle | None = None
         stream.on_lost = self._on_lost
 
-    def take_partial(self) -> bytes | None:
+    def take_partial(self) -> express.RequestReader | None:
         """The start of a request the express lane waited for, no longer waited for."""
         partial, self.partial = self.partial, None
         if self.wait is not None:
@@ -109,7 +109,7 @@ class _Client:
         """Hand the start of a request the express lane waited for to the general path."""
         partial = self.take_partial()
         if partial is not None:
-            self.stream.give_back(partial)
+            self.stream.give_back(partial.raw)
         self.stream.wake()
 
     def _on_lost(self) -> None:
@@ -411,11 +411,10 @@ class Proxy:
         or wait up to EXPRESS_WAIT_S for the rest of what may be one. False: the general
         path reads it (nothing was done with it)."""
         partial, client.partial = client.partial, None
-        if partial is not None:
-            data = partial + data
-        req = express.read_request(data, self._limits)
+        reader = partial or express.RequestReader(self._limits)
+        req = reader.feed(data)
         if isinstance(req, express.Incomplete):
-            client.partial = data
+            client.partial = reader
             client.stream.hold = True  # the end, or an idle limit, waits for it too
             if client.wait is None:  # counted from its first byte
                 loop = asyncio.get_running_loop()
@@ -427,7 +426,7 @@ class Proxy:
             return True
         if partial is None:
             return False
-        client.partial = data  # and the general path takes it whole
+        client.partial = reader  # and the general path takes it whole
         client.leave_partial()
         return True
 
@@ -455,6 +454,7 @@ class Proxy:
                 on_end()
             return False
         self._stats.requests_total += 1
+        self._stats.express_total += 1
         stream.on_data = None
         stream.hold = True  # what follows waits for this answer
         ended = functools.partial(self._express_ended, client, req, conn.origin, on_end)
@@ -480,6 +480,7 @@ class Proxy:
             # A pooled connection the upstream had closed: the general path sends it again
             # (an idempotent request whose answer had not begun).
             self._stats.requests_total -= 1  # counted again there
+            self._stats.express_total -= 1
             stream.give_back(req.raw)
         elif ended.failure is not None and not ended.answered:
             self._stats.upstream_errors_total += 1

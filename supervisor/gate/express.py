@@ -49,11 +49,11 @@ if TYPE_CHECKING:
 # have to be read against the method; CONNECT and unknown methods go to h11).
 METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 IDEMPOTENT = frozenset({b"GET", b"PUT", b"DELETE", b"OPTIONS"})
-# In a request head: a control character other than HTAB, a CR not before LF, an LF not
-# after CR, or a line that starts with whitespace (obs-fold).
-_ODD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n|\n[ \t]")
+# A control character other than HTAB, CR and LF.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # A field value or reason phrase that may be written on (RFC 9110 §5.5).
 _TEXT = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _DECLINED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 
@@ -71,92 +71,142 @@ class Request:
     has_length: bool  # the request carried Content-Length
 
 
-class _RequestReader:
-    """httptools callbacks for one request."""
-
-    __slots__ = ("body", "complete", "fields", "messages", "url")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.fields: Fields = []
-        self.body: list[bytes] = []
-        self.messages = 0
-        self.complete = False
-
-    def on_message_begin(self) -> None:
-        self.messages += 1
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name.lower(), name, value.strip(b" \t")))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
 class Incomplete:
-    """`read_request`'s answer for the start of what may be a plain request."""
+    """`RequestReader.feed`'s answer for the start of what may be a plain request."""
 
 
 INCOMPLETE = Incomplete()
 
 
-def read_request(data: bytes, limits: Limits) -> Request | Incomplete | None:
-    """The request `data` holds, when it holds exactly one, whole, plain request (see the
-    module's docstring); INCOMPLETE when it may be the start of one (its head, and no more
-    than `Limits.buffer_bytes` of body to come); None: the general path reads it."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        if len(data) < limits.head_bytes and not _ODD_HEAD.search(data.rpartition(b"\r\n")[0]):
-            return INCOMPLETE
-        return None
-    if end + 4 > limits.head_bytes or _ODD_HEAD.search(data, 0, end + 2):
-        return None
-    reader = _RequestReader()
-    parser = httptools.HttpRequestParser(reader)
-    try:
-        parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        return None
-    if reader.messages != 1 or parser.get_http_version() != "1.1":
-        return None
-    method: bytes = parser.get_method()
-    target = reader.url
-    if method not in METHODS or not target.startswith(b"/"):
-        return None
-    hosts = 0
-    length: bytes | None = None
-    for low, _, value in reader.fields:
-        if low == b"host":
-            hosts += 1
-        elif low == b"content-length":
-            if length is not None or not _DIGITS.fullmatch(value):
-                return None
-            length = value
-        elif low in _DECLINED or (low == b"connection" and value.lower() != b"keep-alive"):
-            return None
-    body = reader.body[0] if len(reader.body) == 1 else b"".join(reader.body)
-    if hosts != 1:
-        return None
-    if not reader.complete:
-        # The body is still coming (a client that writes the head and the body apart).
-        return INCOMPLETE if length is not None and int(length) <= limits.buffer_bytes else None
-    if int(length or b"0") != len(body):
-        return None
-    return Request(
-        raw=data,
-        method=method,
-        target=target,
-        route=target.split(b"?", 1)[0],
-        fields=reader.fields,
-        body=body,
-        has_length=length is not None,
+def _is_plain(head: bytes) -> bool:
+    """No control character but in CRLF line ends, no bare CR or LF, no obs-fold."""
+    lines = head.count(b"\r\n")
+    return (
+        head.count(b"\r") == lines
+        and head.count(b"\n") == lines
+        and _CONTROL.search(head) is None
+        and b"\n " not in head
+        and b"\n\t" not in head
     )
+
+
+class RequestReader:
+    """Reads one request for the express lane as its bytes come (httptools callbacks)."""
+
+    __slots__ = (
+        "_body",
+        "_complete",
+        "_declined",
+        "_fields",
+        "_has_head",
+        "_length",
+        "_limits",
+        "_messages",
+        "_method",
+        "_parser",
+        "_raw",
+        "_url",
+    )
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._raw: list[bytes] = []
+        self._parser = httptools.HttpRequestParser(self)
+        self._has_head = False
+        self._url = b""
+        self._method = b""
+        self._fields: Fields = []
+        self._body: list[bytes] = []
+        self._length: int | None = None
+        self._messages = 0
+        self._complete = False
+        self._declined = False
+
+    @property
+    def raw(self) -> bytes:
+        """Every byte fed so far, as received."""
+        return self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
+
+    def feed(self, data: bytes) -> Request | Incomplete | None:
+        """The request, when what was fed is exactly one, whole, plain request (the
+        module's docstring); INCOMPLETE when it may be the start of one (no more than
+        `Limits.buffer_bytes` of body to come); None: the general path reads it."""
+        self._raw.append(data)
+        if not self._has_head:
+            data = self.raw
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                fits = len(data) < self._limits.head_bytes
+                return INCOMPLETE if fits and _CONTROL.search(data) is None else None
+            if end + 4 > self._limits.head_bytes or not _is_plain(data[: end + 2]):
+                return None
+            self._has_head = True
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None
+        if self._declined or self._messages != 1:
+            return None
+        if not self._complete:
+            length = self._length
+            return (
+                INCOMPLETE if length is not None and length <= self._limits.buffer_bytes else None
+            )
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        if (self._length or 0) != len(body):
+            return None
+        return Request(
+            raw=self.raw,
+            method=self._method,
+            target=self._url,
+            route=self._url.split(b"?", 1)[0],
+            fields=self._fields,
+            body=body,
+            has_length=self._length is not None,
+        )
+
+    # httptools
+
+    def on_message_begin(self) -> None:
+        self._messages += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name.lower(), name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._method = method = parser.get_method()
+        if (
+            parser.get_http_version() != "1.1"
+            or method not in METHODS
+            or not self._url.startswith(b"/")
+            or not _TARGET.fullmatch(self._url)
+        ):
+            self._declined = True
+            return
+        hosts = 0
+        for low, _, value in self._fields:
+            if low == b"host":
+                hosts += 1
+            elif low == b"content-length":
+                if self._length is not None or not _DIGITS.fullmatch(value):
+                    self._declined = True
+                    return
+                self._length = int(value)
+            elif low in _DECLINED or (low == b"connection" and value.lower() != b"keep-alive"):
+                self._declined = True
+                return
+        if hosts != 1:
+            self._declined = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
 
 
 def upstream_request(req: Request, origin: Origin) -> bytes:
@@ -202,6 +252,8 @@ class Exchange:
         "_delimited_by_close",
         "_fields",
         "_final",
+        "_holds_head",
+        "_idle_timer",
         "_is_complete",
         "_is_ended",
         "_keep_alive",
@@ -242,22 +294,34 @@ class Exchange:
         self._chunked = False  # its body goes to the client chunked
         self._delimited_by_close = False
         self._is_complete = False
+        self._holds_head = False  # the head is held until the body's first bytes
         self._keep_alive = False
         self._is_ended = False
         self._wrote = False  # a byte went to the client
         self._odd: str | None = None  # why the answer cannot be relayed
         self._out: list[bytes] = []
         self._send_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         up = self._conn.stream
         up.on_data = self._on_upstream_data
         up.on_lost = self._on_upstream_lost
         self._client.on_writable = self._on_client_writable
+        self._watch_upstream()
         try:
             up.write(upstream_request(self._req, self._conn.origin))
         except ConnectionError as exc:
             self._fail(f"broke the connection: {exc}")
+
+    def _watch_upstream(self) -> None:
+        """(Re)start the wait for the upstream's next bytes (`Limits.upstream_idle_s`)."""
+        limit = self._limits.upstream_idle_s
+        if limit is not None:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(limit, self._fail, f"sent nothing for {limit:g} s")
 
     # ------------------------------------------------------------------ httptools
 
@@ -319,6 +383,9 @@ class Exchange:
         elif length is not None:
             if status != 204:
                 head.append(b"Content-Length: " + length)
+                # Its head waits for the body's first bytes: one write, not two, for an
+                # answer written in two (nothing can be done with the head alone).
+                self._holds_head = has_body and length != b"0"
         elif has_body:
             self._delimited_by_close = self._chunked = True
             head.append(b"Transfer-Encoding: chunked")
@@ -328,6 +395,7 @@ class Exchange:
     def on_body(self, body: bytes) -> None:
         if self._is_complete or self._odd is not None:
             return
+        self._holds_head = False
         if self._chunked:
             self._out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
@@ -349,6 +417,8 @@ class Exchange:
         if self._is_complete:
             self._finish(reuse=False)  # bytes after the answer: never reuse this connection
             return True
+        if self._idle_timer is not None:
+            self._watch_upstream()  # (none while the client holds the answer up)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -359,7 +429,7 @@ class Exchange:
         if self._odd is not None and not self._is_complete:
             self._fail(self._odd)
             return True
-        if not self._flush():
+        if self._holds_head or not self._flush():
             return True
         if self._is_complete:
             self._finish(reuse=self._keep_alive and self._odd is None)
@@ -386,8 +456,12 @@ class Exchange:
             if self._send_timer is not None:
                 self._send_timer.cancel()
                 self._send_timer = None
+            self._watch_upstream()
         else:
             transport.pause_reading()
+            if self._idle_timer is not None:  # the client holds it up, not the upstream
+                self._idle_timer.cancel()
+                self._idle_timer = None
             if self._send_timer is None:
                 loop = asyncio.get_running_loop()
                 self._send_timer = loop.call_later(self._limits.send_timeout_s, self.client_gone)
@@ -446,8 +520,9 @@ class Exchange:
         up.on_data = None
         if up.on_lost == self._on_upstream_lost:
             up.on_lost = None
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        for timer in (self._send_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._send_timer = self._idle_timer = None
         self._client.on_writable = None
         self._on_end(ended)

@@ -16,6 +16,7 @@ class GateStats:
     """Counters since start, for /metrics."""
 
     requests_total: int = 0  # every request the gate read
+    express_total: int = 0  # of those, served by the express lane (express.py)
     gated_total: int = 0  # load requests for a model not resident
     waits_total: int = 0  # make_room calls
     wait_seconds_total: float = 0.0  # time spent in make_room
@@ -28,6 +29,7 @@ class Counters:
     """The live, mutable counters (loop thread only); `GateStats` is their snapshot."""
 
     requests_total: int = 0
+    express_total: int = 0
     gated_total: int = 0
     waits_total: int = 0
     wait_seconds_total: float = 0.0

@@ -45,9 +45,21 @@ def _gate(raw: RawUpstream, upstream: Upstream, timeline: Timeline, **kw: Any) -
     return gate
 
 
+@pytest.fixture(params=[True, False], ids=["express", "h11-only"])
+def lane(request: pytest.FixtureRequest) -> bool:
+    """Every case runs with the express lane on (plain requests on a pooled connection take
+    it; the rest, and a client's first request, go by h11) and off (all by h11)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def gate(raw: RawUpstream, upstream: Upstream, timeline: Timeline) -> Iterator[Gate]:
-    g = _gate(raw, upstream, timeline)
+def gate(raw: RawUpstream, upstream: Upstream, timeline: Timeline, lane: bool) -> Iterator[Gate]:
+    g = _gate(raw, upstream, timeline, express_lane=lane)
+    if lane:
+        # A pooled upstream connection, so the case's own requests may take the express
+        # lane (it serves only on a connection already open).
+        httpx.get(f"http://127.0.0.1:{g.port}/warm-up", timeout=10).raise_for_status()
+        raw.seen.clear()
     yield g
     g.stop()
 
@@ -248,9 +260,10 @@ def test_http10_gets_no_100_continue_and_needs_no_host(gate: Gate, raw: RawUpstr
 
 
 def test_connect_is_refused(gate: Gate, raw: RawUpstream) -> None:
+    before = raw.connections  # the warm-up's, with the express lane
     answer = exchange(gate.port, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n")
     assert _status(answer) == 501
-    assert raw.seen == [] and raw.connections == 0
+    assert raw.seen == [] and raw.connections == before
 
 
 def test_upgrade_is_not_forwarded(gate: Gate, raw: RawUpstream) -> None:
@@ -274,9 +287,9 @@ def test_an_upstream_switching_protocols_is_a_502(gate: Gate, raw: RawUpstream) 
 
 
 def test_absolute_form_is_gated_and_gets_the_upstreams_host(
-    timeline: Timeline, upstream: Upstream
+    timeline: Timeline, upstream: Upstream, lane: bool
 ) -> None:
-    env = make_env(timeline, upstream)
+    env = make_env(timeline, upstream, express_lane=lane)
     env.gate.start()
     try:
         body = json.dumps({"model": "qwen3:8b", "prompt": "x", "stream": False}).encode()
@@ -340,9 +353,11 @@ def test_deeply_nested_json_is_a_400_not_a_dropped_request(env: Env) -> None:
     assert "/api/chat" not in env.upstream.paths()
 
 
-def test_load_bodies_held_at_once_are_bounded(timeline: Timeline, upstream: Upstream) -> None:
+def test_load_bodies_held_at_once_are_bounded(
+    timeline: Timeline, upstream: Upstream, lane: bool
+) -> None:
     limits = Limits(load_body_bytes=1024, load_bodies_total_bytes=1500)
-    env = make_env(timeline, upstream, limits=limits)
+    env = make_env(timeline, upstream, limits=limits, express_lane=lane)
     env.gate.start()
     try:
         holder = socket.create_connection(("127.0.0.1", env.gate.port), timeout=10)
@@ -367,10 +382,10 @@ def test_load_bodies_held_at_once_are_bounded(timeline: Timeline, upstream: Upst
 
 
 def test_slow_clients_cannot_hold_the_gate(
-    raw: RawUpstream, upstream: Upstream, timeline: Timeline
+    raw: RawUpstream, upstream: Upstream, timeline: Timeline, lane: bool
 ) -> None:
     limits = Limits(max_clients=4, head_timeout_s=2.0, idle_client_s=3.0, body_idle_s=0.5)
-    gate = _gate(raw, upstream, timeline, limits=limits)
+    gate = _gate(raw, upstream, timeline, limits=limits, express_lane=lane)
     try:
         slow = [socket.create_connection(("127.0.0.1", gate.port), timeout=5) for _ in range(4)]
         for sock in slow:
@@ -600,11 +615,11 @@ def test_an_upstream_that_never_answers_holds_only_its_own_client(
 
 
 def test_an_upstream_silent_past_its_limit_is_a_502(
-    raw: RawUpstream, upstream: Upstream, timeline: Timeline
+    raw: RawUpstream, upstream: Upstream, timeline: Timeline, lane: bool
 ) -> None:
     release = threading.Event()
     raw.script = lambda seen, sock: (release.wait(10), None)[1]
-    gate = _gate(raw, upstream, timeline, limits=Limits(upstream_idle_s=0.5))
+    gate = _gate(raw, upstream, timeline, limits=Limits(upstream_idle_s=0.5), express_lane=lane)
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}")
     try:

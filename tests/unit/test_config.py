@@ -38,6 +38,7 @@ CASES: dict[str, tuple[str, object, str]] = {
     "VRAM_GATE_HOST": ("::", "::", "x/y"),
     "VRAM_GATE_WAIT": ("10", 10.0, "-1"),
     "VRAM_GATE_LOOP": ("Asyncio", "asyncio", "trio"),
+    "VRAM_GATE_EXPRESS": ("off", False, "fast"),
     "VRAM_COMFYUI_GATE_PORT": ("8189", 8189, "port"),
     "VRAM_COMFYUI_MODELS": ("/comfyui-models", "/comfyui-models", "models"),
     "VRAM_MODEL_GATES": (

@@ -27,6 +27,7 @@ def test_gate_counters_follow_the_gate_at_each_scrape() -> None:
 
     current["stats"] = GateStats(
         requests_total=12,
+        express_total=8,
         gated_total=3,
         waits_total=2,
         wait_seconds_total=4.5,
@@ -36,6 +37,7 @@ def test_gate_counters_follow_the_gate_at_each_scrape() -> None:
     samples = _samples(registry)
     assert samples == {
         "vram_supervisor_gate_requests_total": 12,
+        "vram_supervisor_gate_express_requests_total": 8,
         "vram_supervisor_gate_gated_requests_total": 3,
         "vram_supervisor_gate_waits_total": 2,
         "vram_supervisor_gate_wait_seconds_total": 4.5,
@@ -82,6 +84,7 @@ def test_image_gate_counters_are_their_own_family() -> None:
     }
     assert samples == {
         "vram_supervisor_comfyui_gate_requests_total": 7,
+        "vram_supervisor_comfyui_gate_express_requests_total": 0,
         "vram_supervisor_comfyui_gate_prompts_total": 3,
         "vram_supervisor_comfyui_gate_waits_total": 1,
         "vram_supervisor_comfyui_gate_wait_seconds_total": 0,
