@@ -5,7 +5,9 @@ model's GPU/CPU split. `Proxy` owns the listener, the client connections and the
 and leaves to its subclass which requests it reads whole and when they may go on (the
 image gate in front of ComfyUI is comfy.py); admission.py decides when a load request may
 go on; relay.py moves the bytes, tunnel.py a WebSocket's; h11 (through http11.py) reads
-and writes HTTP/1.1.
+and writes HTTP/1.1. Plain requests that need no waiting take the express lane instead
+(express.py: httptools, in protocol callbacks; `_express`), unless VRAM_GATE_EXPRESS is
+off.
 Policy (the Ollama gate's; the image gate keeps the same limits and errors):
 - Only POSTs to the endpoints that can load a model (load_request.LOAD_PATHS) are looked
   into; everything else is relayed at once, untouched, and never waits for a load.

@@ -1,18 +1,20 @@
-"""The gate's overhead on each event loop (VRAM_GATE_LOOP): `micro.gate_overhead` run
-alternately on asyncio's loop and on uvloop, a fresh supervisor each round, so drift on a
-shared machine hits both alike. Prints every round and the medians; asserts nothing.
+"""The gate's overhead on each event loop (VRAM_GATE_LOOP), or with its express lane on
+and off (`--compare express`, VRAM_GATE_EXPRESS): `micro.gate_overhead` run alternately
+for each, a fresh supervisor each round, so drift on a shared machine hits both alike.
+Prints every round and the medians; asserts nothing.
 
 Then the floor under any proxy on that loop (`relay_floor`): a byte relay with no HTTP at
 all (one upstream connection per client connection, bytes copied as they come, in
 protocol callbacks) in this process, in front of the same fake Ollama, alternating with
 direct requests: the loop's and the sockets' share of the gate's overhead.
 
-`--parsers` (needs httptools, not a dependency): h11's CPU per proxied request, both of
+`--parsers`: h11's CPU per proxied request, both of
 the gate's halves (server: request in, answer out; client: request out, answer in) with
 no I/O, against httptools parsing the same bytes: the most that replacing h11 with the
 C parser could take off the gate's CPU per request.
 
     flock -o /tmp/vram-bench.lock nice .venv/bin/python -m tests.bench.gate_loop --rounds 3
+    flock -o /tmp/vram-bench.lock .venv/bin/python -m tests.bench.gate_loop --compare express
 """
 
 from __future__ import annotations
@@ -344,8 +346,9 @@ def main(argv: list[str] | None = None) -> None:
             )
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(table(results))
-    if args.floor_requests and args.compare == "loop":
-        floors = [relay_floor(loop, args.floor_requests) for loop in (*LOOPS, *LOOPS[::-1])]
+    if args.floor_requests:
+        on = (*LOOPS, *LOOPS[::-1]) if args.compare == "loop" else ("asyncio", "asyncio")
+        floors = [relay_floor(loop, args.floor_requests) for loop in on]
         print("\nbyte relay (no HTTP), the same requests:")
         for floor in floors:
             print(json.dumps(floor))
