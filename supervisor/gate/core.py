@@ -439,19 +439,22 @@ class Proxy:
         own = self.own_routes
         if own and req.method == b"GET" and req.route in own:
             return False
-        on_end: Callable[[], None] | None = None
+        load: object | None = None
         if self._reads_body(req.method, req.route):
             try:
                 load = self._parse(req.route, req.fields, req.body)
             except Exception:  # noqa: BLE001 - the general path answers (or logs) it
                 return False
-            if load is not None:
-                on_end = self._admit_now(load)
-                if on_end is None:
-                    return False
         origin = self._origin()
-        conn = None if origin is None else self._pool.take_idle(origin)
-        if conn is None:
+        if origin is None or not self._pool.has_idle(origin):
+            return False
+        on_end: Callable[[], None] | None = None
+        if load is not None:
+            on_end = self._admit_now(load)
+            if on_end is None:
+                return False
+        conn = self._pool.take_idle(origin)
+        if conn is None:  # every idle one had closed
             if on_end is not None:
                 on_end()
             return False

@@ -1,33 +1,41 @@
-"""The express lane: a plain request that arrived whole, served in protocol callbacks with
-httptools (llhttp, Node.js's HTTP parser, in C) instead of a task stepping through h11.
+"""The express lane: a plain request, served in protocol callbacks with httptools (llhttp,
+Node.js's HTTP parser, in C) instead of a task stepping through h11.
 
-Most requests through a gate are plain: one request whose head and body came in one read,
-HTTP/1.1, no Transfer-Encoding, Expect or Upgrade, for a route that needs no waiting (a
-pass-through route, or a load of a resident model), and an idle pooled connection to the
-upstream is at hand. Such a request is written to the upstream from the read callback,
-and its answer is framed for the client from the upstream's read callback: no task
-wake-ups, no h11 events. That is most of what the gate adds to a request's latency
-(docs/benchmarks.md, "Gate overhead: the express lane").
+Most requests through a gate are plain: one request whose head and body came in one read
+(or the body within EXPRESS_WAIT_S of the head), HTTP/1.1, no Transfer-Encoding, Expect or
+Upgrade, for a route that needs no waiting (a pass-through route, or a load of a resident
+model), and an idle pooled connection to the upstream is at hand. Such a request is
+written to the upstream from the read callback, and its answer is framed for the client
+from the upstream's read callback: no task wake-ups, no h11 events. That is most of what
+the gate adds to a request's latency (docs/benchmarks.md, "Gate overhead: the express
+lane").
 
 Everything else takes the general path (core.py, relay.py, h11), untouched: the express
 lane either takes a request whole before doing anything, or leaves its bytes where the
 general path reads them. It declines (and h11 judges) any request it would have to look
 at twice: a head with a bare CR or LF, a control character, an obs-fold, a header field
 llhttp refuses, a second message in the same read (pipelining), HTTP/1.0, a target not in
-origin form, a method it does not know, Host missing or repeated, Content-Length repeated
-or not plain digits, a Connection header other than `keep-alive`. What it sends upstream
-is written afresh from what it parsed, like the general path's.
+origin form or with a byte outside printable ASCII, a method it does not know, Host
+missing or repeated, Content-Length repeated or not plain digits, a Connection header
+other than `keep-alive`. What it sends upstream is written afresh from what it parsed,
+like the general path's. (A few forms h11 refuses and llhttp reads, such as a blank line
+before the request line, are taken: what goes upstream is rewritten all the same.)
 
-The answer: 1xx interim answers pass (101 is refused), framing headers are written
-afresh (chunked stays chunked, a body delimited by closing is chunked for the client),
-hop-by-hop headers are dropped, an answer with both Content-Length and Transfer-Encoding
-or with a transfer coding other than `chunked` is refused (502). The upstream connection
-goes back to the pool only when the answer ended exactly where its framing said and
-nothing else arrived. A client that stops reading pauses the upstream; one that reads
-nothing for `Limits.send_timeout_s` is disconnected. A client that leaves closes the
-upstream connection (Ollama then cancels the request). An upstream that fails before any
-byte of the answer: 502 (a GET or another idempotent request goes again through the
-general path, on a fresh connection when the pooled one was stale).
+The answer: 1xx interim answers pass (101, a status under 100, or a body on an interim
+answer is a 502), framing headers are written afresh (chunked stays chunked, a body
+delimited by closing is chunked for the client), hop-by-hop headers are dropped; an
+answer with both Content-Length and Transfer-Encoding, with codings other than exactly
+`chunked`, with a head over `Limits.head_bytes` or a header value with control bytes is a
+502. The upstream connection goes back to the pool only when the answer ended where its
+framing said and no further message began (llhttp skips blank lines between messages;
+they are consumed here, never passed on); a connection paused for a slow client is
+resumed first. A client that stops reading pauses the upstream (also when it had not
+read an earlier answer when this one began); one that reads nothing for
+`Limits.send_timeout_s` is disconnected. A client that leaves closes the upstream
+connection (Ollama then cancels the request). An upstream that fails before any byte of
+the answer: 502; only when a pooled connection turns out closed before any byte came does
+an idempotent request (a GET, ...) go again through the general path, on a fresh
+connection, as relay.py does: a POST is never sent twice.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class RequestReader:
         "_method",
         "_parser",
         "_raw",
+        "_scanned",
         "_url",
     )
 
@@ -113,6 +122,7 @@ class RequestReader:
         self._raw: list[bytes] = []
         self._parser = httptools.HttpRequestParser(self)
         self._has_head = False
+        self._scanned = 0  # bytes of an incomplete head already looked through
         self._url = b""
         self._method = b""
         self._fields: Fields = []
@@ -133,11 +143,13 @@ class RequestReader:
         `Limits.buffer_bytes` of body to come); None: the general path reads it."""
         self._raw.append(data)
         if not self._has_head:
+            scanned = self._scanned
             data = self.raw
-            end = data.find(b"\r\n\r\n")
+            end = data.find(b"\r\n\r\n", max(0, scanned - 3))
             if end < 0:
+                self._scanned = len(data)
                 fits = len(data) < self._limits.head_bytes
-                return INCOMPLETE if fits and _CONTROL.search(data) is None else None
+                return INCOMPLETE if fits and _CONTROL.search(data, scanned) is None else None
             if end + 4 > self._limits.head_bytes or not _is_plain(data[: end + 2]):
                 return None
             self._has_head = True
@@ -250,8 +262,11 @@ class Exchange:
         "_client",
         "_conn",
         "_delimited_by_close",
+        "_extra",
         "_fields",
         "_final",
+        "_got_bytes",
+        "_head_bytes",
         "_holds_head",
         "_idle_timer",
         "_is_complete",
@@ -267,6 +282,7 @@ class Exchange:
         "_reason",
         "_req",
         "_send_timer",
+        "_upstream_paused",
         "_wrote",
     )
 
@@ -298,6 +314,10 @@ class Exchange:
         self._keep_alive = False
         self._is_ended = False
         self._wrote = False  # a byte went to the client
+        self._got_bytes = False  # a byte came from the upstream
+        self._extra = False  # bytes came after the answer's end
+        self._head_bytes = 0  # of the head being read
+        self._upstream_paused = False  # reading paused while the client catches up
         self._odd: str | None = None  # why the answer cannot be relayed
         self._out: list[bytes] = []
         self._send_timer: asyncio.TimerHandle | None = None
@@ -309,10 +329,14 @@ class Exchange:
         up.on_lost = self._on_upstream_lost
         self._client.on_writable = self._on_client_writable
         self._watch_upstream()
+        if self._client.is_writing_paused:
+            # The client has not read an earlier answer yet: this one waits for it too, and
+            # the send limit runs from now.
+            self._on_client_writable(False)
         try:
             up.write(upstream_request(self._req, self._conn.origin))
         except ConnectionError as exc:
-            self._fail(f"broke the connection: {exc}")
+            self._fail(f"broke the connection: {exc}", stale=True)
 
     def _watch_upstream(self) -> None:
         """(Re)start the wait for the upstream's next bytes (`Limits.upstream_idle_s`)."""
@@ -328,22 +352,39 @@ class Exchange:
     def on_message_begin(self) -> None:
         self._messages += 1
         if self._is_complete:
-            self._odd = "more bytes than its answer"
+            self._extra = True
         self._fields = []
         self._reason = b""
+        self._head_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields.append((name.lower(), name, value.strip(b" \t")))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        """A head (or trailers) over `Limits.head_bytes` is refused, as h11 refuses it."""
+        self._head_bytes += size
+        if self._head_bytes > self._limits.head_bytes and not self._is_complete:
+            self._odd = "sent a malformed answer: a head over the size limit"
+            self._fields = []
 
     def on_headers_complete(self) -> None:
-        if self._is_complete:
+        if self._is_complete or self._odd is not None:
             return
         status: int = self._parser.get_status_code()
         reason = self._reason if _TEXT.fullmatch(self._reason) else b""
         head = [b"HTTP/1.1 %d %s" % (status, reason)]
+        for _, _, value in self._fields:
+            if not _TEXT.fullmatch(value):
+                self._odd = "sent a malformed answer: a header value with control bytes"
+                return
+        if status < 100:
+            self._odd = f"sent a malformed answer: status {status}"
+            return
         if status < 200:
             if status == 101:
                 self._odd = "switched protocols; the gate cannot relay that"
@@ -355,26 +396,23 @@ class Exchange:
         self._final = True
         tokens: frozenset[bytes] = frozenset()
         length: bytes | None = None
-        coding: bytes | None = None
+        codings: list[bytes] = []
         for low, _, value in self._fields:
-            if not _TEXT.fullmatch(value):
-                self._odd = "sent a malformed answer: a header value with control bytes"
-                return
             if low == b"connection":
                 tokens = tokens | {t.strip().lower() for t in value.split(b",")}
         for low, name, value in self._fields:
             if low == b"content-length":
                 length = value
             elif low == b"transfer-encoding":
-                coding = value
+                codings.extend(t.strip().lower() for t in value.split(b","))
             elif low not in RESPONSE_DROP and low not in tokens:
                 head.append(name + b": " + value)
         has_body = status not in (204, 304)
-        if coding is not None:
+        if codings:
             if length is not None:
                 self._odd = "answered with both Content-Length and Transfer-Encoding"
                 return
-            if coding.lower() != b"chunked":
+            if codings != [b"chunked"]:
                 self._odd = "sent a malformed answer: a transfer coding other than chunked"
                 return
             if has_body:
@@ -394,6 +432,9 @@ class Exchange:
 
     def on_body(self, body: bytes) -> None:
         if self._is_complete or self._odd is not None:
+            return
+        if not self._final:
+            self._odd = "sent a malformed answer: a body on an interim answer"
             return
         self._holds_head = False
         if self._chunked:
@@ -417,22 +458,23 @@ class Exchange:
         if self._is_complete:
             self._finish(reuse=False)  # bytes after the answer: never reuse this connection
             return True
+        self._got_bytes = True
         if self._idle_timer is not None:
             self._watch_upstream()  # (none while the client holds the answer up)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._is_complete:
-                self._fail(f"sent a malformed answer: {exc}")
+                self._fail(self._odd or f"sent a malformed answer: {exc!s:.200}")
                 return True
-            self._odd = "more bytes than its answer"
-        if self._odd is not None and not self._is_complete:
+            self._extra = True  # garbage after the answer
+        if self._odd is not None:
             self._fail(self._odd)
             return True
         if self._holds_head or not self._flush():
             return True
         if self._is_complete:
-            self._finish(reuse=self._keep_alive and self._odd is None)
+            self._finish(reuse=self._keep_alive and not self._extra)
         return True
 
     def _on_upstream_lost(self) -> None:
@@ -445,19 +487,21 @@ class Exchange:
                 self._finish(reuse=False)
             return
         where = "mid-answer" if self._wrote else "without an answer"
-        self._fail(f"closed the connection {where}")
+        self._fail(f"closed the connection {where}", stale=True)
 
     def _on_client_writable(self, is_writable: bool) -> None:
         transport = self._conn.stream.transport
         if self._is_ended or transport is None:
             return
         if is_writable:
+            self._upstream_paused = False
             transport.resume_reading()
             if self._send_timer is not None:
                 self._send_timer.cancel()
                 self._send_timer = None
             self._watch_upstream()
         else:
+            self._upstream_paused = True
             transport.pause_reading()
             if self._idle_timer is not None:  # the client holds it up, not the upstream
                 self._idle_timer.cancel()
@@ -488,10 +532,11 @@ class Exchange:
         self._wrote = True
         return True
 
-    def _fail(self, why: str) -> None:
-        """The upstream broke: 502 when nothing went to the client yet (or, for a stale
-        pooled connection and an idempotent request, the general path tries again), else
-        the client is disconnected (its answer is cut)."""
+    def _fail(self, why: str, *, stale: bool = False) -> None:
+        """The upstream broke: 502 when nothing went to the client yet, else the client
+        is disconnected (its answer is cut). `stale`: the pooled connection turned out
+        closed before a byte of the answer came; an idempotent request then goes again
+        through the general path (on a fresh connection), as relay.py does."""
         if self._is_ended:
             return
         self._conn.close()
@@ -499,7 +544,7 @@ class Exchange:
             self._client.close()
             self._end(Ended(failure=why, answered=True, give_back=False))
             return
-        give_back = self._messages == 0 and self._req.method in IDEMPOTENT
+        give_back = stale and not self._got_bytes and self._req.method in IDEMPOTENT
         self._end(Ended(failure=why, answered=False, give_back=give_back))
 
     def _finish(self, *, reuse: bool) -> None:
@@ -509,6 +554,10 @@ class Exchange:
         up.on_data = None
         up.on_lost = None
         if reuse:
+            if self._upstream_paused and up.transport is not None:
+                # Paused for this client: the next request on it must be read.
+                self._upstream_paused = False
+                up.transport.resume_reading()
             self._pool.keep(self._conn)
         else:
             self._conn.close()

@@ -3,8 +3,9 @@ transport (`Stream`), the gate's limits, what the gate refuses, and the header r
 a proxy must do (RFC 9110 §7.6, RFC 9112).
 
 h11 (the sans-I/O HTTP/1.1 state machine under httpx) owns request and response parsing,
-Content-Length and chunked framing, keep-alive and pipelining. On top of what h11 refuses,
-the gate refuses (and closes the connection):
+Content-Length and chunked framing, keep-alive and pipelining, for every request but the
+plain ones the express lane serves (express.py, with httptools, to the same rules). On
+top of what h11 refuses, the gate refuses (and closes the connection):
 - a request with both Content-Length and Transfer-Encoding (400): a sign of smuggling;
 - a transfer coding other than plain `chunked` (501, from h11);
 - CONNECT (501) and targets in authority or asterisk form (400): the gate is no forward

@@ -118,6 +118,9 @@ class Pool:
     connect_timeout_s: float = 10.0
     _idle: dict[Origin, list[Connection]] = field(default_factory=dict)
 
+    def has_idle(self, origin: Origin) -> bool:
+        return bool(self._idle.get(origin))
+
     def take_idle(self, origin: Origin) -> Connection | None:
         """An idle keep-alive connection to `origin`, the warmest; None when none is."""
         idle = self._idle.get(origin)

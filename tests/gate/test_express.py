@@ -5,17 +5,19 @@ and off besides."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import h11
 import httpx
 import pytest
 
 from supervisor.gate import Gate
-from supervisor.gate.http11 import Limits
+from supervisor.gate.http11 import Limits, Stream
 from tests.gate.fakes import FakeOllamaApi, FakeRoom, Timeline, Upstream
 from tests.gate.rawnet import RawUpstream, Seen, ok, read_all, responses
 
@@ -322,3 +324,144 @@ def test_the_express_lane_can_be_turned_off(
 
     assert answers == [b"answer to /r%d" % i for i in range(5)]
     assert stats.express_total == 0 and stats.requests_total == 6
+
+
+# --------------------------------------------------------------------------- review cases
+
+
+def test_a_connection_paused_for_a_slow_reader_is_read_again_when_pooled(
+    raw: RawUpstream, upstream: Upstream, timeline: Timeline
+) -> None:
+    big = b"x" * (8 * 1024 * 1024)
+    raw.script = lambda seen, sock: ok(big if seen.target == b"/big" else b"answer to after")
+    gate = _gate(raw, upstream, timeline, limits=Limits(max_idle_upstream=1))
+    try:
+        _warm(gate)
+        with _connect(gate) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.5)  # the gate fills the client's buffers and pauses its upstream
+            got = 0
+            while got < len(big):  # slowly: the gate pauses its upstream meanwhile
+                chunk = sock.recv(16384)
+                if not chunk:
+                    break
+                got += len(chunk)
+                time.sleep(0.0005)
+        # The one pooled connection is the one that was paused.
+        after = httpx.get(f"http://127.0.0.1:{gate.port}/after", timeout=5)
+    finally:
+        gate.stop()
+
+    assert got >= len(big)
+    assert after.content == b"answer to after"
+
+
+class _Transport:
+    """Enough of an asyncio transport to drive an express exchange by hand."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.is_paused = False
+        self.is_closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.is_closed
+
+    def pause_reading(self) -> None:
+        self.is_paused = True
+
+    def resume_reading(self) -> None:
+        self.is_paused = False
+
+    def close(self) -> None:
+        self.is_closed = True
+
+    abort = close
+
+
+def test_an_answer_for_a_client_still_behind_on_the_last_one_waits_for_it() -> None:
+    """The client had not read its last answer when the next request came: the upstream is
+    not read for it either, and the send limit runs from the start (not the whole answer
+    buffered for a client that reads nothing)."""
+    from supervisor.gate import express
+    from supervisor.gate.relay import Connection, Origin, Pool
+
+    async def run() -> tuple[_Transport, _Transport, list[express.Ended]]:
+        limits = Limits(send_timeout_s=0.05)
+        client, upstream = Stream(limits.buffer_bytes), Stream(limits.buffer_bytes)
+        client_t, upstream_t = _Transport(), _Transport()
+        client.connection_made(client_t)  # type: ignore[arg-type]
+        upstream.connection_made(upstream_t)  # type: ignore[arg-type]
+        client.pause_writing()  # behind on its last answer
+        req = express.RequestReader(limits).feed(b"GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert isinstance(req, express.Request)
+        origin = Origin.parse("http://127.0.0.1:9")
+        conn = Connection(origin, upstream, h11.Connection(h11.CLIENT))
+        ended: list[express.Ended] = []
+        exchange = express.Exchange(
+            client=client, conn=conn, req=req, pool=Pool(), limits=limits, on_end=ended.append
+        )
+        exchange.start()
+        assert upstream_t.is_paused  # nothing read for a client that reads nothing
+        await asyncio.sleep(0.2)
+        return client_t, upstream_t, ended
+
+    client_t, upstream_t, ended = asyncio.run(run())
+
+    assert client_t.is_closed and upstream_t.is_closed  # cut after the send limit
+    assert len(ended) == 1 and ended[0].answered
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A status under 100 whose "body" is a second answer: never passed on raw.
+        b"HTTP/1.1 099 x\r\nContent-Length: 45\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged",
+        # Codings in two fields: gzip would be dropped unsaid.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        # A head far over the limit.
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * (200 * 1024) + b"\r\nContent-Length: 2\r\n\r\nok",
+        # Switching protocols, with the Upgrade header llhttp stops at.
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    ],
+    ids=["status-099", "split-codings", "huge-head", "101-upgrade"],
+)
+def test_answers_the_h11_path_refuses_are_a_502_in_the_lane_too(
+    gate: Gate, raw: RawUpstream, answer: bytes
+) -> None:
+    _warm(gate)
+    raw.script = lambda seen, sock: answer if seen.target == b"/odd" else ok()
+    errors: list[str] = []
+    gate._loop.set_exception_handler(lambda loop, ctx: errors.append(str(ctx)))  # type: ignore[union-attr]
+    before = gate.stats().express_total
+    r = httpx.get(f"http://127.0.0.1:{gate.port}/odd", timeout=10)
+
+    assert gate.stats().express_total == before + 1
+    assert r.status_code == 502
+    assert b"forged" not in r.content
+    assert errors == []  # nothing escaped a protocol callback
+
+
+def test_an_upstream_slower_than_its_limit_gets_a_get_once(
+    raw: RawUpstream, upstream: Upstream, timeline: Timeline
+) -> None:
+    def script(seen: Seen, sock: socket.socket) -> bytes:
+        if seen.target == b"/slow":
+            time.sleep(1.0)
+        return ok(b"answer to " + seen.target)
+
+    raw.script = script
+    gate = _gate(raw, upstream, timeline, limits=Limits(upstream_idle_s=0.3))
+    try:
+        _warm(gate)
+        r = httpx.get(f"http://127.0.0.1:{gate.port}/slow", timeout=10)
+    finally:
+        gate.stop()
+
+    assert r.status_code == 502
+    assert len(raw.requests_to(b"/slow")) == 1  # not sent again: it was not a stale one
