@@ -85,9 +85,9 @@ class _Client:
 
     __slots__ = ("express", "in_exchange", "is_gone", "lane", "partial", "stream", "task", "wait")
 
-    def __init__(self, stream: Stream, task: asyncio.Task[Any]) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.task = task
+        self.task: asyncio.Task[Any] | None = None  # set as soon as it is made
         self.in_exchange = False
         self.is_gone = False
         self.express: express.Exchange | None = None
@@ -120,7 +120,7 @@ class _Client:
             self.stream.wake()
         if self.express is not None:
             self.express.client_gone()
-        elif self.in_exchange and not self.is_gone:
+        elif self.in_exchange and not self.is_gone and self.task is not None:
             self.is_gone = True
             self.task.cancel()
 
@@ -336,19 +336,22 @@ class Proxy:
                 stream.write(raw_error(503, message))
             stream.close()
             return
-        task = asyncio.get_running_loop().create_task(self._on_client(stream))
+        client = _Client(stream)
+        if self._express_lane:
+            # From the first byte: the task that serves the connection may start after
+            # its first request arrived.
+            client.lane = stream.on_data = functools.partial(self._express, client)
+        task = asyncio.get_running_loop().create_task(self._on_client(client))
+        client.task = task
         self._clients.add(task)
 
-    async def _on_client(self, stream: Stream) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        client = _Client(stream, task)
+    async def _on_client(self, client: _Client) -> None:
+        stream, task = client.stream, client.task
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head_bytes)
-        client.lane = functools.partial(self._express, client)
         try:
             while True:
                 try:
-                    event = await self._read_head(conn, stream, client.lane)
+                    event = await self._read_head(conn, client)
                 except h11.RemoteProtocolError as exc:
                     self._refuse(conn, stream, status_hint(exc), f"malformed request: {exc}")
                     break
@@ -376,15 +379,14 @@ class Proxy:
             stream.close()
             self._clients.discard(task)
 
-    async def _read_head(
-        self, conn: h11.Connection, stream: Stream, express_lane: Callable[[bytes], bool]
-    ) -> object:
+    async def _read_head(self, conn: h11.Connection, client: _Client) -> object:
         """The next request head: a connection idle for `idle_client_s` is closed, and a
         head must arrive whole within `head_timeout_s` of its first byte (slow clients
         cannot hold a connection forever). Meanwhile, requests that arrive whole and plain
         go by the express lane (`_express`) without waking this task."""
         loop = asyncio.get_running_loop()
         limits = self._limits
+        stream = client.stream
         deadline: float | None = None
         while True:
             event = conn.next_event()
@@ -393,8 +395,13 @@ class Proxy:
             timeout = limits.idle_client_s
             if deadline is not None:
                 timeout = max(0.0, deadline - loop.time())
-            elif self._express_lane and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                stream.on_data = express_lane
+            elif (
+                client.lane is not None
+                and not stream.hold  # (the lane is serving or waiting for a request)
+                and conn.their_state is h11.IDLE
+                and not conn.trailing_data[0]
+            ):
+                stream.on_data = client.lane
             try:
                 data = await stream.read(timeout)
             except TimeoutError:
@@ -587,6 +594,7 @@ class Proxy:
             return False
         except asyncio.CancelledError:
             if client.is_gone:
+                assert client.task is not None  # it was cancelled through it
                 client.task.uncancel()
                 return False
             raise
