@@ -271,6 +271,7 @@ class Exchange:
         "_idle_timer",
         "_is_complete",
         "_is_ended",
+        "_is_released",
         "_keep_alive",
         "_limits",
         "_messages",
@@ -313,6 +314,7 @@ class Exchange:
         self._holds_head = False  # the head is held until the body's first bytes
         self._keep_alive = False
         self._is_ended = False
+        self._is_released = False  # the upstream connection went back to the pool or closed
         self._wrote = False  # a byte went to the client
         self._got_bytes = False  # a byte came from the upstream
         self._extra = False  # bytes came after the answer's end
@@ -490,6 +492,10 @@ class Exchange:
         self._fail(f"closed the connection {where}", stale=True)
 
     def _on_client_writable(self, is_writable: bool) -> None:
+        if self._is_released:  # the answer is all written; the client caught up with it
+            if is_writable and not self._is_ended:
+                self._end(Ended(failure=None, answered=True, give_back=False, is_complete=True))
+            return
         transport = self._conn.stream.transport
         if self._is_ended or transport is None:
             return
@@ -514,7 +520,8 @@ class Exchange:
         """The client closed, broke, or read nothing for `send_timeout_s`."""
         if self._is_ended:
             return
-        self._conn.close()  # the upstream cancels the request
+        if not self._is_released:
+            self._conn.close()  # the upstream cancels the request
         self._client.abort()
         self._end(Ended(failure=None, answered=True, give_back=False))
 
@@ -548,11 +555,17 @@ class Exchange:
         self._end(Ended(failure=why, answered=False, give_back=give_back))
 
     def _finish(self, *, reuse: bool) -> None:
+        """The whole answer is written: release the upstream connection, and end once the
+        client has taken the answer in, as the h11 path waits for its last write to
+        drain (within `send_timeout_s`, else the client is cut)."""
         if self._is_ended:
             return
         up = self._conn.stream
         up.on_data = None
         up.on_lost = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if reuse:
             if self._upstream_paused and up.transport is not None:
                 # Paused for this client: the next request on it must be read.
@@ -561,14 +574,20 @@ class Exchange:
             self._pool.keep(self._conn)
         else:
             self._conn.close()
-        self._end(Ended(failure=None, answered=True, give_back=False, is_complete=True))
+        self._is_released = True  # from here on, the connection is the pool's
+        if not self._client.is_writing_paused:
+            self._end(Ended(failure=None, answered=True, give_back=False, is_complete=True))
+        elif self._send_timer is None:
+            loop = asyncio.get_running_loop()
+            self._send_timer = loop.call_later(self._limits.send_timeout_s, self.client_gone)
 
     def _end(self, ended: Ended) -> None:
         self._is_ended = True
         up = self._conn.stream
-        up.on_data = None
-        if up.on_lost == self._on_upstream_lost:
-            up.on_lost = None
+        if not self._is_released:
+            up.on_data = None
+            if up.on_lost == self._on_upstream_lost:
+                up.on_lost = None
         for timer in (self._send_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()

@@ -465,3 +465,45 @@ def test_an_upstream_slower_than_its_limit_gets_a_get_once(
 
     assert r.status_code == 502
     assert len(raw.requests_to(b"/slow")) == 1  # not sent again: it was not a stale one
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["client-catches-up", "client-stalls"])
+def test_the_lane_ends_when_the_client_has_taken_its_answer_in(reads: bool) -> None:
+    """As the h11 path waits for its last write to drain: the exchange ends (and the next
+    request on the connection is read) only once the client took the answer in, and a
+    client that does not is cut at the send limit; the upstream connection is pooled
+    either way, never closed under another request."""
+    from supervisor.gate import express
+    from supervisor.gate.relay import Connection, Origin, Pool
+
+    async def run() -> tuple[list[express.Ended], list[express.Ended], bool, bool, int]:
+        limits = Limits(send_timeout_s=0.05)
+        client, upstream = Stream(limits.buffer_bytes), Stream(limits.buffer_bytes)
+        client_t, upstream_t = _Transport(), _Transport()
+        client.connection_made(client_t)  # type: ignore[arg-type]
+        upstream.connection_made(upstream_t)  # type: ignore[arg-type]
+        req = express.RequestReader(limits).feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert isinstance(req, express.Request)
+        pool = Pool(limits=limits)
+        origin = Origin.parse("http://127.0.0.1:9")
+        conn = Connection(origin, upstream, h11.Connection(h11.CLIENT))
+        ended: list[express.Ended] = []
+        exchange = express.Exchange(
+            client=client, conn=conn, req=req, pool=pool, limits=limits, on_end=ended.append
+        )
+        exchange.start()
+        client_t.write = lambda data: client.pause_writing()  # type: ignore[method-assign]
+        upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        before = list(ended)
+        if reads:
+            client.resume_writing()
+        await asyncio.sleep(0.2)
+        return before, ended, client_t.is_closed, upstream_t.is_closed, len(pool._idle[origin])
+
+    before, ended, client_closed, upstream_closed, pooled = asyncio.run(run())
+
+    assert before == []  # not ended while the answer sits unread
+    assert len(ended) == 1
+    assert ended[0].is_complete is reads
+    assert client_closed is not reads  # cut at the send limit only when it never read
+    assert not upstream_closed and pooled == 1
