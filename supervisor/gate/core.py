@@ -446,15 +446,15 @@ class Proxy:
         own = self.own_routes
         if own and req.method == b"GET" and req.route in own:
             return False
+        origin = self._origin()
+        if origin is None or not self._pool.has_idle(origin):
+            return False
         load: object | None = None
         if self._reads_body(req.method, req.route):
             try:
                 load = self._parse(req.route, req.fields, req.body)
             except Exception:  # noqa: BLE001 - the general path answers (or logs) it
                 return False
-        origin = self._origin()
-        if origin is None or not self._pool.has_idle(origin):
-            return False
         on_end: Callable[[], None] | None = None
         if load is not None:
             on_end = self._admit_now(load)
@@ -500,12 +500,9 @@ class Proxy:
             self._upstream_failed(
                 f"{self.upstream_name} did not answer {what}: {origin.url} {ended.failure}"
             )
-            body = error_body(f"vram-supervisor gate: {self._unreachable()}")
-            head = b"HTTP/1.1 502 Bad Gateway\r\n" + b"".join(
-                name + b": " + value + b"\r\n" for name, value in error_headers(body, close=False)
-            )
+            answer = raw_error(502, f"vram-supervisor gate: {self._unreachable()}", close=False)
             with contextlib.suppress(ConnectionError):
-                stream.write(head + b"\r\n" + body)
+                stream.write(answer)
         elif ended.is_complete:
             self._upstream_answered(origin)
         stream.touched_at = asyncio.get_running_loop().time()

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from supervisor.gate.http11 import REQUEST_DROP, RESPONSE_DROP, Fields, Limits, Stream
+from supervisor.gate.relay import IDEMPOTENT
 
 if TYPE_CHECKING:
     from supervisor.gate.relay import Connection, Origin, Pool
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 # Methods the express lane serves (HEAD is not among them: its answer's framing would
 # have to be read against the method; CONNECT and unknown methods go to h11).
 METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-IDEMPOTENT = frozenset({b"GET", b"PUT", b"DELETE", b"OPTIONS"})
 # A control character other than HTAB, CR and LF.
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # A field value or reason phrase that may be written on (RFC 9110 §5.5).
@@ -238,19 +238,15 @@ def upstream_request(req: Request, origin: Origin) -> bytes:
     return b"\r\n".join(lines) + req.body
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ended:
     """How an express exchange ended, for the gate: answered (`failure` None), failed
     before any byte reached the client (`failure` says why; `answered` False), or cut."""
 
-    __slots__ = ("answered", "failure", "give_back", "is_complete")
-
-    def __init__(
-        self, *, failure: str | None, answered: bool, give_back: bool, is_complete: bool = False
-    ) -> None:
-        self.failure = failure
-        self.answered = answered
-        self.give_back = give_back  # the request goes again through the general path
-        self.is_complete = is_complete  # the whole answer came and went to the client
+    failure: str | None
+    answered: bool
+    give_back: bool  # the request goes again through the general path
+    is_complete: bool = False  # the whole answer came and went to the client
 
 
 class Exchange:

@@ -355,15 +355,15 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def raw_error(status: int, message: str) -> bytes:
-    """An error answer written without h11 (the request could not be parsed); the
-    connection is closed after it."""
+def raw_error(status: int, message: str, *, close: bool = True) -> bytes:
+    """An error answer written without h11: for a request h11 could not parse (the
+    connection is closed after it), or one the express lane read (`close` False)."""
     body = error_body(message)
-    return (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "Content-Type: application/json; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
+    fields = b"".join(
+        name + b": " + value + b"\r\n" for name, value in error_headers(body, close=close)
+    )
+    head = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+    return head + fields + b"\r\n" + body
 
 
 def error_headers(body: bytes, *, close: bool) -> Headers:

@@ -158,13 +158,9 @@ class Pool:
 
     def put(self, conn: Connection) -> None:
         """Keep `conn` for the next request when its last exchange ended cleanly."""
-        up, stream = conn.http, conn.stream
+        up = conn.http
         is_clean = (
-            up.our_state is h11.DONE
-            and up.their_state is h11.DONE
-            and not stream.is_eof
-            and not stream.buffered
-            and not up.trailing_data[0]
+            up.our_state is h11.DONE and up.their_state is h11.DONE and not up.trailing_data[0]
         )
         if is_clean:
             up.start_next_cycle()

@@ -1,5 +1,5 @@
-"""Fixtures for the gate tests: a fake Ollama upstream, a fake RoomMaker, a started gate
-(the fakes live in fakes.py)."""
+"""Fixtures for the gate tests: a fake Ollama upstream, a scripted raw one, a fake
+RoomMaker, a started gate (the fakes live in fakes.py and rawnet.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.gate.fakes import GIB, MIB, Env, Timeline, Upstream, make_env
+from tests.gate.rawnet import RawUpstream
 
 
 @pytest.fixture
@@ -24,6 +25,14 @@ def upstream(timeline: Timeline) -> Iterator[Upstream]:
     up.start()
     yield up
     up.stop()
+
+
+@pytest.fixture
+def raw() -> Iterator[RawUpstream]:
+    """A scripted raw upstream (rawnet.py)."""
+    up = RawUpstream()
+    yield up
+    up.close()
 
 
 @pytest.fixture

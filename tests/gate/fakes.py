@@ -464,6 +464,21 @@ class Env:
         return f"http://127.0.0.1:{self.gate.port}"
 
 
+def raw_gate(upstream_url: str, upstream: Upstream, timeline: Timeline, **kw: Any) -> Gate:
+    """A started gate in front of `upstream_url` (a scripted raw upstream, rawnet.py) that
+    asks `upstream`'s state for /api/ps and the like."""
+    gate = Gate(
+        upstream_url=upstream_url,
+        ollama=FakeOllamaApi(upstream),
+        room=FakeRoom(timeline),
+        port=0,
+        wait_s=2.0,
+        **kw,
+    )
+    gate.start()
+    return gate
+
+
 def make_env(timeline: Timeline, upstream: Upstream, **gate_kw: Any) -> Env:
     api = FakeOllamaApi(upstream)
     room = FakeRoom(timeline)

@@ -21,28 +21,12 @@ from loguru import logger
 
 from supervisor.gate import Gate
 from supervisor.gate.http11 import Limits
-from tests.gate.fakes import Env, FakeOllamaApi, FakeRoom, Timeline, Upstream, make_env
+from tests.gate.fakes import Env, Timeline, Upstream, make_env, raw_gate
 from tests.gate.rawnet import RawUpstream, Seen, exchange, ok, read_all, responses
 
 
-@pytest.fixture
-def raw() -> Iterator[RawUpstream]:
-    up = RawUpstream()
-    yield up
-    up.close()
-
-
 def _gate(raw: RawUpstream, upstream: Upstream, timeline: Timeline, **kw: Any) -> Gate:
-    gate = Gate(
-        upstream_url=raw.url,
-        ollama=FakeOllamaApi(upstream),
-        room=FakeRoom(timeline),
-        port=0,
-        wait_s=2.0,
-        **kw,
-    )
-    gate.start()
-    return gate
+    return raw_gate(raw.url, upstream, timeline, **kw)
 
 
 @pytest.fixture(params=[True, False], ids=["express", "h11-only"])

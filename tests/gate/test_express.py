@@ -18,28 +18,12 @@ import pytest
 
 from supervisor.gate import Gate
 from supervisor.gate.http11 import Limits, Stream
-from tests.gate.fakes import FakeOllamaApi, FakeRoom, Timeline, Upstream
+from tests.gate.fakes import Timeline, Upstream, raw_gate
 from tests.gate.rawnet import RawUpstream, Seen, ok, read_all, responses
 
 
-@pytest.fixture
-def raw() -> Iterator[RawUpstream]:
-    up = RawUpstream()
-    yield up
-    up.close()
-
-
 def _gate(raw: RawUpstream, upstream: Upstream, timeline: Timeline, **kw: Any) -> Gate:
-    gate = Gate(
-        upstream_url=raw.url,
-        ollama=FakeOllamaApi(upstream),
-        room=FakeRoom(timeline),
-        port=0,
-        wait_s=2.0,
-        **kw,
-    )
-    gate.start()
-    return gate
+    return raw_gate(raw.url, upstream, timeline, **kw)
 
 
 @pytest.fixture
