@@ -270,7 +270,6 @@ class Exchange:
         "_is_released",
         "_keep_alive",
         "_limits",
-        "_messages",
         "_odd",
         "_on_end",
         "_out",
@@ -302,7 +301,6 @@ class Exchange:
         self._parser = httptools.HttpResponseParser(self)
         self._fields: Fields = []
         self._reason = b""
-        self._messages = 0
         self._final = False  # the final (non-1xx) answer's head was read
         self._chunked = False  # its body goes to the client chunked
         self._delimited_by_close = False
@@ -348,7 +346,6 @@ class Exchange:
     # ------------------------------------------------------------------ httptools
 
     def on_message_begin(self) -> None:
-        self._messages += 1
         if self._is_complete:
             self._extra = True
         self._fields = []
